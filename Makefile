@@ -1,0 +1,26 @@
+# The two commands of the README: `make run` and `make test`. Both install what they need.
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install run test lint bench clean
+
+install:
+	@./scripts/bootstrap.sh
+
+run: install
+	$(BIN)/meterflow run
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: install
+	$(BIN)/python -m bench.streaming_throughput
+	$(BIN)/python -m bench.simulator_rate
+
+clean:
+	rm -rf data .pytest_cache

@@ -1,0 +1,286 @@
+"""Speed layer: classify every reading from Kafka, keep all of them, raise the abnormal ones.
+
+Submit with ``spark-submit jobs/streaming_job.py [--available-now]`` or run ``meterflow
+stream``. One query reads ``iot-meter`` once and:
+
+* writes every valid and abnormal reading to ``LAKE_PATH/readings/date=.../`` with Spark's
+  file sink and a checkpoint (exactly-once across restarts);
+* publishes abnormal readings to ``iot-abnormal`` and undecodable input to ``iot-deadletter``
+  from the classifying tasks themselves. A task succeeds only after Kafka acknowledged its
+  events; a retried batch publishes them again with the same ids (``topic-partition-offset``),
+  so downstream sinks upsert idempotently (at-least-once, never lost);
+* counts read / valid / abnormal / dead-lettered per micro-batch with ``observe`` and logs
+  them with running totals, which must reconcile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import pyarrow as pa
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.streaming import StreamingQuery, StreamingQueryListener
+
+from meterflow import kafka
+from meterflow.config import Settings
+from meterflow.contract import Rules, Status
+from meterflow.lake import (
+    CLASSIFIED_SCHEMA,
+    LAKE_COLUMNS,
+    PARTITION_COLUMN,
+    readings_path,
+    spark_ddl,
+)
+from meterflow.logs import get_logger, setup_logging
+from meterflow.pipeline import BatchResult, classify_batches
+
+log = get_logger("jobs.streaming")
+QUERY_NAME = "meterflow_speed_layer"
+METRICS_NAME = "meterflow_counts"
+
+
+@dataclass(frozen=True)
+class EventTopics:
+    """Where the classifying tasks publish; ``None`` in tests that only look at the lake."""
+
+    bootstrap: str
+    abnormal: str
+    deadletter: str
+
+
+_producers: dict[str, object] = {}  # one per Python worker process, reused across tasks
+
+
+class _Publisher:
+    """Publishes a task's events and fails the task if any delivery fails."""
+
+    def __init__(self, topics: EventTopics) -> None:
+        self.topics = topics
+        if topics.bootstrap not in _producers:
+            _producers[topics.bootstrap] = kafka.producer(topics.bootstrap)
+        self.producer = _producers[topics.bootstrap]
+        self.failures: list[str] = []
+
+    def _delivered(self, error, message) -> None:
+        if error is not None:
+            self.failures.append(f"{message.topic()}: {error}")
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers=None) -> None:
+        while True:
+            try:
+                self.producer.produce(
+                    topic, value, key, headers=headers, on_delivery=self._delivered
+                )
+                return
+            except BufferError:  # local queue full: let deliveries drain, then retry
+                self.producer.poll(0.1)
+
+    def publish(self, result: BatchResult) -> None:
+        for key, value in result.abnormal_events:
+            self._produce(self.topics.abnormal, key, value)
+        for letter in result.dead_letters:
+            self._produce(self.topics.deadletter, letter.key, letter.value, letter.headers())
+        self.producer.poll(0)
+
+    def finish(self) -> None:
+        remaining = self.producer.flush(120)
+        if remaining or self.failures:
+            raise RuntimeError(
+                f"{remaining} events undelivered, {len(self.failures)} failed "
+                f"(first: {self.failures[:1]}); the batch will be retried"
+            )
+
+
+def _classify_partition(
+    batches: Iterator[pa.RecordBatch], rules: Rules, topics: EventTopics | None
+) -> Iterator[pa.RecordBatch]:
+    if topics is None:
+        yield from classify_batches(batches, rules)
+        return
+    publisher = _Publisher(topics)
+    yield from classify_batches(batches, rules, publisher.publish, publisher.finish)
+
+
+def classify_readings(raw: DataFrame, rules: Rules, topics: EventTopics | None) -> DataFrame:
+    """Kafka records (the connector's schema) to classified rows, publishing as a side effect."""
+    return raw.mapInArrow(
+        partial(_classify_partition, rules=rules, topics=topics), spark_ddl(CLASSIFIED_SCHEMA)
+    )
+
+
+def _is(status: Status) -> Column:
+    return F.sum((F.col("status") == str(status)).cast("long"))
+
+
+def with_outcome_counts(classified: DataFrame) -> DataFrame:
+    """Attach per-batch counts that the listener logs (``observe`` costs no extra pass)."""
+    return classified.observe(
+        METRICS_NAME,
+        F.count(F.lit(1)).alias("read"),
+        _is(Status.VALID).alias("valid"),
+        _is(Status.ABNORMAL).alias("abnormal"),
+        _is(Status.DEADLETTER).alias("deadletter"),
+    )
+
+
+def lake_rows(classified: DataFrame) -> DataFrame:
+    """What the lake keeps: valid and abnormal readings, without the in-flight status."""
+    return classified.filter(F.col("status") != str(Status.DEADLETTER)).select(*LAKE_COLUMNS)
+
+
+class CountsListener(StreamingQueryListener):
+    """Logs each micro-batch's counts and running totals, and checks they reconcile."""
+
+    def __init__(self) -> None:
+        self.totals = {"read": 0, "valid": 0, "abnormal": 0, "deadletter": 0}
+        self.batches = 0
+        self.lock = threading.Lock()
+
+    def onQueryStarted(self, event) -> None:
+        log.info("query=started id=%s name=%s", event.id, event.name)
+
+    def onQueryProgress(self, event) -> None:
+        progress = event.progress
+        row = progress.observedMetrics.get(METRICS_NAME)
+        if row is None:
+            return
+        counts = {name: int(row[name] or 0) for name in self.totals}
+        with self.lock:
+            self.batches += 1
+            for name, value in counts.items():
+                self.totals[name] += value
+            totals = dict(self.totals)
+        batch_ok = counts["read"] == counts["valid"] + counts["abnormal"] + counts["deadletter"]
+        total_ok = totals["read"] == totals["valid"] + totals["abnormal"] + totals["deadletter"]
+        log.log(
+            20 if batch_ok and total_ok else 40,
+            "batch=%d read=%d valid=%d abnormal=%d deadletter=%d rows_per_s=%.0f "
+            "total_read=%d total_valid=%d total_abnormal=%d total_deadletter=%d reconciled=%s",
+            progress.batchId,
+            counts["read"],
+            counts["valid"],
+            counts["abnormal"],
+            counts["deadletter"],
+            progress.processedRowsPerSecond or 0.0,
+            totals["read"],
+            totals["valid"],
+            totals["abnormal"],
+            totals["deadletter"],
+            str(batch_ok and total_ok).lower(),
+        )
+
+    def onQueryIdle(self, event) -> None:
+        pass
+
+    def onQueryTerminated(self, event) -> None:
+        log.info(
+            "query=terminated id=%s exception=%s totals=%s", event.id, event.exception, self.totals
+        )
+
+
+def start_query(
+    spark: SparkSession,
+    settings: Settings,
+    source_format: str,
+    available_now: bool = False,
+    publish: bool = True,
+) -> StreamingQuery:
+    """Wire source, classification and sinks; return the running query."""
+    reader = (
+        spark.readStream.format(source_format)
+        .option("kafka.bootstrap.servers", settings.bootstrap_servers)
+        .option("subscribe", settings.topic_readings)
+        .option("startingOffsets", settings.starting_offsets)
+        .option("minPartitions", str(max(2, spark.sparkContext.defaultParallelism)))
+    )
+    if settings.max_offsets_per_trigger:
+        reader = reader.option("maxOffsetsPerTrigger", str(settings.max_offsets_per_trigger))
+    topics = (
+        EventTopics(settings.bootstrap_servers, settings.topic_abnormal, settings.topic_deadletter)
+        if publish
+        else None
+    )
+    classified = with_outcome_counts(classify_readings(reader.load(), settings.rules, topics))
+    writer = (
+        lake_rows(classified)
+        .writeStream.queryName(QUERY_NAME)
+        .format("parquet")
+        .partitionBy(PARTITION_COLUMN)
+        .option("path", readings_path(settings.lake_path))
+        .option("checkpointLocation", f"{settings.checkpoint_path.rstrip('/')}/streaming")
+    )
+    if available_now:
+        writer = writer.trigger(availableNow=True)
+    else:
+        writer = writer.trigger(processingTime=f"{settings.trigger_seconds:g} seconds")
+    return writer.start()
+
+
+def _drain(listener: CountsListener, query: StreamingQuery, timeout: float = 10.0) -> None:
+    """Wait until the listener, which Spark calls asynchronously, has seen the last batches."""
+    seen = sum(1 for p in query.recentProgress if METRICS_NAME in p.observedMetrics)
+    deadline = time.monotonic() + timeout
+    while listener.batches < seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def run(
+    settings: Settings, available_now: bool = False, spark: SparkSession | None = None
+) -> dict[str, int]:
+    """Run the speed layer until stopped (or, with ``available_now``, until caught up)."""
+    from meterflow.spark.session import get_spark, kafka_format
+
+    spark = spark or get_spark("meterflow-streaming", settings.spark_master)
+    listener = CountsListener()
+    spark.streams.addListener(listener)
+    source_format = kafka_format(spark, settings)
+    log.info(
+        "streaming source=%s bootstrap=%s topic=%s lake=%s trigger=%s",
+        source_format,
+        settings.bootstrap_servers,
+        settings.topic_readings,
+        readings_path(settings.lake_path),
+        "availableNow" if available_now else f"{settings.trigger_seconds:g}s",
+    )
+    query = start_query(spark, settings, source_format, available_now)
+    started = time.monotonic()
+    try:
+        query.awaitTermination()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop after the running batch's commit
+        log.info("streaming=stopping reason=interrupt")
+    finally:
+        if query.isActive:
+            query.stop()
+        _drain(listener, query)
+        spark.streams.removeListener(listener)
+    log.info(
+        "streaming=stopped seconds=%.1f totals=%s", time.monotonic() - started, listener.totals
+    )
+    return dict(listener.totals)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--available-now", action="store_true", help="process what is in Kafka now, then exit"
+    )
+    args = parser.parse_args(argv)
+    setup_logging()
+    settings = Settings.from_env()
+    if not settings.bootstrap_servers:
+        parser.error(
+            "KAFKA_BOOTSTRAP_SERVERS must be set under spark-submit "
+            "(meterflow stream starts a local broker itself)"
+        )
+    run(settings, available_now=args.available_now)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""Configuration from environment variables, each with a documented default.
+
+:data:`VARIABLES` is the single table of every variable; the README's configuration
+section is generated from the same entries (``meterflow config``). A bad value raises
+:class:`ConfigError` with the variable's name, never a stack trace from deep inside.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from meterflow.contract import METER_SPECS, TOPIC_ABNORMAL, TOPIC_DEADLETTER, TOPIC_READINGS, Rules
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    default: str
+    meaning: str
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable(
+        "KAFKA_BOOTSTRAP_SERVERS",
+        "",
+        "Kafka cluster to use; empty starts a local Kafka-protocol broker (tansu) on demand",
+    ),
+    Variable("METERFLOW_LOCAL_BROKER_PORT", "19092", "Port of the local broker started on demand"),
+    Variable("METERFLOW_KAFKA_PARTITIONS", "4", "Partitions of the topics meterflow creates"),
+    Variable("METERFLOW_TOPIC_READINGS", TOPIC_READINGS, "Topic the meters write to"),
+    Variable("METERFLOW_TOPIC_ABNORMAL", TOPIC_ABNORMAL, "Topic of abnormal-reading events"),
+    Variable("METERFLOW_TOPIC_DEADLETTER", TOPIC_DEADLETTER, "Topic of undecodable input"),
+    Variable("METERFLOW_DATA_DIR", "./data", "Root of local state (lake, checkpoints, logs)"),
+    Variable("LAKE_PATH", "", "Lake root, local path or Hadoop URI; default DATA_DIR/lake"),
+    Variable("CHECKPOINT_PATH", "", "Streaming checkpoints; default DATA_DIR/checkpoints"),
+    Variable("SPARK_MASTER", "local[*]", "Spark master URL for the jobs"),
+    Variable(
+        "METERFLOW_KAFKA_SOURCE",
+        "auto",
+        "python (PySpark data source), jvm (spark-sql-kafka jar) or auto (jvm if its jar loads)",
+    ),
+    Variable("METERFLOW_TRIGGER_SECONDS", "5", "Micro-batch interval of the streaming job"),
+    Variable(
+        "METERFLOW_MAX_OFFSETS_PER_TRIGGER", "0", "Cap on readings per micro-batch; 0 = no cap"
+    ),
+    Variable("METERFLOW_STARTING_OFFSETS", "earliest", "earliest or latest, for a new query"),
+    Variable("METERFLOW_MAX_MESSAGE_BYTES", "16384", "Larger messages are dead-lettered"),
+    Variable(
+        "METERFLOW_FUTURE_TOLERANCE_SECONDS",
+        "300",
+        "How far past ingestion time a timestamp may be before FUTURE_TIMESTAMP",
+    ),
+    Variable("METERFLOW_LOG_LEVEL", "INFO", "Log level of meterflow's own key=value logs"),
+    Variable("SPARK_LOG_LEVEL", "WARN", "Log level of Spark's JVM logs"),
+    *(
+        Variable(
+            f"METERFLOW_MAX_{name.upper()}",
+            f"{bound:g}",
+            f"Upper physical bound of {name} per reading ({spec.meter_type})",
+        )
+        for spec in METER_SPECS.values()
+        for name, bound in spec.default_bounds.items()
+    ),
+)
+_DEFAULTS = {v.name: v.default for v in VARIABLES}
+
+
+def _get(env: Mapping[str, str], name: str) -> str:
+    value = env.get(name)
+    return _DEFAULTS[name] if value is None or value.strip() == "" else value.strip()
+
+
+def _number(env: Mapping[str, str], name: str, kind: type, minimum: float) -> float | int:
+    raw = _get(env, name)
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a {kind.__name__}") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    bootstrap_servers: str
+    local_broker_port: int
+    partitions: int
+    topic_readings: str
+    topic_abnormal: str
+    topic_deadletter: str
+    data_dir: Path
+    lake_path: str
+    checkpoint_path: str
+    spark_master: str
+    kafka_source: str
+    trigger_seconds: float
+    max_offsets_per_trigger: int
+    starting_offsets: str
+    rules: Rules
+
+    @property
+    def readings_path(self) -> str:
+        return f"{self.lake_path.rstrip('/')}/readings"
+
+    @property
+    def registry_path(self) -> str:
+        return f"{self.lake_path.rstrip('/')}/registry"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        data_dir = Path(_get(env, "METERFLOW_DATA_DIR")).expanduser().absolute()
+        source = _get(env, "METERFLOW_KAFKA_SOURCE").lower()
+        if source not in ("auto", "python", "jvm"):
+            raise ConfigError(f"METERFLOW_KAFKA_SOURCE={source!r} must be auto, python or jvm")
+        starting = _get(env, "METERFLOW_STARTING_OFFSETS").lower()
+        if starting not in ("earliest", "latest"):
+            raise ConfigError(f"METERFLOW_STARTING_OFFSETS={starting!r} must be earliest or latest")
+        bounds = {
+            name: float(_number(env, f"METERFLOW_MAX_{name.upper()}", float, 0))
+            for spec in METER_SPECS.values()
+            for name in spec.default_bounds
+        }
+        rules = Rules(
+            max_message_bytes=int(_number(env, "METERFLOW_MAX_MESSAGE_BYTES", int, 64)),
+            future_tolerance_s=float(_number(env, "METERFLOW_FUTURE_TOLERANCE_SECONDS", float, 0)),
+            bounds=bounds,
+        )
+        return cls(
+            bootstrap_servers=_get(env, "KAFKA_BOOTSTRAP_SERVERS"),
+            local_broker_port=int(_number(env, "METERFLOW_LOCAL_BROKER_PORT", int, 1)),
+            partitions=int(_number(env, "METERFLOW_KAFKA_PARTITIONS", int, 1)),
+            topic_readings=_get(env, "METERFLOW_TOPIC_READINGS"),
+            topic_abnormal=_get(env, "METERFLOW_TOPIC_ABNORMAL"),
+            topic_deadletter=_get(env, "METERFLOW_TOPIC_DEADLETTER"),
+            data_dir=data_dir,
+            lake_path=_get(env, "LAKE_PATH") or str(data_dir / "lake"),
+            checkpoint_path=_get(env, "CHECKPOINT_PATH") or str(data_dir / "checkpoints"),
+            spark_master=_get(env, "SPARK_MASTER"),
+            kafka_source=source,
+            trigger_seconds=float(_number(env, "METERFLOW_TRIGGER_SECONDS", float, 0)),
+            max_offsets_per_trigger=int(_number(env, "METERFLOW_MAX_OFFSETS_PER_TRIGGER", int, 0)),
+            starting_offsets=starting,
+            rules=rules,
+        )
+
+    def with_bootstrap(self, servers: str) -> Settings:
+        """A copy pointing at ``servers`` (used once a local broker is up)."""
+        from dataclasses import replace
+
+        return replace(self, bootstrap_servers=servers)

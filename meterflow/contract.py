@@ -1,0 +1,458 @@
+"""The reading contract: the only home of topic names, meter fields, fault codes and rules.
+
+Everything that produces, checks or stores readings imports from here: the simulator,
+the replay tool, the Spark streaming job, the pure-Python baseline and the tests. The
+rules are plain Python so that the streaming job and the baseline apply *the same code*.
+
+A message on ``iot-meter`` is a UTF-8 JSON object keyed by ``device_id``::
+
+    {"device_id": "em1", "timestamp": "2024-05-27T15:57:53Z", "usage_kwh": 9}
+    {"device_id": "wm1", "timestamp": "2024-05-27T15:57:52Z", "usage": 18, "flow_rate": 5}
+
+Every message ends in exactly one of three outcomes: a valid reading, an abnormal reading
+(with a :class:`FaultCode`), or a dead letter (with a :class:`DeadLetterReason`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from functools import lru_cache
+from typing import Annotated, Any, NamedTuple
+
+import msgspec
+import numpy as np
+from msgspec import UNSET, UnsetType
+
+TOPIC_READINGS = "iot-meter"
+TOPIC_ABNORMAL = "iot-abnormal"
+TOPIC_DEADLETTER = "iot-deadletter"
+ALL_TOPICS = (TOPIC_READINGS, TOPIC_ABNORMAL, TOPIC_DEADLETTER)
+
+#: Kafka headers a dead letter carries; its value and key are the original bytes.
+DLQ_HEADER_REASON = "meterflow.reason"
+DLQ_HEADER_DETAIL = "meterflow.detail"
+DLQ_HEADER_TOPIC = "meterflow.source.topic"
+DLQ_HEADER_PARTITION = "meterflow.source.partition"
+DLQ_HEADER_OFFSET = "meterflow.source.offset"
+
+#: A metric equal to this is the meter's own fault signal (the prototype's rule).
+SENTINEL_VALUE = -1
+
+
+class MeterType(StrEnum):
+    ELECTRICITY = "electricity"
+    WATER = "water"
+    GAS = "gas"
+
+
+@dataclass(frozen=True)
+class MeterSpec:
+    """What a meter type sends: its id prefix, main metric, unit and extra metrics."""
+
+    meter_type: MeterType
+    id_prefix: str
+    metric: str
+    unit: str
+    extra_metrics: tuple[str, ...] = ()
+    #: Physical upper bound per reading for the main metric and each extra metric.
+    default_bounds: dict[str, float] = field(default_factory=dict)
+
+
+METER_SPECS: dict[MeterType, MeterSpec] = {
+    MeterType.ELECTRICITY: MeterSpec(
+        MeterType.ELECTRICITY, "em", "usage_kwh", "kWh", (), {"usage_kwh": 100.0}
+    ),
+    MeterType.WATER: MeterSpec(
+        MeterType.WATER,
+        "wm",
+        "usage",
+        "L",
+        ("flow_rate",),
+        {"usage": 10_000.0, "flow_rate": 500.0},
+    ),
+    MeterType.GAS: MeterSpec(MeterType.GAS, "gm", "usage_m3", "m3", (), {"usage_m3": 100.0}),
+}
+
+#: Which metric field names reveal which meter type (used when ``meter_type`` is absent).
+METRIC_TO_TYPE: dict[str, MeterType] = {
+    name: spec.meter_type
+    for spec in METER_SPECS.values()
+    for name in (spec.metric, *spec.extra_metrics)
+}
+PREFIX_TO_TYPE: dict[str, MeterType] = {s.id_prefix: s.meter_type for s in METER_SPECS.values()}
+ALL_METRICS: tuple[str, ...] = tuple(METRIC_TO_TYPE)
+
+
+class FaultCode(StrEnum):
+    """Why a well-formed reading is abnormal. Stateful codes are reserved for later rules."""
+
+    MISSING_METRIC = "MISSING_METRIC"
+    SENTINEL = "SENTINEL"
+    NEGATIVE = "NEGATIVE"
+    OUT_OF_RANGE = "OUT_OF_RANGE"
+    FUTURE_TIMESTAMP = "FUTURE_TIMESTAMP"
+    STUCK = "STUCK"
+    SPIKE = "SPIKE"
+    LEAK = "LEAK"
+
+
+#: The stateless rules, in the order they are checked: the first that matches wins.
+STATELESS_FAULTS: tuple[FaultCode, ...] = (
+    FaultCode.MISSING_METRIC,
+    FaultCode.SENTINEL,
+    FaultCode.NEGATIVE,
+    FaultCode.OUT_OF_RANGE,
+    FaultCode.FUTURE_TIMESTAMP,
+)
+
+
+class DeadLetterReason(StrEnum):
+    """Why a message is not a reading at all."""
+
+    EMPTY = "EMPTY"
+    OVERSIZE = "OVERSIZE"
+    NOT_JSON = "NOT_JSON"
+    NOT_OBJECT = "NOT_OBJECT"
+    MISSING_FIELD = "MISSING_FIELD"
+    WRONG_TYPE = "WRONG_TYPE"
+    BAD_TIMESTAMP = "BAD_TIMESTAMP"
+    UNKNOWN_METER_TYPE = "UNKNOWN_METER_TYPE"
+
+
+class Status(StrEnum):
+    VALID = "valid"
+    ABNORMAL = "abnormal"
+    DEADLETTER = "deadletter"
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Tunable limits of the stateless rules (see :mod:`meterflow.config` for the env vars)."""
+
+    max_message_bytes: int = 16_384
+    future_tolerance_s: float = 300.0
+    bounds: dict[str, float] = field(
+        default_factory=lambda: {
+            name: bound
+            for spec in METER_SPECS.values()
+            for name, bound in spec.default_bounds.items()
+        }
+    )
+
+
+class Reading(NamedTuple):
+    """A decoded message that is a reading (valid or abnormal)."""
+
+    device_id: str
+    meter_type: MeterType
+    event_time_us: int  # microseconds since the epoch, UTC
+    consumption: float | None  # the type's main metric, in its unit
+    flow_rate: float | None  # water only
+    fault_code: FaultCode | None
+    reason: str | None
+    fields: dict[str, Any]  # the decoded JSON object, as sent
+
+
+class DeadLetter(NamedTuple):
+    """A message that is not a reading, with the reason and a human detail."""
+
+    reason: DeadLetterReason
+    detail: str
+
+
+Outcome = Reading | DeadLetter
+_DEFAULT_RULES = Rules()
+_TYPE_BY_NAME: dict[str, MeterType] = {str(t): t for t in MeterType}
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def parse_timestamp_us(value: str) -> int:
+    """ISO-8601 to epoch microseconds; a timestamp without a zone is UTC. Raises ValueError."""
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    delta = parsed - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def format_timestamp_us(micros: int) -> str:
+    """Epoch microseconds to the contract's ISO-8601 form (UTC, ``Z`` suffix)."""
+    seconds, rest = divmod(micros, 1_000_000)
+    text = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{text}.{rest:06d}Z" if rest else f"{text}Z"
+
+
+def infer_meter_type(present_metrics: Sequence[str], device_id: str) -> MeterType | None:
+    """The type the metric fields reveal, else the one the id prefix names (em/wm/gm)."""
+    found = {METRIC_TO_TYPE[name] for name in present_metrics}
+    by_prefix = PREFIX_TO_TYPE.get(device_id[:2].lower())
+    if len(found) == 1:
+        return found.pop()
+    if not found:
+        return by_prefix
+    return by_prefix if by_prefix in found else None
+
+
+#: The wire format as msgspec sees it: decoding and type checks run in C.
+_Wire = msgspec.defstruct(
+    "_Wire",
+    [
+        ("device_id", Annotated[str, msgspec.Meta(min_length=1)]),
+        ("timestamp", str),
+        ("meter_type", str | None | UnsetType, UNSET),
+        *((name, float | None | UnsetType, UNSET) for name in ALL_METRICS),
+    ],
+)
+_decode_wire = msgspec.json.Decoder(_Wire).decode
+_FLOW_METRIC = "flow_rate"
+
+
+@lru_cache(maxsize=8192)
+def _timestamp_or_none(value: str) -> int | None:
+    """Cached: a fleet reports on aligned intervals, so a batch has few distinct stamps."""
+    try:
+        return parse_timestamp_us(value)
+    except ValueError:
+        return None
+
+
+def _diagnose(raw: bytes, error: Exception) -> DeadLetter:
+    """Name why msgspec refused a message, using the standard library to look closer."""
+    try:
+        fields = json.loads(raw.decode("utf-8"))
+    except ValueError as exc:  # includes UnicodeDecodeError
+        return DeadLetter(DeadLetterReason.NOT_JSON, f"not UTF-8 JSON: {exc}")
+    if type(fields) is not dict:
+        return DeadLetter(
+            DeadLetterReason.NOT_OBJECT, f"JSON {type(fields).__name__}, not an object"
+        )
+    missing = [name for name in ("device_id", "timestamp") if fields.get(name) is None]
+    if missing:
+        return DeadLetter(DeadLetterReason.MISSING_FIELD, f"missing {', '.join(missing)}")
+    return DeadLetter(DeadLetterReason.WRONG_TYPE, str(error))
+
+
+@dataclass
+class Classified:
+    """Column-wise outcome of :func:`classify`; index ``i`` is the ``i``-th message.
+
+    Numeric columns are numpy arrays (NaN or a mask for null); text that only abnormal
+    readings and dead letters carry is kept sparse, by index.
+    """
+
+    status: np.ndarray  # int8 index into STATUS_ORDER
+    device_id: list[str | None]
+    type_index: np.ndarray  # int8 index into TYPE_ORDER (meaningless for dead letters)
+    event_time_us: np.ndarray  # int64
+    consumption: np.ndarray  # float64, NaN when absent
+    flow_rate: np.ndarray  # float64, NaN when absent
+    fault_index: np.ndarray  # int8, 0 = none, k = STATELESS_FAULTS[k - 1]
+    reasons: dict[int, str]  # fault reason, or dead-letter detail
+    dead_letters: dict[int, DeadLetterReason]
+
+    def meter_type(self, i: int) -> MeterType:
+        return TYPE_ORDER[self.type_index[i]]
+
+    def fault_code(self, i: int) -> FaultCode | None:
+        code = int(self.fault_index[i])
+        return STATELESS_FAULTS[code - 1] if code else None
+
+
+STATUS_ORDER: tuple[Status, ...] = (Status.VALID, Status.ABNORMAL, Status.DEADLETTER)
+TYPE_ORDER: tuple[MeterType, ...] = tuple(METER_SPECS)
+_TYPE_INDEX = {t: i for i, t in enumerate(TYPE_ORDER)}
+_METRIC_OF = {t: spec.metric for t, spec in METER_SPECS.items()}
+
+
+def classify(
+    values: Sequence[bytes | None], reference_us: Sequence[int], rules: Rules = _DEFAULT_RULES
+) -> Classified:
+    """Decode and classify a batch of messages: the contract's rules, in one place.
+
+    ``reference_us`` is "now" per message for the future-timestamp rule. The streaming job
+    passes each record's Kafka timestamp so that a replay classifies identically. Decoding
+    and type checks run per message (msgspec, in C); the rules run column-wise (numpy).
+    """
+    count = len(values)
+    dead: dict[int, DeadLetter] = {}
+    device_ids: list[str | None] = [None] * count
+    type_index = np.zeros(count, dtype=np.int8)
+    event_us = np.zeros(count, dtype=np.int64)
+    primary = np.full(count, np.nan)
+    flow = np.full(count, np.nan)
+    max_bytes = rules.max_message_bytes
+    water = MeterType.WATER
+    for i, raw in enumerate(values):
+        if not raw:
+            dead[i] = DeadLetter(DeadLetterReason.EMPTY, "empty message (null or zero-length)")
+            continue
+        if len(raw) > max_bytes:
+            dead[i] = DeadLetter(
+                DeadLetterReason.OVERSIZE, f"{len(raw)} bytes is over the {max_bytes}-byte limit"
+            )
+            continue
+        try:
+            wire = _decode_wire(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+            dead[i] = _diagnose(raw, exc)
+            continue
+        stamp = _timestamp_or_none(wire.timestamp)
+        if stamp is None:
+            dead[i] = DeadLetter(
+                DeadLetterReason.BAD_TIMESTAMP, f"unparseable timestamp {wire.timestamp[:64]!r}"
+            )
+            continue
+        declared = wire.meter_type
+        if declared is UNSET or declared is None:
+            present = [name for name in ALL_METRICS if getattr(wire, name) is not UNSET]
+            meter_type = infer_meter_type(present, wire.device_id)
+        else:
+            meter_type = _TYPE_BY_NAME.get(declared)
+        if meter_type is None:
+            dead[i] = DeadLetter(
+                DeadLetterReason.UNKNOWN_METER_TYPE,
+                f"meter type of {wire.device_id[:64]!r} unknown"
+                + ("" if declared in (UNSET, None) else f" (meter_type {declared[:32]!r})"),
+            )
+            continue
+        device_ids[i] = wire.device_id
+        event_us[i] = stamp
+        type_index[i] = _TYPE_INDEX[meter_type]
+        value = getattr(wire, _METRIC_OF[meter_type])
+        if value is not None and value is not UNSET:
+            primary[i] = value
+        if meter_type is water:
+            rate = wire.flow_rate
+            if rate is not None and rate is not UNSET:
+                flow[i] = rate
+
+    references = np.asarray(reference_us, dtype=np.int64)
+    fault_index = _stateless_faults(type_index, event_us, primary, flow, references, rules)
+    status = np.where(fault_index > 0, 1, 0).astype(np.int8)
+    reasons: dict[int, str] = {}
+    for i in np.flatnonzero(fault_index).tolist():
+        reasons[i] = _fault_reason(
+            STATELESS_FAULTS[fault_index[i] - 1],
+            TYPE_ORDER[type_index[i]],
+            float(primary[i]),
+            float(flow[i]),
+            int(event_us[i]),
+            int(references[i]),
+            rules,
+        )
+    for i, letter in dead.items():
+        status[i] = 2
+        fault_index[i] = 0
+        reasons[i] = letter.detail
+    return Classified(
+        status=status,
+        device_id=device_ids,
+        type_index=type_index,
+        event_time_us=event_us,
+        consumption=primary,
+        flow_rate=flow,
+        fault_index=fault_index,
+        reasons=reasons,
+        dead_letters={i: letter.reason for i, letter in dead.items()},
+    )
+
+
+def _stateless_faults(
+    type_index: np.ndarray,
+    event_us: np.ndarray,
+    primary: np.ndarray,
+    flow: np.ndarray,
+    reference_us: np.ndarray,
+    rules: Rules,
+) -> np.ndarray:
+    """:data:`STATELESS_FAULTS`, column-wise; the first rule that matches wins (int8 codes)."""
+    primary_bound = np.array([rules.bounds.get(_METRIC_OF[t], np.inf) for t in TYPE_ORDER])[
+        type_index
+    ]
+    flow_bound = rules.bounds.get(_FLOW_METRIC, np.inf)
+    with np.errstate(invalid="ignore"):
+        checks = [
+            np.isnan(primary),
+            (primary == SENTINEL_VALUE) | (flow == SENTINEL_VALUE),
+            (primary < 0) | (flow < 0),
+            (primary > primary_bound) | (flow > flow_bound),
+            event_us > reference_us + int(rules.future_tolerance_s * 1_000_000),
+        ]
+    return np.select(checks, list(range(1, len(checks) + 1)), default=0).astype(np.int8)
+
+
+def _fault_reason(
+    fault: FaultCode,
+    meter_type: MeterType,
+    primary: float,
+    flow: float,
+    event_us: int,
+    reference_us: int,
+    rules: Rules,
+) -> str:
+    """A sentence a person on call understands, naming the field and the value."""
+    metric = METER_SPECS[meter_type].metric
+    if fault is FaultCode.MISSING_METRIC:
+        return f"{meter_type} reading without {metric}"
+    if fault is FaultCode.FUTURE_TIMESTAMP:
+        return f"timestamp {(event_us - reference_us) / 1e6:.0f} s ahead of ingestion"
+    for name, value in ((metric, primary), (_FLOW_METRIC, flow)):
+        bound = rules.bounds.get(name, np.inf)
+        if fault is FaultCode.SENTINEL and value == SENTINEL_VALUE:
+            return f"{name} is {SENTINEL_VALUE}: the meter reports a fault"
+        if fault is FaultCode.NEGATIVE and value < 0:
+            return f"{name} is negative ({value:g})"
+        if fault is FaultCode.OUT_OF_RANGE and value > bound:
+            return f"{name} {value:g} is above the physical bound {bound:g}"
+    return str(fault)
+
+
+def evaluate(raw: bytes | None, reference_us: int, rules: Rules = _DEFAULT_RULES) -> Outcome:
+    """Classify one message (a batch of one through :func:`classify`)."""
+    result = classify([raw], [reference_us], rules)
+    if 0 in result.dead_letters:
+        return DeadLetter(result.dead_letters[0], result.reasons[0])
+    consumption, flow = float(result.consumption[0]), float(result.flow_rate[0])
+    return Reading(
+        result.device_id[0],  # type: ignore[arg-type]
+        result.meter_type(0),
+        int(result.event_time_us[0]),
+        None if np.isnan(consumption) else consumption,
+        None if np.isnan(flow) else flow,
+        result.fault_code(0),
+        result.reasons.get(0),
+        json.loads(raw),  # type: ignore[arg-type]
+    )
+
+
+def event_id(topic: str, partition: int, offset: int) -> str:
+    """The id of an abnormal event: its source coordinates, so sinks can upsert idempotently."""
+    return f"{topic}-{partition}-{offset}"
+
+
+def abnormal_event(
+    reading: Reading, topic: str, partition: int, offset: int, detected_at_us: int
+) -> dict[str, Any]:
+    """The JSON document published on ``iot-abnormal`` for an abnormal reading."""
+    return {
+        "event_id": event_id(topic, partition, offset),
+        "device_id": reading.device_id,
+        "meter_type": str(reading.meter_type),
+        "timestamp": format_timestamp_us(reading.event_time_us),
+        "fault_code": str(reading.fault_code),
+        "reason": reading.reason,
+        "reading": reading.fields,
+        "detected_at": format_timestamp_us(detected_at_us),
+        "source": {"topic": topic, "partition": partition, "offset": offset},
+    }
+
+
+def status_of(outcome: Outcome) -> Status:
+    if isinstance(outcome, DeadLetter):
+        return Status.DEADLETTER
+    return Status.VALID if outcome.fault_code is None else Status.ABNORMAL

@@ -1,0 +1,54 @@
+"""Lake layout and schemas: the one place the Parquet columns are named and typed.
+
+``readings/date=YYYY-MM-DD/`` holds one row per valid or abnormal reading. The same
+columns are declared here once for Arrow (the Python side) and derived for Spark (DDL).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+#: Columns of a classified message, in order. Dead letters appear only in the streaming
+#: job's in-flight frame (for counting); the lake keeps :data:`LAKE_COLUMNS`.
+CLASSIFIED_SCHEMA = pa.schema(
+    [
+        ("device_id", pa.string()),
+        ("meter_type", pa.string()),
+        ("event_time", TIMESTAMP),
+        ("consumption", pa.float64()),
+        ("unit", pa.string()),
+        ("flow_rate", pa.float64()),
+        ("fault_code", pa.string()),
+        ("reason", pa.string()),
+        ("status", pa.string()),
+        ("source_topic", pa.string()),
+        ("source_partition", pa.int32()),
+        ("source_offset", pa.int64()),
+        ("ingest_time", TIMESTAMP),
+        ("date", pa.date32()),
+    ]
+)
+
+#: What the lake stores: everything but the in-flight status (derivable from fault_code).
+LAKE_COLUMNS: tuple[str, ...] = tuple(n for n in CLASSIFIED_SCHEMA.names if n != "status")
+PARTITION_COLUMN = "date"
+
+_SPARK_TYPES = {
+    pa.string(): "STRING",
+    TIMESTAMP: "TIMESTAMP",
+    pa.float64(): "DOUBLE",
+    pa.int32(): "INT",
+    pa.int64(): "BIGINT",
+    pa.date32(): "DATE",
+}
+
+
+def spark_ddl(schema: pa.Schema) -> str:
+    """The Spark DDL string of an Arrow schema made of the types above."""
+    return ", ".join(f"`{f.name}` {_SPARK_TYPES[f.type]}" for f in schema)
+
+
+def readings_path(lake_path: str) -> str:
+    return f"{lake_path.rstrip('/')}/readings"

@@ -1,0 +1,28 @@
+"""Logging set-up: one line per event, ``key=value`` pairs, so logs are easy to grep."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+_FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
+
+
+def get_logger(name: str) -> logging.Logger:
+    return logging.getLogger(name)
+
+
+def setup_logging(level: str | None = None) -> None:
+    """Log to stderr at ``level`` (default ``METERFLOW_LOG_LEVEL`` or INFO)."""
+    level = (level or os.environ.get("METERFLOW_LOG_LEVEL") or "INFO").upper()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%Y-%m-%dT%H:%M:%S%z"))
+    root = logging.getLogger("meterflow")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    for name in ("jobs", "simulator"):
+        logging.getLogger(name).handlers[:] = [handler]
+        logging.getLogger(name).setLevel(level)
+        logging.getLogger(name).propagate = False

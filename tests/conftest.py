@@ -1,0 +1,78 @@
+"""Shared fixtures: a real Kafka-protocol broker over TCP and a real local Spark."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from meterflow import kafka
+from meterflow.broker import LocalBroker
+from meterflow.config import Settings
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A tansu broker for the whole run (fails, never skips, if it cannot start)."""
+    log_path = tmp_path_factory.mktemp("broker") / "broker.log"
+    broker = LocalBroker(_free_port(), log_path).start()
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def make_topics(bootstrap: str) -> Callable[..., dict[str, str]]:
+    """Fresh, uniquely named readings/abnormal/dead-letter topics for one test."""
+
+    def make(partitions: int = 2) -> dict[str, str]:
+        suffix = uuid.uuid4().hex[:8]
+        names = {
+            "METERFLOW_TOPIC_READINGS": f"meter-{suffix}",
+            "METERFLOW_TOPIC_ABNORMAL": f"abnormal-{suffix}",
+            "METERFLOW_TOPIC_DEADLETTER": f"deadletter-{suffix}",
+        }
+        kafka.ensure_topics(bootstrap, names.values(), partitions)
+        return names
+
+    return make
+
+
+@pytest.fixture
+def make_settings(
+    bootstrap: str, tmp_path: Path, make_topics: Callable[..., dict[str, str]]
+) -> Callable[..., Settings]:
+    def make(partitions: int = 2, **env: str) -> Settings:
+        values = {
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "METERFLOW_DATA_DIR": str(tmp_path / "data"),
+            "METERFLOW_KAFKA_SOURCE": "python",
+            **make_topics(partitions),
+            **env,
+        }
+        return Settings.from_env(values)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from meterflow.spark.session import get_spark
+
+    session = get_spark(
+        "meterflow-tests",
+        "local[2]",
+        **{"spark.ui.enabled": "false", "spark.sql.shuffle.partitions": "2"},
+    )
+    yield session
+    session.stop()

@@ -1,0 +1,113 @@
+"""The ``meterflow`` command and ``spark-submit`` as users run them: real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from meterflow import kafka
+from meterflow.config import VARIABLES, Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTOTYPE = [
+    b'{"device_id": "em1", "timestamp": "2024-05-27T15:57:53Z", "usage_kwh": 9}',
+    b'{"device_id": "wm1", "timestamp": "2024-05-27T15:57:52Z", "usage": 18, "flow_rate": 5}',
+    b'{"device_id": "em2", "timestamp": "2024-05-27T15:57:54Z", "usage_kwh": -1}',
+    b"garbage",
+]
+
+
+def meterflow(*args: str, env: dict[str, str] | None = None, timeout: float = 120):
+    return subprocess.run(
+        [sys.executable, "-m", "meterflow.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+    )
+
+
+def env_of(settings: Settings) -> dict[str, str]:
+    return {
+        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "METERFLOW_DATA_DIR": str(settings.data_dir),
+        "METERFLOW_KAFKA_SOURCE": "python",
+        "METERFLOW_TOPIC_READINGS": settings.topic_readings,
+        "METERFLOW_TOPIC_ABNORMAL": settings.topic_abnormal,
+        "METERFLOW_TOPIC_DEADLETTER": settings.topic_deadletter,
+        "METERFLOW_TRIGGER_SECONDS": "1",
+        "PYSPARK_PYTHON": sys.executable,
+    }
+
+
+def send(settings: Settings, messages: list[bytes]) -> None:
+    producer = kafka.producer(settings.bootstrap_servers)
+    for value in messages:
+        producer.produce(settings.topic_readings, value, b"k")
+    assert producer.flush(30) == 0
+
+
+def test_config_lists_every_variable() -> None:
+    result = meterflow("config", "--markdown")
+    assert result.returncode == 0, result.stderr
+    for variable in VARIABLES:
+        assert f"`{variable.name}`" in result.stdout
+
+
+def test_bad_config_is_one_line_and_non_zero() -> None:
+    result = meterflow("topics", env={"METERFLOW_KAFKA_PARTITIONS": "many"})
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip() == "meterflow topics: METERFLOW_KAFKA_PARTITIONS='many' is not a int"
+    )
+
+
+def test_unreachable_kafka_is_named() -> None:
+    result = meterflow("topics", env={"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9"})
+    assert result.returncode == 2
+    assert "127.0.0.1:9" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_spark_submit_runs_the_streaming_job(make_settings) -> None:
+    settings = make_settings(partitions=1)
+    send(settings, PROTOTYPE)
+    spark_submit = Path(sys.executable).parent / "spark-submit"
+    result = subprocess.run(
+        [str(spark_submit), "--master", "local[2]", "jobs/streaming_job.py", "--available-now"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env_of(settings)},
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "read=4 valid=2 abnormal=1 deadletter=1" in result.stderr
+    lake = settings.data_dir / "lake" / "readings" / "date=2024-05-27"
+    assert list(lake.glob("*.parquet")), f"no Parquet under {lake}"
+
+
+def test_stream_stops_cleanly_on_sigterm(make_settings) -> None:
+    settings = make_settings(partitions=1)
+    send(settings, PROTOTYPE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "meterflow.cli", "stream"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env_of(settings)},
+        cwd=ROOT,
+    )
+    lake = settings.data_dir / "lake" / "readings" / "date=2024-05-27"
+    deadline = time.monotonic() + 180
+    while not list(lake.glob("*.parquet")) and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-3000:]
+    assert "read 4 = valid 2 + abnormal 1 + dead-lettered 1 (reconciled)" in out
