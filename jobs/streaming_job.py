@@ -16,6 +16,7 @@ stream``. One query reads ``iot-meter`` once and:
 from __future__ import annotations
 
 import argparse
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -140,6 +141,7 @@ class CountsListener(StreamingQueryListener):
     def __init__(self) -> None:
         self.totals = {"read": 0, "valid": 0, "abnormal": 0, "deadletter": 0}
         self.batches = 0
+        self.timings: list[tuple[int, float]] = []  # (rows read, seconds) per micro-batch
         self.lock = threading.Lock()
 
     def onQueryStarted(self, event) -> None:
@@ -153,6 +155,9 @@ class CountsListener(StreamingQueryListener):
         counts = {name: int(row[name] or 0) for name in self.totals}
         with self.lock:
             self.batches += 1
+            self.timings.append(
+                (counts["read"], progress.durationMs.get("triggerExecution", 0) / 1000)
+            )
             for name, value in counts.items():
                 self.totals[name] += value
             totals = dict(self.totals)
@@ -222,6 +227,36 @@ def start_query(
     return writer.start()
 
 
+def _await_or_stop(query: StreamingQuery, grace_s: float = 60.0) -> None:
+    """Wait for the query; on Ctrl-C or SIGTERM let the running micro-batch commit, then stop.
+
+    Signals only set a flag: raising inside a py4j call would break the gateway connection,
+    and ``query.stop()`` in the middle of a batch aborts it (it is redone on restart, so
+    nothing is lost, but the work is wasted and Spark logs errors).
+    """
+    requested = threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: requested.set())
+    try:
+        while query.isActive and not requested.is_set():
+            query.awaitTermination(1.0)
+        if requested.is_set() and query.isActive:
+            log.info("streaming=stopping reason=signal")
+            deadline = time.monotonic() + grace_s
+            while query.isActive and query.status["isTriggerActive"]:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            query.stop()
+        elif query.exception() is not None:
+            raise query.exception()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _drain(listener: CountsListener, query: StreamingQuery, timeout: float = 10.0) -> None:
     """Wait until the listener, which Spark calls asynchronously, has seen the last batches."""
     seen = sum(1 for p in query.recentProgress if METRICS_NAME in p.observedMetrics)
@@ -231,13 +266,16 @@ def _drain(listener: CountsListener, query: StreamingQuery, timeout: float = 10.
 
 
 def run(
-    settings: Settings, available_now: bool = False, spark: SparkSession | None = None
+    settings: Settings,
+    available_now: bool = False,
+    spark: SparkSession | None = None,
+    listener: CountsListener | None = None,
 ) -> dict[str, int]:
     """Run the speed layer until stopped (or, with ``available_now``, until caught up)."""
     from meterflow.spark.session import get_spark, kafka_format
 
     spark = spark or get_spark("meterflow-streaming", settings.spark_master)
-    listener = CountsListener()
+    listener = listener or CountsListener()
     spark.streams.addListener(listener)
     source_format = kafka_format(spark, settings)
     log.info(
@@ -251,9 +289,7 @@ def run(
     query = start_query(spark, settings, source_format, available_now)
     started = time.monotonic()
     try:
-        query.awaitTermination()
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop after the running batch's commit
-        log.info("streaming=stopping reason=interrupt")
+        _await_or_stop(query)
     finally:
         if query.isActive:
             query.stop()

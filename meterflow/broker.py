@@ -101,11 +101,13 @@ class LocalBroker:
 
 @contextlib.contextmanager
 def kafka_for(
-    settings: Settings, create_topics: bool = True
+    settings: Settings, start_local: bool = True, create_topics: bool = True
 ) -> Iterator[tuple[Settings, LocalBroker | None]]:
     """Yield settings whose ``bootstrap_servers`` answer, and the broker started for it, if any.
 
-    Topics are created with ``settings.partitions`` partitions. Errors name the address.
+    ``start_local=False`` is for commands whose data would die with a broker they started
+    (the local broker keeps messages in memory): they need one that outlives them. Topics
+    are created with ``settings.partitions`` partitions. Errors name the address.
     """
     broker = None
     if settings.bootstrap_servers:
@@ -115,6 +117,12 @@ def kafka_for(
         settings = settings.with_bootstrap(f"127.0.0.1:{settings.local_broker_port}")
         kafka.check_reachable(settings.bootstrap_servers)
         log.info("kafka=local-running bootstrap=%s", settings.bootstrap_servers)
+    elif not start_local:
+        raise BrokerError(
+            f"no Kafka: KAFKA_BOOTSTRAP_SERVERS is empty and no local broker listens on "
+            f"127.0.0.1:{settings.local_broker_port}; start one with `meterflow broker` "
+            "(it keeps data in memory while it runs) or point KAFKA_BOOTSTRAP_SERVERS at a cluster"
+        )
     else:
         broker = LocalBroker(settings.local_broker_port, settings.data_dir / "logs" / "broker.log")
         broker.start()

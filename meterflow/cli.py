@@ -55,7 +55,7 @@ def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
-    with kafka_for(settings) as (live, _):
+    with kafka_for(settings, start_local=False) as (live, _):
         print(
             f"topics {live.topic_readings}, {live.topic_abnormal}, {live.topic_deadletter} "
             f"ready on {live.bootstrap_servers}"
@@ -78,37 +78,43 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     from simulator.cli import run_simulate
 
-    with kafka_for(settings) as (live, _):
+    with kafka_for(settings, start_local=False) as (live, _):
         print(f"simulator -> {live.topic_readings} on {live.bootstrap_servers}", file=sys.stderr)
         sink = ProducerSink(live.bootstrap_servers, live.topic_readings)
-        return run_simulate(args, live, sink)
+        try:
+            return run_simulate(args, live, sink)
+        finally:
+            sink.close()
 
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from simulator.cli import run_replay
 
-    with kafka_for(settings) as (live, _):
+    with kafka_for(settings, start_local=False) as (live, _):
         print(f"replay -> {live.topic_readings} on {live.bootstrap_servers}", file=sys.stderr)
         sink = ProducerSink(live.bootstrap_servers, live.topic_readings)
-        return run_replay(args, live, sink)
+        try:
+            return run_replay(args, live, sink)
+        finally:
+            sink.close()
 
 
 def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
     from jobs.streaming_job import run
 
-    with kafka_for(settings) as (live, broker):
-        if broker is not None:
-            _reset_stale_checkpoint(live)
-        totals = run(live, available_now=args.available_now)
+    with kafka_for(settings, start_local=False) as (live, _):
+        try:
+            totals = run(live, available_now=args.available_now)
+        finally:
+            _stop_spark()
     print(_totals_line(totals))
     return 0
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     """The main job natively: Kafka, the simulator feeding it live, and the speed layer."""
-    from simulator.cli import start_background_simulation
-
     from jobs.streaming_job import run
+    from simulator.cli import start_background_simulation
 
     with kafka_for(settings) as (live, broker):
         if broker is not None:
@@ -133,9 +139,18 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
             stop.set()
             if simulation is not None:
                 simulation.join(timeout=30)
-            sink.flush(30)
+            sink.close(30)
+            _stop_spark()
     print(_totals_line(totals))
     return 0
+
+
+def _stop_spark() -> None:
+    from pyspark.sql import SparkSession
+
+    session = SparkSession.getActiveSession()
+    if session is not None:
+        session.stop()
 
 
 def _totals_line(totals: dict[str, int]) -> str:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from datetime import date
 
 from pyspark.sql import SparkSession
 
 from jobs.streaming_job import run
 from meterflow import contract, kafka
 from meterflow.config import Settings
+from meterflow.contract import STATELESS_FAULTS, FaultCode
 from meterflow.lake import LAKE_COLUMNS, readings_path
+from simulator.generator import FaultRates, SimulationConfig, simulate
 
 
 def send(settings: Settings, messages: list[bytes | None], key: bytes = b"em1") -> None:
@@ -103,3 +106,82 @@ def test_lake_rows_are_typed_and_partitioned_by_day(spark: SparkSession, make_se
     # A timestamp from the future is filed under the day it arrived, not in 2099.
     assert rows["gm1"].fault_code == "FUTURE_TIMESTAMP"
     assert rows["gm1"].date == rows["gm1"].ingest_time.date()
+
+
+def test_simulated_fleet_end_to_end_counts_match_exactly(
+    spark: SparkSession, make_settings
+) -> None:
+    """Simulator -> broker -> job -> lake + iot-abnormal + iot-deadletter, all counts equal."""
+    settings = make_settings(partitions=3)
+    faults = FaultRates({code: 0.01 for code in STATELESS_FAULTS}, malformed=0.01)
+    config = SimulationConfig(
+        meters=120, days=1, end=date(2024, 6, 3), seed=21, faults=faults, rules=settings.rules
+    )
+    sink = kafka.ProducerSink(settings.bootstrap_servers, settings.topic_readings)
+    summary = simulate(config, sink.emit)
+    assert sink.close() == 0 and summary.consistent()
+
+    totals = run(settings, available_now=True, spark=spark)
+
+    assert totals == {
+        "read": summary.sent,
+        "valid": summary.valid,
+        "abnormal": sum(summary.faults.values()),
+        "deadletter": sum(summary.malformed.values()),
+    }
+    frame = lake(spark, settings)
+    by_fault = {r.fault_code: r["count"] for r in frame.groupBy("fault_code").count().collect()}
+    assert by_fault.pop(None) == summary.valid
+    assert by_fault == {str(code): n for code, n in summary.faults.items()}
+    days = {
+        str(r.date) for r in frame.filter("fault_code IS NULL").select("date").distinct().collect()
+    }
+    assert days == {"2024-06-02"}
+
+    events = [
+        json.loads(m.value())
+        for m in kafka.read_all(settings.bootstrap_servers, settings.topic_abnormal)
+    ]
+    assert Counter(e["fault_code"] for e in events) == {
+        str(c): n for c, n in summary.faults.items()
+    }
+    assert len({e["event_id"] for e in events}) == len(events)
+    letters = kafka.read_all(settings.bootstrap_servers, settings.topic_deadletter)
+    reasons = Counter(headers(m)[contract.DLQ_HEADER_REASON] for m in letters)
+    assert reasons == {str(r): n for r, n in summary.malformed.items()}
+
+
+def test_prototype_stream_end_to_end(spark: SparkSession, make_settings) -> None:
+    """The prototype's em1..em4 / wm1..wm4 messages, -1 as the fault, through the job."""
+    settings = make_settings(partitions=2)
+    config = SimulationConfig(
+        days=0.5,
+        end=date(2024, 5, 28),
+        seed=4,
+        message_format="legacy",
+        faults=FaultRates({FaultCode.SENTINEL: 0.05}),
+    )
+    sent: list[bytes] = []
+    sink = kafka.ProducerSink(settings.bootstrap_servers, settings.topic_readings)
+
+    def emit(key: bytes | None, value: bytes) -> None:
+        sent.append(value)
+        sink.emit(key, value)
+
+    summary = simulate(config, emit)
+    assert sink.close() == 0
+
+    totals = run(settings, available_now=True, spark=spark)
+
+    sentinels = summary.faults[FaultCode.SENTINEL]
+    assert sentinels > 0 and totals["abnormal"] == sentinels
+    assert totals == {
+        "read": len(sent),
+        "valid": len(sent) - sentinels,
+        "abnormal": sentinels,
+        "deadletter": 0,
+    }
+    rows = lake(spark, settings).collect()
+    assert {r.device_id for r in rows} == {f"{p}{i}" for p in ("em", "wm") for i in range(1, 5)}
+    assert {r.meter_type for r in rows if r.device_id.startswith("wm")} == {"water"}
+    assert {r.fault_code for r in rows if r.fault_code} == {"SENTINEL"}

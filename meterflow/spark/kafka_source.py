@@ -335,7 +335,7 @@ class KafkaBatchReader(DataSourceReader):
 
 
 def read_range(
-    part: KafkaInputPartition, options: _Options, batch_size: int = 10_000
+    part: KafkaInputPartition, options: _Options, batch_size: int = 50_000
 ) -> Iterator[pa.RecordBatch]:
     """Yield offsets ``[start, end)`` of one partition as Arrow batches.
 
