@@ -29,7 +29,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery, StreamingQueryListener
 
 from meterflow import kafka
-from meterflow.config import Settings
+from meterflow.config import ConfigError, Settings
 from meterflow.contract import Rules, Status
 from meterflow.lake import (
     CLASSIFIED_SCHEMA,
@@ -308,7 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     setup_logging()
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        parser.error(str(exc))
     if not settings.bootstrap_servers:
         parser.error(
             "KAFKA_BOOTSTRAP_SERVERS must be set under spark-submit "

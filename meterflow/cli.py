@@ -75,28 +75,29 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _into_readings_topic(
+    settings: Settings, what: str, produce: Callable[..., int], args: argparse.Namespace
+) -> int:
+    """Run a producer command (simulate, replay) against the readings topic, then flush."""
+    with kafka_for(settings, start_local=False) as (live, _):
+        print(f"{what} -> {live.topic_readings} on {live.bootstrap_servers}", file=sys.stderr)
+        sink = ProducerSink(live.bootstrap_servers, live.topic_readings)
+        try:
+            return produce(args, live, sink)
+        finally:
+            sink.close()
+
+
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     from simulator.cli import run_simulate
 
-    with kafka_for(settings, start_local=False) as (live, _):
-        print(f"simulator -> {live.topic_readings} on {live.bootstrap_servers}", file=sys.stderr)
-        sink = ProducerSink(live.bootstrap_servers, live.topic_readings)
-        try:
-            return run_simulate(args, live, sink)
-        finally:
-            sink.close()
+    return _into_readings_topic(settings, "simulator", run_simulate, args)
 
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from simulator.cli import run_replay
 
-    with kafka_for(settings, start_local=False) as (live, _):
-        print(f"replay -> {live.topic_readings} on {live.bootstrap_servers}", file=sys.stderr)
-        sink = ProducerSink(live.bootstrap_servers, live.topic_readings)
-        try:
-            return run_replay(args, live, sink)
-        finally:
-            sink.close()
+    return _into_readings_topic(settings, f"replay of {args.file}", run_replay, args)
 
 
 def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:

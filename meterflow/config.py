@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from meterflow.contract import METER_SPECS, TOPIC_ABNORMAL, TOPIC_DEADLETTER, TOPIC_READINGS, Rules
@@ -106,14 +106,6 @@ class Settings:
     starting_offsets: str
     rules: Rules
 
-    @property
-    def readings_path(self) -> str:
-        return f"{self.lake_path.rstrip('/')}/readings"
-
-    @property
-    def registry_path(self) -> str:
-        return f"{self.lake_path.rstrip('/')}/registry"
-
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
@@ -154,6 +146,4 @@ class Settings:
 
     def with_bootstrap(self, servers: str) -> Settings:
         """A copy pointing at ``servers`` (used once a local broker is up)."""
-        from dataclasses import replace
-
         return replace(self, bootstrap_servers=servers)

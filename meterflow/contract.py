@@ -30,7 +30,6 @@ from msgspec import UNSET, UnsetType
 TOPIC_READINGS = "iot-meter"
 TOPIC_ABNORMAL = "iot-abnormal"
 TOPIC_DEADLETTER = "iot-deadletter"
-ALL_TOPICS = (TOPIC_READINGS, TOPIC_ABNORMAL, TOPIC_DEADLETTER)
 
 #: Kafka headers a dead letter carries; its value and key are the original bytes.
 DLQ_HEADER_REASON = "meterflow.reason"
