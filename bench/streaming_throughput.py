@@ -52,7 +52,7 @@ def main() -> int:
     parser.add_argument("--readings", type=int, default=2_000_000)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--batch", type=int, default=400_000, help="readings per micro-batch")
+    parser.add_argument("--batch", type=int, default=1_000_000, help="readings per micro-batch")
     args = parser.parse_args()
     setup_logging("WARNING")
     workdir = Path(tempfile.mkdtemp(prefix="meterflow-bench-"))

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from meterflow import lake
 from meterflow.contract import METER_SPECS, TOPIC_ABNORMAL, TOPIC_DEADLETTER, TOPIC_READINGS, Rules
 
 
@@ -143,6 +144,10 @@ class Settings:
             starting_offsets=starting,
             rules=rules,
         )
+
+    @property
+    def registry_path(self) -> str:
+        return lake.registry_path(self.lake_path)
 
     def with_bootstrap(self, servers: str) -> Settings:
         """A copy pointing at ``servers`` (used once a local broker is up)."""

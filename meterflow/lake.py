@@ -52,3 +52,8 @@ def spark_ddl(schema: pa.Schema) -> str:
 
 def readings_path(lake_path: str) -> str:
     return f"{lake_path.rstrip('/')}/readings"
+
+
+def registry_path(lake_path: str) -> str:
+    """Directory of the fleet registry (``meters.parquet``) the simulator writes."""
+    return f"{lake_path.rstrip('/')}/registry"

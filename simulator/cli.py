@@ -1,189 +1,312 @@
-"""``meterflow simulate`` and ``meterflow replay``: arguments, progress, summary, shutdown."""
+"""``meterflow simulate`` and ``meterflow replay``: arguments, progress, shutdown, summary.
+
+``meterflow.cli`` owns the command and the Kafka producer; this module owns what the two
+commands do with a :class:`~simulator.sink.Sink`::
+
+    add_simulate_arguments(subparser)
+    ...
+    return run_simulate(args, settings, sink)  # 0 ok, 1 failed while sending, 2 bad input
+
+SIGINT and SIGTERM stop a run cleanly: the current time step finishes, the sink is
+flushed and the summary printed (a second signal gives up at once). Progress goes to
+stderr (one updating line on a terminal, a plain line every few seconds otherwise), the
+summary to stdout, and a failure ends in one line on stderr saying why.
+"""
 
 from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
-from typing import Protocol
+from typing import TextIO
 
 from meterflow.config import Settings
-from meterflow.contract import STATELESS_FAULTS, FaultCode, MeterType
-from simulator.fleet import build_fleet, write_registry
-from simulator.generator import FaultRates, SimulationConfig, Summary, simulate
+from meterflow.contract import STATELESS_FAULTS, DeadLetterReason, FaultCode, MeterType, Rules
+from meterflow.logs import get_logger
+from simulator.faults import (
+    DEFAULT_FAULT_RATE,
+    DEFAULT_MALFORMED_RATE,
+    FaultRates,
+    parse_rate_table,
+)
+from simulator.fleet import DEFAULT_MIX, build_fleet, write_registry
+from simulator.generator import FORMATS, MODES, Simulation, SimulationConfig, Summary
 from simulator.replay import ReplayError, ReplaySummary, replay
+from simulator.sink import Sink
+
+log = get_logger("simulator.cli")
+
+#: How long the final flush may wait for the broker before messages count as undelivered.
+FLUSH_TIMEOUT_S = 60.0
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
 
 
-class Sink(Protocol):
-    """Where messages go (a Kafka producer in the CLI, a list in tests)."""
-
-    def emit(self, key: bytes | None, value: bytes) -> None: ...
-
-    def flush(self, timeout: float) -> int:
-        """Wait for delivery; return the number of messages not delivered."""
-        ...
-
-
-def parse_interval(text: str) -> float:
-    """``900``, ``15m``, ``30s``, ``1h`` to seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+def parse_seconds(text: str) -> float:
+    """``900``, ``30s``, ``15m``, ``1h`` or ``1d`` to seconds (above 0)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
     if not match or float(match.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an interval like 900, 30s, 15m or 1h")
-    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 900, 30s, 15m or 1h")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_fault_rates(text: str) -> dict[FaultCode, float]:
+    """``--fault-rates``: ``default``, ``none`` or ``KIND=RATE,...`` (unlisted kinds: 0)."""
+    choice = text.strip().lower()
+    if choice == "default":
+        return dict(FaultRates.default().rates)
+    if choice == "none":
+        return {}
+    try:
+        return parse_rate_table(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_fault_rate(text: str) -> tuple[FaultCode, float]:
-    name, _, value = text.partition("=")
-    try:
-        code = FaultCode(name.strip().upper())
-        rate = float(value)
-    except ValueError:
-        kinds = ", ".join(str(c) for c in STATELESS_FAULTS)
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not KIND=RATE with KIND in {kinds}"
-        ) from None
-    return code, rate
+    """One ``--fault-rate KIND=RATE``."""
+    table = parse_fault_rates(text)
+    if len(table) != 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one KIND=RATE")
+    return next(iter(table.items()))
+
+
+def parse_mix(text: str) -> dict[MeterType, float]:
+    """``electricity=0.5,water=0.3,gas=0.2`` (types left out get no meters)."""
+    mix: dict[MeterType, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, share = item.partition("=")
+        try:
+            mix[MeterType(name.strip().lower())] = float(share)
+        except ValueError:
+            types = ", ".join(MeterType)
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not TYPE=SHARE, TYPE in {types}"
+            ) from None
+    return mix
 
 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--meters", type=int, default=100, help="fleet size (default 100)")
-    parser.add_argument("--mode", choices=("live", "backfill"), default="live")
-    parser.add_argument("--days", type=float, default=1.0, help="backfill: days before --end-date")
+    parser.add_argument(
+        "--mode", choices=MODES, default="live", help="live (default) or backfill of past days"
+    )
+    parser.add_argument(
+        "--days", type=float, default=1.0, help="backfill: days before --end-date (default 1)"
+    )
     parser.add_argument(
         "--end-date",
         type=date.fromisoformat,
         default=None,
-        help="backfill: YYYY-MM-DD (default today)",
+        metavar="YYYY-MM-DD",
+        help="backfill: stop at 00:00 UTC of this day (default today)",
     )
     parser.add_argument(
-        "--interval", type=parse_interval, default=900.0, help="reading interval (900, 15m, 30s)"
+        "--interval", type=parse_seconds, default=900.0, help="reading interval (default 15m)"
     )
-    parser.add_argument(
-        "--rate", type=float, default=None, help="live: at most this many messages/s"
-    )
+    parser.add_argument("--rate", type=float, default=None, help="at most this many messages/s")
     parser.add_argument("--count", type=int, default=None, help="stop after this many messages")
     parser.add_argument(
-        "--duration", type=parse_interval, default=None, help="live: stop after this long"
+        "--duration", type=parse_seconds, default=None, help="stop after this long (e.g. 10m)"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="reproducible fleet and stream")
+    parser.add_argument(
+        "--format",
+        dest="message_format",
+        choices=FORMATS,
+        default="contract",
+        help="legacy: the prototype's em1..em4/wm1..wm4 messages",
     )
     parser.add_argument(
-        "--seed", type=int, default=None, help="reproducible fleet, values and faults"
+        "--mix",
+        type=parse_mix,
+        default=dict(DEFAULT_MIX),
+        metavar="TYPE=SHARE,...",
+        help="meter types' shares (default electricity=0.5,water=0.3,gas=0.2)",
     )
     parser.add_argument(
-        "--format", dest="message_format", choices=("contract", "legacy"), default="contract"
+        "--fault-rates",
+        type=parse_fault_rates,
+        default=None,
+        metavar="default|none|KIND=RATE,...",
+        help=f"the whole fault table (default: {DEFAULT_FAULT_RATE:g} for each kind)",
     )
     parser.add_argument(
         "--fault-rate",
         type=parse_fault_rate,
         action="append",
-        default=None,
+        default=[],
         metavar="KIND=RATE",
-        help="rate of one fault kind, e.g. SENTINEL=0.01 (repeatable; default 0.002 each)",
+        help=f"set one kind's rate on top of the table (repeatable); KIND: "
+        f"{', '.join(STATELESS_FAULTS)}",
     )
     parser.add_argument(
         "--malformed-rate",
         type=float,
-        default=None,
-        help="share of malformed messages (default 0.001)",
+        default=DEFAULT_MALFORMED_RATE,
+        help=f"share of malformed messages (default {DEFAULT_MALFORMED_RATE:g})",
     )
-    parser.add_argument("--no-faults", action="store_true", help="inject nothing")
     parser.add_argument(
-        "--no-registry", action="store_true", help="do not write the fleet registry"
+        "--registry",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write the fleet registry to LAKE_PATH/registry (default yes)",
     )
 
 
-def _fault_rates(args: argparse.Namespace) -> FaultRates:
-    if args.no_faults:
-        return FaultRates.none()
-    default = FaultRates.default()
-    rates = dict(args.fault_rate) if args.fault_rate else dict(default.rates)
-    malformed = default.malformed if args.malformed_rate is None else args.malformed_rate
-    return FaultRates(rates, malformed)
-
-
-class ProgressLine:
-    """One updating line on a terminal; a plain line every few seconds otherwise."""
-
-    def __init__(self, every: float | None = None) -> None:
-        self.tty = sys.stderr.isatty()
-        self.every = every if every is not None else (0.5 if self.tty else 5.0)
-        self.last = 0.0
-
-    def show(self, text: str, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.last < self.every:
-            return
-        self.last = now
-        if self.tty:
-            print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
-        else:
-            print(text, file=sys.stderr, flush=True)
-
-    def done(self) -> None:
-        if self.tty:
-            print(file=sys.stderr)
-
-
-def _summary_text(summary: Summary, undelivered: int) -> str:
-    faults = ", ".join(f"{k} {v:,}" for k, v in sorted(summary.faults.items())) or "none"
-    malformed = ", ".join(f"{k} {v:,}" for k, v in sorted(summary.malformed.items())) or "none"
-    return (
-        f"sent {summary.sent:,} messages ({summary.rate:,.0f}/s): valid {summary.valid:,}\n"
-        f"  faults injected: {faults}\n"
-        f"  malformed: {malformed}\n"
-        f"  event time: {summary.first_event} .. {summary.last_event}"
-        + (f"\n  UNDELIVERED: {undelivered:,}" if undelivered else "")
-    )
-
-
-def run_simulate(args: argparse.Namespace, settings: Settings, sink: Sink) -> int:
-    """Simulate until done or interrupted (Ctrl-C/SIGTERM), flush, print the summary."""
-    config = SimulationConfig(
+def config_from_args(args: argparse.Namespace, rules: Rules) -> SimulationConfig:
+    """The run ``meterflow simulate`` arguments describe; ValueError names a bad one."""
+    table = FaultRates.default().rates if args.fault_rates is None else args.fault_rates
+    table = {**table, **dict(args.fault_rate)}
+    return SimulationConfig(
         meters=args.meters,
         interval_s=args.interval,
         mode=args.mode,
         days=args.days,
         end=args.end_date,
         seed=args.seed,
-        faults=_fault_rates(args),
+        faults=FaultRates(table, args.malformed_rate),
         message_format=args.message_format,
         rate=args.rate,
         limit=args.count,
         duration_s=args.duration,
-        rules=settings.rules,
+        mix=args.mix,
+        rules=rules,
     )
-    fleet = None
-    if config.message_format == "contract":
-        fleet = build_fleet(config.meters, config.seed)
-        if not args.no_registry:
-            print(f"fleet registry: {write_registry(fleet, settings.lake_path)}", file=sys.stderr)
-    line = ProgressLine()
-    stop = threading.Event()
 
-    def progress(summary: Summary) -> None:
-        line.show(
-            f"sent {summary.sent:,} ({summary.rate:,.0f}/s), "
-            f"faults {sum(summary.faults.values()):,}, "
-            f"malformed {sum(summary.malformed.values()):,}, at {summary.last_event}"
-        )
 
-    summary = Summary()
+class ProgressLine:
+    """Progress on stderr: one line rewritten in place on a terminal, plain lines otherwise."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.every_s = 0.25 if self.tty else 5.0
+        self.last = time.monotonic()
+        self.shown = False
+
+    def show(self, text: str) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            return
+        self.last, self.shown = now, True
+        if self.tty:
+            self.stream.write(f"\r\033[K{text}")
+        else:
+            self.stream.write(f"{text}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """End the rewritten line so what follows starts on its own."""
+        if self.tty and self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class SignalStop:
+    """The first SIGINT/SIGTERM asks the run to stop; a second one gives up at once."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.received: str | None = None
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        self.event.set()
+
+    @contextmanager
+    def installed(self) -> Iterator[SignalStop]:
+        """Handle the signals while the block runs (only the main thread can); then restore."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+
+def _kinds(counts: Mapping[FaultCode, int] | Mapping[DeadLetterReason, int]) -> str:
+    return ", ".join(f"{kind} {n:,}" for kind, n in sorted(counts.items()) if n) or "none"
+
+
+def summary_text(summary: Summary, undelivered: int) -> str:
+    """The final report: every count the pipeline's own totals can be checked against."""
+    return "\n".join(
+        [
+            f"sent {summary.sent:,} messages in {summary.elapsed_s:.1f} s "
+            f"({summary.rate:,.0f}/s), event time {summary.first_event} .. {summary.last_event}",
+            f"  valid      {summary.valid:,}",
+            f"  faults     {summary.abnormal:,} ({_kinds(summary.faults)})",
+            f"  malformed  {summary.deadletter:,} ({_kinds(summary.malformed)})",
+            f"  sent = valid + faults + malformed: {'yes' if summary.consistent() else 'NO'}",
+            f"  undelivered {undelivered:,}",
+        ]
+    )
+
+
+def _progress_text(summary: Summary) -> str:
+    return (
+        f"{summary.elapsed_s:7.1f} s  sent {summary.sent:,} ({summary.rate:,.0f}/s)  "
+        f"valid {summary.valid:,}  faults {summary.abnormal:,}  "
+        f"malformed {summary.deadletter:,}  at {summary.last_event}"
+    )
+
+
+def _fail(command: str, reason: str, code: int) -> int:
+    print(f"meterflow {command}: {' '.join(reason.split())}", file=sys.stderr)
+    return code
+
+
+def run_simulate(args: argparse.Namespace, settings: Settings, sink: Sink) -> int:
+    """Simulate into ``sink`` until done or signalled, flush, print the summary; exit code."""
     try:
-        simulate(config, sink.emit, stop.is_set, progress, fleet, summary)
-    except KeyboardInterrupt:
-        stop.set()
-        print("\ninterrupted: flushing what was sent", file=sys.stderr)
-    finally:
-        line.done()
-    undelivered = sink.flush(60)
-    print(_summary_text(summary, undelivered))
+        config = config_from_args(args, settings.rules)
+        fleet = None
+        if config.message_format == "contract":
+            fleet = build_fleet(config.meters, config.seed, config.mix)
+        simulation = Simulation(config, fleet)
+        if fleet is not None and args.registry:
+            where = write_registry(fleet, settings.registry_path)
+            print(f"fleet registry: {len(fleet):,} meters in {where}", file=sys.stderr)
+    except ValueError as exc:
+        return _fail("simulate", str(exc), EXIT_USAGE)
+    except OSError as exc:
+        return _fail("simulate", f"cannot write the fleet registry: {exc}", EXIT_FAILED)
+
+    summary, progress, failure = Summary(), ProgressLine(), None
+    with SignalStop().installed() as stop:
+        try:
+            simulation.run(
+                sink.emit, stop.event, lambda s: progress.show(_progress_text(s)), summary
+            )
+        except Exception as exc:  # the sink failed: report it after flushing what went out
+            log.debug("simulate=failed", exc_info=True)
+            failure = (f"sending failed: {exc}", EXIT_FAILED)
+        finally:
+            progress.close()
+        undelivered = sink.flush(FLUSH_TIMEOUT_S)
+    if stop.received:
+        print(f"stopped by {stop.received}", file=sys.stderr)
+    print(summary_text(summary, undelivered))
+    if failure is not None:
+        return _fail("simulate", *failure)
     if undelivered:
-        print(f"meterflow simulate: {undelivered} messages were not delivered", file=sys.stderr)
-        return 1
-    return 0
+        return _fail(
+            "simulate", f"{undelivered:,} messages were not delivered to Kafka", EXIT_FAILED
+        )
+    return EXIT_OK
 
 
 def start_background_simulation(
@@ -191,79 +314,113 @@ def start_background_simulation(
     sink: Sink,
     stop: threading.Event,
     meters: int,
-    interval: str,
+    interval: str | float,
     seed: int | None,
 ) -> threading.Thread:
-    """A live fleet feeding Kafka from a thread, for ``meterflow run``."""
-    fleet = build_fleet(meters, seed)
-    write_registry(fleet, settings.lake_path)
+    """A live fleet with the default faults, feeding ``sink`` from a thread (``meterflow run``).
+
+    The registry is written first; the thread ends when ``stop`` is set. The caller flushes.
+    """
     config = SimulationConfig(
         meters=meters,
-        interval_s=parse_interval(interval),
+        interval_s=parse_seconds(interval) if isinstance(interval, str) else interval,
         mode="live",
         seed=seed,
         rules=settings.rules,
     )
-    thread = threading.Thread(
-        target=simulate,
-        args=(config, sink.emit, stop.is_set, None, fleet),
-        name="simulator",
-        daemon=True,
-    )
+    fleet = build_fleet(meters, seed)
+    simulation = Simulation(config, fleet)
+    write_registry(fleet, settings.registry_path)
+
+    def run() -> None:
+        try:
+            summary = simulation.run(sink.emit, stop)
+        except Exception:
+            log.exception("simulator=failed")
+            return
+        log.info("simulator=stopped %s", " ".join(f"{k}={v}" for k, v in summary.as_dict().items()))
+
+    thread = threading.Thread(target=run, name="simulator", daemon=True)
     thread.start()
     return thread
 
 
 def add_replay_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "file", type=Path, help="UCI household_power_consumption.txt or an AMPds2 CSV"
-    )
-    parser.add_argument("--device-id", default=None, help="default: type prefix + file name")
-    parser.add_argument("--meter-type", type=MeterType, choices=list(MeterType), default=None)
-    parser.add_argument(
-        "--speedup", type=float, default=0.0, help="N times real time; 0 = as fast as possible"
+        "file", type=Path, help="UCI household_power_consumption.txt or an AMPds2 CSV export"
     )
     parser.add_argument(
-        "--rebase", action="store_true", help="shift timestamps so the first row is now"
+        "--device-id", default=None, help="default: the type's prefix and the file name"
     )
-    parser.add_argument("--count", type=int, default=None, help="stop after this many rows")
+    parser.add_argument(
+        "--meter-type",
+        type=MeterType,
+        choices=list(MeterType),
+        default=None,
+        help="default: from the header, or for counter files from the name (gas/water)",
+    )
+    parser.add_argument(
+        "--speedup",
+        type=float,
+        default=0.0,
+        help="play N times faster than recorded; 0 (default) = as fast as possible",
+    )
+    parser.add_argument(
+        "--rebase", action="store_true", help="move the first row to now, the rest alike"
+    )
+    parser.add_argument("--count", type=int, default=None, help="stop after this many messages")
+
+
+def replay_summary_text(path: Path, summary: ReplaySummary, undelivered: int) -> str:
+    lines = [
+        f"replayed {path.name}: {summary.rows:,} rows, sent {summary.sent:,} in "
+        f"{summary.elapsed_s:.1f} s, event time {summary.first_event} .. {summary.last_event}",
+        f"  missing values {summary.missing_values:,} (sent without the metric)",
+        f"  baseline rows  {summary.baseline_rows:,} (first counter value, not sent)",
+        f"  bad rows       {summary.bad_rows:,}",
+        *(f"    line {line_no}: {reason}" for line_no, reason in summary.bad_lines),
+        f"  undelivered    {undelivered:,}",
+    ]
+    return "\n".join(lines)
 
 
 def run_replay(args: argparse.Namespace, settings: Settings, sink: Sink) -> int:
-    if not args.file.is_file():
-        print(f"meterflow replay: {args.file} does not exist", file=sys.stderr)
-        return 2
-    line = ProgressLine()
-    stop = threading.Event()
-    summary = ReplaySummary()
-    try:
-        replay(
-            args.file,
-            sink.emit,
-            device_id=args.device_id,
-            meter_type=args.meter_type,
-            speedup=args.speedup,
-            rebase=args.rebase,
-            limit=args.count,
-            should_stop=stop.is_set,
-            progress=lambda s: line.show(
-                f"sent {s.sent:,} rows, {s.missing_values:,} missing values"
-            ),
-            summary=summary,
-        )
-    except ReplayError as exc:
-        print(f"meterflow replay: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        stop.set()
-        print("\ninterrupted: flushing what was sent", file=sys.stderr)
-    finally:
-        line.done()
-    undelivered = sink.flush(60)
-    print(
-        f"replayed {args.file.name}: {summary.rows:,} rows, sent {summary.sent:,}, "
-        f"missing values {summary.missing_values:,} (sent without the metric), "
-        f"bad rows {summary.bad_rows:,}"
-        + (f" (lines {', '.join(map(str, summary.bad_lines))})" if summary.bad_lines else "")
-    )
-    return 1 if undelivered else 0
+    """Replay ``args.file`` into ``sink``; same signals, progress and exit codes as simulate."""
+    if args.speedup < 0:
+        return _fail("replay", "--speedup must be 0 (as fast as possible) or above", EXIT_USAGE)
+    summary, progress, failure = ReplaySummary(), ProgressLine(), None
+    with SignalStop().installed() as stop:
+        try:
+            replay(
+                args.file,
+                sink.emit,
+                device_id=args.device_id,
+                meter_type=args.meter_type,
+                speedup=args.speedup,
+                rebase=args.rebase,
+                limit=args.count,
+                should_stop=stop.event,
+                progress=lambda s: progress.show(
+                    f"{s.elapsed_s:7.1f} s  rows {s.rows:,}  sent {s.sent:,}  "
+                    f"missing {s.missing_values:,}  bad {s.bad_rows:,}  at {s.last_event}"
+                ),
+                summary=summary,
+            )
+        except ReplayError as exc:
+            failure = (str(exc), EXIT_USAGE)
+        except Exception as exc:  # the sink failed: report it after flushing what went out
+            log.debug("replay=failed", exc_info=True)
+            failure = (f"sending failed: {exc}", EXIT_FAILED)
+        finally:
+            progress.close()
+        undelivered = sink.flush(FLUSH_TIMEOUT_S)
+    if stop.received:
+        print(f"stopped by {stop.received}", file=sys.stderr)
+    if failure is not None and failure[1] == EXIT_USAGE:
+        return _fail("replay", *failure)
+    print(replay_summary_text(args.file, summary, undelivered))
+    if failure is not None:
+        return _fail("replay", *failure)
+    if undelivered:
+        return _fail("replay", f"{undelivered:,} messages were not delivered to Kafka", EXIT_FAILED)
+    return EXIT_OK

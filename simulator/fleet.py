@@ -1,30 +1,67 @@
-"""A fleet of meters with believable metadata (Faker) and the registry file it is known by."""
+"""A fleet of meters in households of one city, with believable metadata, and its registry.
+
+Each household has an electricity, water and/or gas meter (the mix sets how many of each),
+an owner, an address in one of a few districts, a position and a consumption scale that
+all its meters share. Faker writes the names and numpy draws the numbers, both seeded, so
+a seed gives the same fleet bit for bit (for one Faker version). The registry is the
+fleet as Parquet, ``<lake>/registry/meters.parquet``, which the batch layer and the
+``meters`` collection join readings with.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+import posixpath
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from faker import Faker
 
 from meterflow.contract import METER_SPECS, TYPE_ORDER, MeterType
 
-DISTRICT_KINDS = ("Park", "Heights", "Green", "Vale", "Hill", "Fields", "Cross", "Gate")
-DISTRICT_COUNT = len(DISTRICT_KINDS)
-#: Share of households that also have a water / a gas meter (each has electricity).
-WATER_SHARE = 0.6
-GAS_SHARE = 0.4
+DEFAULT_MIX: dict[MeterType, float] = {
+    MeterType.ELECTRICITY: 0.5,
+    MeterType.WATER: 0.3,
+    MeterType.GAS: 0.2,
+}
+DISTRICT_COUNT = 8
+REGISTRY_FILE = "meters.parquet"
+#: Meters went in over ten years; a fixed window keeps the fleet independent of today.
+INSTALLED_FROM = date(2015, 1, 1)
+INSTALL_WINDOW_DAYS = 3653
+#: Spread of household consumption: lognormal, median 1, most between 0.5x and 2x.
+SCALE_SIGMA = 0.4
+SCALE_LIMITS = (0.25, 4.0)
+
+REGISTRY_SCHEMA = pa.schema(
+    [
+        ("device_id", pa.string()),
+        ("meter_type", pa.string()),
+        ("household_id", pa.string()),
+        ("owner", pa.string()),
+        ("address", pa.string()),
+        ("district", pa.string()),
+        ("city", pa.string()),
+        ("installed_on", pa.date32()),
+        ("latitude", pa.float64()),
+        ("longitude", pa.float64()),
+        ("scale", pa.float64()),
+    ]
+)
 
 
 @dataclass(frozen=True)
 class Meter:
+    """One meter as the registry knows it."""
+
     device_id: str
-    meter_type: str
+    meter_type: MeterType
     household_id: str
     owner: str
     address: str
@@ -33,85 +70,138 @@ class Meter:
     installed_on: date
     latitude: float
     longitude: float
-    scale: float  # the household's consumption relative to an average one
+    scale: float  # the household's consumption relative to a median one
 
 
 @dataclass
 class Fleet:
-    """Meters plus column arrays the load model uses for a whole time step at once."""
+    """Meters grouped by type (so a time step formats each type as one run) plus columns.
+
+    ``type_index`` (into :data:`~meterflow.contract.TYPE_ORDER`) and ``scale`` are numpy
+    columns so the load model computes a whole time step of the fleet at once.
+    """
 
     meters: list[Meter]
+    type_index: np.ndarray = field(init=False, repr=False)
+    scale: np.ndarray = field(init=False, repr=False)
+    slices: dict[MeterType, slice] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.device_ids = [m.device_id for m in self.meters]
+        self.meters = sorted(self.meters, key=lambda m: TYPE_ORDER.index(m.meter_type))
         self.type_index = np.array(
-            [TYPE_ORDER.index(MeterType(m.meter_type)) for m in self.meters], dtype=np.int8
+            [TYPE_ORDER.index(m.meter_type) for m in self.meters], dtype=np.int8
         )
-        self.scale = np.array([m.scale for m in self.meters])
+        self.scale = np.array([m.scale for m in self.meters], dtype=np.float64)
+        bounds = np.searchsorted(self.type_index, np.arange(len(TYPE_ORDER) + 1))
+        self.slices = {
+            t: slice(int(bounds[k]), int(bounds[k + 1])) for k, t in enumerate(TYPE_ORDER)
+        }
 
     def __len__(self) -> int:
         return len(self.meters)
 
+    @property
+    def device_ids(self) -> list[str]:
+        return [m.device_id for m in self.meters]
 
-def build_fleet(count: int, seed: int | None = None) -> Fleet:
-    """``count`` meters in households of one to three meters, reproducible with ``seed``."""
+
+def meter_counts(count: int, mix: Mapping[MeterType, float]) -> dict[MeterType, int]:
+    """Split ``count`` meters by the mix's shares (largest remainder, so they add up)."""
     if count < 1:
-        raise ValueError("a fleet needs at least one meter")
+        raise ValueError(f"a fleet needs at least one meter, not {count}")
+    if any(share < 0 for share in mix.values()) or sum(mix.values()) <= 0:
+        raise ValueError(f"meter mix {dict(mix)} needs non-negative shares and one above 0")
+    total = sum(mix.values())
+    exact = {t: count * mix.get(t, 0.0) / total for t in TYPE_ORDER}
+    counts = {t: int(v) for t, v in exact.items()}
+    by_remainder = sorted(TYPE_ORDER, key=lambda t: counts[t] - exact[t])
+    for meter_type in by_remainder[: count - sum(counts.values())]:
+        counts[meter_type] += 1
+    return counts
+
+
+def build_fleet(
+    count: int, seed: int | None = None, mix: Mapping[MeterType, float] = DEFAULT_MIX
+) -> Fleet:
+    """``count`` meters of the mix's types in one city; the same ``seed`` gives the same fleet.
+
+    There are as many households as meters of the most common type; each other type's
+    meters go to households drawn at random, so a household has one to three meters.
+    """
+    counts = meter_counts(count, mix)
     fake = Faker("en_GB")
     fake.seed_instance(seed)
     rng = np.random.default_rng(seed)
-    city = fake.city()
-    districts = [f"{fake.unique.last_name()} {kind}" for kind in DISTRICT_KINDS]
-    centre = (51.0 + rng.random(), -2.0 + rng.random())
-    numbers = dict.fromkeys(MeterType, 0)
+    latitude, longitude, city, *_ = fake.local_latlng(country_code="GB")
+    districts = [fake.unique.city() for _ in range(DISTRICT_COUNT)]
+    district_centres = np.column_stack(
+        (float(latitude) + rng.normal(0, 0.02, DISTRICT_COUNT),
+         float(longitude) + rng.normal(0, 0.03, DISTRICT_COUNT))
+    )  # fmt: skip
+
+    households = max(counts.values())
+    district_of = rng.integers(0, DISTRICT_COUNT, households)
+    positions = district_centres[district_of] + rng.normal(0, 0.004, (households, 2))
+    scales = np.clip(rng.lognormal(0.0, SCALE_SIGMA, households), *SCALE_LIMITS)
+    installed = rng.integers(0, INSTALL_WINDOW_DAYS, households)
+    # Faker writes some street addresses on two lines; the registry keeps one.
+    people = [
+        (fake.name(), ", ".join(fake.street_address().splitlines()), fake.postcode())
+        for _ in range(households)
+    ]
+
     meters: list[Meter] = []
-    household = 0
-    while len(meters) < count:
-        household += 1
-        types = [MeterType.ELECTRICITY]
-        if rng.random() < WATER_SHARE:
-            types.append(MeterType.WATER)
-        if rng.random() < GAS_SHARE:
-            types.append(MeterType.GAS)
-        owner, address = fake.name(), fake.street_address()
-        district = districts[int(rng.integers(DISTRICT_COUNT))]
-        installed = date(2015, 1, 1) + timedelta(days=int(rng.integers(0, 3650)))
-        lat, lon = centre[0] + rng.normal(0, 0.03), centre[1] + rng.normal(0, 0.05)
-        scale = float(np.clip(rng.lognormal(0.0, 0.35), 0.3, 3.0))
-        for meter_type in types[: count - len(meters)]:
-            numbers[meter_type] += 1
+    for meter_type in TYPE_ORDER:
+        members = np.sort(rng.choice(households, counts[meter_type], replace=False))
+        prefix = METER_SPECS[meter_type].id_prefix
+        for number, house in enumerate(members.tolist(), start=1):
+            owner, street, postcode = people[house]
             meters.append(
                 Meter(
-                    device_id=f"{METER_SPECS[meter_type].id_prefix}{numbers[meter_type]:06d}",
-                    meter_type=str(meter_type),
-                    household_id=f"hh{household:06d}",
+                    device_id=f"{prefix}{number:06d}",
+                    meter_type=meter_type,
+                    household_id=f"hh{house + 1:06d}",
                     owner=owner,
-                    address=address,
-                    district=district,
+                    address=f"{street}, {postcode}",
+                    district=districts[district_of[house]],
                     city=city,
-                    installed_on=installed,
-                    latitude=round(float(lat), 6),
-                    longitude=round(float(lon), 6),
-                    scale=round(scale, 3),
+                    installed_on=INSTALLED_FROM + timedelta(days=int(installed[house])),
+                    latitude=round(float(positions[house, 0]), 6),
+                    longitude=round(float(positions[house, 1]), 6),
+                    scale=round(float(scales[house]), 3),
                 )
             )
     return Fleet(meters)
 
 
-def registry_file(lake_path: str) -> Path:
-    return Path(lake_path) / "registry" / "meters.parquet"
+def _filesystem(registry_dir: str) -> tuple[pafs.FileSystem, str]:
+    """A local directory or any URI pyarrow reaches (``s3://``, ``hdfs://``, ``file://``)."""
+    if "://" in registry_dir:
+        return pafs.FileSystem.from_uri(registry_dir)
+    return pafs.LocalFileSystem(), Path(registry_dir).absolute().as_posix()
 
 
-def write_registry(fleet: Fleet, lake_path: str) -> Path:
-    """Write the registry atomically (temp file, then rename) so readers never see half."""
-    target = registry_file(lake_path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist([asdict(m) for m in fleet.meters])
-    temporary = target.with_suffix(f".tmp-{os.getpid()}")
-    pq.write_table(table, temporary)
-    temporary.replace(target)
+def write_registry(fleet: Fleet, registry_dir: str) -> str:
+    """Write ``<registry_dir>/meters.parquet`` (temp file, then rename: no half-written file).
+
+    ``registry_dir`` is :attr:`meterflow.config.Settings.registry_path`. Returns the path.
+    """
+    filesystem, root = _filesystem(registry_dir)
+    filesystem.create_dir(root, recursive=True)
+    target = posixpath.join(root, REGISTRY_FILE)
+    # Hidden (Spark and Hadoop readers skip dot files) and per process (writers may race).
+    temporary = posixpath.join(root, f".{REGISTRY_FILE}.{os.getpid()}.tmp")
+    rows = [{**asdict(m), "meter_type": str(m.meter_type)} for m in fleet.meters]
+    table = pa.Table.from_pylist(rows, schema=REGISTRY_SCHEMA)
+    pq.write_table(table, temporary, filesystem=filesystem)
+    filesystem.move(temporary, target)
     return target
 
 
-def read_registry(lake_path: str) -> pa.Table:
-    return pq.read_table(registry_file(lake_path))
+def read_registry(registry_dir: str) -> Fleet:
+    """The fleet :func:`write_registry` wrote (for a restarted simulator or a loader)."""
+    filesystem, root = _filesystem(registry_dir)
+    table = pq.read_table(posixpath.join(root, REGISTRY_FILE), filesystem=filesystem)
+    return Fleet(
+        [Meter(**{**row, "meter_type": MeterType(row["meter_type"])}) for row in table.to_pylist()]
+    )

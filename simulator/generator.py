@@ -1,87 +1,126 @@
-"""Turn a fleet and a clock into contract messages, with faults injected at known rates.
+"""The simulator's core: a fleet and a clock in, keyed contract messages out, and a true count.
 
-Every injected fault is built so that :func:`meterflow.contract.evaluate` classifies it as
-exactly the kind that was injected, and the :class:`Summary` counts each kind: a run's
-summary is the ground truth the end-to-end tests compare the pipeline against.
+:func:`simulate` runs one of two modes:
+
+* ``backfill``: ``days`` of past readings ending at ``end`` (default: the start of today,
+  UTC), every meter every ``interval_s``, in event-time order and as fast as the ``emit``
+  callable takes them. A reading stamped ``t`` reports the consumption in
+  ``[t, t + interval)``, so each day holds exactly ``86400 / interval`` readings a meter.
+  A ``rate`` cap (messages per second) slows it down to protect a shared broker.
+* ``live``: every ``interval_s`` each meter reports the interval that just ended, stamped
+  with the current time. When the fleet cannot report within one interval at the rate
+  cap, readings come less often: the cap wins.
+
+and one of two formats: ``contract`` (a Faker fleet, ``meter_type`` and three-decimal
+values) or ``legacy`` (the prototype's eight meters ``em1..em4``, ``wm1..wm4`` with
+integer values and no ``meter_type``, byte for byte as ``json.dumps`` wrote them).
+
+Faults are injected at the configured rates (:mod:`simulator.faults`) and every emitted
+message is counted in the :class:`Summary` under the outcome the contract will give it.
+The same seed and configuration (and ``end`` date) give byte-identical streams.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from datetime import UTC, date, datetime
+from typing import Any, Protocol
 
 import numpy as np
 
 from meterflow.contract import (
     METER_SPECS,
-    SENTINEL_VALUE,
+    PREFIX_TO_TYPE,
     STATELESS_FAULTS,
     TYPE_ORDER,
     DeadLetterReason,
     FaultCode,
     MeterType,
     Rules,
+    Status,
 )
-from simulator.fleet import Fleet, build_fleet
-from simulator.load import consumption
+from simulator.faults import (
+    MALFORMED,
+    FaultDraws,
+    FaultRates,
+    check_future_shift,
+    corrupt_value,
+    future_timestamp,
+    malformed_message,
+)
+from simulator.fleet import DEFAULT_MIX, Fleet, build_fleet
+from simulator.load import HEADROOM, LoadModel
 
-Emit = Callable[[bytes | None, bytes], None]
-Progress = Callable[["Summary"], None]
+Emit = Callable[[bytes, bytes], None]
+StopSignal = Callable[[], bool] | threading.Event
 
-#: Malformed messages rotate through every dead-letter reason, one of each in turn.
-MALFORMED_KINDS: tuple[DeadLetterReason, ...] = tuple(DeadLetterReason)
+MODES = ("backfill", "live")
+FORMATS = ("contract", "legacy")
+#: The prototype's meters and its integer ranges (inclusive) per metric.
 LEGACY_DEVICES = ("em1", "em2", "em3", "em4", "wm1", "wm2", "wm3", "wm4")
-
-
-@dataclass(frozen=True)
-class FaultRates:
-    """Probability per reading of each injected fault, and of a malformed message."""
-
-    rates: dict[FaultCode, float] = field(default_factory=dict)
-    malformed: float = 0.0
-
-    @classmethod
-    def default(cls) -> FaultRates:
-        return cls({code: 0.002 for code in STATELESS_FAULTS}, malformed=0.001)
-
-    @classmethod
-    def none(cls) -> FaultRates:
-        return cls({}, 0.0)
-
-    def __post_init__(self) -> None:
-        unknown = set(self.rates) - set(STATELESS_FAULTS)
-        if unknown:
-            raise ValueError(f"cannot inject {sorted(unknown)}: only {list(STATELESS_FAULTS)}")
-        if any(r < 0 for r in self.rates.values()) or self.malformed < 0:
-            raise ValueError("fault rates must not be negative")
-        if sum(self.rates.values()) + self.malformed > 0.5:
-            raise ValueError("fault and malformed rates add up to more than 50% of readings")
+LEGACY_HIGHEST = {"usage_kwh": 20, "usage": 30, "flow_rate": 10}
+#: Readings computed per numpy call in a backfill (time steps x meters): big enough to
+#: amortise the call, small enough to stay in cache-friendly memory.
+BLOCK_CELLS = 1 << 18
+#: A rate cap is enforced in slices of this many seconds' worth of messages.
+PACE_SLICE_S = 0.05
+#: How often a stop request given as a callable is looked at during a wait.
+POLL_S = 0.1
 
 
 @dataclass(frozen=True)
 class SimulationConfig:
+    """What to simulate; by default a one-day backfill of 100 meters with a few faults."""
+
     meters: int = 100
     interval_s: float = 900.0
-    mode: str = "backfill"  # backfill | live
+    mode: str = "backfill"
     days: float = 1.0  # backfill: how many days before ``end``
-    end: date | None = None  # backfill: last day is the one before ``end``; default today
+    end: date | None = None  # backfill: readings stop at 00:00 UTC of this day; default today
     seed: int | None = None
     faults: FaultRates = field(default_factory=FaultRates.default)
-    message_format: str = "contract"  # contract | legacy
-    rate: float | None = None  # live: messages per second at most
+    message_format: str = "contract"
+    rate: float | None = None  # at most this many messages per second
     limit: int | None = None  # stop after this many messages
-    duration_s: float | None = None  # live: stop after this long
+    duration_s: float | None = None  # stop after this many seconds
+    mix: Mapping[MeterType, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
     rules: Rules = field(default_factory=Rules)
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if self.mode not in MODES:
+            problems.append(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.message_format not in FORMATS:
+            problems.append(f"format {self.message_format!r} is not one of {', '.join(FORMATS)}")
+        if self.meters < 1:
+            problems.append("meters must be at least 1")
+        if self.interval_s < 1 or not float(self.interval_s).is_integer():
+            problems.append("the interval must be whole seconds (so are the timestamps)")
+        if self.days <= 0:
+            problems.append("days must be above 0")
+        if self.rate is not None and self.rate <= 0:
+            problems.append("the rate must be above 0")
+        if self.limit is not None and self.limit < 0:
+            problems.append("the count must not be negative")
+        if self.duration_s is not None and self.duration_s <= 0:
+            problems.append("the duration must be above 0")
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 @dataclass
 class Summary:
-    """What a run sent; ``sent == valid + sum(faults) + sum(malformed)`` always holds."""
+    """What a run emitted, by the outcome the contract gives each message.
+
+    ``sent == valid + sum(faults.values()) + sum(malformed.values())`` always holds
+    (:meth:`consistent`), also for a run cut short. ``first_event``/``last_event`` are the
+    stamps of the first and last time step (injected future timestamps aside).
+    """
 
     sent: int = 0
     valid: int = 0
@@ -89,14 +128,31 @@ class Summary:
     malformed: Counter[DeadLetterReason] = field(default_factory=Counter)
     first_event: str | None = None
     last_event: str | None = None
-    started: float = field(default_factory=time.monotonic)
+    elapsed_s: float = 0.0
+
+    @property
+    def abnormal(self) -> int:
+        return sum(self.faults.values())
+
+    @property
+    def deadletter(self) -> int:
+        return sum(self.malformed.values())
 
     @property
     def rate(self) -> float:
-        return self.sent / max(time.monotonic() - self.started, 1e-9)
+        """Messages per second over the run so far."""
+        return self.sent / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     def consistent(self) -> bool:
-        return self.sent == self.valid + sum(self.faults.values()) + sum(self.malformed.values())
+        return self.sent == self.valid + self.abnormal + self.deadletter
+
+    def expected_outcomes(self) -> dict[Status, int]:
+        """How many messages the pipeline must find valid, abnormal and dead-lettered."""
+        return {
+            Status.VALID: self.valid,
+            Status.ABNORMAL: self.abnormal,
+            Status.DEADLETTER: self.deadletter,
+        }
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -106,245 +162,377 @@ class Summary:
             "malformed": {str(k): v for k, v in sorted(self.malformed.items())},
             "first_event": self.first_event,
             "last_event": self.last_event,
+            "elapsed_s": round(self.elapsed_s, 3),
         }
 
 
-class _Formatter:
-    """Pre-built message fragments per meter, so a message is a few string joins."""
-
-    def __init__(self, fleet: Fleet) -> None:
-        self.keys = [d.encode() for d in fleet.device_ids]
-        self.heads = [f'{{"device_id": "{d}", "timestamp": "' for d in fleet.device_ids]
-        self.mids = [
-            f'", "meter_type": "{m.meter_type}", "{METER_SPECS[MeterType(m.meter_type)].metric}": '
-            for m in fleet.meters
-        ]
-        self.bare_mids = [f'", "meter_type": "{m.meter_type}"' for m in fleet.meters]
-        self.types = [TYPE_ORDER[t] for t in fleet.type_index.tolist()]
-        self.water = [t is MeterType.WATER for t in self.types]
-
-    def reading(self, i: int, stamp: str, value: float, flow: float) -> bytes:
-        if self.water[i]:
-            return f'{self.heads[i]}{stamp}{self.mids[i]}{value}, "flow_rate": {flow}}}'.encode()
-        return f"{self.heads[i]}{stamp}{self.mids[i]}{value}}}".encode()
-
-    def without_metric(self, i: int, stamp: str, flow: float) -> bytes:
-        tail = f', "flow_rate": {flow}' if self.water[i] else ""
-        return f"{self.heads[i]}{stamp}{self.bare_mids[i]}{tail}}}".encode()
+Progress = Callable[[Summary], None]
+Injected = FaultCode | DeadLetterReason
 
 
-def _malformed(kind: DeadLetterReason, device_id: str, stamp: str, rules: Rules) -> bytes:
-    """A message that the contract dead-letters for exactly ``kind``."""
-    base = {"device_id": device_id, "timestamp": stamp, "usage_kwh": 1.0}
-    samples = {
-        DeadLetterReason.EMPTY: b"",
-        DeadLetterReason.NOT_JSON: f"device_id={device_id};usage=?".encode(),
-        DeadLetterReason.NOT_OBJECT: json.dumps([device_id, stamp, 1.0]).encode(),
-        DeadLetterReason.MISSING_FIELD: json.dumps(
-            {"device_id": device_id, "usage_kwh": 1.0}
-        ).encode(),
-        DeadLetterReason.WRONG_TYPE: json.dumps({**base, "usage_kwh": "1.0"}).encode(),
-        DeadLetterReason.BAD_TIMESTAMP: json.dumps(
-            {**base, "timestamp": "27/05/2024 15:57"}
-        ).encode(),
-        DeadLetterReason.UNKNOWN_METER_TYPE: json.dumps({**base, "meter_type": "steam"}).encode(),
-    }
-    if kind is DeadLetterReason.OVERSIZE:
-        return json.dumps({**base, "firmware_dump": "x" * rules.max_message_bytes}).encode()
-    return samples[kind]
+class _Format(Protocol):
+    """How a fleet's readings are written: the contract's layout or the prototype's."""
+
+    device_ids: list[str]
+    keys: list[bytes]
+    metrics: list[str]
+    bounds: list[float]
+
+    def messages(self, stamp: str, usage: list[Any], flow: list[Any]) -> list[bytes]: ...
+
+    def reading(self, i: int, stamp: str, value: Any, flow: Any) -> bytes:
+        """Meter ``i``'s reading; ``value`` None leaves its metric out."""
+        ...
 
 
-class _Injector:
-    """Draws, per reading, nothing, a fault code or a malformed kind, at the configured rates."""
+class _ContractFormat:
+    """Messages from pre-built fragments: a reading is one f-string, no ``json.dumps``."""
 
-    def __init__(self, faults: FaultRates, rng: np.random.Generator) -> None:
-        self.codes = [code for code in STATELESS_FAULTS if faults.rates.get(code, 0) > 0]
-        self.edges = np.cumsum([faults.rates[c] for c in self.codes] + [faults.malformed])
-        self.rng = rng
-        self.next_malformed = 0
+    def __init__(self, fleet: Fleet, rules: Rules) -> None:
+        self.device_ids = fleet.device_ids
+        self.keys = [d.encode() for d in self.device_ids]
+        types = [m.meter_type for m in fleet.meters]
+        self.metrics = [METER_SPECS[t].metric for t in types]
+        self.bounds = [rules.bounds[metric] for metric in self.metrics]
+        self.heads = [f'{{"device_id": "{d}", "timestamp": "' for d in self.device_ids]
+        self.tails = [f'", "meter_type": "{t}"' for t in types]
+        self.mids = [f'{tail}, "{m}": ' for tail, m in zip(self.tails, self.metrics, strict=True)]
+        self.water = fleet.slices[MeterType.WATER]
+        self.runs = [(fleet.slices[t], t is MeterType.WATER) for t in TYPE_ORDER]
 
-    def draw(self, count: int) -> np.ndarray:
-        """0 = normal, k in 1..len(codes) = codes[k-1], len(codes)+1 = malformed."""
-        if not len(self.edges) or self.edges[-1] == 0:
-            return np.zeros(count, dtype=np.int8)
-        picks = np.searchsorted(self.edges, self.rng.random(count), side="right") + 1
-        return np.where(picks > len(self.edges), 0, picks).astype(np.int8)
-
-    def malformed_kind(self) -> DeadLetterReason:
-        kind = MALFORMED_KINDS[self.next_malformed % len(MALFORMED_KINDS)]
-        self.next_malformed += 1
-        return kind
-
-
-def _emit_step(
-    fleet: Fleet,
-    formatter: _Formatter,
-    injector: _Injector,
-    config: SimulationConfig,
-    at: datetime,
-    emit: Emit,
-    summary: Summary,
-    rng: np.random.Generator,
-) -> None:
-    """One reading per meter, stamped ``at``, with faults drawn for this step."""
-    values, flows = consumption(
-        fleet.type_index, fleet.scale, at, config.interval_s, rng, config.rules
-    )
-    stamp = at.strftime("%Y-%m-%dT%H:%M:%SZ")
-    picks = injector.draw(len(fleet))
-    count = len(fleet) if config.limit is None else min(len(fleet), config.limit - summary.sent)
-    reading, keys = formatter.reading, formatter.keys
-    value_list, flow_list = values.tolist(), flows.tolist()
-    if not picks[:count].any():  # the common case: a step without faults
-        for i in range(count):
-            emit(keys[i], reading(i, stamp, value_list[i], flow_list[i]))
-        summary.valid += count
-    else:
-        for i in range(count):
-            pick = int(picks[i])
-            if pick == 0:
-                emit(keys[i], reading(i, stamp, value_list[i], flow_list[i]))
-                summary.valid += 1
-            elif pick > len(injector.codes):
-                kind = injector.malformed_kind()
-                emit(keys[i], _malformed(kind, fleet.device_ids[i], stamp, config.rules))
-                summary.malformed[kind] += 1
+    def messages(self, stamp: str, usage: list[float], flow: list[float]) -> list[bytes]:
+        out: list[bytes] = []
+        for run, water in self.runs:
+            heads, mids, values = self.heads[run], self.mids[run], usage[run]
+            if water:
+                out += [
+                    f'{h}{stamp}{m}{v}, "flow_rate": {f}}}'.encode()
+                    for h, m, v, f in zip(heads, mids, values, flow[run], strict=True)
+                ]
             else:
-                code = injector.codes[pick - 1]
-                emit(
-                    keys[i], _faulty(formatter, i, code, stamp, value_list[i], flow_list[i], config)
-                )
-                summary.faults[code] += 1
-    summary.sent += count
-    summary.first_event = summary.first_event or stamp
-    summary.last_event = stamp
+                out += [
+                    f"{h}{stamp}{m}{v}}}".encode()
+                    for h, m, v in zip(heads, mids, values, strict=True)
+                ]
+        return out
+
+    def reading(self, i: int, stamp: str, value: float | None, flow: float) -> bytes:
+        body = self.tails[i] if value is None else f"{self.mids[i]}{value}"
+        rate = f', "flow_rate": {flow}' if self.water.start <= i < self.water.stop else ""
+        return f"{self.heads[i]}{stamp}{body}{rate}}}".encode()
 
 
-def _faulty(
-    formatter: _Formatter,
-    i: int,
-    code: FaultCode,
+class _LegacyFormat:
+    """The prototype's messages, written by ``json.dumps`` exactly as it wrote them."""
+
+    def __init__(self, rules: Rules) -> None:
+        self.device_ids = list(LEGACY_DEVICES)
+        self.keys = [d.encode() for d in self.device_ids]
+        types = [PREFIX_TO_TYPE[d[:2]] for d in self.device_ids]
+        self.metrics = [METER_SPECS[t].metric for t in types]
+        self.bounds = [rules.bounds[metric] for metric in self.metrics]
+        self.water = [t is MeterType.WATER for t in types]
+
+    def messages(self, stamp: str, usage: list[int], flow: list[int]) -> list[bytes]:
+        return [self.reading(i, stamp, usage[i], flow[i]) for i in range(len(self.device_ids))]
+
+    def reading(self, i: int, stamp: str, value: int | None, flow: int) -> bytes:
+        message: dict[str, Any] = {"device_id": self.device_ids[i], "timestamp": stamp}
+        if value is not None:
+            message[self.metrics[i]] = value
+        if self.water[i]:
+            message["flow_rate"] = flow
+        return json.dumps(message).encode()
+
+
+class _LegacyValues:
+    """Uniform integers in the prototype's ranges (0 included), kept below the bounds."""
+
+    def __init__(self, metrics: list[str], rules: Rules) -> None:
+        self.highest = np.array(
+            [min(LEGACY_HIGHEST[m], int(rules.bounds[m] * HEADROOM)) for m in metrics]
+        )
+        self.flow_highest = min(
+            LEGACY_HIGHEST["flow_rate"], int(rules.bounds["flow_rate"] * HEADROOM)
+        )
+
+    def sample(
+        self, starts_s: np.ndarray, _interval_s: float, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        shape = (len(starts_s), len(self.highest))
+        usage = rng.integers(0, self.highest + 1, shape)
+        flow = rng.integers(0, self.flow_highest + 1, shape)
+        return usage, flow
+
+
+@dataclass
+class _Step:
+    """One time step's messages and which of them were corrupted, by position."""
+
+    stamp: str
+    keys: list[bytes]
+    messages: list[bytes]
+    injected: list[tuple[int, Injected]]
+
+
+def _build_step(
+    fmt: _Format,
     stamp: str,
-    value: float,
-    flow: float,
-    config: SimulationConfig,
-) -> bytes:
-    """A reading that the contract classifies as exactly ``code``."""
+    usage: list[Any],
+    flow: list[Any],
+    codes: np.ndarray,
+    draws: FaultDraws,
+    rules: Rules,
+) -> _Step:
+    messages = fmt.messages(stamp, usage, flow)
+    injected: list[tuple[int, Injected]] = []
+    for i in np.flatnonzero(codes).tolist():
+        code = int(codes[i])
+        kind: Injected
+        if code == MALFORMED:
+            kind = draws.next_malformed_kind()
+            messages[i] = malformed_message(kind, fmt.device_ids[i], stamp, fmt.metrics[i], rules)
+        else:
+            kind = STATELESS_FAULTS[code - 1]
+            messages[i] = _faulty(fmt, i, kind, stamp, usage[i], flow[i])
+        injected.append((i, kind))
+    return _Step(stamp, fmt.keys, messages, injected)
+
+
+def _faulty(fmt: _Format, i: int, code: FaultCode, stamp: str, value: Any, flow: Any) -> bytes:
+    """Meter ``i``'s reading with fault ``code``, which the contract classifies as ``code``."""
     if code is FaultCode.MISSING_METRIC:
-        return formatter.without_metric(i, stamp, flow)
-    if code is FaultCode.SENTINEL:
-        return formatter.reading(i, stamp, SENTINEL_VALUE, flow)
-    if code is FaultCode.NEGATIVE:
-        return formatter.reading(i, stamp, -round(value + 1.5, 3), flow)
-    if code is FaultCode.OUT_OF_RANGE:
-        bound = config.rules.bounds[METER_SPECS[formatter.types[i]].metric]
-        return formatter.reading(i, stamp, round(bound * 2 + value, 3), flow)
-    # FUTURE_TIMESTAMP: two days ahead of the wall clock, far past any tolerance.
-    ahead = datetime.now(UTC) + timedelta(days=2, seconds=config.rules.future_tolerance_s)
-    return formatter.reading(i, ahead.strftime("%Y-%m-%dT%H:%M:%SZ"), value, flow)
+        return fmt.reading(i, stamp, None, flow)
+    if code is FaultCode.FUTURE_TIMESTAMP:
+        return fmt.reading(i, future_timestamp(stamp), value, flow)
+    return fmt.reading(i, stamp, corrupt_value(code, value, fmt.bounds[i]), flow)
 
 
-def backfill_times(config: SimulationConfig) -> list[datetime]:
-    """Every interval start of the ``days`` before ``end`` (default: before today, UTC).
+def _emit(step: _Step, first: int, stop: int, emit: Emit, summary: Summary) -> None:
+    """Emit messages ``first:stop`` of a step and count exactly those that went out."""
+    emitted = 0
+    try:
+        for key, message in zip(step.keys[first:stop], step.messages[first:stop], strict=True):
+            emit(key, message)
+            emitted += 1
+    finally:
+        _count(summary, step, first, first + emitted)
 
-    Stamps run from ``D 00:00`` to the last interval before midnight, so each day's lake
-    partition holds exactly ``86400 / interval`` readings per meter.
+
+def _count(summary: Summary, step: _Step, first: int, stop: int) -> None:
+    injected = 0
+    for i, kind in step.injected:
+        if first <= i < stop:
+            injected += 1
+            if isinstance(kind, FaultCode):
+                summary.faults[kind] += 1
+            else:
+                summary.malformed[kind] += 1
+    summary.sent += stop - first
+    summary.valid += stop - first - injected
+    if stop > first:
+        summary.first_event = summary.first_event or step.stamp
+        summary.last_event = step.stamp
+
+
+def format_stamp(epoch_s: float) -> str:
+    """Epoch seconds to the contract's timestamp, whole seconds, ``Z`` for UTC."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))
+
+
+def backfill_starts(config: SimulationConfig) -> np.ndarray:
+    """Epoch seconds of every interval in the ``days`` before ``end`` 00:00 UTC, oldest first."""
+    today = datetime.now(UTC).date()
+    end = config.end or today
+    if end > today:
+        raise ValueError(f"backfill ends {end}, after today ({today}): use --mode live")
+    end_s = datetime(end.year, end.month, end.day, tzinfo=UTC).timestamp()
+    steps = int(config.days * 86_400 // config.interval_s)
+    if steps < 1:
+        raise ValueError(f"{config.days:g} days hold no interval of {config.interval_s:g} s")
+    return end_s - config.interval_s * np.arange(steps, 0, -1, dtype=np.float64)
+
+
+class Stopper:
+    """A stop request, from a callable or an Event, and sleeps that end as soon as it comes."""
+
+    def __init__(self, should_stop: StopSignal | None) -> None:
+        self.event = should_stop if isinstance(should_stop, threading.Event) else None
+        self.requested: Callable[[], bool] = (
+            self.event.is_set if self.event is not None else should_stop or (lambda: False)
+        )
+
+    def wait_until(self, moment: float) -> None:
+        """Sleep until ``moment`` (``time.monotonic``) unless a stop is requested first."""
+        while not self.requested() and (left := moment - time.monotonic()) > 0:
+            if self.event is not None:
+                self.event.wait(left)
+            else:
+                time.sleep(min(left, POLL_S))
+
+
+class _Run:
+    """State shared by the modes: stop signal, limits, clocks and the running summary."""
+
+    def __init__(
+        self,
+        config: SimulationConfig,
+        emit: Emit,
+        should_stop: StopSignal | None,
+        progress: Progress | None,
+        summary: Summary,
+    ) -> None:
+        self.config, self.emit, self.progress, self.summary = config, emit, progress, summary
+        self.stopper = Stopper(should_stop)
+        self.started = time.monotonic()
+        self.deadline = None if config.duration_s is None else self.started + config.duration_s
+
+    def finished(self) -> bool:
+        limit = self.config.limit
+        return (
+            self.stopper.requested()
+            or (limit is not None and self.summary.sent >= limit)
+            or (self.deadline is not None and time.monotonic() >= self.deadline)
+        )
+
+    def room(self, wanted: int) -> int:
+        """How many of ``wanted`` messages the count limit still allows."""
+        limit = self.config.limit
+        return wanted if limit is None else max(0, min(wanted, limit - self.summary.sent))
+
+    def wait_until(self, moment: float) -> None:
+        """Sleep until ``moment``, the deadline or a stop request, whichever comes first."""
+        self.stopper.wait_until(moment if self.deadline is None else min(moment, self.deadline))
+
+    def tick(self) -> None:
+        self.summary.elapsed_s = time.monotonic() - self.started
+        if self.progress is not None:
+            self.progress(self.summary)
+
+
+class _StepMaker:
+    """Readings for a block of time steps: values and fault draws in one numpy call each."""
+
+    def __init__(
+        self, simulation: Simulation, values_rng: np.random.Generator, draws: FaultDraws
+    ) -> None:
+        self.simulation, self.values_rng, self.draws = simulation, values_rng, draws
+
+    def __call__(self, starts: np.ndarray, stamps: list[str]) -> list[_Step]:
+        config, fmt = self.simulation.config, self.simulation.fmt
+        usage, flow = self.simulation.model.sample(starts, config.interval_s, self.values_rng)
+        codes = self.draws.draw(usage.shape)
+        rows = zip(stamps, usage.tolist(), flow.tolist(), codes, strict=True)
+        return [_build_step(fmt, *row, self.draws, config.rules) for row in rows]
+
+
+class Simulation:
+    """A checked, prepared run: the fleet's formats built, the backfill's steps laid out.
+
+    Preparing raises ValueError for a configuration that cannot run (e.g. a backfill
+    ending in the future), before anything is sent. :meth:`run` can be called again and,
+    with a seed, sends the same stream again.
     """
-    end_day = config.end or datetime.now(UTC).date()
-    end = datetime(end_day.year, end_day.month, end_day.day, tzinfo=UTC)
-    steps = max(1, int(config.days * 86_400 // config.interval_s))
-    start = end - timedelta(seconds=config.interval_s * steps)
-    return [start + timedelta(seconds=config.interval_s * k) for k in range(steps)]
+
+    def __init__(self, config: SimulationConfig, fleet: Fleet | None = None) -> None:
+        self.config = config
+        self.fmt: _Format
+        self.model: LoadModel | _LegacyValues
+        if config.message_format == "legacy":
+            self.fmt = _LegacyFormat(config.rules)
+            self.model = _LegacyValues(self.fmt.metrics, config.rules)
+        else:
+            fleet = (
+                fleet if fleet is not None else build_fleet(config.meters, config.seed, config.mix)
+            )
+            self.fmt = _ContractFormat(fleet, config.rules)
+            self.model = LoadModel(fleet.type_index, fleet.scale, config.rules)
+        self.starts = backfill_starts(config) if config.mode == "backfill" else None
+        if self.starts is not None and config.faults.rates.get(FaultCode.FUTURE_TIMESTAMP, 0):
+            check_future_shift(format_stamp(self.starts[0]))
+
+    def run(
+        self,
+        emit: Emit,
+        should_stop: StopSignal | None = None,
+        progress: Progress | None = None,
+        summary: Summary | None = None,
+    ) -> Summary:
+        """See :func:`simulate`."""
+        summary = summary if summary is not None else Summary()
+        values_seed, faults_seed = np.random.SeedSequence(self.config.seed).spawn(2)
+        make_steps = _StepMaker(
+            self,
+            np.random.default_rng(values_seed),
+            FaultDraws(self.config.faults, np.random.default_rng(faults_seed)),
+        )
+        run = _Run(self.config, emit, should_stop, progress, summary)
+        try:
+            if self.starts is None:
+                _live(run, make_steps, len(self.fmt.keys))
+            else:
+                _backfill(run, make_steps, self.starts, len(self.fmt.keys))
+        finally:
+            summary.elapsed_s = time.monotonic() - run.started
+        return summary
 
 
 def simulate(
     config: SimulationConfig,
     emit: Emit,
-    should_stop: Callable[[], bool] = lambda: False,
+    should_stop: StopSignal | None = None,
     progress: Progress | None = None,
+    *,
     fleet: Fleet | None = None,
     summary: Summary | None = None,
 ) -> Summary:
-    """Run the configured mode; return what was sent. Stops early when ``should_stop()``.
+    """Run ``config`` into ``emit(key, value)`` until done, the limits or ``should_stop``.
 
-    Pass ``summary`` to keep the counts of a run that an exception (Ctrl-C) cuts short.
+    ``should_stop`` is a callable or a :class:`threading.Event` (an event also wakes the
+    live mode's waits at once). ``progress(summary)`` is called after every time step.
+    ``fleet`` replaces the one ``config.meters`` and ``config.seed`` would build (e.g. one
+    read from the registry). Pass ``summary`` to keep the counts if ``emit`` raises.
     """
-    summary = summary if summary is not None else Summary()
-    if config.message_format == "legacy":
-        return _legacy(config, emit, should_stop, progress, summary)
-    fleet = fleet or build_fleet(config.meters, config.seed)
-    rng = np.random.default_rng(config.seed)
-    formatter, injector = _Formatter(fleet), _Injector(config.faults, rng)
-    if config.mode == "backfill":
-        for at in backfill_times(config):
-            if should_stop() or _done(config, summary):
-                break
-            _emit_step(fleet, formatter, injector, config, at, emit, summary, rng)
-            if progress:
-                progress(summary)
-        return summary
-    if config.mode != "live":
-        raise ValueError(f"unknown mode {config.mode!r}: backfill or live")
-    per_step = len(fleet)
-    pause = max(config.interval_s, per_step / config.rate if config.rate else 0.0)
-    while not should_stop() and not _done(config, summary):
-        tick = time.monotonic()
-        _emit_step(fleet, formatter, injector, config, datetime.now(UTC), emit, summary, rng)
-        if progress:
-            progress(summary)
-        while time.monotonic() - tick < pause and not should_stop() and not _done(config, summary):
-            time.sleep(min(0.2, pause))
-    return summary
+    return Simulation(config, fleet).run(emit, should_stop, progress, summary)
 
 
-def _done(config: SimulationConfig, summary: Summary) -> bool:
-    if config.limit is not None and summary.sent >= config.limit:
-        return True
-    return config.duration_s is not None and time.monotonic() - summary.started >= config.duration_s
+def _backfill(run: _Run, make_steps: _StepMaker, starts: np.ndarray, meters: int) -> None:
+    """Every step in event-time order, as fast as ``emit`` goes (or the rate cap allows)."""
+    block = max(1, BLOCK_CELLS // meters)
+    for first in range(0, len(starts), block):
+        chunk = starts[first : first + block]
+        for step in make_steps(chunk, [format_stamp(s) for s in chunk.tolist()]):
+            if run.finished():
+                return
+            _send(run, step, meters)
+            run.tick()
 
 
-def _legacy(
-    config: SimulationConfig,
-    emit: Emit,
-    should_stop: Callable[[], bool],
-    progress: Progress | None,
-    summary: Summary,
-) -> Summary:
-    """The prototype's exact messages: em1..em4 and wm1..wm4, integers, -1 as the fault."""
-    rng = np.random.default_rng(config.seed)
-    sentinel_rate = config.faults.rates.get(FaultCode.SENTINEL, 0.0)
-    times = backfill_times(config) if config.mode == "backfill" else None
-    step = 0
-    while not should_stop() and not _done(config, summary):
-        if times is not None and step >= len(times):
-            break
-        tick = time.monotonic()
-        at = times[step] if times is not None else datetime.now(UTC)
-        for offset, device in enumerate(LEGACY_DEVICES):
-            if _done(config, summary):
-                break
-            stamp = (at + timedelta(seconds=offset % 4)).strftime("%Y-%m-%dT%H:%M:%SZ")
-            faulty = rng.random() < sentinel_rate
-            if device.startswith("em"):
-                fields = {"usage_kwh": -1 if faulty else int(rng.integers(0, 21))}
-            else:
-                usage = -1 if faulty else int(rng.integers(0, 31))
-                fields = {"usage": usage, "flow_rate": int(rng.integers(0, 11))}
-            emit(
-                device.encode(),
-                json.dumps({"device_id": device, "timestamp": stamp, **fields}).encode(),
-            )
-            summary.sent += 1
-            if faulty:
-                summary.faults[FaultCode.SENTINEL] += 1
-            else:
-                summary.valid += 1
-            summary.first_event = summary.first_event or stamp
-            summary.last_event = stamp
-        step += 1
-        if progress:
-            progress(summary)
-        if times is None:
-            while time.monotonic() - tick < config.interval_s and not should_stop():
-                time.sleep(min(0.2, config.interval_s))
-    return summary
+def _live(run: _Run, make_steps: _StepMaker, meters: int) -> None:
+    """One step per interval, stamped now, reporting the interval that just ended."""
+    interval = run.config.interval_s
+    next_tick = time.monotonic()
+    while not run.finished():
+        now_s = int(time.time())
+        (step,) = make_steps(np.array([now_s - interval]), [format_stamp(now_s)])
+        _send(run, step, meters)
+        run.tick()
+        if run.finished():
+            return
+        next_tick = max(next_tick + interval, time.monotonic())
+        run.wait_until(next_tick)
+
+
+def _send(run: _Run, step: _Step, meters: int) -> None:
+    """Emit a step, in slices spaced to the rate cap when there is one."""
+    wanted, rate = run.room(meters), run.config.rate
+    if rate is None:
+        _emit(step, 0, wanted, run.emit, run.summary)
+        return
+    per_slice = max(1, int(rate * PACE_SLICE_S))
+    started = time.monotonic()
+    for first in range(0, wanted, per_slice):
+        _emit(step, first, min(wanted, first + per_slice), run.emit, run.summary)
+        run.wait_until(started + (first + per_slice) / rate)
+        if run.finished():
+            return

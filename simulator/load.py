@@ -1,230 +1,153 @@
-"""Load shapes: what an average household draws at a given hour, day and season.
+"""Load shapes: what a household consumes in an interval, by type, hour, weekday and season.
 
-Profiles are hourly multipliers of a type's mean rate (per hour); the model interpolates
-between hours, applies the weekday/weekend shape, the season (gas heating), the
-household's scale and multiplicative noise. Everything is vectorised over the fleet.
+Each type has an hourly shape for weekdays and one for weekends (multipliers of its mean
+rate, interpolated between hour centres and normalised so a week averages 1). Their
+integral over the week is tabulated per minute, so the consumption in *any* interval is a
+difference of two table look-ups: it scales with the interval's length and stays right
+for intervals that straddle hours or days. Gas follows a heating season, electricity and
+water move a little with the year. A meter's reading is that expectation times its
+household's scale and a lognormal noise with mean 1.
+
+Times are UTC and the simulated city lives on UTC. Everything is vectorised: one call
+computes a block of time steps for the whole fleet.
 """
 
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime
 
 import numpy as np
 
 from meterflow.contract import METER_SPECS, TYPE_ORDER, MeterType, Rules
 
-#: Mean consumption per hour of an average household, in each type's unit.
-MEAN_PER_HOUR = {MeterType.ELECTRICITY: 0.45, MeterType.WATER: 15.0, MeterType.GAS: 0.12}
-
-_WEEKDAY = {
-    # 00 .. 23 h
-    MeterType.ELECTRICITY: [
-        0.45,
-        0.4,
-        0.38,
-        0.37,
-        0.38,
-        0.45,
-        0.8,
-        1.3,
-        1.35,
-        1.0,
-        0.85,
-        0.85,
-        0.9,
-        0.85,
-        0.8,
-        0.85,
-        1.0,
-        1.4,
-        1.9,
-        2.0,
-        1.85,
-        1.6,
-        1.1,
-        0.7,
-    ],
-    MeterType.WATER: [
-        0.05,
-        0.03,
-        0.02,
-        0.02,
-        0.03,
-        0.15,
-        1.6,
-        3.0,
-        2.4,
-        1.2,
-        0.8,
-        0.8,
-        1.0,
-        0.8,
-        0.7,
-        0.8,
-        1.0,
-        1.3,
-        1.8,
-        2.0,
-        1.6,
-        1.2,
-        0.6,
-        0.2,
-    ],
-    MeterType.GAS: [
-        0.3,
-        0.25,
-        0.25,
-        0.25,
-        0.35,
-        0.9,
-        2.0,
-        2.2,
-        1.6,
-        0.9,
-        0.7,
-        0.7,
-        0.8,
-        0.7,
-        0.7,
-        0.8,
-        1.1,
-        1.7,
-        1.9,
-        1.8,
-        1.6,
-        1.3,
-        0.8,
-        0.45,
-    ],
+#: Mean consumption per hour of a median household, in each type's unit (kWh, L, m3).
+MEAN_PER_HOUR: dict[MeterType, float] = {
+    MeterType.ELECTRICITY: 0.45,  # ~3,900 kWh a year
+    MeterType.WATER: 15.0,  # ~360 L a day
+    MeterType.GAS: 0.12,  # ~1,050 m3 a year
 }
-_WEEKEND = {
-    MeterType.ELECTRICITY: [
-        0.5,
-        0.45,
-        0.4,
-        0.38,
-        0.38,
-        0.4,
-        0.5,
-        0.7,
-        1.1,
-        1.4,
-        1.4,
-        1.3,
-        1.35,
-        1.2,
-        1.1,
-        1.1,
-        1.2,
-        1.5,
-        1.85,
-        1.9,
-        1.8,
-        1.6,
-        1.2,
-        0.8,
-    ],
-    MeterType.WATER: [
-        0.08,
-        0.04,
-        0.03,
-        0.02,
-        0.02,
-        0.04,
-        0.3,
-        0.9,
-        2.2,
-        2.6,
-        1.8,
-        1.3,
-        1.2,
-        1.0,
-        0.9,
-        1.0,
-        1.1,
-        1.3,
-        1.7,
-        1.8,
-        1.5,
-        1.2,
-        0.7,
-        0.3,
-    ],
-    MeterType.GAS: [
-        0.35,
-        0.3,
-        0.25,
-        0.25,
-        0.3,
-        0.4,
-        0.9,
-        1.5,
-        1.9,
-        1.7,
-        1.3,
-        1.0,
-        1.0,
-        0.9,
-        0.9,
-        1.0,
-        1.2,
-        1.7,
-        1.9,
-        1.8,
-        1.6,
-        1.3,
-        0.9,
-        0.5,
-    ],
+#: Seasonal swing: ``1 + amplitude * cos(days since mid-January)``; gas heats in winter.
+SEASON_AMPLITUDE: dict[MeterType, float] = {
+    MeterType.ELECTRICITY: 0.12,
+    MeterType.WATER: -0.1,  # gardens and showers: a little more in summer
+    MeterType.GAS: 0.7,  # x1.7 in mid-January, x0.3 (hot water only) in mid-July
 }
-_PROFILES = np.array(
-    [[_WEEKDAY[t] for t in TYPE_ORDER], [_WEEKEND[t] for t in TYPE_ORDER]]
-)  # [weekend?, type, hour]
-_MEAN = np.array([MEAN_PER_HOUR[t] for t in TYPE_ORDER])
-#: Values stay below this share of the contract's bound, so normal readings are never faults.
-_HEADROOM = 0.5
 NOISE_SIGMA = 0.25
+#: Readings have three decimals; the smallest reading is one unit of the last decimal.
+DECIMALS = 3
+SMALLEST = 10**-DECIMALS
+#: Normal readings stay below this share of the contract's bound, never near a fault.
+HEADROOM = 0.5
+
+# Hourly shapes, 00h to 23h (multipliers of the type's mean rate before normalisation).
+# fmt: off
+WEEKDAY_SHAPE: dict[MeterType, tuple[float, ...]] = {
+    MeterType.ELECTRICITY: (0.45, 0.40, 0.38, 0.37, 0.38, 0.45, 0.80, 1.30, 1.35, 1.00, 0.85, 0.85,
+                            0.90, 0.85, 0.80, 0.85, 1.00, 1.40, 1.90, 2.00, 1.85, 1.60, 1.10, 0.70),
+    MeterType.WATER: (0.04, 0.02, 0.02, 0.02, 0.03, 0.15, 1.60, 3.00, 2.40, 1.20, 0.80, 0.80,
+                      1.00, 0.80, 0.70, 0.80, 1.00, 1.30, 1.80, 2.00, 1.60, 1.20, 0.60, 0.20),
+    MeterType.GAS: (0.30, 0.25, 0.25, 0.25, 0.35, 0.90, 2.00, 2.20, 1.60, 0.90, 0.70, 0.70,
+                    0.80, 0.70, 0.70, 0.80, 1.10, 1.70, 1.90, 1.80, 1.60, 1.30, 0.80, 0.45),
+}
+WEEKEND_SHAPE: dict[MeterType, tuple[float, ...]] = {
+    MeterType.ELECTRICITY: (0.50, 0.45, 0.40, 0.38, 0.38, 0.40, 0.50, 0.70, 1.10, 1.40, 1.40, 1.30,
+                            1.35, 1.20, 1.10, 1.10, 1.20, 1.50, 1.85, 1.90, 1.80, 1.60, 1.20, 0.80),
+    MeterType.WATER: (0.06, 0.03, 0.02, 0.02, 0.02, 0.04, 0.30, 0.90, 2.20, 2.60, 1.80, 1.30,
+                      1.20, 1.00, 0.90, 1.00, 1.10, 1.30, 1.70, 1.80, 1.50, 1.20, 0.70, 0.30),
+    MeterType.GAS: (0.35, 0.30, 0.25, 0.25, 0.30, 0.40, 0.90, 1.50, 1.90, 1.70, 1.30, 1.00,
+                    1.00, 0.90, 0.90, 1.00, 1.20, 1.70, 1.90, 1.80, 1.60, 1.30, 0.90, 0.50),
+}
+# fmt: on
+
+MINUTES_PER_WEEK = 7 * 24 * 60
+#: 1970-01-01 was a Thursday: the epoch is this many minutes after a Monday 00:00.
+EPOCH_AFTER_MONDAY_MIN = 3 * 24 * 60
+DAYS_PER_YEAR = 365.2425
+MID_JANUARY_DAY = 14  # day of year (from 0) of the heating peak
 
 
-def profile_factor(type_index: np.ndarray, at: datetime) -> np.ndarray:
-    """Hourly profile multiplier for each meter's type at ``at`` (UTC), interpolated."""
-    hour = at.hour + at.minute / 60 + at.second / 3600
-    low, frac = int(hour) % 24, hour - int(hour)
-    shape = _PROFILES[1 if at.weekday() >= 5 else 0]
-    return shape[type_index, low] * (1 - frac) + shape[type_index, (low + 1) % 24] * frac
+def _weekly_integral(meter_type: MeterType) -> np.ndarray:
+    """Cumulative mean-normalised load per minute of the week (Monday 00:00 = 0), in hours.
 
-
-def season_factor(type_index: np.ndarray, at: datetime) -> np.ndarray:
-    """Gas heats in winter (x1.8 in mid-January, x0.4 in mid-July); the rest barely moves."""
-    angle = 2 * math.pi * (at.timetuple().tm_yday - 15) / 365.25
-    gas = 1.1 + 0.7 * math.cos(angle)
-    other = 1.0 + 0.08 * math.cos(angle)
-    return np.where(type_index == TYPE_ORDER.index(MeterType.GAS), gas, other)
-
-
-def consumption(
-    type_index: np.ndarray,
-    scale: np.ndarray,
-    at: datetime,
-    interval_s: float,
-    rng: np.random.Generator,
-    rules: Rules | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Consumption in the interval ending at ``at`` and water flow rate (L/min), per meter."""
-    rules = rules or Rules()
-    middle = datetime.fromtimestamp(at.timestamp() - interval_s / 2, UTC)
-    mean = (
-        _MEAN[type_index] * profile_factor(type_index, middle) * season_factor(type_index, middle)
+    Entry ``k`` is the consumption from Monday 00:00 to minute ``k`` in units of "hours at
+    the mean rate", so a whole week integrates to 168.
+    """
+    week = np.array(WEEKDAY_SHAPE[meter_type] * 5 + WEEKEND_SHAPE[meter_type] * 2)
+    hour_centres = np.arange(len(week)) * 60.0 + 30.0
+    per_minute = np.interp(
+        np.arange(MINUTES_PER_WEEK) + 0.5, hour_centres, week, period=MINUTES_PER_WEEK
     )
-    noise = rng.lognormal(-(NOISE_SIGMA**2) / 2, NOISE_SIGMA, len(type_index))
-    values = mean * scale * noise * (interval_s / 3600)
-    bounds = np.array([rules.bounds[METER_SPECS[t].metric] for t in TYPE_ORDER])[type_index]
-    values = np.round(np.clip(values, 0.001, bounds * _HEADROOM), 3)
-    # Water runs in bursts: the flow while running exceeds the interval's average.
-    minutes = max(interval_s / 60, 1 / 60)
-    burst = rng.uniform(1.5, 4.0, len(type_index))
-    flow = np.round(
-        np.clip(values / minutes * burst, 0.001, rules.bounds["flow_rate"] * _HEADROOM), 3
+    per_minute /= per_minute.mean()
+    return np.concatenate(([0.0], np.cumsum(per_minute) / 60.0))
+
+
+_INTEGRALS = np.stack([_weekly_integral(t) for t in TYPE_ORDER])  # [type, minute]
+_MINUTE_KNOTS = np.arange(MINUTES_PER_WEEK + 1, dtype=np.float64)
+_HOURS_PER_WEEK = MINUTES_PER_WEEK / 60.0
+_MEAN = np.array([MEAN_PER_HOUR[t] for t in TYPE_ORDER])
+_SEASON = np.array([SEASON_AMPLITUDE[t] for t in TYPE_ORDER])
+
+
+def _mean_hours_since_epoch(type_position: int, epoch_s: np.ndarray) -> np.ndarray:
+    """The shape's integral from the epoch's Monday to ``epoch_s``, in mean-rate hours."""
+    minutes = epoch_s / 60.0 + EPOCH_AFTER_MONDAY_MIN
+    weeks, into_week = np.divmod(minutes, MINUTES_PER_WEEK)
+    return weeks * _HOURS_PER_WEEK + np.interp(into_week, _MINUTE_KNOTS, _INTEGRALS[type_position])
+
+
+def expected_consumption(starts_s: np.ndarray, interval_s: float) -> np.ndarray:
+    """What a median household of each type consumes in ``[start, start + interval)``.
+
+    ``starts_s`` are epoch seconds (UTC); the result is ``[len(starts_s), len(TYPE_ORDER)]``
+    in each type's unit. The season is taken at the interval's middle.
+    """
+    starts = np.asarray(starts_s, dtype=np.float64).reshape(-1)
+    ends = starts + interval_s
+    days = (starts + interval_s / 2) / 86_400.0
+    angle = 2 * math.pi * (np.mod(days, DAYS_PER_YEAR) - MID_JANUARY_DAY) / DAYS_PER_YEAR
+    season = 1.0 + np.outer(np.cos(angle), _SEASON)
+    shape_hours = np.column_stack(
+        [
+            _mean_hours_since_epoch(k, ends) - _mean_hours_since_epoch(k, starts)
+            for k in range(len(TYPE_ORDER))
+        ]
     )
-    return values, flow
+    return shape_hours * season * _MEAN
+
+
+def _cap(bound: float) -> float:
+    """The largest normal reading for a bound: ``HEADROOM`` of it, down to the decimals."""
+    cap = math.floor(bound * HEADROOM / SMALLEST) * SMALLEST
+    if cap < SMALLEST:
+        raise ValueError(f"bound {bound:g} is too small to simulate normal readings below it")
+    return round(cap, DECIMALS)
+
+
+class LoadModel:
+    """Readings of a fleet: expectation x household scale x noise, kept inside the bounds.
+
+    Values are rounded to :data:`DECIMALS` and clipped to ``[SMALLEST, HEADROOM x bound]``,
+    so a normal reading is never 0, -1, negative or out of range: the contract classifies
+    it valid whatever the noise draws.
+    """
+
+    def __init__(self, type_index: np.ndarray, scale: np.ndarray, rules: Rules) -> None:
+        self.type_index = np.asarray(type_index, dtype=np.intp)
+        self.scale = np.asarray(scale, dtype=np.float64)
+        caps = [_cap(rules.bounds[METER_SPECS[t].metric]) for t in TYPE_ORDER]
+        self.caps = np.array(caps)[self.type_index]
+        self.flow_cap = _cap(rules.bounds["flow_rate"])
+
+    def sample(
+        self, starts_s: np.ndarray, interval_s: float, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Consumption ``[steps, meters]`` in each interval, and the average water flow.
+
+        The flow (L/min) is the interval's usage over its minutes, so the two agree; it is
+        computed for every meter and only water messages carry it.
+        """
+        expected = expected_consumption(starts_s, interval_s)[:, self.type_index]
+        noise = rng.lognormal(-(NOISE_SIGMA**2) / 2, NOISE_SIGMA, expected.shape)
+        usage = np.clip(np.round(expected * self.scale * noise, DECIMALS), SMALLEST, self.caps)
+        flow = np.clip(np.round(usage / (interval_s / 60.0), DECIMALS), SMALLEST, self.flow_cap)
+        return usage, flow

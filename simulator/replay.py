@@ -1,207 +1,309 @@
-"""Replay real recordings as contract messages.
+"""Replay real recordings as contract messages (``meterflow replay FILE``).
 
-Supported inputs, recognised from their header line:
+The format is recognised from the header line:
 
-* UCI "Individual household electric power consumption" (``household_power_consumption.txt``):
-  ``Date;Time;Global_active_power;...``, one row a minute, ``?`` for a missing value.
-  ``Global_active_power`` is the minute's average kW, so the reading is
-  ``usage_kwh = kW / 60`` (energy in that minute).
-* AMPds2 CSV exports, one file per meter, ``unix_ts`` first:
-  electricity (``unix_ts,V,I,f,DPF,APF,P,Pt,...``): ``P`` is the minute's real power in W,
-  so ``usage_kwh = P / 1000 * minutes since the previous row`` (one minute for the first);
-  water and natural gas (``unix_ts,counter,avg_rate,inst_rate``): ``counter`` is the
-  cumulative volume (litres for water, m³ for gas as exported), so the reading's usage is
-  the counter's increase since the previous row, and for water ``flow_rate = avg_rate``
-  (L/min). Gas or water is told by the file name (``gas``/``WHG`` means gas) unless
-  ``meter_type`` is given.
+* **UCI** "Individual household electric power consumption"
+  (``household_power_consumption.txt``): ``Date;Time;Global_active_power;...``, one row a
+  minute, ``?`` for a missing value. ``Global_active_power`` is the minute's average
+  power in kW, so the minute's reading is ``usage_kwh = kW / 60``. Its times are the
+  house's local clock without a zone; the contract reads naive times as UTC, and so does
+  the replay.
+* **AMPds2 electricity** (``unix_ts`` or ``TS``, then ``V, I, f, DPF, APF, P, Pt, ...``):
+  a row per minute. ``P`` is the minute's real power in W, so
+  ``usage_kwh = P / 1000 / 60``. ``Pt`` (cumulative real energy, kWh) is used only when a
+  file has no ``P``: its resolution is too coarse for one minute. Then the reading is
+  ``Pt``'s increase since the previous row.
+* **AMPds2 water and natural gas** (``unix_ts, counter, avg_rate, inst_rate``): ``counter``
+  is the meter's cumulative volume, litres for water and dm3 for gas (as the AMPds2 data
+  descriptor gives them). A reading is the counter's increase since the previous row with
+  a counter (``usage`` in L; ``usage_m3`` = dm3 / 1000), and a water reading's
+  ``flow_rate`` is that increase over the minutes it took (L/min), so the two agree.
+  ``avg_rate`` and ``inst_rate`` are not used: the counter's difference needs no unit
+  guess. The first row only sets the baseline (it is counted, not sent). A counter that
+  goes backwards gives a negative reading, which the pipeline flags: that is the
+  recording's anomaly, not the replay's. Water or gas is told by ``meter_type`` or the file
+  name (``gas``, ``WHG``, ``FRG`` mean gas; ``water``, ``WHW``, ``HTW``, ``DWW`` water).
 
 A missing value (``?``, empty, ``NaN``) becomes a reading *without* its metric, which the
-pipeline flags as ``MISSING_METRIC``; a row that cannot be read at all (wrong column count,
-bad date) is reported with its line number, counted, and skipped. Nothing stops a replay.
+pipeline flags as ``MISSING_METRIC``. A row that cannot be read (wrong column count, bad
+date, a number that is not one) is reported with its line number, counted and skipped.
+Nothing in a file stops a replay.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from meterflow.contract import METER_SPECS, MeterType
 from meterflow.logs import get_logger
+from simulator.generator import Emit, Stopper, StopSignal, format_stamp
 
 log = get_logger("simulator.replay")
-Emit = Callable[[bytes | None, bytes], None]
 
 UCI_HEADER = "Date;Time;Global_active_power"
-_MISSING = {"", "?", "nan", "NaN", "NA", "null"}
+UCI_COLUMNS = 9
+AMPDS_TIME_COLUMNS = ("unix_ts", "ts")
+GAS_NAMES = ("gas", "whg", "frg")
+WATER_NAMES = ("water", "whw", "htw", "dww")
+MISSING = frozenset({"", "?", "nan", "na", "null", "none"})
+#: AMPds2 rows are one minute apart; a minute's power gives that minute's energy.
+ROW_MINUTES = 1.0
+DM3_PER_M3 = 1000.0
+VALUE_DECIMALS = 6
+#: How many bad rows the summary lists (all are counted and logged).
+LISTED_BAD_ROWS = 20
+PROGRESS_EVERY_ROWS = 1000
 
 
 class ReplayError(ValueError):
-    """The file is not in a supported format; the message says what was expected."""
+    """The file cannot be replayed at all; the message says what was expected."""
 
 
 @dataclass
 class ReplaySummary:
-    rows: int = 0
+    """What a replay read and sent. ``rows == sent + baseline_rows + bad_rows`` unless stopped."""
+
+    rows: int = 0  # data lines read (header and blank lines aside)
     sent: int = 0
-    missing_values: int = 0
+    missing_values: int = 0  # readings sent without their metric
+    baseline_rows: int = 0  # counter rows that only set the starting value
     bad_rows: int = 0
-    bad_lines: list[int] = field(default_factory=list)  # the first few, for the report
+    bad_lines: list[tuple[int, str]] = field(default_factory=list)  # the first few
+    first_event: str | None = None
+    last_event: str | None = None
+    elapsed_s: float = 0.0
 
 
 @dataclass(frozen=True)
 class Row:
-    """One recording row mapped to the contract; ``usage is None`` means missing."""
+    """One recording row as a reading: ``usage is None`` means the value was missing."""
 
-    at: datetime
+    at_s: int  # epoch seconds, UTC
     usage: float | None
     flow_rate: float | None = None
 
 
-def detect(path: Path) -> str:
-    """``uci``, ``ampds-electricity`` or ``ampds-counter`` from the header line."""
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        header = handle.readline().strip()
-    if header.startswith(UCI_HEADER):
-        return "uci"
-    columns = [c.strip().lower() for c in header.split(",")]
-    if columns and columns[0] in ("unix_ts", "ts"):
-        if "p" in columns:
-            return "ampds-electricity"
-        if "counter" in columns:
-            return "ampds-counter"
-    raise ReplayError(
-        f"{path.name}: header {header[:60]!r} is neither UCI ({UCI_HEADER};...) nor an AMPds2 "
-        "export (unix_ts,...,P,... or unix_ts,counter,avg_rate,inst_rate)"
-    )
-
-
 def _number(text: str) -> float | None:
-    text = text.strip()
-    if text in _MISSING:
+    """A cell's value; None when the recording marks it missing. Raises ValueError."""
+    cell = text.strip()
+    if cell.lower() in MISSING:
         return None
-    value = float(text)
+    value = float(cell)
     return None if math.isnan(value) else value
 
 
-def _uci_rows(path: Path, summary: ReplaySummary) -> Iterator[Row]:
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        next(handle)
-        for line_no, line in enumerate(handle, start=2):
-            parts = line.rstrip("\n").split(";")
-            try:
-                if len(parts) != 9:
-                    raise ValueError(f"{len(parts)} columns, expected 9")
-                at = datetime.strptime(f"{parts[0]} {parts[1]}", "%d/%m/%Y %H:%M:%S")
-                power_kw = _number(parts[2])
-            except ValueError as exc:
-                _bad(summary, line_no, str(exc))
-                continue
-            yield Row(at.replace(tzinfo=UTC), None if power_kw is None else power_kw / 60)
+#: A numbered row: a reading, why it is bad (text), or None for a counter's baseline row.
+RowOrBad = tuple[int, Row | str | None]
 
 
-def _ampds_rows(path: Path, kind: str, summary: ReplaySummary) -> Iterator[Row]:
-    previous_ts: float | None = None
-    previous_counter: float | None = None
-    with path.open(encoding="utf-8", errors="replace", newline="") as handle:
-        reader = csv.reader(handle)
-        header = [c.strip().lower() for c in next(reader)]
-        for line_no, parts in enumerate(reader, start=2):
-            try:
-                if len(parts) != len(header):
-                    raise ValueError(f"{len(parts)} columns, expected {len(header)}")
-                record = dict(zip(header, parts, strict=True))
-                stamp = float(record[header[0]])
-                at = datetime.fromtimestamp(stamp, UTC)
-                minutes = 1.0 if previous_ts is None else max((stamp - previous_ts) / 60, 0.0)
-                if kind == "ampds-electricity":
-                    watts = _number(record["p"])
-                    row = Row(at, None if watts is None else watts / 1000 * minutes / 60)
-                else:
-                    counter = _number(record["counter"])
-                    rate = _number(record.get("avg_rate", ""))
-                    if counter is None:
-                        usage = None
-                    elif previous_counter is None:
-                        usage = (rate or 0.0) * minutes
-                    else:
-                        usage = max(counter - previous_counter, 0.0)
-                    previous_counter = counter if counter is not None else previous_counter
-                    row = Row(at, usage, rate)
-                previous_ts = stamp
-            except (ValueError, KeyError) as exc:
-                _bad(summary, line_no, str(exc))
-                continue
-            yield row
+@dataclass(frozen=True)
+class Layout:
+    """A recognised file: its format, the meter type it holds and its column names."""
+
+    kind: str  # "uci", "ampds-electricity" or "ampds-counter"
+    meter_type: MeterType
+    columns: tuple[str, ...]
 
 
-def _bad(summary: ReplaySummary, line_no: int, why: str) -> None:
-    summary.bad_rows += 1
-    if len(summary.bad_lines) < 20:
-        summary.bad_lines.append(line_no)
-    log.warning("replay=bad_row line=%d reason=%s", line_no, why)
+def detect(path: Path, meter_type: MeterType | None = None) -> Layout:
+    """Recognise the file from its header; raise :class:`ReplayError` if it is neither."""
+    try:
+        with path.open(encoding="utf-8-sig", errors="replace") as handle:
+            header = handle.readline().strip()
+    except OSError as exc:
+        raise ReplayError(f"cannot read {path}: {exc.strerror or exc}") from None
+    columns = tuple(c.strip().lower() for c in header.split(","))
+    if header.startswith(UCI_HEADER):
+        layout = Layout("uci", MeterType.ELECTRICITY, tuple(header.split(";")))
+    elif columns[0] in AMPDS_TIME_COLUMNS and "counter" in columns:
+        layout = Layout("ampds-counter", meter_type or _water_or_gas(path), columns)
+    elif columns[0] in AMPDS_TIME_COLUMNS and ("p" in columns or "pt" in columns):
+        layout = Layout("ampds-electricity", MeterType.ELECTRICITY, columns)
+    else:
+        raise ReplayError(
+            f"{path.name}: header {header[:60]!r} is neither UCI ({UCI_HEADER};...) nor an "
+            "AMPds2 export (unix_ts,...,P,... or unix_ts,counter,avg_rate,inst_rate)"
+        )
+    fits = (
+        (MeterType.WATER, MeterType.GAS) if layout.kind == "ampds-counter" else (layout.meter_type,)
+    )
+    if meter_type is not None and meter_type not in fits:
+        raise ReplayError(f"{path.name} records {' or '.join(fits)}, not {meter_type}")
+    return layout
 
 
-def meter_type_for(path: Path, kind: str, meter_type: MeterType | None) -> MeterType:
-    if meter_type is not None:
-        return meter_type
-    if kind in ("uci", "ampds-electricity"):
-        return MeterType.ELECTRICITY
+def _water_or_gas(path: Path) -> MeterType:
     name = path.name.lower()
-    return MeterType.GAS if "gas" in name or "whg" in name else MeterType.WATER
+    if any(word in name for word in GAS_NAMES):
+        return MeterType.GAS
+    if any(word in name for word in WATER_NAMES):
+        return MeterType.WATER
+    raise ReplayError(f"{path.name}: cannot tell water from gas by the name; give the meter type")
+
+
+def _uci_rows(lines: Iterator[tuple[int, str]], _layout: Layout) -> Iterator[RowOrBad]:
+    for line_no, line in lines:
+        parts = line.split(";")
+        if len(parts) != UCI_COLUMNS:
+            yield line_no, f"{len(parts)} columns, expected {UCI_COLUMNS}"
+            continue
+        try:
+            day, month, year = (int(x) for x in parts[0].split("/"))
+            hour, minute, second = (int(x) for x in parts[1].split(":"))
+            at = datetime(year, month, day, hour, minute, second, tzinfo=UTC)
+            power_kw = _number(parts[2])
+        except ValueError as exc:
+            yield line_no, f"unreadable date, time or power ({exc})"
+            continue
+        usage = None if power_kw is None else power_kw * ROW_MINUTES / 60
+        yield line_no, Row(int(at.timestamp()), usage)
+
+
+def _ampds_power_rows(lines: Iterator[tuple[int, str]], layout: Layout) -> Iterator[RowOrBad]:
+    """AMPds2 electricity with ``P``: the minute's mean power makes the minute's energy."""
+    width, power = len(layout.columns), layout.columns.index("p")
+    for line_no, line in lines:
+        parts = line.split(",")
+        if len(parts) != width:
+            yield line_no, f"{len(parts)} columns, expected {width}"
+            continue
+        try:
+            at_s, watts = int(float(parts[0])), _number(parts[power])
+        except ValueError as exc:
+            yield line_no, f"unreadable time or power ({exc})"
+            continue
+        yield line_no, Row(at_s, None if watts is None else watts / 1000 * ROW_MINUTES / 60)
+
+
+def _ampds_counter_rows(lines: Iterator[tuple[int, str]], layout: Layout) -> Iterator[RowOrBad]:
+    """AMPds2 cumulative counters (water, gas, or electricity ``Pt``): readings are increases."""
+    column = "counter" if "counter" in layout.columns else "pt"
+    width, position = len(layout.columns), layout.columns.index(column)
+    previous: tuple[int, float] | None = None  # (time, value) of the last counter read
+    for line_no, line in lines:
+        parts = line.split(",")
+        if len(parts) != width:
+            yield line_no, f"{len(parts)} columns, expected {width}"
+            continue
+        try:
+            at_s, counter = int(float(parts[0])), _number(parts[position])
+        except ValueError as exc:
+            yield line_no, f"unreadable time or counter ({exc})"
+            continue
+        if counter is None:
+            yield line_no, Row(at_s, None)
+        elif previous is None:
+            yield line_no, None
+        else:
+            increase = counter - previous[1]
+            minutes = max((at_s - previous[0]) / 60, ROW_MINUTES)
+            if layout.meter_type is MeterType.WATER:
+                yield line_no, Row(at_s, increase, increase / minutes)
+            elif layout.meter_type is MeterType.GAS:
+                yield line_no, Row(at_s, increase / DM3_PER_M3)
+            else:
+                yield line_no, Row(at_s, increase)
+        if counter is not None:
+            previous = (at_s, counter)
+
+
+def _data_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Numbered data lines after the header; blank lines are skipped."""
+    with path.open(encoding="utf-8-sig", errors="replace") as handle:
+        next(handle, None)
+        for line_no, line in enumerate(handle, start=2):
+            text = line.strip()
+            if text:
+                yield line_no, text
+
+
+def default_device_id(path: Path, meter_type: MeterType) -> str:
+    """The type's id prefix and the file name: ``em-household-power-consumption``."""
+    slug = re.sub(r"[^a-z0-9]+", "-", path.stem.lower()).strip("-") or "replay"
+    return f"{METER_SPECS[meter_type].id_prefix}-{slug}"
 
 
 def replay(
     path: Path,
     emit: Emit,
+    *,
     device_id: str | None = None,
     meter_type: MeterType | None = None,
     speedup: float = 0.0,
     rebase: bool = False,
     limit: int | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
+    should_stop: StopSignal | None = None,
     progress: Callable[[ReplaySummary], None] | None = None,
     summary: ReplaySummary | None = None,
 ) -> ReplaySummary:
-    """Send the file's rows as readings; ``speedup`` N plays N times faster than recorded
-    (0 = as fast as possible); ``rebase`` shifts the first row to now."""
-    kind = detect(path)
-    meter_type = meter_type_for(path, kind, meter_type)
-    spec = METER_SPECS[meter_type]
-    device_id = device_id or f"{spec.id_prefix}-{path.stem.lower()}"
+    """Send ``path``'s rows as readings of one meter; return what was read and sent.
+
+    ``speedup`` N plays N times faster than recorded (0: as fast as possible); ``rebase``
+    moves the first row to now and the others by the same amount. ``limit`` caps the
+    messages sent. Raises :class:`ReplayError` only when the file is not replayable at all.
+    """
+    layout = detect(path, meter_type)
+    spec = METER_SPECS[layout.meter_type]
+    device_id = device_id or default_device_id(path, layout.meter_type)
+    key = device_id.encode()
     summary = summary if summary is not None else ReplaySummary()
-    rows = _uci_rows(path, summary) if kind == "uci" else _ampds_rows(path, kind, summary)
-    started, first, shift = time.monotonic(), None, timedelta(0)
-    for row in rows:
-        if should_stop() or (limit is not None and summary.sent >= limit):
+    stopper = Stopper(should_stop)
+    lines = _data_lines(path)
+    rows = {
+        "uci": _uci_rows,
+        "ampds-electricity": _ampds_power_rows if "p" in layout.columns else _ampds_counter_rows,
+        "ampds-counter": _ampds_counter_rows,
+    }[layout.kind](lines, layout)
+    started = time.monotonic()
+    first_at: int | None = None
+    shift_s = 0
+    for line_no, row in rows:
+        if stopper.requested() or (limit is not None and summary.sent >= limit):
             break
         summary.rows += 1
-        if first is None:
-            first = row.at
-            shift = datetime.now(UTC) - first if rebase else timedelta(0)
+        if isinstance(row, str):
+            _bad_row(summary, path, line_no, row)
+            continue
+        if row is None:
+            summary.baseline_rows += 1
+            continue
+        if first_at is None:
+            first_at = row.at_s
+            shift_s = int(time.time()) - first_at if rebase else 0
         if speedup > 0:
-            delay = (row.at - first).total_seconds() / speedup - (time.monotonic() - started)
-            if delay > 0:
-                time.sleep(delay)
-        at = row.at + shift
+            stopper.wait_until(started + (row.at_s - first_at) / speedup)
+        stamp = format_stamp(row.at_s + shift_s)
         message: dict[str, object] = {
             "device_id": device_id,
-            "timestamp": at.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "meter_type": str(meter_type),
+            "timestamp": stamp,
+            "meter_type": str(layout.meter_type),
         }
         if row.usage is None:
             summary.missing_values += 1
         else:
-            message[spec.metric] = round(row.usage, 6)
-        if meter_type is MeterType.WATER and row.flow_rate is not None:
-            message["flow_rate"] = row.flow_rate
-        emit(device_id.encode(), json.dumps(message).encode())
+            message[spec.metric] = round(row.usage, VALUE_DECIMALS)
+            if row.flow_rate is not None:
+                message["flow_rate"] = round(row.flow_rate, VALUE_DECIMALS)
+        emit(key, json.dumps(message).encode())
         summary.sent += 1
-        if progress and summary.sent % 10_000 == 0:
+        summary.first_event = summary.first_event or stamp
+        summary.last_event = stamp
+        if progress is not None and summary.rows % PROGRESS_EVERY_ROWS == 0:
+            summary.elapsed_s = time.monotonic() - started
             progress(summary)
+    summary.elapsed_s = time.monotonic() - started
     return summary
+
+
+def _bad_row(summary: ReplaySummary, path: Path, line_no: int, reason: str) -> None:
+    summary.bad_rows += 1
+    if len(summary.bad_lines) < LISTED_BAD_ROWS:
+        summary.bad_lines.append((line_no, reason))
+    log.warning("replay=bad_row file=%s line=%d reason=%r", path.name, line_no, reason)

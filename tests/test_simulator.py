@@ -1,197 +1,435 @@
-"""Simulator: reproducible, shaped like real load, and honest about what it injects."""
+"""The simulator: reproducible, shaped like real load, and honest about what it injects."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import re
+import signal
 import threading
 import time
-from collections import Counter
-from datetime import UTC, date, datetime
+from collections import Counter, defaultdict
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
+from meterflow.config import Settings
 from meterflow.contract import (
     METER_SPECS,
+    SENTINEL_VALUE,
     STATELESS_FAULTS,
     TYPE_ORDER,
     DeadLetter,
     DeadLetterReason,
     FaultCode,
     MeterType,
+    Reading,
     Rules,
+    Status,
     evaluate,
+    status_of,
 )
-from simulator.cli import parse_fault_rate, parse_interval
+from simulator.cli import (
+    add_simulate_arguments,
+    config_from_args,
+    parse_seconds,
+    run_simulate,
+)
+from simulator.faults import FaultRates
 from simulator.fleet import build_fleet, read_registry, write_registry
-from simulator.generator import FaultRates, SimulationConfig, simulate
-from simulator.load import consumption
+from simulator.generator import SimulationConfig, Summary, simulate
+from simulator.load import LoadModel, expected_consumption
+from simulator.sink import MemorySink
 
-END = date(2024, 6, 3)  # a Monday: the day before is a Sunday
-
-
-def run(config: SimulationConfig) -> tuple[list[tuple[bytes | None, bytes]], object]:
-    sent: list[tuple[bytes | None, bytes]] = []
-    summary = simulate(config, lambda key, value: sent.append((key, value)))
-    return sent, summary
+END = date(2024, 6, 3)  # a Monday: the two days before are a weekend
+ALL_FAULTS = FaultRates(dict.fromkeys(STATELESS_FAULTS, 0.01), malformed=0.02)
+STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 
 
-def test_same_seed_same_bytes_other_seed_other_bytes() -> None:
-    config = SimulationConfig(meters=40, days=0.25, end=END, seed=11)
-    first, _ = run(config)
+def run(config: SimulationConfig) -> tuple[list[tuple[bytes, bytes]], Summary]:
+    sink = MemorySink()
+    summary = simulate(config, sink.emit)
+    return sink.messages, summary
+
+
+def now_us() -> int:
+    return int(time.time() * 1_000_000)
+
+
+def at(*fields: int) -> float:
+    return datetime(*fields, tzinfo=UTC).timestamp()
+
+
+# --- reproducibility and the contract --------------------------------------------------
+
+
+def test_same_seed_gives_the_same_bytes_and_another_seed_does_not() -> None:
+    config = SimulationConfig(meters=60, days=0.5, end=END, seed=11, faults=ALL_FAULTS)
+    first, summary = run(config)
     again, _ = run(config)
-    other, _ = run(SimulationConfig(meters=40, days=0.25, end=END, seed=12))
+    other, _ = run(SimulationConfig(meters=60, days=0.5, end=END, seed=12, faults=ALL_FAULTS))
+    assert len(first) == 60 * 48 == summary.sent
+    assert summary.abnormal > 0 and summary.deadletter > 0  # faults are part of the stream
     assert first == again
     assert first != other
-    assert len(first) == 40 * 24  # 6 hours at 15 minutes
 
 
-def test_every_injected_fault_is_classified_as_injected() -> None:
-    faults = FaultRates({code: 0.01 for code in STATELESS_FAULTS}, malformed=0.02)
-    sent, summary = run(SimulationConfig(meters=300, days=1, end=END, seed=5, faults=faults))
+def test_every_message_is_classified_as_the_summary_says() -> None:
+    messages, summary = run(
+        SimulationConfig(meters=300, days=1, end=END, seed=5, faults=ALL_FAULTS)
+    )
+    assert summary.sent == len(messages) == 300 * 96
     assert summary.consistent()
-    assert summary.sent == len(sent) == 300 * 96
-    now = int(time.time() * 1_000_000)
     found: Counter[object] = Counter()
-    for _, value in sent:
-        outcome = evaluate(value, now)
+    statuses: Counter[Status] = Counter()
+    reference = now_us()
+    for _, value in messages:
+        outcome = evaluate(value, reference)
+        statuses[status_of(outcome)] += 1
         found[outcome.reason if isinstance(outcome, DeadLetter) else outcome.fault_code] += 1
     assert found[None] == summary.valid
     for code in STATELESS_FAULTS:
         assert found[code] == summary.faults[code] > 0, code
     for reason in DeadLetterReason:
         assert found[reason] == summary.malformed[reason] > 0, reason
+    assert statuses == summary.expected_outcomes()
 
 
-def test_keys_are_device_ids_and_messages_follow_the_contract() -> None:
-    sent, _ = run(SimulationConfig(meters=30, days=0.1, end=END, seed=1, faults=FaultRates.none()))
-    for key, value in sent:
-        message = json.loads(value)
-        assert key == message["device_id"].encode()
-        spec = METER_SPECS[MeterType(message["meter_type"])]
-        assert message["device_id"].startswith(spec.id_prefix)
-        assert spec.metric in message
-        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:00Z", message["timestamp"])
-
-
-def test_backfill_covers_whole_days_before_the_end_date() -> None:
-    sent, summary = run(
-        SimulationConfig(meters=2, days=2, end=END, seed=1, faults=FaultRates.none())
+def test_messages_are_keyed_contract_readings() -> None:
+    messages, _ = run(
+        SimulationConfig(meters=30, days=0.1, end=END, seed=1, faults=FaultRates.none())
     )
-    stamps = sorted({json.loads(v)["timestamp"] for _, v in sent})
-    assert stamps[0] == "2024-06-01T00:00:00Z" and stamps[-1] == "2024-06-02T23:45:00Z"
-    assert len(stamps) == 2 * 96
+    for key, value in messages:
+        fields = json.loads(value)
+        meter_type = MeterType(fields["meter_type"])
+        spec = METER_SPECS[meter_type]
+        assert key == fields["device_id"].encode()
+        assert re.fullmatch(rf"{spec.id_prefix}\d{{6}}", fields["device_id"])
+        assert STAMP.fullmatch(fields["timestamp"])
+        expected_keys = ["device_id", "timestamp", "meter_type", spec.metric, *spec.extra_metrics]
+        assert list(fields) == expected_keys
+        assert fields[spec.metric] == round(fields[spec.metric], 3) > 0
+        assert value == json.dumps(fields).encode()  # the f-string layout is json.dumps's
+
+
+def test_backfill_covers_whole_days_in_event_time_order() -> None:
+    messages, summary = run(
+        SimulationConfig(meters=5, days=2, end=END, seed=1, faults=FaultRates.none())
+    )
+    stamps = [json.loads(value)["timestamp"] for _, value in messages]
+    assert stamps == sorted(stamps)
+    per_day = Counter(stamp[:10] for stamp in stamps)
+    assert per_day == {"2024-06-01": 5 * 96, "2024-06-02": 5 * 96}
     assert (summary.first_event, summary.last_event) == (stamps[0], stamps[-1])
+    assert stamps[-1] == "2024-06-02T23:45:00Z"
 
 
-def _mean(meter_type: MeterType, at: datetime, interval_s: float = 900) -> float:
-    """Average consumption of many average households of one type at ``at``."""
-    index = np.full(5000, TYPE_ORDER.index(meter_type), dtype=np.int8)
-    values, _ = consumption(index, np.ones(5000), at, interval_s, np.random.default_rng(0))
-    return float(values.mean())
+def test_a_backfill_ending_after_today_is_refused_before_sending() -> None:
+    tomorrow = datetime.now(UTC).date() + timedelta(days=1)
+    sink = MemorySink()
+    with pytest.raises(ValueError, match="after today"):
+        simulate(SimulationConfig(meters=3, end=tomorrow), sink.emit)
+    assert sink.messages == []
 
 
-def test_daily_and_weekly_shapes() -> None:
-    monday = datetime(2024, 6, 3, tzinfo=UTC)
-    night, evening = monday.replace(hour=3), monday.replace(hour=19, minute=30)
-    assert _mean(MeterType.ELECTRICITY, evening) > 3 * _mean(MeterType.ELECTRICITY, night)
-    assert _mean(MeterType.WATER, night) < 0.05 * _mean(MeterType.WATER, monday.replace(hour=8))
-    # Weekend mornings start later than weekday ones.
-    sunday_7am = datetime(2024, 6, 2, 7, 30, tzinfo=UTC)
-    assert _mean(MeterType.WATER, monday.replace(hour=7, minute=30)) > 1.5 * _mean(
-        MeterType.WATER, sunday_7am
+# --- load shapes --------------------------------------------------------------------------
+
+
+def test_daily_weekly_and_seasonal_shapes() -> None:
+    def mean(meter_type: MeterType, start: float) -> float:
+        return float(expected_consumption([start], 900)[0, TYPE_ORDER.index(meter_type)])
+
+    monday, saturday = at(2024, 6, 3), at(2024, 6, 1)
+    electricity, water, gas = MeterType.ELECTRICITY, MeterType.WATER, MeterType.GAS
+    assert mean(electricity, monday + 19.5 * 3600) > 3 * mean(electricity, monday + 3 * 3600)
+    assert mean(water, monday + 3 * 3600) < 0.05 * mean(water, monday + 7.5 * 3600)
+    # Weekend mornings start later; weekend middays use more.
+    assert mean(water, saturday + 7 * 3600) < 0.5 * mean(water, monday + 7 * 3600)
+    assert mean(electricity, saturday + 12 * 3600) > 1.2 * mean(electricity, monday + 12 * 3600)
+    # Gas heats in winter; morning and evening are its peaks.
+    assert mean(gas, at(2024, 1, 15, 19)) > 2 * mean(gas, at(2024, 7, 15, 19))
+    assert mean(gas, monday + 7 * 3600) > 2 * mean(gas, monday + 14 * 3600)
+
+
+def test_simulated_readings_follow_the_daily_cycle() -> None:
+    messages, _ = run(
+        SimulationConfig(meters=200, days=7, end=END, seed=3, faults=FaultRates.none())
     )
-    # Gas heats in winter.
-    january = datetime(2024, 1, 15, 19, tzinfo=UTC)
-    assert _mean(MeterType.GAS, january) > 2 * _mean(MeterType.GAS, evening)
+    by_hour: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for _, value in messages:
+        fields = json.loads(value)
+        metric = METER_SPECS[MeterType(fields["meter_type"])].metric
+        by_hour[fields["meter_type"], int(fields["timestamp"][11:13])].append(fields[metric])
+    average = {key: sum(v) / len(v) for key, v in by_hour.items()}
+    assert average["electricity", 3] < 0.5 * average["electricity", 19]
+    assert average["water", 3] < 0.05 * average["water", 7]
+    assert average["gas", 3] < 0.5 * average["gas", 7]
 
 
-def test_values_scale_with_interval_and_stay_in_bounds() -> None:
-    at = datetime(2024, 6, 3, 19, tzinfo=UTC)
-    quarter = _mean(MeterType.ELECTRICITY, at, 900)
-    hour = _mean(MeterType.ELECTRICITY, at, 3600)
-    assert hour == pytest.approx(4 * quarter, rel=0.1)
-    fleet = build_fleet(500, seed=3)
-    values, flows = consumption(fleet.type_index, fleet.scale, at, 3600, np.random.default_rng(1))
-    bounds = np.array([Rules().bounds[METER_SPECS[t].metric] for t in TYPE_ORDER])[fleet.type_index]
-    assert (values > 0).all() and (values < bounds).all()
-    assert (flows > 0).all() and (flows < Rules().bounds["flow_rate"]).all()
+def test_consumption_scales_with_the_interval() -> None:
+    start = at(2024, 6, 3, 18)
+    hour = expected_consumption([start], 3600)[0]
+    quarters = expected_consumption([start + k * 900 for k in range(4)], 900).sum(axis=0)
+    assert hour == pytest.approx(quarters, rel=1e-5)  # the season (mid-interval) moves a hair
+    assert hour == pytest.approx(4 * expected_consumption([start + 1350], 900)[0], rel=0.15)
 
 
-def test_fleet_mix_metadata_and_registry_roundtrip(tmp_path) -> None:
-    fleet = build_fleet(1000, seed=9)
-    share = Counter(m.meter_type for m in fleet.meters)
-    assert 0.4 < share["electricity"] / 1000 < 0.65
-    assert share["water"] > 200 and share["gas"] > 100
-    assert len({m.device_id for m in fleet.meters}) == 1000
-    assert len({m.district for m in fleet.meters}) == 8
-    assert build_fleet(1000, seed=9).meters == fleet.meters
-    path = write_registry(fleet, str(tmp_path / "lake"))
-    table = read_registry(str(tmp_path / "lake"))
-    assert path.name == "meters.parquet" and table.num_rows == 1000
-    assert table.column("device_id").to_pylist() == [m.device_id for m in fleet.meters]
-    assert {"household_id", "district", "installed_on", "address"} <= set(table.column_names)
-
-
-def test_legacy_format_is_the_prototypes() -> None:
-    faults = FaultRates({FaultCode.SENTINEL: 0.1})
-    sent, summary = run(
+def test_normal_readings_stay_valid_even_where_the_model_would_overflow() -> None:
+    tight = Rules(bounds={**Rules().bounds, "usage_kwh": 1.0, "flow_rate": 0.5})
+    fleet = build_fleet(2000, seed=4)
+    model = LoadModel(fleet.type_index, fleet.scale, tight)
+    for interval in (60, 86_400):
+        usage, flow = model.sample([at(2024, 1, 15, 18)], interval, np.random.default_rng(0))
+        bounds = np.array([tight.bounds[METER_SPECS[t].metric] for t in TYPE_ORDER])
+        assert (usage > 0).all() and (usage < bounds[fleet.type_index]).all()
+        assert (flow > 0).all() and (flow < 0.5).all()
+        assert (usage != SENTINEL_VALUE).all()
+    messages, summary = run(
         SimulationConfig(
-            mode="backfill", days=1, end=END, seed=2, message_format="legacy", faults=faults
+            meters=300,
+            days=2,
+            interval_s=86_400,
+            end=END,
+            seed=2,
+            faults=FaultRates.none(),
+            rules=tight,
         )
     )
-    electricity = re.compile(
-        r'\{"device_id": "em[1-4]", "timestamp": "[0-9T:-]+Z", "usage_kwh": -?\d+\}'
+    assert summary.valid == len(messages) == 600
+    outcomes = [evaluate(value, now_us(), tight) for _, value in messages]
+    assert all(isinstance(o, Reading) and o.fault_code is None for o in outcomes)
+
+
+def test_water_flow_agrees_with_usage() -> None:
+    fleet = build_fleet(500, seed=8)
+    model = LoadModel(fleet.type_index, fleet.scale, Rules())
+    usage, flow = model.sample([at(2024, 6, 3, 8)], 900, np.random.default_rng(1))
+    water = fleet.slices[MeterType.WATER]
+    assert usage[0, water] == pytest.approx(flow[0, water] * 15, abs=0.0075 + 1e-9)
+
+
+# --- fleet and registry -------------------------------------------------------------------
+
+
+def test_fleet_mix_ids_metadata_and_reproducibility() -> None:
+    fleet = build_fleet(1000, seed=9)
+    counts = Counter(m.meter_type for m in fleet.meters)
+    assert counts == {MeterType.ELECTRICITY: 500, MeterType.WATER: 300, MeterType.GAS: 200}
+    assert len({m.device_id for m in fleet.meters}) == 1000
+    assert {m.device_id for m in fleet.meters if m.meter_type is MeterType.GAS} == {
+        f"gm{n:06d}" for n in range(1, 201)
+    }
+    assert len({m.district for m in fleet.meters}) == 8
+    assert len({m.city for m in fleet.meters}) == 1
+    households = defaultdict(set)
+    for meter in fleet.meters:
+        households[meter.household_id].add((meter.owner, meter.address, meter.scale))
+    assert len(households) == 500 and all(len(v) == 1 for v in households.values())
+    assert build_fleet(1000, seed=9).meters == fleet.meters
+    assert build_fleet(1000, seed=10).meters != fleet.meters
+    custom = build_fleet(10, seed=1, mix={MeterType.GAS: 1.0})
+    assert {m.device_id[:2] for m in custom.meters} == {"gm"}
+
+
+def test_registry_roundtrip(tmp_path: Path) -> None:
+    fleet = build_fleet(50, seed=6)
+    settings = Settings.from_env({"METERFLOW_DATA_DIR": str(tmp_path)})
+    path = write_registry(fleet, settings.registry_path)
+    assert Path(path) == tmp_path / "lake" / "registry" / "meters.parquet"
+    assert os.listdir(Path(path).parent) == ["meters.parquet"]  # no temp file left behind
+    assert read_registry(settings.registry_path).meters == fleet.meters
+    table = pq.read_table(path)
+    assert str(table.schema.field("installed_on").type) == "date32[day]"
+    assert table.column("meter_type").to_pylist()[0] == "electricity"
+    write_registry(build_fleet(20, seed=7), settings.registry_path)  # replaced whole
+    assert len(read_registry(settings.registry_path)) == 20
+
+
+# --- the prototype's format ---------------------------------------------------------------
+
+ELECTRICITY = re.compile(
+    r'\{"device_id": "em[1-4]", "timestamp": "[0-9T:-]+Z", "usage_kwh": -?\d+\}'
+)
+WATER = re.compile(
+    r'\{"device_id": "wm[1-4]", "timestamp": "[0-9T:-]+Z", "usage": -?\d+, "flow_rate": \d+\}'
+)
+
+
+def test_legacy_format_is_the_prototypes_byte_for_byte() -> None:
+    config = SimulationConfig(
+        days=1,
+        end=END,
+        seed=2,
+        message_format="legacy",
+        faults=FaultRates({FaultCode.SENTINEL: 0.1}),
     )
-    water = re.compile(
-        r'\{"device_id": "wm[1-4]", "timestamp": "[0-9T:-]+Z", "usage": -?\d+, "flow_rate": \d+\}'
-    )
-    for key, value in sent:
+    messages, summary = run(config)
+    assert len(messages) == 8 * 96
+    for key, value in messages:
         text = value.decode()
-        assert electricity.fullmatch(text) or water.fullmatch(text), text
-        assert key.decode() == json.loads(text)["device_id"]
-    sentinels = sum(1 for _, v in sent if b": -1" in v)
-    assert sentinels == summary.faults[FaultCode.SENTINEL] > 0
-    assert {k for k, _ in sent} == {f"{p}{i}".encode() for p in ("em", "wm") for i in range(1, 5)}
+        assert ELECTRICITY.fullmatch(text) or WATER.fullmatch(text), text
+        fields = json.loads(text)
+        assert key == fields["device_id"].encode()
+        assert value == json.dumps(fields).encode()
+        assert all(
+            isinstance(v, int) for k, v in fields.items() if k not in ("device_id", "timestamp")
+        )
+    values = [
+        v for _, m in messages for k, v in json.loads(m).items() if k in ("usage_kwh", "usage")
+    ]
+    assert summary.faults[FaultCode.SENTINEL] == values.count(SENTINEL_VALUE) > 0
+    assert min(v for v in values if v != SENTINEL_VALUE) == 0 and max(values) <= 30
+    assert {key for key, _ in messages} == {
+        f"{p}{i}".encode() for p in ("em", "wm") for i in range(1, 5)
+    }
+    assert run(config)[0] == messages
 
 
-def test_live_mode_honours_rate_and_stops_cleanly() -> None:
+# --- stopping -------------------------------------------------------------------------------
+
+
+def test_live_mode_honours_the_rate_cap_and_stops_at_once() -> None:
     stop = threading.Event()
-    sent: list[bytes] = []
-    config = SimulationConfig(meters=50, interval_s=0.2, mode="live", rate=500, seed=1)
-    thread = threading.Thread(
-        target=simulate, args=(config, lambda k, v: sent.append(v), stop.is_set)
-    )
+    sink = MemorySink()
+    config = SimulationConfig(meters=200, interval_s=1, mode="live", rate=400, seed=1)
+    thread = threading.Thread(target=simulate, args=(config, sink.emit, stop))
     started = time.monotonic()
     thread.start()
-    time.sleep(1.0)
+    time.sleep(1.2)
     stop.set()
-    thread.join(timeout=5)
+    thread.join(timeout=2)
     elapsed = time.monotonic() - started
     assert not thread.is_alive()
-    assert 0 < len(sent) <= 500 * elapsed + 50  # at most one step over the cap
-    now = datetime.now(UTC)
-    stamp = datetime.fromisoformat(json.loads(sent[-1])["timestamp"])
-    assert abs((now - stamp).total_seconds()) < 5
+    assert 200 <= len(sink.messages) <= 400 * elapsed + 20
+    stamp = datetime.fromisoformat(json.loads(sink.messages[-1][1])["timestamp"])
+    assert abs((datetime.now(UTC) - stamp).total_seconds()) < 5
 
 
-def test_limit_stops_mid_step() -> None:
-    sent, summary = run(SimulationConfig(meters=100, days=1, end=END, seed=1, limit=250))
-    assert len(sent) == summary.sent == 250 and summary.consistent()
+def test_should_stop_ends_a_backfill_with_a_consistent_summary() -> None:
+    sink = MemorySink()
+    summary = simulate(
+        SimulationConfig(meters=100, days=1, end=END, seed=1, faults=ALL_FAULTS),
+        sink.emit,
+        should_stop=lambda: len(sink.messages) >= 1000,
+    )
+    assert summary.sent == len(sink.messages) == 1000  # stops between steps of 100
+    assert summary.consistent()
+
+
+def test_a_failing_emit_leaves_exact_counts() -> None:
+    sent: list[bytes] = []
+
+    def emit(_key: bytes, value: bytes) -> None:
+        if len(sent) == 1234:
+            raise RuntimeError("broker gone")
+        sent.append(value)
+
+    summary = Summary()
+    with pytest.raises(RuntimeError):
+        simulate(
+            SimulationConfig(meters=100, days=1, end=END, seed=1, faults=ALL_FAULTS),
+            emit,
+            summary=summary,
+        )
+    assert summary.sent == 1234 and summary.consistent()
+
+
+def test_count_limit_stops_mid_step() -> None:
+    messages, summary = run(SimulationConfig(meters=100, days=1, end=END, seed=1, limit=250))
+    assert len(messages) == summary.sent == 250 and summary.consistent()
+
+
+# --- the command --------------------------------------------------------------------------
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_simulate_arguments(parser)
+    return parser.parse_args(argv)
 
 
 @pytest.mark.parametrize(
     ("text", "seconds"), [("900", 900), ("15m", 900), ("30s", 30), ("1h", 3600)]
 )
-def test_interval_parsing(text: str, seconds: float) -> None:
-    assert parse_interval(text) == seconds
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_seconds(text) == seconds
 
 
-def test_bad_fault_rates_are_refused_with_the_reason() -> None:
-    with pytest.raises(Exception, match="KIND=RATE"):
-        parse_fault_rate("LEAKY=0.1")
-    with pytest.raises(ValueError, match="cannot inject"):
-        FaultRates({FaultCode.LEAK: 0.1})
-    with pytest.raises(ValueError, match="50%"):
-        FaultRates({FaultCode.SENTINEL: 0.6})
+def test_fault_options_build_the_rate_table() -> None:
+    rules = Rules()
+    default = config_from_args(parse(), rules).faults
+    assert default == FaultRates.default()
+    only = config_from_args(parse("--fault-rates", "none", "--fault-rate", "sentinel=0.05"), rules)
+    assert only.faults.rates == {FaultCode.SENTINEL: 0.05}
+    table = config_from_args(
+        parse("--fault-rates", "NEGATIVE=0.1,OUT_OF_RANGE=0.2", "--malformed-rate", "0"), rules
+    )
+    assert table.faults == FaultRates({FaultCode.NEGATIVE: 0.1, FaultCode.OUT_OF_RANGE: 0.2}, 0.0)
+
+
+def test_bad_options_are_refused_with_the_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse("--fault-rate", "LEAK=0.1")  # stateful: the simulator cannot inject it
+    assert "KIND=RATE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse("--interval", "soon")
+    assert "duration like" in capsys.readouterr().err
+
+
+def test_run_simulate_reports_a_bad_run_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = Settings.from_env({"METERFLOW_DATA_DIR": str(tmp_path)})
+    sink = MemorySink()
+    tomorrow = (datetime.now(UTC).date() + timedelta(days=1)).isoformat()
+    code = run_simulate(parse("--mode", "backfill", "--end-date", tomorrow), settings, sink)
+    err = capsys.readouterr().err
+    assert code == 2 and sink.messages == []
+    assert err.count("\n") == 1 and "after today" in err
+
+
+def test_sigterm_stops_run_simulate_cleanly_and_flushes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = Settings.from_env({"METERFLOW_DATA_DIR": str(tmp_path)})
+    sink = MemorySink()
+    args = parse(
+        "--meters", "50", "--interval", "1", "--seed", "3", "--fault-rates", "SENTINEL=0.2"
+    )
+    handler_before = signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(0.6, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        code = run_simulate(args, settings, sink)
+    finally:
+        timer.cancel()
+    captured = capsys.readouterr()
+    assert code == 0 and sink.flushes == 1
+    assert "stopped by SIGTERM" in captured.err
+    sent = int(re.search(r"sent ([\d,]+) messages", captured.out).group(1).replace(",", ""))
+    assert sent == len(sink.messages) > 0
+    sentinels = sum(b'": -1' in value for _, value in sink.messages)
+    assert f"SENTINEL {sentinels:,}" in captured.out
+    assert "sent = valid + faults + malformed: yes" in captured.out
+    registry = read_registry(settings.registry_path)
+    assert set(registry.device_ids) == {key.decode() for key, _ in sink.messages}
+    assert signal.getsignal(signal.SIGTERM) is handler_before
+
+
+def test_run_simulate_fails_when_messages_are_not_delivered(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class LossySink(MemorySink):
+        def flush(self, timeout: float) -> int:
+            return 7
+
+    settings = Settings.from_env({"METERFLOW_DATA_DIR": str(tmp_path)})
+    args = parse("--mode", "backfill", "--end-date", "2024-06-03", "--meters", "4", "--no-registry")
+    code = run_simulate(args, settings, LossySink())
+    assert code == 1
+    assert "7 messages were not delivered" in capsys.readouterr().err
+    assert not (tmp_path / "lake").exists()

@@ -1,0 +1,32 @@
+"""Where the simulator and the replay send messages: the protocol a Kafka producer fills."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Sink(Protocol):
+    """A keyed message sink: ``meterflow.kafka.ProducerSink`` in the CLI, memory in tests."""
+
+    def emit(self, key: bytes, value: bytes) -> None:
+        """Queue one message; may block while the sink's buffer is full, must not drop it."""
+        ...
+
+    def flush(self, timeout: float) -> int:
+        """Wait up to ``timeout`` s for delivery; return how many messages are not delivered."""
+        ...
+
+
+class MemorySink:
+    """Keeps every message in order; everything counts as delivered at once."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[bytes, bytes]] = []
+        self.flushes = 0
+
+    def emit(self, key: bytes, value: bytes) -> None:
+        self.messages.append((key, value))
+
+    def flush(self, timeout: float) -> int:
+        self.flushes += 1
+        return 0
