@@ -55,14 +55,14 @@ def run_baseline(settings: Settings, lake_path: str, flush_rows: int = 500_000) 
                 part = KafkaInputPartition(topic, partition, 0, 0)
                 result = classify_batch(records_to_batch(records, part), settings.rules)
                 for event_key, event in result.abnormal_events:
-                    _produce(producer, settings.topic_abnormal, event_key, event)
+                    kafka.produce(producer, settings.topic_abnormal, event, event_key)
                 for letter in result.dead_letters:
-                    _produce(
+                    kafka.produce(
                         producer,
                         settings.topic_deadletter,
-                        letter.key,
                         letter.value,
-                        letter.headers(),
+                        letter.key,
+                        headers=letter.headers(),
                     )
                 producer.poll(0)
                 statuses = result.classified.column("status").to_pylist()
@@ -86,15 +86,6 @@ def run_baseline(settings: Settings, lake_path: str, flush_rows: int = 500_000) 
         counts[str(Status.ABNORMAL)],
         counts[str(Status.DEADLETTER)],
     )
-
-
-def _produce(producer, topic: str, key, value, headers=None) -> None:
-    while True:
-        try:
-            producer.produce(topic, value, key, headers=headers)
-            return
-        except BufferError:
-            producer.poll(0.05)
 
 
 def _write(batches: list[pa.RecordBatch], lake_path: str) -> None:

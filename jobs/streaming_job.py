@@ -73,14 +73,9 @@ class _Publisher:
             self.failures.append(f"{message.topic()}: {error}")
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers=None) -> None:
-        while True:
-            try:
-                self.producer.produce(
-                    topic, value, key, headers=headers, on_delivery=self._delivered
-                )
-                return
-            except BufferError:  # local queue full: let deliveries drain, then retry
-                self.producer.poll(0.1)
+        kafka.produce(
+            self.producer, topic, value, key, headers=headers, on_delivery=self._delivered
+        )
 
     def publish(self, result: BatchResult) -> None:
         for key, value in result.abnormal_events:

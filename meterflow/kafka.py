@@ -49,6 +49,18 @@ def producer(bootstrap: str, **overrides: Any) -> Producer:
     return Producer(config)
 
 
+def produce(
+    client: Producer, topic: str, value: bytes | None, key: bytes | None, **extra: Any
+) -> None:
+    """``client.produce`` that waits for room when the local queue is full, never drops."""
+    while True:
+        try:
+            client.produce(topic, value, key, **extra)
+            return
+        except BufferError:  # local queue full: let deliveries drain, then retry
+            client.poll(0.05)
+
+
 class ProducerSink:
     """Where the simulator and replay write: a keyed producer that counts failed deliveries."""
 
@@ -72,12 +84,7 @@ class ProducerSink:
             self.last_error = str(error)
 
     def emit(self, key: bytes | None, value: bytes) -> None:
-        while True:
-            try:
-                self._producer.produce(self.topic, value, key)
-                break
-            except BufferError:  # local queue full: wait for deliveries to drain
-                self._producer.poll(0.05)
+        produce(self._producer, self.topic, value, key)
         self._sent += 1
         if self._sent % 10_000 == 0:
             self._producer.poll(0)

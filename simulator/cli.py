@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
@@ -269,6 +269,32 @@ def _fail(command: str, reason: str, code: int) -> int:
     return code
 
 
+def _drive(
+    command: str, sink: Sink, work: Callable[[threading.Event, ProgressLine], object]
+) -> tuple[tuple[str, int] | None, int]:
+    """Run ``work`` under the signal handlers, then flush: ``(failure, undelivered)``.
+
+    A sink failure is reported after flushing what went out; a :class:`ReplayError` is a
+    usage error (the file is not a recording).
+    """
+    failure: tuple[str, int] | None = None
+    progress = ProgressLine()
+    with SignalStop().installed() as stop:
+        try:
+            work(stop.event, progress)
+        except ReplayError as exc:
+            failure = (str(exc), EXIT_USAGE)
+        except Exception as exc:
+            log.debug("%s=failed", command, exc_info=True)
+            failure = (f"sending failed: {exc}", EXIT_FAILED)
+        finally:
+            progress.close()
+        undelivered = sink.flush(FLUSH_TIMEOUT_S)
+    if stop.received:
+        print(f"stopped by {stop.received}", file=sys.stderr)
+    return failure, undelivered
+
+
 def run_simulate(args: argparse.Namespace, settings: Settings, sink: Sink) -> int:
     """Simulate into ``sink`` until done or signalled, flush, print the summary; exit code."""
     try:
@@ -285,20 +311,14 @@ def run_simulate(args: argparse.Namespace, settings: Settings, sink: Sink) -> in
     except OSError as exc:
         return _fail("simulate", f"cannot write the fleet registry: {exc}", EXIT_FAILED)
 
-    summary, progress, failure = Summary(), ProgressLine(), None
-    with SignalStop().installed() as stop:
-        try:
-            simulation.run(
-                sink.emit, stop.event, lambda s: progress.show(_progress_text(s)), summary
-            )
-        except Exception as exc:  # the sink failed: report it after flushing what went out
-            log.debug("simulate=failed", exc_info=True)
-            failure = (f"sending failed: {exc}", EXIT_FAILED)
-        finally:
-            progress.close()
-        undelivered = sink.flush(FLUSH_TIMEOUT_S)
-    if stop.received:
-        print(f"stopped by {stop.received}", file=sys.stderr)
+    summary = Summary()
+    failure, undelivered = _drive(
+        "simulate",
+        sink,
+        lambda stop, progress: simulation.run(
+            sink.emit, stop, lambda s: progress.show(_progress_text(s)), summary
+        ),
+    )
     print(summary_text(summary, undelivered))
     if failure is not None:
         return _fail("simulate", *failure)
@@ -388,34 +408,26 @@ def run_replay(args: argparse.Namespace, settings: Settings, sink: Sink) -> int:
     """Replay ``args.file`` into ``sink``; same signals, progress and exit codes as simulate."""
     if args.speedup < 0:
         return _fail("replay", "--speedup must be 0 (as fast as possible) or above", EXIT_USAGE)
-    summary, progress, failure = ReplaySummary(), ProgressLine(), None
-    with SignalStop().installed() as stop:
-        try:
-            replay(
-                args.file,
-                sink.emit,
-                device_id=args.device_id,
-                meter_type=args.meter_type,
-                speedup=args.speedup,
-                rebase=args.rebase,
-                limit=args.count,
-                should_stop=stop.event,
-                progress=lambda s: progress.show(
-                    f"{s.elapsed_s:7.1f} s  rows {s.rows:,}  sent {s.sent:,}  "
-                    f"missing {s.missing_values:,}  bad {s.bad_rows:,}  at {s.last_event}"
-                ),
-                summary=summary,
-            )
-        except ReplayError as exc:
-            failure = (str(exc), EXIT_USAGE)
-        except Exception as exc:  # the sink failed: report it after flushing what went out
-            log.debug("replay=failed", exc_info=True)
-            failure = (f"sending failed: {exc}", EXIT_FAILED)
-        finally:
-            progress.close()
-        undelivered = sink.flush(FLUSH_TIMEOUT_S)
-    if stop.received:
-        print(f"stopped by {stop.received}", file=sys.stderr)
+    summary = ReplaySummary()
+    failure, undelivered = _drive(
+        "replay",
+        sink,
+        lambda stop, progress: replay(
+            args.file,
+            sink.emit,
+            device_id=args.device_id,
+            meter_type=args.meter_type,
+            speedup=args.speedup,
+            rebase=args.rebase,
+            limit=args.count,
+            should_stop=stop,
+            progress=lambda s: progress.show(
+                f"{s.elapsed_s:7.1f} s  rows {s.rows:,}  sent {s.sent:,}  "
+                f"missing {s.missing_values:,}  bad {s.bad_rows:,}  at {s.last_event}"
+            ),
+            summary=summary,
+        ),
+    )
     if failure is not None and failure[1] == EXIT_USAGE:
         return _fail("replay", *failure)
     print(replay_summary_text(args.file, summary, undelivered))

@@ -166,37 +166,41 @@ def _uci_rows(lines: Iterator[tuple[int, str]], _layout: Layout) -> Iterator[Row
         yield line_no, Row(int(at.timestamp()), usage)
 
 
-def _ampds_power_rows(lines: Iterator[tuple[int, str]], layout: Layout) -> Iterator[RowOrBad]:
-    """AMPds2 electricity with ``P``: the minute's mean power makes the minute's energy."""
-    width, power = len(layout.columns), layout.columns.index("p")
+def _ampds_column(
+    lines: Iterator[tuple[int, str]], layout: Layout, column: str
+) -> Iterator[tuple[int, tuple[int, float | None] | str]]:
+    """Each AMPds2 row's time and one column's value, or why the row cannot be read."""
+    width, position = len(layout.columns), layout.columns.index(column)
     for line_no, line in lines:
         parts = line.split(",")
         if len(parts) != width:
             yield line_no, f"{len(parts)} columns, expected {width}"
             continue
         try:
-            at_s, watts = int(float(parts[0])), _number(parts[power])
+            yield line_no, (int(float(parts[0])), _number(parts[position]))
         except ValueError as exc:
-            yield line_no, f"unreadable time or power ({exc})"
+            yield line_no, f"unreadable time or {column} ({exc})"
+
+
+def _ampds_power_rows(lines: Iterator[tuple[int, str]], layout: Layout) -> Iterator[RowOrBad]:
+    """AMPds2 electricity with ``P``: the minute's mean power makes the minute's energy."""
+    for line_no, read in _ampds_column(lines, layout, "p"):
+        if isinstance(read, str):
+            yield line_no, read
             continue
+        at_s, watts = read
         yield line_no, Row(at_s, None if watts is None else watts / 1000 * ROW_MINUTES / 60)
 
 
 def _ampds_counter_rows(lines: Iterator[tuple[int, str]], layout: Layout) -> Iterator[RowOrBad]:
     """AMPds2 cumulative counters (water, gas, or electricity ``Pt``): readings are increases."""
     column = "counter" if "counter" in layout.columns else "pt"
-    width, position = len(layout.columns), layout.columns.index(column)
     previous: tuple[int, float] | None = None  # (time, value) of the last counter read
-    for line_no, line in lines:
-        parts = line.split(",")
-        if len(parts) != width:
-            yield line_no, f"{len(parts)} columns, expected {width}"
+    for line_no, read in _ampds_column(lines, layout, column):
+        if isinstance(read, str):
+            yield line_no, read
             continue
-        try:
-            at_s, counter = int(float(parts[0])), _number(parts[position])
-        except ValueError as exc:
-            yield line_no, f"unreadable time or counter ({exc})"
-            continue
+        at_s, counter = read
         if counter is None:
             yield line_no, Row(at_s, None)
         elif previous is None:
