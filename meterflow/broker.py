@@ -130,7 +130,7 @@ def kafka_for(
         log.info("kafka=local-started bootstrap=%s log=%s", broker.bootstrap, broker.log_path)
     try:
         if create_topics:
-            topics = (settings.topic_readings, settings.topic_abnormal, settings.topic_deadletter)
+            topics = settings.topics
             created = kafka.ensure_topics(settings.bootstrap_servers, topics, settings.partitions)
             if created:
                 log.info("topics created=%s partitions=%d", ",".join(created), settings.partitions)

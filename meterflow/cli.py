@@ -56,10 +56,7 @@ def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
     with kafka_for(settings, start_local=False) as (live, _):
-        print(
-            f"topics {live.topic_readings}, {live.topic_abnormal}, {live.topic_deadletter} "
-            f"ready on {live.bootstrap_servers}"
-        )
+        print(f"topics {', '.join(live.topics)} ready on {live.bootstrap_servers}")
     return 0
 
 

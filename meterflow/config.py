@@ -13,7 +13,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from meterflow import lake
-from meterflow.contract import METER_SPECS, TOPIC_ABNORMAL, TOPIC_DEADLETTER, TOPIC_READINGS, Rules
+from meterflow.contract import (
+    METER_SPECS,
+    TOPIC_ABNORMAL,
+    TOPIC_DEADLETTER,
+    TOPIC_READINGS,
+    TOPIC_STATUS,
+    Rules,
+)
 
 
 class ConfigError(ValueError):
@@ -38,6 +45,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("METERFLOW_TOPIC_READINGS", TOPIC_READINGS, "Topic the meters write to"),
     Variable("METERFLOW_TOPIC_ABNORMAL", TOPIC_ABNORMAL, "Topic of abnormal-reading events"),
     Variable("METERFLOW_TOPIC_DEADLETTER", TOPIC_DEADLETTER, "Topic of undecodable input"),
+    Variable("METERFLOW_TOPIC_STATUS", TOPIC_STATUS, "Topic of per-meter status updates"),
     Variable("METERFLOW_DATA_DIR", "./data", "Root of local state (lake, checkpoints, logs)"),
     Variable("LAKE_PATH", "", "Lake root, local path or Hadoop URI; default DATA_DIR/lake"),
     Variable("CHECKPOINT_PATH", "", "Streaming checkpoints; default DATA_DIR/checkpoints"),
@@ -57,6 +65,40 @@ VARIABLES: tuple[Variable, ...] = (
         "METERFLOW_FUTURE_TOLERANCE_SECONDS",
         "300",
         "How far past ingestion time a timestamp may be before FUTURE_TIMESTAMP",
+    ),
+    Variable(
+        "MONGO_URI",
+        "",
+        "MongoDB to use (may carry credentials); empty starts a local MongoDB-protocol "
+        "stand-in for native demos",
+    ),
+    Variable("METERFLOW_LOCAL_MONGO_PORT", "27018", "Port of the local MongoDB stand-in"),
+    Variable("MONGO_DB", "iot", "MongoDB database of the serving layer"),
+    Variable("METERFLOW_SINK_GROUP", "meterflow-sink", "Consumer group of meterflow sink"),
+    Variable("METERFLOW_SINK_BATCH_SIZE", "1000", "Most events per MongoDB bulk write"),
+    Variable("METERFLOW_SINK_FLUSH_SECONDS", "1", "Longest wait before a partial batch is written"),
+    Variable(
+        "METERFLOW_ABNORMAL_TTL_DAYS",
+        "90",
+        "Days abnormal readings and closed incidents stay in MongoDB; 0 = forever",
+    ),
+    Variable("METERFLOW_LAKE_RETENTION_DAYS", "365", "Days of lake partitions kept; 0 = forever"),
+    Variable(
+        "METERFLOW_READING_INTERVAL_SECONDS",
+        "900",
+        "Expected interval between a meter's readings (completeness), unless the registry "
+        "gives one",
+    ),
+    Variable(
+        "METERFLOW_DAY_GRACE_SECONDS",
+        "7200",
+        "How long after a day's end its lake partition counts as complete without the "
+        "stream's watermark",
+    ),
+    Variable(
+        "METERFLOW_INCIDENT_THRESHOLD",
+        "3",
+        "Faulty readings in a row that open an incident for a meter",
     ),
     Variable("METERFLOW_LOG_LEVEL", "INFO", "Log level of meterflow's own key=value logs"),
     Variable("SPARK_LOG_LEVEL", "WARN", "Log level of Spark's JVM logs"),
@@ -97,6 +139,7 @@ class Settings:
     topic_readings: str
     topic_abnormal: str
     topic_deadletter: str
+    topic_status: str
     data_dir: Path
     lake_path: str
     checkpoint_path: str
@@ -106,6 +149,17 @@ class Settings:
     max_offsets_per_trigger: int
     starting_offsets: str
     rules: Rules
+    mongo_uri: str
+    local_mongo_port: int
+    mongo_db: str
+    sink_group: str
+    sink_batch_size: int
+    sink_flush_seconds: float
+    abnormal_ttl_days: int
+    lake_retention_days: int
+    reading_interval_seconds: int
+    day_grace_seconds: int
+    incident_threshold: int
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -134,6 +188,7 @@ class Settings:
             topic_readings=_get(env, "METERFLOW_TOPIC_READINGS"),
             topic_abnormal=_get(env, "METERFLOW_TOPIC_ABNORMAL"),
             topic_deadletter=_get(env, "METERFLOW_TOPIC_DEADLETTER"),
+            topic_status=_get(env, "METERFLOW_TOPIC_STATUS"),
             data_dir=data_dir,
             lake_path=_get(env, "LAKE_PATH") or str(data_dir / "lake"),
             checkpoint_path=_get(env, "CHECKPOINT_PATH") or str(data_dir / "checkpoints"),
@@ -143,12 +198,42 @@ class Settings:
             max_offsets_per_trigger=int(_number(env, "METERFLOW_MAX_OFFSETS_PER_TRIGGER", int, 0)),
             starting_offsets=starting,
             rules=rules,
+            mongo_uri=_get(env, "MONGO_URI"),
+            local_mongo_port=int(_number(env, "METERFLOW_LOCAL_MONGO_PORT", int, 1)),
+            mongo_db=_get(env, "MONGO_DB"),
+            sink_group=_get(env, "METERFLOW_SINK_GROUP"),
+            sink_batch_size=int(_number(env, "METERFLOW_SINK_BATCH_SIZE", int, 1)),
+            sink_flush_seconds=float(_number(env, "METERFLOW_SINK_FLUSH_SECONDS", float, 0)),
+            abnormal_ttl_days=int(_number(env, "METERFLOW_ABNORMAL_TTL_DAYS", int, 0)),
+            lake_retention_days=int(_number(env, "METERFLOW_LAKE_RETENTION_DAYS", int, 0)),
+            reading_interval_seconds=int(
+                _number(env, "METERFLOW_READING_INTERVAL_SECONDS", int, 1)
+            ),
+            day_grace_seconds=int(_number(env, "METERFLOW_DAY_GRACE_SECONDS", int, 0)),
+            incident_threshold=int(_number(env, "METERFLOW_INCIDENT_THRESHOLD", int, 1)),
         )
 
     @property
     def registry_path(self) -> str:
         return lake.registry_path(self.lake_path)
 
+    @property
+    def topics(self) -> tuple[str, ...]:
+        """Every topic meterflow creates: readings, abnormal, dead letters, status."""
+        return (self.topic_readings, self.topic_abnormal, self.topic_deadletter, self.topic_status)
+
+    @property
+    def views_path(self) -> str:
+        return lake.views_path(self.lake_path)
+
+    @property
+    def watermark_path(self) -> str:
+        return lake.watermark_path(self.lake_path)
+
     def with_bootstrap(self, servers: str) -> Settings:
         """A copy pointing at ``servers`` (used once a local broker is up)."""
         return replace(self, bootstrap_servers=servers)
+
+    def with_mongo(self, uri: str) -> Settings:
+        """A copy pointing at MongoDB ``uri`` (used once a local stand-in is up)."""
+        return replace(self, mongo_uri=uri)

@@ -30,6 +30,10 @@ from msgspec import UNSET, UnsetType
 TOPIC_READINGS = "iot-meter"
 TOPIC_ABNORMAL = "iot-abnormal"
 TOPIC_DEADLETTER = "iot-deadletter"
+#: Per micro-batch, one message per meter seen: its latest reading and whether it was good.
+#: Keyed by ``device_id``; the sink folds it into MongoDB ``meter_status`` (see
+#: :func:`meter_status_update`), which is how incidents learn that a meter recovered.
+TOPIC_STATUS = "iot-meter-status"
 
 #: Kafka headers a dead letter carries; its value and key are the original bytes.
 DLQ_HEADER_REASON = "meterflow.reason"
@@ -455,3 +459,31 @@ def status_of(outcome: Outcome) -> Status:
     if isinstance(outcome, DeadLetter):
         return Status.DEADLETTER
     return Status.VALID if outcome.fault_code is None else Status.ABNORMAL
+
+
+def meter_status_update(
+    device_id: str,
+    meter_type: str,
+    last_seen_us: int,
+    last_value: float | None,
+    last_fault_code: str | None,
+    readings: int,
+    faults: int,
+) -> dict[str, Any]:
+    """The JSON document published on ``iot-meter-status`` for one meter and micro-batch.
+
+    ``last_*`` describe the meter's latest reading (by event time) in the batch;
+    ``last_fault_code`` is None when that reading was good. ``readings`` and ``faults``
+    count the batch's readings of this meter. A consumer keeps the update with the
+    greatest ``last_seen`` and adds the counts (updates may arrive more than once after a
+    restart, so counts are indicative; the lake is the exact record).
+    """
+    return {
+        "device_id": device_id,
+        "meter_type": meter_type,
+        "last_seen": format_timestamp_us(last_seen_us),
+        "last_value": last_value,
+        "last_fault_code": last_fault_code,
+        "readings": readings,
+        "faults": faults,
+    }

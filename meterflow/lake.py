@@ -57,3 +57,16 @@ def readings_path(lake_path: str) -> str:
 def registry_path(lake_path: str) -> str:
     """Directory of the fleet registry (``meters.parquet``) the simulator writes."""
     return f"{lake_path.rstrip('/')}/registry"
+
+
+def views_path(lake_path: str) -> str:
+    """Root of the batch views: ``views/<view>/date=YYYY-MM-DD/`` (see jobs/daily_batch_job)."""
+    return f"{lake_path.rstrip('/')}/views"
+
+
+def watermark_path(lake_path: str) -> str:
+    """JSON file where the streaming job records its event-time progress after each batch.
+
+    The daily DAG reads it to know when a day's partition is complete.
+    """
+    return f"{lake_path.rstrip('/')}/_state/streaming_watermark.json"

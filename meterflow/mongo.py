@@ -1,0 +1,65 @@
+"""MongoDB for the serving layer: one client factory and the collection names.
+
+Everything that talks to MongoDB takes its database from :func:`database`, so tests can
+point the whole project at ``mongomock`` (``MONGO_URI=mongomock://``) and, when
+``MONGO_URI`` names a real server, run the same tests against it. The code stays thin
+over ``pymongo``: bulk upserts, indexes, simple aggregations.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from meterflow.config import ConfigError, Settings
+
+#: Collections of the ``iot`` database (DESIGN.md, "Storage layout").
+ABNORMAL_READINGS = "abnormal_readings"  # _id = event id (topic-partition-offset)
+METER_STATUS = "meter_status"  # _id = device_id: last seen, last reading, open fault
+METERS = "meters"  # _id = device_id: the fleet registry
+DAILY_METER_AVERAGES = "daily_meter_averages"  # _id = "<date>|<device_id>"
+DAILY_TYPE_AVERAGES = "daily_type_averages"  # _id = "<date>|<meter_type>"
+DAILY_DISTRICT_AVERAGES = "daily_district_averages"  # _id = "<date>|<district>|<type>"
+DAILY_REPORTS = "daily_reports"  # _id = date: what the batch job found for the day
+INCIDENTS = "incidents"  # one per meter and failure episode
+
+MOCK_SCHEME = "mongomock://"
+_SERVER_SELECTION_MS = 5000
+
+_mock_lock = threading.Lock()
+_mock_clients: dict[str, Any] = {}
+
+
+class MongoUnavailableError(RuntimeError):
+    """MongoDB cannot be reached (or its URI is unusable)."""
+
+
+def client(uri: str) -> Any:
+    """A ``pymongo.MongoClient`` for ``uri``; ``mongomock://`` gives the in-process fake.
+
+    The fake is shared per URI within the process, so the sink, the loader and a test
+    that inspects the result all see the same data.
+    """
+    if not uri:
+        raise ConfigError("MONGO_URI is empty: start a local stand-in or point it at a server")
+    if uri.startswith(MOCK_SCHEME):
+        import mongomock
+
+        with _mock_lock:
+            if uri not in _mock_clients:
+                _mock_clients[uri] = mongomock.MongoClient(tz_aware=True)
+            return _mock_clients[uri]
+    import pymongo
+    from pymongo.errors import ConfigurationError, InvalidURI
+
+    try:
+        return pymongo.MongoClient(
+            uri, serverSelectionTimeoutMS=_SERVER_SELECTION_MS, tz_aware=True
+        )
+    except (ConfigurationError, InvalidURI) as exc:
+        raise ConfigError(f"MONGO_URI is not usable: {exc}") from None
+
+
+def database(settings: Settings) -> Any:
+    """The serving-layer database (``MONGO_DB``) of the configured MongoDB."""
+    return client(settings.mongo_uri)[settings.mongo_db]
