@@ -469,14 +469,18 @@ def meter_status_update(
     last_fault_code: str | None,
     readings: int,
     faults: int,
+    trailing_faults: int,
 ) -> dict[str, Any]:
     """The JSON document published on ``iot-meter-status`` for one meter and micro-batch.
 
     ``last_*`` describe the meter's latest reading (by event time) in the batch;
     ``last_fault_code`` is None when that reading was good. ``readings`` and ``faults``
-    count the batch's readings of this meter. A consumer keeps the update with the
-    greatest ``last_seen`` and adds the counts (updates may arrive more than once after a
-    restart, so counts are indicative; the lake is the exact record).
+    count the batch's readings of this meter and ``trailing_faults`` how many of them, at
+    the end in event-time order, were faulty in a row (equal to ``readings`` when all
+    were). A consumer keeps the update with the greatest ``last_seen`` and extends its
+    run of faults: ``trailing_faults == readings`` adds to the run, anything else resets
+    it to ``trailing_faults``. Updates may arrive twice after a restart, so counts are
+    indicative; the lake is the exact record.
     """
     return {
         "device_id": device_id,
@@ -486,4 +490,5 @@ def meter_status_update(
         "last_fault_code": last_fault_code,
         "readings": readings,
         "faults": faults,
+        "trailing_faults": trailing_faults,
     }

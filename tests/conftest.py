@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -77,3 +78,17 @@ def spark():
     )
     yield session
     session.stop()
+
+
+@pytest.fixture
+def mongo_uri() -> str:
+    """MongoDB for one test: the server MONGO_URI names if set, else a fresh mongomock.
+
+    Against a real server each test gets its own database (see ``mongo_settings``).
+    """
+    return os.environ.get("MONGO_URI") or f"mongomock://test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def mongo_db_name() -> str:
+    return f"meterflow_test_{uuid.uuid4().hex[:8]}"
