@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 
 import pyarrow as pa
@@ -28,7 +29,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery, StreamingQueryListener
 
-from meterflow import kafka
+from meterflow import kafka, lake
 from meterflow.config import ConfigError, Settings
 from meterflow.contract import Rules, Status
 from meterflow.lake import (
@@ -39,7 +40,7 @@ from meterflow.lake import (
     spark_ddl,
 )
 from meterflow.logs import get_logger, setup_logging
-from meterflow.pipeline import BatchResult, classify_batches
+from meterflow.pipeline import STATUS_COLUMNS, BatchResult, classify_batches, status_updates
 
 log = get_logger("jobs.streaming")
 QUERY_NAME = "meterflow_speed_layer"
@@ -53,13 +54,27 @@ class EventTopics:
     bootstrap: str
     abnormal: str
     deadletter: str
+    status: str
+
+    @classmethod
+    def of(cls, settings: Settings) -> EventTopics:
+        return cls(
+            settings.bootstrap_servers,
+            settings.topic_abnormal,
+            settings.topic_deadletter,
+            settings.topic_status,
+        )
 
 
 _producers: dict[str, object] = {}  # one per Python worker process, reused across tasks
 
 
 class _Publisher:
-    """Publishes a task's events and fails the task if any delivery fails."""
+    """Publishes a task's events and fails the task if any delivery fails.
+
+    Abnormal events and dead letters go out batch by batch; one status update per meter
+    goes out when the task's input is exhausted (its latest reading in the task).
+    """
 
     def __init__(self, topics: EventTopics) -> None:
         self.topics = topics
@@ -67,6 +82,7 @@ class _Publisher:
             _producers[topics.bootstrap] = kafka.producer(topics.bootstrap)
         self.producer = _producers[topics.bootstrap]
         self.failures: list[str] = []
+        self.seen: list[pa.RecordBatch] = []
 
     def _delivered(self, error, message) -> None:
         if error is not None:
@@ -82,9 +98,14 @@ class _Publisher:
             self._produce(self.topics.abnormal, key, value)
         for letter in result.dead_letters:
             self._produce(self.topics.deadletter, letter.key, letter.value, letter.headers())
+        self.seen.append(result.classified.select(list(STATUS_COLUMNS)))
         self.producer.poll(0)
 
     def finish(self) -> None:
+        if self.seen:
+            for key, value in status_updates(pa.Table.from_batches(self.seen)):
+                self._produce(self.topics.status, key, value)
+            self.seen.clear()
         remaining = self.producer.flush(120)
         if remaining or self.failures:
             raise RuntimeError(
@@ -122,6 +143,14 @@ def with_outcome_counts(classified: DataFrame) -> DataFrame:
         _is(Status.VALID).alias("valid"),
         _is(Status.ABNORMAL).alias("abnormal"),
         _is(Status.DEADLETTER).alias("deadletter"),
+        # Event-time progress for the daily DAG; clamped to ingestion so that a reading
+        # stamped in the future cannot declare days complete that have not happened.
+        F.max(
+            F.when(
+                F.col("status") != str(Status.DEADLETTER),
+                F.least(F.col("event_time"), F.col("ingest_time")),
+            )
+        ).alias("max_event_time"),
     )
 
 
@@ -131,9 +160,14 @@ def lake_rows(classified: DataFrame) -> DataFrame:
 
 
 class CountsListener(StreamingQueryListener):
-    """Logs each micro-batch's counts and running totals, and checks they reconcile."""
+    """Logs each micro-batch's counts and running totals, and checks they reconcile.
 
-    def __init__(self) -> None:
+    With a ``lake_path`` it also advances the stream's event-time watermark file
+    (:func:`meterflow.lake.advance_watermark`) once each batch has committed.
+    """
+
+    def __init__(self, lake_path: str | None = None) -> None:
+        self.lake_path = lake_path
         self.totals = {"read": 0, "valid": 0, "abnormal": 0, "deadletter": 0}
         self.batches = 0
         self.timings: list[tuple[int, float]] = []  # (rows read, seconds) per micro-batch
@@ -174,6 +208,18 @@ class CountsListener(StreamingQueryListener):
             totals["deadletter"],
             str(batch_ok and total_ok).lower(),
         )
+        if self.lake_path and row["max_event_time"] is not None:
+            self._advance(row["max_event_time"], progress.batchId)
+
+    def _advance(self, event_time: datetime, batch_id: int) -> None:
+        if event_time.tzinfo is None:  # Spark hands back session-local naive datetimes
+            event_time = event_time.astimezone(UTC)
+        try:
+            watermark = lake.advance_watermark(self.lake_path, event_time, batch_id)
+        except OSError as exc:  # never let bookkeeping stop the stream; the DAG has a grace
+            log.warning("watermark=unwritten path=%s error=%s", self.lake_path, exc)
+            return
+        log.debug("watermark=%s batch=%d", watermark.isoformat(), batch_id)
 
     def onQueryIdle(self, event) -> None:
         pass
@@ -201,11 +247,7 @@ def start_query(
     )
     if settings.max_offsets_per_trigger:
         reader = reader.option("maxOffsetsPerTrigger", str(settings.max_offsets_per_trigger))
-    topics = (
-        EventTopics(settings.bootstrap_servers, settings.topic_abnormal, settings.topic_deadletter)
-        if publish
-        else None
-    )
+    topics = EventTopics.of(settings) if publish else None
     classified = with_outcome_counts(classify_readings(reader.load(), settings.rules, topics))
     writer = (
         lake_rows(classified)
@@ -270,7 +312,7 @@ def run(
     from meterflow.spark.session import get_spark, kafka_format
 
     spark = spark or get_spark("meterflow-streaming", settings.spark_master)
-    listener = listener or CountsListener()
+    listener = listener or CountsListener(settings.lake_path)
     spark.streams.addListener(listener)
     source_format = kafka_format(spark, settings)
     log.info(

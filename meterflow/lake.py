@@ -6,7 +6,11 @@ columns are declared here once for Arrow (the Python side) and derived for Spark
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
+
 import pyarrow as pa
+import pyarrow.fs as pafs
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
@@ -70,3 +74,41 @@ def watermark_path(lake_path: str) -> str:
     The daily DAG reads it to know when a day's partition is complete.
     """
     return f"{lake_path.rstrip('/')}/_state/streaming_watermark.json"
+
+
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), path
+
+
+def read_watermark(lake_path: str) -> datetime | None:
+    """The latest event time the streaming job has committed to the lake, if any."""
+    fs, path = _filesystem(watermark_path(lake_path))
+    try:
+        with fs.open_input_stream(path) as stream:
+            document = json.loads(stream.read())
+    except FileNotFoundError:
+        return None
+    return datetime.fromisoformat(document["max_event_time"])
+
+
+def advance_watermark(lake_path: str, event_time: datetime, batch_id: int) -> datetime:
+    """Record ``event_time`` as the stream's progress unless an earlier batch went further.
+
+    Written to a temporary file then moved, so a reader never sees half a document.
+    """
+    current = read_watermark(lake_path)
+    if current is not None and current >= event_time:
+        return current
+    fs, path = _filesystem(watermark_path(lake_path))
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    document = {
+        "max_event_time": event_time.astimezone(UTC).isoformat(),
+        "batch_id": batch_id,
+        "written_at": datetime.now(UTC).isoformat(),
+    }
+    with fs.open_output_stream(f"{path}.tmp") as stream:
+        stream.write(json.dumps(document).encode())
+    fs.move(f"{path}.tmp", path)
+    return event_time

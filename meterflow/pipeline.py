@@ -7,12 +7,14 @@ benchmark runs the same function in a consumer loop, so both apply identical rul
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from meterflow import contract
 from meterflow.contract import METER_SPECS, FaultCode, Reading, Rules, Status
@@ -131,6 +133,63 @@ def classify_batch(batch: pa.RecordBatch, rules: Rules, now_us: int | None = Non
             (reading.device_id.encode(), json.dumps(event, separators=(",", ":")).encode())
         )
     return out
+
+
+#: Columns of the classified rows that per-meter status updates are made from.
+STATUS_COLUMNS = (
+    "device_id",
+    "meter_type",
+    "event_time",
+    "ingest_time",
+    "consumption",
+    "fault_code",
+)
+
+
+def status_updates(classified: pa.Table) -> list[tuple[bytes, bytes]]:
+    """One ``iot-meter-status`` message per meter in ``classified`` (key, JSON value).
+
+    Readings are ordered per meter by event time clamped to ingestion time, so a reading
+    stamped a century ahead (FUTURE_TIMESTAMP) cannot freeze a meter's status until then.
+    """
+    rows = classified.select(list(STATUS_COLUMNS)).filter(pc.is_valid(classified["event_time"]))
+    if rows.num_rows == 0:
+        return []
+    event_us = rows["event_time"].cast(pa.int64()).to_numpy()
+    ingest_us = rows["ingest_time"].cast(pa.int64()).fill_null(event_us.max()).to_numpy()
+    seen_us = np.minimum(event_us, ingest_us)
+    encoded = pc.dictionary_encode(rows["device_id"]).combine_chunks()
+    device_index = encoded.indices.to_numpy()
+    order = np.lexsort((seen_us, device_index))
+    device_index, seen_us = device_index[order], seen_us[order]
+    faulty = rows["fault_code"].is_valid().to_numpy(zero_copy_only=False)[order]
+    starts = np.flatnonzero(np.r_[True, device_index[1:] != device_index[:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    lasts = ends - 1
+    positions = np.arange(len(order))
+    last_good = np.maximum.reduceat(np.where(faulty, -1, positions), starts)
+    trailing = lasts - np.maximum(last_good, starts - 1)
+    faults = np.add.reduceat(faulty.astype(np.int64), starts)
+    source_rows = order[lasts]
+    names = encoded.dictionary.to_pylist()
+    types = rows["meter_type"].take(source_rows).to_pylist()
+    values = rows["consumption"].take(source_rows).to_pylist()
+    codes = rows["fault_code"].take(source_rows).to_pylist()
+    updates = []
+    for i, device in enumerate(device_index[lasts].tolist()):
+        value = values[i]
+        document = contract.meter_status_update(
+            names[device],
+            types[i],
+            int(seen_us[lasts[i]]),
+            None if value is None or math.isnan(value) else value,  # NaN: metric missing
+            codes[i],
+            int(ends[i] - starts[i]),
+            int(faults[i]),
+            int(trailing[i]),
+        )
+        updates.append((names[device].encode(), json.dumps(document).encode()))
+    return updates
 
 
 Publish = Callable[[BatchResult], None]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from datetime import date
+from datetime import UTC, date, datetime
 
 from pyspark.sql import SparkSession
 
@@ -12,7 +12,7 @@ from jobs.streaming_job import run
 from meterflow import contract, kafka
 from meterflow.config import Settings
 from meterflow.contract import STATELESS_FAULTS, FaultCode
-from meterflow.lake import LAKE_COLUMNS, readings_path
+from meterflow.lake import LAKE_COLUMNS, read_watermark, readings_path
 from simulator.generator import FaultRates, SimulationConfig, simulate
 
 
@@ -106,6 +106,48 @@ def test_lake_rows_are_typed_and_partitioned_by_day(spark: SparkSession, make_se
     # A timestamp from the future is filed under the day it arrived, not in 2099.
     assert rows["gm1"].fault_code == "FUTURE_TIMESTAMP"
     assert rows["gm1"].date == rows["gm1"].ingest_time.date()
+    # The watermark follows event time but a 2099 stamp cannot push it past arrival time.
+    watermark = read_watermark(settings.lake_path)
+    assert watermark is not None
+    assert watermark <= datetime.now(UTC)
+    assert watermark == max(r.ingest_time.replace(tzinfo=UTC) for r in rows.values())
+
+
+def test_status_updates_follow_each_meters_latest_reading(
+    spark: SparkSession, make_settings
+) -> None:
+    settings = make_settings(partitions=1)
+
+    def em(device: str, minute: int, value: float) -> bytes:
+        stamp = f"2024-05-27T10:{minute:02d}:00Z"
+        return json.dumps({"device_id": device, "timestamp": stamp, "usage_kwh": value}).encode()
+
+    # em1 ends on two faults in a row; em2 recovered; em3 never failed. Sent out of order.
+    send(settings, [em("em1", 3, -1), em("em1", 1, 2.0), em("em1", 2, -1), em("em1", 0, -1)])
+    send(settings, [em("em2", 0, -1), em("em2", 5, 3.5)], key=b"em2")
+    send(settings, [em("em3", 7, 1.0), b"not json"], key=b"em3")
+    run(settings, available_now=True, spark=spark)
+
+    updates = [
+        json.loads(m.value())
+        for m in kafka.read_all(settings.bootstrap_servers, settings.topic_status)
+    ]
+    status = {u["device_id"]: u for u in updates}
+    assert len(updates) == len(status) == 3
+    assert status["em1"] | {"last_seen": None} == {
+        "device_id": "em1",
+        "meter_type": "electricity",
+        "last_seen": None,
+        "last_value": -1.0,
+        "last_fault_code": "SENTINEL",
+        "readings": 4,
+        "faults": 3,
+        "trailing_faults": 2,
+    }
+    assert status["em1"]["last_seen"] == "2024-05-27T10:03:00Z"
+    assert (status["em2"]["last_fault_code"], status["em2"]["trailing_faults"]) == (None, 0)
+    assert (status["em2"]["last_value"], status["em2"]["faults"]) == (3.5, 1)
+    assert (status["em3"]["readings"], status["em3"]["faults"]) == (1, 0)
 
 
 def test_simulated_fleet_end_to_end_counts_match_exactly(
