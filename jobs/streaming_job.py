@@ -257,6 +257,9 @@ def start_query(
         .option("path", readings_path(settings.lake_path))
         .option("checkpointLocation", f"{settings.checkpoint_path.rstrip('/')}/streaming")
     )
+    if settings.lake_retention_days:
+        # Let the sink's metadata log forget files as old as those retention deletes.
+        writer = writer.option("retention", f"{settings.lake_retention_days}d")
     if available_now:
         writer = writer.trigger(availableNow=True)
     else:

@@ -7,7 +7,8 @@ columns are declared here once for Arrow (the Python side) and derived for Spark
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+import re
+from datetime import UTC, date, datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -37,6 +38,9 @@ CLASSIFIED_SCHEMA = pa.schema(
 
 #: What the lake stores: everything but the in-flight status (derivable from fault_code).
 LAKE_COLUMNS: tuple[str, ...] = tuple(n for n in CLASSIFIED_SCHEMA.names if n != "status")
+#: Readers give Spark this schema instead of letting it infer one from file footers:
+#: faster, and it tolerates files that retention deleted (ignoreMissingFiles).
+LAKE_SCHEMA = pa.schema([CLASSIFIED_SCHEMA.field(name) for name in LAKE_COLUMNS])
 PARTITION_COLUMN = "date"
 
 _SPARK_TYPES = {
@@ -112,3 +116,42 @@ def advance_watermark(lake_path: str, event_time: datetime, batch_id: int) -> da
         stream.write(json.dumps(document).encode())
     fs.move(f"{path}.tmp", path)
     return event_time
+
+
+_PARTITION = re.compile(rf"^{PARTITION_COLUMN}=(\d{{4}}-\d{{2}}-\d{{2}})$")
+
+
+def subdirectories(root: str) -> list[str]:
+    """Directories directly under ``root`` (none if it is absent)."""
+    fs, path = _filesystem(root)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    base = root.rstrip("/")  # keep the URI scheme, which the filesystem's paths drop
+    return [f"{base}/{i.base_name}" for i in infos if i.type == pafs.FileType.Directory]
+
+
+def dated_partitions(root: str) -> dict[date, str]:
+    """The ``date=YYYY-MM-DD`` directories directly under ``root`` (none if it is absent)."""
+    found = {}
+    for path in subdirectories(root):
+        match = _PARTITION.match(path.rsplit("/", 1)[-1])
+        if match:
+            found[date.fromisoformat(match.group(1))] = path
+    return found
+
+
+def drop_partitions_before(root: str, keep_days: int, today: date) -> list[date]:
+    """Delete the date partitions of ``root`` older than ``keep_days`` days before ``today``.
+
+    Readers of the streaming sink's output set ``spark.sql.files.ignoreMissingFiles`` so
+    that files its metadata log still lists may disappear (see meterflow.spark.session).
+    """
+    if keep_days <= 0:
+        return []
+    cutoff = today - timedelta(days=keep_days)
+    dropped = []
+    for day, uri in sorted(dated_partitions(root).items()):
+        if day < cutoff:
+            fs, path = _filesystem(uri)
+            fs.delete_dir(path)
+            dropped.append(day)
+    return dropped

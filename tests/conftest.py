@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +16,21 @@ import pytest
 from meterflow import kafka
 from meterflow.broker import LocalBroker
 from meterflow.config import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Airflow reads its configuration when first imported: point it at a throw-away home,
+# the project's DAGs and plugins, and SQLite, before any test imports it.
+_AIRFLOW_HOME = tempfile.mkdtemp(prefix="meterflow-airflow-")
+for _name, _value in {
+    "AIRFLOW_HOME": _AIRFLOW_HOME,
+    "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+    "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_AIRFLOW_HOME}/airflow.db",
+    "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+}.items():
+    os.environ[_name] = _value
 
 
 def _free_port() -> int:
@@ -92,3 +110,14 @@ def mongo_uri() -> str:
 @pytest.fixture
 def mongo_db_name() -> str:
     return f"meterflow_test_{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> str:
+    """A migrated Airflow metadata database (SQLite) for tests that run DAGs."""
+    airflow = Path(sys.executable).with_name("airflow")
+    result = subprocess.run(
+        [str(airflow), "db", "migrate"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, f"airflow db migrate failed:\n{result.stderr[-3000:]}"
+    return os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]

@@ -1,0 +1,71 @@
+"""Daily batch views: per meter, per meter type and per district, for each day.
+
+For the run's day ``ds``: wait until the lake partition is complete (the stream's
+event-time watermark passed the day's end, or a grace period did), aggregate it with the
+Spark batch job (spark-submit through the ``spark_default`` connection: ``local`` natively,
+the Spark master in docker compose), publish the views to MongoDB, then check them against
+the lake. Every step replaces the day's results, so re-runs and backfills (``catchup``)
+give the same documents as running the days one by one.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pendulum
+from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+from airflow.sdk import dag, task
+
+from meterflow_airflow.hooks import MeterflowHook, job_path
+from meterflow_airflow.sensors import LakePartitionCompleteSensor
+
+START_DATE = pendulum.parse(os.environ.get("METERFLOW_DAG_START_DATE", "2026-11-01"), tz="UTC")
+
+
+@dag(
+    dag_id="meter_daily_averages",
+    schedule="@daily",
+    start_date=START_DATE,
+    catchup=True,
+    max_active_runs=2,
+    default_args={"owner": "meterflow", "retries": 2, "retry_delay": timedelta(minutes=2)},
+    tags=["meterflow", "batch"],
+    doc_md=__doc__,
+)
+def meter_daily_averages() -> None:
+    wait = LakePartitionCompleteSensor(
+        task_id="wait_for_partition",
+        day="{{ ds }}",
+        mode="reschedule",
+        poke_interval=300,
+        timeout=timedelta(days=2).total_seconds(),
+    )
+    aggregate = SparkSubmitOperator(
+        task_id="aggregate",
+        conn_id="spark_default",
+        application=job_path("daily_batch_job"),
+        application_args=["--date", "{{ ds }}"],
+        name="meterflow-daily-{{ ds }}",
+    )
+
+    @task
+    def load(ds: str | None = None) -> dict:
+        """Publish the day's views to MongoDB (upserts that replace the day)."""
+        from meterflow.loader import publish_day
+
+        hook = MeterflowHook()
+        return publish_day(hook.settings, ds, db=hook.get_conn()).as_dict()
+
+    @task
+    def check(ds: str | None = None) -> dict:
+        """Fail the run if MongoDB disagrees with the lake for the day."""
+        from meterflow.checks import check_day
+
+        hook = MeterflowHook()
+        return check_day(hook.settings, ds, db=hook.get_conn()).as_dict()
+
+    wait >> aggregate >> load() >> check()
+
+
+meter_daily_averages()

@@ -1,0 +1,65 @@
+"""Incidents for meters that keep failing, cleared when they report good readings again.
+
+Event-driven: an Asset watches ``iot-abnormal`` through the Kafka provider's message-queue
+trigger (connection ``kafka_default``), so an abnormal reading starts a run within
+seconds; a five-minute timer also runs it, because recoveries arrive as good readings,
+not as abnormal events. Each run compares ``meter_status`` (kept by ``meterflow sink``)
+with ``incidents``: a meter with ``METERFLOW_INCIDENT_THRESHOLD`` faulty readings in a row
+gets one open incident; a meter whose latest reading was good gets its incident closed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pendulum
+from airflow.providers.apache.kafka.triggers.msg_queue import KafkaMessageQueueTrigger
+from airflow.sdk import Asset, AssetOrTimeSchedule, AssetWatcher, CronTriggerTimetable, dag, task
+
+from meterflow.contract import TOPIC_ABNORMAL
+
+ABNORMAL_TOPIC = os.environ.get("METERFLOW_TOPIC_ABNORMAL") or TOPIC_ABNORMAL
+
+abnormal_events = Asset(
+    name="meterflow_abnormal_readings",
+    watchers=[
+        AssetWatcher(
+            name="iot_abnormal_watcher",
+            trigger=KafkaMessageQueueTrigger(
+                topics=[ABNORMAL_TOPIC],
+                kafka_config_id="kafka_default",
+                apply_function="meterflow_airflow.triggers.abnormal_event",
+                poll_interval=5,
+            ),
+        )
+    ],
+)
+
+
+@dag(
+    dag_id="meter_incidents",
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable("*/5 * * * *", timezone="UTC"), assets=[abnormal_events]
+    ),
+    start_date=pendulum.datetime(2024, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args={"owner": "meterflow", "retries": 3},
+    tags=["meterflow", "alerts"],
+    doc_md=__doc__,
+)
+def meter_incidents() -> None:
+    @task
+    def reconcile_incidents() -> dict:
+        """Open incidents for failing meters and close those of recovered ones."""
+        from meterflow.incidents import reconcile
+        from meterflow_airflow.hooks import MeterflowHook
+
+        hook = MeterflowHook()
+        report = reconcile(hook.get_conn(), hook.settings.incident_threshold)
+        return report.as_dict()
+
+    reconcile_incidents()
+
+
+meter_incidents()

@@ -1,0 +1,38 @@
+"""The hook every meterflow task uses to reach its settings and MongoDB."""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+from typing import Any
+
+from airflow.sdk import BaseHook
+
+from meterflow.config import Settings
+
+
+class MeterflowHook(BaseHook):
+    """meterflow's settings (environment variables, documented in ``meterflow config``).
+
+    MongoDB comes from ``MONGO_URI`` through :func:`meterflow.mongo.database`, the same
+    factory the CLI and the tests use, so a task and ``meterflow load`` see one database.
+    """
+
+    conn_name_attr = "meterflow_conn_id"
+    hook_name = "meterflow"
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        super().__init__()
+        self.settings = settings or Settings.from_env()
+
+    def get_conn(self) -> Any:
+        from meterflow.mongo import database
+
+        return database(self.settings)
+
+
+def job_path(module: str) -> str:
+    """The file of a Spark job in ``jobs/`` for spark-submit, without importing it."""
+    spec = find_spec(f"jobs.{module}")
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(f"jobs.{module} is not installed (pip install -e .)")
+    return spec.origin
