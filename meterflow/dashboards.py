@@ -1,0 +1,264 @@
+"""The "Smart meters" dashboard: each card's MongoDB aggregation pipeline, in one place.
+
+Metabase runs a native MongoDB question as a JSON pipeline against one collection, so
+every card here is a collection name, a pipeline and how to draw the result. The
+provisioner (:mod:`meterflow.metabase`) sends them as they are; the tests run the same
+pipelines against test data. Field names are the serving layer's agreed document fields.
+
+Time-relative cards use ``$$NOW`` (MongoDB 4.2+) so a dashboard always shows "yesterday"
+and "the last 7 days" without being re-provisioned. ``mongomock`` does not know ``$$NOW``:
+:func:`bind_now` replaces it with a fixed instant so the rest of the pipeline can be
+tested there; against a real server the pipeline runs as Metabase sends it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from meterflow.mongo import (
+    ABNORMAL_READINGS,
+    DAILY_METER_AVERAGES,
+    DAILY_TYPE_AVERAGES,
+    METER_STATUS,
+)
+
+DASHBOARD_NAME = "Smart meters"
+DASHBOARD_DESCRIPTION = (
+    "Faulty meters, abnormal readings and daily consumption from the meterflow serving layer."
+)
+NOW = "$$NOW"
+DAY_MS = 86_400_000
+#: How far back the "over time" card looks (abnormal readings expire after the TTL anyway).
+RECENT_DAYS = 7
+TOP_PER_TYPE = 10
+
+
+@dataclass(frozen=True)
+class Card:
+    """One dashboard card: a native MongoDB question plus its place on the dashboard."""
+
+    name: str
+    description: str
+    collection: str
+    pipeline: list[dict[str, Any]]
+    display: str
+    visualization_settings: dict[str, Any] = field(default_factory=dict)
+    #: Position on Metabase's 24-column grid: (row, col, size_x, size_y).
+    layout: tuple[int, int, int, int] = (0, 0, 12, 6)
+
+    def native_query(self) -> str:
+        """The pipeline as Metabase stores a native MongoDB query: JSON text."""
+        return json.dumps(self.pipeline, indent=2)
+
+
+def _hour_of(field_path: str) -> dict[str, Any]:
+    """A date truncated to its hour with operators every MongoDB (and mongomock) knows.
+
+    ``$dateTrunc`` needs MongoDB 5; subtracting the minutes, seconds and milliseconds
+    works on any version and keeps a real date, so Metabase draws a time axis.
+    """
+    return {
+        "$subtract": [
+            field_path,
+            {
+                "$add": [
+                    {"$multiply": [{"$minute": field_path}, 60_000]},
+                    {"$multiply": [{"$second": field_path}, 1_000]},
+                    {"$millisecond": field_path},
+                ]
+            },
+        ]
+    }
+
+
+FAULTY_METERS_NOW = Card(
+    name="Faulty meters now",
+    description="Meters whose latest reading is faulty (meter_status.open_fault), oldest first.",
+    collection=METER_STATUS,
+    pipeline=[
+        {"$match": {"open_fault": {"$ne": None}}},
+        {"$sort": {"fault_since": 1, "device_id": 1}},
+        {
+            "$project": {
+                "_id": 0,
+                "device_id": 1,
+                "meter_type": 1,
+                "open_fault": 1,
+                "fault_since": 1,
+                "consecutive_faults": 1,
+                "last_seen": 1,
+                "last_value": 1,
+            }
+        },
+    ],
+    display="table",
+    layout=(0, 0, 12, 7),
+)
+
+ABNORMAL_OVER_TIME = Card(
+    name="Abnormal readings over time by fault code",
+    description=f"Abnormal readings per hour and fault code, last {RECENT_DAYS} days.",
+    collection=ABNORMAL_READINGS,
+    pipeline=[
+        {"$match": {"$expr": {"$gte": ["$timestamp", {"$subtract": [NOW, RECENT_DAYS * DAY_MS]}]}}},
+        {
+            "$group": {
+                "_id": {"hour": _hour_of("$timestamp"), "fault_code": "$fault_code"},
+                "readings": {"$sum": 1},
+            }
+        },
+        {
+            "$project": {
+                "_id": 0,
+                "hour": "$_id.hour",
+                "fault_code": "$_id.fault_code",
+                "readings": 1,
+            }
+        },
+        {"$sort": {"hour": 1, "fault_code": 1}},
+    ],
+    display="line",
+    visualization_settings={
+        "graph.dimensions": ["hour", "fault_code"],
+        "graph.metrics": ["readings"],
+    },
+    layout=(0, 12, 12, 7),
+)
+
+ABNORMAL_PER_METER = Card(
+    name="Abnormal readings per meter",
+    description="Meters with the most abnormal readings (kept for the TTL), and their fault codes.",
+    collection=ABNORMAL_READINGS,
+    pipeline=[
+        {
+            "$group": {
+                "_id": "$device_id",
+                "meter_type": {"$first": "$meter_type"},
+                "abnormal_readings": {"$sum": 1},
+                "fault_codes": {"$addToSet": "$fault_code"},
+                "last_fault_at": {"$max": "$timestamp"},
+            }
+        },
+        {"$sort": {"abnormal_readings": -1, "_id": 1}},
+        {"$limit": 100},
+        {
+            "$project": {
+                "_id": 0,
+                "device_id": "$_id",
+                "meter_type": 1,
+                "abnormal_readings": 1,
+                "fault_codes": 1,
+                "last_fault_at": 1,
+            }
+        },
+    ],
+    display="table",
+    layout=(7, 0, 12, 7),
+)
+
+DAILY_AVERAGE_PER_TYPE = Card(
+    name="Daily average consumption per meter type",
+    description="Average consumption per reading, per day and meter type (daily batch job).",
+    collection=DAILY_TYPE_AVERAGES,
+    pipeline=[
+        {"$sort": {"date": 1, "meter_type": 1}},
+        {"$project": {"_id": 0, "date": 1, "meter_type": 1, "avg": 1, "meter_count": 1}},
+    ],
+    display="line",
+    visualization_settings={"graph.dimensions": ["date", "meter_type"], "graph.metrics": ["avg"]},
+    layout=(7, 12, 12, 7),
+)
+
+TOP_CONSUMERS_YESTERDAY = Card(
+    name="Top consumers yesterday",
+    description=(
+        f"The {TOP_PER_TYPE} meters of each type with the largest total consumption yesterday "
+        "(UTC); units differ per type, so each type is ranked on its own."
+    ),
+    collection=DAILY_METER_AVERAGES,
+    pipeline=[
+        {
+            "$match": {
+                "$expr": {
+                    "$eq": [
+                        "$day",
+                        {
+                            "$dateToString": {
+                                "format": "%Y-%m-%d",
+                                "date": {"$subtract": [NOW, DAY_MS]},
+                            }
+                        },
+                    ]
+                }
+            }
+        },
+        {"$sort": {"meter_type": 1, "total": -1, "device_id": 1}},
+        {"$group": {"_id": "$meter_type", "meters": {"$push": "$$ROOT"}}},
+        {"$project": {"meters": {"$slice": ["$meters", TOP_PER_TYPE]}}},
+        {"$unwind": "$meters"},
+        {
+            "$project": {
+                "_id": 0,
+                "meter_type": "$meters.meter_type",
+                "device_id": "$meters.device_id",
+                "district": "$meters.district",
+                "total": "$meters.total",
+                "unit": "$meters.unit",
+                "avg": "$meters.avg",
+            }
+        },
+        {"$sort": {"meter_type": 1, "total": -1, "device_id": 1}},
+    ],
+    display="table",
+    layout=(14, 0, 12, 8),
+)
+
+COMPLETENESS_PER_DAY = Card(
+    name="Data completeness per day",
+    description="Mean share of expected readings received per meter, per day (1 = complete).",
+    collection=DAILY_METER_AVERAGES,
+    pipeline=[
+        {
+            "$group": {
+                "_id": "$date",
+                "completeness": {"$avg": "$completeness"},
+                "meters": {"$sum": 1},
+                "readings": {"$sum": "$reading_count"},
+            }
+        },
+        {"$project": {"_id": 0, "date": "$_id", "completeness": 1, "meters": 1, "readings": 1}},
+        {"$sort": {"date": 1}},
+    ],
+    display="bar",
+    visualization_settings={"graph.dimensions": ["date"], "graph.metrics": ["completeness"]},
+    layout=(14, 12, 12, 8),
+)
+
+CARDS: tuple[Card, ...] = (
+    FAULTY_METERS_NOW,
+    ABNORMAL_OVER_TIME,
+    ABNORMAL_PER_METER,
+    DAILY_AVERAGE_PER_TYPE,
+    TOP_CONSUMERS_YESTERDAY,
+    COMPLETENESS_PER_DAY,
+)
+
+
+def bind_now(pipeline: Any, now: datetime) -> Any:
+    """A copy of ``pipeline`` with every ``$$NOW`` replaced by ``now`` (for mongomock)."""
+    if pipeline == NOW:
+        return now
+    if isinstance(pipeline, dict):
+        return {key: bind_now(value, now) for key, value in pipeline.items()}
+    if isinstance(pipeline, list):
+        return [bind_now(item, now) for item in pipeline]
+    return pipeline
+
+
+def run_card(db: Any, card: Card, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Run ``card``'s pipeline on ``db`` as Metabase would; ``now`` binds ``$$NOW``."""
+    pipeline = card.pipeline if now is None else bind_now(card.pipeline, now)
+    return list(db[card.collection].aggregate(pipeline))
