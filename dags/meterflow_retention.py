@@ -24,11 +24,11 @@ def meterflow_retention() -> None:
     @task
     def apply_mongo_ttl() -> dict:
         """Create or update the TTL indexes from the configured number of days."""
-        from meterflow.mongo import ensure_indexes
+        from meterflow.serving import ensure_indexes
         from meterflow_airflow.hooks import MeterflowHook
 
         hook = MeterflowHook()
-        return ensure_indexes(hook.get_conn(), hook.settings)
+        return ensure_indexes(hook.get_conn(), hook.settings.abnormal_ttl_days)
 
     @task
     def drop_old_lake_partitions(ds: str | None = None) -> dict:

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import date
 from pathlib import Path
 
 from meterflow import __version__
@@ -20,6 +21,7 @@ from meterflow.broker import BrokerError, kafka_for
 from meterflow.config import VARIABLES, ConfigError, Settings
 from meterflow.kafka import KafkaUnavailableError, ProducerSink
 from meterflow.logs import get_logger, setup_logging
+from meterflow.mongo import MongoUnavailableError
 
 log = get_logger("meterflow.cli")
 
@@ -72,6 +74,112 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_provision_metabase(args: argparse.Namespace, settings: Settings) -> int:
+    """Set up Metabase: admin, the MongoDB database and the "Smart meters" dashboard."""
+    from meterflow.metabase import MetabaseError, MetabaseSettings, provision
+
+    try:
+        result = provision(MetabaseSettings.from_env())
+    except MetabaseError as exc:
+        print(f"meterflow provision-metabase: {exc}", file=sys.stderr)
+        return 2
+    print(f"dashboard ready at {result['dashboard_url']}")
+    return 0
+
+
+def cmd_init_mongo(args: argparse.Namespace, settings: Settings) -> int:
+    """Indexes (TTL included) and the fleet registry in MongoDB; safe to run again."""
+    from meterflow.mongo import database, mongo_for
+    from meterflow.serving import init_mongo, summary_lines
+
+    with mongo_for(settings) as (live, _):
+        try:
+            report = init_mongo(database(live), live, registry=args.registry)
+        except FileNotFoundError as exc:
+            print(f"meterflow init-mongo: {exc}", file=sys.stderr)
+            return 2
+    for line in summary_lines(report):
+        print(line)
+    return 0
+
+
+def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
+    """Abnormal events and meter status from Kafka into MongoDB until Ctrl-C or SIGTERM."""
+    from meterflow.mongo import database, mongo_for
+    from meterflow.serving import ensure_indexes
+    from meterflow.sink import Sink
+
+    stop = threading.Event()
+    previous = {
+        number: signal.signal(number, lambda *_: stop.set())
+        for number in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        with kafka_for(settings, start_local=False) as (live, _), mongo_for(live) as (live, _):
+            db = database(live)
+            ensure_indexes(db, live.abnormal_ttl_days)
+            print(
+                f"sink: {live.topic_abnormal}, {live.topic_status} on {live.bootstrap_servers} "
+                f"-> MongoDB database {live.mongo_db}; Ctrl-C stops",
+                file=sys.stderr,
+            )
+            stats = Sink(live, db).run(stop.is_set)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    print(
+        f"consumed {stats.consumed:,} = written {stats.written:,} + duplicates "
+        f"{stats.duplicates:,} + dead-lettered {stats.dead_lettered:,} "
+        f"({'reconciled' if stats.reconciled else 'MISMATCH'}); {stats.batches} batches, "
+        f"{stats.retries} retries"
+    )
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
+    """The daily batch job for one day, in this process with a local Spark."""
+    from jobs.daily_batch_job import run
+
+    try:
+        report = run(settings, args.date)
+    finally:
+        _stop_spark()
+    print(report.to_json())
+    return 0
+
+
+def cmd_load(args: argparse.Namespace, settings: Settings) -> int:
+    """Publish one day's batch views to MongoDB (replacing the day)."""
+    from meterflow.loader import ViewMissingError, publish_day
+    from meterflow.mongo import database, mongo_for
+
+    with mongo_for(settings) as (live, _):
+        try:
+            report = publish_day(live, args.date, database(live))
+        except ViewMissingError as exc:
+            print(f"meterflow load: {exc}", file=sys.stderr)
+            return 2
+    print(f"{report.day} {report.status}: upserted {report.upserted}, deleted {report.deleted}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    """Check one published day against its views and the lake; exit 1 if they disagree."""
+    from meterflow.checks import CheckFailed, check_day
+    from meterflow.mongo import database, mongo_for
+
+    with mongo_for(settings) as (live, _):
+        try:
+            report = check_day(live, args.date, database(live))
+        except CheckFailed as exc:
+            print(f"meterflow check: FAILED: {exc}", file=sys.stderr)
+            return 1
+    print(f"{report.day} {report.status}: passed; lake {report.lake_counts}")
+    for note in report.notes:
+        print(note)
+    return 0
+
+
 def _into_readings_topic(
     settings: Settings, what: str, produce: Callable[..., int], args: argparse.Namespace
 ) -> int:
@@ -110,37 +218,100 @@ def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    """The main job natively: Kafka, the simulator feeding it live, and the speed layer."""
+    """The platform natively: Kafka, MongoDB, the simulator, the speed layer and the sink.
+
+    With ``--airflow`` the simulator first backfills yesterday and Airflow (standalone)
+    runs the DAGs, so the daily views of a complete day appear in MongoDB.
+    """
     from jobs.streaming_job import run
+    from meterflow.mongo import _redacted, database, mongo_for
+    from meterflow.serving import init_mongo
     from simulator.cli import start_background_simulation
 
-    with kafka_for(settings) as (live, broker):
+    with kafka_for(settings) as (live, broker), mongo_for(live) as (live, _):
         if broker is not None:
             _reset_stale_checkpoint(live)
         print(
-            f"meterflow {__version__}: Kafka {live.bootstrap_servers}, lake {live.lake_path}, "
+            f"meterflow {__version__}: Kafka {live.bootstrap_servers}, MongoDB "
+            f"{_redacted(live.mongo_uri)} (database {live.mongo_db}), lake {live.lake_path}, "
             f"{args.meters} simulated meters every {args.interval}; Ctrl-C stops",
             file=sys.stderr,
         )
         stop = threading.Event()
-        sink = ProducerSink(live.bootstrap_servers, live.topic_readings)
-        simulation = (
-            None
-            if args.no_simulator
-            else start_background_simulation(
-                live, sink, stop, meters=args.meters, interval=args.interval, seed=args.seed
+        producer = ProducerSink(live.bootstrap_servers, live.topic_readings)
+        workers: list[threading.Thread] = []
+        if not args.no_simulator:
+            workers.append(
+                start_background_simulation(
+                    live,
+                    producer,
+                    stop,
+                    meters=args.meters,
+                    interval=args.interval,
+                    seed=args.seed,
+                    backfill_days=1 if args.airflow else 0,
+                )
             )
-        )
+        init_mongo(database(live), live)  # indexes, and the registry the simulator wrote
+        workers.append(_start_sink(live, stop))
+        airflow = _start_airflow(live) if args.airflow else None
         try:
             totals = run(live, available_now=False)
         finally:
             stop.set()
-            if simulation is not None:
-                simulation.join(timeout=30)
-            sink.close(30)
+            for worker in workers:
+                worker.join(timeout=60)
+            producer.close(30)
             _stop_spark()
+            if airflow is not None:
+                _stop_process_group(airflow)
     print(_totals_line(totals))
     return 0
+
+
+def _start_sink(settings: Settings, stop: threading.Event) -> threading.Thread:
+    """``meterflow sink`` in a thread of ``meterflow run`` (stops, flushed, with ``stop``)."""
+    from meterflow.mongo import database
+    from meterflow.sink import Sink
+
+    def consume() -> None:
+        try:
+            stats = Sink(settings, database(settings)).run(stop.is_set)
+            log.info("sink=stopped %s", stats.summary())
+        except Exception:
+            log.exception("sink=failed")
+
+    thread = threading.Thread(target=consume, name="sink", daemon=True)
+    thread.start()
+    return thread
+
+
+def _start_airflow(settings: Settings):
+    from datetime import UTC, datetime, timedelta
+
+    from meterflow.airflow_local import API_PORT, start_standalone
+
+    yesterday = datetime.now(UTC).date() - timedelta(days=1)
+    process = start_standalone(settings, yesterday)
+    print(
+        f"Airflow standalone starting: http://localhost:{API_PORT} (user admin, password in "
+        f"{settings.data_dir / 'airflow'}/simple_auth_manager_passwords.json.generated; "
+        f"log {settings.data_dir / 'logs' / 'airflow.log'})",
+        file=sys.stderr,
+    )
+    return process
+
+
+def _stop_process_group(process, timeout: float = 30) -> None:
+    import os
+    import subprocess
+
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def _stop_spark() -> None:
@@ -179,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--interval", default="10s", help="reading interval (default 10s)")
     run.add_argument("--seed", type=int, default=None, help="make the simulated fleet reproducible")
     run.add_argument("--no-simulator", action="store_true", help="only consume what arrives")
+    run.add_argument(
+        "--airflow",
+        action="store_true",
+        help="also backfill yesterday and run Airflow standalone with the DAGs",
+    )
 
     stream = add("stream", cmd_stream, "Run the Spark streaming job (speed layer)")
     stream.add_argument(
@@ -188,8 +364,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_replay_arguments(add("replay", cmd_replay, "Replay a UCI or AMPds2 recording into Kafka"))
     add("broker", cmd_broker, "Run a local Kafka-protocol broker in the foreground")
     add("topics", cmd_topics, "Create the topics on the configured Kafka")
+    add("sink", cmd_sink, "Write abnormal events and meter status from Kafka to MongoDB")
+    init_mongo = add("init-mongo", cmd_init_mongo, "Create MongoDB indexes and load the registry")
+    init_mongo.add_argument(
+        "--registry", default=None, help="registry Parquet file or directory (default: the lake's)"
+    )
+    for name, handler, text in (
+        ("batch", cmd_batch, "Run the daily batch job for one day (local Spark)"),
+        ("load", cmd_load, "Publish one day's batch views to MongoDB"),
+        ("check", cmd_check, "Check one published day against its views and the lake"),
+    ):
+        add(name, handler, text).add_argument(
+            "--date", required=True, type=date.fromisoformat, help="the day, YYYY-MM-DD"
+        )
     config = add("config", cmd_config, "List the environment variables and their defaults")
     config.add_argument("--markdown", action="store_true", help="as a Markdown table")
+    add(
+        "provision-metabase",
+        cmd_provision_metabase,
+        "Set up Metabase: admin, MongoDB database, Smart meters dashboard",
+    )
     return parser
 
 
@@ -202,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         return args.handler(args, settings)
-    except (ConfigError, KafkaUnavailableError, BrokerError) as exc:
+    except (ConfigError, KafkaUnavailableError, BrokerError, MongoUnavailableError) as exc:
         print(f"meterflow {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

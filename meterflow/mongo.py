@@ -1,17 +1,35 @@
-"""MongoDB for the serving layer: one client factory and the collection names.
+"""MongoDB for the serving layer: one client factory, the collection names, a local stand-in.
 
 Everything that talks to MongoDB takes its database from :func:`database`, so tests can
 point the whole project at ``mongomock`` (``MONGO_URI=mongomock://``) and, when
 ``MONGO_URI`` names a real server, run the same tests against it. The code stays thin
 over ``pymongo``: bulk upserts, indexes, simple aggregations.
+
+:func:`mongo_for` is to MongoDB what :func:`meterflow.broker.kafka_for` is to Kafka: with
+``MONGO_URI`` set it checks that the server answers; without it, native demos get a local
+``nx-27017`` (a MongoDB wire-protocol server over SQLite). The stand-in is experimental
+(it stores ``$set`` dates as strings, ignores partial indexes and ``collMod``): good for a
+demo and a networked smoke test, never the reference for MongoDB behaviour.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import socket
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from meterflow.config import ConfigError, Settings
+from meterflow.logs import get_logger
+
+log = get_logger(__name__)
 
 #: Collections of the ``iot`` database (DESIGN.md, "Storage layout").
 ABNORMAL_READINGS = "abnormal_readings"  # _id = event id (topic-partition-offset)
@@ -46,6 +64,7 @@ def client(uri: str) -> Any:
         import mongomock
 
         with _mock_lock:
+            _patch_mongomock_bulk()
             if uri not in _mock_clients:
                 _mock_clients[uri] = mongomock.MongoClient(tz_aware=True)
             return _mock_clients[uri]
@@ -63,3 +82,177 @@ def client(uri: str) -> Any:
 def database(settings: Settings) -> Any:
     """The serving-layer database (``MONGO_DB``) of the configured MongoDB."""
     return client(settings.mongo_uri)[settings.mongo_db]
+
+
+def _patch_mongomock_bulk() -> None:
+    """Let mongomock 4.3 run pymongo >= 4.10 bulk operations (they pass a ``sort`` option).
+
+    Without this, ``bulk_write`` on the fake raises ``TypeError`` for every ``UpdateOne``;
+    a ``sort`` other than None is refused as not implemented rather than ignored.
+    """
+    from mongomock.collection import BulkOperationBuilder
+
+    if getattr(BulkOperationBuilder, "_meterflow_patched", False):
+        return
+
+    def without_sort(method: Any) -> Any:
+        def call(self: Any, *args: Any, sort: Any = None, **kwargs: Any) -> Any:
+            if sort is not None:
+                raise NotImplementedError("mongomock: bulk operations with sort")
+            return method(self, *args, **kwargs)
+
+        return call
+
+    BulkOperationBuilder.add_update = without_sort(BulkOperationBuilder.add_update)
+    BulkOperationBuilder.add_replace = without_sort(BulkOperationBuilder.add_replace)
+    BulkOperationBuilder._meterflow_patched = True
+
+
+def ping(uri: str, timeout: float = 5.0) -> None:
+    """Raise :class:`MongoUnavailableError` (one line, no credentials) unless ``uri`` answers."""
+    if uri.startswith(MOCK_SCHEME):
+        return
+    import pymongo
+    from pymongo.errors import ConfigurationError, InvalidURI, PyMongoError
+
+    try:
+        with pymongo.MongoClient(uri, serverSelectionTimeoutMS=int(timeout * 1000)) as probe:
+            probe.admin.command("ping")
+    except (ConfigurationError, InvalidURI) as exc:
+        raise ConfigError(f"MONGO_URI is not usable: {exc}") from None
+    except PyMongoError as exc:
+        where = _redacted(uri)
+        reason = str(exc).split(",")[0].split(" (configured")[0]
+        raise MongoUnavailableError(
+            f"MongoDB at {where} did not answer within {timeout:g} s ({reason})"
+        ) from None
+
+
+def _redacted(uri: str) -> str:
+    """The URI without its user and password, for messages and logs."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return uri
+    hosts = rest.rsplit("@", 1)[-1]
+    return f"{scheme}://{hosts.split('/')[0].split('?')[0]}"
+
+
+def _port_open(port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class LocalMongo:
+    """An ``nx-27017`` process on 127.0.0.1 with its data in ``data_dir``; stops on exit."""
+
+    port: int
+    data_dir: Path
+    log_path: Path
+    process: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://127.0.0.1:{self.port}/"
+
+    def _command(self) -> list[str]:
+        beside_python = Path(sys.executable).with_name("nx-27017")
+        binary = str(beside_python) if beside_python.exists() else shutil.which("nx-27017")
+        if binary is None:
+            raise MongoUnavailableError(
+                "MONGO_URI is empty and nx-27017 (the local MongoDB stand-in) is not "
+                "installed: pip install -r requirements.txt, or set MONGO_URI to a MongoDB"
+            )
+        return [
+            binary,
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--data-dir", str(self.data_dir),
+            "--log-file", str(self.log_path),
+            "--pid-file", str(self.data_dir / "nx-27017.pid"),
+        ]  # fmt: skip
+
+    def start(self, timeout: float = 20.0) -> LocalMongo:
+        command = self._command()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as out:
+            self.process = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise MongoUnavailableError(
+                    f"local MongoDB stand-in exited with code {self.process.returncode}; "
+                    f"see {self.log_path}"
+                )
+            if _port_open(self.port):
+                try:
+                    ping(self.uri, timeout=2)
+                    return self
+                except MongoUnavailableError:
+                    pass
+            time.sleep(0.05)
+        self.stop()
+        raise MongoUnavailableError(
+            f"local MongoDB stand-in did not answer on port {self.port} within {timeout:.0f} s"
+        )
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> LocalMongo:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def mongo_for(
+    settings: Settings, start_local: bool = True
+) -> Iterator[tuple[Settings, LocalMongo | None]]:
+    """Yield settings whose ``mongo_uri`` answers, and the stand-in started for it, if any.
+
+    With ``MONGO_URI`` set the server must answer a ping, else
+    :class:`MongoUnavailableError` names it (without credentials). Without it, a stand-in
+    already listening on ``METERFLOW_LOCAL_MONGO_PORT`` is reused, or one is started with
+    its data under ``DATA_DIR/mongo`` (it keeps data across restarts, unlike the broker).
+    """
+    local = None
+    if settings.mongo_uri:
+        ping(settings.mongo_uri)
+        log.info("mongo=external uri=%s", _redacted(settings.mongo_uri))
+    elif _port_open(settings.local_mongo_port):
+        settings = settings.with_mongo(f"mongodb://127.0.0.1:{settings.local_mongo_port}/")
+        ping(settings.mongo_uri)
+        log.info("mongo=local-running uri=%s", settings.mongo_uri)
+    elif not start_local:
+        raise MongoUnavailableError(
+            f"no MongoDB: MONGO_URI is empty and nothing listens on "
+            f"127.0.0.1:{settings.local_mongo_port}"
+        )
+    else:
+        local = LocalMongo(
+            settings.local_mongo_port,
+            settings.data_dir / "mongo",
+            settings.data_dir / "logs" / "mongo.log",
+        ).start()
+        settings = settings.with_mongo(local.uri)
+        log.info("mongo=local-started uri=%s log=%s", local.uri, local.log_path)
+    try:
+        yield settings, local
+    finally:
+        if local is not None:
+            local.stop()

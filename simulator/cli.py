@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 from typing import TextIO
@@ -37,7 +38,7 @@ from simulator.faults import (
     parse_rate_table,
 )
 from simulator.fleet import DEFAULT_MIX, build_fleet, write_registry
-from simulator.generator import FORMATS, MODES, Simulation, SimulationConfig, Summary
+from simulator.generator import FORMATS, MODES, Simulation, SimulationConfig, Summary, simulate
 from simulator.replay import ReplayError, ReplaySummary, replay
 from simulator.sink import Sink
 
@@ -304,7 +305,7 @@ def run_simulate(args: argparse.Namespace, settings: Settings, sink: Sink) -> in
             fleet = build_fleet(config.meters, config.seed, config.mix)
         simulation = Simulation(config, fleet)
         if fleet is not None and args.registry:
-            where = write_registry(fleet, settings.registry_path)
+            where = write_registry(fleet, settings.registry_path, config.interval_s)
             print(f"fleet registry: {len(fleet):,} meters in {where}", file=sys.stderr)
     except ValueError as exc:
         return _fail("simulate", str(exc), EXIT_USAGE)
@@ -336,10 +337,13 @@ def start_background_simulation(
     meters: int,
     interval: str | float,
     seed: int | None,
+    backfill_days: float = 0,
 ) -> threading.Thread:
     """A live fleet with the default faults, feeding ``sink`` from a thread (``meterflow run``).
 
-    The registry is written first; the thread ends when ``stop`` is set. The caller flushes.
+    The registry is written first; with ``backfill_days`` the same fleet first backfills
+    that many days up to today 00:00 UTC (so the daily DAG has complete days to process).
+    The thread ends when ``stop`` is set. The caller flushes.
     """
     config = SimulationConfig(
         meters=meters,
@@ -350,10 +354,14 @@ def start_background_simulation(
     )
     fleet = build_fleet(meters, seed)
     simulation = Simulation(config, fleet)
-    write_registry(fleet, settings.registry_path)
+    write_registry(fleet, settings.registry_path, config.interval_s)
 
     def run() -> None:
         try:
+            if backfill_days:
+                backfill = replace(config, mode="backfill", days=backfill_days)
+                done = simulate(backfill, sink.emit, stop, fleet=fleet)
+                log.info("simulator=backfilled days=%g sent=%d", backfill_days, done.sent)
             summary = simulation.run(sink.emit, stop)
         except Exception:
             log.exception("simulator=failed")

@@ -16,6 +16,7 @@ import sys
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pytest
@@ -120,7 +121,7 @@ def test_partition_is_complete_after_watermark_or_grace(
 
 
 @pytest.fixture
-def simulated_lake(spark, make_settings, mongo_uri, mongo_db_name, monkeypatch):
+def simulated_lake(spark, make_settings, mongo_uri, mongo_db_name, monkeypatch, airflow_db):
     """Two simulated days in the lake (simulator -> broker -> streaming job) and env for DAGs."""
     settings: Settings = make_settings(partitions=2, MONGO_URI=mongo_uri, MONGO_DB=mongo_db_name)
     fleet = build_fleet(24, seed=5)
@@ -154,7 +155,11 @@ def simulated_lake(spark, make_settings, mongo_uri, mongo_db_name, monkeypatch):
 def expected_meter_views(settings: Settings, day: date) -> dict[str, dict]:
     """Per-meter aggregates computed here from the lake files, independently of Spark."""
     table = (
-        ds.dataset(readings_path(settings.lake_path), format="parquet", partitioning="hive")
+        ds.dataset(
+            readings_path(settings.lake_path),
+            format="parquet",
+            partitioning=ds.partitioning(pa.schema([("date", pa.date32())]), flavor="hive"),
+        )
         .to_table(filter=pc.field("date") == day)
         .to_pandas()
     )

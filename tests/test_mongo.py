@@ -1,0 +1,231 @@
+"""``meterflow init-mongo``: indexes (TTL included), the registry in ``meters``, and the
+local MongoDB stand-in (a networked smoke test only: the reference is mongomock or the
+server ``MONGO_URI`` names)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo.errors import DuplicateKeyError
+
+from meterflow import cli, contract, mongo, serving
+from meterflow.config import Settings
+from meterflow.sink import ServingWriter, decode_abnormal, decode_status
+from simulator.fleet import build_fleet, write_registry
+
+DAY_S = 86_400
+
+
+@pytest.fixture
+def db(mongo_uri: str, mongo_db_name: str) -> Any:
+    database = mongo.client(mongo_uri)[mongo_db_name]
+    yield database
+    if not mongo_uri.startswith(mongo.MOCK_SCHEME):
+        database.client.drop_database(mongo_db_name)
+
+
+def settings_for(tmp_path: Path, mongo_uri: str, db_name: str, **env: str) -> Settings:
+    return Settings.from_env(
+        {
+            "MONGO_URI": mongo_uri,
+            "MONGO_DB": db_name,
+            "METERFLOW_DATA_DIR": str(tmp_path / "data"),
+            **env,
+        }
+    )
+
+
+def ttl_of(db: Any, collection: str) -> dict[str, int]:
+    return {
+        name: info["expireAfterSeconds"]
+        for name, info in db[collection].index_information().items()
+        if "expireAfterSeconds" in info
+    }
+
+
+def test_init_mongo_is_idempotent_and_follows_ttl_changes(
+    db: Any, tmp_path: Path, mongo_uri: str, mongo_db_name: str
+) -> None:
+    first = serving.init_mongo(db, settings_for(tmp_path, mongo_uri, mongo_db_name))
+    default_days = Settings.from_env({}).abnormal_ttl_days
+    specs = serving.index_specs(default_days)
+    assert set(first.indexes.values()) == {"created"}
+    for spec in specs:
+        info = db[spec.collection].index_information()[spec.name]
+        assert tuple((k, int(d)) for k, d in info["key"]) == spec.keys
+    assert ttl_of(db, mongo.ABNORMAL_READINGS) == {"ttl_detected_at": default_days * DAY_S}
+    assert ttl_of(db, mongo.INCIDENTS) == {"ttl_closed_at": default_days * DAY_S}
+
+    before = {c: db[c].index_information() for c in {s.collection for s in specs}}
+    again = serving.init_mongo(db, settings_for(tmp_path, mongo_uri, mongo_db_name))
+    assert set(again.indexes.values()) == {"unchanged"}
+    assert {c: db[c].index_information() for c in before} == before
+
+    shorter = settings_for(tmp_path, mongo_uri, mongo_db_name, METERFLOW_ABNORMAL_TTL_DAYS="7")
+    changed = serving.init_mongo(db, shorter).indexes
+    assert changed["abnormal_readings.ttl_detected_at"] in ("ttl-updated", "ttl-rebuilt")
+    assert ttl_of(db, mongo.ABNORMAL_READINGS) == {"ttl_detected_at": 7 * DAY_S}
+    assert ttl_of(db, mongo.INCIDENTS) == {"ttl_closed_at": 7 * DAY_S}
+    assert {k for k, v in changed.items() if v != "unchanged"} == {
+        "abnormal_readings.ttl_detected_at",
+        "incidents.ttl_closed_at",
+    }
+
+    forever = settings_for(tmp_path, mongo_uri, mongo_db_name, METERFLOW_ABNORMAL_TTL_DAYS="0")
+    dropped = serving.init_mongo(db, forever).indexes
+    assert dropped["abnormal_readings.ttl_detected_at"] == "dropped"
+    assert ttl_of(db, mongo.ABNORMAL_READINGS) == {} and ttl_of(db, mongo.INCIDENTS) == {}
+    assert "device_time" in db[mongo.ABNORMAL_READINGS].index_information()
+
+
+def test_one_open_incident_per_device_any_number_closed(db: Any) -> None:
+    serving.ensure_indexes(db, 30)
+    incidents = db[mongo.INCIDENTS]
+    now = datetime.now(UTC)
+    for n in range(2):
+        incidents.insert_one(
+            {"_id": f"em1|{n}", "device_id": "em1", "status": "closed", "closed_at": now}
+        )
+    incidents.insert_one({"_id": "em1|2", "device_id": "em1", "status": "open"})
+    incidents.insert_one({"_id": "em2|0", "device_id": "em2", "status": "open"})
+    with pytest.raises(DuplicateKeyError):
+        incidents.insert_one({"_id": "em1|3", "device_id": "em1", "status": "open"})
+
+
+def test_registry_loads_into_meters_and_reloads_without_duplicates(
+    db: Any, tmp_path: Path, mongo_uri: str, mongo_db_name: str
+) -> None:
+    settings = settings_for(tmp_path, mongo_uri, mongo_db_name)
+    assert serving.init_mongo(db, settings).registry is None  # no simulator has run yet
+    fleet = build_fleet(40, seed=3)
+    write_registry(fleet, settings.registry_path, interval_seconds=600)
+    loaded = serving.init_mongo(db, settings).registry
+    assert (loaded.meters, loaded.new, loaded.updated) == (len(fleet), len(fleet), 0)
+    docs = {d["_id"]: d for d in db[mongo.METERS].find()}
+    assert set(docs) == set(fleet.device_ids)
+    for meter in fleet.meters:
+        doc = docs[meter.device_id]
+        for name in ("device_id", "household_id", "owner", "address", "district", "city"):
+            assert doc[name] == getattr(meter, name)
+        assert doc["meter_type"] == str(meter.meter_type)
+        assert (doc["latitude"], doc["longitude"]) == (meter.latitude, meter.longitude)
+        installed = doc["installed_on"].replace(tzinfo=UTC)
+        assert installed == datetime(*meter.installed_on.timetuple()[:3], tzinfo=UTC)
+        assert doc["interval_seconds"] == 600
+        assert "scale" not in doc
+
+    # A re-run changes nothing; a registry with another owner updates that meter only.
+    rerun = serving.init_mongo(db, settings).registry
+    assert (rerun.meters, rerun.new, rerun.updated) == (len(fleet), 0, 0)
+    other = tmp_path / "elsewhere"
+    changed = build_fleet(40, seed=3)
+    changed.meters[0] = type(changed.meters[0])(
+        **{**changed.meters[0].__dict__, "owner": "Someone Else"}
+    )
+    path = write_registry(changed, str(other), interval_seconds=600)
+    reloaded = serving.init_mongo(db, settings, registry=path).registry
+    assert (reloaded.new, reloaded.updated) == (0, 1)
+    assert db[mongo.METERS].count_documents({}) == len(fleet)
+    assert db[mongo.METERS].find_one({"_id": changed.meters[0].device_id})["owner"] == (
+        "Someone Else"
+    )
+
+
+def test_init_mongo_command(
+    tmp_path: Path,
+    mongo_uri: str,
+    mongo_db_name: str,
+    db: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    restore_logging: None,
+) -> None:
+    fleet = build_fleet(12, seed=1)
+    path = write_registry(fleet, str(tmp_path / "registry"))
+    for name, value in {
+        "MONGO_URI": mongo_uri,
+        "MONGO_DB": mongo_db_name,
+        "METERFLOW_DATA_DIR": str(tmp_path / "data"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["init-mongo", "--registry", path]) == 0
+    out = capsys.readouterr().out
+    assert f"registry: {len(fleet)} meters from {path}" in out
+    assert db[mongo.METERS].count_documents({}) == len(fleet)
+    assert cli.main(["init-mongo", "--registry", str(tmp_path / "missing.parquet")]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if "level=" not in x]
+    assert len(err) == 1 and "missing.parquet" in err[0]
+
+
+@pytest.fixture
+def restore_logging() -> Any:
+    """``cli.main`` points meterflow's log handler at the captured stderr: undo it after."""
+    logger = logging.getLogger("meterflow")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_mongodb_is_a_one_line_error(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    restore_logging: None,
+) -> None:
+    uri = f"mongodb://meter:s3cret@127.0.0.1:{_free_port()}/"
+    monkeypatch.setenv("MONGO_URI", uri)
+    monkeypatch.setenv("METERFLOW_DATA_DIR", str(tmp_path / "data"))
+    assert cli.main(["init-mongo"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if "level=" not in x]
+    assert len(err) == 1 and "did not answer" in err[0]
+    assert "s3cret" not in err[0]  # credentials never reach the logs
+
+
+def test_smoke_local_stand_in_over_tcp(tmp_path: Path) -> None:
+    """SMOKE TEST: nx-27017 started on demand, written by the sink's writer, read back."""
+    settings = Settings.from_env(
+        {
+            "MONGO_URI": "",
+            "METERFLOW_LOCAL_MONGO_PORT": str(_free_port()),
+            "METERFLOW_DATA_DIR": str(tmp_path / "data"),
+        }
+    )
+    reading = contract.evaluate(
+        b'{"device_id": "gm7", "timestamp": "2024-05-27T15:57:53Z", "usage_m3": -1}', 10**18
+    )
+    now_us = int(datetime.now(UTC).timestamp() * 1e6)  # not expired by the TTL index
+    event = contract.abnormal_event(reading, "iot-meter", 0, 42, now_us)
+    status = contract.meter_status_update(
+        "gm7", "gas", reading.event_time_us, -1.0, "SENTINEL", 1, 1, 1
+    )
+    with mongo.mongo_for(settings) as (live, local):
+        assert local is not None and live.mongo_uri.startswith("mongodb://127.0.0.1:")
+        db = mongo.database(live)
+        serving.ensure_indexes(db, 30)
+        writer = ServingWriter(db, 900)
+        for _ in range(2):  # the second time, everything is a duplicate
+            writer.write(
+                [decode_abnormal(json.dumps(event).encode())],
+                [decode_status(json.dumps(status).encode())],
+            )
+        stored = db[mongo.ABNORMAL_READINGS].find_one({"device_id": "gm7"})
+        assert stored["event_id"] == event["event_id"] and stored["fault_code"] == "SENTINEL"
+        assert db[mongo.ABNORMAL_READINGS].count_documents({}) == 1
+        assert db[mongo.METER_STATUS].find_one({"_id": "gm7"})["fault_count"] == 1
+        # A second mongo_for reuses the running stand-in instead of starting another.
+        with mongo.mongo_for(settings) as (again, second):
+            assert second is None and again.mongo_uri == live.mongo_uri
+    assert (tmp_path / "data" / "mongo").is_dir()
+    assert (tmp_path / "data" / "logs" / "mongo.log").exists()

@@ -1,0 +1,572 @@
+"""The MongoDB sink: exactly-once effects over at-least-once delivery, through a real broker.
+
+Kafka is the session's tansu broker over TCP; MongoDB is mongomock, or the server
+``MONGO_URI`` names. Consumer-group joins take seconds on tansu, so each Kafka test
+starts as few sinks as it can; the crash points of the writer are covered in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from confluent_kafka import TopicPartition
+from pymongo.errors import AutoReconnect
+
+from meterflow import cli, contract, kafka, mongo
+from meterflow.config import Settings
+from meterflow.contract import DeadLetterReason
+from meterflow.sink import (
+    AbnormalEvent,
+    ServingWriter,
+    Sink,
+    StatusUpdate,
+    UndecodableError,
+    decode_abnormal,
+    decode_status,
+)
+
+START_US = contract.parse_timestamp_us("2024-05-27T00:00:00Z")
+DETECTED_US = contract.parse_timestamp_us("2026-11-20T12:00:00.123456Z")
+INTERVAL_S = 900
+
+
+# -- building messages with the contract's own functions ------------------------------
+
+
+def event_json(device: str, offset: int, minute: int, value: float = -1) -> bytes:
+    """An abnormal event exactly as the streaming job publishes it."""
+    raw = json.dumps(
+        {
+            "device_id": device,
+            "timestamp": contract.format_timestamp_us(START_US + minute * 60_000_000),
+            "usage_kwh": value,
+        }
+    ).encode()
+    reading = contract.evaluate(raw, START_US + 10**12)
+    assert isinstance(reading, contract.Reading) and reading.fault_code is not None
+    event = contract.abnormal_event(reading, "iot-meter", offset % 3, offset, DETECTED_US)
+    return json.dumps(event).encode()
+
+
+def status_json(device: str, flags: list[bool], first_index: int) -> bytes:
+    """The status update of one micro-batch of a meter's readings (True = faulty)."""
+    trailing = 0
+    for faulty in reversed(flags):
+        if not faulty:
+            break
+        trailing += 1
+    last_us = START_US + (first_index + len(flags) - 1) * INTERVAL_S * 1_000_000
+    update = contract.meter_status_update(
+        device,
+        "electricity",
+        last_us,
+        -1.0 if flags[-1] else 1.5,
+        "SENTINEL" if flags[-1] else None,
+        len(flags),
+        sum(flags),
+        trailing,
+    )
+    return json.dumps(update).encode()
+
+
+def status_batches(flags: list[bool], sizes: Iterable[int]) -> list[tuple[int, list[bool]]]:
+    """Split a meter's reading sequence into micro-batches (first index, flags)."""
+    batches, start = [], 0
+    for size in sizes:
+        if start >= len(flags):
+            break
+        batches.append((start, flags[start : start + size]))
+        start += size
+    if start < len(flags):
+        batches.append((start, flags[start:]))
+    return batches
+
+
+def true_run(flags: list[bool]) -> tuple[int, int | None]:
+    """Length of the trailing run of faults and the index of its first reading."""
+    run = 0
+    for faulty in reversed(flags):
+        if not faulty:
+            break
+        run += 1
+    return run, (len(flags) - run if run else None)
+
+
+def at_index(index: int) -> datetime:
+    return datetime.fromtimestamp(START_US / 1e6 + index * INTERVAL_S, UTC)
+
+
+def produce(bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, bytes]]) -> int:
+    producer = kafka.producer(bootstrap)
+    count = 0
+    for key, value in messages:
+        kafka.produce(producer, topic, value, key)
+        count += 1
+    assert producer.flush(30) == 0
+    return count
+
+
+def sink_settings(
+    make_settings: Callable[..., Settings], mongo_uri: str, db: str, **env
+) -> Settings:
+    values = {
+        "MONGO_URI": mongo_uri,
+        "MONGO_DB": db,
+        "METERFLOW_SINK_GROUP": f"sink-{uuid.uuid4().hex[:8]}",
+        "METERFLOW_READING_INTERVAL_SECONDS": str(INTERVAL_S),
+        "METERFLOW_SINK_FLUSH_SECONDS": "0.2",
+    }
+    return make_settings(**{**values, **env})
+
+
+#: Group joins on tansu take about half the session timeout: keep it at Kafka's minimum.
+FAST_GROUP = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
+
+
+def run_until(sink: Sink, consumed: int, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    sink.run(lambda: sink.stats.consumed >= consumed or time.monotonic() > deadline)
+    assert sink.stats.consumed == consumed, sink.stats.summary()
+
+
+def offsets(settings: Settings) -> tuple[dict, dict]:
+    """(committed offsets of the sink's group, true partition ends) of its two topics."""
+    client = kafka.consumer(settings.bootstrap_servers, **{"group.id": settings.sink_group})
+    try:
+        parts = kafka.topic_partitions(client, [settings.topic_abnormal, settings.topic_status])
+        committed = client.committed([TopicPartition(t, p) for t, p in parts], timeout=10)
+        ends = kafka.partition_ends(client, parts)
+    finally:
+        client.close()
+    return {(tp.topic, tp.partition): max(tp.offset, 0) for tp in committed}, ends
+
+
+def expected_events(values: Iterable[bytes]) -> dict[str, dict[str, Any]]:
+    """Unique events by id, decoded with the standard library (not the sink's decoder)."""
+    return {json.loads(v)["event_id"]: json.loads(v) for v in values}
+
+
+def assert_events_stored(db: Any, events: dict[str, dict[str, Any]]) -> None:
+    stored = {doc["_id"]: doc for doc in db[mongo.ABNORMAL_READINGS].find()}
+    assert set(stored) == set(events)
+    for event_id, event in events.items():
+        doc = stored[event_id]
+        for name in ("event_id", "device_id", "meter_type", "fault_code", "reason", "reading"):
+            assert doc[name] == event[name]
+        assert doc["source"] == event["source"]
+        timestamp = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
+        assert doc["timestamp"].replace(tzinfo=UTC) == timestamp
+        detected = datetime.fromisoformat(event["detected_at"].replace("Z", "+00:00"))
+        assert abs(doc["detected_at"].replace(tzinfo=UTC) - detected) < timedelta(milliseconds=1)
+        assert doc["counted"] is True
+    per_device = Counter(e["device_id"] for e in events.values())
+    for device, count in per_device.items():
+        status = db[mongo.METER_STATUS].find_one({"_id": device})
+        assert status["fault_count"] == count, device
+        assert not status.get("pending_fault_ids")
+
+
+# -- decoding -------------------------------------------------------------------------
+
+GOOD_EVENT = json.loads(event_json("em1", 7, 0))
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"", DeadLetterReason.EMPTY),
+        (b"not json", DeadLetterReason.NOT_JSON),
+        (b"\xff\xfe", DeadLetterReason.NOT_JSON),
+        (b"[1, 2]", DeadLetterReason.NOT_OBJECT),
+        (json.dumps({**GOOD_EVENT, "event_id": None}).encode(), DeadLetterReason.MISSING_FIELD),
+        (json.dumps({**GOOD_EVENT, "device_id": ""}).encode(), DeadLetterReason.MISSING_FIELD),
+        (json.dumps({**GOOD_EVENT, "device_id": 12}).encode(), DeadLetterReason.WRONG_TYPE),
+        (json.dumps({**GOOD_EVENT, "reading": [1]}).encode(), DeadLetterReason.WRONG_TYPE),
+        (json.dumps({**GOOD_EVENT, "timestamp": "soon"}).encode(), DeadLetterReason.BAD_TIMESTAMP),
+        (
+            json.dumps({**GOOD_EVENT, "reading": {"$where": "1"}}).encode(),
+            DeadLetterReason.WRONG_TYPE,
+        ),
+    ],
+)
+def test_undecodable_events_name_their_reason(raw: bytes, reason: DeadLetterReason) -> None:
+    with pytest.raises(UndecodableError) as caught:
+        decode_abnormal(raw)
+    assert caught.value.reason == reason
+
+
+def test_inconsistent_status_updates_are_refused() -> None:
+    good = json.loads(status_json("em1", [False, True, True], 0))
+    assert decode_status(json.dumps(good).encode()).trailing_faults == 2
+    for broken in (
+        {**good, "trailing_faults": 4},  # more than the readings
+        {**good, "last_fault_code": None},  # a good last reading cannot end a run of faults
+        {**good, "readings": True},
+        {**good, "last_seen": 5},
+    ):
+        with pytest.raises(UndecodableError):
+            decode_status(json.dumps(broken).encode())
+
+
+# -- the writer, in-process -----------------------------------------------------------
+
+
+def decoded_events(values: Iterable[bytes]) -> list[AbnormalEvent]:
+    return [decode_abnormal(v) for v in values]
+
+
+def decoded_statuses(values: Iterable[bytes]) -> list[StatusUpdate]:
+    return [decode_status(v) for v in values]
+
+
+@pytest.fixture
+def db(mongo_uri: str, mongo_db_name: str) -> Any:
+    database = mongo.client(mongo_uri)[mongo_db_name]
+    yield database
+    if not mongo_uri.startswith(mongo.MOCK_SCHEME):
+        database.client.drop_database(mongo_db_name)
+
+
+def test_meter_status_newer_wins_older_ignored_runs_merge_recovery_clears(db: Any) -> None:
+    writer = ServingWriter(db, INTERVAL_S)
+    flags = [False, False, True, True, True, True, True, False, True, True]
+    batches = status_batches(flags, [3, 2, 2, 1, 2])
+    states = []
+    for start, part in batches:
+        writer.write([], decoded_statuses([status_json("em9", part, start)]))
+        states.append(db[mongo.METER_STATUS].find_one({"_id": "em9"}))
+        seen = flags[: start + len(part)]
+        run, first = true_run(seen)
+        assert states[-1]["consecutive_faults"] == run
+        assert states[-1]["open_fault"] == ("SENTINEL" if seen[-1] else None)
+        assert states[-1]["last_seen"].replace(tzinfo=UTC) == at_index(len(seen) - 1)
+        since = states[-1]["fault_since"]
+        assert (since and since.replace(tzinfo=UTC)) == (at_index(first) if run else None)
+    # The run of five across three batches merged; the good reading then cleared it.
+    assert max(s["consecutive_faults"] for s in states) == 5
+    # An older update (a replay after a restart) changes nothing, even redelivered twice.
+    before = db[mongo.METER_STATUS].find_one({"_id": "em9"})
+    old_start, old_part = batches[1]
+    result = writer.write([], decoded_statuses([status_json("em9", old_part, old_start)] * 2))
+    assert (result.status_applied, result.status_stale) == (0, 2)
+    after = db[mongo.METER_STATUS].find_one({"_id": "em9"})
+    assert {k: v for k, v in after.items() if k != "updated_at"} == {
+        k: v for k, v in before.items() if k != "updated_at"
+    }
+    # Newer and older in one batch, in any order: the newer wins.
+    newer = status_json("em9", [False], len(flags))
+    writer.write([], decoded_statuses([newer, status_json("em9", [True], len(flags) - 1)]))
+    final = db[mongo.METER_STATUS].find_one({"_id": "em9"})
+    assert final["open_fault"] is None and final["consecutive_faults"] == 0
+    assert final["last_seen"].replace(tzinfo=UTC) == at_index(len(flags))
+
+
+class SimulatedCrashError(RuntimeError):
+    """The process dies here: nothing after this point happens."""
+
+
+class CrashingDatabase:
+    """Lets bulk writes through until call ``crash_on`` (1-based), which applies only its
+    first ``keep`` operations and then dies."""
+
+    def __init__(self, db: Any, crash_on: int, keep: int) -> None:
+        self.db, self.crash_on, self.keep, self.calls = db, crash_on, keep, 0
+
+    def __getitem__(self, name: str) -> Any:
+        return _CrashingCollection(self, self.db[name])
+
+
+class _CrashingCollection:
+    def __init__(self, owner: CrashingDatabase, collection: Any) -> None:
+        self.owner, self.collection = owner, collection
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.collection, name)
+
+    def bulk_write(self, operations: list, **options: Any) -> Any:
+        self.owner.calls += 1
+        if self.owner.calls != self.owner.crash_on:
+            return self.collection.bulk_write(operations, **options)
+        if self.owner.keep:
+            self.collection.bulk_write(operations[: self.owner.keep], **options)
+        raise SimulatedCrashError(f"crash in bulk write {self.owner.calls}")
+
+
+# Bulk writes of one batch: 1 events, 2 meter_status (count + state), 3 mark counted,
+# 4 forget pending ids. A crash inside or between any of them must not change the result.
+@pytest.mark.parametrize(
+    ("crash_on", "keep"), [(1, 5), (2, 1), (2, 3), (3, 0), (3, 1), (4, 0), (4, 1)]
+)
+def test_writer_crash_at_any_step_then_replay_counts_every_fault_once(
+    db: Any, crash_on: int, keep: int
+) -> None:
+    values = [event_json(f"em{i % 3}", i, i) for i in range(12)]
+    values.append(values[0])  # a duplicate the streaming job published twice
+    statuses = [status_json(f"em{d}", [True, True], 0) for d in range(3)]
+    crashing = ServingWriter(CrashingDatabase(db, crash_on, keep), INTERVAL_S)
+    with pytest.raises(SimulatedCrashError):
+        crashing.write(decoded_events(values), decoded_statuses(statuses))
+    healthy = ServingWriter(db, INTERVAL_S)
+    healthy.write(decoded_events(values), decoded_statuses(statuses))
+    again = healthy.write(decoded_events(values), decoded_statuses(statuses))
+    assert again.inserted == 0 and again.counted == 0 and again.status_applied == 0
+    assert_events_stored(db, expected_events(values))
+    for d in range(3):
+        assert db[mongo.METER_STATUS].find_one({"_id": f"em{d}"})["consecutive_faults"] == 2
+
+
+# -- through Kafka --------------------------------------------------------------------
+
+GARBAGE_ABNORMAL = [
+    (b"not json at all", DeadLetterReason.NOT_JSON),
+    (b'["an", "array"]', DeadLetterReason.NOT_OBJECT),
+    (json.dumps({**GOOD_EVENT, "event_id": None}).encode(), DeadLetterReason.MISSING_FIELD),
+    (json.dumps({**GOOD_EVENT, "device_id": 5}).encode(), DeadLetterReason.WRONG_TYPE),
+]
+GARBAGE_STATUS = [
+    (b"{", DeadLetterReason.NOT_JSON),
+    (
+        json.dumps({**json.loads(status_json("em1", [True], 0)), "last_seen": "never"}).encode(),
+        DeadLetterReason.BAD_TIMESTAMP,
+    ),
+]
+
+
+def test_sink_stores_each_event_once_tracks_status_and_dead_letters_garbage(
+    make_settings: Callable[..., Settings], mongo_uri: str, mongo_db_name: str, db: Any
+) -> None:
+    settings = sink_settings(
+        make_settings, mongo_uri, mongo_db_name, METERFLOW_SINK_BATCH_SIZE="64"
+    )
+    devices = [f"em{n:03d}" for n in range(12)]
+    events = [event_json(devices[i % len(devices)], i, i) for i in range(240)]
+    replayed = events[100:130]  # the streaming job re-published a retried micro-batch
+    abnormal = [*events[:120], *(v for v, _ in GARBAGE_ABNORMAL), *events[120:], *replayed]
+    produce(settings.bootstrap_servers, settings.topic_abnormal, [(None, v) for v in abnormal])
+
+    # Each meter: a reading sequence cut into micro-batches; some batches arrive twice.
+    sequences = {
+        device: [(i * 7 + n) % 5 in (0, 1, 2) for i in range(12)]
+        for n, device in enumerate(devices)
+    }
+    statuses: list[tuple[bytes | None, bytes]] = []
+    for device, flags in sequences.items():
+        batches = status_batches(flags, [4, 3, 2, 3])
+        for start, part in batches:
+            statuses.append((device.encode(), status_json(device, part, start)))
+        start, part = batches[1]
+        statuses.append((device.encode(), status_json(device, part, start)))  # redelivered
+    statuses[5:5] = [(None, v) for v, _ in GARBAGE_STATUS]
+    produce(settings.bootstrap_servers, settings.topic_status, statuses)
+
+    total = len(abnormal) + len(statuses)
+    sink = Sink(settings, db, consumer_overrides=FAST_GROUP)
+    run_until(sink, total)
+
+    assert_events_stored(db, expected_events(events))
+    for device, flags in sequences.items():
+        doc = db[mongo.METER_STATUS].find_one({"_id": device})
+        run, first = true_run(flags)
+        assert doc["consecutive_faults"] == run, device
+        assert doc["open_fault"] == ("SENTINEL" if flags[-1] else None)
+        assert doc["last_seen"].replace(tzinfo=UTC) == at_index(len(flags) - 1)
+        assert (doc["fault_since"] and doc["fault_since"].replace(tzinfo=UTC)) == (
+            at_index(first) if run else None
+        )
+
+    garbage = dict(GARBAGE_ABNORMAL) | dict(GARBAGE_STATUS)
+    letters = kafka.read_all(settings.bootstrap_servers, settings.topic_deadletter)
+    assert sorted(m.value() for m in letters) == sorted(garbage)
+    for message in letters:
+        headers = {k: v.decode() for k, v in message.headers()}
+        assert headers[contract.DLQ_HEADER_REASON] == garbage[message.value()]
+        assert headers[contract.DLQ_HEADER_DETAIL]
+        assert headers[contract.DLQ_HEADER_TOPIC] in (
+            settings.topic_abnormal,
+            settings.topic_status,
+        )
+        assert int(headers[contract.DLQ_HEADER_OFFSET]) >= 0
+
+    stats = sink.stats
+    assert stats.reconciled
+    assert stats.dead_lettered == len(garbage)
+    assert stats.events_written == len(events)
+    stale = len(devices)  # one redelivered status batch per meter
+    assert stats.duplicates == len(replayed) + stale
+    assert stats.status_applied == len(statuses) - len(GARBAGE_STATUS) - stale
+    committed, ends = offsets(settings)
+    assert committed == ends and sum(ends.values()) == total
+
+
+def test_sink_killed_mid_batch_restarts_without_loss_or_double_count(
+    make_settings: Callable[..., Settings], mongo_uri: str, mongo_db_name: str, db: Any
+) -> None:
+    settings = sink_settings(
+        make_settings,
+        mongo_uri,
+        mongo_db_name,
+        METERFLOW_SINK_BATCH_SIZE="1000",
+        METERFLOW_SINK_FLUSH_SECONDS="3",  # one batch holds all 150: the crash hits its 41st
+    )
+    events = [event_json(f"wm{i % 7}", i, i) for i in range(150)]
+    produce(settings.bootstrap_servers, settings.topic_abnormal, [(None, v) for v in events])
+
+    # The first batch's events write lets 40 through, then the process "dies".
+    doomed = Sink(
+        settings, CrashingDatabase(db, crash_on=1, keep=40), consumer_overrides=FAST_GROUP
+    )
+    with pytest.raises(SimulatedCrashError):
+        doomed.run(lambda: False)
+    assert db[mongo.ABNORMAL_READINGS].count_documents({}) == 40
+    committed, _ = offsets(settings)
+    assert sum(committed.values()) == 0  # nothing committed: all of it comes again
+
+    restarted = Sink(settings, db, consumer_overrides=FAST_GROUP)
+    run_until(restarted, len(events))
+    assert_events_stored(db, expected_events(events))
+    assert restarted.stats.events_written == len(events) - 40
+    assert restarted.stats.duplicates == 40 and restarted.stats.reconciled
+    committed, ends = offsets(settings)
+    assert committed == ends
+
+
+class FlakyDatabase:
+    """MongoDB that is down (AutoReconnect) for its first ``failures`` calls."""
+
+    def __init__(self, db: Any, failures: int, log: list) -> None:
+        self.db, self.failures, self.log = db, failures, log
+
+    def __getitem__(self, name: str) -> Any:
+        return _FlakyCollection(self, self.db[name])
+
+
+class _FlakyCollection:
+    def __init__(self, owner: FlakyDatabase, collection: Any) -> None:
+        self.owner, self.collection = owner, collection
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        if self.owner.failures > 0:
+            self.owner.failures -= 1
+            self.owner.log.append("fail")
+            raise AutoReconnect("connection refused (simulated outage)")
+        return getattr(self.collection, name)(*args, **kwargs)
+
+    def bulk_write(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call("bulk_write", *args, **kwargs)
+
+    def find(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call("find", *args, **kwargs)
+
+
+class _CommitSpy:
+    """The sink's consumer, recording when offsets are committed."""
+
+    def __init__(self, consumer: Any, log: list) -> None:
+        self.consumer, self.log = consumer, log
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.consumer, name)
+
+    def commit(self, *args: Any, **kwargs: Any) -> Any:
+        self.log.append("commit")
+        return self.consumer.commit(*args, **kwargs)
+
+
+def test_sink_waits_out_a_mongodb_outage_and_commits_only_after_writing(
+    make_settings: Callable[..., Settings], mongo_uri: str, mongo_db_name: str, db: Any
+) -> None:
+    settings = sink_settings(
+        make_settings, mongo_uri, mongo_db_name, METERFLOW_SINK_BATCH_SIZE="50"
+    )
+    events = [event_json(f"gm{i % 5}", i, i) for i in range(120)]
+    produce(settings.bootstrap_servers, settings.topic_abnormal, [(None, v) for v in events])
+    log: list = []
+    sink = Sink(
+        settings,
+        FlakyDatabase(db, failures=5, log=log),
+        backoff_initial=0.05,
+        consumer_overrides=FAST_GROUP,
+    )
+    sink.consumer = _CommitSpy(sink.consumer, log)
+    attempts: list[frozenset] = []
+    write = sink.writer.write
+
+    def recording_write(batch: list, statuses: list) -> Any:
+        attempts.append(frozenset(e.event_id for e in batch))
+        result = write(batch, statuses)
+        log.append("written")
+        return result
+
+    sink.writer.write = recording_write
+    run_until(sink, len(events))
+
+    assert sink.stats.retries == 5
+    assert log[:6] == ["fail"] * 5 + ["written"]
+    # Every commit directly follows a completed write; none happened during the outage.
+    commits = [i for i, entry in enumerate(log) if entry == "commit"]
+    assert commits and all(log[i - 1] == "written" for i in commits)
+    assert len(commits) == log.count("written")
+    # The same batch was retried: nothing more was consumed while MongoDB was away.
+    assert len(set(attempts[:6])) == 1 and len(attempts[0]) <= 50
+    assert_events_stored(db, expected_events(events))
+    committed, ends = offsets(settings)
+    assert committed == ends
+
+
+def test_sink_command_stops_on_sigterm_after_committing(
+    make_settings: Callable[..., Settings],
+    mongo_uri: str,
+    mongo_db_name: str,
+    db: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings = sink_settings(make_settings, mongo_uri, mongo_db_name)
+    events = [event_json(f"em{i % 4}", i, i) for i in range(60)]
+    produce(settings.bootstrap_servers, settings.topic_abnormal, [(None, v) for v in events])
+    for name, value in {
+        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "METERFLOW_TOPIC_ABNORMAL": settings.topic_abnormal,
+        "METERFLOW_TOPIC_STATUS": settings.topic_status,
+        "METERFLOW_TOPIC_DEADLETTER": settings.topic_deadletter,
+        "METERFLOW_SINK_GROUP": settings.sink_group,
+        "METERFLOW_DATA_DIR": str(settings.data_dir),
+        "MONGO_URI": mongo_uri,
+        "MONGO_DB": mongo_db_name,
+    }.items():
+        monkeypatch.setenv(name, value)
+    logger = logging.getLogger("meterflow")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+
+    def terminate_when_stored() -> None:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if db[mongo.ABNORMAL_READINGS].count_documents({}) == len(events):
+                break
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)  # like `docker stop`
+
+    killer = threading.Thread(target=terminate_when_stored, daemon=True)
+    killer.start()
+    try:
+        assert cli.main(["sink"]) == 0
+    finally:
+        killer.join(timeout=100)
+        logger.handlers[:], logger.level, logger.propagate = saved
+    out = capsys.readouterr().out
+    assert f"consumed {len(events)} = written {len(events)} + duplicates 0" in out
+    assert "reconciled" in out and "MISMATCH" not in out
+    assert_events_stored(db, expected_events(events))
+    committed, ends = offsets(settings)
+    assert committed == ends
