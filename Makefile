@@ -21,6 +21,7 @@ lint: install
 bench: install
 	$(BIN)/python -m bench.streaming_throughput
 	$(BIN)/python -m bench.simulator_rate
+	$(BIN)/python -m bench.daily_batch
 
 clean:
 	rm -rf data .pytest_cache

@@ -52,6 +52,9 @@ REGISTRY_SCHEMA = pa.schema(
         ("latitude", pa.float64()),
         ("longitude", pa.float64()),
         ("scale", pa.float64()),
+        # Seconds between the meter's readings (the simulator's --interval); null when
+        # unknown. The batch layer derives each meter's expected readings a day from it.
+        ("interval_seconds", pa.int32()),
     ]
 )
 
@@ -174,6 +177,9 @@ def build_fleet(
     return Fleet(meters)
 
 
+_METER_FIELDS = frozenset(Meter.__dataclass_fields__)
+
+
 def _filesystem(registry_dir: str) -> tuple[pafs.FileSystem, str]:
     """A local directory or any URI pyarrow reaches (``s3://``, ``hdfs://``, ``file://``)."""
     if "://" in registry_dir:
@@ -181,17 +187,23 @@ def _filesystem(registry_dir: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), Path(registry_dir).absolute().as_posix()
 
 
-def write_registry(fleet: Fleet, registry_dir: str) -> str:
+def write_registry(fleet: Fleet, registry_dir: str, interval_seconds: float | None = None) -> str:
     """Write ``<registry_dir>/meters.parquet`` (temp file, then rename: no half-written file).
 
-    ``registry_dir`` is :attr:`meterflow.config.Settings.registry_path`. Returns the path.
+    ``registry_dir`` is :attr:`meterflow.config.Settings.registry_path`;
+    ``interval_seconds`` is the fleet's reading interval (stored per meter, null if None).
+    Returns the path.
     """
     filesystem, root = _filesystem(registry_dir)
     filesystem.create_dir(root, recursive=True)
     target = posixpath.join(root, REGISTRY_FILE)
     # Hidden (Spark and Hadoop readers skip dot files) and per process (writers may race).
     temporary = posixpath.join(root, f".{REGISTRY_FILE}.{os.getpid()}.tmp")
-    rows = [{**asdict(m), "meter_type": str(m.meter_type)} for m in fleet.meters]
+    interval = None if interval_seconds is None else int(interval_seconds)
+    rows = [
+        {**asdict(m), "meter_type": str(m.meter_type), "interval_seconds": interval}
+        for m in fleet.meters
+    ]
     table = pa.Table.from_pylist(rows, schema=REGISTRY_SCHEMA)
     pq.write_table(table, temporary, filesystem=filesystem)
     filesystem.move(temporary, target)
@@ -202,6 +214,8 @@ def read_registry(registry_dir: str) -> Fleet:
     """The fleet :func:`write_registry` wrote (for a restarted simulator or a loader)."""
     filesystem, root = _filesystem(registry_dir)
     table = pq.read_table(posixpath.join(root, REGISTRY_FILE), filesystem=filesystem)
+    # Registries written before a column existed lack it; columns Meter lacks are skipped.
+    table = table.select([name for name in table.column_names if name in _METER_FIELDS])
     return Fleet(
         [Meter(**{**row, "meter_type": MeterType(row["meter_type"])}) for row in table.to_pylist()]
     )

@@ -1,0 +1,167 @@
+"""Publish one day's batch views to MongoDB (the serving layer).
+
+Spark jobs never write MongoDB (DESIGN.md): the daily job leaves Parquet views and a
+report in the lake, and this loader upserts them with bulk writes. Publishing is
+idempotent and replaces the day: every document of D is written whole (``ReplaceOne``,
+upsert), and D's documents that the views no longer hold are deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime
+from itertools import islice
+from typing import Any
+
+import pyarrow.dataset as pads
+from pymongo import ReplaceOne
+
+from jobs.daily_batch_job import (
+    DISTRICT_VIEW,
+    METER_VIEW,
+    STATUS_NO_DATA,
+    TYPE_VIEW,
+    DayReport,
+    filesystem_for,
+    read_report,
+    view_path,
+)
+from meterflow import mongo
+from meterflow.config import Settings
+from meterflow.logs import get_logger
+
+log = get_logger("meterflow.loader")
+
+BATCH_SIZE = 1000
+
+#: Collection of each view and the view columns that make a document's ``_id`` after the day.
+TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
+    METER_VIEW: (mongo.DAILY_METER_AVERAGES, ("device_id",)),
+    TYPE_VIEW: (mongo.DAILY_TYPE_AVERAGES, ("meter_type",)),
+    DISTRICT_VIEW: (mongo.DAILY_DISTRICT_AVERAGES, ("district", "meter_type")),
+}
+
+
+class ViewMissingError(RuntimeError):
+    """The day's batch job has not run (or its views are gone): nothing to publish."""
+
+
+@dataclass
+class LoadReport:
+    day: str
+    status: str
+    upserted: dict[str, int] = field(default_factory=dict)  # documents written per collection
+    deleted: dict[str, int] = field(default_factory=dict)  # stale documents of the day removed
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (an Airflow task's return value goes to XCom)."""
+        return asdict(self)
+
+
+def midnight(day: date) -> datetime:
+    """The day as a UTC datetime (MongoDB has no date-only type)."""
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+def document_id(day: date | str, *parts: str) -> str:
+    """``"<YYYY-MM-DD>|<part>|..."``: one document per day and key."""
+    return "|".join([str(day), *parts])
+
+
+def _clean(value: Any) -> Any:
+    """NaN (an average of no good reading) is stored as null, like a missing value."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def view_documents(settings: Settings, view: str, day: date) -> list[dict[str, Any]]:
+    """The view's rows for D as MongoDB documents (``_id``, ``date``, ``day`` added)."""
+    _, keys = TARGETS[view]
+    fs, path = filesystem_for(view_path(settings.views_path, view, day))
+    try:
+        rows = pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()
+    except FileNotFoundError:
+        raise ViewMissingError(
+            f"view {view} of {day} is missing at {path}: run the batch job"
+        ) from None
+    stamp = midnight(day)
+    return [
+        {
+            "_id": document_id(day, *(row[k] for k in keys)),
+            "date": stamp,
+            "day": str(day),
+            **{name: _clean(value) for name, value in row.items()},
+        }
+        for row in rows
+    ]
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def replace_day(collection: Any, day: date, documents: list[dict[str, Any]]) -> tuple[int, int]:
+    """Upsert ``documents`` in unordered batches, then delete D's others; (written, deleted)."""
+    for chunk in _chunks(documents, BATCH_SIZE):
+        collection.bulk_write(
+            [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in chunk], ordered=False
+        )
+    keep = {d["_id"] for d in documents}
+    stale = [
+        d["_id"] for d in collection.find({"day": str(day)}, {"_id": 1}) if d["_id"] not in keep
+    ]
+    deleted = 0
+    for chunk in _chunks(stale, BATCH_SIZE):
+        deleted += collection.delete_many({"_id": {"$in": chunk}}).deleted_count
+    return len(documents), deleted
+
+
+def report_document(report: DayReport, loaded_at: datetime) -> dict[str, Any]:
+    day = date.fromisoformat(report.day)
+    return {
+        "_id": report.day,
+        "date": midnight(day),
+        "day": report.day,
+        "status": report.status,
+        "readings": report.readings,
+        "good": report.good,
+        "faulty": report.faulty,
+        "meters": report.meters,
+        "expected_per_meter": report.expected_per_meter,
+        "expected_readings": report.expected_readings,
+        "views": report.views,
+        "job_seconds": report.duration_seconds,
+        "loaded_at": loaded_at,
+    }
+
+
+def publish_day(settings: Settings, day: date | str, db: Any = None) -> LoadReport:
+    """Publish D's views and report; a no_data day clears D's documents and writes its report.
+
+    Raises :class:`ViewMissingError` when the batch job has not run for D.
+    """
+    day = date.fromisoformat(day) if isinstance(day, str) else day
+    db = mongo.database(settings) if db is None else db
+    report = read_report(settings, day)
+    if report is None:
+        raise ViewMissingError(
+            f"no batch report for {day} under {settings.views_path}: run the batch job"
+        )
+    result = LoadReport(day=str(day), status=report.status)
+    for view, (collection, _) in TARGETS.items():
+        db[collection].create_index("day")  # finds a day's stale documents; no-op once made
+        documents = [] if report.status == STATUS_NO_DATA else view_documents(settings, view, day)
+        written, deleted = replace_day(db[collection], day, documents)
+        result.upserted[collection] = written
+        result.deleted[collection] = deleted
+    db[mongo.DAILY_REPORTS].replace_one(
+        {"_id": report.day}, report_document(report, datetime.now(UTC)), upsert=True
+    )
+    result.upserted[mongo.DAILY_REPORTS] = 1
+    log.info(
+        "load=%s day=%s upserted=%s deleted=%s", report.status, day, result.upserted, result.deleted
+    )
+    return result

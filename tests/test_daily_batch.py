@@ -1,0 +1,335 @@
+"""The daily batch job: views against pandas on the same rows, re-runs, empty days, the sink log.
+
+Test lakes are a few meters over one or two days, written directly in the lake schema
+(``readings/date=D/``) with pyarrow, or through Spark's streaming file sink where the
+sink's commit log matters. Expected values are computed here with pandas.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pyspark.sql import SparkSession
+
+from jobs import daily_batch_job as job
+from meterflow import lake
+from meterflow.checks import lake_counts
+from meterflow.config import Settings
+from meterflow.contract import METER_SPECS, FaultCode, MeterType
+from simulator.fleet import build_fleet, write_registry
+
+D1 = date(2024, 6, 3)
+D2 = date(2024, 6, 4)
+REGISTRY_INTERVAL = 900  # the simulated fleet's interval: 96 readings a day
+DEFAULT_INTERVAL = 600  # settings' fallback for meters the registry lacks: 144 a day
+UNREGISTERED = ("em999999", str(MeterType.ELECTRICITY))
+FILE_SCHEMA = pa.schema([lake.CLASSIFIED_SCHEMA.field(n) for n in lake.LAKE_COLUMNS if n != "date"])
+FAULT_CHOICES = [None] * 6 + [FaultCode.SENTINEL, FaultCode.NEGATIVE, FaultCode.MISSING_METRIC]
+
+
+def lake_settings(tmp_path: Path, **env: str) -> Settings:
+    return Settings.from_env(
+        {
+            "METERFLOW_DATA_DIR": str(tmp_path / "data"),
+            "METERFLOW_READING_INTERVAL_SECONDS": str(DEFAULT_INTERVAL),
+            **env,
+        }
+    )
+
+
+def fleet_meters(settings: Settings, count: int = 6) -> list[tuple[str, str]]:
+    """A simulated fleet's registry (interval 900 s); returns (device_id, type) pairs."""
+    fleet = build_fleet(count, seed=11)
+    write_registry(fleet, settings.registry_path, REGISTRY_INTERVAL)
+    return [(m.device_id, str(m.meter_type)) for m in fleet.meters]
+
+
+def make_rows(meters: list[tuple[str, str]], day: date, seed: int) -> list[dict]:
+    """Readings of ``day`` in the lake's columns: a few per meter, some faulty.
+
+    The first meter's readings are all faulty (its average is undefined), the rest mix
+    good readings with SENTINEL (-1), NEGATIVE and MISSING_METRIC (no value) ones.
+    """
+    rng = np.random.default_rng(seed)
+    start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+    rows = []
+    for index, (device_id, meter_type) in enumerate(meters):
+        for k in range(int(rng.integers(4, 12))):
+            fault = FaultCode.SENTINEL if index == 0 else rng.choice(FAULT_CHOICES)
+            value = {
+                None: round(float(rng.uniform(0.1, 5.0)), 3),
+                FaultCode.SENTINEL: -1.0,
+                FaultCode.NEGATIVE: -2.5,
+                FaultCode.MISSING_METRIC: None,
+            }[fault]
+            at = start + timedelta(minutes=15 * k)
+            rows.append(
+                {
+                    "device_id": device_id,
+                    "meter_type": meter_type,
+                    "event_time": at,
+                    "consumption": value,
+                    "unit": METER_SPECS[MeterType(meter_type)].unit,
+                    "flow_rate": None,
+                    "fault_code": None if fault is None else str(fault),
+                    "reason": None if fault is None else f"{fault} in the test",
+                    "source_topic": "iot-meter",
+                    "source_partition": 0,
+                    "source_offset": len(rows),
+                    "ingest_time": at + timedelta(seconds=3),
+                }
+            )
+    return rows
+
+
+def write_lake_day(settings: Settings, day: date, rows: list[dict]) -> None:
+    """Replace ``readings/date=D/`` with ``rows`` (one Parquet file, as the sink would)."""
+    directory = Path(lake.readings_path(settings.lake_path)) / f"date={day}"
+    for old in directory.glob("*.parquet"):
+        old.unlink()
+    directory.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=FILE_SCHEMA), directory / "part-0.parquet")
+
+
+def read_view(settings: Settings, view: str, day: date) -> pd.DataFrame:
+    return pq.read_table(job.view_path(settings.views_path, view, day)).to_pandas()
+
+
+def expected_meters(rows: list[dict], districts: dict[str, str], expected: dict[str, int]):
+    """The per-meter view computed with pandas."""
+    frame = pd.DataFrame(rows)
+    frame["good_value"] = frame["consumption"].where(frame["fault_code"].isna())
+    grouped = frame.groupby("device_id")
+    out = pd.DataFrame(
+        {
+            "meter_type": grouped["meter_type"].first(),
+            "avg": grouped["good_value"].mean(),
+            "min": grouped["good_value"].min(),
+            "max": grouped["good_value"].max(),
+            "total": grouped["good_value"].sum(min_count=1),
+            "reading_count": grouped.size(),
+            "good_count": grouped["good_value"].count(),
+            "faulty_count": grouped["fault_code"].count(),
+        }
+    )
+    out["district"] = [districts.get(d, job.UNKNOWN_DISTRICT) for d in out.index]
+    out["expected_count"] = [expected[d] for d in out.index]
+    out["completeness"] = out["reading_count"] / out["expected_count"]
+    return out
+
+
+def assert_frames_match(actual: pd.DataFrame, expected: pd.DataFrame, keys: list[str]) -> None:
+    actual = actual.set_index(keys).sort_index()
+    expected = expected.reset_index().set_index(keys).sort_index()
+    assert list(actual.index) == list(expected.index)
+    for column in expected.columns:
+        a, e = actual[column].to_numpy(), expected[column].to_numpy()
+        if np.issubdtype(np.asarray(e).dtype, np.number):
+            assert np.allclose(a.astype(float), e.astype(float), equal_nan=True), column
+        else:
+            assert list(a) == list(e), column
+
+
+@pytest.fixture
+def two_days(tmp_path: Path):
+    """A fleet of six registered meters plus one the registry lacks, over two days."""
+    settings = lake_settings(tmp_path)
+    meters = fleet_meters(settings)
+    rows = {
+        D1: make_rows([*meters, UNREGISTERED], D1, seed=1),
+        D2: make_rows(meters, D2, seed=2),
+    }
+    for day, day_rows in rows.items():
+        write_lake_day(settings, day, day_rows)
+    return settings, meters, rows
+
+
+def registry_lookup(settings: Settings) -> tuple[dict[str, str], dict[str, int]]:
+    registry = pq.read_table(Path(settings.registry_path) / "meters.parquet").to_pylist()
+    districts = {r["device_id"]: r["district"] for r in registry}
+    expected = {r["device_id"]: 86_400 // r["interval_seconds"] for r in registry}
+    expected[UNREGISTERED[0]] = 86_400 // DEFAULT_INTERVAL
+    return districts, expected
+
+
+def test_views_match_pandas_on_the_same_rows(spark: SparkSession, two_days) -> None:
+    settings, _meters, rows = two_days
+    report = job.run(settings, D1, spark)
+
+    districts, expected_counts = registry_lookup(settings)
+    expected = expected_meters(rows[D1], districts, expected_counts)
+    meters_view = read_view(settings, job.METER_VIEW, D1)
+    assert_frames_match(meters_view.drop(columns=["unit"]), expected, ["device_id"])
+    assert set(meters_view["unit"]) <= {s.unit for s in METER_SPECS.values()}
+    all_faulty = expected.index[expected["good_count"] == 0]
+    assert (
+        len(all_faulty) >= 1
+        and meters_view.set_index("device_id").loc[all_faulty, "avg"].isna().all()
+    )
+    unknown = meters_view.set_index("device_id").loc[UNREGISTERED[0]]
+    assert unknown["district"] == job.UNKNOWN_DISTRICT
+    assert unknown["expected_count"] == 86_400 // DEFAULT_INTERVAL  # settings, not the registry
+
+    frame = pd.DataFrame(rows[D1])
+    frame["district"] = [districts.get(d, job.UNKNOWN_DISTRICT) for d in frame["device_id"]]
+    frame["good_value"] = frame["consumption"].where(frame["fault_code"].isna())
+    for view, keys in (
+        (job.TYPE_VIEW, ["meter_type"]),
+        (job.DISTRICT_VIEW, ["district", "meter_type"]),
+    ):
+        grouped = frame.groupby(keys)
+        want = pd.DataFrame(
+            {
+                "avg": grouped["good_value"].mean(),
+                "total": grouped["good_value"].sum(min_count=1),
+                "meter_count": grouped["device_id"].nunique(),
+                "reading_count": grouped.size(),
+                "faulty_count": grouped["fault_code"].count(),
+            }
+        )
+        got = read_view(settings, view, D1)[[*keys, *want.columns]]
+        assert_frames_match(got, want, keys)
+
+    faulty = int(frame["fault_code"].notna().sum())
+    assert (report.status, report.readings, report.faulty, report.good) == (
+        job.STATUS_OK,
+        len(frame),
+        faulty,
+        len(frame) - faulty,
+    )
+    assert report.meters == frame["device_id"].nunique()
+    assert report.views[job.METER_VIEW] == report.meters
+    assert report.views[job.DISTRICT_VIEW] == len(frame.groupby(["district", "meter_type"]))
+    assert job.read_report(settings, D1) == report  # the JSON the loader and checks read
+
+
+def _files(directory: str) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in Path(directory).rglob("*") if p.is_file()}
+
+
+def test_rerun_replaces_the_day_and_leaves_other_days(spark: SparkSession, two_days) -> None:
+    settings, meters, rows = two_days
+    job.run(settings, D1, spark)
+    job.run(settings, D2, spark)
+    d2_files = {view: _files(job.view_path(settings.views_path, view, D2)) for view in job.VIEWS}
+
+    job.run(settings, D1, spark)  # same input: same rows, not twice as many
+    assert len(read_view(settings, job.METER_VIEW, D1)) == len(meters) + 1
+
+    dropped = meters[1][0]
+    fewer = [r for r in rows[D1] if r["device_id"] != dropped]
+    write_lake_day(settings, D1, fewer)
+    report = job.run(settings, D1, spark)
+    view = read_view(settings, job.METER_VIEW, D1)
+    assert dropped not in set(view["device_id"]) and len(view) == len(meters)
+    assert report.readings == len(fewer) == view["reading_count"].sum()
+    assert read_view(settings, job.TYPE_VIEW, D1)["reading_count"].sum() == len(fewer)
+    for name in job.VIEWS:  # D2 byte for byte as it was
+        assert _files(job.view_path(settings.views_path, name, D2)) == d2_files[name]
+
+
+def test_day_without_data_is_reported_not_zero_filled(spark: SparkSession, two_days) -> None:
+    settings, _meters, _rows = two_days
+    job.run(settings, D1, spark)
+    assert all(Path(job.view_path(settings.views_path, v, D1)).exists() for v in job.VIEWS)
+
+    empty = date(2024, 6, 9)
+    report = job.run(settings, empty, spark)
+    assert (report.status, report.readings, report.meters) == (job.STATUS_NO_DATA, 0, 0)
+    assert not any(Path(job.view_path(settings.views_path, v, empty)).exists() for v in job.VIEWS)
+    assert job.read_report(settings, empty) == report
+
+    # D1's partition disappears (say, retention): its stale views go, the report says why.
+    for file in (Path(lake.readings_path(settings.lake_path)) / f"date={D1}").glob("*"):
+        file.unlink()
+    assert job.run(settings, D1, spark).status == job.STATUS_NO_DATA
+    assert not any(Path(job.view_path(settings.views_path, v, D1)).exists() for v in job.VIEWS)
+
+
+def test_no_lake_and_no_registry_at_all(spark: SparkSession, tmp_path: Path) -> None:
+    settings = lake_settings(tmp_path)
+    assert job.run(settings, D1, spark).status == job.STATUS_NO_DATA
+    rows = make_rows([("gm000001", str(MeterType.GAS))], D1, seed=3)
+    write_lake_day(settings, D1, rows)  # a lake, but no registry: every district unknown
+    report = job.run(settings, D1, spark)
+    assert report.status == job.STATUS_OK and report.readings == len(rows)
+    assert set(read_view(settings, job.DISTRICT_VIEW, D1)["district"]) == {job.UNKNOWN_DISTRICT}
+
+
+def test_only_files_the_streaming_sink_committed_count(spark: SparkSession, tmp_path: Path) -> None:
+    """A lake written by Spark's file sink plus a stray file its log never committed."""
+    settings = lake_settings(tmp_path)
+    meters = fleet_meters(settings, count=3)
+    rows = make_rows(meters, D1, seed=4)
+    source = tmp_path / "source"
+    source.mkdir()
+    table = pa.Table.from_pylist(rows, schema=FILE_SCHEMA)
+    table = table.append_column("date", pa.array([D1] * len(rows), pa.date32()))
+    pq.write_table(table, source / "batch.parquet")
+    ddl = lake.spark_ddl(pa.schema([lake.CLASSIFIED_SCHEMA.field(n) for n in lake.LAKE_COLUMNS]))
+    query = (
+        spark.readStream.schema(ddl)
+        .parquet(str(source))
+        .writeStream.format("parquet")
+        .partitionBy(lake.PARTITION_COLUMN)
+        .option("checkpointLocation", str(tmp_path / "checkpoint"))
+        .trigger(availableNow=True)
+        .start(lake.readings_path(settings.lake_path))
+    )
+    query.awaitTermination(120)
+    partition = Path(lake.readings_path(settings.lake_path)) / f"date={D1}"
+    assert (Path(lake.readings_path(settings.lake_path)) / "_spark_metadata").is_dir()
+    # What a task of a failed micro-batch may leave behind: a file no batch committed.
+    pq.write_table(table.drop_columns(["date"]), partition / "part-99999-uncommitted.parquet")
+
+    report = job.run(settings, D1, spark)
+    assert report.readings == len(rows)
+    by_type = pd.DataFrame(rows).groupby("meter_type").size().to_dict()
+    assert lake_counts(settings, D1) == by_type
+    assert os.path.exists(partition / "part-99999-uncommitted.parquet")
+
+
+def test_main_runs_a_day_from_the_command_line(
+    spark: SparkSession, two_days, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """``spark-submit jobs/daily_batch_job.py --date D --lake L`` (in-process: same session)."""
+    settings, _meters, rows = two_days
+    monkeypatch.setenv("METERFLOW_DATA_DIR", str(Path(settings.data_dir) / "elsewhere"))
+    assert job.main(["--date", str(D2), "--lake", settings.lake_path]) == 0
+    printed = job.DayReport.from_json(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed.readings == len(rows[D2])
+    assert job.read_report(settings, D2) == printed
+    with pytest.raises(SystemExit):
+        job.main(["--date", "2024-13-01"])
+
+
+def test_batch_command_in_its_own_process(two_days) -> None:
+    """``meterflow batch --date D`` as a user runs it: own JVM, report printed, exit 0."""
+    settings, _meters, rows = two_days
+    env = {
+        **os.environ,
+        "METERFLOW_DATA_DIR": str(settings.data_dir),
+        "METERFLOW_READING_INTERVAL_SECONDS": str(DEFAULT_INTERVAL),
+        "SPARK_MASTER": "local[1]",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "meterflow.cli", "batch", "--date", str(D1)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = job.DayReport.from_json(result.stdout.strip().splitlines()[-1])
+    assert (printed.status, printed.readings) == (job.STATUS_OK, len(rows[D1]))
+    assert job.read_report(settings, D1) == printed

@@ -1,0 +1,195 @@
+"""Publishing batch views to MongoDB and checking a published day.
+
+MongoDB is mongomock unless MONGO_URI names a server (then each test has its own
+database). The views come from the real batch job on a small lake (test_daily_batch).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from pyspark.sql import SparkSession
+from test_daily_batch import D1, D2, fleet_meters, make_rows, write_lake_day
+
+from jobs import daily_batch_job as job
+from meterflow import cli, mongo
+from meterflow.checks import CheckFailed, check_day
+from meterflow.config import Settings
+from meterflow.loader import ViewMissingError, publish_day
+
+COLLECTIONS = (
+    mongo.DAILY_METER_AVERAGES,
+    mongo.DAILY_TYPE_AVERAGES,
+    mongo.DAILY_DISTRICT_AVERAGES,
+)
+
+
+@pytest.fixture
+def env(tmp_path: Path, mongo_uri: str, mongo_db_name: str) -> dict[str, str]:
+    return {
+        "METERFLOW_DATA_DIR": str(tmp_path / "data"),
+        "MONGO_URI": mongo_uri,
+        "MONGO_DB": mongo_db_name,
+    }
+
+
+@pytest.fixture
+def published(spark: SparkSession, env: dict[str, str]):
+    """Two days of a small fleet through the batch job and the loader."""
+    settings = Settings.from_env(env)
+    meters = fleet_meters(settings)
+    rows = {D1: make_rows(meters, D1, seed=5), D2: make_rows(meters, D2, seed=6)}
+    for day, day_rows in rows.items():
+        write_lake_day(settings, day, day_rows)
+        job.run(settings, day, spark)
+        publish_day(settings, day)
+    db = mongo.database(settings)
+    yield settings, db, meters, rows
+    if not settings.mongo_uri.startswith(mongo.MOCK_SCHEME):
+        db.client.drop_database(settings.mongo_db)
+
+
+def snapshot(db: Any, day: date) -> dict[str, list[dict]]:
+    """Every document of ``day``, reports without their load time."""
+    docs = {
+        name: sorted(db[name].find({"day": str(day)}), key=lambda d: d["_id"])
+        for name in COLLECTIONS
+    }
+    docs[mongo.DAILY_REPORTS] = [
+        {k: v for k, v in d.items() if k != "loaded_at"}
+        for d in db[mongo.DAILY_REPORTS].find({"_id": str(day)})
+    ]
+    return docs
+
+
+def test_documents_follow_the_lake_and_republishing_changes_nothing(published) -> None:
+    settings, db, meters, rows = published
+    frame = pd.DataFrame(rows[D1])
+    frame["good_value"] = frame["consumption"].where(frame["fault_code"].isna())
+    by_meter = frame.groupby("device_id")
+    midnight = datetime(D1.year, D1.month, D1.day, tzinfo=UTC)
+
+    docs = {d["device_id"]: d for d in db[mongo.DAILY_METER_AVERAGES].find({"day": str(D1)})}
+    assert set(docs) == {m for m, _ in meters}
+    for device_id, doc in docs.items():
+        assert doc["_id"] == f"{D1}|{device_id}"
+        assert doc["date"] == midnight
+        assert doc["reading_count"] == by_meter.size()[device_id]
+        assert doc["faulty_count"] == by_meter["fault_code"].count()[device_id]
+        mean = by_meter["good_value"].mean()[device_id]
+        assert doc["avg"] is None if pd.isna(mean) else doc["avg"] == pytest.approx(mean)
+        assert doc["completeness"] == pytest.approx(doc["reading_count"] / 96)
+    types = {d["_id"]: d for d in db[mongo.DAILY_TYPE_AVERAGES].find({"day": str(D1)})}
+    assert {k: d["reading_count"] for k, d in types.items()} == {
+        f"{D1}|{t}": n for t, n in frame.groupby("meter_type").size().items()
+    }
+    district_ids = {d["_id"] for d in db[mongo.DAILY_DISTRICT_AVERAGES].find({"day": str(D1)})}
+    assert all(i.count("|") == 2 for i in district_ids) and district_ids
+    report = db[mongo.DAILY_REPORTS].find_one({"_id": str(D1)})
+    assert (report["status"], report["readings"], report["date"]) == ("ok", len(frame), midnight)
+
+    before = {day: snapshot(db, day) for day in (D1, D2)}
+    again = publish_day(settings, D1)
+    assert again.deleted == dict.fromkeys(COLLECTIONS, 0)
+    assert {day: snapshot(db, day) for day in (D1, D2)} == before
+
+
+def test_republishing_replaces_the_day(spark: SparkSession, published) -> None:
+    settings, db, meters, rows = published
+    d2_before = snapshot(db, D2)
+    dropped = meters[2][0]
+    write_lake_day(settings, D1, [r for r in rows[D1] if r["device_id"] != dropped])
+    job.run(settings, D1, spark)
+    load = publish_day(settings, D1)
+    assert load.deleted[mongo.DAILY_METER_AVERAGES] == 1
+    assert db[mongo.DAILY_METER_AVERAGES].find_one({"_id": f"{D1}|{dropped}"}) is None
+    assert db[mongo.DAILY_METER_AVERAGES].count_documents({"day": str(D1)}) == len(meters) - 1
+    assert snapshot(db, D2) == d2_before
+    check_day(settings, D1)
+
+    # The day's partition is gone: a no_data day clears D's documents, keeps its report.
+    for file in Path(settings.lake_path, "readings", f"date={D1}").glob("*"):
+        file.unlink()
+    assert job.run(settings, D1, spark).status == job.STATUS_NO_DATA
+    load = publish_day(settings, D1)
+    assert load.upserted == {**dict.fromkeys(COLLECTIONS, 0), mongo.DAILY_REPORTS: 1}
+    assert all(db[c].count_documents({"day": str(D1)}) == 0 for c in COLLECTIONS)
+    assert db[mongo.DAILY_REPORTS].find_one({"_id": str(D1)})["status"] == "no_data"
+    assert "no data" in check_day(settings, D1).notes[0]
+    assert snapshot(db, D2) == d2_before
+
+
+def test_checks_catch_what_disagrees(published) -> None:
+    settings, db, meters, _rows = published
+    passed = check_day(settings, D1)
+    assert passed.documents[mongo.DAILY_METER_AVERAGES] == len(meters)
+
+    meter_docs = db[mongo.DAILY_METER_AVERAGES]
+    meter_docs.delete_one({"_id": f"{D1}|{meters[0][0]}"})
+    with pytest.raises(CheckFailed, match="daily_meter_averages holds"):
+        check_day(settings, D1)
+    publish_day(settings, D1)
+
+    type_doc = db[mongo.DAILY_TYPE_AVERAGES].find_one({"day": str(D1)})
+    db[mongo.DAILY_TYPE_AVERAGES].update_one(
+        {"_id": type_doc["_id"]}, {"$inc": {"reading_count": 1}}
+    )
+    with pytest.raises(CheckFailed, match="readings per type in MongoDB"):
+        check_day(settings, D1)
+    publish_day(settings, D1)
+
+    meter_docs.update_one({"_id": f"{D1}|{meters[1][0]}"}, {"$set": {"avg": -0.5}})
+    with pytest.raises(CheckFailed, match="negative avg"):
+        check_day(settings, D1)
+    publish_day(settings, D1)
+
+    meter_docs.update_one({"_id": f"{D1}|{meters[1][0]}"}, {"$unset": {"completeness": ""}})
+    with pytest.raises(CheckFailed, match="no completeness"):
+        check_day(settings, D1)
+    publish_day(settings, D1)
+    check_day(settings, D1)
+
+    # Late data: the lake now has readings the published day does not count.
+    extra = make_rows(meters[:1], D2, seed=9)
+    write_lake_day(settings, D2, extra)
+    with pytest.raises(CheckFailed, match="differ from the lake"):
+        check_day(settings, D2)
+
+
+def test_load_before_the_batch_job_is_a_clear_error(env: dict[str, str]) -> None:
+    with pytest.raises(ViewMissingError, match="run the batch job"):
+        publish_day(Settings.from_env(env), D1)
+
+
+def test_load_and_check_commands(
+    published, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["load", "--date", str(D1)]) == 0
+    assert cli.main(["check", "--date", str(D1)]) == 0
+    assert "passed" in capsys.readouterr().out
+    _settings, db, meters, _rows = published
+    db[mongo.DAILY_METER_AVERAGES].delete_one({"_id": f"{D1}|{meters[0][0]}"})
+    assert cli.main(["check", "--date", str(D1)]) == 1
+    assert "FAILED" in capsys.readouterr().err
+    assert cli.main(["load", "--date", "2024-01-01"]) == 2
+
+
+def test_a_failed_rerun_leaves_nothing_to_publish(spark: SparkSession, published) -> None:
+    """A re-run that dies midway must not let the loader publish half-replaced views."""
+    settings, db, _meters, _rows = published
+    before = snapshot(db, D1)
+    (Path(settings.registry_path) / "meters.parquet").write_bytes(b"not parquet")
+    with pytest.raises(Exception, match=r"(?i)parquet"):
+        job.run(settings, D1, spark)
+    assert job.read_report(settings, D1) is None
+    with pytest.raises(ViewMissingError):
+        publish_day(settings, D1)
+    with pytest.raises(CheckFailed, match="no batch report"):
+        check_day(settings, D1)
+    assert snapshot(db, D1) == before  # what MongoDB served is left as it was
