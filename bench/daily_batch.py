@@ -29,17 +29,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.common import timed, write_results
-from jobs.daily_batch_job import (
-    METER_VIEW,
-    TYPE_VIEW,
-    UNKNOWN_DISTRICT,
-    run,
-    view_path,
-)
+from jobs.daily_batch_job import run
 from meterflow import lake
 from meterflow.config import Settings
 from meterflow.contract import METER_SPECS, TYPE_ORDER, FaultCode, MeterType
-from simulator.fleet import DEFAULT_MIX, REGISTRY_FILE, REGISTRY_SCHEMA, meter_counts
+from meterflow.lake import REGISTRY_FILE
+from meterflow.views import METER_VIEW, TYPE_VIEW, UNKNOWN_DISTRICT, view_path
+from simulator.fleet import DEFAULT_MIX, REGISTRY_SCHEMA, meter_counts
 
 DAY = date(2024, 6, 3)
 #: A smaller neighbouring day, so the job has a partition to prune.
@@ -198,7 +194,7 @@ def duckdb_views(lake_path: str) -> tuple[pa.Table, pa.Table]:
         DUCKDB_METERS.format(
             unknown=UNKNOWN_DISTRICT,
             readings=lake.readings_path(lake_path),
-            registry=f"{lake.registry_path(lake_path)}/{REGISTRY_FILE}",
+            registry=lake.registry_file(lake_path),
             day=DAY,
         )
     ).to_arrow_table()

@@ -12,19 +12,17 @@ checks what was found. Spark never writes MongoDB (see DESIGN.md): meterflow.loa
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from datetime import date
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import IntegerType, StringType, StructField, StructType
@@ -33,109 +31,36 @@ from meterflow import lake
 from meterflow.config import ConfigError, Settings
 from meterflow.contract import METER_SPECS
 from meterflow.logs import get_logger, setup_logging
+from meterflow.views import (
+    DISTRICT_VIEW,
+    METER_VIEW,
+    SECONDS_PER_DAY,
+    STATUS_NO_DATA,
+    STATUS_OK,
+    TYPE_VIEW,
+    UNKNOWN_DISTRICT,
+    VIEWS,
+    DayReport,
+    exists,
+    remove_report,
+    remove_views,
+    view_path,
+    write_report,
+)
 
 log = get_logger("jobs.daily_batch")
 
-METER_VIEW = "meter_daily"
-TYPE_VIEW = "type_daily"
-DISTRICT_VIEW = "district_daily"
-VIEWS: tuple[str, ...] = (METER_VIEW, TYPE_VIEW, DISTRICT_VIEW)
-REPORTS_DIR = "_reports"
-STATUS_OK = "ok"
-STATUS_NO_DATA = "no_data"
-#: District of readings whose meter the registry does not know: kept and counted, never dropped.
-UNKNOWN_DISTRICT = "unknown"
-SECONDS_PER_DAY = 86_400
 #: Only these lake columns are read (column pruning).
 _READ_COLUMNS = ("device_id", "meter_type", "consumption", "fault_code")
-_REGISTRY_FILE = "meters.parquet"
 #: Runtime SQL settings the job applies to its session. Spark's first-level aggregation
 #: map holds 2^16 keys by default; a city's meters overflow it into the slower map
 #: (measured: ~15% more CPU for 100,000 meters). 2^18 keys cost ~2 MB of buckets a task.
 JOB_SQL_CONF = {"spark.sql.codegen.aggregate.fastHashMap.capacityBit": "18"}
 
 
-@dataclass(frozen=True)
-class DayReport:
-    """What the job found for one day; the loader and the checks start from it."""
-
-    day: str
-    status: str  # STATUS_OK or STATUS_NO_DATA
-    readings: int = 0
-    good: int = 0
-    faulty: int = 0
-    meters: int = 0
-    expected_per_meter: int = 0  # at the default interval; the registry may set others
-    expected_readings: int = 0  # summed over the meters that reported
-    duration_seconds: float = 0.0
-    views: dict[str, int] = field(default_factory=dict)  # rows per view
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> DayReport:
-        return cls(**json.loads(text))
-
-
-# --- paths ----------------------------------------------------------------------------------
-
-
-def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
-    """A local path or any URI pyarrow reaches (``file://``, ``s3://``, ``hdfs://``)."""
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), Path(path).absolute().as_posix()
-
-
-def view_path(views_root: str, view: str, day: date | str) -> str:
-    return f"{views_root.rstrip('/')}/{view}/date={day}"
-
-
-def report_path(views_root: str, day: date | str) -> str:
-    return f"{views_root.rstrip('/')}/{REPORTS_DIR}/date={day}.json"
-
-
-def read_report(settings: Settings, day: date | str) -> DayReport | None:
-    """The day's report, or None when the job has not run for it."""
-    fs, path = filesystem_for(report_path(settings.views_path, day))
-    try:
-        with fs.open_input_stream(path) as stream:
-            return DayReport.from_json(stream.read().decode())
-    except FileNotFoundError:
-        return None
-
-
-def _write_report(settings: Settings, report: DayReport) -> None:
-    """Temp file then move, so a reader never sees half a report."""
-    fs, path = filesystem_for(report_path(settings.views_path, report.day))
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(f"{path}.tmp") as stream:
-        stream.write(report.to_json().encode())
-    fs.move(f"{path}.tmp", path)
-
-
-def _remove_report(settings: Settings, day: date) -> None:
-    fs, path = filesystem_for(report_path(settings.views_path, day))
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
-        fs.delete_file(path)
-
-
-def _exists(path: str) -> bool:
-    fs, local = filesystem_for(path)
-    return fs.get_file_info(local).type != pafs.FileType.NotFound
-
-
-def _remove_views(settings: Settings, day: date) -> None:
-    for view in VIEWS:
-        fs, path = filesystem_for(view_path(settings.views_path, view, day))
-        if fs.get_file_info(path).type != pafs.FileType.NotFound:
-            fs.delete_dir(path)
-
-
 # --- inputs ---------------------------------------------------------------------------------
 
-_LAKE_DDL = lake.spark_ddl(pa.schema([lake.CLASSIFIED_SCHEMA.field(n) for n in lake.LAKE_COLUMNS]))
+_LAKE_DDL = lake.spark_ddl(lake.LAKE_SCHEMA)
 _REGISTRY_SCHEMA = StructType(
     [
         StructField("device_id", StringType()),
@@ -162,8 +87,8 @@ def read_day(spark: SparkSession, lake_path: str, day: date) -> DataFrame:
 
 def read_registry(spark: SparkSession, lake_path: str) -> DataFrame:
     """device_id, district, interval_seconds of the fleet; empty (all "unknown") if absent."""
-    path = f"{lake.registry_path(lake_path)}/{_REGISTRY_FILE}"
-    if not _exists(path):
+    path = lake.registry_file(lake_path)
+    if not exists(path):
         log.warning("registry=missing path=%s districts=%s", path, UNKNOWN_DISTRICT)
         return spark.createDataFrame([], _REGISTRY_SCHEMA)
     registry = spark.read.parquet(path)
@@ -265,15 +190,72 @@ def _write(frame: DataFrame, path: str) -> None:
     frame.coalesce(1).write.mode("overwrite").parquet(path)
 
 
+SILENT_FILE = "part-silent-meters.parquet"
+
+
+def add_silent_meters(view_dir: str, registry_file: str, day: date, default_expected: int) -> int:
+    """Add a row for each registered meter that sent nothing on ``day`` (completeness 0).
+
+    A silent meter is the failure users most need to see, and it is absent from the
+    readings by definition, so it comes from the registry (meters installed by ``day``).
+    Done with pyarrow on the small written view and the registry: no second Spark scan.
+    """
+    if not exists(registry_file):
+        return 0
+    fs, registry_local = lake.filesystem_for(registry_file)
+    fs, view_local = lake.filesystem_for(view_dir)
+    view = pads.dataset(view_local, filesystem=fs, format="parquet")
+    registry = pq.read_table(registry_local, filesystem=fs)
+    silent = registry.filter(
+        pc.invert(pc.is_in(registry["device_id"], value_set=view.to_table(["device_id"])[0]))
+    )
+    if "installed_on" in silent.column_names:
+        installed = silent["installed_on"]
+        silent = silent.filter(pc.or_kleene(installed.is_null(), pc.less_equal(installed, day)))
+    if silent.num_rows == 0:
+        return 0
+    if "interval_seconds" in silent.column_names:
+        per_day = pc.divide(SECONDS_PER_DAY, silent["interval_seconds"].cast(pa.int64()))
+        expected = pc.max_element_wise(per_day, 1).fill_null(default_expected)
+    else:
+        expected = pa.array([default_expected] * silent.num_rows, pa.int64())
+    units = {str(spec.meter_type): spec.unit for spec in METER_SPECS.values()}
+    count = silent.num_rows
+    columns = {
+        "device_id": silent["device_id"],
+        "meter_type": silent["meter_type"],
+        "district": silent["district"].fill_null(UNKNOWN_DISTRICT),
+        "unit": pa.array([units.get(t) for t in silent["meter_type"].to_pylist()]),
+        "reading_count": pa.array([0] * count),
+        "good_count": pa.array([0] * count),
+        "faulty_count": pa.array([0] * count),
+        "expected_count": expected,
+        "completeness": pa.array([0.0] * count),
+    }
+    schema = view.schema
+    table = pa.table(
+        {
+            f.name: columns[f.name].cast(f.type)
+            if f.name in columns
+            else pa.nulls(count, f.type)  # avg, min, max, total: nothing was measured
+            for f in schema
+        },
+        schema=schema,
+    )
+    pq.write_table(table, f"{view_local}/{SILENT_FILE}", filesystem=fs)
+    log.info("batch=silent_meters day=%s count=%d", day, count)
+    return count
+
+
 def _row_count(path: str) -> int:
     """Rows of a written view, from its Parquet footers (no Spark job)."""
-    fs, local = filesystem_for(path)
+    fs, local = lake.filesystem_for(path)
     return pads.dataset(local, filesystem=fs, format="parquet").count_rows()
 
 
 def _summary(types_path: str) -> dict[str, int]:
     """Day totals from the (few-row) type view: what the report states."""
-    fs, local = filesystem_for(types_path)
+    fs, local = lake.filesystem_for(types_path)
     table = pads.dataset(local, filesystem=fs, format="parquet").to_table()
     return {
         name: int(pc.sum(table.column(name)).as_py() or 0)
@@ -297,11 +279,11 @@ def run(settings: Settings, day: date | str, spark: SparkSession | None = None) 
     default_expected = max(1, SECONDS_PER_DAY // settings.reading_interval_seconds)
     paths = {view: view_path(settings.views_path, view, day) for view in VIEWS}
     # Until the new report is written, nobody may publish D from half-replaced views.
-    _remove_report(settings, day)
+    remove_report(settings, day)
 
     meter_rows = 0
     partition = f"{lake.readings_path(settings.lake_path)}/{lake.PARTITION_COLUMN}={day}"
-    if _exists(partition):  # no directory, no committed file either: skip Spark
+    if exists(partition):  # no directory, no committed file either: skip Spark
         meters = meter_daily(
             read_day(spark, settings.lake_path, day),
             read_registry(spark, settings.lake_path),
@@ -310,14 +292,14 @@ def run(settings: Settings, day: date | str, spark: SparkSession | None = None) 
         _write(meters, paths[METER_VIEW])
         meter_rows = _row_count(paths[METER_VIEW])
     if meter_rows == 0:
-        _remove_views(settings, day)
+        remove_views(settings, day)
         report = DayReport(
             day=str(day),
             status=STATUS_NO_DATA,
             expected_per_meter=default_expected,
             duration_seconds=round(time.perf_counter() - started, 3),
         )
-        _write_report(settings, report)
+        write_report(settings, report)
         log.warning(
             "batch=no_data day=%s lake=%s reason=no readings in the day's partition",
             day,
@@ -325,6 +307,9 @@ def run(settings: Settings, day: date | str, spark: SparkSession | None = None) 
         )
         return report
 
+    silent_meters = add_silent_meters(
+        paths[METER_VIEW], lake.registry_file(settings.lake_path), day, default_expected
+    )
     written = spark.read.schema(meters.schema).parquet(paths[METER_VIEW])
     # Two tiny jobs whose cost is Spark's per-job overhead: run them side by side.
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -346,8 +331,9 @@ def run(settings: Settings, day: date | str, spark: SparkSession | None = None) 
         expected_readings=totals["expected_count"],
         duration_seconds=round(time.perf_counter() - started, 3),
         views={view: _row_count(path) for view, path in paths.items()},
+        silent_meters=silent_meters,
     )
-    _write_report(settings, report)
+    write_report(settings, report)
     log.info(
         "batch=ok day=%s readings=%d good=%d faulty=%d meters=%d seconds=%.2f",
         day,

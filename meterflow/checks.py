@@ -18,18 +18,17 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from jobs.daily_batch_job import (
-    METER_VIEW,
-    STATUS_NO_DATA,
-    TYPE_VIEW,
-    filesystem_for,
-    read_report,
-    view_path,
-)
 from meterflow import lake, mongo
 from meterflow.config import Settings
 from meterflow.loader import TARGETS
 from meterflow.logs import get_logger
+from meterflow.views import (
+    METER_VIEW,
+    STATUS_NO_DATA,
+    TYPE_VIEW,
+    read_report,
+    view_path,
+)
 
 log = get_logger("meterflow.checks")
 
@@ -55,7 +54,7 @@ class CheckReport:
 
 def _committed_files(readings: str, day: date) -> list[str] | None:
     """Files of ``date=D`` the streaming sink's log committed, or None when there is no log."""
-    fs, root = filesystem_for(readings)
+    fs, root = lake.filesystem_for(readings)
     log_dir = posixpath.join(root, SINK_LOG)
     if fs.get_file_info(log_dir).type == pafs.FileType.NotFound:
         return None
@@ -76,13 +75,13 @@ def _path_of(uri: str) -> str:
     """A sink-log entry (``file:/x``, ``file:///x``, ``s3://b/x``) as a filesystem path."""
     if uri.startswith("file:"):  # Hadoop writes URIs: percent-encoded
         return "/" + unquote(uri.removeprefix("file:")).lstrip("/")
-    return filesystem_for(uri)[1]
+    return lake.filesystem_for(uri)[1]
 
 
 def lake_counts(settings: Settings, day: date) -> dict[str, int]:
     """Readings per meter type in D's lake partition, counted with pyarrow (not Spark)."""
     readings = lake.readings_path(settings.lake_path)
-    fs, root = filesystem_for(readings)
+    fs, root = lake.filesystem_for(readings)
     committed = _committed_files(readings, day)
     if committed is None:
         partition = posixpath.join(root, f"{lake.PARTITION_COLUMN}={day}")
@@ -110,7 +109,7 @@ def lake_counts(settings: Settings, day: date) -> dict[str, int]:
 
 
 def _view_rows(settings: Settings, view: str, day: date) -> Any:
-    fs, path = filesystem_for(view_path(settings.views_path, view, day))
+    fs, path = lake.filesystem_for(view_path(settings.views_path, view, day))
     return pads.dataset(path, filesystem=fs, format="parquet").to_table()
 
 

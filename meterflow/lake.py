@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -67,6 +68,13 @@ def registry_path(lake_path: str) -> str:
     return f"{lake_path.rstrip('/')}/registry"
 
 
+REGISTRY_FILE = "meters.parquet"
+
+
+def registry_file(lake_path: str) -> str:
+    return f"{registry_path(lake_path)}/{REGISTRY_FILE}"
+
+
 def views_path(lake_path: str) -> str:
     """Root of the batch views: ``views/<view>/date=YYYY-MM-DD/`` (see jobs/daily_batch_job)."""
     return f"{lake_path.rstrip('/')}/views"
@@ -80,15 +88,16 @@ def watermark_path(lake_path: str) -> str:
     return f"{lake_path.rstrip('/')}/_state/streaming_watermark.json"
 
 
-def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
+    """A local path or any URI pyarrow reaches (``file://``, ``s3://``, ``hdfs://``)."""
     if "://" in path:
         return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), path
+    return pafs.LocalFileSystem(), Path(path).absolute().as_posix()
 
 
 def read_watermark(lake_path: str) -> datetime | None:
     """The latest event time the streaming job has committed to the lake, if any."""
-    fs, path = _filesystem(watermark_path(lake_path))
+    fs, path = filesystem_for(watermark_path(lake_path))
     try:
         with fs.open_input_stream(path) as stream:
             document = json.loads(stream.read())
@@ -105,7 +114,7 @@ def advance_watermark(lake_path: str, event_time: datetime, batch_id: int) -> da
     current = read_watermark(lake_path)
     if current is not None and current >= event_time:
         return current
-    fs, path = _filesystem(watermark_path(lake_path))
+    fs, path = filesystem_for(watermark_path(lake_path))
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     document = {
         "max_event_time": event_time.astimezone(UTC).isoformat(),
@@ -123,7 +132,7 @@ _PARTITION = re.compile(rf"^{PARTITION_COLUMN}=(\d{{4}}-\d{{2}}-\d{{2}})$")
 
 def subdirectories(root: str) -> list[str]:
     """Directories directly under ``root`` (none if it is absent)."""
-    fs, path = _filesystem(root)
+    fs, path = filesystem_for(root)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     base = root.rstrip("/")  # keep the URI scheme, which the filesystem's paths drop
     return [f"{base}/{i.base_name}" for i in infos if i.type == pafs.FileType.Directory]
@@ -151,7 +160,7 @@ def drop_partitions_before(root: str, keep_days: int, today: date) -> list[date]
     dropped = []
     for day, uri in sorted(dated_partitions(root).items()):
         if day < cutoff:
-            fs, path = _filesystem(uri)
+            fs, path = filesystem_for(uri)
             fs.delete_dir(path)
             dropped.append(day)
     return dropped

@@ -18,19 +18,18 @@ from typing import Any
 import pyarrow.dataset as pads
 from pymongo import ReplaceOne
 
-from jobs.daily_batch_job import (
+from meterflow import lake, mongo
+from meterflow.config import Settings
+from meterflow.logs import get_logger
+from meterflow.views import (
     DISTRICT_VIEW,
     METER_VIEW,
     STATUS_NO_DATA,
     TYPE_VIEW,
     DayReport,
-    filesystem_for,
     read_report,
     view_path,
 )
-from meterflow import mongo
-from meterflow.config import Settings
-from meterflow.logs import get_logger
 
 log = get_logger("meterflow.loader")
 
@@ -78,7 +77,7 @@ def _clean(value: Any) -> Any:
 def view_documents(settings: Settings, view: str, day: date) -> list[dict[str, Any]]:
     """The view's rows for D as MongoDB documents (``_id``, ``date``, ``day`` added)."""
     _, keys = TARGETS[view]
-    fs, path = filesystem_for(view_path(settings.views_path, view, day))
+    fs, path = lake.filesystem_for(view_path(settings.views_path, view, day))
     try:
         rows = pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()
     except FileNotFoundError:

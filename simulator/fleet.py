@@ -15,15 +15,14 @@ import posixpath
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import date, timedelta
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from faker import Faker
 
 from meterflow.contract import METER_SPECS, TYPE_ORDER, MeterType
+from meterflow.lake import REGISTRY_FILE, filesystem_for
 
 DEFAULT_MIX: dict[MeterType, float] = {
     MeterType.ELECTRICITY: 0.5,
@@ -31,7 +30,6 @@ DEFAULT_MIX: dict[MeterType, float] = {
     MeterType.GAS: 0.2,
 }
 DISTRICT_COUNT = 8
-REGISTRY_FILE = "meters.parquet"
 #: Meters went in over ten years; a fixed window keeps the fleet independent of today.
 INSTALLED_FROM = date(2015, 1, 1)
 INSTALL_WINDOW_DAYS = 3653
@@ -180,13 +178,6 @@ def build_fleet(
 _METER_FIELDS = frozenset(Meter.__dataclass_fields__)
 
 
-def _filesystem(registry_dir: str) -> tuple[pafs.FileSystem, str]:
-    """A local directory or any URI pyarrow reaches (``s3://``, ``hdfs://``, ``file://``)."""
-    if "://" in registry_dir:
-        return pafs.FileSystem.from_uri(registry_dir)
-    return pafs.LocalFileSystem(), Path(registry_dir).absolute().as_posix()
-
-
 def write_registry(fleet: Fleet, registry_dir: str, interval_seconds: float | None = None) -> str:
     """Write ``<registry_dir>/meters.parquet`` (temp file, then rename: no half-written file).
 
@@ -194,7 +185,7 @@ def write_registry(fleet: Fleet, registry_dir: str, interval_seconds: float | No
     ``interval_seconds`` is the fleet's reading interval (stored per meter, null if None).
     Returns the path.
     """
-    filesystem, root = _filesystem(registry_dir)
+    filesystem, root = filesystem_for(registry_dir)
     filesystem.create_dir(root, recursive=True)
     target = posixpath.join(root, REGISTRY_FILE)
     # Hidden (Spark and Hadoop readers skip dot files) and per process (writers may race).
@@ -212,7 +203,7 @@ def write_registry(fleet: Fleet, registry_dir: str, interval_seconds: float | No
 
 def read_registry(registry_dir: str) -> Fleet:
     """The fleet :func:`write_registry` wrote (for a restarted simulator or a loader)."""
-    filesystem, root = _filesystem(registry_dir)
+    filesystem, root = filesystem_for(registry_dir)
     table = pq.read_table(posixpath.join(root, REGISTRY_FILE), filesystem=filesystem)
     # Registries written before a column existed lack it; columns Meter lacks are skipped.
     table = table.select([name for name in table.column_names if name in _METER_FIELDS])

@@ -21,7 +21,7 @@ import pytest
 from pyspark.sql import SparkSession
 
 from jobs import daily_batch_job as job
-from meterflow import lake
+from meterflow import lake, views
 from meterflow.checks import lake_counts
 from meterflow.config import Settings
 from meterflow.contract import METER_SPECS, FaultCode, MeterType
@@ -101,7 +101,7 @@ def write_lake_day(settings: Settings, day: date, rows: list[dict]) -> None:
 
 
 def read_view(settings: Settings, view: str, day: date) -> pd.DataFrame:
-    return pq.read_table(job.view_path(settings.views_path, view, day)).to_pandas()
+    return pq.read_table(views.view_path(settings.views_path, view, day)).to_pandas()
 
 
 def expected_meters(rows: list[dict], districts: dict[str, str], expected: dict[str, int]):
@@ -121,7 +121,7 @@ def expected_meters(rows: list[dict], districts: dict[str, str], expected: dict[
             "faulty_count": grouped["fault_code"].count(),
         }
     )
-    out["district"] = [districts.get(d, job.UNKNOWN_DISTRICT) for d in out.index]
+    out["district"] = [districts.get(d, views.UNKNOWN_DISTRICT) for d in out.index]
     out["expected_count"] = [expected[d] for d in out.index]
     out["completeness"] = out["reading_count"] / out["expected_count"]
     return out
@@ -167,7 +167,7 @@ def test_views_match_pandas_on_the_same_rows(spark: SparkSession, two_days) -> N
 
     districts, expected_counts = registry_lookup(settings)
     expected = expected_meters(rows[D1], districts, expected_counts)
-    meters_view = read_view(settings, job.METER_VIEW, D1)
+    meters_view = read_view(settings, views.METER_VIEW, D1)
     assert_frames_match(meters_view.drop(columns=["unit"]), expected, ["device_id"])
     assert set(meters_view["unit"]) <= {s.unit for s in METER_SPECS.values()}
     all_faulty = expected.index[expected["good_count"] == 0]
@@ -176,15 +176,15 @@ def test_views_match_pandas_on_the_same_rows(spark: SparkSession, two_days) -> N
         and meters_view.set_index("device_id").loc[all_faulty, "avg"].isna().all()
     )
     unknown = meters_view.set_index("device_id").loc[UNREGISTERED[0]]
-    assert unknown["district"] == job.UNKNOWN_DISTRICT
+    assert unknown["district"] == views.UNKNOWN_DISTRICT
     assert unknown["expected_count"] == 86_400 // DEFAULT_INTERVAL  # settings, not the registry
 
     frame = pd.DataFrame(rows[D1])
-    frame["district"] = [districts.get(d, job.UNKNOWN_DISTRICT) for d in frame["device_id"]]
+    frame["district"] = [districts.get(d, views.UNKNOWN_DISTRICT) for d in frame["device_id"]]
     frame["good_value"] = frame["consumption"].where(frame["fault_code"].isna())
     for view, keys in (
-        (job.TYPE_VIEW, ["meter_type"]),
-        (job.DISTRICT_VIEW, ["district", "meter_type"]),
+        (views.TYPE_VIEW, ["meter_type"]),
+        (views.DISTRICT_VIEW, ["district", "meter_type"]),
     ):
         grouped = frame.groupby(keys)
         want = pd.DataFrame(
@@ -201,15 +201,15 @@ def test_views_match_pandas_on_the_same_rows(spark: SparkSession, two_days) -> N
 
     faulty = int(frame["fault_code"].notna().sum())
     assert (report.status, report.readings, report.faulty, report.good) == (
-        job.STATUS_OK,
+        views.STATUS_OK,
         len(frame),
         faulty,
         len(frame) - faulty,
     )
     assert report.meters == frame["device_id"].nunique()
-    assert report.views[job.METER_VIEW] == report.meters
-    assert report.views[job.DISTRICT_VIEW] == len(frame.groupby(["district", "meter_type"]))
-    assert job.read_report(settings, D1) == report  # the JSON the loader and checks read
+    assert report.views[views.METER_VIEW] == report.meters
+    assert report.views[views.DISTRICT_VIEW] == len(frame.groupby(["district", "meter_type"]))
+    assert views.read_report(settings, D1) == report  # the JSON the loader and checks read
 
 
 def _files(directory: str) -> dict[str, bytes]:
@@ -220,49 +220,87 @@ def test_rerun_replaces_the_day_and_leaves_other_days(spark: SparkSession, two_d
     settings, meters, rows = two_days
     job.run(settings, D1, spark)
     job.run(settings, D2, spark)
-    d2_files = {view: _files(job.view_path(settings.views_path, view, D2)) for view in job.VIEWS}
+    d2_files = {
+        view: _files(views.view_path(settings.views_path, view, D2)) for view in views.VIEWS
+    }
 
     job.run(settings, D1, spark)  # same input: same rows, not twice as many
-    assert len(read_view(settings, job.METER_VIEW, D1)) == len(meters) + 1
+    assert len(read_view(settings, views.METER_VIEW, D1)) == len(meters) + 1
 
     dropped = meters[1][0]
     fewer = [r for r in rows[D1] if r["device_id"] != dropped]
     write_lake_day(settings, D1, fewer)
     report = job.run(settings, D1, spark)
-    view = read_view(settings, job.METER_VIEW, D1)
-    assert dropped not in set(view["device_id"]) and len(view) == len(meters)
+    view = read_view(settings, views.METER_VIEW, D1).set_index("device_id")
+    # Still registered, now silent: one row with nothing received, not a missing row.
+    assert len(view) == len(meters) + 1 and report.silent_meters == 1
+    assert (view.loc[dropped, "reading_count"], view.loc[dropped, "completeness"]) == (0, 0.0)
     assert report.readings == len(fewer) == view["reading_count"].sum()
-    assert read_view(settings, job.TYPE_VIEW, D1)["reading_count"].sum() == len(fewer)
-    for name in job.VIEWS:  # D2 byte for byte as it was
-        assert _files(job.view_path(settings.views_path, name, D2)) == d2_files[name]
+    assert read_view(settings, views.TYPE_VIEW, D1)["reading_count"].sum() == len(fewer)
+    for name in views.VIEWS:  # D2 byte for byte as it was
+        assert _files(views.view_path(settings.views_path, name, D2)) == d2_files[name]
+
+
+def test_silent_meters_get_a_row_with_completeness_zero(
+    spark: SparkSession, tmp_path: Path
+) -> None:
+    """Registered meters with no reading that day appear (the failure to see), unless
+    they were installed after it; meters that did report are unaffected."""
+    settings = lake_settings(tmp_path)
+    meters = fleet_meters(settings)
+    registry_file = lake.registry_file(settings.lake_path)
+    registry = pq.read_table(registry_file).to_pandas()
+    late = meters[2][0]
+    registry.loc[registry["device_id"] == late, "installed_on"] = D2
+    pq.write_table(pa.Table.from_pandas(registry, preserve_index=False), registry_file)
+    reporting = meters[3:]
+    write_lake_day(settings, D1, make_rows(reporting, D1, seed=4))
+
+    report = job.run(settings, D1, spark)
+
+    view = read_view(settings, views.METER_VIEW, D1).set_index("device_id")
+    silent = {m for m, _ in meters[:3]} - {late}
+    assert set(view.index) == {m for m, _ in reporting} | silent
+    assert report.silent_meters == len(silent) == 2
+    for device in silent:
+        row = view.loc[device]
+        assert (row["reading_count"], row["good_count"], row["faulty_count"]) == (0, 0, 0)
+        assert row["completeness"] == 0.0 and pd.isna(row["avg"]) and pd.isna(row["total"])
+        assert row["expected_count"] == 86_400 // REGISTRY_INTERVAL
+        assert row["district"] == registry.set_index("device_id").loc[device, "district"]
+    assert (view.loc[[m for m, _ in reporting], "reading_count"] > 0).all()
+    types = read_view(settings, views.TYPE_VIEW, D1)
+    assert types["meter_count"].sum() == len(view)
 
 
 def test_day_without_data_is_reported_not_zero_filled(spark: SparkSession, two_days) -> None:
     settings, _meters, _rows = two_days
     job.run(settings, D1, spark)
-    assert all(Path(job.view_path(settings.views_path, v, D1)).exists() for v in job.VIEWS)
+    assert all(Path(views.view_path(settings.views_path, v, D1)).exists() for v in views.VIEWS)
 
     empty = date(2024, 6, 9)
     report = job.run(settings, empty, spark)
-    assert (report.status, report.readings, report.meters) == (job.STATUS_NO_DATA, 0, 0)
-    assert not any(Path(job.view_path(settings.views_path, v, empty)).exists() for v in job.VIEWS)
-    assert job.read_report(settings, empty) == report
+    assert (report.status, report.readings, report.meters) == (views.STATUS_NO_DATA, 0, 0)
+    assert not any(
+        Path(views.view_path(settings.views_path, v, empty)).exists() for v in views.VIEWS
+    )
+    assert views.read_report(settings, empty) == report
 
     # D1's partition disappears (say, retention): its stale views go, the report says why.
     for file in (Path(lake.readings_path(settings.lake_path)) / f"date={D1}").glob("*"):
         file.unlink()
-    assert job.run(settings, D1, spark).status == job.STATUS_NO_DATA
-    assert not any(Path(job.view_path(settings.views_path, v, D1)).exists() for v in job.VIEWS)
+    assert job.run(settings, D1, spark).status == views.STATUS_NO_DATA
+    assert not any(Path(views.view_path(settings.views_path, v, D1)).exists() for v in views.VIEWS)
 
 
 def test_no_lake_and_no_registry_at_all(spark: SparkSession, tmp_path: Path) -> None:
     settings = lake_settings(tmp_path)
-    assert job.run(settings, D1, spark).status == job.STATUS_NO_DATA
+    assert job.run(settings, D1, spark).status == views.STATUS_NO_DATA
     rows = make_rows([("gm000001", str(MeterType.GAS))], D1, seed=3)
     write_lake_day(settings, D1, rows)  # a lake, but no registry: every district unknown
     report = job.run(settings, D1, spark)
-    assert report.status == job.STATUS_OK and report.readings == len(rows)
-    assert set(read_view(settings, job.DISTRICT_VIEW, D1)["district"]) == {job.UNKNOWN_DISTRICT}
+    assert report.status == views.STATUS_OK and report.readings == len(rows)
+    assert set(read_view(settings, views.DISTRICT_VIEW, D1)["district"]) == {views.UNKNOWN_DISTRICT}
 
 
 def test_only_files_the_streaming_sink_committed_count(spark: SparkSession, tmp_path: Path) -> None:
@@ -305,9 +343,9 @@ def test_main_runs_a_day_from_the_command_line(
     settings, _meters, rows = two_days
     monkeypatch.setenv("METERFLOW_DATA_DIR", str(Path(settings.data_dir) / "elsewhere"))
     assert job.main(["--date", str(D2), "--lake", settings.lake_path]) == 0
-    printed = job.DayReport.from_json(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = views.DayReport.from_json(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed.readings == len(rows[D2])
-    assert job.read_report(settings, D2) == printed
+    assert views.read_report(settings, D2) == printed
     with pytest.raises(SystemExit):
         job.main(["--date", "2024-13-01"])
 
@@ -330,6 +368,6 @@ def test_batch_command_in_its_own_process(two_days) -> None:
         cwd=Path(__file__).resolve().parents[1],
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    printed = job.DayReport.from_json(result.stdout.strip().splitlines()[-1])
-    assert (printed.status, printed.readings) == (job.STATUS_OK, len(rows[D1]))
-    assert job.read_report(settings, D1) == printed
+    printed = views.DayReport.from_json(result.stdout.strip().splitlines()[-1])
+    assert (printed.status, printed.readings) == (views.STATUS_OK, len(rows[D1]))
+    assert views.read_report(settings, D1) == printed

@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import SparkSession
 from test_daily_batch import D1, D2, fleet_meters, make_rows, write_lake_day
 
 from jobs import daily_batch_job as job
-from meterflow import cli, mongo
+from meterflow import cli, lake, mongo, views
 from meterflow.checks import CheckFailed, check_day
 from meterflow.config import Settings
 from meterflow.loader import ViewMissingError, publish_day
@@ -101,7 +103,10 @@ def test_documents_follow_the_lake_and_republishing_changes_nothing(published) -
 def test_republishing_replaces_the_day(spark: SparkSession, published) -> None:
     settings, db, meters, rows = published
     d2_before = snapshot(db, D2)
-    dropped = meters[2][0]
+    dropped = meters[2][0]  # decommissioned: out of the registry and silent
+    registry_file = lake.registry_file(settings.lake_path)
+    registry = pq.read_table(registry_file)
+    pq.write_table(registry.filter(pc.not_equal(registry["device_id"], dropped)), registry_file)
     write_lake_day(settings, D1, [r for r in rows[D1] if r["device_id"] != dropped])
     job.run(settings, D1, spark)
     load = publish_day(settings, D1)
@@ -114,7 +119,7 @@ def test_republishing_replaces_the_day(spark: SparkSession, published) -> None:
     # The day's partition is gone: a no_data day clears D's documents, keeps its report.
     for file in Path(settings.lake_path, "readings", f"date={D1}").glob("*"):
         file.unlink()
-    assert job.run(settings, D1, spark).status == job.STATUS_NO_DATA
+    assert job.run(settings, D1, spark).status == views.STATUS_NO_DATA
     load = publish_day(settings, D1)
     assert load.upserted == {**dict.fromkeys(COLLECTIONS, 0), mongo.DAILY_REPORTS: 1}
     assert all(db[c].count_documents({"day": str(D1)}) == 0 for c in COLLECTIONS)
@@ -187,7 +192,7 @@ def test_a_failed_rerun_leaves_nothing_to_publish(spark: SparkSession, published
     (Path(settings.registry_path) / "meters.parquet").write_bytes(b"not parquet")
     with pytest.raises(Exception, match=r"(?i)parquet"):
         job.run(settings, D1, spark)
-    assert job.read_report(settings, D1) is None
+    assert views.read_report(settings, D1) is None
     with pytest.raises(ViewMissingError):
         publish_day(settings, D1)
     with pytest.raises(CheckFailed, match="no batch report"):

@@ -1,0 +1,100 @@
+"""Batch views in the lake: their names, paths and the per-day report.
+
+The daily job (jobs/daily_batch_job.py) writes ``<views>/<view>/date=D/`` and
+``<views>/_reports/date=D.json``; the loader and the checks read them. This module is the
+one home of that layout, and it needs no Spark.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import date
+
+import pyarrow.fs as pafs
+
+from meterflow.config import Settings
+from meterflow.lake import filesystem_for
+
+METER_VIEW = "meter_daily"
+TYPE_VIEW = "type_daily"
+DISTRICT_VIEW = "district_daily"
+VIEWS: tuple[str, ...] = (METER_VIEW, TYPE_VIEW, DISTRICT_VIEW)
+REPORTS_DIR = "_reports"
+STATUS_OK = "ok"
+STATUS_NO_DATA = "no_data"
+#: District of readings whose meter the registry does not know: kept and counted, never dropped.
+UNKNOWN_DISTRICT = "unknown"
+SECONDS_PER_DAY = 86_400
+
+
+@dataclass(frozen=True)
+class DayReport:
+    """What the job found for one day; the loader and the checks start from it."""
+
+    day: str
+    status: str  # STATUS_OK or STATUS_NO_DATA
+    readings: int = 0
+    good: int = 0
+    faulty: int = 0
+    meters: int = 0
+    expected_per_meter: int = 0  # at the default interval; the registry may set others
+    expected_readings: int = 0  # summed over the meters that reported
+    duration_seconds: float = 0.0
+    views: dict[str, int] = field(default_factory=dict)  # rows per view
+    silent_meters: int = 0  # registered meters with no reading that day (completeness 0)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> DayReport:
+        return cls(**json.loads(text))
+
+
+# --- paths ----------------------------------------------------------------------------------
+
+
+def view_path(views_root: str, view: str, day: date | str) -> str:
+    return f"{views_root.rstrip('/')}/{view}/date={day}"
+
+
+def report_path(views_root: str, day: date | str) -> str:
+    return f"{views_root.rstrip('/')}/{REPORTS_DIR}/date={day}.json"
+
+
+def read_report(settings: Settings, day: date | str) -> DayReport | None:
+    """The day's report, or None when the job has not run for it."""
+    fs, path = filesystem_for(report_path(settings.views_path, day))
+    try:
+        with fs.open_input_stream(path) as stream:
+            return DayReport.from_json(stream.read().decode())
+    except FileNotFoundError:
+        return None
+
+
+def write_report(settings: Settings, report: DayReport) -> None:
+    """Temp file then move, so a reader never sees half a report."""
+    fs, path = filesystem_for(report_path(settings.views_path, report.day))
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(f"{path}.tmp") as stream:
+        stream.write(report.to_json().encode())
+    fs.move(f"{path}.tmp", path)
+
+
+def remove_report(settings: Settings, day: date) -> None:
+    fs, path = filesystem_for(report_path(settings.views_path, day))
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_file(path)
+
+
+def exists(path: str) -> bool:
+    fs, local = filesystem_for(path)
+    return fs.get_file_info(local).type != pafs.FileType.NotFound
+
+
+def remove_views(settings: Settings, day: date) -> None:
+    for view in VIEWS:
+        fs, path = filesystem_for(view_path(settings.views_path, view, day))
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
