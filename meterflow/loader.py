@@ -129,6 +129,7 @@ def report_document(report: DayReport, loaded_at: datetime) -> dict[str, Any]:
         "good": report.good,
         "faulty": report.faulty,
         "meters": report.meters,
+        "silent_meters": report.silent_meters,
         "expected_per_meter": report.expected_per_meter,
         "expected_readings": report.expected_readings,
         "views": report.views,

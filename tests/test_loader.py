@@ -6,7 +6,7 @@ database). The views come from the real batch job on a small lake (test_daily_ba
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +198,38 @@ def test_a_failed_rerun_leaves_nothing_to_publish(spark: SparkSession, published
     with pytest.raises(CheckFailed, match="no batch report"):
         check_day(settings, D1)
     assert snapshot(db, D1) == before  # what MongoDB served is left as it was
+
+
+def test_backfilling_seven_days_equals_running_them_one_by_one(
+    spark: SparkSession, env: dict[str, str]
+) -> None:
+    """What a catch-up or backfill does (every day's job first, in any order, then every
+    load) gives the same MongoDB documents as the days run one after the other."""
+    one_by_one = Settings.from_env(env)
+    backfill = Settings.from_env({**env, "MONGO_DB": f"{env['MONGO_DB']}_backfill"})
+    meters = fleet_meters(one_by_one)
+    days = [D1 + timedelta(days=i) for i in range(7)]
+    for i, day in enumerate(days):
+        write_lake_day(one_by_one, day, make_rows(meters, day, seed=100 + i))
+
+    for day in days:
+        job.run(one_by_one, day, spark)
+        publish_day(one_by_one, day)
+    for day in reversed(days):
+        job.run(backfill, day, spark)
+    for day in days[::2] + days[1::2]:
+        publish_day(backfill, day)
+
+    def documents(settings: Settings) -> list:
+        db = mongo.database(settings)
+        found = [snapshot(db, day) for day in days]
+        for day in found:
+            for report in day[mongo.DAILY_REPORTS]:
+                report.pop("job_seconds")  # wall time of that run
+        return found
+
+    expected = documents(one_by_one)
+    assert sum(len(d[mongo.DAILY_METER_AVERAGES]) for d in expected) == 7 * len(meters)
+    assert documents(backfill) == expected
+    if not backfill.mongo_uri.startswith(mongo.MOCK_SCHEME):
+        mongo.database(backfill).client.drop_database(backfill.mongo_db)
