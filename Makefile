@@ -1,5 +1,7 @@
 # The two commands of the README: `make run` and `make test`. Both install what they need.
 VENV ?= .venv
+# Extra arguments of `meterflow run`, e.g. make run RUN_ARGS=--airflow
+RUN_ARGS ?=
 BIN := $(VENV)/bin
 
 .PHONY: install run test lint bench clean
@@ -8,7 +10,7 @@ install:
 	@./scripts/bootstrap.sh
 
 run: install
-	$(BIN)/meterflow run
+	$(BIN)/meterflow run $(RUN_ARGS)
 
 test: install
 	$(BIN)/ruff check .

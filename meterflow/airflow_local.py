@@ -49,6 +49,8 @@ def airflow_env(settings: Settings, first_day: date, base: Mapping[str, str]) ->
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        # A newcomer's run should process days without visiting the UI first.
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
         "AIRFLOW__API__PORT": str(API_PORT),
         "AIRFLOW_CONN_SPARK_DEFAULT": "spark://local?deploy-mode=client",

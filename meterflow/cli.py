@@ -344,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(handler=handler)
         return command
 
-    run = add("run", cmd_run, "Start Kafka (if needed), the simulator and the speed layer")
+    run = add(
+        "run", cmd_run, "Start Kafka and MongoDB (if needed), the simulator, speed layer and sink"
+    )
     run.add_argument("--meters", type=int, default=300, help="simulated meters (default 300)")
     run.add_argument("--interval", default="10s", help="reading interval (default 10s)")
     run.add_argument("--seed", type=int, default=None, help="make the simulated fleet reproducible")
