@@ -10,17 +10,17 @@ give the same documents as running the days one by one.
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 import pendulum
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.sdk import dag, task
 
+from meterflow.config import env_value
 from meterflow_airflow.hooks import MeterflowHook, job_path
 from meterflow_airflow.sensors import LakePartitionCompleteSensor
 
-START_DATE = pendulum.parse(os.environ.get("METERFLOW_DAG_START_DATE", "2026-11-01"), tz="UTC")
+START_DATE = pendulum.parse(env_value("METERFLOW_DAG_START_DATE"), tz="UTC")
 
 
 @dag(

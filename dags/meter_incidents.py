@@ -10,15 +10,13 @@ gets one open incident; a meter whose latest reading was good gets its incident 
 
 from __future__ import annotations
 
-import os
-
 import pendulum
 from airflow.providers.apache.kafka.triggers.msg_queue import KafkaMessageQueueTrigger
 from airflow.sdk import Asset, AssetOrTimeSchedule, AssetWatcher, CronTriggerTimetable, dag, task
 
-from meterflow.contract import TOPIC_ABNORMAL
+from meterflow.config import env_value
 
-ABNORMAL_TOPIC = os.environ.get("METERFLOW_TOPIC_ABNORMAL") or TOPIC_ABNORMAL
+ABNORMAL_TOPIC = env_value("METERFLOW_TOPIC_ABNORMAL")
 
 abnormal_events = Asset(
     name="meterflow_abnormal_readings",

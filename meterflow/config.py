@@ -96,6 +96,11 @@ VARIABLES: tuple[Variable, ...] = (
         "stream's watermark",
     ),
     Variable(
+        "METERFLOW_DAG_START_DATE",
+        "2026-11-01",
+        "First day meter_daily_averages processes (catch-up runs every day since)",
+    ),
+    Variable(
         "METERFLOW_INCIDENT_THRESHOLD",
         "3",
         "Faulty readings in a row that open an incident for a meter",
@@ -131,6 +136,12 @@ _DEFAULTS = {v.name: v.default for v in VARIABLES}
 def _get(env: Mapping[str, str], name: str) -> str:
     value = env.get(name)
     return _DEFAULTS[name] if value is None or value.strip() == "" else value.strip()
+
+
+def env_value(name: str, env: Mapping[str, str] | None = None) -> str:
+    """One variable of :data:`VARIABLES`, or its default (for DAG files, which must parse
+    even when other variables are malformed)."""
+    return _get(os.environ if env is None else env, name)
 
 
 def _number(env: Mapping[str, str], name: str, kind: type, minimum: float) -> float | int:

@@ -59,6 +59,13 @@ def test_config_lists_every_variable() -> None:
         assert f"`{variable.name}`" in result.stdout
 
 
+def test_readme_configuration_table_is_the_codes() -> None:
+    """The README's table is `meterflow config --markdown` verbatim: it cannot drift."""
+    table = meterflow("config", "--markdown").stdout.strip()
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert table in readme, "README configuration table is stale: run meterflow config --markdown"
+
+
 def test_bad_config_is_one_line_and_non_zero() -> None:
     result = meterflow("topics", env={"METERFLOW_KAFKA_PARTITIONS": "many"})
     assert result.returncode == 2
