@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meterflow.config import VARIABLES, ConfigError
+from meterflow.config import ConfigError, env_value
 from meterflow.dashboards import CARDS, DASHBOARD_DESCRIPTION, DASHBOARD_NAME, Card
 from meterflow.logs import get_logger
 
@@ -28,7 +28,6 @@ log = get_logger("meterflow.metabase")
 
 SESSION_HEADER = "X-Metabase-Session"
 MONGO_ENGINE = "mongo"
-_DEFAULTS = {v.name: v.default for v in VARIABLES}
 
 
 class MetabaseError(RuntimeError):
@@ -56,8 +55,7 @@ class MetabaseSettings:
         env = os.environ if env is None else env
 
         def get(name: str) -> str:
-            value = (env.get(name) or "").strip()
-            return value or _DEFAULTS[name]
+            return env_value(name, env)
 
         missing = [
             name for name in ("METABASE_ADMIN_EMAIL", "METABASE_ADMIN_PASSWORD") if not get(name)

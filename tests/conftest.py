@@ -112,6 +112,17 @@ def mongo_db_name() -> str:
     return f"meterflow_test_{uuid.uuid4().hex[:8]}"
 
 
+@pytest.fixture
+def db(mongo_uri: str, mongo_db_name: str):
+    """A fresh serving-layer database (dropped afterwards on a real server)."""
+    from meterflow import mongo
+
+    database = mongo.client(mongo_uri)[mongo_db_name]
+    yield database
+    if not mongo_uri.startswith(mongo.MOCK_SCHEME):
+        database.client.drop_database(mongo_db_name)
+
+
 @pytest.fixture(scope="session")
 def airflow_db() -> str:
     """A migrated Airflow metadata database (SQLite) for tests that run DAGs."""

@@ -11,20 +11,11 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pytest
-
 from meterflow import contract, kafka, mongo
 from meterflow.config import Settings
 from meterflow.incidents import CLOSED, OPEN, reconcile
 
 T0 = datetime(2024, 6, 2, 8, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def db(mongo_uri: str, mongo_db_name: str):
-    database = mongo.client(mongo_uri)[mongo_db_name]
-    yield database
-    database.client.drop_database(mongo_db_name)
 
 
 def status(db, device: str, fault: str | None, run: int, seen: datetime, since=None) -> None:

@@ -22,14 +22,6 @@ from simulator.fleet import build_fleet, write_registry
 DAY_S = 86_400
 
 
-@pytest.fixture
-def db(mongo_uri: str, mongo_db_name: str) -> Any:
-    database = mongo.client(mongo_uri)[mongo_db_name]
-    yield database
-    if not mongo_uri.startswith(mongo.MOCK_SCHEME):
-        database.client.drop_database(mongo_db_name)
-
-
 def settings_for(tmp_path: Path, mongo_uri: str, db_name: str, **env: str) -> Settings:
     return Settings.from_env(
         {

@@ -230,14 +230,6 @@ def decoded_statuses(values: Iterable[bytes]) -> list[StatusUpdate]:
     return [decode_status(v) for v in values]
 
 
-@pytest.fixture
-def db(mongo_uri: str, mongo_db_name: str) -> Any:
-    database = mongo.client(mongo_uri)[mongo_db_name]
-    yield database
-    if not mongo_uri.startswith(mongo.MOCK_SCHEME):
-        database.client.drop_database(mongo_db_name)
-
-
 def test_meter_status_newer_wins_older_ignored_runs_merge_recovery_clears(db: Any) -> None:
     writer = ServingWriter(db, INTERVAL_S)
     flags = [False, False, True, True, True, True, True, False, True, True]
