@@ -39,6 +39,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture
+def free_port() -> int:
+    return _free_port()
+
+
 @pytest.fixture(scope="session")
 def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A tansu broker for the whole run (fails, never skips, if it cannot start)."""

@@ -119,3 +119,50 @@ def test_stream_stops_cleanly_on_sigterm(make_settings) -> None:
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err[-3000:]
     assert "read 4 = valid 2 + abnormal 1 + dead-lettered 1 (reconciled)" in out
+
+
+def test_run_brings_up_simulator_stream_sink_and_mongodb(make_settings, free_port) -> None:
+    """`meterflow run` (the README's main job) with the broker of the tests and its own
+    MongoDB stand-in: readings flow into the lake and, through the sink, into MongoDB."""
+    import pymongo
+
+    settings = make_settings(partitions=2)
+    env = {
+        **env_of(settings),
+        "METERFLOW_TOPIC_STATUS": settings.topic_status,
+        "MONGO_URI": "",
+        "METERFLOW_LOCAL_MONGO_PORT": str(free_port),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "meterflow.cli", "run", "--meters", "40", "--interval", "1s"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        db = None
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            time.sleep(1)
+            try:
+                client = pymongo.MongoClient(
+                    f"mongodb://127.0.0.1:{free_port}/", serverSelectionTimeoutMS=500
+                )
+                db = client["iot"]
+                if db["meter_status"].count_documents({}) >= 40:
+                    break
+            except pymongo.errors.PyMongoError:
+                continue
+        assert db is not None, "the MongoDB stand-in never answered"
+        assert db["meters"].count_documents({}) == 40  # the registry, loaded at start
+        assert db["meter_status"].count_documents({}) >= 40, "the sink never caught up"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-3000:]
+    assert "(reconciled)" in out
+    assert "sink=stopped" in err and "reconciled=true" in err
+    assert list((settings.data_dir / "lake" / "readings").glob("date=*/*.parquet"))
