@@ -3,7 +3,7 @@
 ``spark-submit jobs/daily_batch_job.py --date YYYY-MM-DD`` (or ``meterflow batch``) reads
 ``readings/`` filtered on the ``date`` partition (so Spark honours the streaming sink's
 ``_spark_metadata`` log and prunes the other days), aggregates the day once per meter and
-derives the type and district views from that small result instead of rescanning. Views
+derives the rest from that result (one row per meter) in Arrow instead of rescanning. Views
 go to ``<views>/<view>/date=D/`` as Parquet, replacing D's previous views and nothing
 else; a JSON report per day (``<views>/_reports/date=D.json``) tells the loader and the
 checks what was found. Spark never writes MongoDB (see DESIGN.md): meterflow.loader does.
@@ -15,17 +15,15 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import date
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import IntegerType, StringType, StructField, StructType
 
 from meterflow import lake
 from meterflow.config import ConfigError, Settings
@@ -61,13 +59,6 @@ JOB_SQL_CONF = {"spark.sql.codegen.aggregate.fastHashMap.capacityBit": "18"}
 # --- inputs ---------------------------------------------------------------------------------
 
 _LAKE_DDL = lake.spark_ddl(lake.LAKE_SCHEMA)
-_REGISTRY_SCHEMA = StructType(
-    [
-        StructField("device_id", StringType()),
-        StructField("district", StringType()),
-        StructField("interval_seconds", IntegerType()),
-    ]
-)
 
 
 def read_day(spark: SparkSession, lake_path: str, day: date) -> DataFrame:
@@ -85,43 +76,47 @@ def read_day(spark: SparkSession, lake_path: str, day: date) -> DataFrame:
     )
 
 
-def read_registry(spark: SparkSession, lake_path: str) -> DataFrame:
-    """device_id, district, interval_seconds of the fleet; empty (all "unknown") if absent."""
+_REGISTRY_COLUMNS = {
+    "device_id": pa.string(),
+    "meter_type": pa.string(),
+    "district": pa.string(),
+    "installed_on": pa.date32(),
+    "interval_seconds": pa.int64(),
+}
+
+
+def read_registry(lake_path: str) -> pa.Table:
+    """The registry columns the views use; empty (every meter "unknown") if absent.
+
+    Registries written before a column existed get it as nulls.
+    """
     path = lake.registry_file(lake_path)
     if not exists(path):
         log.warning("registry=missing path=%s districts=%s", path, UNKNOWN_DISTRICT)
-        return spark.createDataFrame([], _REGISTRY_SCHEMA)
-    registry = spark.read.parquet(path)
-    if "interval_seconds" not in registry.columns:  # registries written before it existed
-        registry = registry.withColumn("interval_seconds", F.lit(None).cast("int"))
-    return registry.select(
-        "device_id", "district", F.col("interval_seconds").cast("int").alias("interval_seconds")
+        return pa.table({n: pa.array([], t) for n, t in _REGISTRY_COLUMNS.items()})
+    fs, local = lake.filesystem_for(path)
+    table = pq.read_table(local, filesystem=fs)
+    return pa.table(
+        {
+            name: table[name].cast(kind)
+            if name in table.column_names
+            else pa.nulls(len(table), kind)
+            for name, kind in _REGISTRY_COLUMNS.items()
+        }
     )
 
 
-# --- views: DataFrame -> DataFrame ----------------------------------------------------------
+# --- views --------------------------------------------------------------------------------------
 
 
-def _unit_of(meter_type: Column) -> Column:
-    """The contract's unit of a meter type (one home for units: METER_SPECS)."""
-    pairs = [F.lit(x) for spec in METER_SPECS.values() for x in (str(spec.meter_type), spec.unit)]
-    return F.create_map(*pairs)[meter_type]
+def meter_daily(readings: DataFrame) -> DataFrame:
+    """One row per meter: consumption stats over good readings and the reading counts.
 
-
-def _average() -> Column:
-    """Mean of the good readings from their sum and count (null when there is none)."""
-    return F.when(F.col("good_count") > 0, F.col("total") / F.col("good_count"))
-
-
-def meter_daily(readings: DataFrame, registry: DataFrame, default_interval: int) -> DataFrame:
-    """One row per meter: consumption stats over good readings, counts, completeness.
-
-    One scan and one hash aggregation with six fixed-width buffers (the average is
-    total / good_count afterwards); the registry (one row per meter) is broadcast.
-    ``completeness`` = readings received / (86400 / interval).
+    The heavy part of the job (every reading of the day): one scan and one hash
+    aggregation with six fixed-width buffers; the average is total / good_count later.
     """
     good_value = F.when(F.col("fault_code").isNull(), F.col("consumption"))
-    per_meter = readings.groupBy("device_id", "meter_type").agg(
+    return readings.groupBy("device_id", "meter_type").agg(
         F.sum(good_value).alias("total"),
         F.min(good_value).alias("min"),
         F.max(good_value).alias("max"),
@@ -129,145 +124,149 @@ def meter_daily(readings: DataFrame, registry: DataFrame, default_interval: int)
         F.count(good_value).alias("good_count"),
         F.count("fault_code").alias("faulty_count"),
     )
-    interval = F.coalesce(F.col("interval_seconds"), F.lit(default_interval))
-    expected = F.greatest(F.lit(1), F.floor(F.lit(SECONDS_PER_DAY) / interval)).cast("long")
-    return per_meter.join(F.broadcast(registry), "device_id", "left").select(
-        "device_id",
-        "meter_type",
-        F.coalesce(F.col("district"), F.lit(UNKNOWN_DISTRICT)).alias("district"),
-        _unit_of(F.col("meter_type")).alias("unit"),
-        _average().alias("avg"),
-        "min",
-        "max",
-        "total",
-        "reading_count",
-        "good_count",
-        "faulty_count",
-        expected.alias("expected_count"),
-        (F.col("reading_count") / expected).alias("completeness"),
+
+
+_COUNTS = ("reading_count", "good_count", "faulty_count")
+_ROW_COLUMNS = (
+    "device_id", "meter_type", "district", "interval_seconds", "total", "min", "max", *_COUNTS
+)  # fmt: skip
+
+
+def _average(total: pa.Array, good: pa.Array) -> pa.Array:
+    """Mean of the good readings from their sum and count (null when there is none)."""
+    return pc.if_else(
+        pc.greater(good, 0),
+        pc.divide(total, pc.cast(good, pa.float64())),
+        pa.scalar(None, pa.float64()),
     )
 
 
-def _rollup(meters: DataFrame, *keys: str) -> DataFrame:
-    """Sum a per-meter frame up to ``keys``; avg weighs each good reading once."""
-    totals = meters.groupBy(*keys).agg(
-        F.sum("total").alias("total"),
-        F.sum("good_count").alias("good_count"),
-        F.count(F.lit(1)).alias("meter_count"),
-        F.sum("reading_count").alias("reading_count"),
-        F.sum("faulty_count").alias("faulty_count"),
-        F.sum("expected_count").alias("expected_count"),
-        F.avg("completeness").alias("completeness"),
+def meter_view(
+    aggregated: pa.Table, registry: pa.Table, day: date, default_interval: int
+) -> pa.Table:
+    """The per-meter view: :func:`meter_daily`'s rows with district and completeness, plus
+    a row for every registered meter that sent nothing on ``day``.
+
+    A silent meter is the failure users most need to see and is absent from the readings
+    by definition, so it comes from the registry (meters installed by ``day``), with
+    completeness 0. Meters the registry lacks keep their readings under district
+    "unknown". ``completeness`` = readings received / (86400 / interval). This runs in
+    Arrow: it handles one row per meter, not per reading.
+    """
+    silent = registry.filter(
+        pc.and_kleene(
+            pc.invert(pc.is_in(registry["device_id"], value_set=aggregated["device_id"])),
+            pc.or_kleene(
+                registry["installed_on"].is_null(),
+                pc.less_equal(registry["installed_on"], pa.scalar(day, pa.date32())),
+            ),
+        )
     )
-    return totals.select(
-        *keys,
-        _average().alias("avg"),
-        "total",
-        "meter_count",
-        "reading_count",
-        "good_count",
-        "faulty_count",
-        "expected_count",
-        "completeness",
+    nothing = pa.nulls(len(silent), pa.float64())
+    zeros = pa.array([0] * len(silent), pa.int64())
+    measured = aggregated.select(["device_id", "meter_type", "total", "min", "max", *_COUNTS]).join(
+        registry.select(["device_id", "district", "interval_seconds"]), "device_id"
+    )
+    rows = pa.concat_tables(
+        [
+            measured.select(_ROW_COLUMNS),
+            pa.table(
+                {
+                    "device_id": silent["device_id"],
+                    "meter_type": silent["meter_type"],
+                    "district": silent["district"],
+                    "interval_seconds": silent["interval_seconds"],
+                    "total": nothing,
+                    "min": nothing,
+                    "max": nothing,
+                    **dict.fromkeys(_COUNTS, zeros),
+                }
+            ),
+        ],
+        promote_options="permissive",
+    ).sort_by("device_id")
+    interval = rows["interval_seconds"].fill_null(default_interval)
+    expected = pc.max_element_wise(pc.divide(SECONDS_PER_DAY, interval), 1)
+    units = {str(spec.meter_type): spec.unit for spec in METER_SPECS.values()}
+    unit_keys = pa.array(list(units))
+    return pa.table(
+        {
+            "device_id": rows["device_id"],
+            "meter_type": rows["meter_type"],
+            "district": rows["district"].fill_null(UNKNOWN_DISTRICT),
+            "unit": pc.take(
+                pa.array(list(units.values())), pc.index_in(rows["meter_type"], unit_keys)
+            ),
+            "avg": _average(rows["total"], rows["good_count"]),
+            "min": rows["min"],
+            "max": rows["max"],
+            "total": rows["total"],
+            **{name: rows[name] for name in _COUNTS},
+            "expected_count": expected,
+            "completeness": pc.divide(pc.cast(rows["reading_count"], pa.float64()), expected),
+        }
     )
 
 
-def type_daily(meters: DataFrame) -> DataFrame:
-    """One row per meter type, from :func:`meter_daily` (small: never rescans the lake)."""
-    return _rollup(meters, "meter_type")
+_ROLLUP_SUMS = ("total", "good_count", "reading_count", "faulty_count", "expected_count")
 
 
-def district_daily(meters: DataFrame) -> DataFrame:
+def rollup(meters: pa.Table, keys: Sequence[str]) -> pa.Table:
+    """Sum the per-meter view up to ``keys``; avg weighs each good reading once.
+
+    The per-meter view has one row per meter (a city's fleet, not its readings), so this
+    runs in Arrow on the driver: two more Spark jobs would cost more than the work.
+    """
+    grouped = meters.group_by(list(keys), use_threads=False).aggregate(
+        [(name, "sum") for name in _ROLLUP_SUMS]
+        + [("device_id", "count"), ("completeness", "mean")]
+    )
+    column = {name: grouped[f"{name}_sum"] for name in _ROLLUP_SUMS}
+    good = column["good_count"]
+    average = _average(column["total"], good)
+    return pa.table(
+        {
+            **{key: grouped[key] for key in keys},
+            "avg": average,
+            "total": column["total"],
+            "meter_count": grouped["device_id_count"],
+            "reading_count": column["reading_count"],
+            "good_count": good,
+            "faulty_count": column["faulty_count"],
+            "expected_count": column["expected_count"],
+            "completeness": grouped["completeness_mean"],
+        }
+    ).sort_by([(key, "ascending") for key in keys])
+
+
+def type_daily(meters: pa.Table) -> pa.Table:
+    """One row per meter type, from :func:`meter_daily` (never rescans the lake)."""
+    return rollup(meters, ["meter_type"])
+
+
+def district_daily(meters: pa.Table) -> pa.Table:
     """One row per district and meter type, from :func:`meter_daily`."""
-    return _rollup(meters, "district", "meter_type")
+    return rollup(meters, ["district", "meter_type"])
 
 
 # --- the job ---------------------------------------------------------------------------------
 
 
-def _write(frame: DataFrame, path: str) -> None:
-    """Replace ``path`` (one day of one view) with ``frame``: one file, nothing appended."""
-    frame.coalesce(1).write.mode("overwrite").parquet(path)
-
-
-SILENT_FILE = "part-silent-meters.parquet"
-
-
-def add_silent_meters(view_dir: str, registry_file: str, day: date, default_expected: int) -> int:
-    """Add a row for each registered meter that sent nothing on ``day`` (completeness 0).
-
-    A silent meter is the failure users most need to see, and it is absent from the
-    readings by definition, so it comes from the registry (meters installed by ``day``).
-    Done with pyarrow on the small written view and the registry: no second Spark scan.
-    """
-    if not exists(registry_file):
-        return 0
-    fs, registry_local = lake.filesystem_for(registry_file)
-    fs, view_local = lake.filesystem_for(view_dir)
-    view = pads.dataset(view_local, filesystem=fs, format="parquet")
-    registry = pq.read_table(registry_local, filesystem=fs)
-    silent = registry.filter(
-        pc.invert(pc.is_in(registry["device_id"], value_set=view.to_table(["device_id"])[0]))
-    )
-    if "installed_on" in silent.column_names:
-        installed = silent["installed_on"]
-        silent = silent.filter(pc.or_kleene(installed.is_null(), pc.less_equal(installed, day)))
-    if silent.num_rows == 0:
-        return 0
-    if "interval_seconds" in silent.column_names:
-        per_day = pc.divide(SECONDS_PER_DAY, silent["interval_seconds"].cast(pa.int64()))
-        expected = pc.max_element_wise(per_day, 1).fill_null(default_expected)
-    else:
-        expected = pa.array([default_expected] * silent.num_rows, pa.int64())
-    units = {str(spec.meter_type): spec.unit for spec in METER_SPECS.values()}
-    count = silent.num_rows
-    columns = {
-        "device_id": silent["device_id"],
-        "meter_type": silent["meter_type"],
-        "district": silent["district"].fill_null(UNKNOWN_DISTRICT),
-        "unit": pa.array([units.get(t) for t in silent["meter_type"].to_pylist()]),
-        "reading_count": pa.array([0] * count),
-        "good_count": pa.array([0] * count),
-        "faulty_count": pa.array([0] * count),
-        "expected_count": expected,
-        "completeness": pa.array([0.0] * count),
-    }
-    schema = view.schema
-    table = pa.table(
-        {
-            f.name: columns[f.name].cast(f.type)
-            if f.name in columns
-            else pa.nulls(count, f.type)  # avg, min, max, total: nothing was measured
-            for f in schema
-        },
-        schema=schema,
-    )
-    pq.write_table(table, f"{view_local}/{SILENT_FILE}", filesystem=fs)
-    log.info("batch=silent_meters day=%s count=%d", day, count)
-    return count
-
-
-def _row_count(path: str) -> int:
-    """Rows of a written view, from its Parquet footers (no Spark job)."""
+def _write_table(table: pa.Table, path: str) -> None:
+    """Replace ``path`` (one day of one view) with ``table`` as one Parquet file."""
     fs, local = lake.filesystem_for(path)
-    return pads.dataset(local, filesystem=fs, format="parquet").count_rows()
-
-
-def _summary(types_path: str) -> dict[str, int]:
-    """Day totals from the (few-row) type view: what the report states."""
-    fs, local = lake.filesystem_for(types_path)
-    table = pads.dataset(local, filesystem=fs, format="parquet").to_table()
-    return {
-        name: int(pc.sum(table.column(name)).as_py() or 0)
-        for name in ("reading_count", "faulty_count", "meter_count", "expected_count")
-    }
+    if fs.get_file_info(local).type != pafs.FileType.NotFound:
+        fs.delete_dir(local)
+    fs.create_dir(local, recursive=True)
+    pq.write_table(table, f"{local}/part-00000.parquet", filesystem=fs)
 
 
 def run(settings: Settings, day: date | str, spark: SparkSession | None = None) -> DayReport:
     """Compute and write D's views and report; a day without readings is reported as such.
 
-    The lake is scanned once: the per-meter view is aggregated and written in one Spark
-    job, then the type and district views are rolled up from that written (small) view.
+    Spark scans the day once and aggregates it per meter (:func:`meter_daily`); the
+    result, one row per meter, comes back as Arrow, where the registry join, silent
+    meters and the type and district roll-ups take milliseconds instead of Spark jobs.
     """
     from meterflow.spark.session import get_spark
 
@@ -281,17 +280,11 @@ def run(settings: Settings, day: date | str, spark: SparkSession | None = None) 
     # Until the new report is written, nobody may publish D from half-replaced views.
     remove_report(settings, day)
 
-    meter_rows = 0
+    aggregated = None
     partition = f"{lake.readings_path(settings.lake_path)}/{lake.PARTITION_COLUMN}={day}"
     if exists(partition):  # no directory, no committed file either: skip Spark
-        meters = meter_daily(
-            read_day(spark, settings.lake_path, day),
-            read_registry(spark, settings.lake_path),
-            settings.reading_interval_seconds,
-        )
-        _write(meters, paths[METER_VIEW])
-        meter_rows = _row_count(paths[METER_VIEW])
-    if meter_rows == 0:
+        aggregated = meter_daily(read_day(spark, settings.lake_path, day)).toArrow()
+    if aggregated is None or aggregated.num_rows == 0:
         remove_views(settings, day)
         report = DayReport(
             day=str(day),
@@ -307,19 +300,17 @@ def run(settings: Settings, day: date | str, spark: SparkSession | None = None) 
         )
         return report
 
-    silent_meters = add_silent_meters(
-        paths[METER_VIEW], lake.registry_file(settings.lake_path), day, default_expected
+    meters = meter_view(
+        aggregated, read_registry(settings.lake_path), day, settings.reading_interval_seconds
     )
-    written = spark.read.schema(meters.schema).parquet(paths[METER_VIEW])
-    # Two tiny jobs whose cost is Spark's per-job overhead: run them side by side.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        pending = [
-            pool.submit(_write, type_daily(written), paths[TYPE_VIEW]),
-            pool.submit(_write, district_daily(written), paths[DISTRICT_VIEW]),
-        ]
-        for future in pending:
-            future.result()
-    totals = _summary(paths[TYPE_VIEW])
+    types = type_daily(meters)
+    views = {METER_VIEW: meters, TYPE_VIEW: types, DISTRICT_VIEW: district_daily(meters)}
+    for view, table in views.items():
+        _write_table(table, paths[view])
+    totals = {
+        name: int(pc.sum(types[name]).as_py() or 0)
+        for name in ("reading_count", "faulty_count", "meter_count", "expected_count")
+    }
     report = DayReport(
         day=str(day),
         status=STATUS_OK,
@@ -330,8 +321,8 @@ def run(settings: Settings, day: date | str, spark: SparkSession | None = None) 
         expected_per_meter=default_expected,
         expected_readings=totals["expected_count"],
         duration_seconds=round(time.perf_counter() - started, 3),
-        views={view: _row_count(path) for view, path in paths.items()},
-        silent_meters=silent_meters,
+        views={view: table.num_rows for view, table in views.items()},
+        silent_meters=pc.sum(pc.equal(meters["reading_count"], 0)).as_py() or 0,
     )
     write_report(settings, report)
     log.info(
