@@ -250,10 +250,6 @@ class Settings:
     def views_path(self) -> str:
         return lake.views_path(self.lake_path)
 
-    @property
-    def watermark_path(self) -> str:
-        return lake.watermark_path(self.lake_path)
-
     def with_bootstrap(self, servers: str) -> Settings:
         """A copy pointing at ``servers`` (used once a local broker is up)."""
         return replace(self, bootstrap_servers=servers)
