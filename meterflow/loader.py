@@ -152,7 +152,6 @@ def publish_day(settings: Settings, day: date | str, db: Any = None) -> LoadRepo
         )
     result = LoadReport(day=str(day), status=report.status)
     for view, (collection, _) in TARGETS.items():
-        db[collection].create_index("day")  # finds a day's stale documents; no-op once made
         documents = [] if report.status == STATUS_NO_DATA else view_documents(settings, view, day)
         written, deleted = replace_day(db[collection], day, documents)
         result.upserted[collection] = written

@@ -11,12 +11,11 @@ import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
-from pathlib import Path
 from typing import Any
 
 from pymongo.errors import OperationFailure
 
-from meterflow import mongo
+from meterflow import lake, mongo
 from meterflow.config import Settings
 from meterflow.logs import get_logger
 
@@ -76,6 +75,15 @@ def index_specs(abnormal_ttl_days: int) -> list[IndexSpec]:
             (("date", 1), ("district", 1), ("meter_type", 1)),
         ),
         IndexSpec(mongo.DAILY_REPORTS, "date", (("date", 1),)),
+        # The loader replaces, and the checks count, a day's documents by ``day``.
+        *(
+            IndexSpec(collection, "day", (("day", 1),))
+            for collection in (
+                mongo.DAILY_METER_AVERAGES,
+                mongo.DAILY_TYPE_AVERAGES,
+                mongo.DAILY_DISTRICT_AVERAGES,
+            )
+        ),
         IndexSpec(mongo.INCIDENTS, "device_status", (("device_id", 1), ("status", 1))),
         IndexSpec(mongo.INCIDENTS, "status_opened", (("status", 1), ("opened_at", -1))),
         IndexSpec(
@@ -208,9 +216,9 @@ class RegistryLoad:
 
 def registry_file(path: str) -> str:
     """``path`` itself if it names a Parquet file, else ``path/meters.parquet``."""
-    from simulator.fleet import REGISTRY_FILE
-
-    return path if path.endswith(".parquet") else posixpath.join(path.rstrip("/"), REGISTRY_FILE)
+    if path.endswith(".parquet"):
+        return path
+    return posixpath.join(path.rstrip("/"), lake.REGISTRY_FILE)
 
 
 def _meter_document(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -230,14 +238,9 @@ def read_meter_documents(path: str) -> list[dict[str, Any]]:
     Read with pyarrow rather than :func:`simulator.fleet.read_registry` so that columns the
     simulator's ``Meter`` does not model (``interval_seconds``) reach MongoDB too.
     """
-    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    target = registry_file(path)
-    if "://" in target:
-        filesystem, inner = pafs.FileSystem.from_uri(target)
-    else:
-        filesystem, inner = pafs.LocalFileSystem(), Path(target).absolute().as_posix()
+    filesystem, inner = lake.filesystem_for(registry_file(path))
     table = pq.read_table(inner, filesystem=filesystem)
     return [_meter_document(row) for row in table.to_pylist()]
 
@@ -245,11 +248,7 @@ def read_meter_documents(path: str) -> list[dict[str, Any]]:
 def registry_exists(path: str) -> bool:
     import pyarrow.fs as pafs
 
-    target = registry_file(path)
-    if "://" in target:
-        filesystem, inner = pafs.FileSystem.from_uri(target)
-    else:
-        filesystem, inner = pafs.LocalFileSystem(), Path(target).absolute().as_posix()
+    filesystem, inner = lake.filesystem_for(registry_file(path))
     return filesystem.get_file_info(inner).type == pafs.FileType.File
 
 
