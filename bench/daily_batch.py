@@ -3,12 +3,15 @@
 One day is 9.6 M readings in the lake's schema and layout (``readings/date=D/``, files in
 event-time order as the streaming sink writes them, ~1% faulty) plus a fleet registry;
 both are generated with numpy and pyarrow and cached under ``data/bench/daily_batch``.
-The SparkSession starts first and is not timed (the JVM start); each Spark run times
-``jobs.daily_batch_job.run`` (read, aggregate, write the three views and the report).
-The first run in the fresh JVM is reported on its own (cold: what one spark-submit
-pays); then Spark (warm, as a long-lived session would be) and DuckDB alternate.
-DuckDB computes the same per-meter (with the registry's districts) and per-type
-aggregates on the same Parquet into Arrow. Results must agree.
+
+"Job time, excluding JVM start": a fresh JVM pays a fixed cost before and during its first
+job (session start, class loading, JIT and code generation of Spark's paths), the same for
+a 1% day as for a full one. So the benchmark first runs the job as the DAG does
+(``spark-submit``, reported with and without that cost), then, in its own session, runs a
+start-up job on a 1% neighbouring day (reported, not timed) and times the job on D, the
+first of those runs being the JVM's first sight of D, alternating with DuckDB computing the
+same per-meter (with the registry's districts) and per-type aggregates on the same Parquet
+into Arrow. Results must agree; the target compares the medians.
 
     python -m bench.daily_batch [--meters 100000] [--repeat 3]
 """
@@ -19,7 +22,8 @@ import argparse
 import os
 import shutil
 import statistics
-import time
+import subprocess
+import sys
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -29,12 +33,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.common import timed, write_results
+from jobs import daily_batch_job
 from jobs.daily_batch_job import run
 from meterflow import lake
 from meterflow.config import Settings
 from meterflow.contract import METER_SPECS, TYPE_ORDER, FaultCode, MeterType
 from meterflow.lake import REGISTRY_FILE
-from meterflow.views import METER_VIEW, TYPE_VIEW, UNKNOWN_DISTRICT, view_path
+from meterflow.views import METER_VIEW, TYPE_VIEW, UNKNOWN_DISTRICT, DayReport, view_path
 from simulator.fleet import DEFAULT_MIX, REGISTRY_SCHEMA, meter_counts
 
 DAY = date(2024, 6, 3)
@@ -229,25 +234,64 @@ def spread(runs: list[float]) -> str:
     )
 
 
+def spark_submit_day(data_dir: Path, lake_path: str) -> tuple[float, DayReport]:
+    """One ``spark-submit jobs/daily_batch_job.py --date D`` as the DAG runs it.
+
+    Returns the wall time (JVM start included) and the job's report, whose
+    ``duration_seconds`` is the job in that fresh JVM, after its session started.
+    """
+    command = [
+        str(Path(sys.executable).with_name("spark-submit")),
+        "--master",
+        "local[*]",
+        "--conf",
+        "spark.ui.enabled=false",
+        str(Path(daily_batch_job.__file__)),
+        "--date",
+        str(DAY),
+        "--lake",
+        lake_path,
+    ]
+    env = {**os.environ, "METERFLOW_DATA_DIR": str(data_dir), "PYSPARK_PYTHON": sys.executable}
+    with timed() as wall:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+        raise SystemExit(f"spark-submit failed ({done.returncode}): {' | '.join(tail)}")
+    report = next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{"))
+    return wall["seconds"], DayReport.from_json(report)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--meters", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=5, help="timed runs of each engine")
     parser.add_argument("--data", default="data/bench/daily_batch")
     args = parser.parse_args()
-    lake_path, rows = prepare(Path(args.data).absolute(), args.meters)
+    data_dir = Path(args.data).absolute()
+    lake_path, rows = prepare(data_dir, args.meters)
     settings = replace(
-        Settings.from_env({"METERFLOW_DATA_DIR": str(Path(args.data).absolute())}),
-        lake_path=lake_path,
+        Settings.from_env({"METERFLOW_DATA_DIR": str(data_dir)}), lake_path=lake_path
     )
+
+    # What the DAG pays each day: a fresh JVM, its session, and the first job in it.
+    submit_wall, submit_report = spark_submit_day(data_dir, lake_path)
+    assert submit_report.readings == rows, f"spark-submit counted {submit_report.readings:,}"
+    print(f"spark-submit: {submit_wall:.1f} s wall, job {submit_report.duration_seconds:.2f} s")
 
     from meterflow.spark.session import get_spark
 
     with timed() as start:
         spark = get_spark("bench-daily-batch", "local[*]", **{"spark.ui.enabled": "false"})
-    with timed() as cold:  # the first job of a fresh JVM: what one spark-submit pays
-        run(settings, DAY, spark)
-    # Interleaved, so that load from other processes falls on both engines alike.
+    # JVM start-up: the first job of a JVM loads and compiles Spark's code paths once,
+    # whatever the data. Measured on the 1% neighbouring day, then again warm: the
+    # difference is that fixed cost, which the timed runs below exclude.
+    with timed() as startup:
+        run(settings, OTHER_DAY, spark)
+    with timed() as small_warm:
+        small = run(settings, OTHER_DAY, spark)
+    # Interleaved, so that load from other processes falls on both engines alike. The
+    # first Spark run is the JVM's first job on D (nothing of D cached or compiled).
     spark_runs: list[float] = []
     duck_runs: list[float] = []
     for _ in range(args.repeat):
@@ -264,39 +308,61 @@ def main() -> None:
     assert_same(spark_types, duck_types, ["meter_type"], "per type")
     spark.stop()
 
-    best_spark, best_duck = min(spark_runs), min(duck_runs)
-    ratio = best_spark / best_duck
+    median_spark, median_duck = statistics.median(spark_runs), statistics.median(duck_runs)
+    ratio = median_spark / median_duck
+    best_duck = min(duck_runs)
+    first = spark_runs[0]
     results = {
         "readings": rows,
         "meters": args.meters,
         "interval_seconds": INTERVAL_S,
         "files": FILES_PER_DAY,
+        "spark_submit_wall_seconds": round(submit_wall, 2),
+        "spark_submit_job_seconds": submit_report.duration_seconds,
         "spark_session_start_seconds": round(start["seconds"], 2),
-        "spark_cold_job_seconds": round(cold["seconds"], 2),
+        "startup_job_seconds": round(startup["seconds"], 2),
+        "startup_day_readings": small.readings,
+        "startup_day_warm_seconds": round(small_warm["seconds"], 2),
         "spark_job_seconds": [round(s, 3) for s in spark_runs],
         "duckdb_seconds": [round(s, 3) for s in duck_runs],
-        "ratio_best": round(ratio, 2),
-        "ratio_cold": round(cold["seconds"] / best_duck, 2),
-        "ratio_median": round(statistics.median(spark_runs) / statistics.median(duck_runs), 2),
+        "ratio_median": round(ratio, 2),
+        "ratio_best": round(min(spark_runs) / best_duck, 2),
+        "ratio_first_run": round(first / best_duck, 2),
+        "ratio_spark_submit_job": round(submit_report.duration_seconds / best_duck, 2),
         "target_ratio": TARGET_RATIO,
         "target_met": ratio <= TARGET_RATIO,
         "results_equal": True,
         "load_average_1m_at_end": round(os.getloadavg()[0], 2),
-        "measured": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    verdict = "met" if results["target_met"] else "NOT met"
     write_results(
         "daily_batch",
         results,
         [
             ("readings", f"{rows:,} ({args.meters:,} meters, 15-minute interval, one day)"),
-            ("Spark session start (not timed)", f"{start['seconds']:.1f} s"),
-            ("Spark job, first in a fresh JVM (cold)", f"{cold['seconds']:.2f} s"),
-            (f"Spark job, warm session, {args.repeat} runs", spread(spark_runs)),
+            (
+                "spark-submit of the job, as the DAG runs it (fresh JVM)",
+                f"{submit_wall:.1f} s wall, of which the job "
+                f"{submit_report.duration_seconds:.2f} s",
+            ),
+            ("Spark session start (JVM start, not timed)", f"{start['seconds']:.1f} s"),
+            (
+                f"JVM start-up job: a 1% day ({small.readings:,} readings), first job, then warm",
+                f"{startup['seconds']:.2f} s, then {small_warm['seconds']:.2f} s",
+            ),
+            (
+                f"Spark job on D, {args.repeat} runs (the first is the JVM's first on D)",
+                f"{spread(spark_runs)}; first {first:.2f} s",
+            ),
             (f"DuckDB same aggregates, {args.repeat} runs", spread(duck_runs)),
-            ("ratio cold Spark / best DuckDB", f"{cold['seconds'] / best_duck:.2f}"),
-            ("ratio Spark / DuckDB (best runs)", f"{ratio:.2f}"),
-            ("ratio Spark / DuckDB (medians)", f"{results['ratio_median']:.2f}"),
-            ("target", f"<= {TARGET_RATIO:g}: {'met' if ratio <= TARGET_RATIO else 'NOT met'}"),
+            ("ratio Spark / DuckDB (medians): the target", f"{ratio:.2f}"),
+            ("ratio Spark / DuckDB (best runs)", f"{results['ratio_best']:.2f}"),
+            ("ratio first Spark run on D / best DuckDB", f"{results['ratio_first_run']:.2f}"),
+            (
+                "ratio spark-submit job (with JVM start-up) / best DuckDB",
+                f"{results['ratio_spark_submit_job']:.2f}",
+            ),
+            ("target", f"medians <= {TARGET_RATIO:g}: {verdict}"),
             ("results equal (per meter, per type)", "yes"),
             ("machine load (1-min average, 2 cores) at the end", f"{os.getloadavg()[0]:.1f}"),
         ],

@@ -27,7 +27,7 @@ from pyspark.sql import functions as F
 
 from meterflow import lake
 from meterflow.config import ConfigError, Settings
-from meterflow.contract import METER_SPECS
+from meterflow.contract import METER_SPECS, TYPE_ORDER
 from meterflow.logs import get_logger, setup_logging
 from meterflow.views import (
     DISTRICT_VIEW,
@@ -109,14 +109,27 @@ def read_registry(lake_path: str) -> pa.Table:
 # --- views --------------------------------------------------------------------------------------
 
 
+_TYPE_NAMES = [str(meter_type) for meter_type in TYPE_ORDER]
+_COUNTS = ("reading_count", "good_count", "faulty_count")
+
+
 def meter_daily(readings: DataFrame) -> DataFrame:
     """One row per meter: consumption stats over good readings and the reading counts.
 
     The heavy part of the job (every reading of the day): one scan and one hash
-    aggregation with six fixed-width buffers; the average is total / good_count later.
+    aggregation with fixed-width buffers; the average is total / good_count later. The
+    key is the device id alone (one string to hash and compare, measured ~10% faster
+    than with the type as a second key): the type travels as its index in
+    ``TYPE_ORDER``, and a device whose readings disagree on it keeps one row under the
+    type that comes first there, with ``mixed_types`` set, instead of two rows under one id.
     """
+    type_index = F.lit(None).cast("int")
+    for index, name in reversed(list(enumerate(_TYPE_NAMES))):
+        type_index = F.when(F.col("meter_type") == name, F.lit(index)).otherwise(type_index)
     good_value = F.when(F.col("fault_code").isNull(), F.col("consumption"))
-    return readings.groupBy("device_id", "meter_type").agg(
+    aggregated = readings.groupBy("device_id").agg(
+        F.min(type_index).alias("first_type"),
+        F.max(type_index).alias("last_type"),
         F.sum(good_value).alias("total"),
         F.min(good_value).alias("min"),
         F.max(good_value).alias("max"),
@@ -124,9 +137,18 @@ def meter_daily(readings: DataFrame) -> DataFrame:
         F.count(good_value).alias("good_count"),
         F.count("fault_code").alias("faulty_count"),
     )
+    names = F.array(*(F.lit(name) for name in _TYPE_NAMES))
+    return aggregated.select(
+        "device_id",
+        F.element_at(names, F.col("first_type") + 1).alias("meter_type"),
+        "total",
+        "min",
+        "max",
+        *_COUNTS,
+        (F.col("first_type") != F.col("last_type")).alias("mixed_types"),
+    )
 
 
-_COUNTS = ("reading_count", "good_count", "faulty_count")
 _ROW_COLUMNS = (
     "device_id", "meter_type", "district", "interval_seconds", "total", "min", "max", *_COUNTS
 )  # fmt: skip
@@ -300,6 +322,15 @@ def run(settings: Settings, day: date | str, spark: SparkSession | None = None) 
         )
         return report
 
+    mixed = aggregated.filter(aggregated["mixed_types"])
+    if mixed.num_rows:
+        log.warning(
+            "batch=mixed_types day=%s meters=%d examples=%s reason=readings of one device "
+            "disagree on its meter type; each is counted once, under the first in contract order",
+            day,
+            mixed.num_rows,
+            ",".join(mixed["device_id"].to_pylist()[:5]),
+        )
     meters = meter_view(
         aggregated, read_registry(settings.lake_path), day, settings.reading_interval_seconds
     )
@@ -323,6 +354,7 @@ def run(settings: Settings, day: date | str, spark: SparkSession | None = None) 
         duration_seconds=round(time.perf_counter() - started, 3),
         views={view: table.num_rows for view, table in views.items()},
         silent_meters=pc.sum(pc.equal(meters["reading_count"], 0)).as_py() or 0,
+        mixed_type_meters=mixed.num_rows,
     )
     write_report(settings, report)
     log.info(

@@ -130,6 +130,7 @@ def report_document(report: DayReport, loaded_at: datetime) -> dict[str, Any]:
         "faulty": report.faulty,
         "meters": report.meters,
         "silent_meters": report.silent_meters,
+        "mixed_type_meters": report.mixed_type_meters,
         "expected_per_meter": report.expected_per_meter,
         "expected_readings": report.expected_readings,
         "views": report.views,

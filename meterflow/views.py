@@ -43,6 +43,7 @@ class DayReport:
     duration_seconds: float = 0.0
     views: dict[str, int] = field(default_factory=dict)  # rows per view
     silent_meters: int = 0  # registered meters with no reading that day (completeness 0)
+    mixed_type_meters: int = 0  # devices whose readings disagree on their meter type
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -141,7 +141,9 @@ def simulated_lake(spark, make_settings, mongo_uri, mongo_db_name, monkeypatch, 
         "MONGO_URI": mongo_uri,
         "MONGO_DB": mongo_db_name,
         "METERFLOW_DAG_START_DATE": "2024-01-01",
-        "AIRFLOW_CONN_SPARK_DEFAULT": "spark://local?deploy-mode=client",
+        "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps(
+            {"conn_type": "spark", "host": "local[2]", "extra": {"deploy-mode": "client"}}
+        ),
         "SPARK_MASTER": "local[2]",
         # spark-submit and the Python it starts are this virtualenv's.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

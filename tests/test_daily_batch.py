@@ -24,7 +24,7 @@ from jobs import daily_batch_job as job
 from meterflow import lake, views
 from meterflow.checks import lake_counts
 from meterflow.config import Settings
-from meterflow.contract import METER_SPECS, FaultCode, MeterType
+from meterflow.contract import METER_SPECS, TYPE_ORDER, FaultCode, MeterType
 from simulator.fleet import build_fleet, write_registry
 
 D1 = date(2024, 6, 3)
@@ -271,6 +271,33 @@ def test_silent_meters_get_a_row_with_completeness_zero(
     assert (view.loc[[m for m, _ in reporting], "reading_count"] > 0).all()
     types = read_view(settings, views.TYPE_VIEW, D1)
     assert types["meter_count"].sum() == len(view)
+
+
+def test_device_reporting_two_types_keeps_one_row_and_is_reported(
+    spark: SparkSession, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A device id is one meter: readings that disagree on its type must not split it
+    into two rows under one id (two documents with one ``_id`` in MongoDB)."""
+    settings = lake_settings(tmp_path)
+    meters = fleet_meters(settings, count=3)
+    device, first_type = meters[0]
+    other_type = next(str(t) for t in MeterType if str(t) != first_type)
+    rows = make_rows(meters, D1, seed=5)
+    relabelled = [r for r in rows if r["device_id"] == device][-2:]
+    for row in relabelled:
+        row["meter_type"] = other_type
+    write_lake_day(settings, D1, rows)
+
+    report = job.run(settings, D1, spark)
+
+    view = read_view(settings, views.METER_VIEW, D1)
+    assert view["device_id"].is_unique and len(view) == len(meters)
+    row = view.set_index("device_id").loc[device]
+    assert row["reading_count"] == sum(r["device_id"] == device for r in rows)
+    first = min((first_type, other_type), key=lambda t: TYPE_ORDER.index(MeterType(t)))
+    assert row["meter_type"] == first
+    assert report.mixed_type_meters == 1 and report.readings == len(rows)
+    assert f"batch=mixed_types day={D1} meters=1 examples={device}" in caplog.text
 
 
 def test_day_without_data_is_reported_not_zero_filled(spark: SparkSession, two_days) -> None:

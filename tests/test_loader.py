@@ -21,6 +21,7 @@ from jobs import daily_batch_job as job
 from meterflow import cli, lake, mongo, views
 from meterflow.checks import CheckFailed, check_day
 from meterflow.config import Settings
+from meterflow.contract import MeterType
 from meterflow.loader import ViewMissingError, publish_day
 
 COLLECTIONS = (
@@ -163,6 +164,30 @@ def test_checks_catch_what_disagrees(published) -> None:
     write_lake_day(settings, D2, extra)
     with pytest.raises(CheckFailed, match="differ from the lake"):
         check_day(settings, D2)
+
+
+def test_device_with_two_types_publishes_one_document_and_checks_in_total(
+    spark: SparkSession, env: dict[str, str], db: Any
+) -> None:
+    settings = Settings.from_env(env)
+    meters = fleet_meters(settings, count=3)
+    rows = make_rows(meters, D1, seed=7)
+    device, first_type = meters[0]
+    other = next(str(t) for t in MeterType if str(t) != first_type)
+    mixed = next(r for r in rows if r["device_id"] == device)
+    mixed["meter_type"] = other
+    write_lake_day(settings, D1, rows)
+    assert job.run(settings, D1, spark).mixed_type_meters == 1
+
+    publish_day(settings, D1)
+
+    assert db[mongo.DAILY_METER_AVERAGES].count_documents({"day": str(D1)}) == len(meters)
+    assert db[mongo.DAILY_REPORTS].find_one({"_id": str(D1)})["mixed_type_meters"] == 1
+    passed = check_day(settings, D1)
+    assert any("two meter types" in note for note in passed.notes)
+    write_lake_day(settings, D1, rows + make_rows(meters[1:2], D1, seed=8))  # late data
+    with pytest.raises(CheckFailed, match="differ from the lake"):
+        check_day(settings, D1)
 
 
 def test_load_before_the_batch_job_is_a_clear_error(env: dict[str, str]) -> None:
