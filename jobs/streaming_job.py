@@ -39,7 +39,7 @@ from meterflow.lake import (
     readings_path,
     spark_ddl,
 )
-from meterflow.logs import get_logger, setup_logging
+from meterflow.logs import ensure_logging, get_logger, setup_logging
 from meterflow.pipeline import STATUS_COLUMNS, BatchResult, classify_batches, status_updates
 
 log = get_logger("jobs.streaming")
@@ -79,6 +79,7 @@ class _Publisher:
     def __init__(self, topics: EventTopics) -> None:
         self.topics = topics
         if topics.bootstrap not in _producers:
+            ensure_logging()  # a Python worker: librdkafka's messages as meterflow log lines
             _producers[topics.bootstrap] = kafka.producer(topics.bootstrap)
         self.producer = _producers[topics.bootstrap]
         self.failures: list[str] = []

@@ -27,6 +27,11 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from meterflow.logs import get_logger
 
 log = get_logger(__name__)
+#: librdkafka's own messages (connection failures and the like) as meterflow log lines.
+#: They are served on ``poll``/``flush``, so a client nobody polls any more (one left in
+#: an idle Spark worker after the broker stopped) stays quiet instead of writing raw
+#: ``%3|...|FAIL|`` lines to stderr.
+client_log = get_logger("meterflow.kafka.client")
 
 
 class KafkaUnavailableError(RuntimeError):
@@ -44,6 +49,7 @@ def producer(bootstrap: str, **overrides: Any) -> Producer:
         "queue.buffering.max.kbytes": 1_048_576,
         "message.timeout.ms": 60_000,
         "log.connection.close": False,
+        "logger": client_log,
     }
     config.update(overrides)
     return Producer(config)
@@ -113,6 +119,7 @@ def consumer(bootstrap: str, **overrides: Any) -> Consumer:
         "fetch.max.bytes": 64 * 1024 * 1024,
         "queued.min.messages": 200_000,
         "log.connection.close": False,
+        "logger": client_log,
     }
     config.update(overrides)
     return Consumer(config)
@@ -137,7 +144,7 @@ def ensure_topics(
     bootstrap: str, topics: Iterable[str], partitions: int, timeout: float = 15.0
 ) -> list[str]:
     """Create the topics that do not exist yet; return the names created."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": client_log})
     try:
         existing = set(admin.list_topics(timeout=timeout).topics)
     except KafkaException as exc:

@@ -26,3 +26,9 @@ def setup_logging(level: str | None = None) -> None:
         logging.getLogger(name).handlers[:] = [handler]
         logging.getLogger(name).setLevel(level)
         logging.getLogger(name).propagate = False
+
+
+def ensure_logging() -> None:
+    """:func:`setup_logging` unless done in this process (Spark's Python workers start bare)."""
+    if not logging.getLogger("meterflow").handlers:
+        setup_logging()

@@ -37,6 +37,7 @@ from pyspark.sql.streaming.datasource import (
 from pyspark.sql.types import StructType
 
 from meterflow import kafka
+from meterflow.logs import ensure_logging
 
 SOURCE_NAME = "meterflow_kafka"
 #: The JVM connector's schema, column for column.
@@ -344,6 +345,7 @@ def read_range(
     """
     if part.end <= part.start:
         return
+    ensure_logging()  # a Python worker: librdkafka's messages as meterflow log lines
     client = kafka.consumer(options.bootstrap, **options.consumer_config)
     try:
         client.assign([kafka.TopicPartition(part.topic, part.partition, part.start)])
