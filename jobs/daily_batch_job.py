@@ -123,9 +123,9 @@ def meter_daily(readings: DataFrame) -> DataFrame:
     ``TYPE_ORDER``, and a device whose readings disagree on it keeps one row under the
     type that comes first there, with ``mixed_types`` set, instead of two rows under one id.
     """
-    type_index = F.lit(None).cast("int")
-    for index, name in reversed(list(enumerate(_TYPE_NAMES))):
-        type_index = F.when(F.col("meter_type") == name, F.lit(index)).otherwise(type_index)
+    type_index = F.when(F.col("meter_type") == _TYPE_NAMES[0], 0)
+    for index, name in enumerate(_TYPE_NAMES[1:], start=1):
+        type_index = type_index.when(F.col("meter_type") == name, index)
     good_value = F.when(F.col("fault_code").isNull(), F.col("consumption"))
     aggregated = readings.groupBy("device_id").agg(
         F.min(type_index).alias("first_type"),
