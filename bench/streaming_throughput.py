@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -58,11 +59,12 @@ def fill_topic(settings: Settings, readings: int, seed: int) -> dict:
 WARMUP_READINGS = 20_000
 
 
-def _wait_for(listener, read: int, timeout: float = 600.0) -> None:
+def _wait_for(committer: dict, read: int, timeout: float = 600.0) -> None:
     deadline = time.monotonic() + timeout
-    while listener.totals["read"] < read:
+    while "job" not in committer or committer["job"].totals["read"] < read:
         if time.monotonic() > deadline:
-            raise SystemExit(f"bench: the job read {listener.totals['read']:,} of {read:,}")
+            done = committer["job"].totals["read"] if "job" in committer else 0
+            raise SystemExit(f"bench: the job read {done:,} of {read:,}")
         time.sleep(0.05)
 
 
@@ -74,22 +76,31 @@ def running_job(spark, settings: Settings, readings: int, seed: int) -> dict:
     clock stops when the job has committed the last of them. Production is inside the
     measured time and competes for the same two cores.
     """
-    from jobs.streaming_job import CountsListener, start_query
-    from meterflow.spark.kafka_source import SOURCE_NAME
+    from jobs.streaming_job import run
 
-    listener = CountsListener()
-    spark.streams.addListener(listener)
+    stop = threading.Event()
+    committer: dict = {}
+    worker = threading.Thread(
+        target=run,
+        kwargs={
+            "settings": settings,
+            "spark": spark,
+            "stop": stop,
+            "on_committer": lambda c: committer.update(job=c),
+        },
+        daemon=True,
+    )
     with timed() as start:
-        query = start_query(spark, settings, SOURCE_NAME)
+        worker.start()
         fill_topic(settings, WARMUP_READINGS, seed + 1)
-        _wait_for(listener, WARMUP_READINGS)
+        _wait_for(committer, WARMUP_READINGS)
     with timed() as job:
         with timed() as produce:
             summary = fill_topic(settings, readings, seed)
-        _wait_for(listener, WARMUP_READINGS + summary["sent"])
-    query.stop()
-    spark.streams.removeListener(listener)
-    batches = listener.timings[1:]
+        _wait_for(committer, WARMUP_READINGS + summary["sent"])
+    stop.set()
+    worker.join(120)
+    batches = committer["job"].timings[1:]
     return {
         "seconds": job["seconds"],
         "readings_per_s": summary["sent"] / job["seconds"],
@@ -97,24 +108,29 @@ def running_job(spark, settings: Settings, readings: int, seed: int) -> dict:
         "start_and_warmup_seconds": start["seconds"],
         "micro_batches": len(batches),
         "summary": summary,
-        "totals": dict(listener.totals),
+        "totals": dict(committer["job"].totals),
     }
 
 
 def cold_catch_up(spark, settings: Settings) -> dict:
-    """A fresh query (new checkpoint) working off everything already in the topic."""
-    from jobs.streaming_job import CountsListener, run
+    """A fresh lake and query working off everything already in the topic."""
+    from jobs.streaming_job import run
 
-    listener = CountsListener()
+    committer: dict = {}
     with timed() as job:
-        totals = run(settings, available_now=True, spark=spark, listener=listener)
-    later = listener.timings[1:]
+        totals = run(
+            settings,
+            available_now=True,
+            spark=spark,
+            on_committer=lambda c: committer.update(job=c),
+        )
+    later = committer["job"].timings[1:]
     steady = sum(r for r, _ in later) / max(sum(t for _, t in later), 1e-9)
     return {
         "seconds": job["seconds"],
         "readings_per_s": totals["read"] / job["seconds"],
         "steady_state_readings_per_s": steady,
-        "micro_batches": listener.timings,
+        "micro_batches": committer["job"].timings,
         **totals,
     }
 

@@ -1,351 +1,631 @@
 """Speed layer: classify every reading from Kafka, keep all of them, raise the abnormal ones.
 
-Submit with ``spark-submit jobs/streaming_job.py [--available-now]`` or run ``meterflow
-stream``. One query reads ``iot-meter`` once and:
+Submit with ``spark-submit jobs/streaming_job.py [--available-now] [--accept-data-loss]``
+or run ``meterflow stream``. One query reads ``iot-meter`` and, per micro-batch
+(``foreachBatch``), runs :func:`meterflow.stream_tasks.process_partition` in its tasks:
 
-* writes every valid and abnormal reading to ``LAKE_PATH/readings/date=.../`` with Spark's
-  file sink and a checkpoint (exactly-once across restarts);
-* publishes abnormal readings to ``iot-abnormal`` and undecodable input to ``iot-deadletter``
-  from the classifying tasks themselves. A task succeeds only after Kafka acknowledged its
-  events; a retried batch publishes them again with the same ids (``topic-partition-offset``),
-  so downstream sinks upsert idempotently (at-least-once, never lost);
-* counts read / valid / abnormal / dead-lettered per micro-batch with ``observe`` and logs
-  them with running totals, which must reconcile.
+* every valid and abnormal reading goes to ``LAKE_PATH/readings/date=.../`` and every dead
+  letter to ``deadletter/date=.../``, committed through the lake's ledger
+  (:mod:`meterflow.ledger`): keyed by Kafka offsets, so restarts, retries and a reset
+  checkpoint neither lose nor duplicate a reading;
+* abnormal readings are published to ``iot-abnormal`` and undecodable input to
+  ``iot-deadletter`` (too large for Kafka: a reference to the lake file) before the batch
+  commits; a retried batch publishes the same event ids, so sinks upsert idempotently;
+* after each commit the low watermark in ``_state/`` advances for the daily DAG.
+
+Offsets gone from Kafka stop the job with one line naming them, unless
+``--accept-data-loss`` lets it record the gap in the ledger and go on; a Kafka that is only
+unavailable is retried with backoff (``METERFLOW_STREAM_RETRIES``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import posixpath
 import signal
+import sys
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
+from typing import Any
 
-import pyarrow as pa
-from pyspark.sql import Column, DataFrame, SparkSession
-from pyspark.sql import functions as F
-from pyspark.sql.streaming import StreamingQuery, StreamingQueryListener
+import pyarrow.fs as pafs
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql.streaming import StreamingQuery
 
 from meterflow import kafka, lake
 from meterflow.config import ConfigError, Settings
-from meterflow.contract import Rules, Status
-from meterflow.lake import (
-    CLASSIFIED_SCHEMA,
-    LAKE_COLUMNS,
-    PARTITION_COLUMN,
-    readings_path,
-    spark_ddl,
-)
-from meterflow.logs import ensure_logging, get_logger, setup_logging
-from meterflow.pipeline import STATUS_COLUMNS, BatchResult, classify_batches, status_updates
+from meterflow.errors import DataLossError, MeterflowError, StreamUnavailableError
+from meterflow.ledger import BATCH, GENERATION, LOSS, STAGING_DIR, Ledger, Range
+from meterflow.logs import get_logger, setup_logging
+from meterflow.stream_tasks import SUMMARY_SCHEMA, EventTopics, TaskPlan, process_partition
 
 log = get_logger("jobs.streaming")
 QUERY_NAME = "meterflow_speed_layer"
-METRICS_NAME = "meterflow_counts"
+ACCEPT = "--accept-data-loss"
+_SUMMARY_DDL = lake.spark_ddl(SUMMARY_SCHEMA)
+#: Failures worth a retry: Kafka or the network is away, not a bug or a decision.
+_TRANSIENT_MARKERS = (
+    "KafkaUnavailableError",
+    "_TIMED_OUT",
+    "Timed out",
+    "_TRANSPORT",
+    "_ALL_BROKERS_DOWN",
+    "does not exist or has no partitions",
+    "not available after",
+    "Broker transport failure",
+)
+
+
+def event_topics(settings: Settings) -> EventTopics:
+    return EventTopics(
+        settings.bootstrap_servers,
+        settings.topic_abnormal,
+        settings.topic_deadletter,
+        settings.topic_status,
+    )
+
+
+# -- start-up: paths, generation, checkpoint ------------------------------------------------
+
+
+def check_writable(settings: Settings) -> None:
+    """One line naming the variable when a path the stream writes is not writable."""
+    for name, path in (
+        ("LAKE_PATH", settings.lake_path),
+        ("CHECKPOINT_PATH", settings.checkpoint_path),
+        ("METERFLOW_DATA_DIR", str(settings.data_dir)),
+    ):
+        try:
+            lake.ensure_writable(path)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ConfigError(
+                f"{name}={path} is not writable ({reason}): choose another path or fix its "
+                "permissions"
+            ) from None
+
+
+def _refuse_legacy_lake(lake_path: str) -> None:
+    legacy = posixpath.join(lake.readings_path(lake_path), "_spark_metadata")
+    fs, path = lake.filesystem_for(legacy)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        raise ConfigError(
+            f"{legacy} exists: this lake was written by meterflow 0.1, whose file-sink log "
+            "hides newer files from readers. Start with an empty LAKE_PATH and CHECKPOINT_PATH"
+        )
+
+
+def checkpoint_ends(checkpoint: str) -> dict[int, int] | None:
+    """Per partition, where the checkpoint's last committed batch ended (None: no checkpoint).
+
+    Spark's offset log holds, per batch, a version line, a metadata line and one line per
+    source with that source's offsets (``{"topic": {"partition": offset}}`` for Kafka).
+    """
+    fs, root = lake.filesystem_for(checkpoint)
+    commits = fs.get_file_info(
+        pafs.FileSelector(posixpath.join(root, "commits"), allow_not_found=True)
+    )
+    done = [int(i.base_name) for i in commits if i.base_name.isdigit()]
+    if not done:
+        return None
+    with fs.open_input_stream(posixpath.join(root, "offsets", str(max(done)))) as stream:
+        lines = stream.read().decode().splitlines()
+    offsets = json.loads(lines[2])
+    return {int(p): int(o) for parts in offsets.values() for p, o in parts.items()}
+
+
+def _delete(path: str) -> None:
+    fs, local = lake.filesystem_for(path)
+    if fs.get_file_info(local).type != pafs.FileType.NotFound:
+        fs.delete_dir(local)
+
+
+def _ranges_text(ranges: dict[int, tuple[int, int]], topic: str) -> str:
+    return ", ".join(f"{topic}[{p}] {a}..{b - 1}" for p, (a, b) in sorted(ranges.items()))
 
 
 @dataclass(frozen=True)
-class EventTopics:
-    """Where the classifying tasks publish; ``None`` in tests that only look at the lake."""
+class StreamPlan:
+    """Where this start reads from: the topic's generation, checkpoint and first offsets."""
 
-    bootstrap: str
-    abnormal: str
-    deadletter: str
-    status: str
-
-    @classmethod
-    def of(cls, settings: Settings) -> EventTopics:
-        return cls(
-            settings.bootstrap_servers,
-            settings.topic_abnormal,
-            settings.topic_deadletter,
-            settings.topic_status,
-        )
+    generation: str
+    checkpoint: str
+    starting_offsets: str
 
 
-_producers: dict[str, object] = {}  # one per Python worker process, reused across tasks
+def plan_start(settings: Settings, ledger: Ledger, accept_data_loss: bool) -> StreamPlan:
+    """Reconcile the broker, the ledger and the checkpoint before the query starts.
 
-
-class _Publisher:
-    """Publishes a task's events and fails the task if any delivery fails.
-
-    Abnormal events and dead letters go out batch by batch; one status update per meter
-    goes out when the task's input is exhausted (its latest reading in the task).
+    * A new topic generation (the topic was recreated, or the broker came back empty) is
+      accepted silently only when the ledger holds everything the old one was seen to
+      have; otherwise the unread ranges are a :class:`DataLossError` unless accepted.
+    * The checkpoint lives per generation. One that is ahead of the ledger (the lake or
+      its ledger were replaced) would skip offsets: it is discarded, and the query starts
+      where the ledger ends.
     """
-
-    def __init__(self, topics: EventTopics) -> None:
-        self.topics = topics
-        if topics.bootstrap not in _producers:
-            ensure_logging()  # a Python worker: librdkafka's messages as meterflow log lines
-            _producers[topics.bootstrap] = kafka.producer(topics.bootstrap)
-        self.producer = _producers[topics.bootstrap]
-        self.failures: list[str] = []
-        self.seen: list[pa.RecordBatch] = []
-
-    def _delivered(self, error, message) -> None:
-        if error is not None:
-            self.failures.append(f"{message.topic()}: {error}")
-
-    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers=None) -> None:
-        kafka.produce(
-            self.producer, topic, value, key, headers=headers, on_delivery=self._delivered
+    topic = settings.topic_readings
+    generation = kafka.topic_ids(settings.bootstrap_servers, [topic])[topic]
+    known = ledger.generations.get(topic, [])
+    if known and generation not in known:
+        previous = known[-1]
+        unread = ledger.unread(topic, previous)
+        if unread and not accept_data_loss:
+            raise DataLossError(
+                f"{topic} is a new topic (id {generation}, was {previous}): "
+                f"{_ranges_text(unread, topic)} were never read and are gone; {ACCEPT} "
+                "records them as lost and reads the new topic from its start"
+            )
+        if unread:
+            ledger.commit(
+                LOSS,
+                [Range(topic, previous, p, a, b) for p, (a, b) in sorted(unread.items())],
+                note="topic replaced before these offsets were read (accepted)",
+            )
+        ledger.commit(
+            GENERATION,
+            [Range(topic, generation, -1, 0, 0)],
+            note=f"{topic} generation {previous} -> {generation}",
         )
-
-    def publish(self, result: BatchResult) -> None:
-        for key, value in result.abnormal_events:
-            self._produce(self.topics.abnormal, key, value)
-        for letter in result.dead_letters:
-            self._produce(self.topics.deadletter, letter.key, letter.value, letter.headers())
-        self.seen.append(result.classified.select(list(STATUS_COLUMNS)))
-        self.producer.poll(0)
-
-    def finish(self) -> None:
-        if self.seen:
-            for key, value in status_updates(pa.Table.from_batches(self.seen)):
-                self._produce(self.topics.status, key, value)
-            self.seen.clear()
-        remaining = self.producer.flush(120)
-        if remaining or self.failures:
-            raise RuntimeError(
-                f"{remaining} events undelivered, {len(self.failures)} failed "
-                f"(first: {self.failures[:1]}); the batch will be retried"
-            )
-
-
-def _classify_partition(
-    batches: Iterator[pa.RecordBatch], rules: Rules, topics: EventTopics | None
-) -> Iterator[pa.RecordBatch]:
-    if topics is None:
-        yield from classify_batches(batches, rules)
-        return
-    publisher = _Publisher(topics)
-    yield from classify_batches(batches, rules, publisher.publish, publisher.finish)
-
-
-def classify_readings(raw: DataFrame, rules: Rules, topics: EventTopics | None) -> DataFrame:
-    """Kafka records (the connector's schema) to classified rows, publishing as a side effect."""
-    return raw.mapInArrow(
-        partial(_classify_partition, rules=rules, topics=topics), spark_ddl(CLASSIFIED_SCHEMA)
-    )
+        log.warning(
+            "generation=new topic=%s previous=%s id=%s lost=%s",
+            topic,
+            previous,
+            generation,
+            _ranges_text(unread, topic) or "none",
+        )
+    # Topic ids are base64: '/' and '+' would nest or escape in a path.
+    safe = generation.replace("/", "_").replace("+", "-")
+    checkpoint = f"{settings.checkpoint_path.rstrip('/')}/streaming/{topic}-{safe}"
+    ends = ledger.ends(topic, generation)
+    read_to = checkpoint_ends(checkpoint)
+    if read_to is not None and any(end > ends.get(p, 0) for p, end in read_to.items()):
+        log.warning(
+            "checkpoint=discarded reason=ahead-of-ledger checkpoint=%s ledger=%s path=%s",
+            read_to,
+            ends,
+            checkpoint,
+        )
+        _delete(checkpoint)
+    if not ends:
+        return StreamPlan(generation, checkpoint, settings.starting_offsets)
+    client = kafka.consumer(settings.bootstrap_servers)
+    try:
+        partitions = [p for _, p in kafka.topic_partitions(client, [topic])]
+    finally:
+        client.close()
+    default = -2 if settings.starting_offsets == "earliest" else -1
+    starting = {topic: {str(p): ends.get(p, default) for p in partitions}}
+    return StreamPlan(generation, checkpoint, json.dumps(starting))
 
 
-def _is(status: Status) -> Column:
-    return F.sum((F.col("status") == str(status)).cast("long"))
+# -- one micro-batch ------------------------------------------------------------------------
 
 
-def with_outcome_counts(classified: DataFrame) -> DataFrame:
-    """Attach per-batch counts that the listener logs (``observe`` costs no extra pass)."""
-    return classified.observe(
-        METRICS_NAME,
-        F.count(F.lit(1)).alias("read"),
-        _is(Status.VALID).alias("valid"),
-        _is(Status.ABNORMAL).alias("abnormal"),
-        _is(Status.DEADLETTER).alias("deadletter"),
-        # Event-time progress for the daily DAG; clamped to ingestion so that a reading
-        # stamped in the future cannot declare days complete that have not happened.
-        F.max(
-            F.when(
-                F.col("status") != str(Status.DEADLETTER),
-                F.least(F.col("event_time"), F.col("ingest_time")),
-            )
-        ).alias("max_event_time"),
-    )
+@dataclass
+class _Merged:
+    first: int = -1
+    last: int = -1
+    valid: int = 0
+    abnormal: int = 0
+    deadletter: int = 0
+    skipped: int = 0
+    max_event_us: int | None = None
 
 
-def lake_rows(classified: DataFrame) -> DataFrame:
-    """What the lake keeps: valid and abnormal readings, without the in-flight status."""
-    return classified.filter(F.col("status") != str(Status.DEADLETTER)).select(*LAKE_COLUMNS)
+class GenerationChangedError(MeterflowError):
+    """The topic was recreated under the running query: start again to decide."""
 
 
-class CountsListener(StreamingQueryListener):
-    """Logs each micro-batch's counts and running totals, and checks they reconcile.
+class LakeCommitter:
+    """``foreachBatch``: run the batch's tasks, then commit their output through the ledger."""
 
-    With a ``lake_path`` it also advances the stream's event-time watermark file
-    (:func:`meterflow.lake.advance_watermark`) once each batch has committed.
-    """
-
-    def __init__(self, lake_path: str | None = None) -> None:
-        self.lake_path = lake_path
-        self.totals = {"read": 0, "valid": 0, "abnormal": 0, "deadletter": 0}
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        generation: str,
+        accept_data_loss: bool,
+        publish: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.generation = generation
+        self.accept_data_loss = accept_data_loss
+        self.topics = event_topics(settings) if publish else None
+        self.run_id = uuid.uuid4().hex[:12]
+        self.totals: Counter[str] = Counter()
         self.batches = 0
-        self.timings: list[tuple[int, float]] = []  # (rows read, seconds) per micro-batch
+        self.timings: list[tuple[int, float]] = []  # (offsets committed, seconds) per batch
+        self.failure: BaseException | None = None
+        self.query: StreamingQuery | None = None
         self.lock = threading.Lock()
 
-    def onQueryStarted(self, event) -> None:
-        log.info("query=started id=%s name=%s", event.id, event.name)
+    def __call__(self, frame: DataFrame, batch_id: int) -> None:
+        try:
+            self.commit(frame, batch_id)
+        except BaseException as exc:
+            self.failure = exc
+            raise
 
-    def onQueryProgress(self, event) -> None:
-        progress = event.progress
-        row = progress.observedMetrics.get(METRICS_NAME)
-        if row is None:
-            return
-        counts = {name: int(row[name] or 0) for name in self.totals}
+    def commit(self, frame: DataFrame, batch_id: int) -> None:
+        started = time.monotonic()
+        topic = self.settings.topic_readings
+        current = kafka.topic_ids(self.settings.bootstrap_servers, [topic])[topic]
+        if current != self.generation:
+            raise GenerationChangedError(
+                f"{topic} was recreated (id {self.generation} -> {current})"
+            )
+        staging = f"{STAGING_DIR}/{self.run_id}-{batch_id}-{uuid.uuid4().hex[:6]}"
+        plan = TaskPlan(
+            lake_path=self.settings.lake_path,
+            staging=staging,
+            generation=self.generation,
+            rules=self.settings.rules,
+            committed={
+                (topic, p): tuple(ranges)
+                for p, ranges in self.ledger.committed(topic, self.generation).items()
+            },
+            topics=self.topics,
+        )
+        rows = frame.mapInArrow(partial(process_partition, plan=plan), _SUMMARY_DDL).collect()
+        merged: dict[int, _Merged] = {}
+        files: list[str] = []
+        unpublished = 0
+        for row in rows:
+            m = merged.setdefault(row.partition, _Merged())
+            if row.first >= 0:
+                m.first = row.first if m.first < 0 else min(m.first, row.first)
+                m.last = max(m.last, row.last)
+            m.valid += row.valid
+            m.abnormal += row.abnormal
+            m.deadletter += row.deadletter
+            m.skipped += row.skipped
+            if row.max_event_us is not None:
+                m.max_event_us = max(m.max_event_us or row.max_event_us, row.max_event_us)
+            files.extend(json.loads(row.files))
+            unpublished += row.unpublished
+        ends = self.ledger.ends(topic, self.generation)
+        gaps = {
+            p: (ends[p], m.first)
+            for p, m in merged.items()
+            if m.first >= 0 and p in ends and m.first > ends[p]
+        }
+        if gaps and not self.accept_data_loss:
+            _delete(posixpath.join(self.settings.lake_path, staging))
+            raise DataLossError(
+                f"{_ranges_text(gaps, topic)} were deleted from Kafka before the stream read "
+                f"them (retention, or a broker that lost data); {ACCEPT} records them as "
+                "lost in the ledger and continues"
+            )
+        if gaps:
+            self.ledger.commit(
+                LOSS,
+                [Range(topic, self.generation, p, a, b) for p, (a, b) in sorted(gaps.items())],
+                note="deleted from Kafka before read (accepted)",
+                run_id=self.run_id,
+                batch_id=batch_id,
+            )
+            log.warning("ledger=loss-recorded ranges=%s", _ranges_text(gaps, topic))
+        ranges = [
+            Range(
+                topic,
+                self.generation,
+                p,
+                m.first,
+                m.last + 1,
+                m.valid,
+                m.abnormal,
+                m.deadletter,
+                m.max_event_us,
+            )
+            for p, m in sorted(merged.items())
+            if m.first >= 0
+        ]
+        counts = {
+            "read": sum(m.valid + m.abnormal + m.deadletter for m in merged.values()),
+            "valid": sum(m.valid for m in merged.values()),
+            "abnormal": sum(m.abnormal for m in merged.values()),
+            "deadletter": sum(m.deadletter for m in merged.values()),
+            "skipped": sum(m.skipped for m in merged.values()),
+            "lost": sum(b - a for a, b in gaps.values()),
+            "unpublished": unpublished,
+        }
+        if ranges:
+            entry = self.ledger.commit(
+                BATCH,
+                ranges,
+                files,
+                staging,
+                self.run_id,
+                batch_id,
+                seen_ends=self._seen_ends(),
+            )
+            self.ledger.publish_files(entry)
+            self.ledger.compact_if_due()
+            self._advance_watermark()
+        else:
+            _delete(posixpath.join(self.settings.lake_path, staging))
+        seconds = time.monotonic() - started
         with self.lock:
             self.batches += 1
-            self.timings.append(
-                (counts["read"], progress.durationMs.get("triggerExecution", 0) / 1000)
-            )
-            for name, value in counts.items():
-                self.totals[name] += value
+            self.totals.update(counts)
+            self.timings.append((counts["read"] + counts["skipped"], seconds))
             totals = dict(self.totals)
-        batch_ok = counts["read"] == counts["valid"] + counts["abnormal"] + counts["deadletter"]
-        total_ok = totals["read"] == totals["valid"] + totals["abnormal"] + totals["deadletter"]
+        reconciled = counts["read"] == counts["valid"] + counts["abnormal"] + counts["deadletter"]
         log.log(
-            20 if batch_ok and total_ok else 40,
-            "batch=%d read=%d valid=%d abnormal=%d deadletter=%d rows_per_s=%.0f "
-            "total_read=%d total_valid=%d total_abnormal=%d total_deadletter=%d reconciled=%s",
-            progress.batchId,
+            20 if reconciled and not unpublished else 40,
+            "batch=%d read=%d valid=%d abnormal=%d deadletter=%d skipped=%d lost=%d "
+            "unpublished=%d seconds=%.2f rows_per_s=%.0f total_read=%d total_valid=%d "
+            "total_abnormal=%d total_deadletter=%d ledger_seq=%d",
+            batch_id,
             counts["read"],
             counts["valid"],
             counts["abnormal"],
             counts["deadletter"],
-            progress.processedRowsPerSecond or 0.0,
+            counts["skipped"],
+            counts["lost"],
+            unpublished,
+            seconds,
+            counts["read"] / seconds if seconds else 0.0,
             totals["read"],
             totals["valid"],
             totals["abnormal"],
             totals["deadletter"],
-            str(batch_ok and total_ok).lower(),
+            self.ledger.seq,
         )
-        if self.lake_path and row["max_event_time"] is not None:
-            self._advance(row["max_event_time"], progress.batchId)
 
-    def _advance(self, event_time: datetime, batch_id: int) -> None:
-        if event_time.tzinfo is None:  # Spark hands back session-local naive datetimes
-            event_time = event_time.astimezone(UTC)
+    def _seen_ends(self) -> dict[str, dict[str, int]]:
+        """The broker's ends as the source last reported them (a lower bound of the truth)."""
         try:
-            watermark = lake.advance_watermark(self.lake_path, event_time, batch_id)
-        except OSError as exc:  # never let bookkeeping stop the stream; the DAG has a grace
-            log.warning("watermark=unwritten path=%s error=%s", self.lake_path, exc)
+            progress = self.query.lastProgress if self.query is not None else None
+            latest = progress.sources[0].latestOffset if progress else None
+            offsets = json.loads(latest) if isinstance(latest, str) else latest
+            parts = (offsets or {}).get(self.settings.topic_readings, {})
+            return {self.generation: {str(p): int(o) for p, o in parts.items()}}
+        except (AttributeError, IndexError, TypeError, ValueError):
+            return {}
+
+    def _advance_watermark(self) -> None:
+        """Low watermark: the oldest "newest reading" among partitions still bringing data.
+
+        A partition that brought nothing for ``idle_partition_seconds`` is caught up (each
+        micro-batch reads every partition's backlog), so it no longer holds the others
+        back. The watermark never passes the wall clock and never moves backwards.
+        """
+        now = datetime.now(UTC)
+        states = self.ledger.states(self.settings.topic_readings, self.generation)
+        known = {p: s for p, s in states.items() if s.max_event_us is not None}
+        if not known:
             return
-        log.debug("watermark=%s batch=%d", watermark.isoformat(), batch_id)
+        active = [
+            s.max_event_us
+            for s in known.values()
+            if s.last_data_at is not None
+            and (now - datetime.fromisoformat(s.last_data_at)).total_seconds()
+            <= self.settings.idle_partition_seconds
+        ]
+        newest_us = min(active) if active else max(s.max_event_us for s in known.values())  # type: ignore[type-var]
+        watermark = min(now, datetime.fromtimestamp(newest_us / 1e6, UTC))
+        previous = lake.read_watermark(self.settings.lake_path)
+        if previous is not None and previous >= watermark:
+            return
+        try:
+            lake.write_watermark(
+                self.settings.lake_path,
+                watermark,
+                {
+                    str(p): datetime.fromtimestamp(s.max_event_us / 1e6, UTC).isoformat()  # type: ignore[operator]
+                    for p, s in sorted(known.items())
+                },
+            )
+        except OSError as exc:  # bookkeeping must not stop the stream; the DAG waits longer
+            log.warning("watermark=unwritten path=%s error=%s", self.settings.lake_path, exc)
 
-    def onQueryIdle(self, event) -> None:
-        pass
 
-    def onQueryTerminated(self, event) -> None:
-        log.info(
-            "query=terminated id=%s exception=%s totals=%s", event.id, event.exception, self.totals
-        )
+# -- the query and its lifecycle ------------------------------------------------------------
 
 
 def start_query(
     spark: SparkSession,
     settings: Settings,
     source_format: str,
+    plan: StreamPlan,
+    committer: LakeCommitter,
     available_now: bool = False,
-    publish: bool = True,
 ) -> StreamingQuery:
-    """Wire source, classification and sinks; return the running query."""
+    """Wire the source and the committer; return the running query."""
     reader = (
         spark.readStream.format(source_format)
         .option("kafka.bootstrap.servers", settings.bootstrap_servers)
         .option("subscribe", settings.topic_readings)
-        .option("startingOffsets", settings.starting_offsets)
+        .option("startingOffsets", plan.starting_offsets)
+        # Deleted offsets are skipped by the source and decided on by the committer, which
+        # sees the gap against the ledger (one rule for the Python and the JVM source).
+        .option("failOnDataLoss", "false")
         .option("minPartitions", str(max(2, spark.sparkContext.defaultParallelism)))
     )
     if settings.max_offsets_per_trigger:
         reader = reader.option("maxOffsetsPerTrigger", str(settings.max_offsets_per_trigger))
-    topics = EventTopics.of(settings) if publish else None
-    classified = with_outcome_counts(classify_readings(reader.load(), settings.rules, topics))
     writer = (
-        lake_rows(classified)
+        reader.load()
         .writeStream.queryName(QUERY_NAME)
-        .format("parquet")
-        .partitionBy(PARTITION_COLUMN)
-        .option("path", readings_path(settings.lake_path))
-        .option("checkpointLocation", f"{settings.checkpoint_path.rstrip('/')}/streaming")
+        .foreachBatch(committer)
+        .option("checkpointLocation", plan.checkpoint)
     )
-    if settings.lake_retention_days:
-        # Let the sink's metadata log forget files as old as those retention deletes.
-        writer = writer.option("retention", f"{settings.lake_retention_days}d")
     if available_now:
         writer = writer.trigger(availableNow=True)
     else:
         writer = writer.trigger(processingTime=f"{settings.trigger_seconds:g} seconds")
-    return writer.start()
+    query = writer.start()
+    committer.query = query
+    return query
 
 
-def _await_or_stop(query: StreamingQuery, grace_s: float = 60.0) -> None:
-    """Wait for the query; on Ctrl-C or SIGTERM let the running micro-batch commit, then stop.
-
-    Signals only set a flag: raising inside a py4j call would break the gateway connection,
-    and ``query.stop()`` in the middle of a batch aborts it (it is redone on restart, so
-    nothing is lost, but the work is wasted and Spark logs errors).
-    """
-    requested = threading.Event()
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda *_: requested.set())
-    try:
-        while query.isActive and not requested.is_set():
-            query.awaitTermination(1.0)
-        if requested.is_set() and query.isActive:
-            log.info("streaming=stopping reason=signal")
-            deadline = time.monotonic() + grace_s
-            while query.isActive and query.status["isTriggerActive"]:
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.1)
-            query.stop()
-        elif query.exception() is not None:
-            raise query.exception()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def _await(query: StreamingQuery, stop: threading.Event, grace_s: float = 60.0) -> None:
+    """Wait for the query; once ``stop`` is set let the running micro-batch commit, then stop."""
+    while query.isActive and not stop.is_set():
+        query.awaitTermination(1.0)
+    if stop.is_set() and query.isActive:
+        log.info("streaming=stopping reason=signal")
+        deadline = time.monotonic() + grace_s
+        while query.isActive and query.status["isTriggerActive"]:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        query.stop()
 
 
-def _drain(listener: CountsListener, query: StreamingQuery, timeout: float = 10.0) -> None:
-    """Wait until the listener, which Spark calls asynchronously, has seen the last batches."""
-    seen = sum(1 for p in query.recentProgress if METRICS_NAME in p.observedMetrics)
-    deadline = time.monotonic() + timeout
-    while listener.batches < seen and time.monotonic() < deadline:
-        time.sleep(0.05)
+def _first_line(error: BaseException) -> str:
+    text = str(getattr(error, "desc", None) or error)
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line and not line.startswith(("Traceback", "File ", "=== ")):
+            return line[:400]
+    return type(error).__name__
+
+
+def _source_error(error: BaseException) -> BaseException:
+    """A data-loss message from the source becomes a :class:`DataLossError`."""
+    text = str(getattr(error, "desc", None) or error)
+    if "DATA_LOSS " in text:
+        detail = text.split("DATA_LOSS ", 1)[1].splitlines()[0]
+        return DataLossError(f"{detail}; {ACCEPT} records what is gone in the ledger and continues")
+    return error
 
 
 def run(
     settings: Settings,
     available_now: bool = False,
     spark: SparkSession | None = None,
-    listener: CountsListener | None = None,
+    accept_data_loss: bool = False,
+    stop: threading.Event | None = None,
+    publish: bool = True,
+    on_committer: Any = None,
 ) -> dict[str, int]:
-    """Run the speed layer until stopped (or, with ``available_now``, until caught up)."""
+    """Run the speed layer until ``stop`` (or, with ``available_now``, until caught up).
+
+    A transient failure (Kafka away) restarts the query after a backoff, up to
+    ``settings.stream_retries`` times in a row; a new topic generation is re-planned; data
+    loss and bad configuration end the run with a one-line :class:`MeterflowError`.
+    """
     from meterflow.spark.session import get_spark, kafka_format
 
+    check_writable(settings)
+    _refuse_legacy_lake(settings.lake_path)
     spark = spark or get_spark("meterflow-streaming", settings.spark_master)
-    listener = listener or CountsListener(settings.lake_path)
-    spark.streams.addListener(listener)
+    stop = stop or threading.Event()
     source_format = kafka_format(spark, settings)
-    log.info(
-        "streaming source=%s bootstrap=%s topic=%s lake=%s trigger=%s",
-        source_format,
-        settings.bootstrap_servers,
-        settings.topic_readings,
-        readings_path(settings.lake_path),
-        "availableNow" if available_now else f"{settings.trigger_seconds:g}s",
-    )
-    query = start_query(spark, settings, source_format, available_now)
+    totals: Counter[str] = Counter()
+    attempt = 0
     started = time.monotonic()
-    try:
-        _await_or_stop(query)
-    finally:
-        if query.isActive:
-            query.stop()
-        _drain(listener, query)
-        spark.streams.removeListener(listener)
+    while True:
+        ledger = Ledger.load(settings.lake_path)
+        ledger.recover()
+        try:
+            plan = plan_start(settings, ledger, accept_data_loss)
+        except kafka.KafkaUnavailableError as exc:
+            attempt = _backoff(settings, attempt, exc, stop)
+            if stop.is_set():
+                break
+            continue
+        committer = LakeCommitter(settings, ledger, plan.generation, accept_data_loss, publish)
+        if on_committer is not None:
+            on_committer(committer)
+        log.info(
+            "streaming source=%s bootstrap=%s topic=%s generation=%s lake=%s start=%s "
+            "trigger=%s ledger_seq=%d",
+            source_format,
+            settings.bootstrap_servers,
+            settings.topic_readings,
+            plan.generation,
+            settings.lake_path,
+            plan.starting_offsets,
+            "availableNow" if available_now else f"{settings.trigger_seconds:g}s",
+            ledger.seq,
+        )
+        query = start_query(spark, settings, source_format, plan, committer, available_now)
+        try:
+            _await(query, stop)
+        finally:
+            if query.isActive:
+                query.stop()
+            totals.update(committer.totals)
+        error = committer.failure or query.exception()
+        if error is None:
+            break
+        error = _source_error(error)
+        if isinstance(error, GenerationChangedError):
+            log.warning("streaming=restart reason=generation-changed detail=%s", error)
+            attempt = 0
+            continue
+        if isinstance(error, MeterflowError | ConfigError):
+            raise error
+        if not any(marker in str(error) for marker in _TRANSIENT_MARKERS):
+            raise error
+        if committer.batches:
+            attempt = 0  # it made progress: a new outage starts a new count
+        attempt = _backoff(settings, attempt, error, stop)
+        if stop.is_set():
+            break
+    result = {name: totals[name] for name in ("read", "valid", "abnormal", "deadletter")}
+    result.update(skipped=totals["skipped"], lost=totals["lost"])
     log.info(
-        "streaming=stopped seconds=%.1f totals=%s", time.monotonic() - started, listener.totals
+        "streaming=stopped seconds=%.1f read=%d valid=%d abnormal=%d deadletter=%d skipped=%d "
+        "lost=%d",
+        time.monotonic() - started,
+        *(result[k] for k in ("read", "valid", "abnormal", "deadletter", "skipped", "lost")),
     )
-    return dict(listener.totals)
+    return result
+
+
+def _backoff(settings: Settings, attempt: int, error: BaseException, stop: threading.Event) -> int:
+    """Wait before the next attempt; raise once ``stream_retries`` attempts failed."""
+    attempt += 1
+    if attempt > settings.stream_retries:
+        raise StreamUnavailableError(
+            f"Kafka at {settings.bootstrap_servers} still unavailable after "
+            f"{settings.stream_retries} retries ({_first_line(error)}); check the broker, then "
+            "start the stream again: it resumes where the lake's ledger ends"
+        )
+    delay = min(30.0, 2.0 ** (attempt - 1))
+    log.warning(
+        "streaming=retry attempt=%d of=%d retry_in_s=%.0f error=%s",
+        attempt,
+        settings.stream_retries,
+        delay,
+        _first_line(error),
+    )
+    stop.wait(delay)
+    if not stop.is_set():
+        # A broker that came back empty: recreate the topics, then re-plan.
+        with contextlib.suppress(kafka.KafkaUnavailableError):
+            kafka.ensure_topics(settings.bootstrap_servers, settings.topics, settings.partitions)
+    return attempt
+
+
+def stop_on_signals(stop: threading.Event) -> dict[int, Any]:
+    """Ctrl-C and SIGTERM set ``stop`` (raising inside a py4j call would break the gateway)."""
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    return previous
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--available-now", action="store_true", help="process what is in Kafka now, then exit"
+    )
+    parser.add_argument(
+        ACCEPT, action="store_true", help="record offsets gone from Kafka as lost and continue"
     )
     args = parser.parse_args(argv)
     setup_logging()
@@ -358,7 +638,21 @@ def main(argv: list[str] | None = None) -> int:
             "KAFKA_BOOTSTRAP_SERVERS must be set under spark-submit "
             "(meterflow stream starts a local broker itself)"
         )
-    run(settings, available_now=args.available_now)
+    stop = threading.Event()
+    previous = stop_on_signals(stop)
+    try:
+        run(
+            settings,
+            available_now=args.available_now,
+            accept_data_loss=args.accept_data_loss,
+            stop=stop,
+        )
+    except (MeterflowError, ConfigError) as exc:
+        print(f"streaming_job: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

@@ -7,36 +7,22 @@ non-zero with a one-line reason on failure (configuration, unreachable services,
 from __future__ import annotations
 
 import argparse
-import shutil
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import date
-from pathlib import Path
 
 from meterflow import __version__
 from meterflow.broker import BrokerError, kafka_for
 from meterflow.config import VARIABLES, ConfigError, Settings
+from meterflow.errors import MeterflowError
 from meterflow.kafka import KafkaUnavailableError, ProducerSink
 from meterflow.logs import get_logger, setup_logging
 from meterflow.mongo import MongoUnavailableError
 
 log = get_logger("meterflow.cli")
-
-
-def _reset_stale_checkpoint(settings: Settings) -> None:
-    """A freshly started local broker is empty: offsets in an old checkpoint mean nothing.
-
-    Keeping them would make the job wait for offsets that will be reused by new data and
-    skip it; the old checkpoint is moved aside (the lake it wrote stays as it is).
-    """
-    checkpoint = Path(settings.checkpoint_path) / "streaming"
-    if checkpoint.exists():
-        stale = checkpoint.with_name(f"streaming.stale-{time.strftime('%Y%m%dT%H%M%S')}")
-        shutil.move(str(checkpoint), stale)
-        log.warning("checkpoint=reset reason=fresh-local-broker moved_to=%s", stale)
 
 
 def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
@@ -206,14 +192,41 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
-    from jobs.streaming_job import run
+    from jobs.streaming_job import run, stop_on_signals
 
-    with kafka_for(settings, start_local=False) as (live, _):
-        try:
-            totals = run(live, available_now=args.available_now)
-        finally:
-            _stop_spark()
+    stop = threading.Event()
+    previous = stop_on_signals(stop)
+    try:
+        with kafka_for(settings, start_local=False) as (live, _):
+            try:
+                totals = run(
+                    live,
+                    available_now=args.available_now,
+                    accept_data_loss=args.accept_data_loss,
+                    stop=stop,
+                )
+            finally:
+                _stop_spark()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     print(_totals_line(totals))
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    """Prove from the lake's ledger that every offset has exactly one outcome."""
+    from meterflow.local_service import port_open
+    from meterflow.reconcile import reconcile
+
+    if not settings.bootstrap_servers and port_open(settings.local_broker_port):
+        settings = settings.with_bootstrap(f"127.0.0.1:{settings.local_broker_port}")
+    report = reconcile(settings, scan_lake_files=args.scan_lake)
+    for line in report.lines:
+        print(line)
+    if not report.ok:
+        print(f"meterflow reconcile: {report.problem}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -221,7 +234,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     """The platform natively: Kafka, MongoDB, the simulator, the speed layer and the sink.
 
     With ``--airflow`` the simulator first backfills yesterday and Airflow (standalone)
-    runs the DAGs, so the daily views of a complete day appear in MongoDB.
+    runs the DAGs, so the daily views of a complete day appear in MongoDB. Ctrl-C drains in
+    order (:class:`_Drain`): nothing the simulator sent is left unread in the local broker.
     """
     from jobs.streaming_job import run
     from meterflow.mongo import database, mongo_for, redacted
@@ -229,44 +243,151 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from simulator.cli import start_background_simulation
 
     with kafka_for(settings) as (live, broker), mongo_for(live) as (live, _):
-        if broker is not None:
-            _reset_stale_checkpoint(live)
         print(
             f"meterflow {__version__}: Kafka {live.bootstrap_servers}, MongoDB "
             f"{redacted(live.mongo_uri)} (database {live.mongo_db}), lake {live.lake_path}, "
             f"{args.meters} simulated meters every {args.interval}; Ctrl-C stops",
             file=sys.stderr,
         )
-        stop = threading.Event()
+        drain = _Drain(live)
         producer = ProducerSink(live.bootstrap_servers, live.topic_readings)
-        workers: list[threading.Thread] = []
         if not args.no_simulator:
-            workers.append(
-                start_background_simulation(
-                    live,
-                    producer,
-                    stop,
-                    meters=args.meters,
-                    interval=args.interval,
-                    seed=args.seed,
-                    backfill_days=1 if args.airflow else 0,
-                )
+            drain.simulator = start_background_simulation(
+                live,
+                producer,
+                drain.stop_simulator,
+                meters=args.meters,
+                interval=args.interval,
+                seed=args.seed,
+                backfill_days=1 if args.airflow else 0,
             )
+        drain.producer = producer
         init_mongo(database(live), live)  # indexes, and the registry the simulator wrote
-        workers.append(_start_sink(live, stop))
+        drain.sink = _start_sink(live, drain.stop_sink)
         airflow = _start_airflow(live) if args.airflow else None
+        previous = drain.on_signals()
         try:
-            totals = run(live, available_now=False)
+            # A local broker started here is new: its topics are a new generation, and
+            # the previous run drained its own broker before stopping.
+            totals = run(
+                live,
+                accept_data_loss=broker is not None,
+                stop=drain.stop_stream,
+                on_committer=drain.watch,
+            )
         finally:
-            stop.set()
-            for worker in workers:
-                worker.join(timeout=60)
-            producer.close(30)
+            drain.finish()
+            for number, handler in previous.items():
+                signal.signal(number, handler)
             _stop_spark()
             if airflow is not None:
                 _stop_process_group(airflow)
     print(_totals_line(totals))
     return 0
+
+
+class _Drain:
+    """Stops ``meterflow run`` in dependency order so nothing is left unread.
+
+    The first Ctrl-C stops the simulator and flushes its producer, lets the stream run
+    until the lake's ledger has every offset of the readings topic, then lets the sink run
+    until its group has committed everything on the abnormal and status topics; only then
+    does the local broker (which keeps data in memory) stop. A second Ctrl-C stops at once.
+    """
+
+    def __init__(self, settings: Settings, timeout: float = 120.0) -> None:
+        self.settings = settings
+        self.timeout = timeout
+        self.stop_simulator = threading.Event()
+        self.stop_stream = threading.Event()
+        self.stop_sink = threading.Event()
+        self.simulator: threading.Thread | None = None
+        self.sink: threading.Thread | None = None
+        self.producer: ProducerSink | None = None
+        self.committer = None
+        self._thread: threading.Thread | None = None
+
+    def watch(self, committer) -> None:
+        self.committer = committer
+
+    def on_signals(self) -> dict:
+        def handler(*_: object) -> None:
+            if self._thread is None:
+                print("meterflow run: draining (Ctrl-C again stops at once)", file=sys.stderr)
+                self._thread = threading.Thread(target=self._drain, name="drain", daemon=True)
+                self._thread.start()
+            else:
+                self.stop_stream.set()
+                self.stop_sink.set()
+
+        return {
+            number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)
+        }
+
+    def _drain(self) -> None:
+
+        self.stop_simulator.set()
+        if self.simulator is not None:
+            self.simulator.join(timeout=60)
+        if self.producer is not None:
+            self.producer.flush(30)
+        topic = self.settings.topic_readings
+        ends = _topic_ends(self.settings.bootstrap_servers, topic)
+        caught_up = _wait_for(
+            lambda: (
+                self.committer is not None
+                and all(
+                    self.committer.ledger.ends(topic, self.committer.generation).get(p, 0) >= end
+                    for p, end in ends.items()
+                    if end > 0
+                )
+            ),
+            self.timeout,
+        )
+        log.info("drain=stream caught_up=%s readings_end=%s", str(caught_up).lower(), ends)
+        self.stop_stream.set()
+
+    def finish(self) -> None:
+        """After the stream: let the sink catch up, then stop it and the producer."""
+        from meterflow import kafka
+
+        self.stop_simulator.set()
+        if self._thread is not None and not self.stop_sink.is_set():
+            topics = (self.settings.topic_abnormal, self.settings.topic_status)
+            ends = {t: _topic_ends(self.settings.bootstrap_servers, t) for t in topics}
+            caught_up = _wait_for(
+                lambda: kafka.group_caught_up(
+                    self.settings.bootstrap_servers, self.settings.sink_group, ends
+                ),
+                self.timeout,
+            )
+            log.info("drain=sink caught_up=%s", str(caught_up).lower())
+        self.stop_sink.set()
+        for worker in (self.simulator, self.sink):
+            if worker is not None:
+                worker.join(timeout=60)
+        if self.producer is not None:
+            self.producer.close(30)
+
+
+def _topic_ends(bootstrap: str, topic: str) -> dict[int, int]:
+    from meterflow import kafka
+
+    client = kafka.consumer(bootstrap)
+    try:
+        found = kafka.partition_ends(client, kafka.topic_partitions(client, [topic]))
+    finally:
+        client.close()
+    return {p: end for (_, p), end in found.items()}
+
+
+def _wait_for(done: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if done():
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def _start_sink(settings: Settings, stop: threading.Event) -> threading.Thread:
@@ -322,11 +443,16 @@ def _stop_spark() -> None:
 
 
 def _totals_line(totals: dict[str, int]) -> str:
-    ok = totals["read"] == totals["valid"] + totals["abnormal"] + totals["deadletter"]
-    return (
-        f"read {totals['read']:,} = valid {totals['valid']:,} + abnormal {totals['abnormal']:,}"
-        f" + dead-lettered {totals['deadletter']:,} ({'reconciled' if ok else 'MISMATCH'})"
+    """This run's counts; whether the lake as a whole reconciles is ``meterflow reconcile``."""
+    line = (
+        f"this run: read {totals['read']:,} = valid {totals['valid']:,} + abnormal "
+        f"{totals['abnormal']:,} + dead-lettered {totals['deadletter']:,}"
     )
+    if totals.get("skipped"):
+        line += f"; {totals['skipped']:,} already in the lake"
+    if totals.get("lost"):
+        line += f"; {totals['lost']:,} offsets recorded as lost"
+    return line + " (the whole lake: meterflow reconcile)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,6 +486,21 @@ def build_parser() -> argparse.ArgumentParser:
     stream = add("stream", cmd_stream, "Run the Spark streaming job (speed layer)")
     stream.add_argument(
         "--available-now", action="store_true", help="process what is in Kafka now, then exit"
+    )
+    stream.add_argument(
+        "--accept-data-loss",
+        action="store_true",
+        help="record offsets gone from Kafka as lost in the ledger and continue",
+    )
+    reconcile = add(
+        "reconcile",
+        cmd_reconcile,
+        "Check the lake's ledger: every Kafka offset has exactly one outcome, across runs",
+    )
+    reconcile.add_argument(
+        "--scan-lake",
+        action="store_true",
+        help="also read every lake file and count its rows per offset (slow on big lakes)",
     )
     add_simulate_arguments(add("simulate", cmd_simulate, "Simulate a fleet of meters into Kafka"))
     add_replay_arguments(add("replay", cmd_replay, "Replay a UCI or AMPds2 recording into Kafka"))
@@ -400,6 +541,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, KafkaUnavailableError, BrokerError, MongoUnavailableError) as exc:
         print(f"meterflow {args.command}: {exc}", file=sys.stderr)
         return 2
+    except MeterflowError as exc:
+        print(f"meterflow {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"meterflow {args.command}: stopped", file=sys.stderr)
         return 130

@@ -59,7 +59,23 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "METERFLOW_MAX_OFFSETS_PER_TRIGGER", "0", "Cap on readings per micro-batch; 0 = no cap"
     ),
-    Variable("METERFLOW_STARTING_OFFSETS", "earliest", "earliest or latest, for a new query"),
+    Variable(
+        "METERFLOW_STARTING_OFFSETS",
+        "earliest",
+        "earliest or latest: where the stream starts on a topic the lake has never read",
+    ),
+    Variable(
+        "METERFLOW_STREAM_RETRIES",
+        "10",
+        "Times the stream restarts (with backoff, up to 30 s apart) while Kafka is "
+        "unavailable before it exits",
+    ),
+    Variable(
+        "METERFLOW_IDLE_PARTITION_SECONDS",
+        "60",
+        "A Kafka partition that brought nothing for this long is caught up and no longer "
+        "holds back the low watermark",
+    ),
     Variable("METERFLOW_MAX_MESSAGE_BYTES", "16384", "Larger messages are dead-lettered"),
     Variable(
         "METERFLOW_FUTURE_TOLERANCE_SECONDS",
@@ -172,6 +188,8 @@ class Settings:
     trigger_seconds: float
     max_offsets_per_trigger: int
     starting_offsets: str
+    stream_retries: int
+    idle_partition_seconds: float
     rules: Rules
     mongo_uri: str
     local_mongo_port: int
@@ -221,6 +239,10 @@ class Settings:
             trigger_seconds=float(_number(env, "METERFLOW_TRIGGER_SECONDS", float, 0)),
             max_offsets_per_trigger=int(_number(env, "METERFLOW_MAX_OFFSETS_PER_TRIGGER", int, 0)),
             starting_offsets=starting,
+            stream_retries=int(_number(env, "METERFLOW_STREAM_RETRIES", int, 0)),
+            idle_partition_seconds=float(
+                _number(env, "METERFLOW_IDLE_PARTITION_SECONDS", float, 0)
+            ),
             rules=rules,
             mongo_uri=_get(env, "MONGO_URI"),
             local_mongo_port=int(_number(env, "METERFLOW_LOCAL_MONGO_PORT", int, 1)),

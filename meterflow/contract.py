@@ -41,6 +41,10 @@ DLQ_HEADER_DETAIL = "meterflow.detail"
 DLQ_HEADER_TOPIC = "meterflow.source.topic"
 DLQ_HEADER_PARTITION = "meterflow.source.partition"
 DLQ_HEADER_OFFSET = "meterflow.source.offset"
+DLQ_HEADER_GENERATION = "meterflow.source.generation"
+#: Set on a dead letter too large for Kafka: its value is then a JSON reference to the
+#: lake file that keeps the original bytes (``deadletter/date=D/...``).
+DLQ_HEADER_STORED = "meterflow.stored"
 
 #: A metric equal to this is the meter's own fault signal (the prototype's rule).
 SENTINEL_VALUE = -1
@@ -433,17 +437,27 @@ def evaluate(raw: bytes | None, reference_us: int, rules: Rules = _DEFAULT_RULES
     )
 
 
-def event_id(topic: str, partition: int, offset: int) -> str:
-    """The id of an abnormal event: its source coordinates, so sinks can upsert idempotently."""
-    return f"{topic}-{partition}-{offset}"
+def event_id(topic: str, generation: str, partition: int, offset: int) -> str:
+    """The id of an abnormal event: its source coordinates, so sinks can upsert idempotently.
+
+    ``generation`` is the topic's Kafka topic id: offsets restart at 0 when a topic is
+    recreated (or a broker comes back empty), and the new events must not collide with
+    the old ones. A retried batch makes the same ids.
+    """
+    return f"{topic}-{generation}-{partition}-{offset}"
 
 
 def abnormal_event(
-    reading: Reading, topic: str, partition: int, offset: int, detected_at_us: int
+    reading: Reading,
+    topic: str,
+    generation: str,
+    partition: int,
+    offset: int,
+    detected_at_us: int,
 ) -> dict[str, Any]:
     """The JSON document published on ``iot-abnormal`` for an abnormal reading."""
     return {
-        "event_id": event_id(topic, partition, offset),
+        "event_id": event_id(topic, generation, partition, offset),
         "device_id": reading.device_id,
         "meter_type": str(reading.meter_type),
         "timestamp": format_timestamp_us(reading.event_time_us),
@@ -451,7 +465,12 @@ def abnormal_event(
         "reason": reading.reason,
         "reading": reading.fields,
         "detected_at": format_timestamp_us(detected_at_us),
-        "source": {"topic": topic, "partition": partition, "offset": offset},
+        "source": {
+            "topic": topic,
+            "generation": generation,
+            "partition": partition,
+            "offset": offset,
+        },
     }
 
 

@@ -9,6 +9,8 @@ costs one small fetch per partition and is exact on Apache Kafka too.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -20,11 +22,12 @@ from confluent_kafka import (
     KafkaError,
     KafkaException,
     Producer,
+    TopicCollection,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from meterflow.logs import get_logger
+from meterflow.logs import get_logger, timestamp
 
 log = get_logger(__name__)
 #: librdkafka's own messages (connection failures and the like) as meterflow log lines.
@@ -32,6 +35,93 @@ log = get_logger(__name__)
 #: an idle Spark worker after the broker stopped) stays quiet instead of writing raw
 #: ``%3|...|FAIL|`` lines to stderr.
 client_log = get_logger("meterflow.kafka.client")
+
+#: A line served at most this long after the client's queue was last drained is on time.
+_LATE_S = 1.0
+#: Lines served this close to each other (the first, to the call) are one queued backlog.
+_BURST_S = 0.05
+
+
+class ClientLog:
+    """The ``logger`` of one client: librdkafka's lines, saying when they can have happened.
+
+    librdkafka queues a line without its time and confluent-kafka's log callback (always
+    queued when a ``logger`` is set) has no time argument: a line's time is when a poll
+    served it. A line that woke a waiting poll/consume/flush happened then; one found
+    queued after the client sat unpolled happened since the previous poll returned, which
+    it says as ``happened_after=`` (the line's own time being the other bound).
+    """
+
+    def __init__(self, target: logging.Logger = client_log) -> None:
+        self.target = target
+        self.drained = time.time()  # the queue was last known empty then
+        self.serving: float | None = None  # in a poll/consume/flush since then
+        self.last = 0.0  # the previous line served in this call
+        self.backlog = False
+
+    def __enter__(self) -> None:
+        self.serving = self.last = time.time()
+        self.backlog = True
+
+    def __exit__(self, *_exc: object) -> None:
+        self.drained = time.time()
+        self.serving = None
+
+    def log(self, level: int, _format: str, facility: str, client: str, text: str) -> None:
+        now = time.time()
+        after = self.drained
+        if self.serving is not None:
+            # A pause in the call means the backlog is done: later lines woke the wait.
+            self.backlog = self.backlog and now - self.last <= _BURST_S
+            self.last = now
+            after = after if self.backlog else now
+        if now - after <= _LATE_S:
+            self.target.log(
+                level,
+                "kafka=%s client=%s %s",
+                facility,
+                client,
+                text,
+                extra={"kafka_happened_after": None},
+            )
+        else:
+            self.target.log(
+                level,
+                "kafka=%s client=%s happened_after=%s %s",
+                facility,
+                client,
+                timestamp(after),
+                text,
+                extra={"kafka_happened_after": after},
+            )
+
+
+class _Producer(Producer):
+    """A producer that tells its :class:`ClientLog` when it serves its queue."""
+
+    serving: contextlib.AbstractContextManager = contextlib.nullcontext()
+
+    def poll(self, *args: Any, **kwargs: Any) -> int:
+        with self.serving:
+            return super().poll(*args, **kwargs)
+
+    def flush(self, *args: Any, **kwargs: Any) -> int:
+        with self.serving:
+            return super().flush(*args, **kwargs)
+
+
+class _Consumer(Consumer):
+    """A consumer that tells its :class:`ClientLog` when it serves its queue."""
+
+    serving: contextlib.AbstractContextManager = contextlib.nullcontext()
+
+    def poll(self, *args: Any, **kwargs: Any) -> Any:
+        with self.serving:
+            return super().poll(*args, **kwargs)
+
+    def consume(self, *args: Any, **kwargs: Any) -> Any:
+        with self.serving:
+            return super().consume(*args, **kwargs)
 
 
 class KafkaUnavailableError(RuntimeError):
@@ -49,10 +139,13 @@ def producer(bootstrap: str, **overrides: Any) -> Producer:
         "queue.buffering.max.kbytes": 1_048_576,
         "message.timeout.ms": 60_000,
         "log.connection.close": False,
-        "logger": client_log,
+        "logger": ClientLog(),
     }
     config.update(overrides)
-    return Producer(config)
+    client = _Producer(config)
+    if isinstance(config["logger"], ClientLog):
+        client.serving = config["logger"]
+    return client
 
 
 def produce(
@@ -119,10 +212,13 @@ def consumer(bootstrap: str, **overrides: Any) -> Consumer:
         "fetch.max.bytes": 64 * 1024 * 1024,
         "queued.min.messages": 200_000,
         "log.connection.close": False,
-        "logger": client_log,
+        "logger": ClientLog(),
     }
     config.update(overrides)
-    return Consumer(config)
+    client = _Consumer(config)
+    if isinstance(config["logger"], ClientLog):
+        client.serving = config["logger"]
+    return client
 
 
 def check_reachable(bootstrap: str, timeout: float = 10.0) -> None:
@@ -187,17 +283,21 @@ def partition_ends(
     partitions: Iterable[tuple[str, int]],
     known: Mapping[tuple[str, int], int] | None = None,
     timeout: float = 10.0,
+    lows: dict[tuple[str, int], int] | None = None,
 ) -> dict[tuple[str, int], int]:
     """The offset after each partition's last record, read from the log, not the watermark.
 
     ``known`` holds ends found earlier; probing resumes there instead of re-reading the last
     record batch. ``client`` must have ``enable.partition.eof`` set; its assignment changes.
+    ``lows``, if given, receives each partition's first offset still held by the broker.
     """
     known = known or {}
     ends: dict[tuple[str, int], int] = {}
     probes = []
     for topic, partition in partitions:
         low, high = client.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
+        if lows is not None:
+            lows[(topic, partition)] = low
         start = max(high - 1, low, known.get((topic, partition), 0))
         ends[(topic, partition)] = max(high, start)
         probes.append(TopicPartition(topic, partition, start))
@@ -246,3 +346,62 @@ def read_all(bootstrap: str, topic: str, timeout: float = 30.0) -> list:
         return messages
     finally:
         client.close()
+
+
+#: Delivery errors that mean "not now" rather than "never": the batch is retried.
+TRANSIENT_ERRORS = frozenset(
+    {
+        KafkaError._MSG_TIMED_OUT,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.NOT_ENOUGH_REPLICAS,
+    }
+)
+
+
+def topic_ids(bootstrap: str, topics: Iterable[str], timeout: float = 10.0) -> dict[str, str]:
+    """Each topic's Kafka topic id: it changes when a topic is recreated, offsets restart.
+
+    Raises :class:`KafkaUnavailableError` if the cluster does not answer or a topic is
+    missing, and when the broker reports no ids (Kafka before 2.8).
+    """
+    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": client_log})
+    names = list(dict.fromkeys(topics))
+    try:
+        futures = admin.describe_topics(TopicCollection(names), request_timeout=timeout)
+        described = {name: future.result(timeout=timeout) for name, future in futures.items()}
+    except (KafkaException, TimeoutError) as exc:
+        reason = exc.args[0] if exc.args else f"no answer within {timeout:.0f} s"
+        raise KafkaUnavailableError(
+            f"Kafka at {bootstrap} could not describe {', '.join(names)}: {reason}"
+        ) from None
+    result = {}
+    for name, description in described.items():
+        topic_id = str(description.topic_id or "")
+        if not topic_id or set(topic_id) <= {"A", "0", "-"}:
+            raise KafkaUnavailableError(
+                f"Kafka at {bootstrap} reports no topic id for {name} (Kafka 2.8+ is required)"
+            )
+        result[name] = topic_id
+    return result
+
+
+def group_caught_up(
+    bootstrap: str, group: str, ends: Mapping[str, Mapping[int, int]], timeout: float = 10.0
+) -> bool:
+    """Whether consumer group ``group`` has committed every offset up to ``ends``."""
+    client = consumer(bootstrap, **{"group.id": group})
+    try:
+        wanted = [TopicPartition(t, p) for t, parts in ends.items() for p, e in parts.items() if e]
+        if not wanted:
+            return True
+        committed = client.committed(wanted, timeout=timeout)
+    except KafkaException:
+        return False
+    finally:
+        client.close()
+    return all(tp.offset >= ends[tp.topic][tp.partition] for tp in committed)

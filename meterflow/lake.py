@@ -7,6 +7,7 @@ columns are declared here once for Arrow (the Python side) and derived for Spark
 from __future__ import annotations
 
 import json
+import os
 import re
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -32,6 +33,8 @@ CLASSIFIED_SCHEMA = pa.schema(
         ("source_topic", pa.string()),
         ("source_partition", pa.int32()),
         ("source_offset", pa.int64()),
+        # The Kafka topic id: offsets restart when a topic is recreated, this does not.
+        ("source_generation", pa.string()),
         ("ingest_time", TIMESTAMP),
         ("date", pa.date32()),
     ]
@@ -44,6 +47,24 @@ LAKE_COLUMNS: tuple[str, ...] = tuple(n for n in CLASSIFIED_SCHEMA.names if n !=
 LAKE_SCHEMA = pa.schema([CLASSIFIED_SCHEMA.field(name) for name in LAKE_COLUMNS])
 PARTITION_COLUMN = "date"
 
+#: ``deadletter/date=D/``: every message that is not a reading, with its original bytes,
+#: filed by the day it arrived. The ``iot-deadletter`` topic carries the same messages, or
+#: a reference to this file for those too large for Kafka.
+DEADLETTER_SCHEMA = pa.schema(
+    [
+        ("source_topic", pa.string()),
+        ("source_partition", pa.int32()),
+        ("source_offset", pa.int64()),
+        ("source_generation", pa.string()),
+        ("key", pa.binary()),
+        ("value", pa.binary()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("ingest_time", TIMESTAMP),
+        ("date", pa.date32()),
+    ]
+)
+
 _SPARK_TYPES = {
     pa.string(): "STRING",
     TIMESTAMP: "TIMESTAMP",
@@ -51,6 +72,7 @@ _SPARK_TYPES = {
     pa.int32(): "INT",
     pa.int64(): "BIGINT",
     pa.date32(): "DATE",
+    pa.binary(): "BINARY",
 }
 
 
@@ -59,8 +81,16 @@ def spark_ddl(schema: pa.Schema) -> str:
     return ", ".join(f"`{f.name}` {_SPARK_TYPES[f.type]}" for f in schema)
 
 
+READINGS = "readings"
+DEADLETTER = "deadletter"
+
+
 def readings_path(lake_path: str) -> str:
-    return f"{lake_path.rstrip('/')}/readings"
+    return f"{lake_path.rstrip('/')}/{READINGS}"
+
+
+def deadletter_path(lake_path: str) -> str:
+    return f"{lake_path.rstrip('/')}/{DEADLETTER}"
 
 
 def registry_path(lake_path: str) -> str:
@@ -81,7 +111,7 @@ def views_path(lake_path: str) -> str:
 
 
 def watermark_path(lake_path: str) -> str:
-    """JSON file where the streaming job records its event-time progress after each batch.
+    """JSON file where the streaming job records its low watermark after each commit.
 
     The daily DAG reads it to know when a day's partition is complete.
     """
@@ -95,36 +125,40 @@ def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), Path(path).absolute().as_posix()
 
 
+def ensure_writable(path: str) -> None:
+    """Create ``path`` if needed and prove a file can be written there (raises OSError)."""
+    fs, local = filesystem_for(path)
+    fs.create_dir(local, recursive=True)
+    probe = f"{local.rstrip('/')}/.meterflow-write-probe-{os.getpid()}"
+    with fs.open_output_stream(probe) as stream:
+        stream.write(b"ok")
+    fs.delete_file(probe)
+
+
 def read_watermark(lake_path: str) -> datetime | None:
-    """The latest event time the streaming job has committed to the lake, if any."""
+    """The time up to which the lake holds every reading the stream has seen, if known."""
     fs, path = filesystem_for(watermark_path(lake_path))
     try:
         with fs.open_input_stream(path) as stream:
             document = json.loads(stream.read())
     except FileNotFoundError:
         return None
-    return datetime.fromisoformat(document["max_event_time"])
+    value = document.get("watermark") or document.get("max_event_time")  # before 0.2
+    return datetime.fromisoformat(value) if value else None
 
 
-def advance_watermark(lake_path: str, event_time: datetime, batch_id: int) -> datetime:
-    """Record ``event_time`` as the stream's progress unless an earlier batch went further.
-
-    Written to a temporary file then moved, so a reader never sees half a document.
-    """
-    current = read_watermark(lake_path)
-    if current is not None and current >= event_time:
-        return current
+def write_watermark(lake_path: str, watermark: datetime, partitions: dict[str, str]) -> None:
+    """Record the low watermark (and each partition's own) in one atomic rename."""
     fs, path = filesystem_for(watermark_path(lake_path))
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     document = {
-        "max_event_time": event_time.astimezone(UTC).isoformat(),
-        "batch_id": batch_id,
+        "watermark": watermark.astimezone(UTC).isoformat(),
+        "partitions": partitions,
         "written_at": datetime.now(UTC).isoformat(),
     }
     with fs.open_output_stream(f"{path}.tmp") as stream:
         stream.write(json.dumps(document).encode())
     fs.move(f"{path}.tmp", path)
-    return event_time
 
 
 _PARTITION = re.compile(rf"^{PARTITION_COLUMN}=(\d{{4}}-\d{{2}}-\d{{2}})$")

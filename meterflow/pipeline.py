@@ -1,7 +1,8 @@
 """Classify Kafka records in Arrow batches: the per-record work of the streaming job.
 
-The Spark job runs :func:`classify_batch` inside ``mapInArrow``; the pure-Python baseline
-benchmark runs the same function in a consumer loop, so both apply identical rules.
+The Spark job's tasks run :func:`classify_batch` (see :mod:`meterflow.stream_tasks`); the
+pure-Python baseline benchmark runs the same function in a consumer loop, so both apply
+identical rules.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,15 +34,19 @@ class DeadLetterRecord:
     topic: str
     partition: int
     offset: int
+    generation: str = ""
 
     def headers(self) -> list[tuple[str, bytes]]:
-        return [
+        headers = [
             (contract.DLQ_HEADER_REASON, self.reason.encode()),
             (contract.DLQ_HEADER_DETAIL, self.detail.encode()),
             (contract.DLQ_HEADER_TOPIC, self.topic.encode()),
             (contract.DLQ_HEADER_PARTITION, str(self.partition).encode()),
             (contract.DLQ_HEADER_OFFSET, str(self.offset).encode()),
         ]
+        if self.generation:
+            headers.append((contract.DLQ_HEADER_GENERATION, self.generation.encode()))
+        return headers
 
 
 @dataclass
@@ -61,8 +65,12 @@ _STATUS_NAMES = np.array([str(s) for s in contract.STATUS_ORDER], dtype=object)
 _DEADLETTER = contract.STATUS_ORDER.index(Status.DEADLETTER)
 
 
-def classify_batch(batch: pa.RecordBatch, rules: Rules, now_us: int | None = None) -> BatchResult:
+def classify_batch(
+    batch: pa.RecordBatch, rules: Rules, generation: str = "", now_us: int | None = None
+) -> BatchResult:
     """Classify a batch with the Kafka source schema (key, value, topic, partition, ...).
+
+    ``generation`` is the source topic's id (see :func:`meterflow.contract.event_id`).
 
     The future-timestamp rule compares against each record's Kafka timestamp (so a replay
     classifies identically) and falls back to ``now_us`` when a record has none.
@@ -93,6 +101,7 @@ def classify_batch(batch: pa.RecordBatch, rules: Rules, now_us: int | None = Non
         "source_topic": batch.column("topic"),
         "source_partition": batch.column("partition"),
         "source_offset": batch.column("offset"),
+        "source_generation": pa.repeat(pa.scalar(generation, pa.string()), count),
         "ingest_time": kafka_ts,
         "date": pa.array(day.astype(np.int32), pa.int32(), mask=dead).cast(pa.date32()),
     }
@@ -115,6 +124,7 @@ def classify_batch(batch: pa.RecordBatch, rules: Rules, now_us: int | None = Non
                     topics[i],
                     partitions[i],
                     offsets[i],
+                    generation,
                 )
             )
             continue
@@ -128,7 +138,9 @@ def classify_batch(batch: pa.RecordBatch, rules: Rules, now_us: int | None = Non
             result.reasons[i],
             json.loads(values[i]),  # type: ignore[arg-type]
         )
-        event = contract.abnormal_event(reading, topics[i], partitions[i], offsets[i], now_us)
+        event = contract.abnormal_event(
+            reading, topics[i], generation, partitions[i], offsets[i], now_us
+        )
         out.abnormal_events.append(
             (reading.device_id.encode(), json.dumps(event, separators=(",", ":")).encode())
         )
@@ -190,28 +202,3 @@ def status_updates(classified: pa.Table) -> list[tuple[bytes, bytes]]:
         )
         updates.append((names[device].encode(), json.dumps(document).encode()))
     return updates
-
-
-Publish = Callable[[BatchResult], None]
-
-
-def classify_batches(
-    batches: Iterable[pa.RecordBatch],
-    rules: Rules,
-    publish: Publish | None = None,
-    on_done: Callable[[], None] | None = None,
-) -> Iterator[pa.RecordBatch]:
-    """Classify a stream of batches, publishing events before each batch moves on.
-
-    ``on_done`` runs once the input is exhausted (the job flushes its producer there, so
-    a task only succeeds once Kafka acknowledged every event it produced).
-    """
-    for batch in batches:
-        if batch.num_rows == 0:
-            continue
-        result = classify_batch(batch, rules)
-        if publish is not None:
-            publish(result)
-        yield result.classified
-    if on_done is not None:
-        on_done()

@@ -118,7 +118,10 @@ def test_stream_stops_cleanly_on_sigterm(make_settings) -> None:
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err[-3000:]
-    assert "read 4 = valid 2 + abnormal 1 + dead-lettered 1 (reconciled)" in out
+    assert "this run: read 4 = valid 2 + abnormal 1 + dead-lettered 1" in out
+    ledger = meterflow("reconcile", "--scan-lake", env=env_of(settings))
+    assert ledger.returncode == 0, ledger.stderr
+    assert "reconciled: 4 offsets in 1 generation(s)" in ledger.stdout
 
 
 def test_run_brings_up_simulator_stream_sink_and_mongodb(make_settings, free_port) -> None:
@@ -163,6 +166,9 @@ def test_run_brings_up_simulator_stream_sink_and_mongodb(make_settings, free_por
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err[-3000:]
-    assert "(reconciled)" in out
+    assert "this run: read" in out
     assert "sink=stopped" in err and "reconciled=true" in err
+    ledger = meterflow("reconcile", "--scan-lake", env=env)
+    assert ledger.returncode == 0, ledger.stderr
+    assert "reconciled:" in ledger.stdout
     assert list((settings.data_dir / "lake" / "readings").glob("date=*/*.parquet"))

@@ -211,15 +211,23 @@ def test_fault_reasons_name_field_and_value() -> None:
 
 def test_abnormal_event_document() -> None:
     reading = evaluate(msg(usage_kwh=-1), NOW)
-    event = contract.abnormal_event(reading, "iot-meter", 3, 1234, NOW)
-    assert event["event_id"] == "iot-meter-3-1234"
+    event = contract.abnormal_event(reading, "iot-meter", "AaIrU8Vb", 3, 1234, NOW)
+    # The topic id keeps ids unique when a recreated topic starts its offsets again.
+    assert event["event_id"] == "iot-meter-AaIrU8Vb-3-1234"
+    again = contract.abnormal_event(reading, "iot-meter", "Bx0qZ1Ty", 3, 1234, NOW)
+    assert again["event_id"] != event["event_id"]
     assert event["fault_code"] == "SENTINEL"
     assert event["reading"] == {
         "device_id": "em1",
         "timestamp": "2024-05-27T15:57:53Z",
         "usage_kwh": -1,
     }
-    assert event["source"] == {"topic": "iot-meter", "partition": 3, "offset": 1234}
+    assert event["source"] == {
+        "topic": "iot-meter",
+        "generation": "AaIrU8Vb",
+        "partition": 3,
+        "offset": 1234,
+    }
     assert event["detected_at"] == "2024-05-28T00:00:00Z"
     json.dumps(event)  # serialisable as is
 

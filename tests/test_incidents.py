@@ -100,7 +100,9 @@ def test_kafka_trigger_fires_on_an_abnormal_event(make_settings, monkeypatch) ->
         "wm7", contract.MeterType.WATER, 1_717_315_200_000_000, None, None,
         contract.FaultCode.NEGATIVE, "usage is negative", {"usage": -3},
     )  # fmt: skip
-    event = contract.abnormal_event(reading, settings.topic_readings, 0, 42, 1_717_315_201_000_000)
+    event = contract.abnormal_event(
+        reading, settings.topic_readings, "AaIrU8Vb", 0, 42, 1_717_315_201_000_000
+    )
     producer.produce(settings.topic_abnormal, b"not json at all", b"wm7")
     producer.produce(settings.topic_abnormal, json.dumps(event).encode(), b"wm7")
     assert producer.flush(30) == 0

@@ -198,7 +198,7 @@ def test_smoke_local_stand_in_over_tcp(tmp_path: Path) -> None:
         b'{"device_id": "gm7", "timestamp": "2024-05-27T15:57:53Z", "usage_m3": -1}', 10**18
     )
     now_us = int(datetime.now(UTC).timestamp() * 1e6)  # not expired by the TTL index
-    event = contract.abnormal_event(reading, "iot-meter", 0, 42, now_us)
+    event = contract.abnormal_event(reading, "iot-meter", "AaIrU8Vb", 0, 42, now_us)
     status = contract.meter_status_update(
         "gm7", "gas", reading.event_time_us, -1.0, "SENTINEL", 1, 1, 1
     )

@@ -43,10 +43,7 @@ def test_retention_drops_old_partitions_and_spark_still_reads_the_lake(
     assert dropped == {readings: ["2024-04-01"], str(view): ["2024-04-01"]}
     assert sorted(dated_partitions(readings)) == [date(2024, 5, 20), date(2024, 5, 31)]
     assert sorted(dated_partitions(str(view))) == [date(2024, 5, 31)]
-    assert (Path(readings) / "_spark_metadata").is_dir()
     assert (Path(settings.views_path) / "_reports").is_dir()
-    # The file sink's log still lists the deleted files; readers (with the lake's schema,
-    # not footer inference) skip them.
     lake = spark.read.schema(spark_ddl(LAKE_SCHEMA)).parquet(readings)
     assert sorted(str(r.date) for r in lake.select("date").distinct().collect()) == [
         "2024-05-20",

@@ -158,6 +158,7 @@ class _Planner:
         self.options = options
         self._client = None
         self._known_ends: dict[tuple[str, int], int] = {}
+        self._lows: dict[tuple[str, int], int] = {}
 
     def __getstate__(self) -> dict[str, Any]:  # the consumer never leaves the driver
         return {**self.__dict__, "_client": None}
@@ -172,7 +173,9 @@ class _Planner:
         return kafka.topic_partitions(self.client, self.options.topics)
 
     def ends(self) -> Offsets:
-        found = kafka.partition_ends(self.client, self.partitions(), self._known_ends)
+        found = kafka.partition_ends(
+            self.client, self.partitions(), self._known_ends, lows=self._lows
+        )
         self._known_ends = found
         return _to_offsets(found)
 
@@ -206,8 +209,33 @@ class _Planner:
                 result.setdefault(topic, {})[partition] = base
         return result
 
+    def skip_deleted(self, start: Offsets, end: Offsets) -> Offsets:
+        """``start`` checked against the offsets the broker still holds.
+
+        With ``failOnDataLoss`` (the default) offsets deleted before they were read stop the
+        query with one line naming them; without it the range starts at the first offset
+        still there, and the gap is for the reader to record (the streaming job's ledger).
+        """
+        if not self._lows:
+            self.ends()
+        result: Offsets = {}
+        for topic, parts in end.items():
+            for p, _stop in parts.items():
+                first = start.get(topic, {}).get(p, 0)
+                low = self._lows.get((topic, int(p)), 0)
+                if first < low:
+                    if self.options.fail_on_data_loss:
+                        raise KafkaSourceError(
+                            f"DATA_LOSS {topic}[{p}] offsets {first}..{low - 1} were deleted "
+                            "from the broker before they were read"
+                        )
+                    first = low
+                result.setdefault(topic, {})[p] = first
+        return result
+
     def split(self, start: Offsets, end: Offsets) -> list[KafkaInputPartition]:
         """One task per partition range, split further to reach ``minPartitions``."""
+        start = self.skip_deleted(start, end)
         ranges = [
             (topic, int(p), start.get(topic, {}).get(p, 0), stop)
             for topic, parts in end.items()
@@ -271,9 +299,9 @@ def _check_not_behind(start: Offsets, latest: Offsets, fail: bool) -> Offsets:
             done = start.get(topic, {}).get(partition, 0)
             if end < done and fail:
                 raise KafkaSourceError(
-                    f"{topic}[{partition}] ends at offset {end} but the checkpoint already read "
-                    f"up to {done}: the topic was recreated or the broker lost its data. Start "
-                    "from a new checkpoint, or set failOnDataLoss=false to skip ahead."
+                    f"DATA_LOSS {topic}[{partition}] ends at offset {end} but the checkpoint "
+                    f"already read up to {done}: the topic was recreated or the broker lost its "
+                    "data"
                 )
             merged.setdefault(topic, {})[partition] = max(end, done) if fail else end
     return merged
@@ -346,7 +374,10 @@ def read_range(
     if part.end <= part.start:
         return
     ensure_logging()  # a Python worker: librdkafka's messages as meterflow log lines
-    client = kafka.consumer(options.bootstrap, **options.consumer_config)
+    # An offset the broker no longer has is an error at once, not a silent jump to the end.
+    client = kafka.consumer(
+        options.bootstrap, **{"auto.offset.reset": "error", **options.consumer_config}
+    )
     try:
         client.assign([kafka.TopicPartition(part.topic, part.partition, part.start)])
         position = part.start
@@ -359,6 +390,11 @@ def read_range(
                 if error is not None:
                     if error.code() == kafka.KafkaError._PARTITION_EOF:
                         continue
+                    if error.code() == kafka.KafkaError._AUTO_OFFSET_RESET:
+                        raise KafkaSourceError(
+                            f"DATA_LOSS {part.topic}[{part.partition}] offsets from {position} "
+                            f"are gone from the broker ({error.str()})"
+                        )
                     raise kafka.KafkaUnavailableError(
                         f"reading {part.topic}[{part.partition}]: {error}"
                     )

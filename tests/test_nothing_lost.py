@@ -1,0 +1,333 @@
+"""Nothing lost, nothing twice: restarts, reset checkpoints, poison messages, lost brokers.
+
+Every scenario runs the real streaming job against a real broker and counts the lake by
+source offset (docs/architecture.md, "Exactly once into the lake"): each offset of the
+readings topic must end in exactly one outcome, across runs, and ``meterflow reconcile``
+must say so from the ledger and from the lake's files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+from pyspark.sql import SparkSession
+
+from jobs.streaming_job import run
+from meterflow import contract, kafka, lake
+from meterflow.broker import LocalBroker
+from meterflow.config import Settings
+from meterflow.errors import DataLossError, StreamUnavailableError
+from meterflow.ledger import Ledger
+from meterflow.reconcile import reconcile
+
+
+def good(i: int, device: str = "em1", value: float = 1.5) -> bytes:
+    stamp = f"2024-05-27T{(i // 60) % 24:02d}:{i % 60:02d}:00Z"
+    return json.dumps({"device_id": device, "timestamp": stamp, "usage_kwh": value}).encode()
+
+
+def send(settings: Settings, messages: list[bytes], partition: int | None = None) -> None:
+    producer = kafka.producer(settings.bootstrap_servers, **{"message.max.bytes": 4_000_000})
+    for i, value in enumerate(messages):
+        extra = {} if partition is None else {"partition": partition}
+        producer.produce(settings.topic_readings, value, f"em{i % 5}".encode(), **extra)
+    assert producer.flush(30) == 0
+
+
+def lake_offsets(settings: Settings) -> Counter[tuple[str, int, int]]:
+    """(generation, partition, offset) of every row in the lake's readings and dead letters."""
+    found: Counter[tuple[str, int, int]] = Counter()
+    for root in (lake.readings_path(settings.lake_path), lake.deadletter_path(settings.lake_path)):
+        if not Path(root).exists():
+            continue
+        table = ds.dataset(root, format="parquet", partitioning="hive").to_table(
+            columns=["source_generation", "source_partition", "source_offset"]
+        )
+        found.update(zip(*(table[c].to_pylist() for c in table.column_names), strict=True))
+    return found
+
+
+def assert_exactly_once(settings: Settings, expected: int) -> None:
+    offsets = lake_offsets(settings)
+    assert sum(offsets.values()) == expected and max(offsets.values(), default=1) == 1
+    report = reconcile(settings, scan_lake_files=True)
+    assert report.ok, report.problems
+    assert report.lines[-1].startswith("reconciled:")
+
+
+def test_a_reset_checkpoint_neither_skips_nor_duplicates(spark: SparkSession, make_settings):
+    """Issue: a fresh query numbered batches from 0 and the file sink skipped them."""
+    settings = make_settings(partitions=2)
+    send(settings, [good(i) for i in range(300)])
+    first = run(settings, available_now=True, spark=spark)
+    shutil.rmtree(settings.checkpoint_path)  # a new checkpoint, as after `checkpoint=reset`
+    send(settings, [good(i) for i in range(300, 500)])
+    second = run(settings, available_now=True, spark=spark)
+
+    assert (first["read"], second["read"], second["skipped"]) == (300, 200, 0)
+    assert_exactly_once(settings, 500)
+
+
+def test_a_batch_redone_after_its_ledger_commit_writes_nothing(spark: SparkSession, make_settings):
+    """Killed after the ledger committed but before Spark did: the batch runs again."""
+    settings = make_settings(partitions=1, METERFLOW_MAX_OFFSETS_PER_TRIGGER="100")
+    send(settings, [good(i) for i in range(200)])
+    run(settings, available_now=True, spark=spark)  # two batches: 0..99, 100..199
+    checkpoint = next(Path(settings.checkpoint_path, "streaming").iterdir())
+    commits = sorted(
+        (p for p in (checkpoint / "commits").iterdir() if p.name.isdigit()),
+        key=lambda p: int(p.name),
+    )
+    commits[-1].unlink()  # Spark never recorded the batch's end
+    (checkpoint / "commits" / f".{commits[-1].name}.crc").unlink(missing_ok=True)
+
+    again = run(settings, available_now=True, spark=spark)
+
+    assert (again["read"], again["skipped"]) == (0, 100)
+    assert_exactly_once(settings, 200)
+
+
+def test_a_checkpoint_ahead_of_the_lake_is_discarded(spark: SparkSession, make_settings, tmp_path):
+    settings = make_settings(partitions=2)
+    send(settings, [good(i) for i in range(120)])
+    run(settings, available_now=True, spark=spark)
+    moved = Settings.from_env(
+        {
+            **{v: getattr(settings, a) for v, a in _ENV.items()},
+            "LAKE_PATH": str(tmp_path / "new-lake"),
+            "CHECKPOINT_PATH": settings.checkpoint_path,
+        }
+    )
+    totals = run(moved, available_now=True, spark=spark)
+    assert totals["read"] == 120  # the old checkpoint would have read nothing
+    assert_exactly_once(moved, 120)
+
+
+_ENV = {
+    "KAFKA_BOOTSTRAP_SERVERS": "bootstrap_servers",
+    "METERFLOW_TOPIC_READINGS": "topic_readings",
+    "METERFLOW_TOPIC_ABNORMAL": "topic_abnormal",
+    "METERFLOW_TOPIC_DEADLETTER": "topic_deadletter",
+    "METERFLOW_TOPIC_STATUS": "topic_status",
+    "METERFLOW_KAFKA_SOURCE": "kafka_source",
+}
+
+
+def test_oversize_and_random_bytes_never_stop_the_stream(spark: SparkSession, make_settings):
+    settings = make_settings(partitions=2)
+    oversize = b'{"device_id": "em1", "pad": "' + b"x" * 2_000_000 + b'"}'
+    noise = [os.urandom(n) for n in (1, 7, 64, 500, 4096) for _ in range(4)]
+    messages = [good(i) for i in range(100)]
+    messages[10:10] = [oversize]
+    messages[50:50] = noise
+    send(settings, messages)
+
+    totals = run(settings, available_now=True, spark=spark)
+
+    assert totals["read"] == len(messages) and totals["deadletter"] == 21
+    assert_exactly_once(settings, len(messages))
+    letters = kafka.read_all(settings.bootstrap_servers, settings.topic_deadletter)
+    assert len(letters) == 21
+    stored = [m for m in letters if contract.DLQ_HEADER_STORED in dict(m.headers() or [])]
+    assert len(stored) == 1
+    reference = json.loads(stored[0].value())
+    assert reference["bytes"] > 2_000_000
+    kept = ds.dataset(Path(settings.lake_path) / reference["path"], format="parquet").to_table()
+    source = reference["source"]
+    (row,) = [
+        r
+        for r in kept.to_pylist()
+        if (r["source_partition"], r["source_offset"]) == (source["partition"], source["offset"])
+    ]
+    assert (row["value"], row["reason"]) == (oversize, "OVERSIZE")
+    raw = sorted(m.value() for m in letters if m is not stored[0])
+    assert raw == sorted(noise)
+
+
+def test_the_low_watermark_waits_for_the_slowest_partition(spark: SparkSession, make_settings):
+    """Issue: during a backfill the watermark said the next morning while a partition was
+    still in the middle of the day being written."""
+    settings = make_settings(partitions=2)
+    day_and_morning = [good(i, "em0") for i in range(0, 24 * 60 + 6 * 60, 15)]
+    half_day = [good(i, "em1") for i in range(0, 8 * 60 + 16, 15)]
+    future = json.dumps(
+        {"device_id": "em0", "timestamp": "2099-01-01T00:00:00Z", "usage_kwh": 1}
+    ).encode()
+    send(settings, [*day_and_morning, future], partition=0)
+    send(settings, half_day, partition=1)
+
+    run(settings, available_now=True, spark=spark)
+
+    # good(i) wraps at 24 h onto the same date: the slowest partition decides regardless.
+    watermark = lake.read_watermark(settings.lake_path)
+    assert watermark == datetime(2024, 5, 27, 8, 15, tzinfo=UTC)
+
+
+# -- a broker of the test's own, restarted empty -----------------------------------------------
+
+
+@pytest.fixture
+def own_broker(tmp_path, free_port):
+    broker = LocalBroker(free_port, tmp_path / "own-broker.log").start()
+    yield broker
+    broker.stop()
+
+
+def _settings_on(broker: LocalBroker, tmp_path: Path, **env: str) -> Settings:
+    settings = Settings.from_env(
+        {
+            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+            "METERFLOW_DATA_DIR": str(tmp_path / "data"),
+            "METERFLOW_KAFKA_SOURCE": "python",
+            "METERFLOW_KAFKA_PARTITIONS": "1",
+            **env,
+        }
+    )
+    kafka.ensure_topics(settings.bootstrap_servers, settings.topics, 1)
+    return settings
+
+
+def _restart_empty(broker: LocalBroker, settings: Settings) -> None:
+    broker.stop()
+    broker.start()
+    kafka.ensure_topics(settings.bootstrap_servers, settings.topics, 1)
+
+
+def test_a_broker_back_empty_is_a_decision_and_the_gap_is_recorded(
+    spark: SparkSession, own_broker: LocalBroker, tmp_path: Path
+):
+    settings = _settings_on(own_broker, tmp_path, METERFLOW_MAX_OFFSETS_PER_TRIGGER="60")
+    send(settings, [good(i) for i in range(200)])
+    stop = threading.Event()
+
+    def stop_after_two(committer) -> None:
+        def watch() -> None:
+            while committer.batches < 2 and not stop.is_set():
+                stop.wait(0.05)
+            stop.set()
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    first = run(settings, spark=spark, stop=stop, on_committer=stop_after_two)
+    assert first["read"] == 120  # 120..199 were on the broker, seen, and not read
+    _restart_empty(own_broker, settings)
+    send(settings, [good(i) for i in range(50)])
+
+    with pytest.raises(DataLossError) as refused:
+        run(settings, available_now=True, spark=spark)
+    message = str(refused.value)
+    assert "\n" not in message and "120..199" in message and "--accept-data-loss" in message
+
+    second = run(settings, available_now=True, spark=spark, accept_data_loss=True)
+    assert second["read"] == 50
+    report = reconcile(settings, scan_lake_files=True)
+    assert report.ok, report.problems
+    lost = [loss for a in report.audits for loss in a.lost]
+    assert [(start, end) for start, end, _ in lost] == [(120, 200)]
+    generations = {g for g, _, _ in lake_offsets(settings)}
+    assert len(generations) == 2
+
+
+def test_new_abnormal_events_after_a_broker_restart_reach_mongodb(
+    spark: SparkSession, own_broker: LocalBroker, tmp_path: Path, db
+):
+    """Issue: event ids were topic-partition-offset, so the new events were "duplicates"."""
+    from meterflow.sink import Sink
+
+    settings = _settings_on(own_broker, tmp_path, METERFLOW_SINK_FLUSH_SECONDS="0")
+    faulty = [good(i, value=-1) for i in range(50)]
+
+    def stream_and_sink() -> int:
+        send(settings, faulty)
+        run(settings, available_now=True, spark=spark)
+        sink = Sink(settings, db)
+        deadline = datetime.now(UTC).timestamp() + 60
+        while sink.stats.events_written + sink.stats.duplicates < 50:
+            sink.poll_once(0.5)
+            assert datetime.now(UTC).timestamp() < deadline, sink.stats.summary()
+        sink.flush()
+        sink.close()
+        return sink.stats.events_written
+
+    assert stream_and_sink() == 50
+    _restart_empty(own_broker, settings)  # the stream read everything: nothing is lost
+    assert stream_and_sink() == 50
+    assert db["abnormal_readings"].count_documents({}) == 100
+
+
+def test_kafka_gone_for_good_is_one_line_after_the_retries(
+    spark: SparkSession, own_broker: LocalBroker, tmp_path: Path
+):
+    settings = _settings_on(own_broker, tmp_path, METERFLOW_STREAM_RETRIES="2")
+    send(settings, [good(i) for i in range(10)])
+    run(settings, available_now=True, spark=spark)
+    own_broker.stop()
+    with pytest.raises(StreamUnavailableError) as failed:
+        run(settings, available_now=True, spark=spark)
+    message = str(failed.value)
+    assert "\n" not in message and "after 2 retries" in message
+    assert own_broker.bootstrap in message
+
+
+# -- the ledger alone ----------------------------------------------------------------------------
+
+
+def test_recovery_rolls_committed_staging_forward_and_drops_the_rest(tmp_path: Path):
+    """What kill -9 leaves: staged files of a batch that committed, and of one that did not."""
+    from meterflow.ledger import BATCH, Range
+
+    lake_path = str(tmp_path / "lake")
+    ledger = Ledger.load(lake_path)
+    committed = tmp_path / "lake" / "_staging" / "run-1" / "readings" / "date=2024-05-27"
+    committed.mkdir(parents=True)
+    (committed / "part-a.parquet").write_bytes(b"PAR1")
+    uncommitted = tmp_path / "lake" / "_staging" / "run-2" / "readings" / "date=2024-05-27"
+    uncommitted.mkdir(parents=True)
+    (uncommitted / "part-b.parquet").write_bytes(b"")  # the 0-byte file of a killed task
+    ledger.commit(
+        BATCH,
+        [Range("t", "g", 0, 0, 10, valid=10)],
+        files=["readings/date=2024-05-27/part-a.parquet"],
+        staging="_staging/run-1",
+    )
+    readings = tmp_path / "lake" / "readings"
+    assert not readings.exists()  # nothing visible before the move
+
+    reloaded = Ledger.load(lake_path)
+    assert reloaded.recover() == (1, 1)
+    assert sorted(p.name for p in readings.rglob("*.parquet")) == ["part-a.parquet"]
+    assert not (tmp_path / "lake" / "_staging").exists() or not any(
+        (tmp_path / "lake" / "_staging").iterdir()
+    )
+    assert reloaded.ends("t", "g") == {0: 10}
+
+
+def test_the_ledger_compacts_and_still_proves_contiguity(tmp_path: Path):
+    from meterflow.ledger import BATCH, LOSS, Range, audit
+
+    lake_path = str(tmp_path / "lake")
+    ledger = Ledger.load(lake_path)
+    for i in range(7):
+        ledger.commit(BATCH, [Range("t", "g", 0, i * 10, i * 10 + 10, valid=9, abnormal=1)])
+    ledger.commit(LOSS, [Range("t", "g", 0, 70, 75)], note="accepted")
+    ledger.commit(BATCH, [Range("t", "g", 0, 75, 80, valid=5)])
+    assert ledger.compact_if_due(every=5)
+    assert len(list((tmp_path / "lake" / "_ledger").iterdir())) == 1
+    ledger.commit(BATCH, [Range("t", "g", 0, 85, 90, deadletter=5)])  # 80..84 missing
+    ledger.commit(BATCH, [Range("t", "g", 0, 88, 95, valid=7)])  # 88, 89 twice
+
+    (result,) = audit(Ledger.load(lake_path))
+    assert (result.first, result.end) == (0, 95)
+    assert (result.valid, result.abnormal, result.deadletter) == (75, 7, 5)
+    assert result.lost == [(70, 75, "accepted")]
+    assert result.gaps == [(80, 85)]
+    assert result.double == [(88, 90)]
+    assert not result.ok
