@@ -192,7 +192,7 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
-    from jobs.streaming_job import run, stop_on_signals
+    from meterflow.stream import run, stop_on_signals
 
     stop = threading.Event()
     previous = stop_on_signals(stop)
@@ -237,9 +237,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     runs the DAGs, so the daily views of a complete day appear in MongoDB. Ctrl-C drains in
     order (:class:`_Drain`): nothing the simulator sent is left unread in the local broker.
     """
-    from jobs.streaming_job import run
     from meterflow.mongo import database, mongo_for, redacted
     from meterflow.serving import init_mongo
+    from meterflow.stream import run
     from simulator.cli import start_background_simulation
 
     with kafka_for(settings) as (live, broker), mongo_for(live) as (live, _):

@@ -135,15 +135,25 @@ def ensure_writable(path: str) -> None:
     fs.delete_file(probe)
 
 
-def read_watermark(lake_path: str) -> datetime | None:
-    """The time up to which the lake holds every reading the stream has seen, if known."""
+def _watermark_document(lake_path: str) -> dict:
     fs, path = filesystem_for(watermark_path(lake_path))
     try:
         with fs.open_input_stream(path) as stream:
-            document = json.loads(stream.read())
+            return json.loads(stream.read())
     except FileNotFoundError:
-        return None
+        return {}
+
+
+def read_watermark(lake_path: str) -> datetime | None:
+    """The time up to which the lake holds every reading the stream has seen, if known."""
+    document = _watermark_document(lake_path)
     value = document.get("watermark") or document.get("max_event_time")  # before 0.2
+    return datetime.fromisoformat(value) if value else None
+
+
+def read_watermark_written_at(lake_path: str) -> datetime | None:
+    """When the stream last advanced its watermark (a stale one means it is not running)."""
+    value = _watermark_document(lake_path).get("written_at")
     return datetime.fromisoformat(value) if value else None
 
 

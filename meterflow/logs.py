@@ -5,8 +5,22 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from datetime import datetime
 
 _FORMAT = "%(asctime)s level=%(levelname)s logger=%(name)s %(message)s"
+
+
+def timestamp(epoch: float) -> str:
+    """Local ISO 8601 time with milliseconds, as log lines start (for times in messages)."""
+    moment = datetime.fromtimestamp(epoch).astimezone()
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{moment.microsecond // 1000:03d}{moment:%z}"
+
+
+class _Formatter(logging.Formatter):
+    """Milliseconds in each line's time: how late a line is shows below a second too."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return timestamp(record.created)
 
 
 def get_logger(name: str) -> logging.Logger:
@@ -17,7 +31,7 @@ def setup_logging(level: str | None = None) -> None:
     """Log to stderr at ``level`` (default ``METERFLOW_LOG_LEVEL`` or INFO)."""
     level = (level or os.environ.get("METERFLOW_LOG_LEVEL") or "INFO").upper()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%Y-%m-%dT%H:%M:%S%z"))
+    handler.setFormatter(_Formatter(_FORMAT))
     root = logging.getLogger("meterflow")
     root.handlers[:] = [handler]
     root.setLevel(level)

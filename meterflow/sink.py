@@ -18,6 +18,10 @@ guarantees:
   merged with, so an old writer (during a rebalance) cannot overwrite a newer state.
 
 UndecodableError messages go to the dead-letter topic with the streaming job's headers.
+
+A sink is a *static* group member (``group.instance.id``, see :func:`claim_instance_id`):
+one restarted after a crash takes its old place back instead of waiting for the group to
+time out the dead member, which never said goodbye.
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
+import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from pathlib import Path
+from typing import IO, Any, Literal
 
 from confluent_kafka import KafkaException, Message, TopicPartition
 from pymongo import UpdateMany, UpdateOne
@@ -502,11 +509,44 @@ class _Entry:
     dead: DeadLetterRecord | None = None
 
 
+def claim_instance_id(group: str, lock_dir: Path) -> tuple[str, IO[str]] | None:
+    """A ``group.instance.id`` that a restarted sink gets back: ``GROUP-HOST-N``.
+
+    ``N`` is the first of this host's lock files under ``lock_dir`` that no live process
+    holds, so two sinks running at once never share an id (Kafka would fence one of them),
+    while a killed sink's lock dies with it and its successor takes the same id. Keep the
+    returned file open as long as the id is in use. None where files cannot be locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    host = socket.gethostname() or "localhost"
+    try:
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        for slot in range(256):
+            handle = (lock_dir / f"sink-{group}-{host}-{slot}.lock".replace("/", "_")).open("a")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            # Kafka accepts ASCII letters, digits, '.', '_' and '-', up to 249 of them.
+            return re.sub(r"[^A-Za-z0-9._-]", "_", f"{group}-{host}-{slot}")[-249:], handle
+    except OSError as exc:
+        log.warning("sink=no-instance-id lock_dir=%s error=%s", lock_dir, exc)
+    return None
+
+
 class Sink:
     """Consumer group -> MongoDB in batches; offsets committed after MongoDB acknowledged.
 
     Drive it with :meth:`run` (until ``should_stop()``), or :meth:`poll_once` and
     :meth:`flush` from a test. ``db`` is any pymongo-like database (mongomock in tests).
+
+    ``instance_id`` is the static member id: None claims one with
+    :func:`claim_instance_id` (locks under ``DATA_DIR/locks``), False makes a dynamic
+    member, and ``group.instance.id`` in ``consumer_overrides`` wins over both.
     """
 
     def __init__(
@@ -517,6 +557,7 @@ class Sink:
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
         consumer_overrides: Mapping[str, Any] | None = None,
+        instance_id: str | Literal[False] | None = None,
     ) -> None:
         self.settings = settings
         self.writer = ServingWriter(db, settings.reading_interval_seconds)
@@ -524,19 +565,31 @@ class Sink:
         self.backoff_max = backoff_max
         self.stats = SinkStats()
         self.topics = (settings.topic_abnormal, settings.topic_status)
+        overrides = dict(consumer_overrides or {})
+        self._instance_lock: IO[str] | None = None
+        if "group.instance.id" in overrides:
+            instance_id = overrides.pop("group.instance.id")
+        elif instance_id is None:
+            claimed = claim_instance_id(settings.sink_group, settings.data_dir / "locks")
+            instance_id, self._instance_lock = claimed or (False, None)
+        self.instance_id: str | None = instance_id or None
         self.consumer = kafka.consumer(
             settings.bootstrap_servers,
             **{
                 "group.id": settings.sink_group,
+                **({"group.instance.id": self.instance_id} if self.instance_id else {}),
                 "enable.auto.commit": False,
                 "enable.partition.eof": False,
                 "auto.offset.reset": "earliest",
                 "queued.min.messages": 10_000,
                 # A dead sink's partitions move to a live one within seconds, not 45 s
                 # (heartbeats run on librdkafka's own thread, so slow writes don't count).
-                "session.timeout.ms": 10_000,
+                # 6 s is Kafka's smallest (group.min.session.timeout.ms); tansu makes a
+                # joining member wait half of it, and a static one at least 3 s to join
+                # and 3 s to sync.
+                "session.timeout.ms": 6_000,
                 "heartbeat.interval.ms": 1_000,
-                **(consumer_overrides or {}),
+                **overrides,
             },
         )
         self.producer = kafka.producer(
@@ -558,8 +611,9 @@ class Sink:
             self._subscribed = True
             self._started = time.monotonic()
             log.info(
-                "sink=subscribed group=%s topics=%s batch_size=%d flush_seconds=%g",
+                "sink=subscribed group=%s instance=%s topics=%s batch_size=%d flush_seconds=%g",
                 self.settings.sink_group,
+                self.instance_id or "-",
                 ",".join(self.topics),
                 self.settings.sink_batch_size,
                 self.settings.sink_flush_seconds,
@@ -599,6 +653,9 @@ class Sink:
         taken = 0
         for message in messages:
             error = message.error()
+            if error is not None and error.fatal():
+                # e.g. fenced: another sink took this instance id. Only a restart helps.
+                raise KafkaException(error)
             if error is not None:
                 text = str(error)
                 if text not in self._reported_errors:  # e.g. a topic not created yet
@@ -620,6 +677,7 @@ class Sink:
         room = max(1, self.settings.sink_batch_size - len(self._batch))
         was_empty = not self._batch
         taken = self._take(self.consumer.consume(min(room, 10_000), timeout), self._batch)
+        self.producer.poll(0)  # serve its librdkafka log lines now, not at the next flush
         if was_empty and self._batch:
             self._batch_started = time.monotonic()
         due = time.monotonic() - self._batch_started >= self.settings.sink_flush_seconds
@@ -712,6 +770,7 @@ class Sink:
         while (remaining := deadline - time.monotonic()) > 0:
             if self._subscribed:
                 self._pause_assigned()  # including partitions a rebalance just gave us
+                self.producer.poll(0)
                 message = self.consumer.poll(min(remaining, 0.2))
                 if message is not None:  # fetched before the pause: keep it, in order
                     self._take([message], self._held)
@@ -824,3 +883,6 @@ class Sink:
         with contextlib.suppress(RuntimeError):  # already closed
             self.consumer.close()
         self.producer.flush(10)
+        if self._instance_lock is not None:  # the id is free for the next sink
+            self._instance_lock.close()
+            self._instance_lock = None

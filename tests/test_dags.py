@@ -21,11 +21,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pytest
 
-from jobs.streaming_job import run as run_stream
 from meterflow import kafka, mongo
 from meterflow.config import Settings
 from meterflow.contract import STATELESS_FAULTS
 from meterflow.lake import readings_path
+from meterflow.stream import run as run_stream
 from meterflow_airflow.sensors import partition_complete
 from simulator.fleet import build_fleet, write_registry
 from simulator.generator import FaultRates, SimulationConfig, simulate
@@ -105,18 +105,42 @@ def test_dag_files_do_no_io_at_import() -> None:
 
 
 @pytest.mark.parametrize(
-    ("watermark", "now", "expected"),
+    ("watermark", "written_at", "now", "expected"),
     [
-        (None, datetime(2024, 6, 3, 1, tzinfo=UTC), False),  # no watermark, within grace
-        (None, datetime(2024, 6, 3, 2, tzinfo=UTC), True),  # grace (2 h) has passed
-        (datetime(2024, 6, 3, 0, 10, tzinfo=UTC), datetime(2024, 6, 3, 0, 11, tzinfo=UTC), False),
-        (datetime(2024, 6, 3, 0, 15, tzinfo=UTC), datetime(2024, 6, 3, 0, 16, tzinfo=UTC), True),
+        (None, None, datetime(2024, 6, 3, 1, tzinfo=UTC), False),  # no watermark, within grace
+        (None, None, datetime(2024, 6, 3, 2, tzinfo=UTC), True),  # grace (2 h) has passed
+        (
+            datetime(2024, 6, 3, 0, 10, tzinfo=UTC),
+            datetime(2024, 6, 3, 0, 11, tzinfo=UTC),
+            datetime(2024, 6, 3, 0, 11, tzinfo=UTC),
+            False,
+        ),
+        (
+            datetime(2024, 6, 3, 0, 15, tzinfo=UTC),
+            datetime(2024, 6, 3, 0, 16, tzinfo=UTC),
+            datetime(2024, 6, 3, 0, 16, tzinfo=UTC),
+            True,
+        ),
+        # A live stream backfilling the day: its watermark decides, not the grace period.
+        (
+            datetime(2024, 6, 2, 8, 15, tzinfo=UTC),
+            datetime(2024, 11, 30, 9, 0, tzinfo=UTC),
+            datetime(2024, 11, 30, 9, 1, tzinfo=UTC),
+            False,
+        ),
+        # A stream stopped for longer than the grace period: the grace period decides.
+        (
+            datetime(2024, 6, 2, 8, 15, tzinfo=UTC),
+            datetime(2024, 6, 2, 8, 20, tzinfo=UTC),
+            datetime(2024, 6, 3, 3, 0, tzinfo=UTC),
+            True,
+        ),
     ],
 )
 def test_partition_is_complete_after_watermark_or_grace(
-    watermark: datetime | None, now: datetime, expected: bool
+    watermark: datetime | None, written_at: datetime | None, now: datetime, expected: bool
 ) -> None:
-    done, why = partition_complete(date(2024, 6, 2), watermark, now, 900, 7200)
+    done, why = partition_complete(date(2024, 6, 2), watermark, now, 900, 7200, written_at)
     assert done is expected, why
 
 

@@ -20,13 +20,13 @@ import pyarrow.dataset as ds
 import pytest
 from pyspark.sql import SparkSession
 
-from jobs.streaming_job import run
 from meterflow import contract, kafka, lake
 from meterflow.broker import LocalBroker
 from meterflow.config import Settings
 from meterflow.errors import DataLossError, StreamUnavailableError
 from meterflow.ledger import Ledger
 from meterflow.reconcile import reconcile
+from meterflow.stream import run
 
 
 def good(i: int, device: str = "em1", value: float = 1.5) -> bytes:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from jobs.streaming_job import run
 from meterflow import kafka
 from meterflow.config import Settings
 from meterflow.lake import LAKE_SCHEMA, dated_partitions, readings_path, spark_ddl
 from meterflow.retention import drop_expired_partitions
+from meterflow.stream import run
 
 
 def reading(day: str, hour: int) -> bytes:

@@ -10,13 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,6 +43,7 @@ from meterflow.sink import (
 START_US = contract.parse_timestamp_us("2024-05-27T00:00:00Z")
 DETECTED_US = contract.parse_timestamp_us("2026-11-20T12:00:00.123456Z")
 INTERVAL_S = 900
+GENERATION = "a-topic-id"  # the source topic's Kafka topic id, part of every event id
 
 
 # -- building messages with the contract's own functions ------------------------------
@@ -55,7 +60,9 @@ def event_json(device: str, offset: int, minute: int, value: float = -1) -> byte
     ).encode()
     reading = contract.evaluate(raw, START_US + 10**12)
     assert isinstance(reading, contract.Reading) and reading.fault_code is not None
-    event = contract.abnormal_event(reading, "iot-meter", offset % 3, offset, DETECTED_US)
+    event = contract.abnormal_event(
+        reading, "iot-meter", GENERATION, offset % 3, offset, DETECTED_US
+    )
     return json.dumps(event).encode()
 
 
@@ -131,6 +138,8 @@ def sink_settings(
 
 
 #: Group joins on tansu take about half the session timeout: keep it at Kafka's minimum.
+#: Tests about what reaches MongoDB also make the sink a dynamic member (``instance_id=
+#: False``): tansu holds a static member's join and sync 3 s each.
 FAST_GROUP = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
 
 
@@ -363,7 +372,7 @@ def test_sink_stores_each_event_once_tracks_status_and_dead_letters_garbage(
     produce(settings.bootstrap_servers, settings.topic_status, statuses)
 
     total = len(abnormal) + len(statuses)
-    sink = Sink(settings, db, consumer_overrides=FAST_GROUP)
+    sink = Sink(settings, db, consumer_overrides=FAST_GROUP, instance_id=False)
     run_until(sink, total)
 
     assert_events_stored(db, expected_events(events))
@@ -416,7 +425,10 @@ def test_sink_killed_mid_batch_restarts_without_loss_or_double_count(
 
     # The first batch's events write lets 40 through, then the process "dies".
     doomed = Sink(
-        settings, CrashingDatabase(db, crash_on=1, keep=40), consumer_overrides=FAST_GROUP
+        settings,
+        CrashingDatabase(db, crash_on=1, keep=40),
+        consumer_overrides=FAST_GROUP,
+        instance_id=False,
     )
     with pytest.raises(SimulatedCrashError):
         doomed.run(lambda: False)
@@ -424,13 +436,97 @@ def test_sink_killed_mid_batch_restarts_without_loss_or_double_count(
     committed, _ = offsets(settings)
     assert sum(committed.values()) == 0  # nothing committed: all of it comes again
 
-    restarted = Sink(settings, db, consumer_overrides=FAST_GROUP)
+    restarted = Sink(settings, db, consumer_overrides=FAST_GROUP, instance_id=False)
     run_until(restarted, len(events))
     assert_events_stored(db, expected_events(events))
     assert restarted.stats.events_written == len(events) - 40
     assert restarted.stats.duplicates == 40 and restarted.stats.reconciled
     committed, ends = offsets(settings)
     assert committed == ends
+
+
+#: A sink process, killed by the test: prints its instance id, then "consumed" once it has
+#: written and committed its first message, and stays in the group until SIGKILL.
+KILLED_SINK = """
+from meterflow import mongo
+from meterflow.config import Settings
+from meterflow.sink import Sink
+
+sink = Sink(Settings.from_env(), mongo.client("mongomock://killed")["killed"])
+print(getattr(sink, "instance_id", None), flush=True)
+while sink.stats.consumed == 0:
+    sink.poll_once(0.2)
+print("consumed", flush=True)
+while True:
+    sink.poll_once(0.2)
+"""
+#: tansu holds a static member's JoinGroup and SyncGroup 3 s each: about 6.5 s is its best.
+#: A dynamic member waits for the dead one's session (10 s before) and rejoins: 18 s.
+RESTART_BOUND_S = 9.0
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment under which ``Settings.from_env`` gives the sink's settings back."""
+    return {
+        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "METERFLOW_TOPIC_ABNORMAL": settings.topic_abnormal,
+        "METERFLOW_TOPIC_STATUS": settings.topic_status,
+        "METERFLOW_TOPIC_DEADLETTER": settings.topic_deadletter,
+        "METERFLOW_SINK_GROUP": settings.sink_group,
+        "METERFLOW_SINK_FLUSH_SECONDS": f"{settings.sink_flush_seconds:g}",
+        "METERFLOW_DATA_DIR": str(settings.data_dir),
+    }
+
+
+def read_line(process: subprocess.Popen, timeout: float, log: Path) -> str:
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    assert ready, f"no line from the sink process in {timeout:.0f} s:\n{log.read_text()[-3000:]}"
+    return process.stdout.readline().decode().strip()
+
+
+def test_sink_restarted_after_kill_9_takes_its_place_back_promptly(
+    make_settings: Callable[..., Settings],
+    mongo_uri: str,
+    mongo_db_name: str,
+    db: Any,
+    tmp_path: Path,
+) -> None:
+    """A killed sink never leaves its group; its successor (same host, same group) must not
+    wait for the group to time the dead member out before it consumes."""
+    settings = sink_settings(make_settings, mongo_uri, mongo_db_name)
+    first, second = event_json("rs1", 0, 0), event_json("rs1", 1, 1)
+    produce(settings.bootstrap_servers, settings.topic_abnormal, [(None, first)])
+    log = tmp_path / "killed-sink.log"
+    with log.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", KILLED_SINK],
+            env={**os.environ, **settings_env(settings)},
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            bufsize=0,  # unbuffered: select() then readline() never over-reads
+        )
+    try:
+        instance = read_line(process, 60, log)
+        assert read_line(process, 90, log) == "consumed"
+    finally:
+        process.kill()  # SIGKILL: no close(), no LeaveGroup
+        process.wait(10)
+        process.stdout.close()
+    produce(settings.bootstrap_servers, settings.topic_abnormal, [(None, second)])
+
+    started = time.monotonic()
+    restarted = Sink(settings, db)
+    try:
+        while restarted.stats.consumed == 0 and time.monotonic() - started < 60:
+            restarted.poll_once(0.2)
+        elapsed = time.monotonic() - started
+    finally:
+        restarted.close()
+
+    assert restarted.stats.consumed == 1, restarted.stats.summary()
+    assert db[mongo.ABNORMAL_READINGS].find_one({"_id": json.loads(second)["event_id"]})
+    assert elapsed < RESTART_BOUND_S, f"first message after {elapsed:.1f} s"
+    assert restarted.instance_id == instance  # the dead sink's place in the group
 
 
 class FlakyDatabase:
@@ -489,6 +585,7 @@ def test_sink_waits_out_a_mongodb_outage_and_commits_only_after_writing(
         FlakyDatabase(db, failures=5, log=log),
         backoff_initial=0.05,
         consumer_overrides=FAST_GROUP,
+        instance_id=False,
     )
     sink.consumer = _CommitSpy(sink.consumer, log)
     attempts: list[frozenset] = []

@@ -8,11 +8,11 @@ from datetime import UTC, date, datetime
 
 from pyspark.sql import SparkSession
 
-from jobs.streaming_job import run
 from meterflow import contract, kafka
 from meterflow.config import Settings
 from meterflow.contract import STATELESS_FAULTS, FaultCode
 from meterflow.lake import LAKE_COLUMNS, read_watermark, readings_path
+from meterflow.stream import run
 from simulator.generator import FaultRates, SimulationConfig, simulate
 
 

@@ -13,19 +13,32 @@ from meterflow_airflow.hooks import MeterflowHook
 
 
 def partition_complete(
-    day: date, watermark: datetime | None, now: datetime, interval_s: int, grace_s: int
+    day: date,
+    watermark: datetime | None,
+    now: datetime,
+    interval_s: int,
+    grace_s: int,
+    watermark_written_at: datetime | None = None,
 ) -> tuple[bool, str]:
     """Whether ``day`` can be aggregated, and why.
 
-    Complete when the stream's event-time watermark has moved one reading interval past
-    the day's end (every meter, sending in order, has sent its last reading of the day),
-    or, without such a watermark, once the grace period after the day's end has passed.
+    Complete when the stream's low watermark has moved one reading interval past the
+    day's end (every partition, read in order, has passed it). The grace period after the
+    day's end stands in for the watermark only when there is none, or when the stream has
+    not advanced it for a whole grace period (it is stopped): a running stream that is
+    still catching up on the day, as during a backfill, is waited for.
     """
     end = datetime.combine(day + timedelta(days=1), time(), tzinfo=UTC)
     if watermark is not None and watermark >= end + timedelta(seconds=interval_s):
         return True, f"stream watermark {watermark.isoformat()} is past {end.isoformat()}"
-    if now >= end + timedelta(seconds=grace_s):
-        return True, f"grace period of {grace_s}s after {end.isoformat()} has passed"
+    stream_live = (
+        watermark is not None
+        and watermark_written_at is not None
+        and now - watermark_written_at < timedelta(seconds=grace_s)
+    )
+    if now >= end + timedelta(seconds=grace_s) and not stream_live:
+        why = "no stream watermark" if watermark is None else "the stream's watermark is stale"
+        return True, f"grace period of {grace_s}s after {end.isoformat()} has passed ({why})"
     seen = watermark.isoformat() if watermark else "none yet"
     return False, f"waiting: stream watermark {seen}, day ends {end.isoformat()}"
 
@@ -47,6 +60,7 @@ class LakePartitionCompleteSensor(BaseSensorOperator):
             datetime.now(UTC),
             settings.reading_interval_seconds,
             settings.day_grace_seconds,
+            lake.read_watermark_written_at(settings.lake_path),
         )
         self.log.info("day=%s complete=%s %s", self.day, str(done).lower(), why)
         return PokeReturnValue(is_done=done, xcom_value=why)

@@ -1,0 +1,228 @@
+"""The failures users meet, as they meet them: a stalling broker, restarts of ``meterflow
+run`` with and without a fresh local broker, paths that cannot be written."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pyspark.sql import SparkSession
+
+from meterflow import kafka
+from meterflow.broker import LocalBroker
+from meterflow.config import Settings
+from meterflow.reconcile import reconcile
+from meterflow.stream import run
+from tests.test_nothing_lost import assert_exactly_once, good, lake_offsets, send
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class StallingProxy:
+    """A TCP relay in front of a broker that can hold every byte for a while (a stall)."""
+
+    def __init__(self, port: int, target: int) -> None:
+        self.target = target
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.server = socket.create_server(("127.0.0.1", port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                self.flowing.wait()
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                end.close()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+class ProxiedBroker(LocalBroker):
+    """tansu advertising the proxy, so every client's traffic goes through it."""
+
+    proxy_port: int = 0
+
+    def command(self) -> list[str]:
+        command = super().command()
+        command[-1] = f"tcp://127.0.0.1:{self.proxy_port}"
+        return command
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_broker_stalled_20_s_loses_and_duplicates_nothing(spark: SparkSession, tmp_path: Path):
+    proxy_port = _free_port()
+    broker = ProxiedBroker(_free_port(), tmp_path / "broker.log")
+    broker.proxy_port = proxy_port
+    broker.start()
+    proxy = StallingProxy(proxy_port, broker.port)
+    try:
+        settings = Settings.from_env(
+            {
+                "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{proxy_port}",
+                "METERFLOW_DATA_DIR": str(tmp_path / "data"),
+                "METERFLOW_KAFKA_SOURCE": "python",
+                "METERFLOW_TRIGGER_SECONDS": "1",
+            }
+        )
+        kafka.ensure_topics(settings.bootstrap_servers, settings.topics, 2)
+        stop = threading.Event()
+        jobs: list = []
+        totals: dict = {}
+        stream = threading.Thread(
+            target=lambda: totals.update(
+                run(settings, spark=spark, stop=stop, on_committer=jobs.append)
+            ),
+            daemon=True,
+        )
+        stream.start()
+
+        def committed() -> int:
+            return sum(j.totals["read"] for j in jobs)
+
+        send(settings, [good(i) for i in range(300)])
+        _until(lambda: committed() >= 300, 120, "first 300 readings")
+        proxy.flowing.clear()  # the broker stalls: nothing in, nothing out
+        late = threading.Thread(target=send, args=(settings, [good(i) for i in range(300, 600)]))
+        late.start()
+        time.sleep(20)
+        proxy.flowing.set()
+        late.join(90)
+        _until(lambda: committed() >= 600, 180, "all 600 readings after the stall")
+        stop.set()
+        stream.join(120)
+        assert not stream.is_alive()
+        assert totals["read"] == 600
+        assert_exactly_once(settings, 600)
+    finally:
+        proxy.close()
+        broker.stop()
+
+
+def _until(done, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def meterflow(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "meterflow.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.parametrize("variable", ["LAKE_PATH", "CHECKPOINT_PATH", "METERFLOW_DATA_DIR"])
+def test_an_unwritable_path_is_one_line_before_spark_starts(
+    variable: str, make_settings, tmp_path: Path
+):
+    settings = make_settings(partitions=1)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "METERFLOW_TOPIC_READINGS": settings.topic_readings,
+        "METERFLOW_DATA_DIR": str(tmp_path / "data"),
+        variable: str(blocker / "below"),
+    }
+    started = time.monotonic()
+    result = meterflow("stream", "--available-now", env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        f"meterflow stream: {variable}={blocker / 'below'} is not writable (Not a directory): "
+        "choose another path or fix its permissions"
+    ]
+    assert time.monotonic() - started < 30  # no Spark session was started
+
+
+def _run_platform(env: dict[str, str], seconds: float) -> tuple[int, str, str]:
+    """``meterflow run`` for ``seconds``, then Ctrl-C; returns (readings sent, out, err)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "meterflow.cli", "run", "--meters", "30", "--interval", "1s"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+        cwd=ROOT,
+    )
+    try:
+        time.sleep(seconds)
+        assert process.poll() is None, process.communicate()[1][-3000:]
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=240)
+    assert process.returncode == 0, err[-4000:]
+    sent = re.search(r"simulator=stopped sent=(\d+)", err)
+    assert sent, err[-3000:]
+    assert "drain=stream caught_up=true" in err and "drain=sink caught_up=true" in err, err[-3000:]
+    return int(sent.group(1)), out, err
+
+
+@pytest.mark.parametrize("fresh_broker", [True, False], ids=["fresh-local-broker", "same-broker"])
+def test_two_restarts_of_meterflow_run_lose_nothing(fresh_broker: bool, make_settings, tmp_path):
+    """Issue: a restarted `meterflow run` lost ~1,000 of 1,350 readings; a clean stop lost
+    what the simulator sent last."""
+    env = {
+        "METERFLOW_DATA_DIR": str(tmp_path / "data"),
+        "METERFLOW_KAFKA_SOURCE": "python",
+        "METERFLOW_TRIGGER_SECONDS": "1",
+        "MONGO_URI": "",
+        "METERFLOW_LOCAL_MONGO_PORT": str(_free_port()),
+    }
+    if fresh_broker:  # each run starts (and drains, then stops) its own in-memory broker
+        env |= {"KAFKA_BOOTSTRAP_SERVERS": "", "METERFLOW_LOCAL_BROKER_PORT": str(_free_port())}
+    else:  # a broker that outlives the runs, as with `meterflow broker` or a cluster
+        settings = make_settings(partitions=2)
+        env |= {
+            "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+            "METERFLOW_TOPIC_READINGS": settings.topic_readings,
+            "METERFLOW_TOPIC_ABNORMAL": settings.topic_abnormal,
+            "METERFLOW_TOPIC_DEADLETTER": settings.topic_deadletter,
+            "METERFLOW_TOPIC_STATUS": settings.topic_status,
+        }
+    sent = [_run_platform(env, 25)[0] for _ in range(2)]
+
+    settings = Settings.from_env({**env, "KAFKA_BOOTSTRAP_SERVERS": ""})
+    offsets = lake_offsets(settings)
+    assert sum(offsets.values()) == sum(sent) and max(offsets.values()) == 1
+    generations = {generation for generation, _, _ in offsets}
+    assert len(generations) == (2 if fresh_broker else 1)
+    report = reconcile(settings, scan_lake_files=True)
+    assert report.ok, report.problems
+    assert not [loss for a in report.audits for loss in a.lost]
+    checked = meterflow("reconcile", env={**env, "KAFKA_BOOTSTRAP_SERVERS": ""})
+    assert checked.returncode == 0 and "reconciled:" in checked.stdout, checked.stderr
