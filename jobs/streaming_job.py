@@ -9,14 +9,13 @@ abnormal events and dead letters. Exit codes: 2 configuration, 3 data loss to de
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import threading
 
 from meterflow.config import ConfigError, Settings
 from meterflow.errors import MeterflowError
 from meterflow.logs import setup_logging
-from meterflow.stream import ACCEPT, run, stop_on_signals
+from meterflow.stream import ACCEPT, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,20 +38,17 @@ def main(argv: list[str] | None = None) -> int:
             "(meterflow stream starts a local broker itself)"
         )
     stop = threading.Event()
-    previous = stop_on_signals(stop)
     try:
         run(
             settings,
             available_now=args.available_now,
             accept_data_loss=args.accept_data_loss,
             stop=stop,
+            on_signal=lambda *_: stop.set(),
         )
     except (MeterflowError, ConfigError) as exc:
         print(f"streaming_job: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     return 0
 
 

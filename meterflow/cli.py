@@ -192,24 +192,21 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
-    from meterflow.stream import run, stop_on_signals
+    from meterflow.stream import check_writable, run
 
+    check_writable(settings)  # before any broker or Spark: one line naming the variable
     stop = threading.Event()
-    previous = stop_on_signals(stop)
-    try:
-        with kafka_for(settings, start_local=False) as (live, _):
-            try:
-                totals = run(
-                    live,
-                    available_now=args.available_now,
-                    accept_data_loss=args.accept_data_loss,
-                    stop=stop,
-                )
-            finally:
-                _stop_spark()
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+    with kafka_for(settings, start_local=False) as (live, _):
+        try:
+            totals = run(
+                live,
+                available_now=args.available_now,
+                accept_data_loss=args.accept_data_loss,
+                stop=stop,
+                on_signal=lambda *_: stop.set(),
+            )
+        finally:
+            _stop_spark()
     print(_totals_line(totals))
     return 0
 
@@ -265,7 +262,6 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         init_mongo(database(live), live)  # indexes, and the registry the simulator wrote
         drain.sink = _start_sink(live, drain.stop_sink)
         airflow = _start_airflow(live) if args.airflow else None
-        previous = drain.on_signals()
         try:
             # A local broker started here is new: its topics are a new generation, and
             # the previous run drained its own broker before stopping.
@@ -274,11 +270,10 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
                 accept_data_loss=broker is not None,
                 stop=drain.stop_stream,
                 on_committer=drain.watch,
+                on_signal=drain.on_signal,
             )
         finally:
             drain.finish()
-            for number, handler in previous.items():
-                signal.signal(number, handler)
             _stop_spark()
             if airflow is not None:
                 _stop_process_group(airflow)
@@ -310,19 +305,14 @@ class _Drain:
     def watch(self, committer) -> None:
         self.committer = committer
 
-    def on_signals(self) -> dict:
-        def handler(*_: object) -> None:
-            if self._thread is None:
-                print("meterflow run: draining (Ctrl-C again stops at once)", file=sys.stderr)
-                self._thread = threading.Thread(target=self._drain, name="drain", daemon=True)
-                self._thread.start()
-            else:
-                self.stop_stream.set()
-                self.stop_sink.set()
-
-        return {
-            number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)
-        }
+    def on_signal(self, *_: object) -> None:
+        if self._thread is None:
+            print("meterflow run: draining (Ctrl-C again stops at once)", file=sys.stderr)
+            self._thread = threading.Thread(target=self._drain, name="drain", daemon=True)
+            self._thread.start()
+        else:
+            self.stop_stream.set()
+            self.stop_sink.set()
 
     def _drain(self) -> None:
 

@@ -144,6 +144,14 @@ def _watermark_document(lake_path: str) -> dict:
         return {}
 
 
+def os_reason(error: OSError) -> str:
+    """ "Permission denied", not pyarrow's paragraph around it."""
+    if error.errno:
+        return os.strerror(error.errno)
+    found = re.search(r"\[errno (\d+)\]", str(error))
+    return os.strerror(int(found.group(1))) if found else str(error).splitlines()[0]
+
+
 def read_watermark(lake_path: str) -> datetime | None:
     """The time up to which the lake holds every reading the stream has seen, if known."""
     document = _watermark_document(lake_path)

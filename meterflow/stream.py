@@ -77,17 +77,16 @@ def event_topics(settings: Settings) -> EventTopics:
 def check_writable(settings: Settings) -> None:
     """One line naming the variable when a path the stream writes is not writable."""
     for name, path in (
+        ("METERFLOW_DATA_DIR", str(settings.data_dir)),  # the others default to inside it
         ("LAKE_PATH", settings.lake_path),
         ("CHECKPOINT_PATH", settings.checkpoint_path),
-        ("METERFLOW_DATA_DIR", str(settings.data_dir)),
     ):
         try:
             lake.ensure_writable(path)
         except OSError as exc:
-            reason = exc.strerror or str(exc)
             raise ConfigError(
-                f"{name}={path} is not writable ({reason}): choose another path or fix its "
-                "permissions"
+                f"{name}={path} is not writable ({lake.os_reason(exc)}): choose another path "
+                "or fix its permissions"
             ) from None
 
 
@@ -510,19 +509,47 @@ def run(
     stop: threading.Event | None = None,
     publish: bool = True,
     on_committer: Any = None,
+    on_signal: Any = None,
 ) -> dict[str, int]:
     """Run the speed layer until ``stop`` (or, with ``available_now``, until caught up).
 
     A transient failure (Kafka away) restarts the query after a backoff, up to
     ``settings.stream_retries`` times in a row; a new topic generation is re-planned; data
     loss and bad configuration end the run with a one-line :class:`MeterflowError`.
+    ``on_signal`` handles Ctrl-C and SIGTERM; it is installed once the Spark session exists
+    (PySpark puts its own SIGINT handler in place when it starts), and removed at the end.
     """
-    from meterflow.spark.session import get_spark, kafka_format
+    from meterflow.spark.session import get_spark
 
     check_writable(settings)
     _refuse_legacy_lake(settings.lake_path)
     spark = spark or get_spark("meterflow-streaming", settings.spark_master)
     stop = stop or threading.Event()
+    previous = _install(on_signal)
+    try:
+        return _run(settings, available_now, spark, accept_data_loss, stop, publish, on_committer)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _install(handler: Any) -> dict[int, Any]:
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return {}
+    return {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _run(
+    settings: Settings,
+    available_now: bool,
+    spark: SparkSession,
+    accept_data_loss: bool,
+    stop: threading.Event,
+    publish: bool,
+    on_committer: Any,
+) -> dict[str, int]:
+    from meterflow.spark.session import kafka_format
+
     source_format = kafka_format(spark, settings)
     totals: Counter[str] = Counter()
     attempt = 0
@@ -610,12 +637,3 @@ def _backoff(settings: Settings, attempt: int, error: BaseException, stop: threa
         with contextlib.suppress(kafka.KafkaUnavailableError):
             kafka.ensure_topics(settings.bootstrap_servers, settings.topics, settings.partitions)
     return attempt
-
-
-def stop_on_signals(stop: threading.Event) -> dict[int, Any]:
-    """Ctrl-C and SIGTERM set ``stop`` (raising inside a py4j call would break the gateway)."""
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda *_: stop.set())
-    return previous
