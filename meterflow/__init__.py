@@ -1,3 +1,3 @@
 """meterflow: smart-meter data platform (shared core: contract, config, I/O, CLI)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

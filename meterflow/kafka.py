@@ -373,7 +373,11 @@ def topic_ids(bootstrap: str, topics: Iterable[str], timeout: float = 10.0) -> d
     names = list(dict.fromkeys(topics))
     try:
         futures = admin.describe_topics(TopicCollection(names), request_timeout=timeout)
-        described = {name: future.result(timeout=timeout) for name, future in futures.items()}
+        deadline = time.monotonic() + timeout
+        described = {
+            name: future.result(timeout=max(0.1, deadline - time.monotonic()))
+            for name, future in futures.items()
+        }
     except (KafkaException, TimeoutError) as exc:
         reason = exc.args[0] if exc.args else f"no answer within {timeout:.0f} s"
         raise KafkaUnavailableError(

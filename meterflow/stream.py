@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import posixpath
+import re
 import signal
 import threading
 import time
@@ -483,11 +484,29 @@ def _await(query: StreamingQuery, stop: threading.Event, grace_s: float = 60.0) 
         query.stop()
 
 
+def _generation_changed(settings: Settings, generation: str) -> bool:
+    """Whether the readings topic now has another id (recreated under the query)."""
+    topic = settings.topic_readings
+    try:
+        return kafka.topic_ids(settings.bootstrap_servers, [topic], timeout=5)[topic] != generation
+    except kafka.KafkaUnavailableError:
+        return False
+
+
+_RAISED = re.compile(r"^\s*([\w.]+(?:Error|Exception)): (.+)$")
+
+
 def _first_line(error: BaseException) -> str:
+    """The line that says what went wrong: the innermost ``SomeError: ...`` of a Spark
+    failure (whose message embeds Python tracebacks), else the first line."""
     text = str(getattr(error, "desc", None) or error)
+    raised = [m for m in map(_RAISED.match, text.splitlines()) if m]
+    if raised:
+        name, message = raised[-1].groups()
+        return f"{name.rsplit('.', 1)[-1]}: {message.strip()}"[:400]
     for raw in text.splitlines():
         line = raw.strip()
-        if line and not line.startswith(("Traceback", "File ", "=== ")):
+        if line:
             return line[:400]
     return type(error).__name__
 
@@ -589,15 +608,21 @@ def _run(
         error = committer.failure or query.exception()
         if error is None:
             break
-        error = _source_error(error)
-        if isinstance(error, GenerationChangedError):
-            log.warning("streaming=restart reason=generation-changed detail=%s", error)
+        if isinstance(error, GenerationChangedError) or _generation_changed(
+            settings, plan.generation
+        ):
+            log.warning("streaming=restart reason=generation-changed detail=%s", _first_line(error))
             attempt = 0
             continue
+        error = _source_error(error)
         if isinstance(error, MeterflowError | ConfigError):
             raise error
         if not any(marker in str(error) for marker in _TRANSIENT_MARKERS):
-            raise error
+            log.error("streaming=failed error=%s", error)  # the whole story, once, in the log
+            raise MeterflowError(
+                f"the stream failed: {_first_line(error)} (details in the log above); the "
+                "next start resumes where the lake's ledger ends"
+            )
         if committer.batches:
             attempt = 0  # it made progress: a new outage starts a new count
         attempt = _backoff(settings, attempt, error, stop)
@@ -618,10 +643,11 @@ def _backoff(settings: Settings, attempt: int, error: BaseException, stop: threa
     """Wait before the next attempt; raise once ``stream_retries`` attempts failed."""
     attempt += 1
     if attempt > settings.stream_retries:
+        retries = settings.stream_retries
         raise StreamUnavailableError(
-            f"Kafka at {settings.bootstrap_servers} still unavailable after "
-            f"{settings.stream_retries} retries ({_first_line(error)}); check the broker, then "
-            "start the stream again: it resumes where the lake's ledger ends"
+            f"Kafka at {settings.bootstrap_servers} still unavailable after {retries} "
+            f"{'retry' if retries == 1 else 'retries'} ({_first_line(error)}); check the "
+            "broker, then start the stream again: it resumes where the lake's ledger ends"
         )
     delay = min(30.0, 2.0 ** (attempt - 1))
     log.warning(
@@ -635,5 +661,6 @@ def _backoff(settings: Settings, attempt: int, error: BaseException, stop: threa
     if not stop.is_set():
         # A broker that came back empty: recreate the topics, then re-plan.
         with contextlib.suppress(kafka.KafkaUnavailableError):
+            kafka.check_reachable(settings.bootstrap_servers, timeout=5)
             kafka.ensure_topics(settings.bootstrap_servers, settings.topics, settings.partitions)
     return attempt

@@ -165,6 +165,9 @@ def simulated_lake(spark, make_settings, mongo_uri, mongo_db_name, monkeypatch, 
         "MONGO_URI": mongo_uri,
         "MONGO_DB": mongo_db_name,
         "METERFLOW_DAG_START_DATE": "2024-01-01",
+        # The stream has read all there is and stopped: with no reading of June 3 its
+        # watermark stays at June 2 23:45, and a second without it stands for "stopped".
+        "METERFLOW_DAY_GRACE_SECONDS": "1",
         "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps(
             {"conn_type": "spark", "host": "local[2]", "extra": {"deploy-mode": "client"}}
         ),

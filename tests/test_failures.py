@@ -16,60 +16,14 @@ from pathlib import Path
 import pytest
 from pyspark.sql import SparkSession
 
+from bench.stall_proxy import ProxiedBroker, StallingProxy
 from meterflow import kafka
-from meterflow.broker import LocalBroker
 from meterflow.config import Settings
 from meterflow.reconcile import reconcile
 from meterflow.stream import run
 from tests.test_nothing_lost import assert_exactly_once, good, lake_offsets, send
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class StallingProxy:
-    """A TCP relay in front of a broker that can hold every byte for a while (a stall)."""
-
-    def __init__(self, port: int, target: int) -> None:
-        self.target = target
-        self.flowing = threading.Event()
-        self.flowing.set()
-        self.server = socket.create_server(("127.0.0.1", port))
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                self.flowing.wait()
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for end in (source, sink):
-                end.close()
-
-    def close(self) -> None:
-        self.server.close()
-
-
-class ProxiedBroker(LocalBroker):
-    """tansu advertising the proxy, so every client's traffic goes through it."""
-
-    proxy_port: int = 0
-
-    def command(self) -> list[str]:
-        command = super().command()
-        command[-1] = f"tcp://127.0.0.1:{self.proxy_port}"
-        return command
 
 
 def _free_port() -> int:
@@ -214,7 +168,7 @@ def test_two_restarts_of_meterflow_run_lose_nothing(fresh_broker: bool, make_set
             "METERFLOW_TOPIC_DEADLETTER": settings.topic_deadletter,
             "METERFLOW_TOPIC_STATUS": settings.topic_status,
         }
-    sent = [_run_platform(env, 25)[0] for _ in range(2)]
+    sent = [_run_platform(env, 15)[0] for _ in range(2)]
 
     settings = Settings.from_env({**env, "KAFKA_BOOTSTRAP_SERVERS": ""})
     offsets = lake_offsets(settings)
