@@ -24,6 +24,7 @@ bench: install
 	$(BIN)/python -m bench.streaming_throughput
 	$(BIN)/python -m bench.simulator_rate
 	$(BIN)/python -m bench.daily_batch
+	$(BIN)/python -m bench.chaos
 
 clean:
 	rm -rf data .pytest_cache

@@ -1,12 +1,12 @@
 """Daily batch job: one day of the lake rolled up per meter, per meter type and per district.
 
 ``spark-submit jobs/daily_batch_job.py --date YYYY-MM-DD`` (or ``meterflow batch``) reads
-``readings/`` filtered on the ``date`` partition (so Spark honours the streaming sink's
-``_spark_metadata`` log and prunes the other days), aggregates the day once per meter and
+``readings/`` filtered on the ``date`` partition (so Spark prunes the other days; only
+committed files are ever there, docs/architecture.md), aggregates the day once per meter and
 derives the rest from that result (one row per meter) in Arrow instead of rescanning. Views
 go to ``<views>/<view>/date=D/`` as Parquet, replacing D's previous views and nothing
 else; a JSON report per day (``<views>/_reports/date=D.json``) tells the loader and the
-checks what was found. Spark never writes MongoDB (see DESIGN.md): meterflow.loader does.
+checks what was found. Spark never writes MongoDB (docs/architecture.md): meterflow.loader does.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ def read_day(spark: SparkSession, lake_path: str, day: date) -> DataFrame:
     """The day's readings, only the columns the views need.
 
     The root is read with the lake's schema (no footer inference) and filtered on the
-    partition column: Spark then lists the streaming sink's committed files from its
-    ``_spark_metadata`` log (if any) and opens only ``date=D``.
+    partition column: Spark opens only ``date=D`` (a lake of meterflow 0.1 also has the
+    file sink's ``_spark_metadata`` log, which Spark honours).
     """
     return (
         spark.read.schema(_LAKE_DDL)

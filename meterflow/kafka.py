@@ -2,7 +2,7 @@
 
 :func:`partition_ends` exists because the tansu broker used for native runs reports a
 partition's high watermark as the base offset of its last record batch plus one, so a
-reader planning from watermarks would miss each partition's tail (DESIGN.md). It reads
+reader planning from watermarks would miss each partition's tail (docs/architecture.md). It reads
 from the reported watermark to the end-of-partition event to find the true end, which
 costs one small fetch per partition and is exact on Apache Kafka too.
 """

@@ -135,6 +135,32 @@ def ensure_writable(path: str) -> None:
     fs.delete_file(probe)
 
 
+def retired_path(lake_path: str) -> str:
+    """Per day and dataset that retention deleted, the offsets of each Kafka partition."""
+    return f"{lake_path.rstrip('/')}/_state/retired_offsets.json"
+
+
+def read_retired(lake_path: str) -> dict[str, dict[str, dict[str, int]]]:
+    """``{dataset: {day: {"topic|generation|partition": rows}}}`` of deleted partitions."""
+    fs, path = filesystem_for(retired_path(lake_path))
+    try:
+        with fs.open_input_stream(path) as stream:
+            return json.loads(stream.read())
+    except FileNotFoundError:
+        return {}
+
+
+def record_retired(lake_path: str, dataset: str, day: date, counts: dict[str, int]) -> None:
+    """Record one deleted partition's rows; recording it again (a retried deletion) replaces."""
+    retired = read_retired(lake_path)
+    retired.setdefault(dataset, {})[day.isoformat()] = counts
+    fs, path = filesystem_for(retired_path(lake_path))
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(f"{path}.tmp") as stream:
+        stream.write(json.dumps(retired, sort_keys=True).encode())
+    fs.move(f"{path}.tmp", path)
+
+
 def _watermark_document(lake_path: str) -> dict:
     fs, path = filesystem_for(watermark_path(lake_path))
     try:
@@ -200,19 +226,23 @@ def dated_partitions(root: str) -> dict[date, str]:
     return found
 
 
+def expired_partitions(root: str, keep_days: int, today: date) -> dict[date, str]:
+    """The date partitions of ``root`` older than ``keep_days`` days before ``today``."""
+    if keep_days <= 0:
+        return {}
+    cutoff = today - timedelta(days=keep_days)
+    return {day: uri for day, uri in sorted(dated_partitions(root).items()) if day < cutoff}
+
+
 def drop_partitions_before(root: str, keep_days: int, today: date) -> list[date]:
     """Delete the date partitions of ``root`` older than ``keep_days`` days before ``today``.
 
-    Readers of the streaming sink's output set ``spark.sql.files.ignoreMissingFiles`` so
-    that files its metadata log still lists may disappear (see meterflow.spark.session).
+    Readers set ``spark.sql.files.ignoreMissingFiles`` (see meterflow.spark.session), so a
+    job that listed a partition just before it went does not fail.
     """
-    if keep_days <= 0:
-        return []
-    cutoff = today - timedelta(days=keep_days)
     dropped = []
-    for day, uri in sorted(dated_partitions(root).items()):
-        if day < cutoff:
-            fs, path = filesystem_for(uri)
-            fs.delete_dir(path)
-            dropped.append(day)
+    for day, uri in expired_partitions(root, keep_days, today).items():
+        fs, path = filesystem_for(uri)
+        fs.delete_dir(path)
+        dropped.append(day)
     return dropped

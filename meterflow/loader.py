@@ -1,9 +1,10 @@
 """Publish one day's batch views to MongoDB (the serving layer).
 
-Spark jobs never write MongoDB (DESIGN.md): the daily job leaves Parquet views and a
-report in the lake, and this loader upserts them with bulk writes. Publishing is
-idempotent and replaces the day: every document of D is written whole (``ReplaceOne``,
-upsert), and D's documents that the views no longer hold are deleted afterwards.
+Spark jobs never write MongoDB (docs/architecture.md, "Measured facts behind the choices"):
+the daily job leaves Parquet views and a report in the lake, and this loader upserts them
+with bulk writes. Publishing is idempotent and replaces the day: every document of D is
+written whole (``ReplaceOne``, upsert), and D's documents that the views no longer hold
+are deleted afterwards.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from meterflow.logs import get_logger
 
 log = get_logger(__name__)
 
-#: Collections of the ``iot`` database (DESIGN.md, "Storage layout").
+#: Collections of the ``iot`` database (README, "Serving layer: MongoDB").
 ABNORMAL_READINGS = "abnormal_readings"  # _id = event id (topic-generation-partition-offset)
 METER_STATUS = "meter_status"  # _id = device_id: last seen, last reading, open fault
 METERS = "meters"  # _id = device_id: the fleet registry

@@ -160,12 +160,20 @@ def _check_lake(lake_path: str, report: ReconcileReport) -> None:
         per_partition[(row["source_topic"], row["source_generation"], row["source_partition"])] = (
             row["rows_count"]
         )
+    retired: dict[tuple[str, str, int], int] = defaultdict(int)
+    for days in lake.read_retired(lake_path).values():
+        for counts in days.values():
+            for key, rows in counts.items():
+                topic, generation, partition = key.rsplit("|", 2)
+                retired[(topic, generation, int(partition))] += rows
     for a in report.audits:
-        found = per_partition.pop((a.topic, a.generation, a.partition), 0)
+        key = (a.topic, a.generation, a.partition)
+        found = per_partition.pop(key, 0) + retired.get(key, 0)
         if found != a.committed:
             report.problems.append(
                 f"{a.topic}[{a.partition}] ({a.generation}): the ledger committed "
-                f"{a.committed:,} offsets, the lake's files hold {found:,}"
+                f"{a.committed:,} offsets, the lake's files hold {found:,} (retention "
+                f"included)"
             )
     for (t, g, p), found in sorted(per_partition.items()):
         report.problems.append(f"{t}[{p}] ({g}): {found:,} offsets in the lake, none committed")

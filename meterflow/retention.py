@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime
 
+import pyarrow.dataset as ds
+
 from meterflow import lake
 from meterflow.config import Settings
 from meterflow.logs import get_logger
 
 log = get_logger(__name__)
+#: A lake row's Kafka partition, as the ledger keys it.
+IDENTITY = ("source_topic", "source_generation", "source_partition")
 
 
 def lake_roots(settings: Settings) -> list[str]:
-    """Every partitioned dataset of the lake: the readings and each batch view."""
-    roots = [lake.readings_path(settings.lake_path)]
+    """Every partitioned dataset of the lake: readings, dead letters and each batch view."""
+    roots = [lake.readings_path(settings.lake_path), lake.deadletter_path(settings.lake_path)]
     views = settings.views_path
     roots += [
         path for path in lake.subdirectories(views) if not path.rsplit("/", 1)[-1].startswith("_")
@@ -26,7 +30,10 @@ def drop_expired_partitions(settings: Settings, today: str | date | None = None)
     day = date.fromisoformat(today) if isinstance(today, str) else today
     day = day or datetime.now(UTC).date()
     dropped = {}
+    ledgered = {lake.readings_path(settings.lake_path), lake.deadletter_path(settings.lake_path)}
     for root in lake_roots(settings):
+        if root in ledgered:  # what the ledger committed and retention took, for reconcile
+            _record_retired(settings.lake_path, root, settings.lake_retention_days, day)
         gone = lake.drop_partitions_before(root, settings.lake_retention_days, day)
         if gone:
             dropped[root] = [d.isoformat() for d in gone]
@@ -38,3 +45,21 @@ def drop_expired_partitions(settings: Settings, today: str | date | None = None)
         sum(len(v) for v in dropped.values()),
     )
     return dropped
+
+
+def _record_retired(lake_path: str, root: str, keep_days: int, today: date) -> None:
+    """Count the expiring partitions' rows per Kafka partition before they go."""
+    dataset = root.rstrip("/").rsplit("/", 1)[-1]
+    for day, uri in lake.expired_partitions(root, keep_days, today).items():
+        fs, path = lake.filesystem_for(uri)
+        files = ds.dataset(path, filesystem=fs, format="parquet")
+        if "source_generation" not in files.schema.names:
+            continue  # written before generations (meterflow 0.1): not in the ledger
+        table = files.to_table(columns=list(IDENTITY))
+        counts = table.group_by(list(IDENTITY)).aggregate([([], "count_all")]).to_pylist()
+        lake.record_retired(
+            lake_path,
+            dataset,
+            day,
+            {"|".join(str(row[c]) for c in IDENTITY): row["count_all"] for row in counts},
+        )

@@ -44,7 +44,13 @@ from meterflow.config import ConfigError, Settings
 from meterflow.errors import DataLossError, MeterflowError, StreamUnavailableError
 from meterflow.ledger import BATCH, GENERATION, LOSS, STAGING_DIR, Ledger, Range
 from meterflow.logs import get_logger
-from meterflow.stream_tasks import SUMMARY_SCHEMA, EventTopics, TaskPlan, process_partition
+from meterflow.stream_tasks import (
+    SUMMARY_SCHEMA,
+    EventTopics,
+    Tally,
+    TaskPlan,
+    process_partition,
+)
 
 log = get_logger("meterflow.stream")
 QUERY_NAME = "meterflow_speed_layer"
@@ -207,17 +213,6 @@ def plan_start(settings: Settings, ledger: Ledger, accept_data_loss: bool) -> St
 # -- one micro-batch ------------------------------------------------------------------------
 
 
-@dataclass
-class _Merged:
-    first: int = -1
-    last: int = -1
-    valid: int = 0
-    abnormal: int = 0
-    deadletter: int = 0
-    skipped: int = 0
-    max_event_us: int | None = None
-
-
 class GenerationChangedError(MeterflowError):
     """The topic was recreated under the running query: start again to decide."""
 
@@ -274,11 +269,11 @@ class LakeCommitter:
             topics=self.topics,
         )
         rows = frame.mapInArrow(partial(process_partition, plan=plan), _SUMMARY_DDL).collect()
-        merged: dict[int, _Merged] = {}
+        merged: dict[int, Tally] = {}
         files: list[str] = []
         unpublished = 0
         for row in rows:
-            m = merged.setdefault(row.partition, _Merged())
+            m = merged.setdefault(row.partition, Tally())
             if row.first >= 0:
                 m.first = row.first if m.first < 0 else min(m.first, row.first)
                 m.last = max(m.last, row.last)

@@ -192,7 +192,9 @@ class _StagedFiles:
 
 
 @dataclass
-class _Tally:
+class Tally:
+    """What one Kafka partition's offsets became, in a task and, merged, in a batch."""
+
     first: int = -1
     last: int = -1
     valid: int = 0
@@ -229,7 +231,7 @@ def _drop_committed(
     return batch.filter(pa.array(~done)), dropped
 
 
-def _tally(result: BatchResult, tallies: dict[tuple[str, int], _Tally]) -> None:
+def _tally(result: BatchResult, tallies: dict[tuple[str, int], Tally]) -> None:
     rows = result.classified
     topics = rows.column("source_topic").to_numpy(zero_copy_only=False)
     partitions = rows.column("source_partition").to_numpy()
@@ -245,7 +247,7 @@ def _tally(result: BatchResult, tallies: dict[tuple[str, int], _Tally]) -> None:
     )
     for topic, partition in set(zip(topics.tolist(), partitions.tolist(), strict=True)):
         mine = (partitions == partition) & (topics == topic)
-        tally = tallies.setdefault((topic, partition), _Tally())
+        tally = tallies.setdefault((topic, partition), Tally())
         mine_offsets = offsets[mine]
         low, high = int(mine_offsets.min()), int(mine_offsets.max())
         tally.first = low if tally.first < 0 else min(tally.first, low)
@@ -317,13 +319,13 @@ def process_partition(
     ensure_logging()  # a Python worker: meterflow's log lines and librdkafka's
     publisher = _Publisher(plan.topics) if plan.topics is not None else None
     files = _StagedFiles(plan)
-    tallies: dict[tuple[str, int], _Tally] = {}
+    tallies: dict[tuple[str, int], Tally] = {}
     for raw in batches:
         if raw.num_rows == 0:
             continue
         batch, dropped = _drop_committed(raw, plan.committed)
         for key, count in dropped.items():
-            tallies.setdefault(key, _Tally()).skipped += count
+            tallies.setdefault(key, Tally()).skipped += count
         if batch.num_rows == 0:
             continue
         result = classify_batch(batch, plan.rules, plan.generation)

@@ -331,3 +331,35 @@ def test_the_ledger_compacts_and_still_proves_contiguity(tmp_path: Path):
     assert result.gaps == [(80, 85)]
     assert result.double == [(88, 90)]
     assert not result.ok
+
+
+def test_reconcile_says_reconciled_only_when_every_offset_has_one_outcome(tmp_path: Path):
+    from meterflow.ledger import BATCH, Range
+
+    settings = Settings.from_env({"LAKE_PATH": str(tmp_path / "lake")})
+    ledger = Ledger.load(settings.lake_path)
+    ledger.commit(BATCH, [Range("iot-meter", "g1", 0, 0, 100, valid=99, deadletter=1)])
+    ledger.commit(BATCH, [Range("iot-meter", "g1", 0, 100, 150, valid=50)])
+    good_report = reconcile(settings)
+    assert good_report.ok and good_report.lines[-1].startswith("reconciled: 150 offsets")
+
+    ledger.commit(BATCH, [Range("iot-meter", "g1", 0, 160, 170, abnormal=10)])
+    gap = reconcile(settings)
+    assert not gap.ok and not any(line.startswith("reconciled") for line in gap.lines)
+    assert "offsets 150..159 have no outcome" in gap.problem
+
+    result = subprocess_reconcile(settings)
+    assert result.returncode == 1 and "150..159" in result.stderr
+
+
+def subprocess_reconcile(settings: Settings):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "meterflow.cli", "reconcile"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LAKE_PATH": settings.lake_path, "KAFKA_BOOTSTRAP_SERVERS": ""},
+    )

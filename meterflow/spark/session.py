@@ -36,7 +36,7 @@ def get_spark(app_name: str, master: str | None = None, **conf: str) -> SparkSes
         "spark.sql.maxConcurrentOutputFileWriters": "16",
         # Fewer, larger Arrow batches between the JVM and the Python classifier.
         "spark.sql.execution.arrow.maxRecordsPerBatch": "50000",
-        # Retention deletes old lake partitions that the streaming sink's log still lists.
+        # Retention may delete a partition between a job listing it and reading it.
         "spark.sql.files.ignoreMissingFiles": "true",
     }
     for key, value in {**defaults, **conf}.items():
