@@ -70,10 +70,6 @@ class Range:
     def key(self) -> PartitionKey:
         return (self.topic, self.generation, self.partition)
 
-    @property
-    def outcomes(self) -> int:
-        return self.valid + self.abnormal + self.deadletter
-
 
 @dataclass(frozen=True)
 class Entry:

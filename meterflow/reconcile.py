@@ -29,7 +29,6 @@ class ReconcileReport:
     problems: list[str] = field(default_factory=list)
     audits: list[PartitionAudit] = field(default_factory=list)
     lake_rows: int | None = None
-    lake_duplicates: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -147,7 +146,6 @@ def _check_lake(lake_path: str, report: ReconcileReport) -> None:
     rows = scan_lake(lake_path)
     report.lake_rows = int(pc.sum(rows["rows"]).as_py() or 0)
     duplicated = rows.filter(pc.greater(rows["rows"], 1))
-    report.lake_duplicates = int(pc.sum(duplicated["rows"]).as_py() or 0) - duplicated.num_rows
     if duplicated.num_rows:
         first = duplicated.slice(0, 1).to_pylist()[0]
         report.problems.append(
