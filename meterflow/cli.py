@@ -261,6 +261,10 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         drain.producer = producer
         init_mongo(database(live), live)  # indexes, and the registry the simulator wrote
         drain.sink = _start_sink(live, drain.stop_sink)
+        if args.airflow:  # the stream is starting: the daily DAG waits for its watermark
+            from meterflow import lake
+
+            lake.write_watermark(live.lake_path, lake.read_watermark(live.lake_path))
         airflow = _start_airflow(live) if args.airflow else None
         try:
             # A local broker started here is new: its topics are a new generation, and

@@ -191,13 +191,20 @@ def read_watermark_written_at(lake_path: str) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
-def write_watermark(lake_path: str, watermark: datetime, partitions: dict[str, str]) -> None:
-    """Record the low watermark (and each partition's own) in one atomic rename."""
+def write_watermark(
+    lake_path: str, watermark: datetime | None, partitions: dict[str, str] | None = None
+) -> None:
+    """Record the low watermark (and each partition's own) in one atomic rename.
+
+    ``written_at`` says the stream is alive: a stream that starts writes the document with
+    the watermark it had (None at first), so the daily DAG waits for it instead of
+    declaring days complete by the grace period while the stream is catching up.
+    """
     fs, path = filesystem_for(watermark_path(lake_path))
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     document = {
-        "watermark": watermark.astimezone(UTC).isoformat(),
-        "partitions": partitions,
+        "watermark": watermark.astimezone(UTC).isoformat() if watermark else None,
+        "partitions": partitions or _watermark_document(lake_path).get("partitions", {}),
         "written_at": datetime.now(UTC).isoformat(),
     }
     with fs.open_output_stream(f"{path}.tmp") as stream:

@@ -593,6 +593,7 @@ def _run(
             "availableNow" if available_now else f"{settings.trigger_seconds:g}s",
             ledger.seq,
         )
+        lake.write_watermark(settings.lake_path, lake.read_watermark(settings.lake_path))
         query = start_query(spark, settings, source_format, plan, committer, available_now)
         try:
             _await(query, stop)

@@ -128,6 +128,13 @@ def test_dag_files_do_no_io_at_import() -> None:
             datetime(2024, 11, 30, 9, 1, tzinfo=UTC),
             False,
         ),
+        # A stream that has just started and committed nothing yet: wait for it.
+        (
+            None,
+            datetime(2024, 11, 30, 9, 0, tzinfo=UTC),
+            datetime(2024, 11, 30, 9, 1, tzinfo=UTC),
+            False,
+        ),
         # A stream stopped for longer than the grace period: the grace period decides.
         (
             datetime(2024, 6, 2, 8, 15, tzinfo=UTC),

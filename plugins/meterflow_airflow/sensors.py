@@ -24,20 +24,18 @@ def partition_complete(
 
     Complete when the stream's low watermark has moved one reading interval past the
     day's end (every partition, read in order, has passed it). The grace period after the
-    day's end stands in for the watermark only when there is none, or when the stream has
-    not advanced it for a whole grace period (it is stopped): a running stream that is
-    still catching up on the day, as during a backfill, is waited for.
+    day's end stands in for the watermark only when no stream has written one for a whole
+    grace period (none runs, or it stopped): a stream that has started, or is still
+    catching up on the day, as during a backfill, is waited for.
     """
     end = datetime.combine(day + timedelta(days=1), time(), tzinfo=UTC)
     if watermark is not None and watermark >= end + timedelta(seconds=interval_s):
         return True, f"stream watermark {watermark.isoformat()} is past {end.isoformat()}"
-    stream_live = (
-        watermark is not None
-        and watermark_written_at is not None
-        and now - watermark_written_at < timedelta(seconds=grace_s)
+    stream_live = watermark_written_at is not None and now - watermark_written_at < timedelta(
+        seconds=grace_s
     )
     if now >= end + timedelta(seconds=grace_s) and not stream_live:
-        why = "no stream watermark" if watermark is None else "the stream's watermark is stale"
+        why = "no stream watermark" if watermark_written_at is None else "the stream is stopped"
         return True, f"grace period of {grace_s}s after {end.isoformat()} has passed ({why})"
     seen = watermark.isoformat() if watermark else "none yet"
     return False, f"waiting: stream watermark {seen}, day ends {end.isoformat()}"
