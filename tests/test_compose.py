@@ -197,6 +197,25 @@ def test_services_are_wired_healthy_and_pinned(raw, resolved) -> None:
                 assert "${" in text, f"{name}: {key} holds a literal credential"
 
 
+def test_the_scheduler_waits_for_the_api_server_its_tasks_call(resolved) -> None:
+    scheduler = resolved["services"]["airflow-scheduler"]
+    assert scheduler["depends_on"]["airflow-api-server"]["condition"] == "service_healthy"
+    url = scheduler["environment"]["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"]
+    assert url.startswith("http://airflow-api-server:8080/")
+
+
+def test_the_build_context_leaves_out_local_state() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for path in (".venv", "data", ".git", "bench/results", "**/__pycache__"):
+        assert path in ignored, path
+    # What the Dockerfiles copy must not be ignored.
+    for dockerfile in (ROOT / "docker").glob("*.Dockerfile"):
+        for line in dockerfile.read_text().splitlines():
+            if line.startswith("COPY "):
+                for source in line.split()[1:-1]:
+                    assert source.split("/")[0] not in ignored, (dockerfile.name, source)
+
+
 def test_state_lives_on_named_volumes(resolved) -> None:
     services = resolved["services"]
 
@@ -213,6 +232,8 @@ def test_state_lives_on_named_volumes(resolved) -> None:
         "metabase-postgres": "/var/lib/postgresql/data",
     }.items():
         assert any(m.endswith(f":{path}") for m in mounts(name)), name
+    # The apache/kafka image writes to /tmp/kraft-combined-logs unless told otherwise.
+    assert services["kafka"]["environment"]["KAFKA_LOG_DIRS"] == "/var/lib/kafka/data"
     assert services["metabase"]["environment"]["MB_DB_TYPE"] == "postgres"
     assert "spark://spark-master:7077" in services["streaming-job"]["command"]
     assert services["streaming-job"]["environment"]["METERFLOW_KAFKA_SOURCE"] == "jvm"

@@ -48,9 +48,14 @@ def get_spark(app_name: str, master: str | None = None, **conf: str) -> SparkSes
 
 
 def jvm_kafka_available(spark: SparkSession) -> bool:
-    """Whether Spark's own Kafka connector jar is on the classpath."""
+    """Whether Spark's own Kafka connector can be loaded by the queries of ``spark``.
+
+    Asked through the thread's context class loader, which also sees jars added with
+    ``--packages`` / ``spark.jars.packages``; py4j's ``Class.forName`` does not.
+    """
+    jvm = spark.sparkContext._jvm  # type: ignore[union-attr]
     try:
-        spark.sparkContext._jvm.java.lang.Class.forName(JVM_KAFKA_PROVIDER)  # type: ignore[union-attr]
+        jvm.java.lang.Thread.currentThread().getContextClassLoader().loadClass(JVM_KAFKA_PROVIDER)
         return True
     except Exception:  # py4j raises a generic Py4JJavaError for ClassNotFoundException
         return False
