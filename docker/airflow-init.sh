@@ -9,6 +9,9 @@ set -euo pipefail
 : "${AIRFLOW_ADMIN_PASSWORD:?AIRFLOW_ADMIN_PASSWORD must be set (see .env.example)}"
 : "${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE:?AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE must be set}"
 
+# .env placeholders and malformed keys stop here, one line each, not in a service later.
+python -m meterflow.compose_check airflow-init
+
 airflow db migrate
 
 passwords="$AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import date
+from pathlib import Path
 
 from meterflow import __version__
 from meterflow.broker import BrokerError, kafka_for
@@ -208,6 +209,39 @@ def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
         finally:
             _stop_spark()
     print(_totals_line(totals))
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
+    """Pre-flight of ``docker compose up``: one line per problem, with its remedy."""
+    from meterflow import compose_check
+
+    env_file = Path(args.env_file)
+    if not env_file.exists():
+        print(f"meterflow doctor: {env_file} is missing: cp .env.example .env", file=sys.stderr)
+        return 1
+    values = compose_check.read_env_file(env_file)
+    compose_file = Path(args.compose_file)
+    if not compose_file.exists():
+        print(
+            f"meterflow doctor: {compose_file} is missing: run it in the repository",
+            file=sys.stderr,
+        )
+        return 1
+    problems = compose_check.env_problems(values) + compose_check.port_problems(values)
+    docker, notes = compose_check.docker_problems(
+        compose_file, compose_check.memory_limits(compose_file)
+    )
+    for note in notes:
+        print(f"note: {note}")
+    for problem in problems + docker:
+        print(f"problem: {problem}", file=sys.stderr)
+    if problems or docker:
+        print(
+            f"meterflow doctor: {len(problems + docker)} problem(s) in {env_file}", file=sys.stderr
+        )
+        return 1
+    print(f"compose pre-flight: {env_file} and host ports OK")
     return 0
 
 
@@ -485,6 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--accept-data-loss",
         action="store_true",
         help="record offsets gone from Kafka as lost in the ledger and continue",
+    )
+    doctor = add("doctor", cmd_doctor, "Check .env, host ports and Docker before compose up")
+    doctor.add_argument("--compose", action="store_true", help="the compose set-up (default)")
+    doctor.add_argument("--env-file", default=".env", help="the compose .env (default ./.env)")
+    doctor.add_argument(
+        "--compose-file", default="docker-compose.yml", help="default ./docker-compose.yml"
     )
     reconcile = add(
         "reconcile",

@@ -543,6 +543,7 @@ def test_airflow_commands(resolved, tmp_path) -> None:
         "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
         "AIRFLOW__CORE__FERNET_KEY": "",
+        "AIRFLOW__API_AUTH__JWT_SECRET": "native-test-jwt-secret-0123456789",
         "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": str(health_port),
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
         "AIRFLOW_ADMIN_PASSWORD": "native-test-password",

@@ -1,0 +1,95 @@
+"""The compose pre-flight (`meterflow doctor --compose`) and the init steps' .env check."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from meterflow.compose_check import env_problems, read_env_file
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = {
+    "MONGO_ROOT_PASSWORD": "s3cret-mongo",
+    "AIRFLOW_ADMIN_PASSWORD": "s3cret-airflow",
+    "AIRFLOW_POSTGRES_PASSWORD": "s3cret-db",
+    "AIRFLOW_FERNET_KEY": "yDyb2xDpzkS4vQ1TQkrDfONlMwHHdZ3Dx8DJfkumb-c=",
+    "AIRFLOW_JWT_SECRET": "a-long-random-jwt-secret-0123",
+    "METABASE_ADMIN_PASSWORD": "metabase1",
+    "METABASE_POSTGRES_PASSWORD": "s3cret-mb",
+}
+
+
+def test_the_example_env_is_refused_for_each_placeholder() -> None:
+    problems = env_problems(read_env_file(ROOT / ".env.example"))
+    named = {line.split()[0] for line in problems}
+    assert named == {
+        name for name, value in read_env_file(ROOT / ".env.example").items() if "CHANGE-ME" in value
+    }
+    fernet = next(p for p in problems if p.startswith("AIRFLOW_FERNET_KEY"))
+    assert "Fernet.generate_key()" in fernet
+
+
+def test_good_values_pass_and_each_bad_kind_is_named() -> None:
+    assert env_problems(GOOD) == []
+    bad = {
+        **GOOD,
+        "AIRFLOW_FERNET_KEY": "not-a-fernet-key",
+        "AIRFLOW_JWT_SECRET": "short",
+        "METABASE_ADMIN_PASSWORD": "nodigits",
+        "MONGO_ROOT_PASSWORD": "p@ss/word",
+    }
+    problems = env_problems(bad)
+    assert [p.split()[0] for p in problems] == [
+        "AIRFLOW_FERNET_KEY",
+        "AIRFLOW_JWT_SECRET",
+        "METABASE_ADMIN_PASSWORD",
+        "MONGO_ROOT_PASSWORD",
+    ]
+
+
+def _doctor(env_file: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "meterflow.cli", "doctor", "--compose", "--env-file", str(env_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "PATH": "/usr/bin:/bin"},  # no docker client: its checks noted
+    )
+
+
+def test_doctor_names_each_problem_and_passes_a_good_env(tmp_path: Path) -> None:
+    example = _doctor(ROOT / ".env.example")
+    assert example.returncode == 1
+    assert "problem: AIRFLOW_FERNET_KEY is still a CHANGE-ME placeholder" in example.stderr
+    assert "Traceback" not in example.stderr
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        lines = [f"{k}={GOOD.get(k, v)}" for k, v in read_env_file(ROOT / ".env.example").items()]
+        good = tmp_path / "good.env"
+        good.write_text("\n".join(lines) + "\n")
+        assert _doctor(good).returncode == 0, _doctor(good).stderr
+        taken = tmp_path / "taken.env"
+        taken.write_text("\n".join([*lines, f"AIRFLOW_HOST_PORT={port}"]) + "\n")
+        result = _doctor(taken)
+    assert result.returncode == 1
+    assert f"AIRFLOW_HOST_PORT={port} is already in use" in result.stderr
+
+
+def test_airflow_init_stops_on_a_placeholder_with_one_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "meterflow.compose_check", "airflow-init"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "AIRFLOW__CORE__FERNET_KEY": "CHANGE-ME-fernet-key-base64-32-bytes"},
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("airflow-init: AIRFLOW_FERNET_KEY is still a CHANGE-ME")
+    assert len(result.stderr.strip().splitlines()) == 1
