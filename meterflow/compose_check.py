@@ -16,9 +16,9 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
+from meterflow.config import PLACEHOLDER
 from meterflow.local_service import port_open
 
-PLACEHOLDER = "CHANGE-ME"
 GENERATE = {
     "AIRFLOW_FERNET_KEY": 'python -c "from cryptography.fernet import Fernet;'
     'print(Fernet.generate_key().decode())"',

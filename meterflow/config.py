@@ -27,6 +27,20 @@ class ConfigError(ValueError):
     """A configuration value is missing or malformed."""
 
 
+#: What .env.example puts where a secret must go; refused wherever it is read.
+PLACEHOLDER = "CHANGE-ME"
+
+
+def refuse_placeholders(env: Mapping[str, str], names: tuple[str, ...]) -> None:
+    """One line naming the first variable that still holds the placeholder."""
+    for name in names:
+        if PLACEHOLDER in (env.get(name) or ""):
+            raise ConfigError(
+                f"{name} still holds a {PLACEHOLDER} placeholder: set it (see .env.example; "
+                "meterflow doctor --compose checks them all)"
+            )
+
+
 @dataclass(frozen=True)
 class Variable:
     name: str
@@ -206,6 +220,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
+        refuse_placeholders(env, ("MONGO_URI",))
         data_dir = Path(_get(env, "METERFLOW_DATA_DIR")).expanduser().absolute()
         source = _get(env, "METERFLOW_KAFKA_SOURCE").lower()
         if source not in ("auto", "python", "jvm"):

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meterflow.config import ConfigError, env_value
+from meterflow.config import ConfigError, env_value, refuse_placeholders
 from meterflow.dashboards import CARDS, DASHBOARD_DESCRIPTION, DASHBOARD_NAME, Card
 from meterflow.logs import get_logger
 
@@ -57,6 +57,7 @@ class MetabaseSettings:
         def get(name: str) -> str:
             return env_value(name, env)
 
+        refuse_placeholders(env, ("METABASE_ADMIN_PASSWORD", "METABASE_MONGO_URI", "MONGO_URI"))
         missing = [
             name for name in ("METABASE_ADMIN_EMAIL", "METABASE_ADMIN_PASSWORD") if not get(name)
         ]

@@ -74,6 +74,17 @@ def test_bad_config_is_one_line_and_non_zero() -> None:
     )
 
 
+def test_a_placeholder_is_refused_at_start() -> None:
+    result = meterflow(
+        "topics", env={"MONGO_URI": "mongodb://meterflow:CHANGE-ME-mongo@localhost:27017/"}
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "meterflow topics: MONGO_URI still holds a CHANGE-ME placeholder: set it (see "
+        ".env.example; meterflow doctor --compose checks them all)"
+    )
+
+
 def test_unreachable_kafka_is_named() -> None:
     result = meterflow("topics", env={"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9"})
     assert result.returncode == 2

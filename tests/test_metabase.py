@@ -347,6 +347,18 @@ def test_credentials_have_no_default() -> None:
         metabase.MetabaseSettings.from_env({"METABASE_ADMIN_EMAIL": "a@b.c", "MONGO_URI": "x"})
 
 
+def test_the_example_password_is_refused() -> None:
+    """metabase-init with .env.example's placeholder stops with one line naming it."""
+    with pytest.raises(ConfigError, match="METABASE_ADMIN_PASSWORD still holds a CHANGE-ME"):
+        metabase.MetabaseSettings.from_env(
+            {
+                "METABASE_ADMIN_EMAIL": "a@b.c",
+                "METABASE_ADMIN_PASSWORD": "CHANGE-ME-metabase1",
+                "MONGO_URI": "mongodb://m:pw@mongodb:27017/",
+            }
+        )
+
+
 def test_provision_metabase_command(fake) -> None:
     state, url = fake
     env = {**os.environ, **env_for(url)}
