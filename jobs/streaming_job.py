@@ -9,11 +9,12 @@ abnormal events and dead letters. Exit codes: 2 configuration, 3 data loss to de
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import threading
 
 from meterflow.config import ConfigError, Settings
-from meterflow.errors import MeterflowError
+from meterflow.errors import DataLossError, MeterflowError
 from meterflow.logs import setup_logging
 from meterflow.stream import ACCEPT, run
 
@@ -46,10 +47,36 @@ def main(argv: list[str] | None = None) -> int:
             stop=stop,
             on_signal=lambda *_: stop.set(),
         )
+    except DataLossError as exc:
+        print(f"streaming_job: {exc}", file=sys.stderr)
+        if settings.on_data_loss == "wait":
+            _wait_for_the_decision()
+        return exc.exit_code
     except (MeterflowError, ConfigError) as exc:
         print(f"streaming_job: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     return 0
+
+
+def _wait_for_the_decision() -> None:
+    """Stay down without exiting: a container restarted on exit would repeat the stop
+    forever. Spark is stopped (its cores go back to the cluster, its UI and so the health
+    check go down) until SIGTERM; the operator decides, then restarts the service."""
+    from pyspark.sql import SparkSession
+
+    session = SparkSession.getActiveSession()
+    if session is not None:
+        session.stop()
+    print(
+        "streaming_job: stopped, waiting for a decision (METERFLOW_ON_DATA_LOSS=wait); "
+        "restart the service once it is made",
+        file=sys.stderr,
+        flush=True,
+    )
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    signal.signal(signal.SIGINT, lambda *_: stopped.set())
+    stopped.wait()
 
 
 if __name__ == "__main__":

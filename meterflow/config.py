@@ -85,6 +85,12 @@ VARIABLES: tuple[Variable, ...] = (
         "unavailable before it exits",
     ),
     Variable(
+        "METERFLOW_ON_DATA_LOSS",
+        "exit",
+        "What the spark-submit job does after a data-loss stop: exit (code 3), or wait "
+        "without exiting (containers that restart on exit)",
+    ),
+    Variable(
         "METERFLOW_IDLE_PARTITION_SECONDS",
         "60",
         "A Kafka partition that brought nothing for this long is caught up and no longer "
@@ -185,6 +191,13 @@ def _number(env: Mapping[str, str], name: str, kind: type, minimum: float) -> fl
     return value
 
 
+def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str:
+    value = _get(env, name).lower()
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} must be {' or '.join(allowed)}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     bootstrap_servers: str
@@ -203,6 +216,7 @@ class Settings:
     max_offsets_per_trigger: int
     starting_offsets: str
     stream_retries: int
+    on_data_loss: str
     idle_partition_seconds: float
     rules: Rules
     mongo_uri: str
@@ -255,6 +269,7 @@ class Settings:
             max_offsets_per_trigger=int(_number(env, "METERFLOW_MAX_OFFSETS_PER_TRIGGER", int, 0)),
             starting_offsets=starting,
             stream_retries=int(_number(env, "METERFLOW_STREAM_RETRIES", int, 0)),
+            on_data_loss=_choice(env, "METERFLOW_ON_DATA_LOSS", ("exit", "wait")),
             idle_partition_seconds=float(
                 _number(env, "METERFLOW_IDLE_PARTITION_SECONDS", float, 0)
             ),

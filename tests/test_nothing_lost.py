@@ -225,6 +225,7 @@ def test_a_broker_back_empty_is_a_decision_and_the_gap_is_recorded(
         run(settings, available_now=True, spark=spark)
     message = str(refused.value)
     assert "\n" not in message and "120..199" in message and "--accept-data-loss" in message
+    _spark_submit_waits_for_the_decision(settings)
 
     second = run(settings, available_now=True, spark=spark, accept_data_loss=True)
     assert second["read"] == 50
@@ -234,6 +235,50 @@ def test_a_broker_back_empty_is_a_decision_and_the_gap_is_recorded(
     assert [(start, end) for start, end, _ in lost] == [(120, 200)]
     generations = {g for g, _, _ in lake_offsets(settings)}
     assert len(generations) == 2
+
+
+def _spark_submit_waits_for_the_decision(settings: Settings) -> None:
+    """The compose service's way: the same one line, then no exit (no restart loop)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "METERFLOW_DATA_DIR": str(settings.data_dir),
+        "METERFLOW_KAFKA_SOURCE": "python",
+        "METERFLOW_ON_DATA_LOSS": "wait",
+        "PYSPARK_PYTHON": sys.executable,
+    }
+    job = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("spark-submit")),
+            "--master",
+            "local[1]",
+            "jobs/streaming_job.py",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 180
+        while not any("waiting for a decision" in line for line in seen):
+            assert time.monotonic() < deadline and job.poll() is None, "".join(seen)[-3000:]
+            seen.append(job.stdout.readline())  # type: ignore[union-attr]
+        time.sleep(3)
+        assert job.poll() is None, "the job exited: its container would restart in a loop"
+    finally:
+        job.send_signal(signal.SIGTERM)
+        job.wait(60)
+    assert job.returncode in (3, 143)  # spark-submit's JVM may report the SIGTERM itself
+    stops = [line for line in seen if line.startswith("streaming_job: iot-meter is a new topic")]
+    assert len(stops) == 1 and "120..199" in stops[0]
 
 
 def test_new_abnormal_events_after_a_broker_restart_reach_mongodb(
