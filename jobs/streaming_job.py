@@ -9,6 +9,7 @@ abnormal events and dead letters. Exit codes: 2 configuration, 3 data loss to de
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -76,7 +77,9 @@ def _wait_for_the_decision() -> None:
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     signal.signal(signal.SIGINT, lambda *_: stopped.set())
-    stopped.wait()
+    parent = os.getppid()  # spark-submit's JVM: when it is stopped, so is this process
+    while not stopped.wait(1.0) and os.getppid() == parent:
+        pass
 
 
 if __name__ == "__main__":

@@ -264,6 +264,7 @@ def _spark_submit_waits_for_the_decision(settings: Settings) -> None:
         text=True,
         env=env,
         cwd=Path(__file__).resolve().parents[1],
+        start_new_session=True,  # to see that no process of it outlives the stop
     )
     seen: list[str] = []
     try:
@@ -277,8 +278,24 @@ def _spark_submit_waits_for_the_decision(settings: Settings) -> None:
         job.send_signal(signal.SIGTERM)
         job.wait(60)
     assert job.returncode in (3, 143)  # spark-submit's JVM may report the SIGTERM itself
+    # The Python driver follows its JVM out: nothing of the job is left waiting.
+    deadline = time.monotonic() + 15
+    while _group_alive(job.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    leftover = _group_alive(job.pid)
+    if leftover:
+        os.killpg(job.pid, signal.SIGKILL)
+    assert not leftover, "a process of the stopped job is still running"
     stops = [line for line in seen if line.startswith("streaming_job: iot-meter is a new topic")]
     assert len(stops) == 1 and "120..199" in stops[0]
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_new_abnormal_events_after_a_broker_restart_reach_mongodb(
