@@ -47,6 +47,8 @@ def meter_daily_averages() -> None:
         application=job_path("daily_batch_job"),
         application_args=["--date", "{{ ds }}"],
         name="meterflow-daily-{{ ds }}",
+        # One Spark driver at a time in the scheduler's container, also during catch-up.
+        max_active_tis_per_dag=1,
     )
 
     @task

@@ -1,8 +1,8 @@
 # The project image: PySpark (a whole Spark: master, worker, spark-submit) with the JVM
 # Kafka connector, meterflow and every Python dependency from requirements.txt pinned by
 # constraints.txt, exactly as the native set-up installs them. docker-compose.yml runs the
-# Spark master and workers, the streaming job, the sink, the simulator and the one-shot
-# init steps from it. Build context: the repository root.
+# streaming job, the sink, the simulator and the one-shot init steps from it (the image can
+# also run a standalone master and workers). Build context: the repository root.
 FROM python:3.11.13-slim-bookworm
 
 # Spark 4.2 needs Java 17+; procps gives `ps`, which Spark's launch scripts use.

@@ -30,7 +30,7 @@ _URI_SAFE = re.compile(r"^[A-Za-z0-9._-]+$")
 HOST_PORTS = (
     "KAFKA_HOST_PORT",
     "MONGO_HOST_PORT",
-    "SPARK_MASTER_UI_PORT",
+    "SPARK_UI_PORT",
     "AIRFLOW_HOST_PORT",
     "METABASE_HOST_PORT",
 )
@@ -101,16 +101,31 @@ def port_problems(values: Mapping[str, str]) -> list[str]:
     return problems
 
 
+def parse_size(value: str) -> int:
+    """Bytes of a compose size such as ``768m``, ``1g``, ``1.5gb`` or ``1048576``."""
+    units = {"k": 2**10, "m": 2**20, "g": 2**30}
+    size = value.strip().lower().rstrip("b")
+    return int(float(size[:-1]) * units[size[-1]]) if size[-1:] in units else int(size or 0)
+
+
+def memory_budget(services: Mapping[str, Mapping[str, object]]) -> int:
+    """Bytes Docker needs at most: every long-running service's ``mem_limit`` plus the
+    largest one-shot step's (``restart: "no"``; they run for seconds at start-up)."""
+    long_running, one_shot = 0, [0]
+    for service in services.values():
+        size = parse_size(str(service.get("mem_limit", "0")))
+        if service.get("restart") == "no":
+            one_shot.append(size)
+        else:
+            long_running += size
+    return long_running + max(one_shot)
+
+
 def memory_limits(compose_file: Path) -> int:
-    """Bytes the services' ``mem_limit`` values add up to (0 where none are set)."""
+    """:func:`memory_budget` of a compose file."""
     import yaml
 
-    units = {"k": 2**10, "m": 2**20, "g": 2**30}
-    total = 0
-    for service in (yaml.safe_load(compose_file.read_text()).get("services") or {}).values():
-        limit = str(service.get("mem_limit", "0")).lower().rstrip("b")
-        total += int(float(limit[:-1]) * units[limit[-1]]) if limit[-1:] in units else int(limit)
-    return total
+    return memory_budget(yaml.safe_load(compose_file.read_text()).get("services") or {})
 
 
 def docker_problems(compose_file: Path, need_bytes: int) -> tuple[list[str], list[str]]:
@@ -126,7 +141,7 @@ def docker_problems(compose_file: Path, need_bytes: int) -> tuple[list[str], lis
     total = int(info.stdout.strip() or 0)
     if total < need_bytes:
         problems.append(
-            f"Docker has {total / 2**30:.1f} GiB of memory; the services' limits add up to "
+            f"Docker has {total / 2**30:.1f} GiB of memory; the services' memory limits need "
             f"{need_bytes / 2**30:.1f} GiB: give Docker more memory"
         )
     config = subprocess.run(

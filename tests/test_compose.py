@@ -18,11 +18,9 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -32,17 +30,26 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from bench.common import free_port
+from bench.compose_native import (
+    BIN,
+    COMPOSE_FILE,
+    ENV_EXAMPLE,
+    ROOT,
+    VARIABLE,
+    env_example,
+    healthcheck,
+    interpolate,
+    native,
+    running,
+    service_env,
+)
 from meterflow import kafka
+from meterflow.compose_check import memory_budget, parse_size
 from meterflow.config import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
-COMPOSE_FILE = ROOT / "docker-compose.yml"
-ENV_EXAMPLE = ROOT / ".env.example"
-BIN = Path(sys.executable).parent
+README = ROOT / "README.md"
 OUR_IMAGES = {"meterflow/project", "meterflow/airflow"}
-VARIABLE = re.compile(
-    r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:?[-?+])?(?P<arg>[^}]*)\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*)|(?P<dollar>\$))"
-)
 SECRET_KEY = re.compile(r"PASS|SECRET|FERNET|TOKEN|_KEY$", re.IGNORECASE)
 
 #: Each compose service built from our images -> the test that runs its command (and its
@@ -52,9 +59,7 @@ COMMAND_TESTS: dict[str, str] = {
     "kafka-init": "tests/test_compose.py::test_kafka_init_and_fleet_registry_commands",
     "fleet-registry": "tests/test_compose.py::test_kafka_init_and_fleet_registry_commands",
     "simulator": "tests/test_compose.py::test_simulator_command",
-    "spark-master": "tests/test_compose.py::test_spark_cluster_commands",
-    "spark-worker": "tests/test_compose.py::test_spark_cluster_commands",
-    "streaming-job": "tests/test_compose.py::test_spark_cluster_commands",
+    "streaming-job": "tests/test_compose.py::test_streaming_job_command",
     "metabase-init": "tests/test_metabase.py::test_provision_metabase_command",
     "airflow-init": "tests/test_compose.py::test_airflow_commands",
     "airflow-api-server": "tests/test_compose.py::test_airflow_commands",
@@ -67,42 +72,6 @@ COMMAND_TESTS: dict[str, str] = {
 
 
 # -- reading the compose file as docker compose does ------------------------------------
-
-
-def env_example() -> dict[str, str]:
-    values = {}
-    for line in ENV_EXAMPLE.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            name, sep, value = line.partition("=")
-            assert sep, f".env.example line is not NAME=value: {line!r}"
-            values[name.strip()] = value.strip()
-    return values
-
-
-def interpolate(value: Any, env: dict[str, str]) -> Any:
-    """Compose's interpolation: ``${VAR}``, ``${VAR:-default}``, ``${VAR:?error}``, ``$$``."""
-    if isinstance(value, dict):
-        return {key: interpolate(item, env) for key, item in value.items()}
-    if isinstance(value, list):
-        return [interpolate(item, env) for item in value]
-    if not isinstance(value, str):
-        return value
-
-    def substitute(match: re.Match[str]) -> str:
-        if match["dollar"]:
-            return "$"
-        name = match["braced"] or match["bare"]
-        current = env.get(name)
-        op = match["op"] or ""
-        if op.endswith("-") and not (current if op.startswith(":") else current is not None):
-            return match["arg"]
-        if op.endswith("?") and not current:
-            raise KeyError(f"{name}: {match['arg']}")
-        if current is None:
-            raise KeyError(f"${{{name}}} is not set in .env.example")
-        return current
-
-    return VARIABLE.sub(substitute, value)
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +166,49 @@ def test_services_are_wired_healthy_and_pinned(raw, resolved) -> None:
                 assert "${" in text, f"{name}: {key} holds a literal credential"
 
 
+#: Memory a JVM takes beside its heap (metaspace, code cache, threads, buffers), at least.
+JVM_OVERHEAD = parse_size("256m")
+
+
+def java_heap(options: str) -> int:
+    match = re.search(r"-Xmx(\S+)", options)
+    assert match, f"no -Xmx in {options!r}"
+    return parse_size(match[1])
+
+
+def test_memory_limits_hold_their_heaps_and_fit_8_gb(resolved) -> None:
+    """Every service has a limit; each JVM's heap fits inside its container's; the limits of
+    the long-running services and the largest one-shot step add up to the total the README
+    states, under 8 GB. bench/memory.py measures the peaks against these limits."""
+    services = resolved["services"]
+    limit = {name: parse_size(str(s.get("mem_limit", "0"))) for name, s in services.items()}
+    assert [name for name, size in limit.items() if size == 0] == [], "services with no limit"
+
+    def env(name: str) -> dict[str, str]:
+        return {k: str(v) for k, v in services[name].get("environment", {}).items()}
+
+    assert java_heap(env("kafka")["KAFKA_HEAP_OPTS"]) + JVM_OVERHEAD <= limit["kafka"]
+    assert java_heap(env("metabase")["JAVA_OPTS"]) + JVM_OVERHEAD <= limit["metabase"]
+    mongo_cache = services["mongodb"]["command"]
+    cache = float(mongo_cache[mongo_cache.index("--wiredTigerCacheSizeGB") + 1]) * 2**30
+    assert cache + JVM_OVERHEAD <= limit["mongodb"]
+    for name in ("streaming-job", "airflow-scheduler"):
+        assert parse_size(env(name)["SPARK_DRIVER_MEMORY"]) + JVM_OVERHEAD <= limit[name]
+    # LocalExecutor forks `parallelism` workers up front; the scheduler's limit counts them.
+    assert int(env("airflow-scheduler")["AIRFLOW__CORE__PARALLELISM"]) <= 8
+
+    one_shot = {name for name, service in services.items() if service.get("restart") == "no"}
+    budget = memory_budget(services)
+    assert budget == sum(v for n, v in limit.items() if n not in one_shot) + max(
+        limit[n] for n in one_shot
+    )
+    # 8 GiB for Docker, with half a GiB left for its own VM and daemons.
+    assert budget <= 7.5 * 2**30, f"limits add up to {budget / 2**30:.2f} GiB"
+    stated = re.search(r"memory limits add up to ([\d.]+) GiB", README.read_text())
+    assert stated, "the README states the total of the memory limits"
+    assert float(stated[1]) == round(budget / 2**30, 1), "update the total in the README"
+
+
 def test_the_scheduler_waits_for_the_api_server_its_tasks_call(resolved) -> None:
     scheduler = resolved["services"]["airflow-scheduler"]
     assert scheduler["depends_on"]["airflow-api-server"]["condition"] == "service_healthy"
@@ -222,8 +234,7 @@ def test_state_lives_on_named_volumes(resolved) -> None:
     def mounts(name: str) -> set[str]:
         return set(services[name].get("volumes", []))
 
-    assert "lake:/data/lake" in mounts("spark-worker") & mounts("streaming-job")
-    assert "checkpoints:/data/checkpoints" in mounts("spark-worker") & mounts("streaming-job")
+    assert {"lake:/data/lake", "checkpoints:/data/checkpoints"} <= mounts("streaming-job")
     assert "lake:/data/lake" in mounts("airflow-scheduler")
     for name, path in {
         "kafka": "/var/lib/kafka/data",
@@ -235,7 +246,13 @@ def test_state_lives_on_named_volumes(resolved) -> None:
     # The apache/kafka image writes to /tmp/kraft-combined-logs unless told otherwise.
     assert services["kafka"]["environment"]["KAFKA_LOG_DIRS"] == "/var/lib/kafka/data"
     assert services["metabase"]["environment"]["MB_DB_TYPE"] == "postgres"
-    assert "spark://spark-master:7077" in services["streaming-job"]["command"]
+    # Both Spark jobs run where SPARK_MASTER says: the streaming job and the DAGs' connection.
+    master = env_example()["SPARK_MASTER"]
+    assert master in services["streaming-job"]["command"]
+    connection = json.loads(
+        services["airflow-scheduler"]["environment"]["AIRFLOW_CONN_SPARK_DEFAULT"]
+    )
+    assert connection["host"] == master
     assert services["streaming-job"]["environment"]["METERFLOW_KAFKA_SOURCE"] == "jvm"
 
 
@@ -329,62 +346,6 @@ def test_every_command_of_our_images_is_run_by_a_native_test(resolved) -> None:
 # -- running the compose commands natively ---------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def native(argv: list[str], swap: dict[str, str]) -> list[str]:
-    """A compose command for this machine: local executables, hosts and ports swapped."""
-    out = []
-    for arg in argv:
-        swapped = arg
-        for old, new in swap.items():
-            swapped = swapped.replace(old, new)
-        out.append(swapped)
-    program = out[0]
-    if program == "python":
-        out[0] = sys.executable
-    elif (BIN / program).exists():
-        out[0] = str(BIN / program)
-    return out
-
-
-def service_env(service: dict[str, Any], **overrides: str) -> dict[str, str]:
-    env = {**os.environ, **{k: str(v) for k, v in service.get("environment", {}).items()}}
-    env.update(overrides)
-    return env
-
-
-def healthcheck(service: dict[str, Any], swap: dict[str, str], env: dict[str, str]) -> bool:
-    test = service["healthcheck"]["test"]
-    if test[0] == "CMD-SHELL":
-        argv = ["bash", "-c", test[1].replace("airflow ", f"{BIN / 'airflow'} ", 1)]
-    else:
-        argv = native(test[1:], swap)
-    done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
-    return done.returncode == 0
-
-
-@contextmanager
-def running(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            argv, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            yield process
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait(10)
-
-
 def wait_for(check: Callable[[], bool], what: str, timeout: float, *logs: Path) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -451,67 +412,26 @@ def test_simulator_command(resolved, meterflow_env, bootstrap, tmp_path) -> None
     assert f"sent {sent:,} messages" in log.read_text()
 
 
-def test_spark_cluster_commands(resolved, meterflow_env, bootstrap, tmp_path) -> None:
-    """Master, worker and the streaming job as compose starts them, on this machine."""
-    services = resolved["services"]
-    master_port, master_ui, worker_ui, driver_ui = (free_port() for _ in range(4))
-    swap = {
-        "spark://spark-master:7077": f"spark://127.0.0.1:{master_port}",
-        "spark-master": "127.0.0.1",
-        "localhost:8080": f"127.0.0.1:{master_ui}",
-        "localhost:8081": f"127.0.0.1:{worker_ui}",
-        "localhost:4040": f"127.0.0.1:{driver_ui}",
-    }
-    ports = {"7077": str(master_port), "8080": str(master_ui), "8081": str(worker_ui)}
-    spark_env = {
-        "SPARK_LOCAL_IP": "127.0.0.1",
-        "SPARK_WORKER_DIR": str(tmp_path / "spark-work"),
-        "SPARK_LOG_DIR": str(tmp_path / "spark-logs"),
-    }
-
-    def argv(name: str) -> list[str]:
-        command = native(services[name]["command"], swap)
-        return [
-            ports.get(a, a) if p.startswith("--") else a
-            for p, a in zip(["", *command], command, strict=False)
-        ]
-
+def test_streaming_job_command(resolved, meterflow_env, bootstrap, tmp_path) -> None:
+    """The streaming job as compose starts it (spark-submit with SPARK_MASTER), answering
+    its health check while it runs, then committing the prototype's messages."""
+    service = resolved["services"]["streaming-job"]
+    driver_ui = free_port()
+    swap = {"localhost:4040": f"127.0.0.1:{driver_ui}"}
     send_prototype(meterflow_env)
-    master, worker = services["spark-master"], services["spark-worker"]
-    logs = tmp_path / "master.log", tmp_path / "worker.log", tmp_path / "driver.log"
-    env = service_env(worker, **meterflow_env, **spark_env)
-    with running(argv("spark-master"), env, logs[0]):
-        wait_for(lambda: healthcheck(master, swap, env), "spark-master", 90, logs[0])
-        with running(argv("spark-worker"), env, logs[1]):
-            wait_for(lambda: healthcheck(worker, swap, env), "spark-worker", 90, *logs[:2])
-            wait_for(lambda: workers_alive(master_ui) == 1, "worker registration", 60, *logs[:2])
-            job = services["streaming-job"]
-            driver_env = service_env(
-                job,
-                **meterflow_env,
-                **spark_env,
-                SPARK_LOCAL_HOSTNAME="127.0.0.1",
-                METERFLOW_TRIGGER_SECONDS="1",
-            )
-            command = [*argv("streaming-job"), "--available-now"]
-            command[1:1] = ["--conf", f"spark.ui.port={driver_ui}"]
-            done = subprocess.run(
-                command, env=driver_env, cwd=ROOT, capture_output=True, text=True, timeout=300
-            )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    assert "read=4 valid=2 abnormal=1 deadletter=1" in done.stdout + done.stderr
+    env = service_env(
+        service, **meterflow_env, SPARK_LOCAL_IP="127.0.0.1", METERFLOW_TRIGGER_SECONDS="1"
+    )
+    command = native(service["command"], {})
+    command[1:1] = ["--conf", f"spark.ui.port={driver_ui}"]
+    log = tmp_path / "streaming-job.log"
     lake = Path(meterflow_env["LAKE_PATH"]) / "readings" / "date=2024-05-27"
-    assert list(lake.glob("*.parquet")), f"no Parquet under {lake}"
-    assert "Asked to launch executor" in logs[1].read_text(), "the job did not run on the worker"
-
-
-def workers_alive(master_ui: int) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{master_ui}/json/", timeout=5) as r:
-            state = json.load(r)
-    except OSError:
-        return 0
-    return sum(1 for w in state.get("workers", []) if w.get("state") == "ALIVE")
+    with running(command, env, log) as process:
+        wait_for(lambda: healthcheck(service, swap, env), "streaming-job health", 180, log)
+        wait_for(lambda: bool(list(lake.glob("*.parquet"))), "the lake", 120, log)
+        os.killpg(process.pid, signal.SIGTERM)
+        assert process.wait(60) == 0, log.read_text()[-3000:]
+    assert "read=4 valid=2 abnormal=1 deadletter=1" in log.read_text()
 
 
 def send_prototype(env: dict[str, str]) -> None:

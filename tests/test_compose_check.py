@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from meterflow.compose_check import env_problems, read_env_file
+from meterflow.compose_check import env_problems, memory_limits, read_env_file
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {
@@ -93,3 +93,28 @@ def test_airflow_init_stops_on_a_placeholder_with_one_line() -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("airflow-init: AIRFLOW_FERNET_KEY is still a CHANGE-ME")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_doctor_compares_dockers_memory_with_the_limits(tmp_path: Path) -> None:
+    """With a `docker` client on PATH: too little memory for the limits is named."""
+    lines = [f"{k}={GOOD.get(k, v)}" for k, v in read_env_file(ROOT / ".env.example").items()]
+    good = tmp_path / "good.env"
+    good.write_text("\n".join(lines) + "\n")
+    need = memory_limits(ROOT / "docker-compose.yml")
+    for memory, ok in ((4 * 2**30, False), (8 * 2**30, True)):
+        bin_dir = tmp_path / f"bin-{memory}"
+        bin_dir.mkdir()
+        docker = bin_dir / "docker"
+        docker.write_text(f'#!/bin/sh\n[ "$1" = info ] && echo {memory}\nexit 0\n')
+        docker.chmod(0o755)
+        result = subprocess.run(
+            [sys.executable, "-m", "meterflow.cli", "doctor", "--compose", "--env-file", str(good)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env={**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"},
+        )
+        wanted = f"memory limits need {need / 2**30:.1f} GiB: give Docker more memory"
+        assert (wanted in result.stderr) is not ok, result.stderr
+        assert result.returncode == (0 if ok else 1), result.stderr

@@ -49,6 +49,11 @@ def test_every_dag_imports_with_owner_and_tags() -> None:
         assert dag.doc_md, f"{dag.dag_id} has no documentation"
         for task in dag.tasks:
             assert task.owner == "meterflow", f"{dag.dag_id}.{task.task_id} owner {task.owner}"
+    # One Spark driver at a time in the scheduler's container (its mem_limit counts one).
+    spark_tasks = [
+        t for d in bag.dags.values() for t in d.tasks if t.task_type == "SparkSubmitOperator"
+    ]
+    assert spark_tasks and all(t.max_active_tis_per_dag == 1 for t in spark_tasks)
 
 
 _NO_IO_PROBE = """

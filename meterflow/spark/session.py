@@ -30,7 +30,11 @@ def get_spark(app_name: str, master: str | None = None, **conf: str) -> SparkSes
         "spark.ui.showConsoleProgress": "false",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.sql.sources.partitionOverwriteMode": "dynamic",
-        "spark.python.worker.reuse": "true",
+        # A Python worker per task, forked from a daemon that has already imported the
+        # heavy libraries: cheap to start, and its memory goes back when the task ends
+        # instead of staying with an idle worker (bench/memory.py).
+        "spark.python.worker.reuse": "false",
+        "spark.python.daemon.module": "meterflow.spark.daemon",
         # Write each date partition with its own open file instead of sorting the whole
         # micro-batch by date first (a batch spans one or two days).
         "spark.sql.maxConcurrentOutputFileWriters": "16",
