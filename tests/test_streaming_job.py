@@ -242,3 +242,31 @@ def test_prototype_stream_end_to_end(spark: SparkSession, make_settings) -> None
     assert {r.device_id for r in rows} == {f"{p}{i}" for p in ("em", "wm") for i in range(1, 5)}
     assert {r.meter_type for r in rows if r.device_id.startswith("wm")} == {"water"}
     assert {r.fault_code for r in rows if r.fault_code} == {"SENTINEL"}
+
+
+def test_spark_submit_conf_wins_over_the_session_defaults(tmp_path) -> None:
+    """compose gives the streaming job `--conf spark.python.worker.reuse=false`; get_spark's
+    own default (true) must not undo it. Options it was not given keep the defaults."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "show_conf.py"
+    script.write_text(
+        "from meterflow.spark.session import get_spark\n"
+        "conf = get_spark('conf-check').sparkContext.getConf()\n"
+        "print('reuse=' + conf.get('spark.python.worker.reuse'))\n"
+        "print('daemon=' + conf.get('spark.python.daemon.module'))\n"
+    )
+    spark_submit = Path(sys.executable).with_name("spark-submit")
+    done = subprocess.run(
+        [str(spark_submit), "--master", "local[1]", "--conf", "spark.python.worker.reuse=false",
+         "--conf", "spark.ui.enabled=false", str(script)],
+        capture_output=True, text=True, timeout=180, check=False,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "PYSPARK_PYTHON": sys.executable},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "reuse=false" in done.stdout
+    assert "daemon=meterflow.spark.daemon" in done.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
 
 from meterflow.config import Settings
@@ -30,10 +31,8 @@ def get_spark(app_name: str, master: str | None = None, **conf: str) -> SparkSes
         "spark.ui.showConsoleProgress": "false",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.sql.sources.partitionOverwriteMode": "dynamic",
-        # A Python worker per task, forked from a daemon that has already imported the
-        # heavy libraries: cheap to start, and its memory goes back when the task ends
-        # instead of staying with an idle worker (bench/memory.py).
-        "spark.python.worker.reuse": "false",
+        "spark.python.worker.reuse": "true",
+        # Python workers fork from a daemon that has already imported the heavy libraries.
         "spark.python.daemon.module": "meterflow.spark.daemon",
         # Write each date partition with its own open file instead of sorting the whole
         # micro-batch by date first (a batch spans one or two days).
@@ -43,7 +42,15 @@ def get_spark(app_name: str, master: str | None = None, **conf: str) -> SparkSes
         # Retention may delete a partition between a job listing it and reading it.
         "spark.sql.files.ignoreMissingFiles": "true",
     }
-    for key, value in {**defaults, **conf}.items():
+    # What spark-submit was given (--conf, spark-defaults.conf) wins over these defaults.
+    submitted = None
+    if "PYSPARK_GATEWAY_PORT" in os.environ:
+        SparkContext._ensure_initialized()  # joins spark-submit's JVM, which holds its conf
+        submitted = SparkConf()
+    for key, value in defaults.items():
+        if submitted is None or not submitted.contains(key):
+            builder = builder.config(key, value)
+    for key, value in conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("SPARK_LOG_LEVEL", "WARN"))
