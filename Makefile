@@ -25,6 +25,7 @@ bench: install
 	$(BIN)/python -m bench.simulator_rate
 	$(BIN)/python -m bench.daily_batch
 	$(BIN)/python -m bench.chaos
+	$(BIN)/python -m bench.memory
 
 clean:
 	rm -rf data .pytest_cache
