@@ -1,7 +1,7 @@
 """The streaming benchmark's baseline: a plain confluent-kafka loop, the same rules, no Spark.
 
 It does the speed layer's work in one Python process (consume, classify with
-:func:`meterflow.pipeline.classify_batch`, publish events and dead letters, write the lake
+:func:`meterflow.stream.classify.classify_batch`, publish events and dead letters, write the lake
 as Parquet partitioned by date) so the benchmark can say what Spark costs or buys.
 """
 
@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from meterflow import kafka
-from meterflow.config import Settings
-from meterflow.contract import Status
-from meterflow.lake import LAKE_COLUMNS, PARTITION_COLUMN
-from meterflow.pipeline import classify_batch
+from meterflow.clients import kafka
+from meterflow.core.config import Settings
+from meterflow.core.contract import Status
+from meterflow.core.lake import LAKE_COLUMNS, PARTITION_COLUMN
 from meterflow.spark.kafka_source import KafkaInputPartition, records_to_batch
+from meterflow.stream.classify import classify_batch
 
 
 @dataclass(frozen=True)

@@ -34,11 +34,13 @@ import pyarrow.dataset as ds
 
 from bench.common import free_port, timed, write_results
 from bench.stall_proxy import ProxiedBroker, StallingProxy
-from meterflow import contract, kafka, lake
-from meterflow.config import Settings
-from meterflow.ledger import Ledger
-from meterflow.mongo import ABNORMAL_READINGS, LocalMongo, client
-from meterflow.reconcile import reconcile
+from meterflow.clients import kafka
+from meterflow.clients.mongo import ABNORMAL_READINGS, client
+from meterflow.core import contract, lake
+from meterflow.core.config import Settings
+from meterflow.core.ledger import Ledger
+from meterflow.local.mongo import LocalMongo
+from meterflow.stream.reconcile import reconcile
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from meterflow.broker import LocalBroker
+from meterflow.local.broker import LocalBroker
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -35,11 +35,11 @@ import pyarrow.parquet as pq
 from bench.common import timed, write_results
 from jobs import daily_batch_job
 from jobs.daily_batch_job import run
-from meterflow import lake
-from meterflow.config import Settings
-from meterflow.contract import METER_SPECS, TYPE_ORDER, FaultCode, MeterType
-from meterflow.lake import REGISTRY_FILE
-from meterflow.views import METER_VIEW, TYPE_VIEW, UNKNOWN_DISTRICT, DayReport, view_path
+from meterflow.batch.views import METER_VIEW, TYPE_VIEW, UNKNOWN_DISTRICT, DayReport, view_path
+from meterflow.core import lake
+from meterflow.core.config import Settings
+from meterflow.core.contract import METER_SPECS, TYPE_ORDER, FaultCode, MeterType
+from meterflow.core.lake import REGISTRY_FILE
 from simulator.fleet import DEFAULT_MIX, REGISTRY_SCHEMA, meter_counts
 
 DAY = date(2024, 6, 3)

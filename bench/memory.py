@@ -58,11 +58,11 @@ from bench.compose_native import (
     running,
     service_env,
 )
-from meterflow import kafka
+from meterflow.clients import kafka
 from meterflow.compose_check import memory_budget, parse_size
-from meterflow.config import Settings
-from meterflow.ledger import Ledger, audit
-from meterflow.mongo import LocalMongo
+from meterflow.core.config import Settings
+from meterflow.core.ledger import Ledger, audit
+from meterflow.local.mongo import LocalMongo
 
 #: Share of a service's ``mem_limit`` that must stay free at its measured peak.
 HEADROOM = 0.2

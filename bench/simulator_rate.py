@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from bench.common import local_broker, timed, write_results
-from meterflow import kafka
+from meterflow.clients import kafka
 from simulator.fleet import Fleet, build_fleet
 from simulator.generator import Emit, FaultRates, SimulationConfig, simulate
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import threading
 
-from meterflow.broker import LocalBroker
+from meterflow.local.broker import LocalBroker
 
 
 class StallingProxy:

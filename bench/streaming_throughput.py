@@ -1,7 +1,7 @@
 """Streaming throughput: N readings through the Spark speed layer vs a plain Python loop.
 
 Both consume the same topic on the same broker, apply the same rules
-(:mod:`meterflow.pipeline`), publish abnormal events and dead letters, and write the lake
+(:mod:`meterflow.stream.classify`), publish abnormal events and dead letters, and write the lake
 as Parquet. Two Spark figures:
 
 * the running job, as deployed: the query is up (started and warmed with a small batch)
@@ -25,10 +25,10 @@ from pathlib import Path
 
 from bench.baseline import run_baseline
 from bench.common import local_broker, timed, write_results
-from meterflow import kafka
-from meterflow.config import Settings
-from meterflow.lake import LAKE_SCHEMA, readings_path, spark_ddl
-from meterflow.logs import setup_logging
+from meterflow.clients import kafka
+from meterflow.core.config import Settings
+from meterflow.core.lake import LAKE_SCHEMA, readings_path, spark_ddl
+from meterflow.core.logs import setup_logging
 from simulator.generator import FaultRates, SimulationConfig, simulate
 
 TARGET_PER_S = 100_000
@@ -76,7 +76,7 @@ def running_job(spark, settings: Settings, readings: int, seed: int) -> dict:
     clock stops when the job has committed the last of them. Production is inside the
     measured time and competes for the same two cores.
     """
-    from meterflow.stream import run
+    from meterflow.stream.query import run
 
     stop = threading.Event()
     committer: dict = {}
@@ -114,7 +114,7 @@ def running_job(spark, settings: Settings, readings: int, seed: int) -> dict:
 
 def cold_catch_up(spark, settings: Settings) -> dict:
     """A fresh lake and query working off everything already in the topic."""
-    from meterflow.stream import run
+    from meterflow.stream.query import run
 
     committer: dict = {}
     with timed() as job:

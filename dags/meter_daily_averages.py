@@ -16,7 +16,7 @@ import pendulum
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.sdk import dag, task
 
-from meterflow.config import env_value
+from meterflow.core.config import env_value
 from meterflow_airflow.hooks import MeterflowHook, job_path
 from meterflow_airflow.sensors import LakePartitionCompleteSensor
 
@@ -54,7 +54,7 @@ def meter_daily_averages() -> None:
     @task
     def load(ds: str | None = None) -> dict:
         """Publish the day's views to MongoDB (upserts that replace the day)."""
-        from meterflow.loader import publish_day
+        from meterflow.serving.loader import publish_day
 
         hook = MeterflowHook()
         return publish_day(hook.settings, ds, db=hook.get_conn()).as_dict()
@@ -62,7 +62,7 @@ def meter_daily_averages() -> None:
     @task
     def check(ds: str | None = None) -> dict:
         """Fail the run if MongoDB disagrees with the lake for the day."""
-        from meterflow.checks import check_day
+        from meterflow.serving.checks import check_day
 
         hook = MeterflowHook()
         return check_day(hook.settings, ds, db=hook.get_conn()).as_dict()

@@ -14,7 +14,7 @@ import pendulum
 from airflow.providers.apache.kafka.triggers.msg_queue import KafkaMessageQueueTrigger
 from airflow.sdk import Asset, AssetOrTimeSchedule, AssetWatcher, CronTriggerTimetable, dag, task
 
-from meterflow.config import env_value
+from meterflow.core.config import env_value
 
 ABNORMAL_TOPIC = env_value("METERFLOW_TOPIC_ABNORMAL")
 
@@ -50,7 +50,7 @@ def meter_incidents() -> None:
     @task
     def reconcile_incidents() -> dict:
         """Open incidents for failing meters and close those of recovered ones."""
-        from meterflow.incidents import reconcile
+        from meterflow.serving.incidents import reconcile
         from meterflow_airflow.hooks import MeterflowHook
 
         hook = MeterflowHook()

@@ -24,7 +24,7 @@ def meterflow_retention() -> None:
     @task
     def apply_mongo_ttl() -> dict:
         """Create or update the TTL indexes from the configured number of days."""
-        from meterflow.serving import ensure_indexes
+        from meterflow.serving.indexes import ensure_indexes
         from meterflow_airflow.hooks import MeterflowHook
 
         hook = MeterflowHook()
@@ -33,7 +33,7 @@ def meterflow_retention() -> None:
     @task
     def drop_old_lake_partitions(ds: str | None = None) -> dict:
         """Delete readings and view partitions older than the retention period."""
-        from meterflow.retention import drop_expired_partitions
+        from meterflow.batch.retention import drop_expired_partitions
         from meterflow_airflow.hooks import MeterflowHook
 
         return drop_expired_partitions(MeterflowHook().settings, ds)

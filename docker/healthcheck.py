@@ -23,13 +23,13 @@ def check_http(url: str) -> None:
 
 
 def check_kafka() -> None:
-    from meterflow.kafka import check_reachable
+    from meterflow.clients.kafka import check_reachable
 
     check_reachable(os.environ["KAFKA_BOOTSTRAP_SERVERS"], timeout=TIMEOUT_S)
 
 
 def check_mongo() -> None:
-    from meterflow.mongo import ping
+    from meterflow.clients.mongo import ping
 
     ping(os.environ["MONGO_URI"], timeout=TIMEOUT_S)
 

@@ -6,7 +6,8 @@ committed files are ever there, docs/architecture.md), aggregates the day once p
 derives the rest from that result (one row per meter) in Arrow instead of rescanning. Views
 go to ``<views>/<view>/date=D/`` as Parquet, replacing D's previous views and nothing
 else; a JSON report per day (``<views>/_reports/date=D.json``) tells the loader and the
-checks what was found. Spark never writes MongoDB (docs/architecture.md): meterflow.loader does.
+checks what was found. Spark never writes MongoDB (docs/architecture.md):
+meterflow.serving.loader does.
 """
 
 from __future__ import annotations
@@ -25,11 +26,7 @@ import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from meterflow import lake
-from meterflow.config import ConfigError, Settings
-from meterflow.contract import METER_SPECS, TYPE_ORDER
-from meterflow.logs import get_logger, setup_logging
-from meterflow.views import (
+from meterflow.batch.views import (
     DISTRICT_VIEW,
     METER_VIEW,
     SECONDS_PER_DAY,
@@ -45,6 +42,10 @@ from meterflow.views import (
     view_path,
     write_report,
 )
+from meterflow.core import lake
+from meterflow.core.config import ConfigError, Settings
+from meterflow.core.contract import METER_SPECS, TYPE_ORDER
+from meterflow.core.logs import get_logger, setup_logging
 
 log = get_logger("jobs.daily_batch")
 

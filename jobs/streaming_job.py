@@ -1,4 +1,4 @@
-"""spark-submit entry point of the speed layer (the code is :mod:`meterflow.stream`).
+"""spark-submit entry point of the speed layer (the code is :mod:`meterflow.stream.query`).
 
 ``spark-submit jobs/streaming_job.py [--available-now] [--accept-data-loss]``: reads
 ``iot-meter`` until stopped (or caught up), writes the lake through its ledger, publishes
@@ -14,10 +14,10 @@ import signal
 import sys
 import threading
 
-from meterflow.config import ConfigError, Settings
-from meterflow.errors import DataLossError, MeterflowError
-from meterflow.logs import setup_logging
-from meterflow.stream import ACCEPT, run
+from meterflow.core.config import ConfigError, Settings
+from meterflow.core.errors import DataLossError, MeterflowError
+from meterflow.core.logs import setup_logging
+from meterflow.stream.query import ACCEPT, run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,12 +16,12 @@ from datetime import date
 from pathlib import Path
 
 from meterflow import __version__
-from meterflow.broker import BrokerError, kafka_for
-from meterflow.config import VARIABLES, ConfigError, Settings
-from meterflow.errors import MeterflowError
-from meterflow.kafka import KafkaUnavailableError, ProducerSink
-from meterflow.logs import get_logger, setup_logging
-from meterflow.mongo import MongoUnavailableError
+from meterflow.clients.kafka import KafkaUnavailableError, ProducerSink
+from meterflow.clients.mongo import MongoUnavailableError
+from meterflow.core.config import VARIABLES, ConfigError, Settings
+from meterflow.core.errors import MeterflowError
+from meterflow.core.logs import get_logger, setup_logging
+from meterflow.local.broker import BrokerError, kafka_for
 
 log = get_logger("meterflow.cli")
 
@@ -63,7 +63,7 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_provision_metabase(args: argparse.Namespace, settings: Settings) -> int:
     """Set up Metabase: admin, the MongoDB database and the "Smart meters" dashboard."""
-    from meterflow.metabase import MetabaseError, MetabaseSettings, provision
+    from meterflow.dashboards.metabase import MetabaseError, MetabaseSettings, provision
 
     try:
         result = provision(MetabaseSettings.from_env())
@@ -76,8 +76,9 @@ def cmd_provision_metabase(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_init_mongo(args: argparse.Namespace, settings: Settings) -> int:
     """Indexes (TTL included) and the fleet registry in MongoDB; safe to run again."""
-    from meterflow.mongo import database, mongo_for
-    from meterflow.serving import init_mongo, summary_lines
+    from meterflow.clients.mongo import database
+    from meterflow.local.mongo import mongo_for
+    from meterflow.serving.indexes import init_mongo, summary_lines
 
     with mongo_for(settings) as (live, _):
         try:
@@ -92,9 +93,10 @@ def cmd_init_mongo(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
     """Abnormal events and meter status from Kafka into MongoDB until Ctrl-C or SIGTERM."""
-    from meterflow.mongo import database, mongo_for
-    from meterflow.serving import ensure_indexes
-    from meterflow.sink import Sink
+    from meterflow.clients.mongo import database
+    from meterflow.local.mongo import mongo_for
+    from meterflow.serving.indexes import ensure_indexes
+    from meterflow.serving.sink import Sink
 
     stop = threading.Event()
     previous = {
@@ -137,8 +139,9 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_load(args: argparse.Namespace, settings: Settings) -> int:
     """Publish one day's batch views to MongoDB (replacing the day)."""
-    from meterflow.loader import ViewMissingError, publish_day
-    from meterflow.mongo import database, mongo_for
+    from meterflow.clients.mongo import database
+    from meterflow.local.mongo import mongo_for
+    from meterflow.serving.loader import ViewMissingError, publish_day
 
     with mongo_for(settings) as (live, _):
         try:
@@ -152,8 +155,9 @@ def cmd_load(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     """Check one published day against its views and the lake; exit 1 if they disagree."""
-    from meterflow.checks import CheckFailed, check_day
-    from meterflow.mongo import database, mongo_for
+    from meterflow.clients.mongo import database
+    from meterflow.local.mongo import mongo_for
+    from meterflow.serving.checks import CheckFailed, check_day
 
     with mongo_for(settings) as (live, _):
         try:
@@ -193,7 +197,7 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
-    from meterflow.stream import check_writable, run
+    from meterflow.stream.query import check_writable, run
 
     check_writable(settings)  # before any broker or Spark: one line naming the variable
     stop = threading.Event()
@@ -247,8 +251,8 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     """Prove from the lake's ledger that every offset has exactly one outcome."""
-    from meterflow.local_service import port_open
-    from meterflow.reconcile import reconcile
+    from meterflow.local.service import port_open
+    from meterflow.stream.reconcile import reconcile
 
     if not settings.bootstrap_servers and port_open(settings.local_broker_port):
         settings = settings.with_bootstrap(f"127.0.0.1:{settings.local_broker_port}")
@@ -268,9 +272,10 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     runs the DAGs, so the daily views of a complete day appear in MongoDB. Ctrl-C drains in
     order (:class:`_Drain`): nothing the simulator sent is left unread in the local broker.
     """
-    from meterflow.mongo import database, mongo_for, redacted
-    from meterflow.serving import init_mongo
-    from meterflow.stream import run
+    from meterflow.clients.mongo import database, redacted
+    from meterflow.local.mongo import mongo_for
+    from meterflow.serving.indexes import init_mongo
+    from meterflow.stream.query import run
     from simulator.cli import start_background_simulation
 
     with kafka_for(settings) as (live, broker), mongo_for(live) as (live, _):
@@ -296,7 +301,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         init_mongo(database(live), live)  # indexes, and the registry the simulator wrote
         drain.sink = _start_sink(live, drain.stop_sink)
         if args.airflow:  # the stream is starting: the daily DAG waits for its watermark
-            from meterflow import lake
+            from meterflow.core import lake
 
             lake.write_watermark(live.lake_path, lake.read_watermark(live.lake_path))
         airflow = _start_airflow(live) if args.airflow else None
@@ -377,7 +382,7 @@ class _Drain:
 
     def finish(self) -> None:
         """After the stream: let the sink catch up, then stop it and the producer."""
-        from meterflow import kafka
+        from meterflow.clients import kafka
 
         self.stop_simulator.set()
         if self._thread is not None and not self.stop_sink.is_set():
@@ -399,7 +404,7 @@ class _Drain:
 
 
 def _topic_ends(bootstrap: str, topic: str) -> dict[int, int]:
-    from meterflow import kafka
+    from meterflow.clients import kafka
 
     client = kafka.consumer(bootstrap)
     try:
@@ -420,8 +425,8 @@ def _wait_for(done: Callable[[], bool], timeout: float) -> bool:
 
 def _start_sink(settings: Settings, stop: threading.Event) -> threading.Thread:
     """``meterflow sink`` in a thread of ``meterflow run`` (stops, flushed, with ``stop``)."""
-    from meterflow.mongo import database
-    from meterflow.sink import Sink
+    from meterflow.clients.mongo import database
+    from meterflow.serving.sink import Sink
 
     def consume() -> None:
         try:
@@ -437,7 +442,7 @@ def _start_sink(settings: Settings, stop: threading.Event) -> threading.Thread:
 def _start_airflow(settings: Settings):
     from datetime import UTC, datetime, timedelta
 
-    from meterflow.airflow_local import API_PORT, start_standalone
+    from meterflow.local.airflow import API_PORT, start_standalone
 
     yesterday = datetime.now(UTC).date() - timedelta(days=1)
     process = start_standalone(settings, yesterday)

@@ -16,8 +16,8 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-from meterflow.config import PLACEHOLDER
-from meterflow.local_service import port_open
+from meterflow.core.config import PLACEHOLDER
+from meterflow.local.service import port_open
 
 GENERATE = {
     "AIRFLOW_FERNET_KEY": 'python -c "from cryptography.fernet import Fernet;'

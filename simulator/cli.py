@@ -28,9 +28,9 @@ from datetime import date
 from pathlib import Path
 from typing import TextIO
 
-from meterflow.config import Settings
-from meterflow.contract import STATELESS_FAULTS, DeadLetterReason, FaultCode, MeterType, Rules
-from meterflow.logs import get_logger
+from meterflow.core.config import Settings
+from meterflow.core.contract import STATELESS_FAULTS, DeadLetterReason, FaultCode, MeterType, Rules
+from meterflow.core.logs import get_logger
 from simulator.faults import (
     DEFAULT_FAULT_RATE,
     DEFAULT_MALFORMED_RATE,

@@ -1,9 +1,9 @@
 """Fault injection: which readings to corrupt, and how, so the contract names exactly that fault.
 
-Each stateless :class:`~meterflow.contract.FaultCode` has its own rate per reading, and
+Each stateless :class:`~meterflow.core.contract.FaultCode` has its own rate per reading, and
 malformed messages have one rate; malformed messages rotate through every
-:class:`~meterflow.contract.DeadLetterReason` in turn. Every corruption here is built so
-that :func:`meterflow.contract.evaluate` classifies it as the injected kind and nothing
+:class:`~meterflow.core.contract.DeadLetterReason` in turn. Every corruption here is built so
+that :func:`meterflow.core.contract.evaluate` classifies it as the injected kind and nothing
 else (the rules' precedence is taken into account), which is what lets a run's summary
 serve as the ground truth of an end-to-end test.
 """
@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 
-from meterflow.contract import (
+from meterflow.core.contract import (
     SENTINEL_VALUE,
     STATELESS_FAULTS,
     DeadLetterReason,

@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from faker import Faker
 
-from meterflow.contract import METER_SPECS, TYPE_ORDER, MeterType
-from meterflow.lake import REGISTRY_FILE, filesystem_for
+from meterflow.core.contract import METER_SPECS, TYPE_ORDER, MeterType
+from meterflow.core.lake import REGISTRY_FILE, filesystem_for
 
 DEFAULT_MIX: dict[MeterType, float] = {
     MeterType.ELECTRICITY: 0.5,
@@ -78,7 +78,7 @@ class Meter:
 class Fleet:
     """Meters grouped by type (so a time step formats each type as one run) plus columns.
 
-    ``type_index`` (into :data:`~meterflow.contract.TYPE_ORDER`) and ``scale`` are numpy
+    ``type_index`` (into :data:`~meterflow.core.contract.TYPE_ORDER`) and ``scale`` are numpy
     columns so the load model computes a whole time step of the fleet at once.
     """
 
@@ -181,7 +181,7 @@ _METER_FIELDS = frozenset(Meter.__dataclass_fields__)
 def write_registry(fleet: Fleet, registry_dir: str, interval_seconds: float | None = None) -> str:
     """Write ``<registry_dir>/meters.parquet`` (temp file, then rename: no half-written file).
 
-    ``registry_dir`` is :attr:`meterflow.config.Settings.registry_path`;
+    ``registry_dir`` is :attr:`meterflow.core.config.Settings.registry_path`;
     ``interval_seconds`` is the fleet's reading interval (stored per meter, null if None).
     Returns the path.
     """

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from meterflow.contract import (
+from meterflow.core.contract import (
     METER_SPECS,
     PREFIX_TO_TYPE,
     STATELESS_FAULTS,

@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from meterflow.contract import METER_SPECS, TYPE_ORDER, MeterType, Rules
+from meterflow.core.contract import METER_SPECS, TYPE_ORDER, MeterType, Rules
 
 #: Mean consumption per hour of a median household, in each type's unit (kWh, L, m3).
 MEAN_PER_HOUR: dict[MeterType, float] = {

@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from meterflow.contract import METER_SPECS, MeterType
-from meterflow.logs import get_logger
+from meterflow.core.contract import METER_SPECS, MeterType
+from meterflow.core.logs import get_logger
 from simulator.generator import Emit, Stopper, StopSignal, format_stamp
 
 log = get_logger("simulator.replay")

@@ -6,7 +6,7 @@ from typing import Protocol
 
 
 class Sink(Protocol):
-    """A keyed message sink: ``meterflow.kafka.ProducerSink`` in the CLI, memory in tests."""
+    """A keyed message sink: ``clients.kafka.ProducerSink`` in the CLI, memory in tests."""
 
     def emit(self, key: bytes, value: bytes) -> None:
         """Queue one message; may block while the sink's buffer is full, must not drop it."""

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from meterflow import kafka
-from meterflow.broker import LocalBroker
-from meterflow.config import Settings
+from meterflow.clients import kafka
+from meterflow.core.config import Settings
+from meterflow.local.broker import LocalBroker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,7 +120,7 @@ def mongo_db_name() -> str:
 @pytest.fixture
 def db(mongo_uri: str, mongo_db_name: str):
     """A fresh serving-layer database (dropped afterwards on a real server)."""
-    from meterflow import mongo
+    from meterflow.clients import mongo
 
     database = mongo.client(mongo_uri)[mongo_db_name]
     yield database

@@ -9,8 +9,8 @@ import pytest
 from airflow.providers.apache.kafka.hooks.base import KafkaBaseHook
 from airflow.providers.apache.spark.hooks.spark_submit import SparkSubmitHook
 
-from meterflow.airflow_local import airflow_env
-from meterflow.config import Settings
+from meterflow.core.config import Settings
+from meterflow.local.airflow import airflow_env
 
 
 @pytest.mark.parametrize("master", ["local[*]", "local[2]", "spark://spark-master:7077"])

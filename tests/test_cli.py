@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from meterflow import kafka
-from meterflow.config import VARIABLES, Settings
+from meterflow.clients import kafka
+from meterflow.core.config import VARIABLES, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOTYPE = [

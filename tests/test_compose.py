@@ -44,9 +44,9 @@ from bench.compose_native import (
     running,
     service_env,
 )
-from meterflow import kafka
+from meterflow.clients import kafka
 from meterflow.compose_check import memory_budget, parse_size
-from meterflow.config import Settings
+from meterflow.core.config import Settings
 
 README = ROOT / "README.md"
 OUR_IMAGES = {"meterflow/project", "meterflow/airflow"}

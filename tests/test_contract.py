@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from meterflow import contract
-from meterflow.contract import (
+from meterflow.core import contract
+from meterflow.core.contract import (
     DeadLetter,
     DeadLetterReason,
     FaultCode,

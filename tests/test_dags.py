@@ -21,11 +21,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pytest
 
-from meterflow import kafka, mongo
-from meterflow.config import Settings
-from meterflow.contract import STATELESS_FAULTS
-from meterflow.lake import readings_path
-from meterflow.stream import run as run_stream
+from meterflow.clients import kafka, mongo
+from meterflow.core.config import Settings
+from meterflow.core.contract import STATELESS_FAULTS
+from meterflow.core.lake import readings_path
+from meterflow.stream.query import run as run_stream
 from meterflow_airflow.sensors import partition_complete
 from simulator.fleet import build_fleet, write_registry
 from simulator.generator import FaultRates, SimulationConfig, simulate

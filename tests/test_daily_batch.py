@@ -21,10 +21,11 @@ import pytest
 from pyspark.sql import SparkSession
 
 from jobs import daily_batch_job as job
-from meterflow import lake, views
-from meterflow.checks import lake_counts
-from meterflow.config import Settings
-from meterflow.contract import METER_SPECS, TYPE_ORDER, FaultCode, MeterType
+from meterflow.batch import views
+from meterflow.core import lake
+from meterflow.core.config import Settings
+from meterflow.core.contract import METER_SPECS, TYPE_ORDER, FaultCode, MeterType
+from meterflow.serving.checks import lake_counts
 from simulator.fleet import build_fleet, write_registry
 
 D1 = date(2024, 6, 3)

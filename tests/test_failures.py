@@ -17,10 +17,10 @@ import pytest
 from pyspark.sql import SparkSession
 
 from bench.stall_proxy import ProxiedBroker, StallingProxy
-from meterflow import kafka
-from meterflow.config import Settings
-from meterflow.reconcile import reconcile
-from meterflow.stream import run
+from meterflow.clients import kafka
+from meterflow.core.config import Settings
+from meterflow.stream.query import run
+from meterflow.stream.reconcile import reconcile
 from tests.test_nothing_lost import assert_exactly_once, good, lake_offsets, send
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,9 +11,10 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from meterflow import contract, kafka, mongo
-from meterflow.config import Settings
-from meterflow.incidents import CLOSED, OPEN, reconcile
+from meterflow.clients import kafka, mongo
+from meterflow.core import contract
+from meterflow.core.config import Settings
+from meterflow.serving.incidents import CLOSED, OPEN, reconcile
 
 T0 = datetime(2024, 6, 2, 8, 0, tzinfo=UTC)
 

@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
-from meterflow import kafka, logs
-from meterflow.config import Settings
-from meterflow.sink import Sink
+from meterflow.clients import kafka
+from meterflow.core import logs
+from meterflow.core.config import Settings
+from meterflow.serving.sink import Sink
 
 QUIET_S = 3.0
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pyspark.sql import SparkSession
 
-from meterflow import kafka
+from meterflow.clients import kafka
 from meterflow.spark.kafka_source import SOURCE_NAME, KafkaSourceError, _cap
 
 JVM_CONNECTOR_SCHEMA = [

@@ -18,11 +18,14 @@ from pyspark.sql import SparkSession
 from test_daily_batch import D1, D2, fleet_meters, make_rows, write_lake_day
 
 from jobs import daily_batch_job as job
-from meterflow import cli, lake, mongo, views
-from meterflow.checks import CheckFailed, check_day
-from meterflow.config import Settings
-from meterflow.contract import MeterType
-from meterflow.loader import ViewMissingError, publish_day
+from meterflow import cli
+from meterflow.batch import views
+from meterflow.clients import mongo
+from meterflow.core import lake
+from meterflow.core.config import Settings
+from meterflow.core.contract import MeterType
+from meterflow.serving.checks import CheckFailed, check_day
+from meterflow.serving.loader import ViewMissingError, publish_day
 
 COLLECTIONS = (
     mongo.DAILY_METER_AVERAGES,

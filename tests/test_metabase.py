@@ -26,9 +26,10 @@ from typing import Any
 
 import pytest
 
-from meterflow import dashboards, metabase
-from meterflow.config import ConfigError
-from meterflow.mongo import client as mongo_client
+from meterflow.clients.mongo import client as mongo_client
+from meterflow.core.config import ConfigError
+from meterflow.dashboards.cards import cards as dashboards
+from meterflow.dashboards.cards import metabase
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID_COLUMNS = 24

@@ -14,9 +14,13 @@ from typing import Any
 import pytest
 from pymongo.errors import DuplicateKeyError
 
-from meterflow import cli, contract, mongo, serving
-from meterflow.config import Settings
-from meterflow.sink import ServingWriter, decode_abnormal, decode_status
+from meterflow import cli
+from meterflow.clients import mongo
+from meterflow.core import contract
+from meterflow.core.config import Settings
+from meterflow.local import mongo as local_mongo
+from meterflow.serving import indexes as serving
+from meterflow.serving.sink import ServingWriter, decode_abnormal, decode_status
 from simulator.fleet import build_fleet, write_registry
 
 DAY_S = 86_400
@@ -202,7 +206,7 @@ def test_smoke_local_stand_in_over_tcp(tmp_path: Path) -> None:
     status = contract.meter_status_update(
         "gm7", "gas", reading.event_time_us, -1.0, "SENTINEL", 1, 1, 1
     )
-    with mongo.mongo_for(settings) as (live, local):
+    with local_mongo.mongo_for(settings) as (live, local):
         assert local is not None and live.mongo_uri.startswith("mongodb://127.0.0.1:")
         db = mongo.database(live)
         serving.ensure_indexes(db, 30)
@@ -217,7 +221,7 @@ def test_smoke_local_stand_in_over_tcp(tmp_path: Path) -> None:
         assert db[mongo.ABNORMAL_READINGS].count_documents({}) == 1
         assert db[mongo.METER_STATUS].find_one({"_id": "gm7"})["fault_count"] == 1
         # A second mongo_for reuses the running stand-in instead of starting another.
-        with mongo.mongo_for(settings) as (again, second):
+        with local_mongo.mongo_for(settings) as (again, second):
             assert second is None and again.mongo_uri == live.mongo_uri
     assert (tmp_path / "data" / "mongo").is_dir()
     assert (tmp_path / "data" / "logs" / "mongo.log").exists()

@@ -20,13 +20,14 @@ import pyarrow.dataset as ds
 import pytest
 from pyspark.sql import SparkSession
 
-from meterflow import contract, kafka, lake
-from meterflow.broker import LocalBroker
-from meterflow.config import Settings
-from meterflow.errors import DataLossError, StreamUnavailableError
-from meterflow.ledger import Ledger
-from meterflow.reconcile import reconcile
-from meterflow.stream import run
+from meterflow.clients import kafka
+from meterflow.core import contract, lake
+from meterflow.core.config import Settings
+from meterflow.core.errors import DataLossError, StreamUnavailableError
+from meterflow.core.ledger import Ledger
+from meterflow.local.broker import LocalBroker
+from meterflow.stream.query import run
+from meterflow.stream.reconcile import reconcile
 
 
 def good(i: int, device: str = "em1", value: float = 1.5) -> bytes:
@@ -302,7 +303,7 @@ def test_new_abnormal_events_after_a_broker_restart_reach_mongodb(
     spark: SparkSession, own_broker: LocalBroker, tmp_path: Path, db
 ):
     """Issue: event ids were topic-partition-offset, so the new events were "duplicates"."""
-    from meterflow.sink import Sink
+    from meterflow.serving.sink import Sink
 
     settings = _settings_on(own_broker, tmp_path, METERFLOW_SINK_FLUSH_SECONDS="0")
     faulty = [good(i, value=-1) for i in range(50)]
@@ -344,7 +345,7 @@ def test_kafka_gone_for_good_is_one_line_after_the_retries(
 
 def test_recovery_rolls_committed_staging_forward_and_drops_the_rest(tmp_path: Path):
     """What kill -9 leaves: staged files of a batch that committed, and of one that did not."""
-    from meterflow.ledger import BATCH, Range
+    from meterflow.core.ledger import BATCH, Range
 
     lake_path = str(tmp_path / "lake")
     ledger = Ledger.load(lake_path)
@@ -373,7 +374,7 @@ def test_recovery_rolls_committed_staging_forward_and_drops_the_rest(tmp_path: P
 
 
 def test_the_ledger_compacts_and_still_proves_contiguity(tmp_path: Path):
-    from meterflow.ledger import BATCH, LOSS, Range, audit
+    from meterflow.core.ledger import BATCH, LOSS, Range, audit
 
     lake_path = str(tmp_path / "lake")
     ledger = Ledger.load(lake_path)
@@ -396,7 +397,7 @@ def test_the_ledger_compacts_and_still_proves_contiguity(tmp_path: Path):
 
 
 def test_reconcile_says_reconciled_only_when_every_offset_has_one_outcome(tmp_path: Path):
-    from meterflow.ledger import BATCH, Range
+    from meterflow.core.ledger import BATCH, Range
 
     settings = Settings.from_env({"LAKE_PATH": str(tmp_path / "lake")})
     ledger = Ledger.load(settings.lake_path)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from meterflow.config import Settings
-from meterflow.contract import FaultCode, MeterType, Reading, evaluate
+from meterflow.core.config import Settings
+from meterflow.core.contract import FaultCode, MeterType, Reading, evaluate
 from simulator.cli import add_replay_arguments, run_replay
 from simulator.replay import ReplayError, ReplaySummary, detect, replay
 from simulator.sink import MemorySink

@@ -9,12 +9,12 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from meterflow import kafka
-from meterflow.config import Settings
-from meterflow.lake import LAKE_SCHEMA, dated_partitions, readings_path, spark_ddl
-from meterflow.reconcile import reconcile
-from meterflow.retention import drop_expired_partitions
-from meterflow.stream import run
+from meterflow.batch.retention import drop_expired_partitions
+from meterflow.clients import kafka
+from meterflow.core.config import Settings
+from meterflow.core.lake import LAKE_SCHEMA, dated_partitions, readings_path, spark_ddl
+from meterflow.stream.query import run
+from meterflow.stream.reconcile import reconcile
 
 
 def reading(day: str, hour: int) -> bytes:

@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from meterflow.config import Settings
-from meterflow.contract import (
+from meterflow.core.config import Settings
+from meterflow.core.contract import (
     METER_SPECS,
     SENTINEL_VALUE,
     STATELESS_FAULTS,

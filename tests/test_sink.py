@@ -27,10 +27,12 @@ import pytest
 from confluent_kafka import TopicPartition
 from pymongo.errors import AutoReconnect
 
-from meterflow import cli, contract, kafka, mongo
-from meterflow.config import Settings
-from meterflow.contract import DeadLetterReason
-from meterflow.sink import (
+from meterflow import cli
+from meterflow.clients import kafka, mongo
+from meterflow.core import contract
+from meterflow.core.config import Settings
+from meterflow.core.contract import DeadLetterReason
+from meterflow.serving.sink import (
     AbnormalEvent,
     ServingWriter,
     Sink,
@@ -448,9 +450,9 @@ def test_sink_killed_mid_batch_restarts_without_loss_or_double_count(
 #: A sink process, killed by the test: prints its instance id, then "consumed" once it has
 #: written and committed its first message, and stays in the group until SIGKILL.
 KILLED_SINK = """
-from meterflow import mongo
-from meterflow.config import Settings
-from meterflow.sink import Sink
+from meterflow.clients import mongo
+from meterflow.core.config import Settings
+from meterflow.serving.sink import Sink
 
 sink = Sink(Settings.from_env(), mongo.client("mongomock://killed")["killed"])
 print(getattr(sink, "instance_id", None), flush=True)

@@ -8,11 +8,12 @@ from datetime import UTC, date, datetime
 
 from pyspark.sql import SparkSession
 
-from meterflow import contract, kafka
-from meterflow.config import Settings
-from meterflow.contract import STATELESS_FAULTS, FaultCode
-from meterflow.lake import LAKE_COLUMNS, read_watermark, readings_path
-from meterflow.stream import run
+from meterflow.clients import kafka
+from meterflow.core import contract
+from meterflow.core.config import Settings
+from meterflow.core.contract import STATELESS_FAULTS, FaultCode
+from meterflow.core.lake import LAKE_COLUMNS, read_watermark, readings_path
+from meterflow.stream.query import run
 from simulator.generator import FaultRates, SimulationConfig, simulate
 
 

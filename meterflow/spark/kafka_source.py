@@ -36,8 +36,8 @@ from pyspark.sql.streaming.datasource import (
 )
 from pyspark.sql.types import StructType
 
-from meterflow import kafka
-from meterflow.logs import ensure_logging
+from meterflow.clients import kafka
+from meterflow.core.logs import ensure_logging
 
 SOURCE_NAME = "meterflow_kafka"
 #: The JVM connector's schema, column for column.

@@ -8,7 +8,7 @@ import sys
 from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
 
-from meterflow.config import Settings
+from meterflow.core.config import Settings
 from meterflow.spark.kafka_source import SOURCE_NAME, KafkaDataSource
 
 JVM_KAFKA_PROVIDER = "org.apache.spark.sql.kafka010.KafkaSourceProvider"

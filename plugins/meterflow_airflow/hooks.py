@@ -7,13 +7,13 @@ from typing import Any
 
 from airflow.sdk import BaseHook
 
-from meterflow.config import Settings
+from meterflow.core.config import Settings
 
 
 class MeterflowHook(BaseHook):
     """meterflow's settings (environment variables, documented in ``meterflow config``).
 
-    MongoDB comes from ``MONGO_URI`` through :func:`meterflow.mongo.database`, the same
+    MongoDB comes from ``MONGO_URI`` through :func:`meterflow.clients.mongo.database`, the same
     factory the CLI and the tests use, so a task and ``meterflow load`` see one database.
     """
 
@@ -25,7 +25,7 @@ class MeterflowHook(BaseHook):
         self.settings = settings or Settings.from_env()
 
     def get_conn(self) -> Any:
-        from meterflow.mongo import database
+        from meterflow.clients.mongo import database
 
         return database(self.settings)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
-from meterflow import lake
+from meterflow.core import lake
 from meterflow_airflow.hooks import MeterflowHook
 
 

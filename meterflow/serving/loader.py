@@ -19,10 +19,7 @@ from typing import Any
 import pyarrow.dataset as pads
 from pymongo import ReplaceOne
 
-from meterflow import lake, mongo
-from meterflow.config import Settings
-from meterflow.logs import get_logger
-from meterflow.views import (
+from meterflow.batch.views import (
     DISTRICT_VIEW,
     METER_VIEW,
     STATUS_NO_DATA,
@@ -31,8 +28,12 @@ from meterflow.views import (
     read_report,
     view_path,
 )
+from meterflow.clients import mongo
+from meterflow.core import lake
+from meterflow.core.config import Settings
+from meterflow.core.logs import get_logger
 
-log = get_logger("meterflow.loader")
+log = get_logger("meterflow.serving.loader")
 
 BATCH_SIZE = 1000
 

@@ -34,8 +34,8 @@ from datetime import UTC, datetime
 
 import pyarrow.fs as pafs
 
-from meterflow.lake import filesystem_for
-from meterflow.logs import get_logger
+from meterflow.core.lake import filesystem_for
+from meterflow.core.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -43,11 +43,11 @@ from confluent_kafka import KafkaException, Message, TopicPartition
 from pymongo import UpdateMany, UpdateOne
 from pymongo.errors import AutoReconnect, BulkWriteError, ConnectionFailure
 
-from meterflow import kafka, mongo
-from meterflow.config import Settings
-from meterflow.contract import DeadLetterReason, parse_timestamp_us
-from meterflow.logs import get_logger
-from meterflow.pipeline import DeadLetterRecord
+from meterflow.clients import kafka, mongo
+from meterflow.core.config import Settings
+from meterflow.core.contract import DeadLetterReason, parse_timestamp_us
+from meterflow.core.logs import get_logger
+from meterflow.stream.classify import DeadLetterRecord
 
 log = get_logger(__name__)
 
@@ -150,7 +150,7 @@ class AbnormalEvent:
 
 
 def decode_abnormal(raw: bytes | None) -> AbnormalEvent:
-    """Decode and check one event of :func:`meterflow.contract.abnormal_event`."""
+    """Decode and check one event of :func:`meterflow.core.contract.abnormal_event`."""
     fields = _object(raw)
     event_id = _field(fields, "event_id", (str,))
     device_id = _field(fields, "device_id", (str,))
@@ -180,7 +180,7 @@ def decode_abnormal(raw: bytes | None) -> AbnormalEvent:
 
 @dataclass(frozen=True)
 class StatusUpdate:
-    """A :func:`meterflow.contract.meter_status_update` message, checked."""
+    """A :func:`meterflow.core.contract.meter_status_update` message, checked."""
 
     device_id: str
     meter_type: str | None

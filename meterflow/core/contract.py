@@ -138,7 +138,7 @@ class Status(StrEnum):
 
 @dataclass(frozen=True)
 class Rules:
-    """Tunable limits of the stateless rules (see :mod:`meterflow.config` for the env vars)."""
+    """Tunable limits of the stateless rules (see :mod:`meterflow.core.config` for the env vars)."""
 
     max_message_bytes: int = 16_384
     future_tolerance_s: float = 300.0

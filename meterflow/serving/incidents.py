@@ -16,7 +16,7 @@ from typing import Any
 
 from pymongo import UpdateOne
 
-from meterflow.mongo import INCIDENTS, METER_STATUS
+from meterflow.clients.mongo import INCIDENTS, METER_STATUS
 
 OPEN = "open"
 CLOSED = "closed"

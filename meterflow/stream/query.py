@@ -2,11 +2,11 @@
 
 Run by ``spark-submit jobs/streaming_job.py [--available-now] [--accept-data-loss]`` or
 ``meterflow stream``. One query reads ``iot-meter`` and, per micro-batch
-(``foreachBatch``), runs :func:`meterflow.stream_tasks.process_partition` in its tasks:
+(``foreachBatch``), runs :func:`meterflow.stream.tasks.process_partition` in its tasks:
 
 * every valid and abnormal reading goes to ``LAKE_PATH/readings/date=.../`` and every dead
   letter to ``deadletter/date=.../``, committed through the lake's ledger
-  (:mod:`meterflow.ledger`): keyed by Kafka offsets, so restarts, retries and a reset
+  (:mod:`meterflow.core.ledger`): keyed by Kafka offsets, so restarts, retries and a reset
   checkpoint neither lose nor duplicate a reading;
 * abnormal readings are published to ``iot-abnormal`` and undecodable input to
   ``iot-deadletter`` (too large for Kafka: a reference to the lake file) before the batch
@@ -39,12 +39,13 @@ from pyspark.errors import StreamingQueryException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.streaming import StreamingQuery
 
-from meterflow import kafka, lake
-from meterflow.config import ConfigError, Settings
-from meterflow.errors import DataLossError, MeterflowError, StreamUnavailableError
-from meterflow.ledger import BATCH, GENERATION, LOSS, STAGING_DIR, Ledger, Range
-from meterflow.logs import get_logger
-from meterflow.stream_tasks import (
+from meterflow.clients import kafka
+from meterflow.core import lake
+from meterflow.core.config import ConfigError, Settings
+from meterflow.core.errors import DataLossError, MeterflowError, StreamUnavailableError
+from meterflow.core.ledger import BATCH, GENERATION, LOSS, STAGING_DIR, Ledger, Range
+from meterflow.core.logs import get_logger
+from meterflow.stream.tasks import (
     SUMMARY_SCHEMA,
     EventTopics,
     Tally,
@@ -52,7 +53,7 @@ from meterflow.stream_tasks import (
     process_partition,
 )
 
-log = get_logger("meterflow.stream")
+log = get_logger("meterflow.stream.query")
 QUERY_NAME = "meterflow_speed_layer"
 ACCEPT = "--accept-data-loss"
 _SUMMARY_DDL = lake.spark_ddl(SUMMARY_SCHEMA)

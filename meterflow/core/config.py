@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from meterflow import lake
-from meterflow.contract import (
+from meterflow.core import lake
+from meterflow.core.contract import (
     METER_SPECS,
     TOPIC_ABNORMAL,
     TOPIC_DEADLETTER,

@@ -16,9 +16,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from meterflow import kafka, lake
-from meterflow.config import Settings
-from meterflow.ledger import Ledger, PartitionAudit, audit
+from meterflow.clients import kafka
+from meterflow.core import lake
+from meterflow.core.config import Settings
+from meterflow.core.ledger import Ledger, PartitionAudit, audit
 
 _IDENTITY = ("source_topic", "source_generation", "source_partition", "source_offset")
 

@@ -3,7 +3,7 @@
 ``meterflow provision-metabase`` (the compose one-shot ``metabase-init``) calls
 :func:`provision`. It waits for Metabase, creates the admin from the environment on a
 fresh instance (or logs in on a set-up one), registers the serving-layer MongoDB and
-creates the "Smart meters" dashboard from :mod:`meterflow.dashboards`. Everything is
+creates the "Smart meters" dashboard from :mod:`meterflow.dashboards.cards`. Everything is
 found by name first, so a second run changes nothing and a changed card definition is
 updated in place. HTTP goes through ``urllib`` so the provisioner needs no extra package.
 """
@@ -20,11 +20,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meterflow.config import ConfigError, env_value, refuse_placeholders
-from meterflow.dashboards import CARDS, DASHBOARD_DESCRIPTION, DASHBOARD_NAME, Card
-from meterflow.logs import get_logger
+from meterflow.core.config import ConfigError, env_value, refuse_placeholders
+from meterflow.core.logs import get_logger
+from meterflow.dashboards.cards import CARDS, DASHBOARD_DESCRIPTION, DASHBOARD_NAME, Card
 
-log = get_logger("meterflow.metabase")
+log = get_logger("meterflow.dashboards.metabase")
 
 SESSION_HEADER = "X-Metabase-Session"
 MONGO_ENGINE = "mongo"
@@ -51,7 +51,7 @@ class MetabaseSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> MetabaseSettings:
-        """Read the METABASE_* variables (see meterflow/config.py); credentials have no default."""
+        """Read the METABASE_* variables (see meterflow/core/config.py); no default credentials."""
         env = os.environ if env is None else env
 
         def get(name: str) -> str:

@@ -18,19 +18,20 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from meterflow import lake, mongo
-from meterflow.config import Settings
-from meterflow.loader import TARGETS
-from meterflow.logs import get_logger
-from meterflow.views import (
+from meterflow.batch.views import (
     METER_VIEW,
     STATUS_NO_DATA,
     TYPE_VIEW,
     read_report,
     view_path,
 )
+from meterflow.clients import mongo
+from meterflow.core import lake
+from meterflow.core.config import Settings
+from meterflow.core.logs import get_logger
+from meterflow.serving.loader import TARGETS
 
-log = get_logger("meterflow.checks")
+log = get_logger("meterflow.serving.checks")
 
 SINK_LOG = "_spark_metadata"
 

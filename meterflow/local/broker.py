@@ -13,10 +13,10 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from meterflow import kafka
-from meterflow.config import Settings
-from meterflow.local_service import LOOPBACK, LocalService, port_open
-from meterflow.logs import get_logger
+from meterflow.clients import kafka
+from meterflow.core.config import Settings
+from meterflow.core.logs import get_logger
+from meterflow.local.service import LOOPBACK, LocalService, port_open
 
 log = get_logger(__name__)
 

@@ -2,7 +2,7 @@
 
 Metabase runs a native MongoDB question as a JSON pipeline against one collection, so
 every card here is a collection name, a pipeline and how to draw the result. The
-provisioner (:mod:`meterflow.metabase`) sends them as they are; the tests run the same
+provisioner (:mod:`meterflow.dashboards.metabase`) sends them as they are; the tests run the same
 pipelines against test data. Field names are the serving layer's agreed document fields.
 
 Time-relative cards use ``$$NOW`` (MongoDB 4.2+) so a dashboard always shows "yesterday"
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from meterflow.mongo import (
+from meterflow.clients.mongo import (
     ABNORMAL_READINGS,
     DAILY_METER_AVERAGES,
     DAILY_TYPE_AVERAGES,

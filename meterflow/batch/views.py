@@ -13,8 +13,8 @@ from datetime import date
 
 import pyarrow.fs as pafs
 
-from meterflow.config import Settings
-from meterflow.lake import filesystem_for
+from meterflow.core.config import Settings
+from meterflow.core.lake import filesystem_for
 
 METER_VIEW = "meter_daily"
 TYPE_VIEW = "type_daily"

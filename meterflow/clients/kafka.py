@@ -27,14 +27,14 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from meterflow.logs import get_logger, timestamp
+from meterflow.core.logs import get_logger, timestamp
 
 log = get_logger(__name__)
 #: librdkafka's own messages (connection failures and the like) as meterflow log lines.
 #: They are served on ``poll``/``flush``, so a client nobody polls any more (one left in
 #: an idle Spark worker after the broker stopped) stays quiet instead of writing raw
 #: ``%3|...|FAIL|`` lines to stderr.
-client_log = get_logger("meterflow.kafka.client")
+client_log = get_logger("meterflow.clients.kafka.client")
 
 #: A line served at most this long after the client's queue was last drained is on time.
 _LATE_S = 1.0

@@ -6,9 +6,9 @@ from datetime import UTC, date, datetime
 
 import pyarrow.dataset as ds
 
-from meterflow import lake
-from meterflow.config import Settings
-from meterflow.logs import get_logger
+from meterflow.core import lake
+from meterflow.core.config import Settings
+from meterflow.core.logs import get_logger
 
 log = get_logger(__name__)
 #: A lake row's Kafka partition, as the ledger keys it.

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
 
-from meterflow.config import Settings
+from meterflow.core.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 API_PORT = 8080

@@ -1,6 +1,6 @@
 """Classify Kafka records in Arrow batches: the per-record work of the streaming job.
 
-The Spark job's tasks run :func:`classify_batch` (see :mod:`meterflow.stream_tasks`); the
+The Spark job's tasks run :func:`classify_batch` (see :mod:`meterflow.stream.tasks`); the
 pure-Python baseline benchmark runs the same function in a consumer loop, so both apply
 identical rules.
 """
@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from meterflow import contract
-from meterflow.contract import METER_SPECS, FaultCode, Reading, Rules, Status
-from meterflow.lake import CLASSIFIED_SCHEMA, TIMESTAMP
+from meterflow.core import contract
+from meterflow.core.contract import METER_SPECS, FaultCode, Reading, Rules, Status
+from meterflow.core.lake import CLASSIFIED_SCHEMA, TIMESTAMP
 
 _US_PER_DAY = 86_400_000_000
 
@@ -70,7 +70,7 @@ def classify_batch(
 ) -> BatchResult:
     """Classify a batch with the Kafka source schema (key, value, topic, partition, ...).
 
-    ``generation`` is the source topic's id (see :func:`meterflow.contract.event_id`).
+    ``generation`` is the source topic's id (see :func:`meterflow.core.contract.event_id`).
 
     The future-timestamp rule compares against each record's Kafka timestamp (so a replay
     classifies identically) and falls back to ``now_us`` when a record has none.

@@ -15,9 +15,10 @@ from typing import Any
 
 from pymongo.errors import OperationFailure
 
-from meterflow import lake, mongo
-from meterflow.config import Settings
-from meterflow.logs import get_logger
+from meterflow.clients import mongo
+from meterflow.core import lake
+from meterflow.core.config import Settings
+from meterflow.core.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -1,12 +1,12 @@
 """What one Spark task of the streaming job does with its slice of Kafka offsets.
 
 For each Arrow batch the source yields, a task drops the offsets the lake's ledger already
-holds, classifies the rest (:func:`meterflow.pipeline.classify_batch`), publishes abnormal
+holds, classifies the rest (:func:`meterflow.stream.classify.classify_batch`), publishes abnormal
 events and dead letters, and appends readings and dead letters to Parquet files in the
 micro-batch's staging directory. When its input ends it publishes one status update per
 meter, waits until Kafka acknowledged everything, closes its files and yields one summary
 row per Kafka partition: the offsets it saw and what they became. The driver commits those
-summaries to the ledger (:mod:`meterflow.ledger`); nothing a task writes is visible before.
+summaries to the ledger (:mod:`meterflow.core.ledger`); nothing a task writes is visible before.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from meterflow import contract, kafka
-from meterflow.contract import FaultCode, Rules, Status
-from meterflow.lake import (
+from meterflow.clients import kafka
+from meterflow.core import contract
+from meterflow.core.contract import FaultCode, Rules, Status
+from meterflow.core.lake import (
     DEADLETTER,
     DEADLETTER_SCHEMA,
     LAKE_COLUMNS,
@@ -33,9 +34,9 @@ from meterflow.lake import (
     READINGS,
     filesystem_for,
 )
-from meterflow.logs import ensure_logging, get_logger
-from meterflow.pipeline import STATUS_COLUMNS, BatchResult, DeadLetterRecord, classify_batch
-from meterflow.pipeline import status_updates as make_status_updates
+from meterflow.core.logs import ensure_logging, get_logger
+from meterflow.stream.classify import STATUS_COLUMNS, BatchResult, DeadLetterRecord, classify_batch
+from meterflow.stream.classify import status_updates as make_status_updates
 
 log = get_logger(__name__)
 

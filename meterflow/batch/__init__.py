@@ -1,0 +1,1 @@
+"""The batch layer: daily views and roll-ups of the lake, lake retention."""

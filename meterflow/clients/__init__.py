@@ -1,0 +1,1 @@
+"""Kafka and MongoDB clients: connections, topics, retries (imports only core)."""

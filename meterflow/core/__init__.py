@@ -1,0 +1,1 @@
+"""The bottom layer: the data contract, settings, the lake and its ledger, errors, logs."""

@@ -1,0 +1,1 @@
+"""Metabase dashboards: card definitions and the provisioning client."""

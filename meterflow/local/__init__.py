@@ -1,0 +1,1 @@
+"""Local stand-ins for `make run` and tests: broker, MongoDB, Airflow standalone."""
