@@ -1,31 +1,38 @@
 # The two commands of the README: `make run` and `make test`. Both install what they need.
+# `make help` lists every target.
 VENV ?= .venv
 # Extra arguments of `meterflow run`, e.g. make run RUN_ARGS=--airflow
 RUN_ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint bench clean
+.PHONY: help install run test test-unit lint bench clean
 
-install:
+help:  ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
+
+install:  ## create .venv and install the pinned dependencies (a no-op once done)
 	@./scripts/bootstrap.sh
 
-run: install
+run: install  ## run the platform natively: broker, stream, sink, simulator (RUN_ARGS=--airflow)
 	$(BIN)/meterflow run $(RUN_ARGS)
 
-test: install
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+test: install lint  ## lint, type-check, then every test (tests/unit, then tests/integration)
 	$(BIN)/python -m pytest
 
-lint: install
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+test-unit: install  ## the inner loop: tests/unit/ needs no broker, Spark or Airflow
+	$(BIN)/python -m pytest tests/unit
 
-bench: install
+lint: install  ## ruff, ruff format and mypy (also the pre-commit hooks)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m mypy
+
+bench: install  ## every benchmark under bench/, writing bench/results/
 	$(BIN)/python -m bench.streaming_throughput
 	$(BIN)/python -m bench.simulator_rate
 	$(BIN)/python -m bench.daily_batch
 	$(BIN)/python -m bench.chaos
 	$(BIN)/python -m bench.memory
 
-clean:
+clean:  ## remove local state (data/) and pytest's cache
 	rm -rf data .pytest_cache

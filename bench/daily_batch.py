@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from bench.common import timed, write_results
 from jobs import daily_batch_job
-from jobs.daily_batch_job import run
+from meterflow.batch.daily import run
 from meterflow.batch.views import METER_VIEW, TYPE_VIEW, UNKNOWN_DISTRICT, DayReport, view_path
 from meterflow.core import lake
 from meterflow.core.config import Settings

@@ -127,7 +127,7 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
     """The daily batch job for one day, in this process with a local Spark."""
-    from jobs.daily_batch_job import run
+    from meterflow.batch.daily import run
 
     try:
         report = run(settings, args.date)

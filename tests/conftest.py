@@ -1,106 +1,29 @@
-"""Shared fixtures: a real Kafka-protocol broker over TCP and a real local Spark."""
+"""Fixtures both trees use: a free port, MongoDB (mongomock, or the server MONGO_URI names),
+meterflow's logging restored after ``cli.main``, the compose file as ``docker compose`` reads
+it, and the loader's environment.
+
+The broker, Spark and Airflow fixtures are in tests/integration/conftest.py: nothing under
+tests/unit/ can start them.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
-import socket
-import subprocess
-import sys
-import tempfile
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+from helpers import free_port as _free_port
 
-from meterflow.clients import kafka
-from meterflow.core.config import Settings
-from meterflow.local.broker import LocalBroker
-
-REPO = Path(__file__).resolve().parents[1]
-
-# Airflow reads its configuration when first imported: point it at a throw-away home,
-# the project's DAGs and plugins, and SQLite, before any test imports it.
-_AIRFLOW_HOME = tempfile.mkdtemp(prefix="meterflow-airflow-")
-for _name, _value in {
-    "AIRFLOW_HOME": _AIRFLOW_HOME,
-    "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-    "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_AIRFLOW_HOME}/airflow.db",
-    "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-}.items():
-    os.environ[_name] = _value
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from bench.compose_native import COMPOSE_FILE, env_example, interpolate
 
 
 @pytest.fixture
 def free_port() -> int:
     return _free_port()
-
-
-@pytest.fixture(scope="session")
-def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A tansu broker for the whole run (fails, never skips, if it cannot start)."""
-    log_path = tmp_path_factory.mktemp("broker") / "broker.log"
-    broker = LocalBroker(_free_port(), log_path).start()
-    try:
-        yield broker.bootstrap
-    finally:
-        broker.stop()
-
-
-@pytest.fixture
-def make_topics(bootstrap: str) -> Callable[..., dict[str, str]]:
-    """Fresh, uniquely named readings/abnormal/dead-letter/status topics for one test."""
-
-    def make(partitions: int = 2) -> dict[str, str]:
-        suffix = uuid.uuid4().hex[:8]
-        names = {
-            "METERFLOW_TOPIC_READINGS": f"meter-{suffix}",
-            "METERFLOW_TOPIC_ABNORMAL": f"abnormal-{suffix}",
-            "METERFLOW_TOPIC_DEADLETTER": f"deadletter-{suffix}",
-            "METERFLOW_TOPIC_STATUS": f"status-{suffix}",
-        }
-        kafka.ensure_topics(bootstrap, names.values(), partitions)
-        return names
-
-    return make
-
-
-@pytest.fixture
-def make_settings(
-    bootstrap: str, tmp_path: Path, make_topics: Callable[..., dict[str, str]]
-) -> Callable[..., Settings]:
-    def make(partitions: int = 2, **env: str) -> Settings:
-        values = {
-            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-            "METERFLOW_DATA_DIR": str(tmp_path / "data"),
-            "METERFLOW_KAFKA_SOURCE": "python",
-            **make_topics(partitions),
-            **env,
-        }
-        return Settings.from_env(values)
-
-    return make
-
-
-@pytest.fixture(scope="session")
-def spark():
-    from meterflow.spark.session import get_spark
-
-    session = get_spark(
-        "meterflow-tests",
-        "local[2]",
-        **{"spark.ui.enabled": "false", "spark.sql.shuffle.partitions": "2"},
-    )
-    yield session
-    session.stop()
 
 
 @pytest.fixture
@@ -128,12 +51,35 @@ def db(mongo_uri: str, mongo_db_name: str):
         database.client.drop_database(mongo_db_name)
 
 
-@pytest.fixture(scope="session")
-def airflow_db() -> str:
-    """A migrated Airflow metadata database (SQLite) for tests that run DAGs."""
-    airflow = Path(sys.executable).with_name("airflow")
-    result = subprocess.run(
-        [str(airflow), "db", "migrate"], capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, f"airflow db migrate failed:\n{result.stderr[-3000:]}"
-    return os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+@pytest.fixture
+def restore_logging() -> Any:
+    """``cli.main`` points meterflow's log handler at the captured stderr: undo it after."""
+    logger = logging.getLogger("meterflow")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+
+
+# -- the compose file (tests/unit/test_compose.py, tests/integration/test_compose_native.py)
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def resolved(raw: dict[str, Any]) -> dict[str, Any]:
+    return interpolate(raw, env_example())
+
+
+# -- the loader (tests/unit/test_loader.py, tests/integration/test_loader_spark.py) ---------
+
+
+@pytest.fixture
+def env(tmp_path: Path, mongo_uri: str, mongo_db_name: str) -> dict[str, str]:
+    return {
+        "METERFLOW_DATA_DIR": str(tmp_path / "data"),
+        "MONGO_URI": mongo_uri,
+        "MONGO_DB": mongo_db_name,
+    }

@@ -1,6 +1,6 @@
 """Batch views in the lake: their names, paths and the per-day report.
 
-The daily job (jobs/daily_batch_job.py) writes ``<views>/<view>/date=D/`` and
+The daily job (meterflow.batch.daily) writes ``<views>/<view>/date=D/`` and
 ``<views>/_reports/date=D.json``; the loader and the checks read them. This module is the
 one home of that layout, and it needs no Spark.
 """

@@ -21,6 +21,7 @@ from confluent_kafka import (
     Consumer,
     KafkaError,
     KafkaException,
+    Message,
     Producer,
     TopicCollection,
     TopicPartition,
@@ -126,6 +127,14 @@ class _Consumer(Consumer):
 
 class KafkaUnavailableError(RuntimeError):
     """The cluster cannot be reached or refused a request; the message says which."""
+
+
+def coordinates(message: Message) -> tuple[str, int, int]:
+    """Topic, partition and offset of a record or partition event (a client error has none)."""
+    topic, partition, offset = message.topic(), message.partition(), message.offset()
+    if topic is None or partition is None or offset is None:
+        raise KafkaUnavailableError(f"consumer error: {message.error()}")
+    return topic, partition, offset
 
 
 def producer(bootstrap: str, **overrides: Any) -> Producer:
@@ -240,7 +249,8 @@ def ensure_topics(
     bootstrap: str, topics: Iterable[str], partitions: int, timeout: float = 15.0
 ) -> list[str]:
     """Create the topics that do not exist yet; return the names created."""
-    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": client_log})
+    config: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": client_log}
+    admin = AdminClient(config)
     try:
         existing = set(admin.list_topics(timeout=timeout).topics)
     except KafkaException as exc:
@@ -266,7 +276,7 @@ def topic_partitions(
     client: Consumer, topics: Iterable[str], timeout: float = 10.0
 ) -> list[tuple[str, int]]:
     """The partitions of existing topics; a missing topic is an error that names it."""
-    result = []
+    result: list[tuple[str, int]] = []
     for topic in topics:
         metadata = client.list_topics(topic, timeout=timeout).topics.get(topic)
         if metadata is None or metadata.error is not None or not metadata.partitions:
@@ -308,22 +318,25 @@ def partition_ends(
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         for message in client.consume(10_000, timeout=0.05):
-            key = (message.topic(), message.partition())
             error = message.error()
+            if error is not None and error.code() != KafkaError._PARTITION_EOF:
+                raise KafkaUnavailableError(
+                    f"probing the end of {message.topic()}[{message.partition()}]: {error}"
+                )
+            topic, partition, offset = coordinates(message)
+            key = (topic, partition)
             if error is None:
-                ends[key] = max(ends[key], message.offset() + 1)
-            elif error.code() == KafkaError._PARTITION_EOF:
-                ends[key] = max(ends[key], message.offset())
+                ends[key] = max(ends[key], offset + 1)
+            else:  # the end of the partition
+                ends[key] = max(ends[key], offset)
                 pending.discard(key)
-            else:
-                raise KafkaUnavailableError(f"probing the end of {key[0]}[{key[1]}]: {error}")
     if pending:
         log.warning("partition end probe timed out partitions=%s", sorted(pending))
     client.unassign()
     return ends
 
 
-def read_all(bootstrap: str, topic: str, timeout: float = 30.0) -> list:
+def read_all(bootstrap: str, topic: str, timeout: float = 30.0) -> list[Message]:
     """Every message of a topic, up to its current end (for checks and reconciliation)."""
     client = consumer(bootstrap)
     try:
@@ -338,8 +351,9 @@ def read_all(bootstrap: str, topic: str, timeout: float = 30.0) -> list:
                 if message.error() is not None:
                     continue
                 messages.append(message)
-                key = (message.topic(), message.partition())
-                if message.offset() + 1 >= ends[key]:
+                topic_name, partition, offset = coordinates(message)
+                key = (topic_name, partition)
+                if offset + 1 >= ends[key]:
                     pending.discard(key)
         if pending:
             raise KafkaUnavailableError(f"could not read {topic} to its end within {timeout:.0f} s")
@@ -369,7 +383,8 @@ def topic_ids(bootstrap: str, topics: Iterable[str], timeout: float = 10.0) -> d
     Raises :class:`KafkaUnavailableError` if the cluster does not answer or a topic is
     missing, and when the broker reports no ids (Kafka before 2.8).
     """
-    admin = AdminClient({"bootstrap.servers": bootstrap, "logger": client_log})
+    config: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": client_log}
+    admin = AdminClient(config)
     names = list(dict.fromkeys(topics))
     try:
         futures = admin.describe_topics(TopicCollection(names), request_timeout=timeout)

@@ -9,10 +9,14 @@ over ``pymongo``: bulk upserts, indexes, simple aggregations.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from meterflow.core.config import ConfigError, Settings
 from meterflow.core.logs import get_logger
+
+if TYPE_CHECKING:
+    from pymongo import MongoClient
+    from pymongo.database import Database
 
 log = get_logger(__name__)
 
@@ -30,14 +34,14 @@ MOCK_SCHEME = "mongomock://"
 _SERVER_SELECTION_MS = 5000
 
 _mock_lock = threading.Lock()
-_mock_clients: dict[str, Any] = {}
+_mock_clients: dict[str, MongoClient[dict[str, Any]]] = {}
 
 
 class MongoUnavailableError(RuntimeError):
     """MongoDB cannot be reached (or its URI is unusable)."""
 
 
-def client(uri: str) -> Any:
+def client(uri: str) -> MongoClient[dict[str, Any]]:
     """A ``pymongo.MongoClient`` for ``uri``; ``mongomock://`` gives the in-process fake.
 
     The fake is shared per URI within the process, so the sink, the loader and a test
@@ -51,7 +55,10 @@ def client(uri: str) -> Any:
         with _mock_lock:
             _patch_mongomock_bulk()
             if uri not in _mock_clients:
-                _mock_clients[uri] = mongomock.MongoClient(tz_aware=True)
+                # Duck-typed: mongomock mirrors pymongo's API without sharing its classes.
+                _mock_clients[uri] = cast(
+                    "MongoClient[dict[str, Any]]", mongomock.MongoClient(tz_aware=True)
+                )
             return _mock_clients[uri]
     import pymongo
     from pymongo.errors import ConfigurationError, InvalidURI
@@ -64,7 +71,7 @@ def client(uri: str) -> Any:
         raise ConfigError(f"MONGO_URI is not usable: {exc}") from None
 
 
-def database(settings: Settings) -> Any:
+def database(settings: Settings) -> Database[dict[str, Any]]:
     """The serving-layer database (``MONGO_DB``) of the configured MongoDB."""
     return client(settings.mongo_uri)[settings.mongo_db]
 
@@ -88,9 +95,10 @@ def _patch_mongomock_bulk() -> None:
 
         return call
 
-    BulkOperationBuilder.add_update = without_sort(BulkOperationBuilder.add_update)
-    BulkOperationBuilder.add_replace = without_sort(BulkOperationBuilder.add_replace)
-    BulkOperationBuilder._meterflow_patched = True
+    builder: Any = BulkOperationBuilder  # patched in place, which its types do not allow
+    builder.add_update = without_sort(builder.add_update)
+    builder.add_replace = without_sort(builder.add_replace)
+    builder._meterflow_patched = True
 
 
 def ping(uri: str, timeout: float = 5.0) -> None:
@@ -101,7 +109,10 @@ def ping(uri: str, timeout: float = 5.0) -> None:
     from pymongo.errors import ConfigurationError, InvalidURI, PyMongoError
 
     try:
-        with pymongo.MongoClient(uri, serverSelectionTimeoutMS=int(timeout * 1000)) as probe:
+        probe: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+            uri, serverSelectionTimeoutMS=int(timeout * 1000)
+        )
+        with probe:
             probe.admin.command("ping")
     except (ConfigurationError, InvalidURI) as exc:
         raise ConfigError(f"MONGO_URI is not usable: {exc}") from None

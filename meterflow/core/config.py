@@ -180,7 +180,9 @@ def env_value(name: str, env: Mapping[str, str] | None = None) -> str:
     return _get(os.environ if env is None else env, name)
 
 
-def _number(env: Mapping[str, str], name: str, kind: type, minimum: float) -> float | int:
+def _number(
+    env: Mapping[str, str], name: str, kind: type[float] | type[int], minimum: float
+) -> float | int:
     raw = _get(env, name)
     try:
         value = kind(raw)

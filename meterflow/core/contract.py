@@ -16,12 +16,12 @@ Every message ends in exactly one of three outcomes: a valid reading, an abnorma
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from functools import lru_cache
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any, NamedTuple, Protocol, TypedDict, cast
 
 import msgspec
 import numpy as np
@@ -215,7 +215,18 @@ _Wire = msgspec.defstruct(
         *((name, float | None | UnsetType, UNSET) for name in ALL_METRICS),
     ],
 )
-_decode_wire = msgspec.json.Decoder(_Wire).decode
+
+
+class _WireFields(Protocol):
+    """``_Wire`` as :func:`classify` reads it (``defstruct`` builds it unseen by mypy)."""
+
+    device_id: str
+    timestamp: str
+    meter_type: str | UnsetType | None
+    flow_rate: float | UnsetType | None
+
+
+_decode_wire = cast(Callable[[bytes], _WireFields], msgspec.json.Decoder(_Wire).decode)
 _FLOW_METRIC = "flow_rate"
 
 
@@ -263,7 +274,7 @@ class Classified:
     dead_letters: dict[int, DeadLetterReason]
 
     def meter_type(self, i: int) -> MeterType:
-        return TYPE_ORDER[self.type_index[i]]
+        return TYPE_ORDER[int(self.type_index[i])]
 
     def fault_code(self, i: int) -> FaultCode | None:
         code = int(self.fault_index[i])
@@ -424,16 +435,18 @@ def evaluate(raw: bytes | None, reference_us: int, rules: Rules = _DEFAULT_RULES
     result = classify([raw], [reference_us], rules)
     if 0 in result.dead_letters:
         return DeadLetter(result.dead_letters[0], result.reasons[0])
+    device_id = result.device_id[0]
+    assert raw is not None and device_id is not None  # both present unless a dead letter
     consumption, flow = float(result.consumption[0]), float(result.flow_rate[0])
     return Reading(
-        result.device_id[0],  # type: ignore[arg-type]
+        device_id,
         result.meter_type(0),
         int(result.event_time_us[0]),
         None if np.isnan(consumption) else consumption,
         None if np.isnan(flow) else flow,
         result.fault_code(0),
         result.reasons.get(0),
-        json.loads(raw),  # type: ignore[arg-type]
+        json.loads(raw),
     )
 
 
@@ -447,6 +460,27 @@ def event_id(topic: str, generation: str, partition: int, offset: int) -> str:
     return f"{topic}-{generation}-{partition}-{offset}"
 
 
+class EventSource(TypedDict):
+    topic: str
+    generation: str
+    partition: int
+    offset: int
+
+
+class AbnormalEventMessage(TypedDict):
+    """An ``iot-abnormal`` message (see :func:`abnormal_event`)."""
+
+    event_id: str
+    device_id: str
+    meter_type: str
+    timestamp: str
+    fault_code: str
+    reason: str | None
+    reading: dict[str, Any]
+    detected_at: str
+    source: EventSource
+
+
 def abnormal_event(
     reading: Reading,
     topic: str,
@@ -454,7 +488,7 @@ def abnormal_event(
     partition: int,
     offset: int,
     detected_at_us: int,
-) -> dict[str, Any]:
+) -> AbnormalEventMessage:
     """The JSON document published on ``iot-abnormal`` for an abnormal reading."""
     return {
         "event_id": event_id(topic, generation, partition, offset),
@@ -480,6 +514,19 @@ def status_of(outcome: Outcome) -> Status:
     return Status.VALID if outcome.fault_code is None else Status.ABNORMAL
 
 
+class MeterStatusMessage(TypedDict):
+    """An ``iot-meter-status`` message (see :func:`meter_status_update`)."""
+
+    device_id: str
+    meter_type: str
+    last_seen: str
+    last_value: float | None
+    last_fault_code: str | None
+    readings: int
+    faults: int
+    trailing_faults: int
+
+
 def meter_status_update(
     device_id: str,
     meter_type: str,
@@ -489,7 +536,7 @@ def meter_status_update(
     readings: int,
     faults: int,
     trailing_faults: int,
-) -> dict[str, Any]:
+) -> MeterStatusMessage:
     """The JSON document published on ``iot-meter-status`` for one meter and micro-batch.
 
     ``last_*`` describe the meter's latest reading (by event time) in the batch;

@@ -11,6 +11,7 @@ import os
 import re
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -106,7 +107,7 @@ def registry_file(lake_path: str) -> str:
 
 
 def views_path(lake_path: str) -> str:
-    """Root of the batch views: ``views/<view>/date=YYYY-MM-DD/`` (see jobs/daily_batch_job)."""
+    """Root of the batch views: ``views/<view>/date=YYYY-MM-DD/`` (see meterflow.batch.daily)."""
     return f"{lake_path.rstrip('/')}/views"
 
 
@@ -121,7 +122,8 @@ def watermark_path(lake_path: str) -> str:
 def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
     """A local path or any URI pyarrow reaches (``file://``, ``s3://``, ``hdfs://``)."""
     if "://" in path:
-        return pafs.FileSystem.from_uri(path)
+        found: tuple[pafs.FileSystem, str] = pafs.FileSystem.from_uri(path)
+        return found
     return pafs.LocalFileSystem(), Path(path).absolute().as_posix()
 
 
@@ -145,7 +147,8 @@ def read_retired(lake_path: str) -> dict[str, dict[str, dict[str, int]]]:
     fs, path = filesystem_for(retired_path(lake_path))
     try:
         with fs.open_input_stream(path) as stream:
-            return json.loads(stream.read())
+            retired: dict[str, dict[str, dict[str, int]]] = json.loads(stream.read())
+            return retired
     except FileNotFoundError:
         return {}
 
@@ -161,11 +164,12 @@ def record_retired(lake_path: str, dataset: str, day: date, counts: dict[str, in
     fs.move(f"{path}.tmp", path)
 
 
-def _watermark_document(lake_path: str) -> dict:
+def _watermark_document(lake_path: str) -> dict[str, Any]:
     fs, path = filesystem_for(watermark_path(lake_path))
     try:
         with fs.open_input_stream(path) as stream:
-            return json.loads(stream.read())
+            document: dict[str, Any] = json.loads(stream.read())
+            return document
     except FileNotFoundError:
         return {}
 

@@ -190,7 +190,8 @@ class Ledger:
 
     def _read(self, path: str) -> bytes:
         with self.fs.open_input_stream(path) as stream:
-            return stream.read()
+            data: bytes = stream.read()
+            return data
 
     def _apply(self, entry: Entry) -> None:
         self.seq = max(self.seq, entry.seq)
@@ -380,7 +381,7 @@ class Ledger:
         for p in document["partitions"]:
             self.partitions[(p["topic"], p["generation"], p["partition"])] = PartitionState(
                 segments=[Segment(**s) for s in p["segments"]],
-                overlaps=[tuple(o) for o in p["overlaps"]],  # type: ignore[misc]
+                overlaps=[tuple(o) for o in p["overlaps"]],
                 max_event_us=p["max_event_us"],
                 last_data_at=p["last_data_at"],
             )

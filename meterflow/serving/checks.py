@@ -14,9 +14,11 @@ from datetime import date
 from typing import Any
 from urllib.parse import unquote
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+from pymongo.database import Database
 
 from meterflow.batch.views import (
     METER_VIEW,
@@ -88,7 +90,7 @@ def lake_counts(settings: Settings, day: date) -> dict[str, int]:
         partition = posixpath.join(root, f"{lake.PARTITION_COLUMN}={day}")
         if fs.get_file_info(partition).type == pafs.FileType.NotFound:
             return {}
-        source: Any = partition
+        source: str | list[str] = partition
     else:
         # Committed files that retention has deleted since hold no readings any more.
         infos = fs.get_file_info([_path_of(p) for p in committed])
@@ -109,12 +111,14 @@ def lake_counts(settings: Settings, day: date) -> dict[str, int]:
     )
 
 
-def _view_rows(settings: Settings, view: str, day: date) -> Any:
+def _view_rows(settings: Settings, view: str, day: date) -> pa.Table:
     fs, path = lake.filesystem_for(view_path(settings.views_path, view, day))
     return pads.dataset(path, filesystem=fs, format="parquet").to_table()
 
 
-def check_day(settings: Settings, day: date | str, db: Any = None) -> CheckReport:
+def check_day(
+    settings: Settings, day: date | str, db: Database[dict[str, Any]] | None = None
+) -> CheckReport:
     """Verify D end to end; raises :class:`CheckFailed` naming the first disagreement."""
     day = date.fromisoformat(day) if isinstance(day, str) else day
     db = mongo.database(settings) if db is None else db
@@ -157,7 +161,7 @@ def check_day(settings: Settings, day: date | str, db: Any = None) -> CheckRepor
             strict=True,
         )
     )
-    served = {
+    served: dict[str, Any] = {
         d["meter_type"]: d.get("reading_count")
         for d in db[mongo.DAILY_TYPE_AVERAGES].find({"day": str(day)})
     }

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pymongo import UpdateOne
+from pymongo.database import Database
 
 from meterflow.clients.mongo import INCIDENTS, METER_STATUS
 
@@ -43,7 +44,9 @@ def _aware(value: datetime | None) -> datetime | None:
     return value
 
 
-def reconcile(db: Any, threshold: int, now: datetime | None = None) -> IncidentReport:
+def reconcile(
+    db: Database[dict[str, Any]], threshold: int, now: datetime | None = None
+) -> IncidentReport:
     """Open, update and close incidents so they match ``meter_status`` now.
 
     A meter whose latest ``threshold`` or more readings were faulty has an open incident;

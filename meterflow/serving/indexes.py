@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
 from typing import Any
 
+from pymongo.collection import Collection
+from pymongo.database import Database
 from pymongo.errors import OperationFailure
 
 from meterflow.clients import mongo
@@ -123,7 +125,7 @@ def _matches(info: Mapping[str, Any], spec: IndexSpec) -> bool:
     )
 
 
-def _create(collection: Any, spec: IndexSpec) -> str:
+def _create(collection: Collection[dict[str, Any]], spec: IndexSpec) -> str:
     options = dict(spec.options)
     if spec.ttl_seconds is not None:
         options["expireAfterSeconds"] = spec.ttl_seconds
@@ -148,7 +150,9 @@ def _create(collection: Any, spec: IndexSpec) -> str:
     return "created"
 
 
-def _set_ttl(db: Any, collection: Any, spec: IndexSpec) -> str:
+def _set_ttl(
+    db: Database[dict[str, Any]], collection: Collection[dict[str, Any]], spec: IndexSpec
+) -> str:
     """Change an index's TTL in place (collMod); servers without collMod get a rebuild."""
     try:
         db.command(
@@ -169,7 +173,7 @@ def _set_ttl(db: Any, collection: Any, spec: IndexSpec) -> str:
     return "ttl-rebuilt"
 
 
-def ensure_indexes(db: Any, abnormal_ttl_days: int) -> dict[str, str]:
+def ensure_indexes(db: Database[dict[str, Any]], abnormal_ttl_days: int) -> dict[str, str]:
     """Create or fix every index of :func:`index_specs`; return ``{coll.name: action}``.
 
     Actions: ``unchanged``, ``created``, ``ttl-updated`` (collMod), ``ttl-rebuilt``,
@@ -250,10 +254,10 @@ def registry_exists(path: str) -> bool:
     import pyarrow.fs as pafs
 
     filesystem, inner = lake.filesystem_for(registry_file(path))
-    return filesystem.get_file_info(inner).type == pafs.FileType.File
+    return bool(filesystem.get_file_info(inner).type == pafs.FileType.File)
 
 
-def load_registry(db: Any, path: str) -> RegistryLoad:
+def load_registry(db: Database[dict[str, Any]], path: str) -> RegistryLoad:
     """Upsert every meter of the registry at ``path`` into ``meters`` (``_id`` = device_id).
 
     The registry is the source of truth: a meter's document is replaced as a whole.
@@ -269,7 +273,7 @@ def load_registry(db: Any, path: str) -> RegistryLoad:
         result = collection.bulk_write(
             [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in chunk], ordered=False
         )
-        new += len(result.upserted_ids)
+        new += len(result.upserted_ids or {})
         updated += result.modified_count
     load = RegistryLoad(registry_file(path), len(documents), new, updated)
     log.info("registry=%s meters=%d new=%d updated=%d", load.path, load.meters, new, updated)
@@ -282,7 +286,9 @@ class InitReport:
     registry: RegistryLoad | None
 
 
-def init_mongo(db: Any, settings: Settings, registry: str | None = None) -> InitReport:
+def init_mongo(
+    db: Database[dict[str, Any]], settings: Settings, registry: str | None = None
+) -> InitReport:
     """Indexes, then the registry (``registry`` or the lake's) if its file exists.
 
     An explicitly named registry that does not exist is an error; the lake's default one

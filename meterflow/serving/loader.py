@@ -14,10 +14,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from itertools import islice
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow.dataset as pads
 from pymongo import ReplaceOne
+from pymongo.collection import Collection
+from pymongo.database import Database
 
 from meterflow.batch.views import (
     DISTRICT_VIEW,
@@ -36,6 +38,7 @@ from meterflow.core.logs import get_logger
 log = get_logger("meterflow.serving.loader")
 
 BATCH_SIZE = 1000
+_T = TypeVar("_T")
 
 #: Collection of each view and the view columns that make a document's ``_id`` after the day.
 TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -98,13 +101,15 @@ def view_documents(settings: Settings, view: str, day: date) -> list[dict[str, A
     ]
 
 
-def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+def _chunks(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
     iterator = iter(items)
     while chunk := list(islice(iterator, size)):
         yield chunk
 
 
-def replace_day(collection: Any, day: date, documents: list[dict[str, Any]]) -> tuple[int, int]:
+def replace_day(
+    collection: Collection[dict[str, Any]], day: date, documents: list[dict[str, Any]]
+) -> tuple[int, int]:
     """Upsert ``documents`` in unordered batches, then delete D's others; (written, deleted)."""
     for chunk in _chunks(documents, BATCH_SIZE):
         collection.bulk_write(
@@ -141,7 +146,9 @@ def report_document(report: DayReport, loaded_at: datetime) -> dict[str, Any]:
     }
 
 
-def publish_day(settings: Settings, day: date | str, db: Any = None) -> LoadReport:
+def publish_day(
+    settings: Settings, day: date | str, db: Database[dict[str, Any]] | None = None
+) -> LoadReport:
     """Publish D's views and report; a no_data day clears D's documents and writes its report.
 
     Raises :class:`ViewMissingError` when the batch job has not run for D.

@@ -33,14 +33,15 @@ import re
 import socket
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from confluent_kafka import KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from pymongo import UpdateMany, UpdateOne
+from pymongo.database import Database
 from pymongo.errors import AutoReconnect, BulkWriteError, ConnectionFailure
 
 from meterflow.clients import kafka, mongo
@@ -306,7 +307,7 @@ class ServingWriter:
 
     def __init__(
         self,
-        db: Any,
+        db: Database[dict[str, Any]],
         interval_seconds: float,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -327,10 +328,10 @@ class ServingWriter:
         stored_ids = [e for e, i in unique.items() if i not in result.rejected]
         uncounted: dict[str, list[str]] = defaultdict(list)
         if stored_ids:
-            for doc in self.db[mongo.ABNORMAL_READINGS].find(
+            for stored in self.db[mongo.ABNORMAL_READINGS].find(
                 {"_id": {"$in": stored_ids}, "counted": False}, {"device_id": 1}
             ):
-                uncounted[doc["device_id"]].append(doc["_id"])
+                uncounted[stored["device_id"]].append(stored["_id"])
         by_device: dict[str, list[StatusUpdate]] = defaultdict(list)
         for update in statuses:
             by_device[update.device_id].append(update)
@@ -407,7 +408,7 @@ class ServingWriter:
         ]
         try:
             written = self.db[mongo.ABNORMAL_READINGS].bulk_write(operations, ordered=False)
-            return {str(i) for i in written.upserted_ids.values()}
+            return {str(i) for i in (written.upserted_ids or {}).values()}
         except BulkWriteError as error:
             details = error.details
             if details.get("writeConcernErrors"):
@@ -449,7 +450,12 @@ class ServingWriter:
                 )
         self._bulk(mongo.METER_STATUS, operations)
 
-    def _bulk(self, collection: str, operations: list, lost_races_ok: bool = False) -> None:
+    def _bulk(
+        self,
+        collection: str,
+        operations: Sequence[UpdateOne | UpdateMany],
+        lost_races_ok: bool = False,
+    ) -> None:
         if not operations:
             return
         try:
@@ -552,7 +558,7 @@ class Sink:
     def __init__(
         self,
         settings: Settings,
-        db: Any,
+        db: Database[dict[str, Any]],
         *,
         backoff_initial: float = 0.5,
         backoff_max: float = 30.0,
@@ -619,7 +625,7 @@ class Sink:
                 self.settings.sink_flush_seconds,
             )
 
-    def _revoked(self, _consumer: Any, partitions: list[TopicPartition]) -> None:
+    def _revoked(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Forget uncommitted messages of partitions we lose: their next owner re-reads them."""
         lost = {(p.topic, p.partition) for p in partitions}
         before = len(self._batch) + len(self._held)
@@ -630,7 +636,7 @@ class Sink:
         log.info("sink=revoked partitions=%d uncommitted_dropped=%d", len(lost), dropped)
 
     def _entry(self, message: Message) -> _Entry:
-        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        topic, partition, offset = kafka.coordinates(message)
         entry = _Entry(topic, partition, offset)
         try:
             if topic == self.settings.topic_abnormal:
@@ -723,27 +729,34 @@ class Sink:
         """Events MongoDB refused for good become dead letters (not a crash loop)."""
         if not result.rejected:
             return []
-        entries = [e for e in self._batch if e.event is not None]
-        return [
-            DeadLetterRecord(
-                None,
-                json.dumps(entries[i].event.document, default=str).encode(),
-                str(DeadLetterReason.WRONG_TYPE),
-                f"MongoDB refused the event: {reason}"[:500],
-                entries[i].topic,
-                entries[i].partition,
-                entries[i].offset,
+        entries = [(e, e.event) for e in self._batch if e.event is not None]
+        records = []
+        for i, reason in sorted(result.rejected.items()):
+            entry, event = entries[i]
+            records.append(
+                DeadLetterRecord(
+                    None,
+                    json.dumps(event.document, default=str).encode(),
+                    str(DeadLetterReason.WRONG_TYPE),
+                    f"MongoDB refused the event: {reason}"[:500],
+                    entry.topic,
+                    entry.partition,
+                    entry.offset,
+                )
             )
-            for i, reason in sorted(result.rejected.items())
-        ]
+        return records
 
     def _retrying(self, action: Callable[[], None], should_stop: Callable[[], bool]) -> bool:
+        retryable: tuple[type[Exception], ...] = (
+            *RETRYABLE_MONGO_ERRORS,
+            kafka.KafkaUnavailableError,
+        )
         attempt = 0
         while True:
             try:
                 action()
                 return True
-            except (*RETRYABLE_MONGO_ERRORS, kafka.KafkaUnavailableError) as exc:
+            except retryable as exc:
                 attempt += 1
                 self.stats.retries += 1
                 delay = min(self.backoff_max, self.backoff_initial * 2 ** (attempt - 1))
@@ -794,7 +807,7 @@ class Sink:
             return
         failures: list[str] = []
 
-        def delivered(error: Any, _message: Any) -> None:
+        def delivered(error: KafkaError | None, _message: Message) -> None:
             if error is not None:
                 failures.append(str(error))
 

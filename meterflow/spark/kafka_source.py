@@ -16,12 +16,13 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
+from confluent_kafka import Consumer, Message
 from pyspark.sql.datasource import (
     DataSource,
     DataSourceReader,
@@ -93,7 +94,7 @@ class _Options:
     poll_timeout_s: float
 
     @classmethod
-    def parse(cls, options: dict[str, str]) -> _Options:
+    def parse(cls, options: Mapping[str, str]) -> _Options:
         opts = {k.lower(): v for k, v in options.items()}
         for name in _UNSUPPORTED:
             if name in opts:
@@ -156,7 +157,7 @@ class _Planner:
 
     def __init__(self, options: _Options) -> None:
         self.options = options
-        self._client = None
+        self._client: Consumer | None = None
         self._known_ends: dict[tuple[str, int], int] = {}
         self._lows: dict[tuple[str, int], int] = {}
 
@@ -164,7 +165,7 @@ class _Planner:
         return {**self.__dict__, "_client": None}
 
     @property
-    def client(self):
+    def client(self) -> Consumer:
         if self._client is None:
             self._client = kafka.consumer(self.options.bootstrap, **self.options.consumer_config)
         return self._client
@@ -243,7 +244,7 @@ class _Planner:
             if stop > start.get(topic, {}).get(p, 0)
         ]
         total = sum(stop - first for _, _, first, stop in ranges)
-        result = []
+        result: list[KafkaInputPartition] = []
         for topic, partition, first, stop in ranges:
             pieces = 1
             if self.options.min_partitions > len(ranges) and total:
@@ -338,7 +339,7 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         return self.planner.split(start, end)
 
     def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
-        return read_range(partition, self.options)  # type: ignore[arg-type]
+        return read_range(cast(KafkaInputPartition, partition), self.options)
 
     def stop(self) -> None:
         self.planner.close()
@@ -360,7 +361,7 @@ class KafkaBatchReader(DataSourceReader):
         return self._ranges
 
     def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
-        return read_range(partition, self.options)  # type: ignore[arg-type]
+        return read_range(cast(KafkaInputPartition, partition), self.options)
 
 
 def read_range(
@@ -384,7 +385,7 @@ def read_range(
         last_progress = time.monotonic()
         while position < part.end:
             messages = client.consume(batch_size, timeout=0.5)
-            records = []
+            records: list[Message] = []
             for message in messages:
                 error = message.error()
                 if error is not None:
@@ -398,12 +399,14 @@ def read_range(
                     raise kafka.KafkaUnavailableError(
                         f"reading {part.topic}[{part.partition}]: {error}"
                     )
-                if message.offset() >= part.end:
+                offset = message.offset()
+                assert offset is not None  # every record has one
+                if offset >= part.end:
                     position = part.end
                     break
                 records.append(message)
             if records:
-                position = records[-1].offset() + 1
+                position = kafka.coordinates(records[-1])[2] + 1
                 last_progress = time.monotonic()
                 yield records_to_batch(records, part)
             elif time.monotonic() - last_progress > options.poll_timeout_s:
@@ -419,7 +422,7 @@ def read_range(
         client.close()
 
 
-def records_to_batch(records: list, part: KafkaInputPartition) -> pa.RecordBatch:
+def records_to_batch(records: list[Message], part: KafkaInputPartition) -> pa.RecordBatch:
     """confluent-kafka messages of one partition as an Arrow batch in the source schema."""
     count = len(records)
     stamps = np.array([m.timestamp() for m in records], dtype=np.int64).reshape(count, 2)

@@ -64,7 +64,9 @@ def jvm_kafka_available(spark: SparkSession) -> bool:
     Asked through the thread's context class loader, which also sees jars added with
     ``--packages`` / ``spark.jars.packages``; py4j's ``Class.forName`` does not.
     """
-    jvm = spark.sparkContext._jvm  # type: ignore[union-attr]
+    jvm = spark.sparkContext._jvm
+    if jvm is None:
+        return False
     try:
         jvm.java.lang.Thread.currentThread().getContextClassLoader().loadClass(JVM_KAFKA_PROVIDER)
         return True

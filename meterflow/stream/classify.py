@@ -128,15 +128,17 @@ def classify_batch(
                 )
             )
             continue
+        device_id = result.device_id[i]
+        assert device_id is not None  # only a dead letter has none
         reading = Reading(
-            result.device_id[i],  # type: ignore[arg-type]
+            device_id,
             result.meter_type(i),
             int(result.event_time_us[i]),
             None,
             None,
             result.fault_code(i),
             result.reasons[i],
-            json.loads(values[i]),  # type: ignore[arg-type]
+            json.loads(values[i]),
         )
         event = contract.abnormal_event(
             reading, topics[i], generation, partitions[i], offsets[i], now_us

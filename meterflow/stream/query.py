@@ -396,17 +396,21 @@ class LakeCommitter:
         """
         now = datetime.now(UTC)
         states = self.ledger.states(self.settings.topic_readings, self.generation)
-        known = {p: s for p, s in states.items() if s.max_event_us is not None}
+        known = {
+            p: (s.max_event_us, s.last_data_at)
+            for p, s in states.items()
+            if s.max_event_us is not None
+        }
         if not known:
             return
         active = [
-            s.max_event_us
-            for s in known.values()
-            if s.last_data_at is not None
-            and (now - datetime.fromisoformat(s.last_data_at)).total_seconds()
+            max_us
+            for max_us, last_data_at in known.values()
+            if last_data_at is not None
+            and (now - datetime.fromisoformat(last_data_at)).total_seconds()
             <= self.settings.idle_partition_seconds
         ]
-        newest_us = min(active) if active else max(s.max_event_us for s in known.values())  # type: ignore[type-var]
+        newest_us = min(active) if active else max(max_us for max_us, _ in known.values())
         watermark = min(now, datetime.fromtimestamp(newest_us / 1e6, UTC))
         previous = lake.read_watermark(self.settings.lake_path)
         if previous is not None and previous >= watermark:
@@ -416,8 +420,8 @@ class LakeCommitter:
                 self.settings.lake_path,
                 watermark,
                 {
-                    str(p): datetime.fromtimestamp(s.max_event_us / 1e6, UTC).isoformat()  # type: ignore[operator]
-                    for p, s in sorted(known.items())
+                    str(p): datetime.fromtimestamp(max_us / 1e6, UTC).isoformat()
+                    for p, (max_us, _) in sorted(known.items())
                 },
             )
         except OSError as exc:  # bookkeeping must not stop the stream; the DAG waits longer
@@ -467,7 +471,7 @@ def _await(query: StreamingQuery, stop: threading.Event, grace_s: float = 60.0) 
     """Wait for the query; once ``stop`` is set let the running micro-batch commit, then stop."""
     while query.isActive and not stop.is_set():
         try:
-            query.awaitTermination(1.0)
+            query.awaitTermination(1)
         except StreamingQueryException:  # read again by the caller from query.exception()
             break
     if stop.is_set() and query.isActive:

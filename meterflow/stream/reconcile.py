@@ -162,8 +162,8 @@ def _check_lake(lake_path: str, report: ReconcileReport) -> None:
     retired: dict[tuple[str, str, int], int] = defaultdict(int)
     for days in lake.read_retired(lake_path).values():
         for counts in days.values():
-            for key, rows in counts.items():
-                topic, generation, partition = key.rsplit("|", 2)
+            for name, rows in counts.items():
+                topic, generation, partition = name.rsplit("|", 2)
                 retired[(topic, generation, int(partition))] += rows
     for a in report.audits:
         key = (a.topic, a.generation, a.partition)

@@ -28,10 +28,10 @@ import pytest
 
 from meterflow.clients.mongo import client as mongo_client
 from meterflow.core.config import ConfigError
-from meterflow.dashboards.cards import cards as dashboards
-from meterflow.dashboards.cards import metabase
+from meterflow.dashboards import cards as dashboards
+from meterflow.dashboards import metabase
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GRID_COLUMNS = 24
 MUTATING = {"POST", "PUT", "DELETE"}
 

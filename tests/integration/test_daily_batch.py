@@ -1,8 +1,8 @@
 """The daily batch job: views against pandas on the same rows, re-runs, empty days, the sink log.
 
 Test lakes are a few meters over one or two days, written directly in the lake schema
-(``readings/date=D/``) with pyarrow, or through Spark's streaming file sink where the
-sink's commit log matters. Expected values are computed here with pandas.
+(``readings/date=D/``) with pyarrow (tests/lake_helpers.py), or through Spark's streaming
+file sink where the sink's commit log matters. Expected values are computed here with pandas.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import UTC, date, datetime, timedelta
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -18,23 +18,27 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from lake_helpers import (
+    D1,
+    D2,
+    FILE_SCHEMA,
+    REGISTRY_INTERVAL,
+    fleet_meters,
+    make_rows,
+    write_lake_day,
+)
 from pyspark.sql import SparkSession
 
-from jobs import daily_batch_job as job
+from jobs import daily_batch_job
+from meterflow.batch import daily as job
 from meterflow.batch import views
 from meterflow.core import lake
 from meterflow.core.config import Settings
-from meterflow.core.contract import METER_SPECS, TYPE_ORDER, FaultCode, MeterType
+from meterflow.core.contract import METER_SPECS, TYPE_ORDER, MeterType
 from meterflow.serving.checks import lake_counts
-from simulator.fleet import build_fleet, write_registry
 
-D1 = date(2024, 6, 3)
-D2 = date(2024, 6, 4)
-REGISTRY_INTERVAL = 900  # the simulated fleet's interval: 96 readings a day
 DEFAULT_INTERVAL = 600  # settings' fallback for meters the registry lacks: 144 a day
 UNREGISTERED = ("em999999", str(MeterType.ELECTRICITY))
-FILE_SCHEMA = pa.schema([lake.CLASSIFIED_SCHEMA.field(n) for n in lake.LAKE_COLUMNS if n != "date"])
-FAULT_CHOICES = [None] * 6 + [FaultCode.SENTINEL, FaultCode.NEGATIVE, FaultCode.MISSING_METRIC]
 
 
 def lake_settings(tmp_path: Path, **env: str) -> Settings:
@@ -45,60 +49,6 @@ def lake_settings(tmp_path: Path, **env: str) -> Settings:
             **env,
         }
     )
-
-
-def fleet_meters(settings: Settings, count: int = 6) -> list[tuple[str, str]]:
-    """A simulated fleet's registry (interval 900 s); returns (device_id, type) pairs."""
-    fleet = build_fleet(count, seed=11)
-    write_registry(fleet, settings.registry_path, REGISTRY_INTERVAL)
-    return [(m.device_id, str(m.meter_type)) for m in fleet.meters]
-
-
-def make_rows(meters: list[tuple[str, str]], day: date, seed: int) -> list[dict]:
-    """Readings of ``day`` in the lake's columns: a few per meter, some faulty.
-
-    The first meter's readings are all faulty (its average is undefined), the rest mix
-    good readings with SENTINEL (-1), NEGATIVE and MISSING_METRIC (no value) ones.
-    """
-    rng = np.random.default_rng(seed)
-    start = datetime(day.year, day.month, day.day, tzinfo=UTC)
-    rows = []
-    for index, (device_id, meter_type) in enumerate(meters):
-        for k in range(int(rng.integers(4, 12))):
-            fault = FaultCode.SENTINEL if index == 0 else rng.choice(FAULT_CHOICES)
-            value = {
-                None: round(float(rng.uniform(0.1, 5.0)), 3),
-                FaultCode.SENTINEL: -1.0,
-                FaultCode.NEGATIVE: -2.5,
-                FaultCode.MISSING_METRIC: None,
-            }[fault]
-            at = start + timedelta(minutes=15 * k)
-            rows.append(
-                {
-                    "device_id": device_id,
-                    "meter_type": meter_type,
-                    "event_time": at,
-                    "consumption": value,
-                    "unit": METER_SPECS[MeterType(meter_type)].unit,
-                    "flow_rate": None,
-                    "fault_code": None if fault is None else str(fault),
-                    "reason": None if fault is None else f"{fault} in the test",
-                    "source_topic": "iot-meter",
-                    "source_partition": 0,
-                    "source_offset": len(rows),
-                    "ingest_time": at + timedelta(seconds=3),
-                }
-            )
-    return rows
-
-
-def write_lake_day(settings: Settings, day: date, rows: list[dict]) -> None:
-    """Replace ``readings/date=D/`` with ``rows`` (one Parquet file, as the sink would)."""
-    directory = Path(lake.readings_path(settings.lake_path)) / f"date={day}"
-    for old in directory.glob("*.parquet"):
-        old.unlink()
-    directory.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=FILE_SCHEMA), directory / "part-0.parquet")
 
 
 def read_view(settings: Settings, view: str, day: date) -> pd.DataFrame:
@@ -370,12 +320,12 @@ def test_main_runs_a_day_from_the_command_line(
     """``spark-submit jobs/daily_batch_job.py --date D --lake L`` (in-process: same session)."""
     settings, _meters, rows = two_days
     monkeypatch.setenv("METERFLOW_DATA_DIR", str(Path(settings.data_dir) / "elsewhere"))
-    assert job.main(["--date", str(D2), "--lake", settings.lake_path]) == 0
+    assert daily_batch_job.main(["--date", str(D2), "--lake", settings.lake_path]) == 0
     printed = views.DayReport.from_json(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed.readings == len(rows[D2])
     assert views.read_report(settings, D2) == printed
     with pytest.raises(SystemExit):
-        job.main(["--date", "2024-13-01"])
+        daily_batch_job.main(["--date", "2024-13-01"])
 
 
 def test_batch_command_in_its_own_process(two_days) -> None:
@@ -393,7 +343,7 @@ def test_batch_command_in_its_own_process(two_days) -> None:
         text=True,
         timeout=300,
         env=env,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert result.returncode == 0, result.stderr[-3000:]
     printed = views.DayReport.from_json(result.stdout.strip().splitlines()[-1])

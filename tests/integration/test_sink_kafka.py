@@ -2,7 +2,8 @@
 
 Kafka is the session's tansu broker over TCP; MongoDB is mongomock, or the server
 ``MONGO_URI`` names. Consumer-group joins take seconds on tansu, so each Kafka test
-starts as few sinks as it can; the crash points of the writer are covered in-process.
+starts as few sinks as it can; the crash points of the writer are covered in-process
+(tests/unit/test_sink.py).
 """
 
 from __future__ import annotations
@@ -17,15 +18,27 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
 import pytest
 from confluent_kafka import TopicPartition
 from pymongo.errors import AutoReconnect
+from sink_helpers import (
+    GOOD_EVENT,
+    INTERVAL_S,
+    CrashingDatabase,
+    SimulatedCrashError,
+    assert_events_stored,
+    at_index,
+    event_json,
+    expected_events,
+    status_batches,
+    status_json,
+    true_run,
+)
 
 from meterflow import cli
 from meterflow.clients import kafka, mongo
@@ -33,87 +46,8 @@ from meterflow.core import contract
 from meterflow.core.config import Settings
 from meterflow.core.contract import DeadLetterReason
 from meterflow.serving.sink import (
-    AbnormalEvent,
-    ServingWriter,
     Sink,
-    StatusUpdate,
-    UndecodableError,
-    decode_abnormal,
-    decode_status,
 )
-
-START_US = contract.parse_timestamp_us("2024-05-27T00:00:00Z")
-DETECTED_US = contract.parse_timestamp_us("2026-11-20T12:00:00.123456Z")
-INTERVAL_S = 900
-GENERATION = "a-topic-id"  # the source topic's Kafka topic id, part of every event id
-
-
-# -- building messages with the contract's own functions ------------------------------
-
-
-def event_json(device: str, offset: int, minute: int, value: float = -1) -> bytes:
-    """An abnormal event exactly as the streaming job publishes it."""
-    raw = json.dumps(
-        {
-            "device_id": device,
-            "timestamp": contract.format_timestamp_us(START_US + minute * 60_000_000),
-            "usage_kwh": value,
-        }
-    ).encode()
-    reading = contract.evaluate(raw, START_US + 10**12)
-    assert isinstance(reading, contract.Reading) and reading.fault_code is not None
-    event = contract.abnormal_event(
-        reading, "iot-meter", GENERATION, offset % 3, offset, DETECTED_US
-    )
-    return json.dumps(event).encode()
-
-
-def status_json(device: str, flags: list[bool], first_index: int) -> bytes:
-    """The status update of one micro-batch of a meter's readings (True = faulty)."""
-    trailing = 0
-    for faulty in reversed(flags):
-        if not faulty:
-            break
-        trailing += 1
-    last_us = START_US + (first_index + len(flags) - 1) * INTERVAL_S * 1_000_000
-    update = contract.meter_status_update(
-        device,
-        "electricity",
-        last_us,
-        -1.0 if flags[-1] else 1.5,
-        "SENTINEL" if flags[-1] else None,
-        len(flags),
-        sum(flags),
-        trailing,
-    )
-    return json.dumps(update).encode()
-
-
-def status_batches(flags: list[bool], sizes: Iterable[int]) -> list[tuple[int, list[bool]]]:
-    """Split a meter's reading sequence into micro-batches (first index, flags)."""
-    batches, start = [], 0
-    for size in sizes:
-        if start >= len(flags):
-            break
-        batches.append((start, flags[start : start + size]))
-        start += size
-    if start < len(flags):
-        batches.append((start, flags[start:]))
-    return batches
-
-
-def true_run(flags: list[bool]) -> tuple[int, int | None]:
-    """Length of the trailing run of faults and the index of its first reading."""
-    run = 0
-    for faulty in reversed(flags):
-        if not faulty:
-            break
-        run += 1
-    return run, (len(flags) - run if run else None)
-
-
-def at_index(index: int) -> datetime:
-    return datetime.fromtimestamp(START_US / 1e6 + index * INTERVAL_S, UTC)
 
 
 def produce(bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, bytes]]) -> int:
@@ -163,180 +97,14 @@ def offsets(settings: Settings) -> tuple[dict, dict]:
     return {(tp.topic, tp.partition): max(tp.offset, 0) for tp in committed}, ends
 
 
-def expected_events(values: Iterable[bytes]) -> dict[str, dict[str, Any]]:
-    """Unique events by id, decoded with the standard library (not the sink's decoder)."""
-    return {json.loads(v)["event_id"]: json.loads(v) for v in values}
-
-
-def assert_events_stored(db: Any, events: dict[str, dict[str, Any]]) -> None:
-    stored = {doc["_id"]: doc for doc in db[mongo.ABNORMAL_READINGS].find()}
-    assert set(stored) == set(events)
-    for event_id, event in events.items():
-        doc = stored[event_id]
-        for name in ("event_id", "device_id", "meter_type", "fault_code", "reason", "reading"):
-            assert doc[name] == event[name]
-        assert doc["source"] == event["source"]
-        timestamp = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
-        assert doc["timestamp"].replace(tzinfo=UTC) == timestamp
-        detected = datetime.fromisoformat(event["detected_at"].replace("Z", "+00:00"))
-        assert abs(doc["detected_at"].replace(tzinfo=UTC) - detected) < timedelta(milliseconds=1)
-        assert doc["counted"] is True
-    per_device = Counter(e["device_id"] for e in events.values())
-    for device, count in per_device.items():
-        status = db[mongo.METER_STATUS].find_one({"_id": device})
-        assert status["fault_count"] == count, device
-        assert not status.get("pending_fault_ids")
-
-
-# -- decoding -------------------------------------------------------------------------
-
-GOOD_EVENT = json.loads(event_json("em1", 7, 0))
-
-
-@pytest.mark.parametrize(
-    ("raw", "reason"),
-    [
-        (b"", DeadLetterReason.EMPTY),
-        (b"not json", DeadLetterReason.NOT_JSON),
-        (b"\xff\xfe", DeadLetterReason.NOT_JSON),
-        (b"[1, 2]", DeadLetterReason.NOT_OBJECT),
-        (json.dumps({**GOOD_EVENT, "event_id": None}).encode(), DeadLetterReason.MISSING_FIELD),
-        (json.dumps({**GOOD_EVENT, "device_id": ""}).encode(), DeadLetterReason.MISSING_FIELD),
-        (json.dumps({**GOOD_EVENT, "device_id": 12}).encode(), DeadLetterReason.WRONG_TYPE),
-        (json.dumps({**GOOD_EVENT, "reading": [1]}).encode(), DeadLetterReason.WRONG_TYPE),
-        (json.dumps({**GOOD_EVENT, "timestamp": "soon"}).encode(), DeadLetterReason.BAD_TIMESTAMP),
-        (
-            json.dumps({**GOOD_EVENT, "reading": {"$where": "1"}}).encode(),
-            DeadLetterReason.WRONG_TYPE,
-        ),
-    ],
-)
-def test_undecodable_events_name_their_reason(raw: bytes, reason: DeadLetterReason) -> None:
-    with pytest.raises(UndecodableError) as caught:
-        decode_abnormal(raw)
-    assert caught.value.reason == reason
-
-
-def test_inconsistent_status_updates_are_refused() -> None:
-    good = json.loads(status_json("em1", [False, True, True], 0))
-    assert decode_status(json.dumps(good).encode()).trailing_faults == 2
-    for broken in (
-        {**good, "trailing_faults": 4},  # more than the readings
-        {**good, "last_fault_code": None},  # a good last reading cannot end a run of faults
-        {**good, "readings": True},
-        {**good, "last_seen": 5},
-    ):
-        with pytest.raises(UndecodableError):
-            decode_status(json.dumps(broken).encode())
-
-
-# -- the writer, in-process -----------------------------------------------------------
-
-
-def decoded_events(values: Iterable[bytes]) -> list[AbnormalEvent]:
-    return [decode_abnormal(v) for v in values]
-
-
-def decoded_statuses(values: Iterable[bytes]) -> list[StatusUpdate]:
-    return [decode_status(v) for v in values]
-
-
-def test_meter_status_newer_wins_older_ignored_runs_merge_recovery_clears(db: Any) -> None:
-    writer = ServingWriter(db, INTERVAL_S)
-    flags = [False, False, True, True, True, True, True, False, True, True]
-    batches = status_batches(flags, [3, 2, 2, 1, 2])
-    states = []
-    for start, part in batches:
-        writer.write([], decoded_statuses([status_json("em9", part, start)]))
-        states.append(db[mongo.METER_STATUS].find_one({"_id": "em9"}))
-        seen = flags[: start + len(part)]
-        run, first = true_run(seen)
-        assert states[-1]["consecutive_faults"] == run
-        assert states[-1]["open_fault"] == ("SENTINEL" if seen[-1] else None)
-        assert states[-1]["last_seen"].replace(tzinfo=UTC) == at_index(len(seen) - 1)
-        since = states[-1]["fault_since"]
-        assert (since and since.replace(tzinfo=UTC)) == (at_index(first) if run else None)
-    # The run of five across three batches merged; the good reading then cleared it.
-    assert max(s["consecutive_faults"] for s in states) == 5
-    # An older update (a replay after a restart) changes nothing, even redelivered twice.
-    before = db[mongo.METER_STATUS].find_one({"_id": "em9"})
-    old_start, old_part = batches[1]
-    result = writer.write([], decoded_statuses([status_json("em9", old_part, old_start)] * 2))
-    assert (result.status_applied, result.status_stale) == (0, 2)
-    after = db[mongo.METER_STATUS].find_one({"_id": "em9"})
-    assert {k: v for k, v in after.items() if k != "updated_at"} == {
-        k: v for k, v in before.items() if k != "updated_at"
-    }
-    # Newer and older in one batch, in any order: the newer wins.
-    newer = status_json("em9", [False], len(flags))
-    writer.write([], decoded_statuses([newer, status_json("em9", [True], len(flags) - 1)]))
-    final = db[mongo.METER_STATUS].find_one({"_id": "em9"})
-    assert final["open_fault"] is None and final["consecutive_faults"] == 0
-    assert final["last_seen"].replace(tzinfo=UTC) == at_index(len(flags))
-
-
-class SimulatedCrashError(RuntimeError):
-    """The process dies here: nothing after this point happens."""
-
-
-class CrashingDatabase:
-    """Lets bulk writes through until call ``crash_on`` (1-based), which applies only its
-    first ``keep`` operations and then dies."""
-
-    def __init__(self, db: Any, crash_on: int, keep: int) -> None:
-        self.db, self.crash_on, self.keep, self.calls = db, crash_on, keep, 0
-
-    def __getitem__(self, name: str) -> Any:
-        return _CrashingCollection(self, self.db[name])
-
-
-class _CrashingCollection:
-    def __init__(self, owner: CrashingDatabase, collection: Any) -> None:
-        self.owner, self.collection = owner, collection
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.collection, name)
-
-    def bulk_write(self, operations: list, **options: Any) -> Any:
-        self.owner.calls += 1
-        if self.owner.calls != self.owner.crash_on:
-            return self.collection.bulk_write(operations, **options)
-        if self.owner.keep:
-            self.collection.bulk_write(operations[: self.owner.keep], **options)
-        raise SimulatedCrashError(f"crash in bulk write {self.owner.calls}")
-
-
-# Bulk writes of one batch: 1 events, 2 meter_status (count + state), 3 mark counted,
-# 4 forget pending ids. A crash inside or between any of them must not change the result.
-@pytest.mark.parametrize(
-    ("crash_on", "keep"), [(1, 5), (2, 1), (2, 3), (3, 0), (3, 1), (4, 0), (4, 1)]
-)
-def test_writer_crash_at_any_step_then_replay_counts_every_fault_once(
-    db: Any, crash_on: int, keep: int
-) -> None:
-    values = [event_json(f"em{i % 3}", i, i) for i in range(12)]
-    values.append(values[0])  # a duplicate the streaming job published twice
-    statuses = [status_json(f"em{d}", [True, True], 0) for d in range(3)]
-    crashing = ServingWriter(CrashingDatabase(db, crash_on, keep), INTERVAL_S)
-    with pytest.raises(SimulatedCrashError):
-        crashing.write(decoded_events(values), decoded_statuses(statuses))
-    healthy = ServingWriter(db, INTERVAL_S)
-    healthy.write(decoded_events(values), decoded_statuses(statuses))
-    again = healthy.write(decoded_events(values), decoded_statuses(statuses))
-    assert again.inserted == 0 and again.counted == 0 and again.status_applied == 0
-    assert_events_stored(db, expected_events(values))
-    for d in range(3):
-        assert db[mongo.METER_STATUS].find_one({"_id": f"em{d}"})["consecutive_faults"] == 2
-
-
-# -- through Kafka --------------------------------------------------------------------
-
 GARBAGE_ABNORMAL = [
     (b"not json at all", DeadLetterReason.NOT_JSON),
     (b'["an", "array"]', DeadLetterReason.NOT_OBJECT),
     (json.dumps({**GOOD_EVENT, "event_id": None}).encode(), DeadLetterReason.MISSING_FIELD),
     (json.dumps({**GOOD_EVENT, "device_id": 5}).encode(), DeadLetterReason.WRONG_TYPE),
 ]
+
+
 GARBAGE_STATUS = [
     (b"{", DeadLetterReason.NOT_JSON),
     (
@@ -462,6 +230,8 @@ print("consumed", flush=True)
 while True:
     sink.poll_once(0.2)
 """
+
+
 #: tansu holds a static member's JoinGroup and SyncGroup 3 s each: about 6.5 s is its best.
 #: A dynamic member waits for the dead one's session (10 s before) and rejoins: 18 s.
 RESTART_BOUND_S = 9.0

@@ -1,4 +1,5 @@
-"""The environment is one coherent install (DESIGN.md: pyspark-client overwrites PySpark)."""
+"""The environment is one coherent install (docs/architecture.md: pyspark-client
+overwrites PySpark)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Publishing batch views to MongoDB and checking a published day.
 
 MongoDB is mongomock unless MONGO_URI names a server (then each test has its own
-database). The views come from the real batch job on a small lake (test_daily_batch).
+database). The views come from the real batch job on a small lake (tests/lake_helpers.py).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from lake_helpers import D1, D2, fleet_meters, make_rows, write_lake_day
 from pyspark.sql import SparkSession
-from test_daily_batch import D1, D2, fleet_meters, make_rows, write_lake_day
 
-from jobs import daily_batch_job as job
 from meterflow import cli
+from meterflow.batch import daily as job
 from meterflow.batch import views
 from meterflow.clients import mongo
 from meterflow.core import lake
@@ -32,15 +32,6 @@ COLLECTIONS = (
     mongo.DAILY_TYPE_AVERAGES,
     mongo.DAILY_DISTRICT_AVERAGES,
 )
-
-
-@pytest.fixture
-def env(tmp_path: Path, mongo_uri: str, mongo_db_name: str) -> dict[str, str]:
-    return {
-        "METERFLOW_DATA_DIR": str(tmp_path / "data"),
-        "MONGO_URI": mongo_uri,
-        "MONGO_DB": mongo_db_name,
-    }
 
 
 @pytest.fixture
@@ -191,11 +182,6 @@ def test_device_with_two_types_publishes_one_document_and_checks_in_total(
     write_lake_day(settings, D1, rows + make_rows(meters[1:2], D1, seed=8))  # late data
     with pytest.raises(CheckFailed, match="differ from the lake"):
         check_day(settings, D1)
-
-
-def test_load_before_the_batch_job_is_a_clear_error(env: dict[str, str]) -> None:
-    with pytest.raises(ViewMissingError, match="run the batch job"):
-        publish_day(Settings.from_env(env), D1)
 
 
 def test_load_and_check_commands(

@@ -21,7 +21,7 @@ from pathlib import Path
 import pyspark
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROVIDER = "org.apache.spark.sql.kafka010.KafkaSourceProvider"
 
 

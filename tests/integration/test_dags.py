@@ -30,7 +30,7 @@ from meterflow_airflow.sensors import partition_complete
 from simulator.fleet import build_fleet, write_registry
 from simulator.generator import FaultRates, SimulationConfig, simulate
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DAG_IDS = {"meter_daily_averages", "meter_incidents", "meterflow_retention"}
 
 

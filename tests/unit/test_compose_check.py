@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from meterflow.compose_check import env_problems, memory_limits, read_env_file
+from meterflow.compose_check import HOST_PORTS, env_problems, memory_limits, read_env_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GOOD = {
     "MONGO_ROOT_PASSWORD": "s3cret-mongo",
     "AIRFLOW_ADMIN_PASSWORD": "s3cret-airflow",
@@ -61,6 +61,17 @@ def _doctor(env_file: Path) -> subprocess.CompletedProcess:
     )
 
 
+def good_lines() -> list[str]:
+    """.env.example with good secrets and free host ports (a test run may hold the defaults:
+    the Spark UI's 4040, say)."""
+    values = {**read_env_file(ROOT / ".env.example"), **GOOD}
+    for name in HOST_PORTS:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            values[name] = str(sock.getsockname()[1])
+    return [f"{k}={v}" for k, v in values.items()]
+
+
 def test_doctor_names_each_problem_and_passes_a_good_env(tmp_path: Path) -> None:
     example = _doctor(ROOT / ".env.example")
     assert example.returncode == 1
@@ -71,7 +82,7 @@ def test_doctor_names_each_problem_and_passes_a_good_env(tmp_path: Path) -> None
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        lines = [f"{k}={GOOD.get(k, v)}" for k, v in read_env_file(ROOT / ".env.example").items()]
+        lines = good_lines()
         good = tmp_path / "good.env"
         good.write_text("\n".join(lines) + "\n")
         assert _doctor(good).returncode == 0, _doctor(good).stderr
@@ -97,7 +108,7 @@ def test_airflow_init_stops_on_a_placeholder_with_one_line() -> None:
 
 def test_doctor_compares_dockers_memory_with_the_limits(tmp_path: Path) -> None:
     """With a `docker` client on PATH: too little memory for the limits is named."""
-    lines = [f"{k}={GOOD.get(k, v)}" for k, v in read_env_file(ROOT / ".env.example").items()]
+    lines = good_lines()
     good = tmp_path / "good.env"
     good.write_text("\n".join(lines) + "\n")
     need = memory_limits(ROOT / "docker-compose.yml")

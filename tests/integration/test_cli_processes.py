@@ -9,27 +9,17 @@ import sys
 import time
 from pathlib import Path
 
-from meterflow.clients import kafka
-from meterflow.core.config import VARIABLES, Settings
+from helpers import ROOT, meterflow
 
-ROOT = Path(__file__).resolve().parents[1]
+from meterflow.clients import kafka
+from meterflow.core.config import Settings
+
 PROTOTYPE = [
     b'{"device_id": "em1", "timestamp": "2024-05-27T15:57:53Z", "usage_kwh": 9}',
     b'{"device_id": "wm1", "timestamp": "2024-05-27T15:57:52Z", "usage": 18, "flow_rate": 5}',
     b'{"device_id": "em2", "timestamp": "2024-05-27T15:57:54Z", "usage_kwh": -1}',
     b"garbage",
 ]
-
-
-def meterflow(*args: str, env: dict[str, str] | None = None, timeout: float = 120):
-    return subprocess.run(
-        [sys.executable, "-m", "meterflow.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-        cwd=ROOT,
-    )
 
 
 def env_of(settings: Settings) -> dict[str, str]:
@@ -50,39 +40,6 @@ def send(settings: Settings, messages: list[bytes]) -> None:
     for value in messages:
         producer.produce(settings.topic_readings, value, b"k")
     assert producer.flush(30) == 0
-
-
-def test_config_lists_every_variable() -> None:
-    result = meterflow("config", "--markdown")
-    assert result.returncode == 0, result.stderr
-    for variable in VARIABLES:
-        assert f"`{variable.name}`" in result.stdout
-
-
-def test_readme_configuration_table_is_the_codes() -> None:
-    """The README's table is `meterflow config --markdown` verbatim: it cannot drift."""
-    table = meterflow("config", "--markdown").stdout.strip()
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert table in readme, "README configuration table is stale: run meterflow config --markdown"
-
-
-def test_bad_config_is_one_line_and_non_zero() -> None:
-    result = meterflow("topics", env={"METERFLOW_KAFKA_PARTITIONS": "many"})
-    assert result.returncode == 2
-    assert (
-        result.stderr.strip() == "meterflow topics: METERFLOW_KAFKA_PARTITIONS='many' is not a int"
-    )
-
-
-def test_a_placeholder_is_refused_at_start() -> None:
-    result = meterflow(
-        "topics", env={"MONGO_URI": "mongodb://meterflow:CHANGE-ME-mongo@localhost:27017/"}
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip() == (
-        "meterflow topics: MONGO_URI still holds a CHANGE-ME placeholder: set it (see "
-        ".env.example; meterflow doctor --compose checks them all)"
-    )
 
 
 def test_unreachable_kafka_is_named() -> None:

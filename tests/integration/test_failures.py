@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 from pyspark.sql import SparkSession
+from test_nothing_lost_stream import assert_exactly_once, good, lake_offsets, send
 
 from bench.stall_proxy import ProxiedBroker, StallingProxy
 from meterflow.clients import kafka
 from meterflow.core.config import Settings
 from meterflow.stream.query import run
 from meterflow.stream.reconcile import reconcile
-from tests.test_nothing_lost import assert_exactly_once, good, lake_offsets, send
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:

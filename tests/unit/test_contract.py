@@ -20,7 +20,7 @@ from meterflow.core.contract import (
 )
 
 NOW = contract.parse_timestamp_us("2024-05-28T00:00:00Z")
-# The prototype's exact messages (DESIGN.md) must be accepted unchanged.
+# The prototype's exact messages (README, "The reading contract") must be accepted unchanged.
 PROTOTYPE_ELECTRICITY = b'{"device_id": "em1", "timestamp": "2024-05-27T15:57:53Z", "usage_kwh": 9}'
 PROTOTYPE_WATER = (
     b'{"device_id": "wm1", "timestamp": "2024-05-27T15:57:52Z", "usage": 18, "flow_rate": 5}'

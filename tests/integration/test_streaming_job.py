@@ -265,7 +265,7 @@ def test_spark_submit_conf_wins_over_the_session_defaults(tmp_path) -> None:
         [str(spark_submit), "--master", "local[1]", "--conf", "spark.python.worker.reuse=false",
          "--conf", "spark.ui.enabled=false", str(script)],
         capture_output=True, text=True, timeout=180, check=False,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
         env={**os.environ, "PYSPARK_PYTHON": sys.executable},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]

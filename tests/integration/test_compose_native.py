@@ -1,0 +1,225 @@
+"""The docker compose environment's commands, run natively, without Docker.
+
+Every command a service built from this project's images runs is taken from the compose
+file itself and run here (hosts and ports swapped for local ones), or is mapped in
+tests/unit/test_compose.py's ``COMMAND_TESTS`` to the test that runs it. The services'
+health-check script runs here too, against services that are down. The fixture
+``resolved`` (the compose file with .env.example's values) is in tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from bench.common import free_port
+from bench.compose_native import (
+    BIN,
+    ROOT,
+    env_example,
+    healthcheck,
+    native,
+    running,
+    service_env,
+)
+from meterflow.clients import kafka
+from meterflow.core.config import Settings
+
+
+def test_healthcheck_script_names_what_is_down() -> None:
+    script = [sys.executable, str(ROOT / "docker" / "healthcheck.py")]
+    closed = f"127.0.0.1:{free_port()}"
+    cases = {
+        ("http", f"http://{closed}/api/health"): closed,
+        ("mongo",): "did not answer",
+    }
+    env = {**os.environ, "MONGO_URI": f"mongodb://{closed}/"}
+    for args, named in cases.items():
+        done = subprocess.run([*script, *args], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and named in done.stderr, (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1
+    usage = subprocess.run([*script, "ftp"], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float, *logs: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in logs)
+            pytest.fail(f"{what} not ready after {timeout:.0f} s\n{tails}")
+        time.sleep(1)
+
+
+@pytest.fixture
+def meterflow_env(bootstrap: str, make_topics, tmp_path: Path) -> dict[str, str]:
+    return {
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "METERFLOW_DATA_DIR": str(tmp_path / "data"),
+        "LAKE_PATH": str(tmp_path / "data" / "lake"),
+        "CHECKPOINT_PATH": str(tmp_path / "data" / "checkpoints"),
+        "MONGO_URI": "mongomock://compose",
+        "METERFLOW_KAFKA_SOURCE": "python",  # natively there is no spark-sql-kafka jar
+        "PYSPARK_PYTHON": sys.executable,
+        **make_topics(1),
+    }
+
+
+def test_kafka_init_and_fleet_registry_commands(resolved, meterflow_env, bootstrap) -> None:
+    services = resolved["services"]
+    suffix = meterflow_env["METERFLOW_TOPIC_READINGS"].split("-")[-1]
+    fresh = {
+        "METERFLOW_TOPIC_READINGS": f"init-meter-{suffix}",
+        "METERFLOW_TOPIC_ABNORMAL": f"init-abnormal-{suffix}",
+        "METERFLOW_TOPIC_DEADLETTER": f"init-deadletter-{suffix}",
+        "METERFLOW_TOPIC_STATUS": f"init-status-{suffix}",
+    }
+    init = services["kafka-init"]
+    env = service_env(init, **{**meterflow_env, **fresh})
+    done = subprocess.run(native(init["command"], {}), env=env, cwd=ROOT, capture_output=True)
+    assert done.returncode == 0, done.stderr
+    partitions = int(env_example()["METERFLOW_KAFKA_PARTITIONS"])
+    metadata = kafka.consumer(bootstrap).list_topics(timeout=10).topics
+    for topic in fresh.values():
+        assert len(metadata[topic].partitions) == partitions
+
+    registry = services["fleet-registry"]
+    env = service_env(registry, **meterflow_env)
+    done = subprocess.run(
+        native(registry["command"], {}), env=env, cwd=ROOT, capture_output=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    table = pq.read_table(Path(Settings.from_env(env).registry_path) / "meters.parquet")
+    assert table.num_rows == int(env_example()["SIMULATOR_METERS"])
+    assert kafka.read_all(bootstrap, env["METERFLOW_TOPIC_READINGS"]) == []
+
+
+def test_simulator_command(resolved, meterflow_env, bootstrap, tmp_path) -> None:
+    service = resolved["services"]["simulator"]
+    env = service_env(service, **meterflow_env)
+    log = tmp_path / "simulator.log"
+    with running(native(service["command"], {}), env, log) as process:
+        wait_for(lambda: healthcheck(service, {}, env), "simulator health", 60, log)
+        time.sleep(4)
+        os.killpg(process.pid, signal.SIGTERM)
+        assert process.wait(60) == 0, log.read_text()[-2000:]
+    sent = len(kafka.read_all(bootstrap, env["METERFLOW_TOPIC_READINGS"]))
+    assert 0 < sent <= float(env_example()["SIMULATOR_RATE"]) * 60
+    assert f"sent {sent:,} messages" in log.read_text()
+
+
+def test_streaming_job_command(resolved, meterflow_env, bootstrap, tmp_path) -> None:
+    """The streaming job as compose starts it (spark-submit with SPARK_MASTER), answering
+    its health check while it runs, then committing the prototype's messages."""
+    service = resolved["services"]["streaming-job"]
+    driver_ui = free_port()
+    swap = {"localhost:4040": f"127.0.0.1:{driver_ui}"}
+    send_prototype(meterflow_env)
+    env = service_env(
+        service, **meterflow_env, SPARK_LOCAL_IP="127.0.0.1", METERFLOW_TRIGGER_SECONDS="1"
+    )
+    command = native(service["command"], {})
+    command[1:1] = ["--conf", f"spark.ui.port={driver_ui}"]
+    log = tmp_path / "streaming-job.log"
+    lake = Path(meterflow_env["LAKE_PATH"]) / "readings" / "date=2024-05-27"
+    with running(command, env, log) as process:
+        wait_for(lambda: healthcheck(service, swap, env), "streaming-job health", 180, log)
+        wait_for(lambda: bool(list(lake.glob("*.parquet"))), "the lake", 120, log)
+        # `docker stop`: SIGTERM to the container's first process, spark-submit's JVM.
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(60) in (0, 128 + signal.SIGTERM), log.read_text()[-3000:]
+        wait_for(lambda: not group_alive(process.pid), "the driver to follow the JVM", 30, log)
+    assert "read=4 valid=2 abnormal=1 deadletter=1" in log.read_text()
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def send_prototype(env: dict[str, str]) -> None:
+    producer = kafka.producer(env["KAFKA_BOOTSTRAP_SERVERS"])
+    for value in (
+        b'{"device_id": "em1", "timestamp": "2024-05-27T15:57:53Z", "usage_kwh": 9}',
+        b'{"device_id": "wm1", "timestamp": "2024-05-27T15:57:52Z", "usage": 18, "flow_rate": 5}',
+        b'{"device_id": "em2", "timestamp": "2024-05-27T15:57:54Z", "usage_kwh": -1}',
+        b"garbage",
+    ):
+        producer.produce(env["METERFLOW_TOPIC_READINGS"], value, b"k")
+    assert producer.flush(30) == 0
+
+
+def test_airflow_commands(resolved, tmp_path) -> None:
+    """airflow-init, then api-server, scheduler, dag-processor and triggerer with their
+    health checks, as compose runs them (SQLite instead of PostgreSQL)."""
+    from airflow.utils.net import get_hostname  # what the jobs record as their host
+
+    services = resolved["services"]
+    api_port, health_port = free_port(), free_port()
+    swap = {"8080": str(api_port), "localhost:8974": f"127.0.0.1:{health_port}"}
+    home = tmp_path / "airflow"
+    overrides = {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "auth" / "pw.json"),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__FERNET_KEY": "",
+        "AIRFLOW__API_AUTH__JWT_SECRET": "native-test-jwt-secret-0123456789",
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": str(health_port),
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
+        "AIRFLOW_ADMIN_PASSWORD": "native-test-password",
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "MONGO_URI": "mongomock://airflow",
+    }
+    init = services["airflow-init"]
+    env = service_env(init, **overrides)
+    done = subprocess.run(
+        native(init["command"], swap), env=env, cwd=ROOT, capture_output=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    passwords = json.loads((home / "auth" / "pw.json").read_text())
+    assert passwords == {env_example()["AIRFLOW_ADMIN_USERNAME"]: "native-test-password"}
+
+    names = [
+        "airflow-api-server",
+        "airflow-scheduler",
+        "airflow-dag-processor",
+        "airflow-triggerer",
+    ]
+    with running_all(services, names, swap, overrides, tmp_path) as logs:
+        for name in names:
+            service = services[name]
+            env = service_env(service, **overrides, HOSTNAME=get_hostname())
+            wait_for(lambda s=service, e=env: healthcheck(s, swap, e), name, 240, *logs)
+
+
+@contextmanager
+def running_all(
+    services: dict[str, Any],
+    names: list[str],
+    swap: dict[str, str],
+    overrides: dict[str, str],
+    tmp_path: Path,
+) -> Iterator[list[Path]]:
+    logs = [tmp_path / f"{name}.log" for name in names]
+    with ExitStack() as stack:
+        for name, log in zip(names, logs, strict=True):
+            argv = native(services[name]["command"], swap)
+            stack.enter_context(running(argv, service_env(services[name], **overrides), log))
+        yield logs

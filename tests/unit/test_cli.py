@@ -1,0 +1,47 @@
+"""The ``meterflow`` command as users run it, where it stops before it needs a service:
+its configuration, and the one-line errors of a bad one. A real process each time.
+
+Commands that run a broker, Spark or the whole platform, or wait for a broker that does
+not answer, are in tests/integration/test_cli_processes.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from helpers import meterflow
+
+from meterflow.core.config import VARIABLES
+
+
+def test_config_lists_every_variable() -> None:
+    result = meterflow("config", "--markdown")
+    assert result.returncode == 0, result.stderr
+    for variable in VARIABLES:
+        assert f"`{variable.name}`" in result.stdout
+
+
+def test_readme_configuration_table_is_the_codes() -> None:
+    """The README's table is `meterflow config --markdown` verbatim: it cannot drift."""
+    table = meterflow("config", "--markdown").stdout.strip()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert table in readme, "README configuration table is stale: run meterflow config --markdown"
+
+
+def test_bad_config_is_one_line_and_non_zero() -> None:
+    result = meterflow("topics", env={"METERFLOW_KAFKA_PARTITIONS": "many"})
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip() == "meterflow topics: METERFLOW_KAFKA_PARTITIONS='many' is not a int"
+    )
+
+
+def test_a_placeholder_is_refused_at_start() -> None:
+    result = meterflow(
+        "topics", env={"MONGO_URI": "mongodb://meterflow:CHANGE-ME-mongo@localhost:27017/"}
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "meterflow topics: MONGO_URI still holds a CHANGE-ME placeholder: set it (see "
+        ".env.example; meterflow doctor --compose checks them all)"
+    )
