@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot Airflow init (compose service airflow-init; tests/test_compose.py runs it
+# One-shot Airflow init (compose service airflow-init; tests/integration/test_compose_native.py runs it
 # natively on SQLite): migrate the metadata database, then create the admin of the simple
 # auth manager from AIRFLOW_ADMIN_USERNAME / AIRFLOW_ADMIN_PASSWORD by writing its password
 # file (the file AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE names, shared with the

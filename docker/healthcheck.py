@@ -3,7 +3,7 @@
 ``http URL`` (an HTTP 2xx from URL), ``kafka`` (KAFKA_BOOTSTRAP_SERVERS answers a
 metadata request) or ``mongo`` (MONGO_URI answers a ping). Exit 0 when healthy, 1 with
 one line on stderr otherwise: the line ``docker inspect`` shows for an unhealthy service.
-The same script runs natively in tests/test_compose.py.
+The same script runs natively in tests/integration/test_compose_native.py.
 """
 
 from __future__ import annotations
