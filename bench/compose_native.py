@@ -1,8 +1,9 @@
 """docker-compose.yml read as ``docker compose`` reads it, and its commands run on this machine.
 
-Shared by the native compose tests (tests/integration/test_compose_native.py) and the memory benchmark
-(bench/memory.py): both take each service's command and environment from the compose file
-itself, with ``.env.example``'s values, and swap hosts and ports for local ones.
+Shared by the native compose tests (tests/integration/test_compose_native.py) and the
+memory benchmark (bench/memory.py): both take each service's command and environment from
+the compose file itself, with ``.env.example``'s values, and swap hosts and ports for local
+ones.
 """
 
 from __future__ import annotations
