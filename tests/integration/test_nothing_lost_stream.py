@@ -263,7 +263,7 @@ def _spark_submit_waits_for_the_decision(settings: Settings) -> None:
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
         start_new_session=True,  # to see that no process of it outlives the stop
     )
     seen: list[str] = []
