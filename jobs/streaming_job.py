@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import threading
 
 from meterflow.core.config import ConfigError, Settings
 from meterflow.core.errors import DataLossError, MeterflowError
 from meterflow.core.logs import setup_logging
+from meterflow.core.signals import signals_handled
 from meterflow.stream.query import ACCEPT, run
 
 
@@ -75,11 +75,10 @@ def _wait_for_the_decision() -> None:
         flush=True,
     )
     stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    signal.signal(signal.SIGINT, lambda *_: stopped.set())
     parent = os.getppid()  # spark-submit's JVM: when it is stopped, so is this process
-    while not stopped.wait(1.0) and os.getppid() == parent:
-        pass
+    with signals_handled(lambda *_: stopped.set()):
+        while not stopped.wait(1.0) and os.getppid() == parent:
+            pass
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from meterflow.clients.mongo import MongoUnavailableError
 from meterflow.core.config import VARIABLES, ConfigError, Settings
 from meterflow.core.errors import MeterflowError
 from meterflow.core.logs import get_logger, setup_logging
+from meterflow.core.signals import signals_handled
 from meterflow.local.broker import BrokerError, kafka_for
 
 log = get_logger("meterflow.cli")
@@ -99,23 +100,19 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
     from meterflow.serving.sink import Sink
 
     stop = threading.Event()
-    previous = {
-        number: signal.signal(number, lambda *_: stop.set())
-        for number in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
-        with kafka_for(settings, start_local=False) as (live, _), mongo_for(live) as (live, _):
-            db = database(live)
-            ensure_indexes(db, live.abnormal_ttl_days)
-            print(
-                f"sink: {live.topic_abnormal}, {live.topic_status} on {live.bootstrap_servers} "
-                f"-> MongoDB database {live.mongo_db}; Ctrl-C stops",
-                file=sys.stderr,
-            )
-            stats = Sink(live, db).run(stop.is_set)
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+    with (
+        signals_handled(lambda *_: stop.set()),
+        kafka_for(settings, start_local=False) as (live, _),
+        mongo_for(live) as (live, _),
+    ):
+        db = database(live)
+        ensure_indexes(db, live.abnormal_ttl_days)
+        print(
+            f"sink: {live.topic_abnormal}, {live.topic_status} on {live.bootstrap_servers} "
+            f"-> MongoDB database {live.mongo_db}; Ctrl-C stops",
+            file=sys.stderr,
+        )
+        stats = Sink(live, db).run(stop.is_set)
     print(
         f"consumed {stats.consumed:,} = written {stats.written:,} + duplicates "
         f"{stats.duplicates:,} + dead-lettered {stats.dead_lettered:,} "

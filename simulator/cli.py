@@ -29,8 +29,16 @@ from pathlib import Path
 from typing import TextIO
 
 from meterflow.core.config import Settings
-from meterflow.core.contract import STATELESS_FAULTS, DeadLetterReason, FaultCode, MeterType, Rules
+from meterflow.core.contract import (
+    SECONDS_PER_DAY,
+    STATELESS_FAULTS,
+    DeadLetterReason,
+    FaultCode,
+    MeterType,
+    Rules,
+)
 from meterflow.core.logs import get_logger
+from meterflow.core.signals import signals_handled
 from simulator.faults import (
     DEFAULT_FAULT_RATE,
     DEFAULT_MALFORMED_RATE,
@@ -47,7 +55,7 @@ log = get_logger("simulator.cli")
 #: How long the final flush may wait for the broker before messages count as undelivered.
 FLUSH_TIMEOUT_S = 60.0
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400}
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": SECONDS_PER_DAY}
 
 
 def parse_seconds(text: str) -> float:
@@ -227,15 +235,8 @@ class SignalStop:
     @contextmanager
     def installed(self) -> Iterator[SignalStop]:
         """Handle the signals while the block runs (only the main thread can); then restore."""
-        if threading.current_thread() is not threading.main_thread():
+        with signals_handled(self._handle):
             yield self
-            return
-        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
 
 
 def _kinds(counts: Mapping[FaultCode, int] | Mapping[DeadLetterReason, int]) -> str:

@@ -10,8 +10,6 @@ fleet as Parquet, ``<lake>/registry/meters.parquet``, which the batch layer and 
 
 from __future__ import annotations
 
-import os
-import posixpath
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import date, timedelta
@@ -22,7 +20,7 @@ import pyarrow.parquet as pq
 from faker import Faker
 
 from meterflow.core.contract import METER_SPECS, TYPE_ORDER, MeterType
-from meterflow.core.lake import REGISTRY_FILE, filesystem_for
+from meterflow.core.lake import filesystem_for, registry_parquet, write_atomically
 
 DEFAULT_MIX: dict[MeterType, float] = {
     MeterType.ELECTRICITY: 0.5,
@@ -186,25 +184,23 @@ def write_registry(fleet: Fleet, registry_dir: str, interval_seconds: float | No
     Returns the path.
     """
     filesystem, root = filesystem_for(registry_dir)
-    filesystem.create_dir(root, recursive=True)
-    target = posixpath.join(root, REGISTRY_FILE)
-    # Hidden (Spark and Hadoop readers skip dot files) and per process (writers may race).
-    temporary = posixpath.join(root, f".{REGISTRY_FILE}.{os.getpid()}.tmp")
+    target = registry_parquet(root)
     interval = None if interval_seconds is None else int(interval_seconds)
     rows = [
         {**asdict(m), "meter_type": str(m.meter_type), "interval_seconds": interval}
         for m in fleet.meters
     ]
     table = pa.Table.from_pylist(rows, schema=REGISTRY_SCHEMA)
-    pq.write_table(table, temporary, filesystem=filesystem)
-    filesystem.move(temporary, target)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    write_atomically(filesystem, target, buffer.getvalue().to_pybytes())
     return target
 
 
 def read_registry(registry_dir: str) -> Fleet:
     """The fleet :func:`write_registry` wrote (for a restarted simulator or a loader)."""
     filesystem, root = filesystem_for(registry_dir)
-    table = pq.read_table(posixpath.join(root, REGISTRY_FILE), filesystem=filesystem)
+    table = pq.read_table(registry_parquet(root), filesystem=filesystem)
     # Registries written before a column existed lack it; columns Meter lacks are skipped.
     table = table.select([name for name in table.column_names if name in _METER_FIELDS])
     return Fleet(

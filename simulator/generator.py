@@ -36,6 +36,7 @@ import numpy as np
 from meterflow.core.contract import (
     METER_SPECS,
     PREFIX_TO_TYPE,
+    SECONDS_PER_DAY,
     STATELESS_FAULTS,
     TYPE_ORDER,
     DeadLetterReason,
@@ -347,7 +348,7 @@ def backfill_starts(config: SimulationConfig) -> np.ndarray:
     if end > today:
         raise ValueError(f"backfill ends {end}, after today ({today}): use --mode live")
     end_s = datetime(end.year, end.month, end.day, tzinfo=UTC).timestamp()
-    steps = int(config.days * 86_400 // config.interval_s)
+    steps = int(config.days * SECONDS_PER_DAY // config.interval_s)
     if steps < 1:
         raise ValueError(f"{config.days:g} days hold no interval of {config.interval_s:g} s")
     return end_s - config.interval_s * np.arange(steps, 0, -1, dtype=np.float64)

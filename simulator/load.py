@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from meterflow.core.contract import METER_SPECS, TYPE_ORDER, MeterType, Rules
+from meterflow.core.contract import METER_SPECS, SECONDS_PER_DAY, TYPE_ORDER, MeterType, Rules
 
 #: Mean consumption per hour of a median household, in each type's unit (kWh, L, m3).
 MEAN_PER_HOUR: dict[MeterType, float] = {
@@ -103,7 +103,7 @@ def expected_consumption(starts_s: np.ndarray, interval_s: float) -> np.ndarray:
     """
     starts = np.asarray(starts_s, dtype=np.float64).reshape(-1)
     ends = starts + interval_s
-    days = (starts + interval_s / 2) / 86_400.0
+    days = (starts + interval_s / 2) / SECONDS_PER_DAY
     angle = 2 * math.pi * (np.mod(days, DAYS_PER_YEAR) - MID_JANUARY_DAY) / DAYS_PER_YEAR
     season = 1.0 + np.outer(np.cos(angle), _SEASON)
     shape_hours = np.column_stack(

@@ -27,7 +27,6 @@ from pyspark.sql import functions as F
 from meterflow.batch.views import (
     DISTRICT_VIEW,
     METER_VIEW,
-    SECONDS_PER_DAY,
     STATUS_NO_DATA,
     STATUS_OK,
     TYPE_VIEW,
@@ -42,7 +41,7 @@ from meterflow.batch.views import (
 )
 from meterflow.core import lake
 from meterflow.core.config import Settings
-from meterflow.core.contract import METER_SPECS, TYPE_ORDER
+from meterflow.core.contract import METER_SPECS, SECONDS_PER_DAY, TYPE_ORDER, as_date
 from meterflow.core.logs import get_logger
 
 log = get_logger("jobs.daily_batch")
@@ -291,7 +290,7 @@ def run(settings: Settings, day: date | str, spark: SparkSession | None = None) 
     """
     from meterflow.spark.session import get_spark
 
-    day = date.fromisoformat(day) if isinstance(day, str) else day
+    day = as_date(day)
     spark = spark or get_spark("meterflow-daily-batch", settings.spark_master)
     started = time.perf_counter()  # the job, not the JVM's start
     for key, value in JOB_SQL_CONF.items():

@@ -8,6 +8,7 @@ import pyarrow.dataset as ds
 
 from meterflow.core import lake
 from meterflow.core.config import Settings
+from meterflow.core.contract import as_date
 from meterflow.core.logs import get_logger
 
 log = get_logger(__name__)
@@ -27,8 +28,7 @@ def lake_roots(settings: Settings) -> list[str]:
 
 def drop_expired_partitions(settings: Settings, today: str | date | None = None) -> dict:
     """Delete the expired partitions of every dataset; returns what went, per dataset."""
-    day = date.fromisoformat(today) if isinstance(today, str) else today
-    day = day or datetime.now(UTC).date()
+    day = as_date(today) if today else datetime.now(UTC).date()
     dropped = {}
     ledgered = {lake.readings_path(settings.lake_path), lake.deadletter_path(settings.lake_path)}
     for root in lake_roots(settings):

@@ -14,7 +14,7 @@ from datetime import date
 import pyarrow.fs as pafs
 
 from meterflow.core.config import Settings
-from meterflow.core.lake import filesystem_for
+from meterflow.core.lake import filesystem_for, write_atomically
 
 METER_VIEW = "meter_daily"
 TYPE_VIEW = "type_daily"
@@ -25,7 +25,6 @@ STATUS_OK = "ok"
 STATUS_NO_DATA = "no_data"
 #: District of readings whose meter the registry does not know: kept and counted, never dropped.
 UNKNOWN_DISTRICT = "unknown"
-SECONDS_PER_DAY = 86_400
 
 
 @dataclass(frozen=True)
@@ -77,10 +76,7 @@ def read_report(settings: Settings, day: date | str) -> DayReport | None:
 def write_report(settings: Settings, report: DayReport) -> None:
     """Temp file then move, so a reader never sees half a report."""
     fs, path = filesystem_for(report_path(settings.views_path, report.day))
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(f"{path}.tmp") as stream:
-        stream.write(report.to_json().encode())
-    fs.move(f"{path}.tmp", path)
+    write_atomically(fs, path, report.to_json().encode())
 
 
 def remove_report(settings: Settings, day: date) -> None:

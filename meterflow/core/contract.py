@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Any, NamedTuple, Protocol, TypedDict, cast
@@ -176,6 +176,13 @@ _DEFAULT_RULES = Rules()
 _TYPE_BY_NAME: dict[str, MeterType] = {str(t): t for t in MeterType}
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+SECONDS_PER_DAY = 86_400
+US_PER_DAY = SECONDS_PER_DAY * 1_000_000
+
+
+def as_date(day: date | str) -> date:
+    """A day given as a date or as ``YYYY-MM-DD`` (from the CLI, Airflow's ``ds``)."""
+    return date.fromisoformat(day) if isinstance(day, str) else day
 
 
 def parse_timestamp_us(value: str) -> int:
@@ -184,7 +191,7 @@ def parse_timestamp_us(value: str) -> int:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     delta = parsed - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return (delta.days * SECONDS_PER_DAY + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def format_timestamp_us(micros: int) -> str:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
+import uuid
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -102,8 +104,30 @@ def registry_path(lake_path: str) -> str:
 REGISTRY_FILE = "meters.parquet"
 
 
+def registry_parquet(registry: str) -> str:
+    """The registry's Parquet file: ``registry`` itself if it names one, else the
+    ``meters.parquet`` in that directory."""
+    if registry.endswith(".parquet"):
+        return registry
+    return f"{registry.rstrip('/')}/{REGISTRY_FILE}"
+
+
 def registry_file(lake_path: str) -> str:
-    return f"{registry_path(lake_path)}/{REGISTRY_FILE}"
+    return registry_parquet(registry_path(lake_path))
+
+
+def write_atomically(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write ``path`` whole or not at all: a temporary file beside it, then a rename.
+
+    The temporary name is hidden (Spark and Hadoop readers skip dot files) and unique
+    (writers racing on one path never share it).
+    """
+    directory, name = posixpath.split(path)
+    fs.create_dir(directory, recursive=True)
+    temporary = posixpath.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
+    with fs.open_output_stream(temporary) as stream:
+        stream.write(data)
+    fs.move(temporary, path)
 
 
 def views_path(lake_path: str) -> str:
@@ -158,10 +182,7 @@ def record_retired(lake_path: str, dataset: str, day: date, counts: dict[str, in
     retired = read_retired(lake_path)
     retired.setdefault(dataset, {})[day.isoformat()] = counts
     fs, path = filesystem_for(retired_path(lake_path))
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(f"{path}.tmp") as stream:
-        stream.write(json.dumps(retired, sort_keys=True).encode())
-    fs.move(f"{path}.tmp", path)
+    write_atomically(fs, path, json.dumps(retired, sort_keys=True).encode())
 
 
 def _watermark_document(lake_path: str) -> dict[str, Any]:
@@ -205,15 +226,12 @@ def write_watermark(
     declaring days complete by the grace period while the stream is catching up.
     """
     fs, path = filesystem_for(watermark_path(lake_path))
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     document = {
         "watermark": watermark.astimezone(UTC).isoformat() if watermark else None,
         "partitions": partitions or _watermark_document(lake_path).get("partitions", {}),
         "written_at": datetime.now(UTC).isoformat(),
     }
-    with fs.open_output_stream(f"{path}.tmp") as stream:
-        stream.write(json.dumps(document).encode())
-    fs.move(f"{path}.tmp", path)
+    write_atomically(fs, path, json.dumps(document).encode())
 
 
 _PARTITION = re.compile(rf"^{PARTITION_COLUMN}=(\d{{4}}-\d{{2}}-\d{{2}})$")

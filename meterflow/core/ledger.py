@@ -27,14 +27,13 @@ from __future__ import annotations
 import itertools
 import json
 import posixpath
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 import pyarrow.fs as pafs
 
-from meterflow.core.lake import filesystem_for
+from meterflow.core.lake import filesystem_for, write_atomically
 from meterflow.core.logs import get_logger
 
 log = get_logger(__name__)
@@ -278,15 +277,9 @@ class Ledger:
         )
         self.fs.create_dir(self.dir, recursive=True)
         final = posixpath.join(self.dir, f"{entry.seq:012d}.json")
-        self._write_atomically(final, entry.to_json())
+        write_atomically(self.fs, final, entry.to_json())
         self._apply(entry)
         return entry
-
-    def _write_atomically(self, final: str, data: bytes) -> None:
-        temporary = posixpath.join(self.dir, f".{uuid.uuid4().hex}.tmp")
-        with self.fs.open_output_stream(temporary) as stream:
-            stream.write(data)
-        self.fs.move(temporary, final)
 
     def publish_files(self, entry: Entry) -> int:
         """Move an entry's files from staging into the lake; return how many moved.
@@ -363,7 +356,7 @@ class Ledger:
             ],
         }
         final = posixpath.join(self.dir, f"{self.seq:012d}{_COMPACT_SUFFIX}")
-        self._write_atomically(final, json.dumps(document, separators=(",", ":")).encode())
+        write_atomically(self.fs, final, json.dumps(document, separators=(",", ":")).encode())
         for info in self.fs.get_file_info(pafs.FileSelector(self.dir)):
             name = info.base_name
             number = name.split(".")[0]

@@ -24,13 +24,14 @@ from meterflow.clients.mongo import (
     DAILY_TYPE_AVERAGES,
     METER_STATUS,
 )
+from meterflow.core.contract import SECONDS_PER_DAY
 
 DASHBOARD_NAME = "Smart meters"
 DASHBOARD_DESCRIPTION = (
     "Faulty meters, abnormal readings and daily consumption from the meterflow serving layer."
 )
 NOW = "$$NOW"
-DAY_MS = 86_400_000
+DAY_MS = SECONDS_PER_DAY * 1000
 #: How far back the "over time" card looks (abnormal readings expire after the TTL anyway).
 RECENT_DAYS = 7
 TOP_PER_TYPE = 10

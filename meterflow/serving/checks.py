@@ -30,6 +30,7 @@ from meterflow.batch.views import (
 from meterflow.clients import mongo
 from meterflow.core import lake
 from meterflow.core.config import Settings
+from meterflow.core.contract import as_date
 from meterflow.core.logs import get_logger
 from meterflow.serving.loader import TARGETS
 
@@ -120,7 +121,7 @@ def check_day(
     settings: Settings, day: date | str, db: Database[dict[str, Any]] | None = None
 ) -> CheckReport:
     """Verify D end to end; raises :class:`CheckFailed` naming the first disagreement."""
-    day = date.fromisoformat(day) if isinstance(day, str) else day
+    day = as_date(day)
     db = mongo.database(settings) if db is None else db
     report = read_report(settings, day)
     if report is None:

@@ -7,7 +7,6 @@ the second run changes nothing; a changed TTL updates the existing index in plac
 
 from __future__ import annotations
 
-import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
@@ -20,11 +19,11 @@ from pymongo.errors import OperationFailure
 from meterflow.clients import mongo
 from meterflow.core import lake
 from meterflow.core.config import Settings
+from meterflow.core.contract import SECONDS_PER_DAY
 from meterflow.core.logs import get_logger
 
 log = get_logger(__name__)
 
-_DAY_SECONDS = 86_400
 #: Registry columns copied into ``meters`` (the simulator-only ``scale`` is not).
 METER_FIELDS: tuple[str, ...] = (
     "device_id",
@@ -61,7 +60,7 @@ def index_specs(abnormal_ttl_days: int) -> list[IndexSpec]:
     reading's own time, so a backfill of old days is not deleted on arrival. A closed
     incident expires by ``closed_at``; open ones have no ``closed_at`` and never expire.
     """
-    ttl = abnormal_ttl_days * _DAY_SECONDS if abnormal_ttl_days > 0 else None
+    ttl = abnormal_ttl_days * SECONDS_PER_DAY if abnormal_ttl_days > 0 else None
     specs = [
         IndexSpec(mongo.ABNORMAL_READINGS, "device_time", (("device_id", 1), ("timestamp", -1))),
         IndexSpec(mongo.ABNORMAL_READINGS, "fault_time", (("fault_code", 1), ("timestamp", -1))),
@@ -219,13 +218,6 @@ class RegistryLoad:
     updated: int
 
 
-def registry_file(path: str) -> str:
-    """``path`` itself if it names a Parquet file, else ``path/meters.parquet``."""
-    if path.endswith(".parquet"):
-        return path
-    return posixpath.join(path.rstrip("/"), lake.REGISTRY_FILE)
-
-
 def _meter_document(row: Mapping[str, Any]) -> dict[str, Any]:
     document = {name: row[name] for name in METER_FIELDS if name in row}
     installed = document.get("installed_on")
@@ -245,7 +237,7 @@ def read_meter_documents(path: str) -> list[dict[str, Any]]:
     """
     import pyarrow.parquet as pq
 
-    filesystem, inner = lake.filesystem_for(registry_file(path))
+    filesystem, inner = lake.filesystem_for(lake.registry_parquet(path))
     table = pq.read_table(inner, filesystem=filesystem)
     return [_meter_document(row) for row in table.to_pylist()]
 
@@ -253,7 +245,7 @@ def read_meter_documents(path: str) -> list[dict[str, Any]]:
 def registry_exists(path: str) -> bool:
     import pyarrow.fs as pafs
 
-    filesystem, inner = lake.filesystem_for(registry_file(path))
+    filesystem, inner = lake.filesystem_for(lake.registry_parquet(path))
     return bool(filesystem.get_file_info(inner).type == pafs.FileType.File)
 
 
@@ -275,7 +267,7 @@ def load_registry(db: Database[dict[str, Any]], path: str) -> RegistryLoad:
         )
         new += len(result.upserted_ids or {})
         updated += result.modified_count
-    load = RegistryLoad(registry_file(path), len(documents), new, updated)
+    load = RegistryLoad(lake.registry_parquet(path), len(documents), new, updated)
     log.info("registry=%s meters=%d new=%d updated=%d", load.path, load.meters, new, updated)
     return load
 
@@ -302,8 +294,8 @@ def init_mongo(
     path = registry or settings.registry_path
     if not registry_exists(path):
         if registry is not None:
-            raise FileNotFoundError(f"no registry at {registry_file(path)}")
-        log.info("registry=%s status=absent", registry_file(path))
+            raise FileNotFoundError(f"no registry at {lake.registry_parquet(path)}")
+        log.info("registry=%s status=absent", lake.registry_parquet(path))
         return InitReport(indexes, None)
     return InitReport(indexes, load_registry(db, path))
 

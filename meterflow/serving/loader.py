@@ -33,6 +33,7 @@ from meterflow.batch.views import (
 from meterflow.clients import mongo
 from meterflow.core import lake
 from meterflow.core.config import Settings
+from meterflow.core.contract import as_date
 from meterflow.core.logs import get_logger
 
 log = get_logger("meterflow.serving.loader")
@@ -153,7 +154,7 @@ def publish_day(
 
     Raises :class:`ViewMissingError` when the batch job has not run for D.
     """
-    day = date.fromisoformat(day) if isinstance(day, str) else day
+    day = as_date(day)
     db = mongo.database(settings) if db is None else db
     report = read_report(settings, day)
     if report is None:

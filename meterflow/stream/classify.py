@@ -17,10 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from meterflow.core import contract
-from meterflow.core.contract import METER_SPECS, FaultCode, Reading, Rules, Status
+from meterflow.core.contract import METER_SPECS, US_PER_DAY, FaultCode, Reading, Rules, Status
 from meterflow.core.lake import CLASSIFIED_SCHEMA, TIMESTAMP
-
-_US_PER_DAY = 86_400_000_000
 
 
 @dataclass(frozen=True)
@@ -85,7 +83,7 @@ def classify_batch(
     fault = result.fault_index
     # A timestamp from the future says nothing about the day: file it under ingestion.
     future = fault == contract.STATELESS_FAULTS.index(FaultCode.FUTURE_TIMESTAMP) + 1
-    day = np.where(future, ingest_us, result.event_time_us) // _US_PER_DAY
+    day = np.where(future, ingest_us, result.event_time_us) // US_PER_DAY
     count = batch.num_rows
     reasons = [result.reasons.get(i) for i in range(count)] if result.reasons else [None] * count
     columns = {

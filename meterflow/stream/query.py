@@ -24,7 +24,6 @@ import contextlib
 import json
 import posixpath
 import re
-import signal
 import threading
 import time
 import uuid
@@ -45,6 +44,7 @@ from meterflow.core.config import ConfigError, Settings
 from meterflow.core.errors import DataLossError, MeterflowError, StreamUnavailableError
 from meterflow.core.ledger import BATCH, GENERATION, LOSS, STAGING_DIR, Ledger, Range
 from meterflow.core.logs import get_logger
+from meterflow.core.signals import signals_handled
 from meterflow.stream.tasks import (
     SUMMARY_SCHEMA,
     EventTopics,
@@ -544,18 +544,8 @@ def run(
     _refuse_legacy_lake(settings.lake_path)
     spark = spark or get_spark("meterflow-streaming", settings.spark_master)
     stop = stop or threading.Event()
-    previous = _install(on_signal)
-    try:
+    with signals_handled(on_signal) if on_signal else contextlib.nullcontext():
         return _run(settings, available_now, spark, accept_data_loss, stop, publish, on_committer)
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
-def _install(handler: Any) -> dict[int, Any]:
-    if handler is None or threading.current_thread() is not threading.main_thread():
-        return {}
-    return {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _run(

@@ -280,7 +280,7 @@ def _dead_letter_table(result: BatchResult, now_us: int) -> pa.Table:
             "reason": pa.array([d.reason for d in letters], pa.string()),
             "detail": pa.array([d.detail for d in letters], pa.string()),
             "ingest_time": pa.array(ingest_us, DEADLETTER_SCHEMA.field("ingest_time").type),
-            "date": pa.array((ingest_us // 86_400_000_000).astype(np.int32), pa.int32()).cast(
+            "date": pa.array((ingest_us // contract.US_PER_DAY).astype(np.int32), pa.int32()).cast(
                 pa.date32()
             ),
         },
