@@ -9,15 +9,13 @@ abnormal events and dead letters. Exit codes: 2 configuration, 3 data loss to de
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import threading
 
 from meterflow.core.config import ConfigError, Settings
 from meterflow.core.errors import DataLossError, MeterflowError
 from meterflow.core.logs import setup_logging
-from meterflow.core.signals import signals_handled
-from meterflow.stream.query import ACCEPT, run
+from meterflow.stream.query import ACCEPT, run, wait_for_decision
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,34 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     except DataLossError as exc:
         print(f"streaming_job: {exc}", file=sys.stderr)
         if settings.on_data_loss == "wait":
-            _wait_for_the_decision()
+            wait_for_decision()
         return exc.exit_code
     except (MeterflowError, ConfigError) as exc:
         print(f"streaming_job: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     return 0
-
-
-def _wait_for_the_decision() -> None:
-    """Stay down without exiting: a container restarted on exit would repeat the stop
-    forever. Spark is stopped (its cores go back to the cluster, its UI and so the health
-    check go down) until SIGTERM; the operator decides, then restarts the service."""
-    from pyspark.sql import SparkSession
-
-    session = SparkSession.getActiveSession()
-    if session is not None:
-        session.stop()
-    print(
-        "streaming_job: stopped, waiting for a decision (METERFLOW_ON_DATA_LOSS=wait); "
-        "restart the service once it is made",
-        file=sys.stderr,
-        flush=True,
-    )
-    stopped = threading.Event()
-    parent = os.getppid()  # spark-submit's JVM: when it is stopped, so is this process
-    with signals_handled(lambda *_: stopped.set()):
-        while not stopped.wait(1.0) and os.getppid() == parent:
-            pass
 
 
 if __name__ == "__main__":

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import posixpath
 import re
+import sys
 import threading
 import time
 import uuid
@@ -655,3 +657,26 @@ def _backoff(settings: Settings, attempt: int, error: BaseException, stop: threa
             kafka.check_reachable(settings.bootstrap_servers, timeout=5)
             kafka.ensure_topics(settings.bootstrap_servers, settings.topics, settings.partitions)
     return attempt
+
+
+def wait_for_decision() -> None:
+    """After a data-loss stop under spark-submit (``METERFLOW_ON_DATA_LOSS=wait``), stay down
+    without exiting: a container restarted on exit would repeat the stop forever. Spark is
+    stopped (its UI and so the health check go down) until SIGTERM, or until spark-submit's
+    JVM is gone; the operator decides, then restarts the service."""
+    from pyspark.sql import SparkSession
+
+    session = SparkSession.getActiveSession()
+    if session is not None:
+        session.stop()
+    print(
+        "streaming_job: stopped, waiting for a decision (METERFLOW_ON_DATA_LOSS=wait); "
+        "restart the service once it is made",
+        file=sys.stderr,
+        flush=True,
+    )
+    stopped = threading.Event()
+    parent = os.getppid()  # spark-submit's JVM: when it is stopped, so is this process
+    with signals_handled(lambda *_: stopped.set()):
+        while not stopped.wait(1.0) and os.getppid() == parent:
+            pass
