@@ -32,7 +32,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from bench.common import free_port, timed, write_results
+from bench.common import free_port, read_all, timed, write_results
 from bench.stall_proxy import ProxiedBroker, StallingProxy
 from meterflow.clients import kafka
 from meterflow.clients.mongo import ABNORMAL_READINGS, client
@@ -218,7 +218,7 @@ def main() -> int:
         sink_exit = sink.stop()
 
         with timed() as counting:
-            produced = kafka.read_all(settings.bootstrap_servers, settings.topic_readings, 300)
+            produced = read_all(settings.bootstrap_servers, settings.topic_readings, 300)
             produced_ids = {(m.partition(), m.offset()) for m in produced}
             identity: Counter[tuple[str, int, int]] = Counter()
             for part in (

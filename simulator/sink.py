@@ -15,18 +15,3 @@ class Sink(Protocol):
     def flush(self, timeout: float) -> int:
         """Wait up to ``timeout`` s for delivery; return how many messages are not delivered."""
         ...
-
-
-class MemorySink:
-    """Keeps every message in order; everything counts as delivered at once."""
-
-    def __init__(self) -> None:
-        self.messages: list[tuple[bytes, bytes]] = []
-        self.flushes = 0
-
-    def emit(self, key: bytes, value: bytes) -> None:
-        self.messages.append((key, value))
-
-    def flush(self, timeout: float) -> int:
-        self.flushes += 1
-        return 0

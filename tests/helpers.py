@@ -1,4 +1,5 @@
-"""Helpers both test trees use: the repository's root, a free port, the ``meterflow`` command."""
+"""Helpers both test trees use: the repository's root, a free port, the ``meterflow`` command,
+an in-memory message sink."""
 
 from __future__ import annotations
 
@@ -26,3 +27,18 @@ def meterflow(*args: str, env: dict[str, str] | None = None, timeout: float = 12
         env={**os.environ, **(env or {})},
         cwd=ROOT,
     )
+
+
+class MemorySink:
+    """Keeps every message in order; everything counts as delivered at once."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[bytes, bytes]] = []
+        self.flushes = 0
+
+    def emit(self, key: bytes, value: bytes) -> None:
+        self.messages.append((key, value))
+
+    def flush(self, timeout: float) -> int:
+        self.flushes += 1
+        return 0

@@ -17,7 +17,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from confluent_kafka import (
-    OFFSET_BEGINNING,
     Consumer,
     KafkaError,
     KafkaException,
@@ -334,32 +333,6 @@ def partition_ends(
         log.warning("partition end probe timed out partitions=%s", sorted(pending))
     client.unassign()
     return ends
-
-
-def read_all(bootstrap: str, topic: str, timeout: float = 30.0) -> list[Message]:
-    """Every message of a topic, up to its current end (for checks and reconciliation)."""
-    client = consumer(bootstrap)
-    try:
-        partitions = topic_partitions(client, [topic])
-        ends = partition_ends(client, partitions)
-        client.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in partitions])
-        pending = {tp for tp, end in ends.items() if end > 0}
-        messages = []
-        deadline = time.monotonic() + timeout
-        while pending and time.monotonic() < deadline:
-            for message in client.consume(10_000, timeout=0.2):
-                if message.error() is not None:
-                    continue
-                messages.append(message)
-                topic_name, partition, offset = coordinates(message)
-                key = (topic_name, partition)
-                if offset + 1 >= ends[key]:
-                    pending.discard(key)
-        if pending:
-            raise KafkaUnavailableError(f"could not read {topic} to its end within {timeout:.0f} s")
-        return messages
-    finally:
-        client.close()
 
 
 #: Delivery errors that mean "not now" rather than "never": the batch is retried.

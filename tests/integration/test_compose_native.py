@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from bench.common import free_port
+from bench.common import free_port, read_all
 from bench.compose_native import (
     BIN,
     ROOT,
@@ -102,7 +102,7 @@ def test_kafka_init_and_fleet_registry_commands(resolved, meterflow_env, bootstr
     assert done.returncode == 0, done.stderr
     table = pq.read_table(Path(Settings.from_env(env).registry_path) / "meters.parquet")
     assert table.num_rows == int(env_example()["SIMULATOR_METERS"])
-    assert kafka.read_all(bootstrap, env["METERFLOW_TOPIC_READINGS"]) == []
+    assert read_all(bootstrap, env["METERFLOW_TOPIC_READINGS"]) == []
 
 
 def test_simulator_command(resolved, meterflow_env, bootstrap, tmp_path) -> None:
@@ -114,7 +114,7 @@ def test_simulator_command(resolved, meterflow_env, bootstrap, tmp_path) -> None
         time.sleep(4)
         os.killpg(process.pid, signal.SIGTERM)
         assert process.wait(60) == 0, log.read_text()[-2000:]
-    sent = len(kafka.read_all(bootstrap, env["METERFLOW_TOPIC_READINGS"]))
+    sent = len(read_all(bootstrap, env["METERFLOW_TOPIC_READINGS"]))
     assert 0 < sent <= float(env_example()["SIMULATOR_RATE"]) * 60
     assert f"sent {sent:,} messages" in log.read_text()
 

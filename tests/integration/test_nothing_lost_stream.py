@@ -20,6 +20,7 @@ import pyarrow.dataset as ds
 import pytest
 from pyspark.sql import SparkSession
 
+from bench.common import read_all
 from meterflow.clients import kafka
 from meterflow.core import contract, lake
 from meterflow.core.config import Settings
@@ -134,7 +135,7 @@ def test_oversize_and_random_bytes_never_stop_the_stream(spark: SparkSession, ma
 
     assert totals["read"] == len(messages) and totals["deadletter"] == 21
     assert_exactly_once(settings, len(messages))
-    letters = kafka.read_all(settings.bootstrap_servers, settings.topic_deadletter)
+    letters = read_all(settings.bootstrap_servers, settings.topic_deadletter)
     assert len(letters) == 21
     stored = [m for m in letters if contract.DLQ_HEADER_STORED in dict(m.headers() or [])]
     assert len(stored) == 1

@@ -40,6 +40,7 @@ from sink_helpers import (
     true_run,
 )
 
+from bench.common import read_all
 from meterflow import cli
 from meterflow.clients import kafka, mongo
 from meterflow.core import contract
@@ -157,7 +158,7 @@ def test_sink_stores_each_event_once_tracks_status_and_dead_letters_garbage(
         )
 
     garbage = dict(GARBAGE_ABNORMAL) | dict(GARBAGE_STATUS)
-    letters = kafka.read_all(settings.bootstrap_servers, settings.topic_deadletter)
+    letters = read_all(settings.bootstrap_servers, settings.topic_deadletter)
     assert sorted(m.value() for m in letters) == sorted(garbage)
     for message in letters:
         headers = {k: v.decode() for k, v in message.headers()}

@@ -8,6 +8,7 @@ from datetime import UTC, date, datetime
 
 from pyspark.sql import SparkSession
 
+from bench.common import read_all
 from meterflow.clients import kafka
 from meterflow.core import contract
 from meterflow.core.config import Settings
@@ -57,7 +58,7 @@ def test_dead_letters_keep_raw_bytes_reason_and_source(spark: SparkSession, make
         "skipped": 0,
         "lost": 0,
     }
-    letters = kafka.read_all(settings.bootstrap_servers, settings.topic_deadletter)
+    letters = read_all(settings.bootstrap_servers, settings.topic_deadletter)
     assert sorted(m.value() for m in letters) == sorted(garbage)
     by_offset = {int(headers(m)[contract.DLQ_HEADER_OFFSET]): m for m in letters}
     assert set(by_offset) == {1, 2, 3, 4, 5}
@@ -92,7 +93,7 @@ def test_restart_neither_loses_nor_duplicates(spark: SparkSession, make_settings
     )
     coordinates = Counter((r.source_partition, r.source_offset) for r in rows)
     assert len(rows) == 500 and max(coordinates.values()) == 1
-    events = kafka.read_all(settings.bootstrap_servers, settings.topic_abnormal)
+    events = read_all(settings.bootstrap_servers, settings.topic_abnormal)
     ids = Counter(json.loads(m.value())["event_id"] for m in events)
     lake_abnormal = {
         contract.event_id(
@@ -141,8 +142,7 @@ def test_status_updates_follow_each_meters_latest_reading(
     run(settings, available_now=True, spark=spark)
 
     updates = [
-        json.loads(m.value())
-        for m in kafka.read_all(settings.bootstrap_servers, settings.topic_status)
+        json.loads(m.value()) for m in read_all(settings.bootstrap_servers, settings.topic_status)
     ]
     status = {u["device_id"]: u for u in updates}
     assert len(updates) == len(status) == 3
@@ -195,14 +195,13 @@ def test_simulated_fleet_end_to_end_counts_match_exactly(
     assert days == {"2024-06-02"}
 
     events = [
-        json.loads(m.value())
-        for m in kafka.read_all(settings.bootstrap_servers, settings.topic_abnormal)
+        json.loads(m.value()) for m in read_all(settings.bootstrap_servers, settings.topic_abnormal)
     ]
     assert Counter(e["fault_code"] for e in events) == {
         str(c): n for c, n in summary.faults.items()
     }
     assert len({e["event_id"] for e in events}) == len(events)
-    letters = kafka.read_all(settings.bootstrap_servers, settings.topic_deadletter)
+    letters = read_all(settings.bootstrap_servers, settings.topic_deadletter)
     reasons = Counter(headers(m)[contract.DLQ_HEADER_REASON] for m in letters)
     assert reasons == {str(r): n for r, n in summary.malformed.items()}
 

@@ -11,12 +11,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from helpers import MemorySink
 
 from meterflow.core.config import Settings
 from meterflow.core.contract import FaultCode, MeterType, Reading, evaluate
 from simulator.cli import add_replay_arguments, run_replay
 from simulator.replay import ReplayError, ReplaySummary, detect, replay
-from simulator.sink import MemorySink
 
 UCI = """\
 Date;Time;Global_active_power;Global_reactive_power;Voltage;Global_intensity;Sub_metering_1;Sub_metering_2;Sub_metering_3

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import MemorySink
 
 from meterflow.core.config import Settings
 from meterflow.core.contract import (
@@ -43,7 +44,6 @@ from simulator.faults import FaultRates
 from simulator.fleet import build_fleet, read_registry, write_registry
 from simulator.generator import SimulationConfig, Summary, simulate
 from simulator.load import LoadModel, expected_consumption
-from simulator.sink import MemorySink
 
 END = date(2024, 6, 3)  # a Monday: the two days before are a weekend
 ALL_FAULTS = FaultRates(dict.fromkeys(STATELESS_FAULTS, 0.01), malformed=0.02)
