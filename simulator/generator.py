@@ -187,7 +187,11 @@ class _Format(Protocol):
 
 
 class _ContractFormat:
-    """Messages from pre-built fragments: a reading is one f-string, no ``json.dumps``."""
+    """Messages from pre-built fragments: a reading is one f-string, no ``json.dumps``.
+
+    The bytes are :class:`~meterflow.core.messages.ReadingMessage` in ``json.dumps``'s
+    layout (tests/unit/test_simulator.py decodes them into it and compares).
+    """
 
     def __init__(self, fleet: Fleet, rules: Rules) -> None:
         self.device_ids = fleet.device_ids

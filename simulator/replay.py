@@ -32,7 +32,6 @@ Nothing in a file stops a replay.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -43,6 +42,7 @@ from pathlib import Path
 
 from meterflow.core.contract import METER_SPECS, MeterType
 from meterflow.core.logs import get_logger
+from meterflow.core.messages import ReadingMessage, encode
 from simulator.generator import Emit, Stopper, StopSignal, format_stamp
 
 log = get_logger("simulator.replay")
@@ -284,18 +284,16 @@ def replay(
         if speedup > 0:
             stopper.wait_until(started + (row.at_s - first_at) / speedup)
         stamp = format_stamp(row.at_s + shift_s)
-        message: dict[str, object] = {
-            "device_id": device_id,
-            "timestamp": stamp,
-            "meter_type": str(layout.meter_type),
-        }
+        message = ReadingMessage(
+            device_id=device_id, timestamp=stamp, meter_type=str(layout.meter_type)
+        )
         if row.usage is None:
             summary.missing_values += 1
         else:
-            message[spec.metric] = round(row.usage, VALUE_DECIMALS)
+            setattr(message, spec.metric, round(row.usage, VALUE_DECIMALS))
             if row.flow_rate is not None:
-                message["flow_rate"] = round(row.flow_rate, VALUE_DECIMALS)
-        emit(key, json.dumps(message).encode())
+                message.flow_rate = round(row.flow_rate, VALUE_DECIMALS)
+        emit(key, encode(message))
         summary.sent += 1
         summary.first_event = summary.first_event or stamp
         summary.last_event = stamp

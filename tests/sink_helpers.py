@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from meterflow.clients import mongo
-from meterflow.core import contract
+from meterflow.core import contract, messages
 
 START_US = contract.parse_timestamp_us("2024-05-27T00:00:00Z")
 DETECTED_US = contract.parse_timestamp_us("2026-11-20T12:00:00.123456Z")
@@ -35,7 +35,7 @@ def event_json(device: str, offset: int, minute: int, value: float = -1) -> byte
     event = contract.abnormal_event(
         reading, "iot-meter", GENERATION, offset % 3, offset, DETECTED_US
     )
-    return json.dumps(event).encode()
+    return messages.encode(event)
 
 
 def status_json(device: str, flags: list[bool], first_index: int) -> bytes:
@@ -56,7 +56,7 @@ def status_json(device: str, flags: list[bool], first_index: int) -> bytes:
         sum(flags),
         trailing,
     )
-    return json.dumps(update).encode()
+    return messages.encode(update)
 
 
 def status_batches(flags: list[bool], sizes: Iterable[int]) -> list[tuple[int, list[bool]]]:

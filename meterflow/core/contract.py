@@ -16,16 +16,25 @@ Every message ends in exactly one of three outcomes: a valid reading, an abnorma
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from enum import StrEnum
 from functools import lru_cache
-from typing import Annotated, Any, NamedTuple, Protocol, TypedDict, cast
+from typing import Any, NamedTuple
 
 import msgspec
 import numpy as np
-from msgspec import UNSET, UnsetType
+from msgspec import UNSET
+
+from meterflow.core import messages
+from meterflow.core.messages import (
+    AbnormalEvent,
+    DeadLetterReason,
+    EventSource,
+    ReadingMessage,
+    StatusUpdate,
+)
 
 TOPIC_READINGS = "iot-meter"
 TOPIC_ABNORMAL = "iot-abnormal"
@@ -34,17 +43,6 @@ TOPIC_DEADLETTER = "iot-deadletter"
 #: Keyed by ``device_id``; the sink folds it into MongoDB ``meter_status`` (see
 #: :func:`meter_status_update`), which is how incidents learn that a meter recovered.
 TOPIC_STATUS = "iot-meter-status"
-
-#: Kafka headers a dead letter carries; its value and key are the original bytes.
-DLQ_HEADER_REASON = "meterflow.reason"
-DLQ_HEADER_DETAIL = "meterflow.detail"
-DLQ_HEADER_TOPIC = "meterflow.source.topic"
-DLQ_HEADER_PARTITION = "meterflow.source.partition"
-DLQ_HEADER_OFFSET = "meterflow.source.offset"
-DLQ_HEADER_GENERATION = "meterflow.source.generation"
-#: Set on a dead letter too large for Kafka: its value is then a JSON reference to the
-#: lake file that keeps the original bytes (``deadletter/date=D/...``).
-DLQ_HEADER_STORED = "meterflow.stored"
 
 #: A metric equal to this is the meter's own fault signal (the prototype's rule).
 SENTINEL_VALUE = -1
@@ -115,19 +113,6 @@ STATELESS_FAULTS: tuple[FaultCode, ...] = (
     FaultCode.OUT_OF_RANGE,
     FaultCode.FUTURE_TIMESTAMP,
 )
-
-
-class DeadLetterReason(StrEnum):
-    """Why a message is not a reading at all."""
-
-    EMPTY = "EMPTY"
-    OVERSIZE = "OVERSIZE"
-    NOT_JSON = "NOT_JSON"
-    NOT_OBJECT = "NOT_OBJECT"
-    MISSING_FIELD = "MISSING_FIELD"
-    WRONG_TYPE = "WRONG_TYPE"
-    BAD_TIMESTAMP = "BAD_TIMESTAMP"
-    UNKNOWN_METER_TYPE = "UNKNOWN_METER_TYPE"
 
 
 class Status(StrEnum):
@@ -212,28 +197,7 @@ def infer_meter_type(present_metrics: Sequence[str], device_id: str) -> MeterTyp
     return by_prefix if by_prefix in found else None
 
 
-#: The wire format as msgspec sees it: decoding and type checks run in C.
-_Wire = msgspec.defstruct(
-    "_Wire",
-    [
-        ("device_id", Annotated[str, msgspec.Meta(min_length=1)]),
-        ("timestamp", str),
-        ("meter_type", str | None | UnsetType, UNSET),
-        *((name, float | None | UnsetType, UNSET) for name in ALL_METRICS),
-    ],
-)
-
-
-class _WireFields(Protocol):
-    """``_Wire`` as :func:`classify` reads it (``defstruct`` builds it unseen by mypy)."""
-
-    device_id: str
-    timestamp: str
-    meter_type: str | UnsetType | None
-    flow_rate: float | UnsetType | None
-
-
-_decode_wire = cast(Callable[[bytes], _WireFields], msgspec.json.Decoder(_Wire).decode)
+_decode_wire = messages.decoder(ReadingMessage).decode
 _FLOW_METRIC = "flow_rate"
 
 
@@ -247,19 +211,8 @@ def _timestamp_or_none(value: str) -> int | None:
 
 
 def _diagnose(raw: bytes, error: Exception) -> DeadLetter:
-    """Name why msgspec refused a message, using the standard library to look closer."""
-    try:
-        fields = json.loads(raw.decode("utf-8"))
-    except ValueError as exc:  # includes UnicodeDecodeError
-        return DeadLetter(DeadLetterReason.NOT_JSON, f"not UTF-8 JSON: {exc}")
-    if type(fields) is not dict:
-        return DeadLetter(
-            DeadLetterReason.NOT_OBJECT, f"JSON {type(fields).__name__}, not an object"
-        )
-    missing = [name for name in ("device_id", "timestamp") if fields.get(name) is None]
-    if missing:
-        return DeadLetter(DeadLetterReason.MISSING_FIELD, f"missing {', '.join(missing)}")
-    return DeadLetter(DeadLetterReason.WRONG_TYPE, str(error))
+    undecodable = messages.diagnose(raw, error, ReadingMessage)
+    return DeadLetter(undecodable.reason, undecodable.detail)
 
 
 @dataclass
@@ -467,27 +420,6 @@ def event_id(topic: str, generation: str, partition: int, offset: int) -> str:
     return f"{topic}-{generation}-{partition}-{offset}"
 
 
-class EventSource(TypedDict):
-    topic: str
-    generation: str
-    partition: int
-    offset: int
-
-
-class AbnormalEventMessage(TypedDict):
-    """An ``iot-abnormal`` message (see :func:`abnormal_event`)."""
-
-    event_id: str
-    device_id: str
-    meter_type: str
-    timestamp: str
-    fault_code: str
-    reason: str | None
-    reading: dict[str, Any]
-    detected_at: str
-    source: EventSource
-
-
 def abnormal_event(
     reading: Reading,
     topic: str,
@@ -495,43 +427,25 @@ def abnormal_event(
     partition: int,
     offset: int,
     detected_at_us: int,
-) -> AbnormalEventMessage:
-    """The JSON document published on ``iot-abnormal`` for an abnormal reading."""
-    return {
-        "event_id": event_id(topic, generation, partition, offset),
-        "device_id": reading.device_id,
-        "meter_type": str(reading.meter_type),
-        "timestamp": format_timestamp_us(reading.event_time_us),
-        "fault_code": str(reading.fault_code),
-        "reason": reading.reason,
-        "reading": reading.fields,
-        "detected_at": format_timestamp_us(detected_at_us),
-        "source": {
-            "topic": topic,
-            "generation": generation,
-            "partition": partition,
-            "offset": offset,
-        },
-    }
+) -> AbnormalEvent:
+    """The event published on ``iot-abnormal`` for an abnormal reading."""
+    return AbnormalEvent(
+        event_id=event_id(topic, generation, partition, offset),
+        device_id=reading.device_id,
+        meter_type=str(reading.meter_type),
+        timestamp=format_timestamp_us(reading.event_time_us),
+        fault_code=str(reading.fault_code),
+        reason=reading.reason,
+        reading=reading.fields,
+        detected_at=format_timestamp_us(detected_at_us),
+        source=EventSource(topic=topic, generation=generation, partition=partition, offset=offset),
+    )
 
 
 def status_of(outcome: Outcome) -> Status:
     if isinstance(outcome, DeadLetter):
         return Status.DEADLETTER
     return Status.VALID if outcome.fault_code is None else Status.ABNORMAL
-
-
-class MeterStatusMessage(TypedDict):
-    """An ``iot-meter-status`` message (see :func:`meter_status_update`)."""
-
-    device_id: str
-    meter_type: str
-    last_seen: str
-    last_value: float | None
-    last_fault_code: str | None
-    readings: int
-    faults: int
-    trailing_faults: int
 
 
 def meter_status_update(
@@ -543,25 +457,18 @@ def meter_status_update(
     readings: int,
     faults: int,
     trailing_faults: int,
-) -> MeterStatusMessage:
-    """The JSON document published on ``iot-meter-status`` for one meter and micro-batch.
+) -> StatusUpdate:
+    """The update published on ``iot-meter-status`` for one meter and micro-batch.
 
-    ``last_*`` describe the meter's latest reading (by event time) in the batch;
-    ``last_fault_code`` is None when that reading was good. ``readings`` and ``faults``
-    count the batch's readings of this meter and ``trailing_faults`` how many of them, at
-    the end in event-time order, were faulty in a row (equal to ``readings`` when all
-    were). A consumer keeps the update with the greatest ``last_seen`` and extends its
-    run of faults: ``trailing_faults == readings`` adds to the run, anything else resets
-    it to ``trailing_faults``. Updates may arrive twice after a restart, so counts are
-    indicative; the lake is the exact record.
+    See :class:`meterflow.core.messages.StatusUpdate` for what the fields mean.
     """
-    return {
-        "device_id": device_id,
-        "meter_type": meter_type,
-        "last_seen": format_timestamp_us(last_seen_us),
-        "last_value": last_value,
-        "last_fault_code": last_fault_code,
-        "readings": readings,
-        "faults": faults,
-        "trailing_faults": trailing_faults,
-    }
+    return StatusUpdate(
+        device_id=device_id,
+        meter_type=meter_type,
+        last_seen=format_timestamp_us(last_seen_us),
+        last_value=last_value,
+        last_fault_code=last_fault_code,
+        readings=readings,
+        faults=faults,
+        trailing_faults=trailing_faults,
+    )

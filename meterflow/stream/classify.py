@@ -16,35 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from meterflow.core import contract
+from meterflow.core import contract, messages
 from meterflow.core.contract import METER_SPECS, US_PER_DAY, FaultCode, Reading, Rules, Status
 from meterflow.core.lake import CLASSIFIED_SCHEMA, TIMESTAMP
-
-
-@dataclass(frozen=True)
-class DeadLetterRecord:
-    """A dead letter ready to publish: original key and value, reason and source."""
-
-    key: bytes | None
-    value: bytes | None
-    reason: str
-    detail: str
-    topic: str
-    partition: int
-    offset: int
-    generation: str = ""
-
-    def headers(self) -> list[tuple[str, bytes]]:
-        headers = [
-            (contract.DLQ_HEADER_REASON, self.reason.encode()),
-            (contract.DLQ_HEADER_DETAIL, self.detail.encode()),
-            (contract.DLQ_HEADER_TOPIC, self.topic.encode()),
-            (contract.DLQ_HEADER_PARTITION, str(self.partition).encode()),
-            (contract.DLQ_HEADER_OFFSET, str(self.offset).encode()),
-        ]
-        if self.generation:
-            headers.append((contract.DLQ_HEADER_GENERATION, self.generation.encode()))
-        return headers
+from meterflow.core.messages import DeadLetterMessage
 
 
 @dataclass
@@ -53,7 +28,7 @@ class BatchResult:
 
     classified: pa.RecordBatch
     abnormal_events: list[tuple[bytes, bytes]] = field(default_factory=list)  # (key, JSON)
-    dead_letters: list[DeadLetterRecord] = field(default_factory=list)
+    dead_letters: list[DeadLetterMessage] = field(default_factory=list)
 
 
 _TYPE_NAMES = np.array([str(t) for t in contract.TYPE_ORDER], dtype=object)
@@ -114,15 +89,15 @@ def classify_batch(
     for i in sorted(result.reasons):
         if i in result.dead_letters:
             out.dead_letters.append(
-                DeadLetterRecord(
-                    keys[i],
-                    values[i],
-                    str(result.dead_letters[i]),
-                    result.reasons[i],
-                    topics[i],
-                    partitions[i],
-                    offsets[i],
-                    generation,
+                DeadLetterMessage(
+                    key=keys[i],
+                    value=values[i],
+                    reason=str(result.dead_letters[i]),
+                    detail=result.reasons[i],
+                    topic=topics[i],
+                    partition=partitions[i],
+                    offset=offsets[i],
+                    generation=generation,
                 )
             )
             continue
@@ -141,9 +116,7 @@ def classify_batch(
         event = contract.abnormal_event(
             reading, topics[i], generation, partitions[i], offsets[i], now_us
         )
-        out.abnormal_events.append(
-            (reading.device_id.encode(), json.dumps(event, separators=(",", ":")).encode())
-        )
+        out.abnormal_events.append((reading.device_id.encode(), messages.encode(event)))
     return out
 
 
@@ -190,7 +163,7 @@ def status_updates(classified: pa.Table) -> list[tuple[bytes, bytes]]:
     updates = []
     for i, device in enumerate(device_index[lasts].tolist()):
         value = values[i]
-        document = contract.meter_status_update(
+        update = contract.meter_status_update(
             names[device],
             types[i],
             int(seen_us[lasts[i]]),
@@ -200,5 +173,5 @@ def status_updates(classified: pa.Table) -> list[tuple[bytes, bytes]]:
             int(faults[i]),
             int(trailing[i]),
         )
-        updates.append((names[device].encode(), json.dumps(document).encode()))
+        updates.append((names[device].encode(), messages.encode(update)))
     return updates

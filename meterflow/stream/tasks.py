@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -35,7 +36,8 @@ from meterflow.core.lake import (
     filesystem_for,
 )
 from meterflow.core.logs import ensure_logging, get_logger
-from meterflow.stream.classify import STATUS_COLUMNS, BatchResult, DeadLetterRecord, classify_batch
+from meterflow.core.messages import DeadLetterMessage
+from meterflow.stream.classify import STATUS_COLUMNS, BatchResult, classify_batch
 from meterflow.stream.classify import status_updates as make_status_updates
 
 log = get_logger(__name__)
@@ -141,8 +143,8 @@ class _Publisher:
             if reference is None:
                 self._produce(self.topics.deadletter, letter.key, letter.value, letter.headers())
             else:
-                headers = [*letter.headers(), (contract.DLQ_HEADER_STORED, b"lake")]
-                self._produce(self.topics.deadletter, letter.key, reference, headers)
+                stored = msgspec.structs.replace(letter, stored="lake")
+                self._produce(self.topics.deadletter, letter.key, reference, stored.headers())
         self.seen.append(result.classified.select(list(STATUS_COLUMNS)))
         self.producer.poll(0)
 
@@ -289,7 +291,7 @@ def _dead_letter_table(result: BatchResult, now_us: int) -> pa.Table:
 
 
 def _references(
-    letters: list[DeadLetterRecord], table: pa.Table, files: _StagedFiles
+    letters: list[DeadLetterMessage], table: pa.Table, files: _StagedFiles
 ) -> dict[int, bytes]:
     """JSON references, by offset, for dead letters too large to publish as they are."""
     references: dict[int, bytes] = {}

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+from meterflow.core.messages import AbnormalEvent, UndecodableError, decode
 
 
 def abnormal_event(message: Any) -> dict[str, str] | None:
@@ -14,7 +15,7 @@ def abnormal_event(message: Any) -> dict[str, str] | None:
     dead-letters those).
     """
     try:
-        event = json.loads(message.value())
-        return {"device_id": str(event["device_id"]), "fault_code": str(event["fault_code"])}
-    except (ValueError, KeyError, TypeError):
+        event = decode(message.value(), AbnormalEvent)
+    except UndecodableError:
         return None
+    return {"device_id": event.device_id, "fault_code": event.fault_code}

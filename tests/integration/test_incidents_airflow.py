@@ -12,7 +12,7 @@ from pathlib import Path
 from incidents_helpers import T0, incidents, status
 
 from meterflow.clients import kafka, mongo
-from meterflow.core import contract
+from meterflow.core import contract, messages
 from meterflow.core.config import Settings
 from meterflow.serving.incidents import OPEN
 
@@ -45,7 +45,7 @@ def test_kafka_trigger_fires_on_an_abnormal_event(make_settings, monkeypatch) ->
         reading, settings.topic_readings, "AaIrU8Vb", 0, 42, 1_717_315_201_000_000
     )
     producer.produce(settings.topic_abnormal, b"not json at all", b"wm7")
-    producer.produce(settings.topic_abnormal, json.dumps(event).encode(), b"wm7")
+    producer.produce(settings.topic_abnormal, messages.encode(event), b"wm7")
     assert producer.flush(30) == 0
 
     trigger = KafkaMessageQueueTrigger(

@@ -9,6 +9,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
 import pytest
 from helpers import free_port as _free_port
 
@@ -34,9 +35,11 @@ def test_smoke_local_stand_in_over_tcp(tmp_path: Path) -> None:
         b'{"device_id": "gm7", "timestamp": "2024-05-27T15:57:53Z", "usage_m3": -1}', 10**18
     )
     now_us = int(datetime.now(UTC).timestamp() * 1e6)  # not expired by the TTL index
-    event = contract.abnormal_event(reading, "iot-meter", "AaIrU8Vb", 0, 42, now_us)
-    status = contract.meter_status_update(
-        "gm7", "gas", reading.event_time_us, -1.0, "SENTINEL", 1, 1, 1
+    event = msgspec.to_builtins(
+        contract.abnormal_event(reading, "iot-meter", "AaIrU8Vb", 0, 42, now_us)
+    )
+    status = msgspec.to_builtins(
+        contract.meter_status_update("gm7", "gas", reading.event_time_us, -1.0, "SENTINEL", 1, 1, 1)
     )
     with local_mongo.mongo_for(settings) as (live, local):
         assert local is not None and live.mongo_uri.startswith("mongodb://127.0.0.1:")

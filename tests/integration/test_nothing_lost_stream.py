@@ -22,9 +22,10 @@ from pyspark.sql import SparkSession
 
 from bench.common import read_all
 from meterflow.clients import kafka
-from meterflow.core import contract, lake
+from meterflow.core import lake
 from meterflow.core.config import Settings
 from meterflow.core.errors import DataLossError, StreamUnavailableError
+from meterflow.core.messages import DLQ_HEADER_STORED
 from meterflow.local.broker import LocalBroker
 from meterflow.stream.query import run
 from meterflow.stream.reconcile import reconcile
@@ -137,7 +138,7 @@ def test_oversize_and_random_bytes_never_stop_the_stream(spark: SparkSession, ma
     assert_exactly_once(settings, len(messages))
     letters = read_all(settings.bootstrap_servers, settings.topic_deadletter)
     assert len(letters) == 21
-    stored = [m for m in letters if contract.DLQ_HEADER_STORED in dict(m.headers() or [])]
+    stored = [m for m in letters if DLQ_HEADER_STORED in dict(m.headers() or [])]
     assert len(stored) == 1
     reference = json.loads(stored[0].value())
     assert reference["bytes"] > 2_000_000

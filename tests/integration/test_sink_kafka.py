@@ -43,7 +43,7 @@ from sink_helpers import (
 from bench.common import read_all
 from meterflow import cli
 from meterflow.clients import kafka, mongo
-from meterflow.core import contract
+from meterflow.core import messages
 from meterflow.core.config import Settings
 from meterflow.core.contract import DeadLetterReason
 from meterflow.serving.sink import (
@@ -162,13 +162,13 @@ def test_sink_stores_each_event_once_tracks_status_and_dead_letters_garbage(
     assert sorted(m.value() for m in letters) == sorted(garbage)
     for message in letters:
         headers = {k: v.decode() for k, v in message.headers()}
-        assert headers[contract.DLQ_HEADER_REASON] == garbage[message.value()]
-        assert headers[contract.DLQ_HEADER_DETAIL]
-        assert headers[contract.DLQ_HEADER_TOPIC] in (
+        assert headers[messages.DLQ_HEADER_REASON] == garbage[message.value()]
+        assert headers[messages.DLQ_HEADER_DETAIL]
+        assert headers[messages.DLQ_HEADER_TOPIC] in (
             settings.topic_abnormal,
             settings.topic_status,
         )
-        assert int(headers[contract.DLQ_HEADER_OFFSET]) >= 0
+        assert int(headers[messages.DLQ_HEADER_OFFSET]) >= 0
 
     stats = sink.stats
     assert stats.reconciled

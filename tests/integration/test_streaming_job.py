@@ -10,7 +10,7 @@ from pyspark.sql import SparkSession
 
 from bench.common import read_all
 from meterflow.clients import kafka
-from meterflow.core import contract
+from meterflow.core import contract, messages
 from meterflow.core.config import Settings
 from meterflow.core.contract import STATELESS_FAULTS, FaultCode
 from meterflow.core.lake import LAKE_COLUMNS, read_watermark, readings_path
@@ -60,13 +60,13 @@ def test_dead_letters_keep_raw_bytes_reason_and_source(spark: SparkSession, make
     }
     letters = read_all(settings.bootstrap_servers, settings.topic_deadletter)
     assert sorted(m.value() for m in letters) == sorted(garbage)
-    by_offset = {int(headers(m)[contract.DLQ_HEADER_OFFSET]): m for m in letters}
+    by_offset = {int(headers(m)[messages.DLQ_HEADER_OFFSET]): m for m in letters}
     assert set(by_offset) == {1, 2, 3, 4, 5}
     assert by_offset[1].value() == garbage[0]
-    assert headers(by_offset[1])[contract.DLQ_HEADER_REASON] == "NOT_JSON"
-    assert headers(by_offset[3])[contract.DLQ_HEADER_REASON] == "NOT_OBJECT"
-    assert headers(by_offset[5])[contract.DLQ_HEADER_REASON] == "MISSING_FIELD"
-    assert headers(by_offset[5])[contract.DLQ_HEADER_TOPIC] == settings.topic_readings
+    assert headers(by_offset[1])[messages.DLQ_HEADER_REASON] == "NOT_JSON"
+    assert headers(by_offset[3])[messages.DLQ_HEADER_REASON] == "NOT_OBJECT"
+    assert headers(by_offset[5])[messages.DLQ_HEADER_REASON] == "MISSING_FIELD"
+    assert headers(by_offset[5])[messages.DLQ_HEADER_TOPIC] == settings.topic_readings
     assert all(m.key() == b"em1" for m in letters)
     # The lake holds readings only: the dead letters are not there.
     rows = lake(spark, settings).collect()
@@ -202,7 +202,7 @@ def test_simulated_fleet_end_to_end_counts_match_exactly(
     }
     assert len({e["event_id"] for e in events}) == len(events)
     letters = read_all(settings.bootstrap_servers, settings.topic_deadletter)
-    reasons = Counter(headers(m)[contract.DLQ_HEADER_REASON] for m in letters)
+    reasons = Counter(headers(m)[messages.DLQ_HEADER_REASON] for m in letters)
     assert reasons == {str(r): n for r, n in summary.malformed.items()}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 
 from meterflow.core import contract
@@ -211,10 +212,14 @@ def test_fault_reasons_name_field_and_value() -> None:
 
 def test_abnormal_event_document() -> None:
     reading = evaluate(msg(usage_kwh=-1), NOW)
-    event = contract.abnormal_event(reading, "iot-meter", "AaIrU8Vb", 3, 1234, NOW)
+    event = msgspec.to_builtins(
+        contract.abnormal_event(reading, "iot-meter", "AaIrU8Vb", 3, 1234, NOW)
+    )
     # The topic id keeps ids unique when a recreated topic starts its offsets again.
     assert event["event_id"] == "iot-meter-AaIrU8Vb-3-1234"
-    again = contract.abnormal_event(reading, "iot-meter", "Bx0qZ1Ty", 3, 1234, NOW)
+    again = msgspec.to_builtins(
+        contract.abnormal_event(reading, "iot-meter", "Bx0qZ1Ty", 3, 1234, NOW)
+    )
     assert again["event_id"] != event["event_id"]
     assert event["fault_code"] == "SENTINEL"
     assert event["reading"] == {

@@ -29,10 +29,9 @@ from sink_helpers import (
 
 from meterflow.clients import mongo
 from meterflow.core.contract import DeadLetterReason
+from meterflow.core.messages import AbnormalEvent, StatusUpdate
 from meterflow.serving.sink import (
-    AbnormalEvent,
     ServingWriter,
-    StatusUpdate,
     UndecodableError,
     decode_abnormal,
     decode_status,
