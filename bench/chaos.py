@@ -256,7 +256,12 @@ def main() -> int:
             }
             db = client(mongo.uri)[settings.mongo_db]
             stored = {d["_id"] for d in db[ABNORMAL_READINGS].find({}, {"_id": 1})}
-        report = reconcile(settings, scan_lake_files=True)
+        report = reconcile(
+            settings.lake_path,
+            settings.topic_readings,
+            settings.bootstrap_servers,
+            scan_lake_files=True,
+        )
         results = {
             "produced": len(produced_ids),
             "lake_rows": sum(identity.values()),

@@ -287,16 +287,16 @@ def main() -> None:
     # whatever the data. Measured on the 1% neighbouring day, then again warm: the
     # difference is that fixed cost, which the timed runs below exclude.
     with timed() as startup:
-        run(settings, OTHER_DAY, spark)
+        run(spark, lake_path, OTHER_DAY, settings.reading_interval_seconds)
     with timed() as small_warm:
-        small = run(settings, OTHER_DAY, spark)
+        small = run(spark, lake_path, OTHER_DAY, settings.reading_interval_seconds)
     # Interleaved, so that load from other processes falls on both engines alike. The
     # first Spark run is the JVM's first job on D (nothing of D cached or compiled).
     spark_runs: list[float] = []
     duck_runs: list[float] = []
     for _ in range(args.repeat):
         with timed() as t:
-            report = run(settings, DAY, spark)
+            report = run(spark, lake_path, DAY, settings.reading_interval_seconds)
         spark_runs.append(t["seconds"])
         with timed() as t:
             duck_meters, duck_types = duckdb_views(lake_path)

@@ -57,7 +57,7 @@ def meter_daily_averages() -> None:
         from meterflow.serving.loader import publish_day
 
         hook = MeterflowHook()
-        return publish_day(hook.settings, ds, db=hook.get_conn()).as_dict()
+        return publish_day(hook.settings.views_path, ds, hook.get_conn()).as_dict()
 
     @task
     def check(ds: str | None = None) -> dict:
@@ -65,7 +65,7 @@ def meter_daily_averages() -> None:
         from meterflow.serving.checks import check_day
 
         hook = MeterflowHook()
-        return check_day(hook.settings, ds, db=hook.get_conn()).as_dict()
+        return check_day(hook.settings.lake_path, ds, hook.get_conn()).as_dict()
 
     wait >> aggregate >> load() >> check()
 

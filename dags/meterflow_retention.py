@@ -36,7 +36,8 @@ def meterflow_retention() -> None:
         from meterflow.batch.retention import drop_expired_partitions
         from meterflow_airflow.hooks import MeterflowHook
 
-        return drop_expired_partitions(MeterflowHook().settings, ds)
+        settings = MeterflowHook().settings
+        return drop_expired_partitions(settings.lake_path, settings.lake_retention_days, ds)
 
     apply_mongo_ttl()
     drop_old_lake_partitions()

@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import date
 
-from meterflow.batch.daily import run
+from meterflow.batch.daily import APP_NAME, run
 from meterflow.core.config import ConfigError, Settings
 from meterflow.core.logs import setup_logging
+from meterflow.spark.session import get_spark
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,10 +27,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
     except ConfigError as exc:
         print(f"daily_batch_job: {exc}", file=sys.stderr)
-        return 2
-    if args.lake:
-        settings = replace(settings, lake_path=args.lake)
-    report = run(settings, args.date)
+        return exc.exit_code
+    spark = get_spark(APP_NAME, settings.spark_master)
+    report = run(
+        spark, args.lake or settings.lake_path, args.date, settings.reading_interval_seconds
+    )
     print(report.to_json())
     return 0
 

@@ -1,4 +1,4 @@
-"""spark-submit entry point of the speed layer (the code is :mod:`meterflow.stream.query`).
+"""spark-submit entry point of the speed layer (the code is :mod:`meterflow.stream.job`).
 
 ``spark-submit jobs/streaming_job.py [--available-now] [--accept-data-loss]``: reads
 ``iot-meter`` until stopped (or caught up), writes the lake through its ledger, publishes
@@ -9,17 +9,15 @@ abnormal events and dead letters. Exit codes: 2 configuration, 3 data loss to de
 from __future__ import annotations
 
 import argparse
-import sys
-import threading
 
 from meterflow.core.config import ConfigError, Settings
-from meterflow.core.errors import DataLossError, MeterflowError
 from meterflow.core.logs import setup_logging
-from meterflow.stream.query import ACCEPT, run, wait_for_decision
+from meterflow.stream.job import run_job
+from meterflow.stream.query import ACCEPT
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
         "--available-now", action="store_true", help="process what is in Kafka now, then exit"
     )
@@ -37,24 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             "KAFKA_BOOTSTRAP_SERVERS must be set under spark-submit "
             "(meterflow stream starts a local broker itself)"
         )
-    stop = threading.Event()
-    try:
-        run(
-            settings,
-            available_now=args.available_now,
-            accept_data_loss=args.accept_data_loss,
-            stop=stop,
-            on_signal=lambda *_: stop.set(),
-        )
-    except DataLossError as exc:
-        print(f"streaming_job: {exc}", file=sys.stderr)
-        if settings.on_data_loss == "wait":
-            wait_for_decision()
-        return exc.exit_code
-    except (MeterflowError, ConfigError) as exc:
-        print(f"streaming_job: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)
-    return 0
+    return run_job(settings, args.available_now, args.accept_data_loss)
 
 
 if __name__ == "__main__":

@@ -8,23 +8,30 @@ from __future__ import annotations
 
 import argparse
 import signal
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meterflow import __version__
-from meterflow.clients.kafka import KafkaUnavailableError, ProducerSink
+from meterflow.clients.kafka import ProducerSink
 from meterflow.clients.mongo import MongoUnavailableError
-from meterflow.core.config import VARIABLES, ConfigError, Settings
+from meterflow.core.config import VARIABLES, Settings
 from meterflow.core.errors import MeterflowError
 from meterflow.core.logs import get_logger, setup_logging
 from meterflow.core.signals import signals_handled
-from meterflow.local.broker import BrokerError, kafka_for
+from meterflow.local.broker import kafka_for
+
+if TYPE_CHECKING:  # imported where used: the command starts without Spark
+    from meterflow.stream.query import LakeCommitter
 
 log = get_logger("meterflow.cli")
+#: A subcommand: its parsed arguments and the settings in, the exit code out.
+Handler = Callable[[argparse.Namespace, Settings], int]
 
 
 def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
@@ -83,7 +90,12 @@ def cmd_init_mongo(args: argparse.Namespace, settings: Settings) -> int:
 
     with mongo_for(settings) as (live, _):
         try:
-            report = init_mongo(database(live), live, registry=args.registry)
+            report = init_mongo(
+                database(live),
+                live.abnormal_ttl_days,
+                args.registry or live.registry_path,
+                required=args.registry is not None,
+            )
         except FileNotFoundError as exc:
             print(f"meterflow init-mongo: {exc}", file=sys.stderr)
             return 2
@@ -124,10 +136,12 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
     """The daily batch job for one day, in this process with a local Spark."""
-    from meterflow.batch.daily import run
+    from meterflow.batch.daily import APP_NAME, run
+    from meterflow.spark.session import get_spark
 
     try:
-        report = run(settings, args.date)
+        spark = get_spark(APP_NAME, settings.spark_master)
+        report = run(spark, settings.lake_path, args.date, settings.reading_interval_seconds)
     finally:
         _stop_spark()
     print(report.to_json())
@@ -138,14 +152,10 @@ def cmd_load(args: argparse.Namespace, settings: Settings) -> int:
     """Publish one day's batch views to MongoDB (replacing the day)."""
     from meterflow.clients.mongo import database
     from meterflow.local.mongo import mongo_for
-    from meterflow.serving.loader import ViewMissingError, publish_day
+    from meterflow.serving.loader import publish_day
 
     with mongo_for(settings) as (live, _):
-        try:
-            report = publish_day(live, args.date, database(live))
-        except ViewMissingError as exc:
-            print(f"meterflow load: {exc}", file=sys.stderr)
-            return 2
+        report = publish_day(live.views_path, args.date, database(live))
     print(f"{report.day} {report.status}: upserted {report.upserted}, deleted {report.deleted}")
     return 0
 
@@ -158,10 +168,10 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
 
     with mongo_for(settings) as (live, _):
         try:
-            report = check_day(live, args.date, database(live))
+            report = check_day(live.lake_path, args.date, database(live))
         except CheckFailed as exc:
             print(f"meterflow check: FAILED: {exc}", file=sys.stderr)
-            return 1
+            return exc.exit_code
     print(f"{report.day} {report.status}: passed; lake {report.lake_counts}")
     for note in report.notes:
         print(note)
@@ -253,7 +263,12 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
     if not settings.bootstrap_servers and port_open(settings.local_broker_port):
         settings = settings.with_bootstrap(f"127.0.0.1:{settings.local_broker_port}")
-    report = reconcile(settings, scan_lake_files=args.scan_lake)
+    report = reconcile(
+        settings.lake_path,
+        settings.topic_readings,
+        settings.bootstrap_servers,
+        scan_lake_files=args.scan_lake,
+    )
     for line in report.lines:
         print(line)
     if not report.ok:
@@ -295,7 +310,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
                 backfill_days=1 if args.airflow else 0,
             )
         drain.producer = producer
-        init_mongo(database(live), live)  # indexes, and the registry the simulator wrote
+        # Indexes, and the registry the simulator wrote.
+        init_mongo(database(live), live.abnormal_ttl_days, live.registry_path)
         drain.sink = _start_sink(live, drain.stop_sink)
         if args.airflow:  # the stream is starting: the daily DAG waits for its watermark
             from meterflow.core import lake
@@ -339,10 +355,10 @@ class _Drain:
         self.simulator: threading.Thread | None = None
         self.sink: threading.Thread | None = None
         self.producer: ProducerSink | None = None
-        self.committer = None
+        self.committer: LakeCommitter | None = None
         self._thread: threading.Thread | None = None
 
-    def watch(self, committer) -> None:
+    def watch(self, committer: LakeCommitter) -> None:
         self.committer = committer
 
     def on_signal(self, *_: object) -> None:
@@ -436,7 +452,7 @@ def _start_sink(settings: Settings, stop: threading.Event) -> threading.Thread:
     return thread
 
 
-def _start_airflow(settings: Settings):
+def _start_airflow(settings: Settings) -> subprocess.Popen[bytes]:
     from datetime import UTC, datetime, timedelta
 
     from meterflow.local.airflow import API_PORT, start_standalone
@@ -452,9 +468,8 @@ def _start_airflow(settings: Settings):
     return process
 
 
-def _stop_process_group(process, timeout: float = 30) -> None:
+def _stop_process_group(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
     import os
-    import subprocess
 
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
@@ -495,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
+    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text, description=help_text)
         command.set_defaults(handler=handler)
         return command
@@ -573,13 +588,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         settings = Settings.from_env()
-        return args.handler(args, settings)
-    except (ConfigError, KafkaUnavailableError, BrokerError, MongoUnavailableError) as exc:
-        print(f"meterflow {args.command}: {exc}", file=sys.stderr)
-        return 2
+        handler: Handler = args.handler
+        return handler(args, settings)
     except MeterflowError as exc:
         print(f"meterflow {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except MongoUnavailableError as exc:  # not a MeterflowError: exit 2, as for Kafka
+        print(f"meterflow {args.command}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"meterflow {args.command}: stopped", file=sys.stderr)
         return 130

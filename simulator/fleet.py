@@ -131,7 +131,10 @@ def build_fleet(
     fake = Faker("en_GB")
     fake.seed_instance(seed)
     rng = np.random.default_rng(seed)
-    latitude, longitude, city, *_ = fake.local_latlng(country_code="GB")
+    place = fake.local_latlng(country_code="GB")
+    if place is None:  # Faker's answer for a country it has no places of
+        raise RuntimeError("Faker has no places in GB to put the fleet in")
+    latitude, longitude, city, *_ = place
     districts = [fake.unique.city() for _ in range(DISTRICT_COUNT)]
     district_centres = np.column_stack(
         (float(latitude) + rng.normal(0, 0.02, DISTRICT_COUNT),

@@ -362,10 +362,12 @@ class Stopper:
     """A stop request, from a callable or an Event, and sleeps that end as soon as it comes."""
 
     def __init__(self, should_stop: StopSignal | None) -> None:
-        self.event = should_stop if isinstance(should_stop, threading.Event) else None
-        self.requested: Callable[[], bool] = (
-            self.event.is_set if self.event is not None else should_stop or (lambda: False)
-        )
+        if isinstance(should_stop, threading.Event):
+            self.event: threading.Event | None = should_stop
+            self.requested: Callable[[], bool] = should_stop.is_set
+        else:
+            self.event = None
+            self.requested = should_stop or (lambda: False)
 
     def wait_until(self, moment: float) -> None:
         """Sleep until ``moment`` (``time.monotonic``) unless a stop is requested first."""

@@ -35,7 +35,7 @@ SEASON_AMPLITUDE: dict[MeterType, float] = {
 NOISE_SIGMA = 0.25
 #: Readings have three decimals; the smallest reading is one unit of the last decimal.
 DECIMALS = 3
-SMALLEST = 10**-DECIMALS
+SMALLEST: float = 10**-DECIMALS
 #: Normal readings stay below this share of the contract's bound, never near a fault.
 HEADROOM = 0.5
 
@@ -92,7 +92,10 @@ def _mean_hours_since_epoch(type_position: int, epoch_s: np.ndarray) -> np.ndarr
     """The shape's integral from the epoch's Monday to ``epoch_s``, in mean-rate hours."""
     minutes = epoch_s / 60.0 + EPOCH_AFTER_MONDAY_MIN
     weeks, into_week = np.divmod(minutes, MINUTES_PER_WEEK)
-    return weeks * _HOURS_PER_WEEK + np.interp(into_week, _MINUTE_KNOTS, _INTEGRALS[type_position])
+    hours: np.ndarray = weeks * _HOURS_PER_WEEK + np.interp(
+        into_week, _MINUTE_KNOTS, _INTEGRALS[type_position]
+    )
+    return hours
 
 
 def expected_consumption(starts_s: np.ndarray, interval_s: float) -> np.ndarray:
@@ -112,7 +115,8 @@ def expected_consumption(starts_s: np.ndarray, interval_s: float) -> np.ndarray:
             for k in range(len(TYPE_ORDER))
         ]
     )
-    return shape_hours * season * _MEAN
+    consumption: np.ndarray = shape_hours * season * _MEAN
+    return consumption
 
 
 def _cap(bound: float) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +19,11 @@ from meterflow.core import lake
 from meterflow.core.config import Settings
 from meterflow.core.contract import METER_SPECS, FaultCode, MeterType
 from simulator.fleet import build_fleet, write_registry
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from meterflow.batch.views import DayReport
 
 D1 = date(2024, 6, 3)
 D2 = date(2024, 6, 4)
@@ -78,3 +84,10 @@ def write_lake_day(settings: Settings, day: date, rows: list[dict]) -> None:
         old.unlink()
     directory.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=FILE_SCHEMA), directory / "part-0.parquet")
+
+
+def run_batch(spark: SparkSession, settings: Settings, day: date) -> DayReport:
+    """The daily job on ``settings``' lake for ``day``, as ``meterflow batch`` runs it."""
+    from meterflow.batch import daily
+
+    return daily.run(spark, settings.lake_path, day, settings.reading_interval_seconds)

@@ -31,7 +31,6 @@ from meterflow.batch.views import (
     STATUS_OK,
     TYPE_VIEW,
     UNKNOWN_DISTRICT,
-    VIEWS,
     DayReport,
     exists,
     remove_report,
@@ -40,11 +39,12 @@ from meterflow.batch.views import (
     write_report,
 )
 from meterflow.core import lake
-from meterflow.core.config import Settings
 from meterflow.core.contract import METER_SPECS, SECONDS_PER_DAY, TYPE_ORDER, as_date
 from meterflow.core.logs import get_logger
 
 log = get_logger("jobs.daily_batch")
+#: Spark application name of the job's session (spark-submit and ``meterflow batch``).
+APP_NAME = "meterflow-daily-batch"
 
 #: Only these lake columns are read (column pruning).
 _READ_COLUMNS = ("device_id", "meter_type", "consumption", "fault_code")
@@ -281,42 +281,41 @@ def _write_table(table: pa.Table, path: str) -> None:
     pq.write_table(table, f"{local}/part-00000.parquet", filesystem=fs)
 
 
-def run(settings: Settings, day: date | str, spark: SparkSession | None = None) -> DayReport:
+def run(spark: SparkSession, lake_path: str, day: date | str, interval_seconds: int) -> DayReport:
     """Compute and write D's views and report; a day without readings is reported as such.
 
-    Spark scans the day once and aggregates it per meter (:func:`meter_daily`); the
-    result, one row per meter, comes back as Arrow, where the registry join, silent
-    meters and the type and district roll-ups take milliseconds instead of Spark jobs.
+    ``interval_seconds`` is the reading interval of meters the registry gives none. Spark
+    scans the day once and aggregates it per meter (:func:`meter_daily`); the result, one
+    row per meter, comes back as Arrow, where the registry join, silent meters and the
+    type and district roll-ups take milliseconds instead of Spark jobs.
     """
-    from meterflow.spark.session import get_spark
-
     day = as_date(day)
-    spark = spark or get_spark("meterflow-daily-batch", settings.spark_master)
     started = time.perf_counter()  # the job, not the JVM's start
     for key, value in JOB_SQL_CONF.items():
         spark.conf.set(key, value)
-    default_expected = max(1, SECONDS_PER_DAY // settings.reading_interval_seconds)
-    paths = {view: view_path(settings.views_path, view, day) for view in VIEWS}
+    default_expected = max(1, SECONDS_PER_DAY // interval_seconds)
+    views_root = lake.views_path(lake_path)
+    readings = lake.readings_path(lake_path)
     # Until the new report is written, nobody may publish D from half-replaced views.
-    remove_report(settings, day)
+    remove_report(views_root, day)
 
     aggregated = None
-    partition = f"{lake.readings_path(settings.lake_path)}/{lake.PARTITION_COLUMN}={day}"
+    partition = f"{readings}/{lake.PARTITION_COLUMN}={day}"
     if exists(partition):  # no directory, no committed file either: skip Spark
-        aggregated = meter_daily(read_day(spark, settings.lake_path, day)).toArrow()
+        aggregated = meter_daily(read_day(spark, lake_path, day)).toArrow()
     if aggregated is None or aggregated.num_rows == 0:
-        remove_views(settings, day)
+        remove_views(views_root, day)
         report = DayReport(
             day=str(day),
             status=STATUS_NO_DATA,
             expected_per_meter=default_expected,
             duration_seconds=round(time.perf_counter() - started, 3),
         )
-        write_report(settings, report)
+        write_report(views_root, report)
         log.warning(
             "batch=no_data day=%s lake=%s reason=no readings in the day's partition",
             day,
-            lake.readings_path(settings.lake_path),
+            readings,
         )
         return report
 
@@ -329,13 +328,11 @@ def run(settings: Settings, day: date | str, spark: SparkSession | None = None) 
             mixed.num_rows,
             ",".join(mixed["device_id"].to_pylist()[:5]),
         )
-    meters = meter_view(
-        aggregated, read_registry(settings.lake_path), day, settings.reading_interval_seconds
-    )
+    meters = meter_view(aggregated, read_registry(lake_path), day, interval_seconds)
     types = type_daily(meters)
     views = {METER_VIEW: meters, TYPE_VIEW: types, DISTRICT_VIEW: district_daily(meters)}
     for view, table in views.items():
-        _write_table(table, paths[view])
+        _write_table(table, view_path(views_root, view, day))
     totals = {
         name: int(pc.sum(types[name]).as_py() or 0)
         for name in ("reading_count", "faulty_count", "meter_count", "expected_count")
@@ -354,7 +351,7 @@ def run(settings: Settings, day: date | str, spark: SparkSession | None = None) 
         silent_meters=pc.sum(pc.equal(meters["reading_count"], 0)).as_py() or 0,
         mixed_type_meters=mixed.num_rows,
     )
-    write_report(settings, report)
+    write_report(views_root, report)
     log.info(
         "batch=ok day=%s readings=%d good=%d faulty=%d meters=%d seconds=%.2f",
         day,

@@ -7,7 +7,6 @@ from datetime import UTC, date, datetime
 import pyarrow.dataset as ds
 
 from meterflow.core import lake
-from meterflow.core.config import Settings
 from meterflow.core.contract import as_date
 from meterflow.core.logs import get_logger
 
@@ -16,31 +15,35 @@ log = get_logger(__name__)
 IDENTITY = ("source_topic", "source_generation", "source_partition")
 
 
-def lake_roots(settings: Settings) -> list[str]:
+def lake_roots(lake_path: str) -> list[str]:
     """Every partitioned dataset of the lake: readings, dead letters and each batch view."""
-    roots = [lake.readings_path(settings.lake_path), lake.deadletter_path(settings.lake_path)]
-    views = settings.views_path
+    roots = [lake.readings_path(lake_path), lake.deadletter_path(lake_path)]
     roots += [
-        path for path in lake.subdirectories(views) if not path.rsplit("/", 1)[-1].startswith("_")
+        path
+        for path in lake.subdirectories(lake.views_path(lake_path))
+        if not path.rsplit("/", 1)[-1].startswith("_")
     ]
     return roots
 
 
-def drop_expired_partitions(settings: Settings, today: str | date | None = None) -> dict:
-    """Delete the expired partitions of every dataset; returns what went, per dataset."""
+def drop_expired_partitions(
+    lake_path: str, keep_days: int, today: str | date | None = None
+) -> dict[str, list[str]]:
+    """Delete every dataset's partitions older than ``keep_days`` (0 keeps them all); returns
+    what went, per dataset."""
     day = as_date(today) if today else datetime.now(UTC).date()
     dropped = {}
-    ledgered = {lake.readings_path(settings.lake_path), lake.deadletter_path(settings.lake_path)}
-    for root in lake_roots(settings):
+    ledgered = {lake.readings_path(lake_path), lake.deadletter_path(lake_path)}
+    for root in lake_roots(lake_path):
         if root in ledgered:  # what the ledger committed and retention took, for reconcile
-            _record_retired(settings.lake_path, root, settings.lake_retention_days, day)
-        gone = lake.drop_partitions_before(root, settings.lake_retention_days, day)
+            _record_retired(lake_path, root, keep_days, day)
+        gone = lake.drop_partitions_before(root, keep_days, day)
         if gone:
             dropped[root] = [d.isoformat() for d in gone]
             log.info("retention=dropped root=%s partitions=%d", root, len(gone))
     log.info(
         "retention=done keep_days=%d datasets=%d dropped=%d",
-        settings.lake_retention_days,
+        keep_days,
         len(dropped),
         sum(len(v) for v in dropped.values()),
     )

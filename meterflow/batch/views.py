@@ -13,7 +13,6 @@ from datetime import date
 
 import pyarrow.fs as pafs
 
-from meterflow.core.config import Settings
 from meterflow.core.lake import filesystem_for, write_atomically
 
 METER_VIEW = "meter_daily"
@@ -63,9 +62,9 @@ def report_path(views_root: str, day: date | str) -> str:
     return f"{views_root.rstrip('/')}/{REPORTS_DIR}/date={day}.json"
 
 
-def read_report(settings: Settings, day: date | str) -> DayReport | None:
+def read_report(views_root: str, day: date | str) -> DayReport | None:
     """The day's report, or None when the job has not run for it."""
-    fs, path = filesystem_for(report_path(settings.views_path, day))
+    fs, path = filesystem_for(report_path(views_root, day))
     try:
         with fs.open_input_stream(path) as stream:
             return DayReport.from_json(stream.read().decode())
@@ -73,25 +72,25 @@ def read_report(settings: Settings, day: date | str) -> DayReport | None:
         return None
 
 
-def write_report(settings: Settings, report: DayReport) -> None:
+def write_report(views_root: str, report: DayReport) -> None:
     """Temp file then move, so a reader never sees half a report."""
-    fs, path = filesystem_for(report_path(settings.views_path, report.day))
+    fs, path = filesystem_for(report_path(views_root, report.day))
     write_atomically(fs, path, report.to_json().encode())
 
 
-def remove_report(settings: Settings, day: date) -> None:
-    fs, path = filesystem_for(report_path(settings.views_path, day))
+def remove_report(views_root: str, day: date) -> None:
+    fs, path = filesystem_for(report_path(views_root, day))
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_file(path)
 
 
 def exists(path: str) -> bool:
     fs, local = filesystem_for(path)
-    return fs.get_file_info(local).type != pafs.FileType.NotFound
+    return bool(fs.get_file_info(local).type != pafs.FileType.NotFound)
 
 
-def remove_views(settings: Settings, day: date) -> None:
+def remove_views(views_root: str, day: date) -> None:
     for view in VIEWS:
-        fs, path = filesystem_for(view_path(settings.views_path, view, day))
+        fs, path = filesystem_for(view_path(views_root, view, day))
         if fs.get_file_info(path).type != pafs.FileType.NotFound:
             fs.delete_dir(path)

@@ -27,6 +27,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from meterflow.core.errors import MeterflowError
 from meterflow.core.logs import get_logger, timestamp
 
 log = get_logger(__name__)
@@ -99,7 +100,7 @@ class ClientLog:
 class _Producer(Producer):
     """A producer that tells its :class:`ClientLog` when it serves its queue."""
 
-    serving: contextlib.AbstractContextManager = contextlib.nullcontext()
+    serving: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
 
     def poll(self, *args: Any, **kwargs: Any) -> int:
         with self.serving:
@@ -113,7 +114,7 @@ class _Producer(Producer):
 class _Consumer(Consumer):
     """A consumer that tells its :class:`ClientLog` when it serves its queue."""
 
-    serving: contextlib.AbstractContextManager = contextlib.nullcontext()
+    serving: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
 
     def poll(self, *args: Any, **kwargs: Any) -> Any:
         with self.serving:
@@ -124,7 +125,7 @@ class _Consumer(Consumer):
             return super().consume(*args, **kwargs)
 
 
-class KafkaUnavailableError(RuntimeError):
+class KafkaUnavailableError(MeterflowError):
     """The cluster cannot be reached or refused a request; the message says which."""
 
 

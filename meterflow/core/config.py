@@ -21,10 +21,11 @@ from meterflow.core.contract import (
     TOPIC_STATUS,
     Rules,
 )
+from meterflow.core.errors import MeterflowError
 
 
-class ConfigError(ValueError):
-    """A configuration value is missing or malformed."""
+class ConfigError(MeterflowError, ValueError):
+    """A configuration value is missing or malformed (exit code 2)."""
 
 
 #: What .env.example puts where a secret must go; refused wherever it is read.

@@ -1,10 +1,16 @@
-"""Errors a user acts on: each carries a one-line message with the remedy and an exit code."""
+"""Errors a user acts on: each carries a one-line message with the remedy and an exit code.
+
+The others of the hierarchy live next to what raises them: ``ConfigError`` (config),
+``KafkaUnavailableError`` (clients.kafka), ``BrokerError`` (local.broker),
+``ViewMissingError`` (serving.loader), ``CheckFailed`` (serving.checks, exit code 1).
+"""
 
 from __future__ import annotations
 
 
 class MeterflowError(RuntimeError):
-    """Base of meterflow's user-facing errors; ``str(error)`` is the whole message."""
+    """Base of meterflow's user-facing errors; ``str(error)`` is the whole message and
+    ``exit_code`` what the command or job exits with, so no caller keeps a table of them."""
 
     exit_code = 2
 

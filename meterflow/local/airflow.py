@@ -66,7 +66,7 @@ def airflow_env(settings: Settings, first_day: date, base: Mapping[str, str]) ->
     }
 
 
-def start_standalone(settings: Settings, first_day: date) -> subprocess.Popen:
+def start_standalone(settings: Settings, first_day: date) -> subprocess.Popen[bytes]:
     """Start ``airflow standalone`` in the background; its output goes to a log file."""
     env = airflow_env(settings, first_day, os.environ)
     home = Path(env["AIRFLOW_HOME"])

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 
 from meterflow.clients import kafka
 from meterflow.core.config import Settings
+from meterflow.core.errors import MeterflowError
 from meterflow.core.logs import get_logger
 from meterflow.local.service import LOOPBACK, LocalService, port_open
 
 log = get_logger(__name__)
 
 
-class BrokerError(RuntimeError):
+class BrokerError(MeterflowError):
     """The local broker could not be started."""
 
 

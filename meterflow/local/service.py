@@ -32,7 +32,7 @@ class LocalService(ABC):
 
     port: int
     log_path: Path
-    process: subprocess.Popen | None = field(default=None, init=False)
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     #: Raised, with a one-line reason, when the service cannot be started.
     error: type[Exception] = field(default=RuntimeError, init=False, repr=False)

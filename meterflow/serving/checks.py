@@ -29,8 +29,8 @@ from meterflow.batch.views import (
 )
 from meterflow.clients import mongo
 from meterflow.core import lake
-from meterflow.core.config import Settings
 from meterflow.core.contract import as_date
+from meterflow.core.errors import MeterflowError
 from meterflow.core.logs import get_logger
 from meterflow.serving.loader import TARGETS
 
@@ -39,8 +39,10 @@ log = get_logger("meterflow.serving.checks")
 SINK_LOG = "_spark_metadata"
 
 
-class CheckFailed(AssertionError):  # noqa: N818 (the name the DAGs use)
+class CheckFailed(MeterflowError, AssertionError):  # noqa: N818 (the name the DAGs use)
     """A published day disagrees with its lake or views; the message says how."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -82,9 +84,9 @@ def _path_of(uri: str) -> str:
     return lake.filesystem_for(uri)[1]
 
 
-def lake_counts(settings: Settings, day: date) -> dict[str, int]:
+def lake_counts(lake_path: str, day: date) -> dict[str, int]:
     """Readings per meter type in D's lake partition, counted with pyarrow (not Spark)."""
-    readings = lake.readings_path(settings.lake_path)
+    readings = lake.readings_path(lake_path)
     fs, root = lake.filesystem_for(readings)
     committed = _committed_files(readings, day)
     if committed is None:
@@ -112,22 +114,21 @@ def lake_counts(settings: Settings, day: date) -> dict[str, int]:
     )
 
 
-def _view_rows(settings: Settings, view: str, day: date) -> pa.Table:
-    fs, path = lake.filesystem_for(view_path(settings.views_path, view, day))
+def _view_rows(views_root: str, view: str, day: date) -> pa.Table:
+    fs, path = lake.filesystem_for(view_path(views_root, view, day))
     return pads.dataset(path, filesystem=fs, format="parquet").to_table()
 
 
-def check_day(
-    settings: Settings, day: date | str, db: Database[dict[str, Any]] | None = None
-) -> CheckReport:
-    """Verify D end to end; raises :class:`CheckFailed` naming the first disagreement."""
+def check_day(lake_path: str, day: date | str, db: Database[dict[str, Any]]) -> CheckReport:
+    """Verify D of the lake at ``lake_path`` against ``db`` end to end; raises
+    :class:`CheckFailed` naming the first disagreement."""
     day = as_date(day)
-    db = mongo.database(settings) if db is None else db
-    report = read_report(settings, day)
+    views_root = lake.views_path(lake_path)
+    report = read_report(views_root, day)
     if report is None:
-        raise CheckFailed(f"{day}: no batch report under {settings.views_path}")
+        raise CheckFailed(f"{day}: no batch report under {views_root}")
     result = CheckReport(day=str(day), status=report.status)
-    result.lake_counts = lake_counts(settings, day)
+    result.lake_counts = lake_counts(lake_path, day)
     published = db[mongo.DAILY_REPORTS].find_one({"_id": str(day)})
     if published is None or published.get("status") != report.status:
         raise CheckFailed(f"{day}: MongoDB's daily report does not say {report.status!r}")
@@ -143,7 +144,7 @@ def check_day(
         return result
 
     for view, (collection, _) in TARGETS.items():
-        expected = _view_rows(settings, view, day).num_rows
+        expected = _view_rows(views_root, view, day).num_rows
         found = db[collection].count_documents({"day": str(day)})
         result.documents[collection] = found
         if found != expected:
@@ -154,7 +155,7 @@ def check_day(
         if negative:
             raise CheckFailed(f"{day}: {negative} documents of {collection} have a negative avg")
 
-    types = _view_rows(settings, TYPE_VIEW, day)
+    types = _view_rows(views_root, TYPE_VIEW, day)
     in_view = dict(
         zip(
             types.column("meter_type").to_pylist(),
@@ -182,7 +183,7 @@ def check_day(
                 f"{day}: readings per type in {name} {counts} differ from the lake's {expected}"
             )
 
-    meters = _view_rows(settings, METER_VIEW, day).column("completeness")
+    meters = _view_rows(views_root, METER_VIEW, day).column("completeness")
     missing = meters.null_count + db[mongo.DAILY_METER_AVERAGES].count_documents(
         {"day": str(day), "completeness": None}
     )

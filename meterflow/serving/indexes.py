@@ -18,7 +18,6 @@ from pymongo.errors import OperationFailure
 
 from meterflow.clients import mongo
 from meterflow.core import lake
-from meterflow.core.config import Settings
 from meterflow.core.contract import SECONDS_PER_DAY
 from meterflow.core.logs import get_logger
 
@@ -279,25 +278,24 @@ class InitReport:
 
 
 def init_mongo(
-    db: Database[dict[str, Any]], settings: Settings, registry: str | None = None
+    db: Database[dict[str, Any]], abnormal_ttl_days: int, registry: str, required: bool = False
 ) -> InitReport:
-    """Indexes, then the registry (``registry`` or the lake's) if its file exists.
+    """Indexes, then the registry at ``registry`` if its file exists.
 
-    An explicitly named registry that does not exist is an error; the lake's default one
-    may be missing (no simulator has run yet).
+    A registry the user named (``required``) that does not exist is an error; the lake's
+    default one may be missing (no simulator has run yet).
     """
-    indexes = ensure_indexes(db, settings.abnormal_ttl_days)
+    indexes = ensure_indexes(db, abnormal_ttl_days)
     changed = {k: v for k, v in indexes.items() if v != "unchanged"}
     log.info(
         "indexes=%d changed=%s", len(indexes), ",".join(f"{k}:{v}" for k, v in changed.items())
     )
-    path = registry or settings.registry_path
-    if not registry_exists(path):
-        if registry is not None:
-            raise FileNotFoundError(f"no registry at {lake.registry_parquet(path)}")
-        log.info("registry=%s status=absent", lake.registry_parquet(path))
+    if not registry_exists(registry):
+        if required:
+            raise FileNotFoundError(f"no registry at {lake.registry_parquet(registry)}")
+        log.info("registry=%s status=absent", lake.registry_parquet(registry))
         return InitReport(indexes, None)
-    return InitReport(indexes, load_registry(db, path))
+    return InitReport(indexes, load_registry(db, registry))
 
 
 def summary_lines(report: InitReport) -> Sequence[str]:

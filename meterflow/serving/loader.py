@@ -32,8 +32,8 @@ from meterflow.batch.views import (
 )
 from meterflow.clients import mongo
 from meterflow.core import lake
-from meterflow.core.config import Settings
 from meterflow.core.contract import as_date
+from meterflow.core.errors import MeterflowError
 from meterflow.core.logs import get_logger
 
 log = get_logger("meterflow.serving.loader")
@@ -49,7 +49,7 @@ TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-class ViewMissingError(RuntimeError):
+class ViewMissingError(MeterflowError):
     """The day's batch job has not run (or its views are gone): nothing to publish."""
 
 
@@ -80,10 +80,10 @@ def _clean(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def view_documents(settings: Settings, view: str, day: date) -> list[dict[str, Any]]:
+def view_documents(views_root: str, view: str, day: date) -> list[dict[str, Any]]:
     """The view's rows for D as MongoDB documents (``_id``, ``date``, ``day`` added)."""
     _, keys = TARGETS[view]
-    fs, path = lake.filesystem_for(view_path(settings.views_path, view, day))
+    fs, path = lake.filesystem_for(view_path(views_root, view, day))
     try:
         rows = pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()
     except FileNotFoundError:
@@ -147,23 +147,19 @@ def report_document(report: DayReport, loaded_at: datetime) -> dict[str, Any]:
     }
 
 
-def publish_day(
-    settings: Settings, day: date | str, db: Database[dict[str, Any]] | None = None
-) -> LoadReport:
-    """Publish D's views and report; a no_data day clears D's documents and writes its report.
+def publish_day(views_root: str, day: date | str, db: Database[dict[str, Any]]) -> LoadReport:
+    """Publish D's views (under ``views_root``) and report to ``db``; a no_data day clears
+    D's documents and writes its report.
 
     Raises :class:`ViewMissingError` when the batch job has not run for D.
     """
     day = as_date(day)
-    db = mongo.database(settings) if db is None else db
-    report = read_report(settings, day)
+    report = read_report(views_root, day)
     if report is None:
-        raise ViewMissingError(
-            f"no batch report for {day} under {settings.views_path}: run the batch job"
-        )
+        raise ViewMissingError(f"no batch report for {day} under {views_root}: run the batch job")
     result = LoadReport(day=str(day), status=report.status)
     for view, (collection, _) in TARGETS.items():
-        documents = [] if report.status == STATUS_NO_DATA else view_documents(settings, view, day)
+        documents = [] if report.status == STATUS_NO_DATA else view_documents(views_root, view, day)
         written, deleted = replace_day(db[collection], day, documents)
         result.upserted[collection] = written
         result.deleted[collection] = deleted

@@ -22,7 +22,7 @@ from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
-from confluent_kafka import Consumer, Message
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 from pyspark.sql.datasource import (
     DataSource,
     DataSourceReader,
@@ -183,9 +183,7 @@ class _Planner:
     def earliest(self) -> Offsets:
         result: Offsets = {}
         for topic, partition in self.partitions():
-            low, _ = self.client.get_watermark_offsets(
-                kafka.TopicPartition(topic, partition), timeout=10
-            )
+            low, _ = self.client.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
             result.setdefault(topic, {})[str(partition)] = low
         return result
 
@@ -314,7 +312,7 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         self.planner = _Planner(options)
         self._target: Offsets | None = None  # set for Trigger.AvailableNow
 
-    def initialOffset(self) -> dict:
+    def initialOffset(self) -> Offsets:
         return self.planner.resolve(self.options.starting)
 
     def getDefaultReadLimit(self) -> ReadLimit:
@@ -325,17 +323,17 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
     def prepareForTriggerAvailableNow(self) -> None:
         self._target = self.planner.ends()
 
-    def latestOffset(self, start: dict, limit: ReadLimit) -> dict:
+    def latestOffset(self, start: Offsets, limit: ReadLimit) -> Offsets:
         latest = self._target if self._target is not None else self.planner.ends()
         merged = _check_not_behind(start, latest, self.options.fail_on_data_loss)
         if isinstance(limit, ReadMaxRows):
             return _cap(start, merged, limit.max_rows)
         return merged
 
-    def reportLatestOffset(self) -> dict | None:
+    def reportLatestOffset(self) -> Offsets | None:
         return _to_offsets(self.planner._known_ends) or None
 
-    def partitions(self, start: dict, end: dict) -> Sequence[InputPartition]:
+    def partitions(self, start: Offsets, end: Offsets) -> Sequence[InputPartition]:
         return self.planner.split(start, end)
 
     def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
@@ -380,7 +378,7 @@ def read_range(
         options.bootstrap, **{"auto.offset.reset": "error", **options.consumer_config}
     )
     try:
-        client.assign([kafka.TopicPartition(part.topic, part.partition, part.start)])
+        client.assign([TopicPartition(part.topic, part.partition, part.start)])
         position = part.start
         last_progress = time.monotonic()
         while position < part.end:
@@ -389,9 +387,9 @@ def read_range(
             for message in messages:
                 error = message.error()
                 if error is not None:
-                    if error.code() == kafka.KafkaError._PARTITION_EOF:
+                    if error.code() == KafkaError._PARTITION_EOF:
                         continue
-                    if error.code() == kafka.KafkaError._AUTO_OFFSET_RESET:
+                    if error.code() == KafkaError._AUTO_OFFSET_RESET:
                         raise KafkaSourceError(
                             f"DATA_LOSS {part.topic}[{part.partition}] offsets from {position} "
                             f"are gone from the broker ({error.str()})"

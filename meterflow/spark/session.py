@@ -8,7 +8,6 @@ import sys
 from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
 
-from meterflow.core.config import Settings
 from meterflow.spark.kafka_source import SOURCE_NAME, KafkaDataSource
 
 JVM_KAFKA_PROVIDER = "org.apache.spark.sql.kafka010.KafkaSourceProvider"
@@ -74,12 +73,13 @@ def jvm_kafka_available(spark: SparkSession) -> bool:
         return False
 
 
-def kafka_format(spark: SparkSession, settings: Settings) -> str:
-    """The reader format for ``settings.kafka_source`` (``auto`` prefers the JVM jar)."""
-    if settings.kafka_source == "python":
+def kafka_format(spark: SparkSession, kafka_source: str) -> str:
+    """The reader format for ``METERFLOW_KAFKA_SOURCE`` ``kafka_source`` (python, jvm, or
+    auto, which prefers the JVM jar)."""
+    if kafka_source == "python":
         return SOURCE_NAME
     available = jvm_kafka_available(spark)
-    if settings.kafka_source == "jvm" and not available:
+    if kafka_source == "jvm" and not available:
         raise RuntimeError(
             "METERFLOW_KAFKA_SOURCE=jvm but the spark-sql-kafka jar is not on the classpath "
             "(spark-submit --packages org.apache.spark:spark-sql-kafka-0-10_2.13:<spark version>)"

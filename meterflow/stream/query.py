@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import posixpath
 import re
-import sys
 import threading
 import time
 import uuid
@@ -486,11 +484,10 @@ def _await(query: StreamingQuery, stop: threading.Event, grace_s: float = 60.0) 
         query.stop()
 
 
-def _generation_changed(settings: Settings, generation: str) -> bool:
-    """Whether the readings topic now has another id (recreated under the query)."""
-    topic = settings.topic_readings
+def _generation_changed(bootstrap_servers: str, topic: str, generation: str) -> bool:
+    """Whether ``topic`` now has another id than ``generation`` (recreated under the query)."""
     try:
-        return kafka.topic_ids(settings.bootstrap_servers, [topic], timeout=5)[topic] != generation
+        return kafka.topic_ids(bootstrap_servers, [topic], timeout=5)[topic] != generation
     except kafka.KafkaUnavailableError:
         return False
 
@@ -561,7 +558,7 @@ def _run(
 ) -> dict[str, int]:
     from meterflow.spark.session import kafka_format
 
-    source_format = kafka_format(spark, settings)
+    source_format = kafka_format(spark, settings.kafka_source)
     totals: Counter[str] = Counter()
     attempt = 0
     started = time.monotonic()
@@ -602,14 +599,14 @@ def _run(
         if error is None:
             break
         if isinstance(error, GenerationChangedError) or _generation_changed(
-            settings, plan.generation
+            settings.bootstrap_servers, settings.topic_readings, plan.generation
         ):
             log.warning("streaming=restart reason=generation-changed detail=%s", _first_line(error))
             attempt = 0
             continue
         error = _source_error(error)
-        if isinstance(error, MeterflowError | ConfigError):
-            raise error
+        if isinstance(error, MeterflowError) and not isinstance(error, kafka.KafkaUnavailableError):
+            raise error  # a decision or a bad configuration; Kafka away is retried below
         if not any(marker in str(error) for marker in _TRANSIENT_MARKERS):
             log.error("streaming=failed error=%s", error)  # the whole story, once, in the log
             raise MeterflowError(
@@ -657,26 +654,3 @@ def _backoff(settings: Settings, attempt: int, error: BaseException, stop: threa
             kafka.check_reachable(settings.bootstrap_servers, timeout=5)
             kafka.ensure_topics(settings.bootstrap_servers, settings.topics, settings.partitions)
     return attempt
-
-
-def wait_for_decision() -> None:
-    """After a data-loss stop under spark-submit (``METERFLOW_ON_DATA_LOSS=wait``), stay down
-    without exiting: a container restarted on exit would repeat the stop forever. Spark is
-    stopped (its UI and so the health check go down) until SIGTERM, or until spark-submit's
-    JVM is gone; the operator decides, then restarts the service."""
-    from pyspark.sql import SparkSession
-
-    session = SparkSession.getActiveSession()
-    if session is not None:
-        session.stop()
-    print(
-        "streaming_job: stopped, waiting for a decision (METERFLOW_ON_DATA_LOSS=wait); "
-        "restart the service once it is made",
-        file=sys.stderr,
-        flush=True,
-    )
-    stopped = threading.Event()
-    parent = os.getppid()  # spark-submit's JVM: when it is stopped, so is this process
-    with signals_handled(lambda *_: stopped.set()):
-        while not stopped.wait(1.0) and os.getppid() == parent:
-            pass

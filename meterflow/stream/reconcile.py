@@ -18,7 +18,6 @@ import pyarrow.fs as pafs
 
 from meterflow.clients import kafka
 from meterflow.core import lake
-from meterflow.core.config import Settings
 from meterflow.core.ledger import Ledger, PartitionAudit, audit
 
 _IDENTITY = ("source_topic", "source_generation", "source_partition", "source_offset")
@@ -40,12 +39,13 @@ class ReconcileReport:
         return "; ".join(self.problems[:3]) + (" ..." if len(self.problems) > 3 else "")
 
 
-def _broker_offsets(settings: Settings) -> tuple[str, dict[int, tuple[int, int]]] | None:
-    """The readings topic's generation and (first, end) per partition, or None if away."""
-    topic = settings.topic_readings
+def _broker_offsets(
+    bootstrap_servers: str, topic: str
+) -> tuple[str, dict[int, tuple[int, int]]] | None:
+    """The topic's generation and (first, end) per partition, or None if Kafka is away."""
     try:
-        generation = kafka.topic_ids(settings.bootstrap_servers, [topic], timeout=5)[topic]
-        client = kafka.consumer(settings.bootstrap_servers)
+        generation = kafka.topic_ids(bootstrap_servers, [topic], timeout=5)[topic]
+        client = kafka.consumer(bootstrap_servers)
         try:
             lows: dict[tuple[str, int], int] = {}
             ends = kafka.partition_ends(
@@ -79,15 +79,18 @@ def scan_lake(lake_path: str) -> pa.Table:
     )
 
 
-def reconcile(settings: Settings, scan_lake_files: bool = False) -> ReconcileReport:
+def reconcile(
+    lake_path: str, topic: str, bootstrap_servers: str, scan_lake_files: bool = False
+) -> ReconcileReport:
+    """Audit the ledger of the lake at ``lake_path``; the readings ``topic`` is compared with
+    what Kafka at ``bootstrap_servers`` holds (not compared when that is empty)."""
     report = ReconcileReport()
-    ledger = Ledger.load(settings.lake_path)
+    ledger = Ledger.load(lake_path)
     report.audits = list(audit(ledger))
-    topic = settings.topic_readings
-    broker = _broker_offsets(settings) if settings.bootstrap_servers else None
+    broker = _broker_offsets(bootstrap_servers, topic) if bootstrap_servers else None
     current, offsets = broker if broker else (None, {})
     if not report.audits:
-        report.lines.append(f"the ledger at {settings.lake_path} has no commits yet")
+        report.lines.append(f"the ledger at {lake_path} has no commits yet")
     for a in report.audits:
         line = (
             f"{a.topic}[{a.partition}] generation {a.generation}: offsets {a.first}..{a.end - 1}"
@@ -122,10 +125,10 @@ def reconcile(settings: Settings, scan_lake_files: bool = False) -> ReconcileRep
                 f"{topic}[{partition}] generation {current}: {end - first:,} offsets on the "
                 "broker, none committed yet"
             )
-    if broker is None and settings.bootstrap_servers:
-        report.lines.append(f"Kafka at {settings.bootstrap_servers} not reachable: not compared")
+    if broker is None and bootstrap_servers:
+        report.lines.append(f"Kafka at {bootstrap_servers} not reachable: not compared")
     if scan_lake_files:
-        _check_lake(settings.lake_path, report)
+        _check_lake(lake_path, report)
     committed = sum(a.committed for a in report.audits)
     lost = sum(end - start for a in report.audits for start, end, _ in a.lost)
     generations = len({(a.topic, a.generation) for a in report.audits})

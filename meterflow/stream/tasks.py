@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from confluent_kafka import KafkaException
 
 from meterflow.clients import kafka
 from meterflow.core import contract
@@ -126,12 +127,18 @@ class _Publisher:
             error,
         )
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers=None) -> None:
+    def _produce(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
         try:
             kafka.produce(
                 self.producer, topic, value, key, headers=headers, on_delivery=self._delivered
             )
-        except kafka.KafkaException as exc:  # refused before sending: too large, say
+        except KafkaException as exc:  # refused before sending: too large, say
             self.unpublished += 1
             log.error("publish=refused topic=%s key=%r error=%s", topic, key, exc.args[0])
 

@@ -25,12 +25,12 @@ from lake_helpers import (
     REGISTRY_INTERVAL,
     fleet_meters,
     make_rows,
+    run_batch,
     write_lake_day,
 )
 from pyspark.sql import SparkSession
 
 from jobs import daily_batch_job
-from meterflow.batch import daily as job
 from meterflow.batch import views
 from meterflow.core import lake
 from meterflow.core.config import Settings
@@ -114,7 +114,7 @@ def registry_lookup(settings: Settings) -> tuple[dict[str, str], dict[str, int]]
 
 def test_views_match_pandas_on_the_same_rows(spark: SparkSession, two_days) -> None:
     settings, _meters, rows = two_days
-    report = job.run(settings, D1, spark)
+    report = run_batch(spark, settings, D1)
 
     districts, expected_counts = registry_lookup(settings)
     expected = expected_meters(rows[D1], districts, expected_counts)
@@ -160,7 +160,8 @@ def test_views_match_pandas_on_the_same_rows(spark: SparkSession, two_days) -> N
     assert report.meters == frame["device_id"].nunique()
     assert report.views[views.METER_VIEW] == report.meters
     assert report.views[views.DISTRICT_VIEW] == len(frame.groupby(["district", "meter_type"]))
-    assert views.read_report(settings, D1) == report  # the JSON the loader and checks read
+    # The JSON the loader and checks read:
+    assert views.read_report(settings.views_path, D1) == report
 
 
 def _files(directory: str) -> dict[str, bytes]:
@@ -169,19 +170,19 @@ def _files(directory: str) -> dict[str, bytes]:
 
 def test_rerun_replaces_the_day_and_leaves_other_days(spark: SparkSession, two_days) -> None:
     settings, meters, rows = two_days
-    job.run(settings, D1, spark)
-    job.run(settings, D2, spark)
+    run_batch(spark, settings, D1)
+    run_batch(spark, settings, D2)
     d2_files = {
         view: _files(views.view_path(settings.views_path, view, D2)) for view in views.VIEWS
     }
 
-    job.run(settings, D1, spark)  # same input: same rows, not twice as many
+    run_batch(spark, settings, D1)  # same input: same rows, not twice as many
     assert len(read_view(settings, views.METER_VIEW, D1)) == len(meters) + 1
 
     dropped = meters[1][0]
     fewer = [r for r in rows[D1] if r["device_id"] != dropped]
     write_lake_day(settings, D1, fewer)
-    report = job.run(settings, D1, spark)
+    report = run_batch(spark, settings, D1)
     view = read_view(settings, views.METER_VIEW, D1).set_index("device_id")
     # Still registered, now silent: one row with nothing received, not a missing row.
     assert len(view) == len(meters) + 1 and report.silent_meters == 1
@@ -207,7 +208,7 @@ def test_silent_meters_get_a_row_with_completeness_zero(
     reporting = meters[3:]
     write_lake_day(settings, D1, make_rows(reporting, D1, seed=4))
 
-    report = job.run(settings, D1, spark)
+    report = run_batch(spark, settings, D1)
 
     view = read_view(settings, views.METER_VIEW, D1).set_index("device_id")
     silent = {m for m, _ in meters[:3]} - {late}
@@ -239,7 +240,7 @@ def test_device_reporting_two_types_keeps_one_row_and_is_reported(
         row["meter_type"] = other_type
     write_lake_day(settings, D1, rows)
 
-    report = job.run(settings, D1, spark)
+    report = run_batch(spark, settings, D1)
 
     view = read_view(settings, views.METER_VIEW, D1)
     assert view["device_id"].is_unique and len(view) == len(meters)
@@ -253,30 +254,30 @@ def test_device_reporting_two_types_keeps_one_row_and_is_reported(
 
 def test_day_without_data_is_reported_not_zero_filled(spark: SparkSession, two_days) -> None:
     settings, _meters, _rows = two_days
-    job.run(settings, D1, spark)
+    run_batch(spark, settings, D1)
     assert all(Path(views.view_path(settings.views_path, v, D1)).exists() for v in views.VIEWS)
 
     empty = date(2024, 6, 9)
-    report = job.run(settings, empty, spark)
+    report = run_batch(spark, settings, empty)
     assert (report.status, report.readings, report.meters) == (views.STATUS_NO_DATA, 0, 0)
     assert not any(
         Path(views.view_path(settings.views_path, v, empty)).exists() for v in views.VIEWS
     )
-    assert views.read_report(settings, empty) == report
+    assert views.read_report(settings.views_path, empty) == report
 
     # D1's partition disappears (say, retention): its stale views go, the report says why.
     for file in (Path(lake.readings_path(settings.lake_path)) / f"date={D1}").glob("*"):
         file.unlink()
-    assert job.run(settings, D1, spark).status == views.STATUS_NO_DATA
+    assert run_batch(spark, settings, D1).status == views.STATUS_NO_DATA
     assert not any(Path(views.view_path(settings.views_path, v, D1)).exists() for v in views.VIEWS)
 
 
 def test_no_lake_and_no_registry_at_all(spark: SparkSession, tmp_path: Path) -> None:
     settings = lake_settings(tmp_path)
-    assert job.run(settings, D1, spark).status == views.STATUS_NO_DATA
+    assert run_batch(spark, settings, D1).status == views.STATUS_NO_DATA
     rows = make_rows([("gm000001", str(MeterType.GAS))], D1, seed=3)
     write_lake_day(settings, D1, rows)  # a lake, but no registry: every district unknown
-    report = job.run(settings, D1, spark)
+    report = run_batch(spark, settings, D1)
     assert report.status == views.STATUS_OK and report.readings == len(rows)
     assert set(read_view(settings, views.DISTRICT_VIEW, D1)["district"]) == {views.UNKNOWN_DISTRICT}
 
@@ -307,10 +308,10 @@ def test_only_files_the_streaming_sink_committed_count(spark: SparkSession, tmp_
     # What a task of a failed micro-batch may leave behind: a file no batch committed.
     pq.write_table(table.drop_columns(["date"]), partition / "part-99999-uncommitted.parquet")
 
-    report = job.run(settings, D1, spark)
+    report = run_batch(spark, settings, D1)
     assert report.readings == len(rows)
     by_type = pd.DataFrame(rows).groupby("meter_type").size().to_dict()
-    assert lake_counts(settings, D1) == by_type
+    assert lake_counts(settings.lake_path, D1) == by_type
     assert os.path.exists(partition / "part-99999-uncommitted.parquet")
 
 
@@ -323,7 +324,7 @@ def test_main_runs_a_day_from_the_command_line(
     assert daily_batch_job.main(["--date", str(D2), "--lake", settings.lake_path]) == 0
     printed = views.DayReport.from_json(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed.readings == len(rows[D2])
-    assert views.read_report(settings, D2) == printed
+    assert views.read_report(settings.views_path, D2) == printed
     with pytest.raises(SystemExit):
         daily_batch_job.main(["--date", "2024-13-01"])
 
@@ -348,4 +349,4 @@ def test_batch_command_in_its_own_process(two_days) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     printed = views.DayReport.from_json(result.stdout.strip().splitlines()[-1])
     assert (printed.status, printed.readings) == (views.STATUS_OK, len(rows[D1]))
-    assert views.read_report(settings, D1) == printed
+    assert views.read_report(settings.views_path, D1) == printed

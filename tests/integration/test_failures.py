@@ -175,7 +175,12 @@ def test_two_restarts_of_meterflow_run_lose_nothing(fresh_broker: bool, make_set
     assert sum(offsets.values()) == sum(sent) and max(offsets.values()) == 1
     generations = {generation for generation, _, _ in offsets}
     assert len(generations) == (2 if fresh_broker else 1)
-    report = reconcile(settings, scan_lake_files=True)
+    report = reconcile(
+        settings.lake_path,
+        settings.topic_readings,
+        settings.bootstrap_servers,
+        scan_lake_files=True,
+    )
     assert report.ok, report.problems
     assert not [loss for a in report.audits for loss in a.lost]
     checked = meterflow("reconcile", env={**env, "KAFKA_BOOTSTRAP_SERVERS": ""})

@@ -14,11 +14,10 @@ import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from lake_helpers import D1, D2, fleet_meters, make_rows, write_lake_day
+from lake_helpers import D1, D2, fleet_meters, make_rows, run_batch, write_lake_day
 from pyspark.sql import SparkSession
 
 from meterflow import cli
-from meterflow.batch import daily as job
 from meterflow.batch import views
 from meterflow.clients import mongo
 from meterflow.core import lake
@@ -40,11 +39,11 @@ def published(spark: SparkSession, env: dict[str, str]):
     settings = Settings.from_env(env)
     meters = fleet_meters(settings)
     rows = {D1: make_rows(meters, D1, seed=5), D2: make_rows(meters, D2, seed=6)}
+    db = mongo.database(settings)
     for day, day_rows in rows.items():
         write_lake_day(settings, day, day_rows)
-        job.run(settings, day, spark)
-        publish_day(settings, day)
-    db = mongo.database(settings)
+        run_batch(spark, settings, day)
+        publish_day(settings.views_path, day, db)
     yield settings, db, meters, rows
     if not settings.mongo_uri.startswith(mongo.MOCK_SCHEME):
         db.client.drop_database(settings.mongo_db)
@@ -90,7 +89,7 @@ def test_documents_follow_the_lake_and_republishing_changes_nothing(published) -
     assert (report["status"], report["readings"], report["date"]) == ("ok", len(frame), midnight)
 
     before = {day: snapshot(db, day) for day in (D1, D2)}
-    again = publish_day(settings, D1)
+    again = publish_day(settings.views_path, D1, db)
     assert again.deleted == dict.fromkeys(COLLECTIONS, 0)
     assert {day: snapshot(db, day) for day in (D1, D2)} == before
 
@@ -103,61 +102,61 @@ def test_republishing_replaces_the_day(spark: SparkSession, published) -> None:
     registry = pq.read_table(registry_file)
     pq.write_table(registry.filter(pc.not_equal(registry["device_id"], dropped)), registry_file)
     write_lake_day(settings, D1, [r for r in rows[D1] if r["device_id"] != dropped])
-    job.run(settings, D1, spark)
-    load = publish_day(settings, D1)
+    run_batch(spark, settings, D1)
+    load = publish_day(settings.views_path, D1, db)
     assert load.deleted[mongo.DAILY_METER_AVERAGES] == 1
     assert db[mongo.DAILY_METER_AVERAGES].find_one({"_id": f"{D1}|{dropped}"}) is None
     assert db[mongo.DAILY_METER_AVERAGES].count_documents({"day": str(D1)}) == len(meters) - 1
     assert snapshot(db, D2) == d2_before
-    check_day(settings, D1)
+    check_day(settings.lake_path, D1, db)
 
     # The day's partition is gone: a no_data day clears D's documents, keeps its report.
     for file in Path(settings.lake_path, "readings", f"date={D1}").glob("*"):
         file.unlink()
-    assert job.run(settings, D1, spark).status == views.STATUS_NO_DATA
-    load = publish_day(settings, D1)
+    assert run_batch(spark, settings, D1).status == views.STATUS_NO_DATA
+    load = publish_day(settings.views_path, D1, db)
     assert load.upserted == {**dict.fromkeys(COLLECTIONS, 0), mongo.DAILY_REPORTS: 1}
     assert all(db[c].count_documents({"day": str(D1)}) == 0 for c in COLLECTIONS)
     assert db[mongo.DAILY_REPORTS].find_one({"_id": str(D1)})["status"] == "no_data"
-    assert "no data" in check_day(settings, D1).notes[0]
+    assert "no data" in check_day(settings.lake_path, D1, db).notes[0]
     assert snapshot(db, D2) == d2_before
 
 
 def test_checks_catch_what_disagrees(published) -> None:
     settings, db, meters, _rows = published
-    passed = check_day(settings, D1)
+    passed = check_day(settings.lake_path, D1, db)
     assert passed.documents[mongo.DAILY_METER_AVERAGES] == len(meters)
 
     meter_docs = db[mongo.DAILY_METER_AVERAGES]
     meter_docs.delete_one({"_id": f"{D1}|{meters[0][0]}"})
     with pytest.raises(CheckFailed, match="daily_meter_averages holds"):
-        check_day(settings, D1)
-    publish_day(settings, D1)
+        check_day(settings.lake_path, D1, db)
+    publish_day(settings.views_path, D1, db)
 
     type_doc = db[mongo.DAILY_TYPE_AVERAGES].find_one({"day": str(D1)})
     db[mongo.DAILY_TYPE_AVERAGES].update_one(
         {"_id": type_doc["_id"]}, {"$inc": {"reading_count": 1}}
     )
     with pytest.raises(CheckFailed, match="readings per type in MongoDB"):
-        check_day(settings, D1)
-    publish_day(settings, D1)
+        check_day(settings.lake_path, D1, db)
+    publish_day(settings.views_path, D1, db)
 
     meter_docs.update_one({"_id": f"{D1}|{meters[1][0]}"}, {"$set": {"avg": -0.5}})
     with pytest.raises(CheckFailed, match="negative avg"):
-        check_day(settings, D1)
-    publish_day(settings, D1)
+        check_day(settings.lake_path, D1, db)
+    publish_day(settings.views_path, D1, db)
 
     meter_docs.update_one({"_id": f"{D1}|{meters[1][0]}"}, {"$unset": {"completeness": ""}})
     with pytest.raises(CheckFailed, match="no completeness"):
-        check_day(settings, D1)
-    publish_day(settings, D1)
-    check_day(settings, D1)
+        check_day(settings.lake_path, D1, db)
+    publish_day(settings.views_path, D1, db)
+    check_day(settings.lake_path, D1, db)
 
     # Late data: the lake now has readings the published day does not count.
     extra = make_rows(meters[:1], D2, seed=9)
     write_lake_day(settings, D2, extra)
     with pytest.raises(CheckFailed, match="differ from the lake"):
-        check_day(settings, D2)
+        check_day(settings.lake_path, D2, db)
 
 
 def test_device_with_two_types_publishes_one_document_and_checks_in_total(
@@ -171,17 +170,17 @@ def test_device_with_two_types_publishes_one_document_and_checks_in_total(
     mixed = next(r for r in rows if r["device_id"] == device)
     mixed["meter_type"] = other
     write_lake_day(settings, D1, rows)
-    assert job.run(settings, D1, spark).mixed_type_meters == 1
+    assert run_batch(spark, settings, D1).mixed_type_meters == 1
 
-    publish_day(settings, D1)
+    publish_day(settings.views_path, D1, db)
 
     assert db[mongo.DAILY_METER_AVERAGES].count_documents({"day": str(D1)}) == len(meters)
     assert db[mongo.DAILY_REPORTS].find_one({"_id": str(D1)})["mixed_type_meters"] == 1
-    passed = check_day(settings, D1)
+    passed = check_day(settings.lake_path, D1, db)
     assert any("two meter types" in note for note in passed.notes)
     write_lake_day(settings, D1, rows + make_rows(meters[1:2], D1, seed=8))  # late data
     with pytest.raises(CheckFailed, match="differ from the lake"):
-        check_day(settings, D1)
+        check_day(settings.lake_path, D1, db)
 
 
 def test_load_and_check_commands(
@@ -205,12 +204,12 @@ def test_a_failed_rerun_leaves_nothing_to_publish(spark: SparkSession, published
     before = snapshot(db, D1)
     (Path(settings.registry_path) / "meters.parquet").write_bytes(b"not parquet")
     with pytest.raises(Exception, match=r"(?i)parquet"):
-        job.run(settings, D1, spark)
-    assert views.read_report(settings, D1) is None
+        run_batch(spark, settings, D1)
+    assert views.read_report(settings.views_path, D1) is None
     with pytest.raises(ViewMissingError):
-        publish_day(settings, D1)
+        publish_day(settings.views_path, D1, db)
     with pytest.raises(CheckFailed, match="no batch report"):
-        check_day(settings, D1)
+        check_day(settings.lake_path, D1, db)
     assert snapshot(db, D1) == before  # what MongoDB served is left as it was
 
 
@@ -227,12 +226,12 @@ def test_backfilling_seven_days_equals_running_them_one_by_one(
         write_lake_day(one_by_one, day, make_rows(meters, day, seed=100 + i))
 
     for day in days:
-        job.run(one_by_one, day, spark)
-        publish_day(one_by_one, day)
+        run_batch(spark, one_by_one, day)
+        publish_day(one_by_one.views_path, day, mongo.database(one_by_one))
     for day in reversed(days):
-        job.run(backfill, day, spark)
+        run_batch(spark, backfill, day)
     for day in days[::2] + days[1::2]:
-        publish_day(backfill, day)
+        publish_day(backfill.views_path, day, mongo.database(backfill))
 
     def documents(settings: Settings) -> list:
         db = mongo.database(settings)

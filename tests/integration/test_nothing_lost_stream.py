@@ -60,7 +60,12 @@ def lake_offsets(settings: Settings) -> Counter[tuple[str, int, int]]:
 def assert_exactly_once(settings: Settings, expected: int) -> None:
     offsets = lake_offsets(settings)
     assert sum(offsets.values()) == expected and max(offsets.values(), default=1) == 1
-    report = reconcile(settings, scan_lake_files=True)
+    report = reconcile(
+        settings.lake_path,
+        settings.topic_readings,
+        settings.bootstrap_servers,
+        scan_lake_files=True,
+    )
     assert report.ok, report.problems
     assert report.lines[-1].startswith("reconciled:")
 
@@ -231,7 +236,12 @@ def test_a_broker_back_empty_is_a_decision_and_the_gap_is_recorded(
 
     second = run(settings, available_now=True, spark=spark, accept_data_loss=True)
     assert second["read"] == 50
-    report = reconcile(settings, scan_lake_files=True)
+    report = reconcile(
+        settings.lake_path,
+        settings.topic_readings,
+        settings.bootstrap_servers,
+        scan_lake_files=True,
+    )
     assert report.ok, report.problems
     lost = [loss for a in report.audits for loss in a.lost]
     assert [(start, end) for start, end, _ in lost] == [(120, 200)]

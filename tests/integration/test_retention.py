@@ -38,7 +38,8 @@ def test_retention_drops_old_partitions_and_spark_still_reads_the_lake(
         (view / f"date={day}" / "part-0.parquet").write_bytes(b"")
     (Path(settings.views_path) / "_reports").mkdir()
 
-    dropped = drop_expired_partitions(settings, "2024-06-01")
+    keep_days = settings.lake_retention_days
+    dropped = drop_expired_partitions(settings.lake_path, keep_days, "2024-06-01")
 
     readings = readings_path(settings.lake_path)
     assert dropped == {readings: ["2024-04-01"], str(view): ["2024-04-01"]}
@@ -52,7 +53,12 @@ def test_retention_drops_old_partitions_and_spark_still_reads_the_lake(
     ]
     assert lake.count() == 6
     # The ledger committed 9 offsets; the lake's files hold 6 and retention took 3.
-    report = reconcile(settings, scan_lake_files=True)
+    report = reconcile(
+        settings.lake_path,
+        settings.topic_readings,
+        settings.bootstrap_servers,
+        scan_lake_files=True,
+    )
     assert report.ok, report.problems
     assert report.lake_rows == 6
 
@@ -61,5 +67,6 @@ def test_zero_retention_keeps_everything(tmp_path: Path, make_settings) -> None:
     settings: Settings = make_settings(METERFLOW_LAKE_RETENTION_DAYS="0")
     old = Path(readings_path(settings.lake_path)) / "date=2001-01-01"
     old.mkdir(parents=True)
-    assert drop_expired_partitions(settings, "2024-06-01") == {}
+    keep_days = settings.lake_retention_days
+    assert drop_expired_partitions(settings.lake_path, keep_days, "2024-06-01") == {}
     assert old.is_dir()

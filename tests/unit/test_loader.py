@@ -6,6 +6,8 @@ real batch job wrote are in tests/integration/test_loader_spark.py.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from lake_helpers import D1
 
@@ -13,6 +15,6 @@ from meterflow.core.config import Settings
 from meterflow.serving.loader import ViewMissingError, publish_day
 
 
-def test_load_before_the_batch_job_is_a_clear_error(env: dict[str, str]) -> None:
+def test_load_before_the_batch_job_is_a_clear_error(env: dict[str, str], db: Any) -> None:
     with pytest.raises(ViewMissingError, match="run the batch job"):
-        publish_day(Settings.from_env(env), D1)
+        publish_day(Settings.from_env(env).views_path, D1, db)

@@ -42,7 +42,8 @@ def ttl_of(db: Any, collection: str) -> dict[str, int]:
 def test_init_mongo_is_idempotent_and_follows_ttl_changes(
     db: Any, tmp_path: Path, mongo_uri: str, mongo_db_name: str
 ) -> None:
-    first = serving.init_mongo(db, settings_for(tmp_path, mongo_uri, mongo_db_name))
+    settings = settings_for(tmp_path, mongo_uri, mongo_db_name)
+    first = serving.init_mongo(db, settings.abnormal_ttl_days, settings.registry_path)
     default_days = Settings.from_env({}).abnormal_ttl_days
     specs = serving.index_specs(default_days)
     assert set(first.indexes.values()) == {"created"}
@@ -53,12 +54,12 @@ def test_init_mongo_is_idempotent_and_follows_ttl_changes(
     assert ttl_of(db, mongo.INCIDENTS) == {"ttl_closed_at": default_days * DAY_S}
 
     before = {c: db[c].index_information() for c in {s.collection for s in specs}}
-    again = serving.init_mongo(db, settings_for(tmp_path, mongo_uri, mongo_db_name))
+    again = serving.init_mongo(db, settings.abnormal_ttl_days, settings.registry_path)
     assert set(again.indexes.values()) == {"unchanged"}
     assert {c: db[c].index_information() for c in before} == before
 
     shorter = settings_for(tmp_path, mongo_uri, mongo_db_name, METERFLOW_ABNORMAL_TTL_DAYS="7")
-    changed = serving.init_mongo(db, shorter).indexes
+    changed = serving.init_mongo(db, shorter.abnormal_ttl_days, shorter.registry_path).indexes
     assert changed["abnormal_readings.ttl_detected_at"] in ("ttl-updated", "ttl-rebuilt")
     assert ttl_of(db, mongo.ABNORMAL_READINGS) == {"ttl_detected_at": 7 * DAY_S}
     assert ttl_of(db, mongo.INCIDENTS) == {"ttl_closed_at": 7 * DAY_S}
@@ -68,7 +69,7 @@ def test_init_mongo_is_idempotent_and_follows_ttl_changes(
     }
 
     forever = settings_for(tmp_path, mongo_uri, mongo_db_name, METERFLOW_ABNORMAL_TTL_DAYS="0")
-    dropped = serving.init_mongo(db, forever).indexes
+    dropped = serving.init_mongo(db, forever.abnormal_ttl_days, forever.registry_path).indexes
     assert dropped["abnormal_readings.ttl_detected_at"] == "dropped"
     assert ttl_of(db, mongo.ABNORMAL_READINGS) == {} and ttl_of(db, mongo.INCIDENTS) == {}
     assert "device_time" in db[mongo.ABNORMAL_READINGS].index_information()
@@ -92,10 +93,11 @@ def test_registry_loads_into_meters_and_reloads_without_duplicates(
     db: Any, tmp_path: Path, mongo_uri: str, mongo_db_name: str
 ) -> None:
     settings = settings_for(tmp_path, mongo_uri, mongo_db_name)
-    assert serving.init_mongo(db, settings).registry is None  # no simulator has run yet
+    ttl, lake_registry = settings.abnormal_ttl_days, settings.registry_path
+    assert serving.init_mongo(db, ttl, lake_registry).registry is None  # no simulator has run yet
     fleet = build_fleet(40, seed=3)
     write_registry(fleet, settings.registry_path, interval_seconds=600)
-    loaded = serving.init_mongo(db, settings).registry
+    loaded = serving.init_mongo(db, ttl, lake_registry).registry
     assert (loaded.meters, loaded.new, loaded.updated) == (len(fleet), len(fleet), 0)
     docs = {d["_id"]: d for d in db[mongo.METERS].find()}
     assert set(docs) == set(fleet.device_ids)
@@ -111,7 +113,7 @@ def test_registry_loads_into_meters_and_reloads_without_duplicates(
         assert "scale" not in doc
 
     # A re-run changes nothing; a registry with another owner updates that meter only.
-    rerun = serving.init_mongo(db, settings).registry
+    rerun = serving.init_mongo(db, ttl, lake_registry).registry
     assert (rerun.meters, rerun.new, rerun.updated) == (len(fleet), 0, 0)
     other = tmp_path / "elsewhere"
     changed = build_fleet(40, seed=3)
@@ -119,7 +121,7 @@ def test_registry_loads_into_meters_and_reloads_without_duplicates(
         **{**changed.meters[0].__dict__, "owner": "Someone Else"}
     )
     path = write_registry(changed, str(other), interval_seconds=600)
-    reloaded = serving.init_mongo(db, settings, registry=path).registry
+    reloaded = serving.init_mongo(db, ttl, path, required=True).registry
     assert (reloaded.new, reloaded.updated) == (0, 1)
     assert db[mongo.METERS].count_documents({}) == len(fleet)
     assert db[mongo.METERS].find_one({"_id": changed.meters[0].device_id})["owner"] == (

@@ -77,11 +77,11 @@ def test_reconcile_says_reconciled_only_when_every_offset_has_one_outcome(tmp_pa
     ledger = Ledger.load(settings.lake_path)
     ledger.commit(BATCH, [Range("iot-meter", "g1", 0, 0, 100, valid=99, deadletter=1)])
     ledger.commit(BATCH, [Range("iot-meter", "g1", 0, 100, 150, valid=50)])
-    good_report = reconcile(settings)
+    good_report = reconcile(settings.lake_path, settings.topic_readings, settings.bootstrap_servers)
     assert good_report.ok and good_report.lines[-1].startswith("reconciled: 150 offsets")
 
     ledger.commit(BATCH, [Range("iot-meter", "g1", 0, 160, 170, abnormal=10)])
-    gap = reconcile(settings)
+    gap = reconcile(settings.lake_path, settings.topic_readings, settings.bootstrap_servers)
     assert not gap.ok and not any(line.startswith("reconciled") for line in gap.lines)
     assert "offsets 150..159 have no outcome" in gap.problem
 
