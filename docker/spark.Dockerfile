@@ -31,10 +31,14 @@ ARG SPARK_KAFKA_PACKAGE=org.apache.spark:spark-sql-kafka-0-10_2.13:4.2.0
 COPY docker/install-kafka-connector.sh docker/install-kafka-connector.sh
 RUN bash docker/install-kafka-connector.sh "$SPARK_KAFKA_PACKAGE"
 
+# Every folder pyproject.toml maps into the package, so the install finds them all (the
+# DAGs and plugins are not used here).
 COPY pyproject.toml README.md ./
 COPY meterflow meterflow
 COPY simulator simulator
 COPY jobs jobs
+COPY dags dags
+COPY plugins plugins
 COPY docker/healthcheck.py docker/healthcheck.py
 RUN pip install --no-deps -e . && meterflow --version
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from meterflow import __version__
 from meterflow.clients.kafka import ProducerSink
 from meterflow.clients.mongo import MongoUnavailableError
+from meterflow.core.bundled import import_simulator
 from meterflow.core.config import VARIABLES, Settings
 from meterflow.core.errors import MeterflowError
 from meterflow.core.logs import get_logger, setup_logging
@@ -192,12 +193,14 @@ def _into_readings_topic(
 
 
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
+    import_simulator()
     from simulator.cli import run_simulate
 
     return _into_readings_topic(settings, "simulator", run_simulate, args)
 
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    import_simulator()
     from simulator.cli import run_replay
 
     return _into_readings_topic(settings, f"replay of {args.file}", run_replay, args)
@@ -288,6 +291,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from meterflow.local.mongo import mongo_for
     from meterflow.serving.indexes import init_mongo
     from meterflow.stream.query import run
+
+    import_simulator()
     from simulator.cli import start_background_simulation
 
     with kafka_for(settings) as (live, broker), mongo_for(live) as (live, _):
@@ -501,6 +506,9 @@ def _totals_line(totals: dict[str, int]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # The simulator is imported from where meterflow.core.bundled finds it: the checkout's
+    # simulator/, or the copy inside an installed wheel.
+    import_simulator()
     from simulator.cli import add_replay_arguments, add_simulate_arguments
 
     parser = argparse.ArgumentParser(

@@ -32,12 +32,12 @@ from meterflow.core.config import Settings
 from meterflow.core.contract import (
     SECONDS_PER_DAY,
     STATELESS_FAULTS,
-    DeadLetterReason,
     FaultCode,
     MeterType,
     Rules,
 )
 from meterflow.core.logs import get_logger
+from meterflow.core.messages import DeadLetterReason
 from meterflow.core.signals import signals_handled
 from simulator.faults import (
     DEFAULT_FAULT_RATE,

@@ -20,12 +20,12 @@ import numpy as np
 from meterflow.core.contract import (
     SENTINEL_VALUE,
     STATELESS_FAULTS,
-    DeadLetterReason,
     FaultCode,
     Rules,
     format_timestamp_us,
     parse_timestamp_us,
 )
+from meterflow.core.messages import DeadLetterReason
 
 #: Malformed messages cycle through every reason, one of each in turn.
 MALFORMED_KINDS: tuple[DeadLetterReason, ...] = tuple(DeadLetterReason)

@@ -39,12 +39,12 @@ from meterflow.core.contract import (
     SECONDS_PER_DAY,
     STATELESS_FAULTS,
     TYPE_ORDER,
-    DeadLetterReason,
     FaultCode,
     MeterType,
     Rules,
     Status,
 )
+from meterflow.core.messages import DeadLetterReason
 from simulator.faults import (
     MALFORMED,
     FaultDraws,

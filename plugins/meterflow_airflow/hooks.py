@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from importlib.util import find_spec
 from typing import Any
 
 from airflow.sdk import BaseHook
 
+from meterflow.core.bundled import job_file
 from meterflow.core.config import Settings
 
 
@@ -31,8 +31,5 @@ class MeterflowHook(BaseHook):
 
 
 def job_path(module: str) -> str:
-    """The file of a Spark job in ``jobs/`` for spark-submit, without importing it."""
-    spec = find_spec(f"jobs.{module}")
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError(f"jobs.{module} is not installed (pip install -e .)")
-    return spec.origin
+    """The file of a Spark job in ``jobs/`` for spark-submit, from a checkout or a wheel."""
+    return str(job_file(module))

@@ -45,7 +45,7 @@ from meterflow import cli
 from meterflow.clients import kafka, mongo
 from meterflow.core import messages
 from meterflow.core.config import Settings
-from meterflow.core.contract import DeadLetterReason
+from meterflow.core.messages import DeadLetterReason
 from meterflow.serving.sink import (
     Sink,
 )

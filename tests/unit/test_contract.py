@@ -10,7 +10,6 @@ import pytest
 from meterflow.core import contract
 from meterflow.core.contract import (
     DeadLetter,
-    DeadLetterReason,
     FaultCode,
     MeterType,
     Reading,
@@ -19,6 +18,7 @@ from meterflow.core.contract import (
     classify,
     evaluate,
 )
+from meterflow.core.messages import DeadLetterReason
 
 NOW = contract.parse_timestamp_us("2024-05-28T00:00:00Z")
 # The prototype's exact messages (README, "The reading contract") must be accepted unchanged.

@@ -25,7 +25,6 @@ from meterflow.core.contract import (
     STATELESS_FAULTS,
     TYPE_ORDER,
     DeadLetter,
-    DeadLetterReason,
     FaultCode,
     MeterType,
     Reading,
@@ -34,6 +33,7 @@ from meterflow.core.contract import (
     evaluate,
     status_of,
 )
+from meterflow.core.messages import DeadLetterReason
 from simulator.cli import (
     add_simulate_arguments,
     config_from_args,

@@ -28,8 +28,7 @@ from sink_helpers import (
 )
 
 from meterflow.clients import mongo
-from meterflow.core.contract import DeadLetterReason
-from meterflow.core.messages import AbnormalEvent, StatusUpdate
+from meterflow.core.messages import AbnormalEvent, DeadLetterReason, StatusUpdate
 from meterflow.serving.sink import (
     ServingWriter,
     UndecodableError,
