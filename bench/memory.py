@@ -320,7 +320,6 @@ def main() -> int:
             "AIRFLOW_CONN_KAFKA_DEFAULT": json.dumps(
                 {"conn_type": "kafka", "extra": {"bootstrap.servers": bootstrap}}
             ),
-            "AIRFLOW_CONN_MONGO_DEFAULT": mongo.uri.replace("mongodb://", "mongo://"),
             "METERFLOW_DAG_START_DATE": day.isoformat(),
             "PATH": f"{BIN}:{service_env({})['PATH']}",
         }

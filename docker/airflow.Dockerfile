@@ -1,4 +1,4 @@
-# The Airflow 3 image: Airflow with its Spark, Kafka and MongoDB providers and meterflow,
+# The Airflow 3 image: Airflow with its Spark and Kafka providers and meterflow,
 # installed from requirements.txt pinned by constraints.txt (the same set as natively),
 # plus Java so SparkSubmitOperator can run a Spark driver here against the compose Spark
 # master. docker-compose.yml runs the init step, api-server, scheduler, dag-processor and

@@ -17,8 +17,11 @@ from typing import Any
 import pytest
 import yaml
 from helpers import free_port as _free_port
+from mongomock_client import MOCK_SCHEME, install
 
 from bench.compose_native import COMPOSE_FILE, env_example, interpolate
+
+install()  # ``mongomock://`` URIs reach the in-process fake in every test of both trees
 
 
 @pytest.fixture
@@ -47,7 +50,7 @@ def db(mongo_uri: str, mongo_db_name: str):
 
     database = mongo.client(mongo_uri)[mongo_db_name]
     yield database
-    if not mongo_uri.startswith(mongo.MOCK_SCHEME):
+    if not mongo_uri.startswith(MOCK_SCHEME):
         database.client.drop_database(mongo_db_name)
 
 

@@ -1,15 +1,16 @@
 """MongoDB for the serving layer: one client factory and the collection names.
 
-Everything that talks to MongoDB takes its database from :func:`database`, so tests can
-point the whole project at ``mongomock`` (``MONGO_URI=mongomock://``) and, when
-``MONGO_URI`` names a real server, run the same tests against it. The code stays thin
-over ``pymongo``: bulk upserts, indexes, simple aggregations.
+Everything that talks to MongoDB takes its database from :func:`database`, so the CLI, the
+Airflow tasks and the tests reach MongoDB one way: ``MONGO_URI``. The code stays thin over
+``pymongo``: bulk upserts, indexes, simple aggregations. Tests put an in-process fake behind
+a URI scheme of their own through :func:`register_scheme` (tests/mongomock_client.py);
+nothing in the package registers one.
 """
 
 from __future__ import annotations
 
-import threading
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from meterflow.core.config import ConfigError, Settings
 from meterflow.core.logs import get_logger
@@ -30,36 +31,44 @@ DAILY_DISTRICT_AVERAGES = "daily_district_averages"  # _id = "<date>|<district>|
 DAILY_REPORTS = "daily_reports"  # _id = date: what the batch job found for the day
 INCIDENTS = "incidents"  # one per meter and failure episode
 
-MOCK_SCHEME = "mongomock://"
 _SERVER_SELECTION_MS = 5000
 
-_mock_lock = threading.Lock()
-_mock_clients: dict[str, MongoClient[dict[str, Any]]] = {}
+#: Makes the client for a URI of a registered scheme (see :func:`register_scheme`).
+ClientFactory = Callable[[str], "MongoClient[dict[str, Any]]"]
+
+#: URI schemes (without ``://``) that something other than pymongo serves. Empty unless a
+#: test registered one: production URIs all go to pymongo.
+_schemes: dict[str, ClientFactory] = {}
 
 
 class MongoUnavailableError(RuntimeError):
     """MongoDB cannot be reached (or its URI is unusable)."""
 
 
-def client(uri: str) -> MongoClient[dict[str, Any]]:
-    """A ``pymongo.MongoClient`` for ``uri``; ``mongomock://`` gives the in-process fake.
+def register_scheme(scheme: str, factory: ClientFactory | None) -> None:
+    """Serve ``scheme://`` URIs with ``factory`` instead of pymongo; None removes it.
 
-    The fake is shared per URI within the process, so the sink, the loader and a test
-    that inspects the result all see the same data.
+    The one seam for an in-process fake (the tests' ``mongomock://``), so the package
+    itself knows only real URIs and a fake cannot be reached by accident in production.
     """
+    if factory is None:
+        _schemes.pop(scheme, None)
+    else:
+        _schemes[scheme] = factory
+
+
+def _registered(uri: str) -> ClientFactory | None:
+    scheme, sep, _ = uri.partition("://")
+    return _schemes.get(scheme) if sep else None
+
+
+def client(uri: str) -> MongoClient[dict[str, Any]]:
+    """A ``pymongo.MongoClient`` for ``uri`` (tz-aware), or a registered scheme's client."""
     if not uri:
         raise ConfigError("MONGO_URI is empty: start a local stand-in or point it at a server")
-    if uri.startswith(MOCK_SCHEME):
-        import mongomock
-
-        with _mock_lock:
-            _patch_mongomock_bulk()
-            if uri not in _mock_clients:
-                # Duck-typed: mongomock mirrors pymongo's API without sharing its classes.
-                _mock_clients[uri] = cast(
-                    "MongoClient[dict[str, Any]]", mongomock.MongoClient(tz_aware=True)
-                )
-            return _mock_clients[uri]
+    factory = _registered(uri)
+    if factory is not None:
+        return factory(uri)
     import pymongo
     from pymongo.errors import ConfigurationError, InvalidURI
 
@@ -76,34 +85,11 @@ def database(settings: Settings) -> Database[dict[str, Any]]:
     return client(settings.mongo_uri)[settings.mongo_db]
 
 
-def _patch_mongomock_bulk() -> None:
-    """Let mongomock 4.3 run pymongo >= 4.10 bulk operations (they pass a ``sort`` option).
-
-    Without this, ``bulk_write`` on the fake raises ``TypeError`` for every ``UpdateOne``;
-    a ``sort`` other than None is refused as not implemented rather than ignored.
-    """
-    from mongomock.collection import BulkOperationBuilder
-
-    if getattr(BulkOperationBuilder, "_meterflow_patched", False):
-        return
-
-    def without_sort(method: Any) -> Any:
-        def call(self: Any, *args: Any, sort: Any = None, **kwargs: Any) -> Any:
-            if sort is not None:
-                raise NotImplementedError("mongomock: bulk operations with sort")
-            return method(self, *args, **kwargs)
-
-        return call
-
-    builder: Any = BulkOperationBuilder  # patched in place, which its types do not allow
-    builder.add_update = without_sort(builder.add_update)
-    builder.add_replace = without_sort(builder.add_replace)
-    builder._meterflow_patched = True
-
-
 def ping(uri: str, timeout: float = 5.0) -> None:
     """Raise :class:`MongoUnavailableError` (one line, no credentials) unless ``uri`` answers."""
-    if uri.startswith(MOCK_SCHEME):
+    factory = _registered(uri)
+    if factory is not None:  # in-process: asked as it is, no timeout to apply
+        factory(uri).admin.command("ping")
         return
     import pymongo
     from pymongo.errors import ConfigurationError, InvalidURI, PyMongoError

@@ -5,17 +5,14 @@ every card here is a collection name, a pipeline and how to draw the result. The
 provisioner (:mod:`meterflow.dashboards.metabase`) sends them as they are; the tests run the same
 pipelines against test data. Field names are the serving layer's agreed document fields.
 
-Time-relative cards use ``$$NOW`` (MongoDB 4.2+) so a dashboard always shows "yesterday"
-and "the last 7 days" without being re-provisioned. ``mongomock`` does not know ``$$NOW``:
-:func:`bind_now` replaces it with a fixed instant so the rest of the pipeline can be
-tested there; against a real server the pipeline runs as Metabase sends it.
+Time-relative cards use ``$$NOW`` (MongoDB 4.2+, the constant :data:`NOW`) so a dashboard
+always shows "yesterday" and "the last 7 days" without being re-provisioned.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from meterflow.clients.mongo import (
@@ -246,20 +243,3 @@ CARDS: tuple[Card, ...] = (
     TOP_CONSUMERS_YESTERDAY,
     COMPLETENESS_PER_DAY,
 )
-
-
-def bind_now(pipeline: Any, now: datetime) -> Any:
-    """A copy of ``pipeline`` with every ``$$NOW`` replaced by ``now`` (for mongomock)."""
-    if pipeline == NOW:
-        return now
-    if isinstance(pipeline, dict):
-        return {key: bind_now(value, now) for key, value in pipeline.items()}
-    if isinstance(pipeline, list):
-        return [bind_now(item, now) for item in pipeline]
-    return pipeline
-
-
-def run_card(db: Any, card: Card, now: datetime | None = None) -> list[dict[str, Any]]:
-    """Run ``card``'s pipeline on ``db`` as Metabase would; ``now`` binds ``$$NOW``."""
-    pipeline = card.pipeline if now is None else bind_now(card.pipeline, now)
-    return list(db[card.collection].aggregate(pipeline))

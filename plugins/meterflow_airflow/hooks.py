@@ -13,8 +13,10 @@ from meterflow.core.config import Settings
 class MeterflowHook(BaseHook):
     """meterflow's settings (environment variables, documented in ``meterflow config``).
 
-    MongoDB comes from ``MONGO_URI`` through :func:`meterflow.clients.mongo.database`, the same
-    factory the CLI and the tests use, so a task and ``meterflow load`` see one database.
+    MongoDB comes from ``MONGO_URI`` alone, through :func:`meterflow.clients.mongo.database`,
+    the factory the CLI and the tests use, so a task and ``meterflow load`` see one database
+    and one set of credentials. There is deliberately no Airflow connection for MongoDB
+    (docs/architecture.md, "One source of MongoDB credentials").
     """
 
     conn_name_attr = "meterflow_conn_id"
@@ -25,6 +27,7 @@ class MeterflowHook(BaseHook):
         self.settings = settings or Settings.from_env()
 
     def get_conn(self) -> Any:
+        """The serving-layer ``pymongo`` Database ``MONGO_DB`` (tz-aware), from ``MONGO_URI``."""
         from meterflow.clients.mongo import database
 
         return database(self.settings)

@@ -69,6 +69,8 @@ def meterflow_env(bootstrap: str, make_topics, tmp_path: Path) -> dict[str, str]
         "METERFLOW_DATA_DIR": str(tmp_path / "data"),
         "LAKE_PATH": str(tmp_path / "data" / "lake"),
         "CHECKPOINT_PATH": str(tmp_path / "data" / "checkpoints"),
+        # Only has to be set, so nothing starts a MongoDB stand-in: none of these commands
+        # opens MongoDB, and the fake (tests/mongomock_client.py) is not installed in them.
         "MONGO_URI": "mongomock://compose",
         "METERFLOW_KAFKA_SOURCE": "python",  # natively there is no spark-sql-kafka jar
         "PYSPARK_PYTHON": sys.executable,
@@ -185,6 +187,7 @@ def test_airflow_commands(resolved, tmp_path) -> None:
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
         "AIRFLOW_ADMIN_PASSWORD": "native-test-password",
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        # Set, but never opened: the DAGs stay paused and no task runs (see meterflow_env).
         "MONGO_URI": "mongomock://airflow",
     }
     init = services["airflow-init"]

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from lake_helpers import D1, D2, fleet_meters, make_rows, run_batch, write_lake_day
+from mongomock_client import MOCK_SCHEME
 from pyspark.sql import SparkSession
 
 from meterflow import cli
@@ -45,7 +46,7 @@ def published(spark: SparkSession, env: dict[str, str]):
         run_batch(spark, settings, day)
         publish_day(settings.views_path, day, db)
     yield settings, db, meters, rows
-    if not settings.mongo_uri.startswith(mongo.MOCK_SCHEME):
+    if not settings.mongo_uri.startswith(MOCK_SCHEME):
         db.client.drop_database(settings.mongo_db)
 
 
@@ -244,5 +245,5 @@ def test_backfilling_seven_days_equals_running_them_one_by_one(
     expected = documents(one_by_one)
     assert sum(len(d[mongo.DAILY_METER_AVERAGES]) for d in expected) == 7 * len(meters)
     assert documents(backfill) == expected
-    if not backfill.mongo_uri.startswith(mongo.MOCK_SCHEME):
+    if not backfill.mongo_uri.startswith(MOCK_SCHEME):
         mongo.database(backfill).client.drop_database(backfill.mongo_db)

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from confluent_kafka import TopicPartition
+from mongomock_client import child_env
 from pymongo.errors import AutoReconnect
 from sink_helpers import (
     GOOD_EVENT,
@@ -217,9 +218,13 @@ def test_sink_killed_mid_batch_restarts_without_loss_or_double_count(
 
 
 #: A sink process, killed by the test: prints its instance id, then "consumed" once it has
-#: written and committed its first message, and stays in the group until SIGKILL.
+#: written and committed its first message, and stays in the group until SIGKILL. Nothing
+#: reads its MongoDB back, so it writes to a mongomock of its own (tests/ on its PYTHONPATH).
 KILLED_SINK = """
+import mongomock_client
 from meterflow.clients import mongo
+
+mongomock_client.install()
 from meterflow.core.config import Settings
 from meterflow.serving.sink import Sink
 
@@ -273,7 +278,7 @@ def test_sink_restarted_after_kill_9_takes_its_place_back_promptly(
     with log.open("wb") as stderr:
         process = subprocess.Popen(
             [sys.executable, "-c", KILLED_SINK],
-            env={**os.environ, **settings_env(settings)},
+            env=child_env({**os.environ, **settings_env(settings)}),
             stdout=subprocess.PIPE,
             stderr=stderr,
             bufsize=0,  # unbuffered: select() then readline() never over-reads

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dashboards_helpers import run_card
 
 from meterflow.clients.mongo import client as mongo_client
 from meterflow.core.config import ConfigError
@@ -398,7 +399,7 @@ def now() -> datetime:
 
 def run(db: Any, card: dashboards.Card, now: datetime) -> list[dict[str, Any]]:
     bound = None if os.environ.get("MONGO_URI") else now
-    return dashboards.run_card(db, card, bound)
+    return run_card(db, card, bound)
 
 
 def ms(value: datetime) -> datetime:
