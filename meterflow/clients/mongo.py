@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from meterflow.core.config import ConfigError, Settings
+from meterflow.core.errors import MeterflowError
 from meterflow.core.logs import get_logger
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ ClientFactory = Callable[[str], "MongoClient[dict[str, Any]]"]
 _schemes: dict[str, ClientFactory] = {}
 
 
-class MongoUnavailableError(RuntimeError):
+class MongoUnavailableError(MeterflowError):
     """MongoDB cannot be reached (or its URI is unusable)."""
 
 

@@ -2,7 +2,8 @@
 
 The others of the hierarchy live next to what raises them: ``ConfigError`` (config),
 ``KafkaUnavailableError`` (clients.kafka), ``BrokerError`` (local.broker),
-``ViewMissingError`` (serving.loader), ``CheckFailed`` (serving.checks, exit code 1).
+``MongoUnavailableError`` (clients.mongo), ``ViewMissingError`` (serving.loader),
+``MetabaseError`` (dashboards.metabase), ``CheckFailed`` (serving.checks, exit code 1).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meterflow.core.config import ConfigError, env_value, refuse_placeholders
+from meterflow.core.errors import MeterflowError
 from meterflow.core.logs import get_logger
 from meterflow.dashboards.cards import CARDS, DASHBOARD_DESCRIPTION, DASHBOARD_NAME, Card
 
@@ -30,7 +31,7 @@ SESSION_HEADER = "X-Metabase-Session"
 MONGO_ENGINE = "mongo"
 
 
-class MetabaseError(RuntimeError):
+class MetabaseError(MeterflowError):
     """Metabase is unreachable, refused a request or answered something unexpected."""
 
 
