@@ -10,10 +10,12 @@ from types import FrameType
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: What :func:`signal.signal` calls: the signal's number and the interrupted frame.
+SignalHandler = Callable[[int, FrameType | None], Any]
 
 
 @contextmanager
-def signals_handled(handler: Callable[[int, FrameType | None], Any]) -> Iterator[None]:
+def signals_handled(handler: SignalHandler) -> Iterator[None]:
     """``handler`` for SIGINT and SIGTERM while the block runs, the previous handlers after.
 
     Only the main thread can install handlers; elsewhere the block runs without them.

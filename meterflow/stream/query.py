@@ -28,10 +28,10 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
 
 import pyarrow.fs as pafs
 from pyspark.errors import StreamingQueryException
@@ -44,7 +44,7 @@ from meterflow.core.config import ConfigError, Settings
 from meterflow.core.errors import DataLossError, MeterflowError, StreamUnavailableError
 from meterflow.core.ledger import BATCH, GENERATION, LOSS, STAGING_DIR, Ledger, Range
 from meterflow.core.logs import get_logger
-from meterflow.core.signals import signals_handled
+from meterflow.core.signals import SignalHandler, signals_handled
 from meterflow.stream.tasks import (
     SUMMARY_SCHEMA,
     EventTopics,
@@ -526,8 +526,8 @@ def run(
     accept_data_loss: bool = False,
     stop: threading.Event | None = None,
     publish: bool = True,
-    on_committer: Any = None,
-    on_signal: Any = None,
+    on_committer: Callable[[LakeCommitter], None] | None = None,
+    on_signal: SignalHandler | None = None,
 ) -> dict[str, int]:
     """Run the speed layer until ``stop`` (or, with ``available_now``, until caught up).
 
@@ -554,7 +554,7 @@ def _run(
     accept_data_loss: bool,
     stop: threading.Event,
     publish: bool,
-    on_committer: Any,
+    on_committer: Callable[[LakeCommitter], None] | None,
 ) -> dict[str, int]:
     from meterflow.spark.session import kafka_format
 
