@@ -1,6 +1,7 @@
 """Smart-meter traffic for meterflow: a simulated fleet, injected faults, replayed recordings.
 
 ``fleet`` (meters and their registry), ``load`` (consumption shapes), ``faults`` (what to
-corrupt and how), ``generator`` (:func:`~simulator.generator.simulate`), ``replay`` (UCI and
-AMPds2 files), ``sink`` (where messages go) and ``cli`` (``meterflow simulate``/``replay``).
+corrupt and how), ``episodes`` (stateful faults and their ground truth), ``generator``
+(:func:`~simulator.generator.simulate`), ``replay`` (UCI and AMPds2 files), ``sink`` (where
+messages go) and ``cli`` (``meterflow simulate``/``replay``).
 """

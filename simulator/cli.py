@@ -31,6 +31,7 @@ from typing import TextIO
 from meterflow.core.config import Settings
 from meterflow.core.contract import (
     SECONDS_PER_DAY,
+    STATEFUL_FAULTS,
     STATELESS_FAULTS,
     FaultCode,
     MeterType,
@@ -39,9 +40,12 @@ from meterflow.core.contract import (
 from meterflow.core.logs import get_logger
 from meterflow.core.messages import DeadLetterReason
 from meterflow.core.signals import signals_handled
+from simulator.episodes import default_ground_truth_path, write_ground_truth
 from simulator.faults import (
+    DEFAULT_EPISODE_RATE,
     DEFAULT_FAULT_RATE,
     DEFAULT_MALFORMED_RATE,
+    EpisodeRates,
     FaultRates,
     parse_rate_table,
 )
@@ -76,12 +80,35 @@ def parse_fault_rates(text: str) -> dict[FaultCode, float]:
     try:
         return parse_rate_table(text)
     except ValueError as exc:
+        if any(str(code) in text.upper() for code in STATEFUL_FAULTS):
+            exc = ValueError(f"{exc} (stateful kinds: --episode-rate KIND=RATE per meter-day)")
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_fault_rate(text: str) -> tuple[FaultCode, float]:
     """One ``--fault-rate KIND=RATE``."""
     table = parse_fault_rates(text)
+    if len(table) != 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one KIND=RATE")
+    return next(iter(table.items()))
+
+
+def parse_episode_rates(text: str) -> dict[FaultCode, float]:
+    """``--episode-rates``: ``default``, ``none`` or ``KIND=RATE,...`` per meter-day."""
+    choice = text.strip().lower()
+    if choice == "default":
+        return dict(EpisodeRates.default().rates)
+    if choice == "none":
+        return {}
+    try:
+        return parse_rate_table(text, STATEFUL_FAULTS)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_episode_rate(text: str) -> tuple[FaultCode, float]:
+    """One ``--episode-rate KIND=RATE``."""
+    table = parse_episode_rates(text)
     if len(table) != 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not one KIND=RATE")
     return next(iter(table.items()))
@@ -163,6 +190,34 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"share of malformed messages (default {DEFAULT_MALFORMED_RATE:g})",
     )
     parser.add_argument(
+        "--episode-rates",
+        type=parse_episode_rates,
+        default={},
+        metavar="default|none|KIND=RATE,...",
+        help="stateful fault episodes started per meter and day (LEAK: per water meter-day), "
+        f"KIND: {', '.join(STATEFUL_FAULTS)} (default none; 'default': "
+        f"{DEFAULT_EPISODE_RATE:g} each). STUCK: 12-48 readings repeat one value; SPIKE: one "
+        "reading 30x the meter's typical level; LEAK: 30-54 h of added flow; NO_DATA: 8-96 "
+        "intervals with no message. Episodes never overlap each other or a stateless fault",
+    )
+    parser.add_argument(
+        "--episode-rate",
+        type=parse_episode_rate,
+        action="append",
+        default=[],
+        metavar="KIND=RATE",
+        help="set one episode kind's rate on top of --episode-rates (repeatable)",
+    )
+    parser.add_argument(
+        "--ground-truth",
+        default=None,
+        metavar="PATH",
+        help="write every injected episode (device_id, meter_type, fault_code, start, end: "
+        "event times of the first and last affected or missing reading, readings, value, "
+        "complete) to PATH when the run ends: JSON lines if PATH ends .jsonl, else Parquet "
+        "(default with episodes: LAKE_PATH/registry/ground_truth.parquet)",
+    )
+    parser.add_argument(
         "--registry",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -188,6 +243,7 @@ def config_from_args(args: argparse.Namespace, rules: Rules) -> SimulationConfig
         duration_s=args.duration,
         mix=args.mix,
         rules=rules,
+        episodes=EpisodeRates({**args.episode_rates, **dict(args.episode_rate)}),
     )
 
 
@@ -245,17 +301,21 @@ def _kinds(counts: Mapping[FaultCode, int] | Mapping[DeadLetterReason, int]) -> 
 
 def summary_text(summary: Summary, undelivered: int) -> str:
     """The final report: every count the pipeline's own totals can be checked against."""
-    return "\n".join(
-        [
-            f"sent {summary.sent:,} messages in {summary.elapsed_s:.1f} s "
-            f"({summary.rate:,.0f}/s), event time {summary.first_event} .. {summary.last_event}",
-            f"  valid      {summary.valid:,}",
-            f"  faults     {summary.abnormal:,} ({_kinds(summary.faults)})",
-            f"  malformed  {summary.deadletter:,} ({_kinds(summary.malformed)})",
-            f"  sent = valid + faults + malformed: {'yes' if summary.consistent() else 'NO'}",
-            f"  undelivered {undelivered:,}",
-        ]
-    )
+    lines = [
+        f"sent {summary.sent:,} messages in {summary.elapsed_s:.1f} s "
+        f"({summary.rate:,.0f}/s), event time {summary.first_event} .. {summary.last_event}",
+        f"  valid      {summary.valid:,}",
+        f"  faults     {summary.abnormal:,} ({_kinds(summary.faults)})",
+        f"  malformed  {summary.deadletter:,} ({_kinds(summary.malformed)})",
+        f"  sent = valid + faults + malformed: {'yes' if summary.consistent() else 'NO'}",
+    ]
+    if summary.episodes:
+        lines.append(
+            f"  episodes   {len(summary.episodes):,} ({_kinds(summary.episode_counts)}), "
+            f"{summary.missing:,} readings withheld (NO_DATA, not sent)"
+        )
+    lines.append(f"  undelivered {undelivered:,}")
+    return "\n".join(lines)
 
 
 def _progress_text(summary: Summary) -> str:
@@ -322,6 +382,14 @@ def run_simulate(args: argparse.Namespace, settings: Settings, sink: Sink) -> in
         ),
     )
     print(summary_text(summary, undelivered))
+    if config.episodes.active or args.ground_truth:
+        path = args.ground_truth or default_ground_truth_path(settings.registry_path)
+        try:
+            where = write_ground_truth(summary.episodes, path)
+        except OSError as exc:
+            failure = failure or (f"cannot write the ground truth: {exc}", EXIT_FAILED)
+        else:
+            print(f"ground truth: {len(summary.episodes):,} episodes in {where}", file=sys.stderr)
     if failure is not None:
         return _fail("simulate", *failure)
     if undelivered:

@@ -17,7 +17,10 @@ integer values and no ``meter_type``, byte for byte as ``json.dumps`` wrote them
 
 Faults are injected at the configured rates (:mod:`simulator.faults`) and every emitted
 message is counted in the :class:`Summary` under the outcome the contract will give it.
-The same seed and configuration (and ``end`` date) give byte-identical streams.
+Stateful episodes (stuck, spike, leak, silent; :mod:`simulator.episodes`) are injected at
+their rates per meter-day and recorded in ``Summary.episodes`` as ground truth.
+The same seed and configuration (and ``end`` date) give byte-identical streams; with no
+episodes asked for, the stream is the one this module gave before episodes existed.
 """
 
 from __future__ import annotations
@@ -39,20 +42,25 @@ from meterflow.core.contract import (
     SECONDS_PER_DAY,
     STATELESS_FAULTS,
     TYPE_ORDER,
+    DetectionRules,
     FaultCode,
     MeterType,
     Rules,
     Status,
 )
 from meterflow.core.messages import DeadLetterReason
+from simulator.episodes import BlockEpisodes, Episode, EpisodeInjector
 from simulator.faults import (
     MALFORMED,
+    EpisodeRates,
+    EpisodeShapes,
     FaultDraws,
     FaultRates,
     check_future_shift,
     corrupt_value,
     future_timestamp,
     malformed_message,
+    plan_episodes,
 )
 from simulator.fleet import DEFAULT_MIX, Fleet, build_fleet
 from simulator.load import HEADROOM, LoadModel
@@ -91,6 +99,9 @@ class SimulationConfig:
     duration_s: float | None = None  # stop after this many seconds
     mix: Mapping[MeterType, float] = field(default_factory=lambda: dict(DEFAULT_MIX))
     rules: Rules = field(default_factory=Rules)
+    #: Stateful episodes per meter-day (none by default) and the rules they must trip.
+    episodes: EpisodeRates = field(default_factory=EpisodeRates.none)
+    detection: DetectionRules = field(default_factory=DetectionRules)
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -98,6 +109,8 @@ class SimulationConfig:
             problems.append(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
         if self.message_format not in FORMATS:
             problems.append(f"format {self.message_format!r} is not one of {', '.join(FORMATS)}")
+        if self.message_format == "legacy" and self.episodes.active:
+            problems.append("stateful episodes need the contract format's fleet")
         if self.meters < 1:
             problems.append("meters must be at least 1")
         if self.interval_s < 1 or not float(self.interval_s).is_integer():
@@ -121,6 +134,11 @@ class Summary:
     ``sent == valid + sum(faults.values()) + sum(malformed.values())`` always holds
     (:meth:`consistent`), also for a run cut short. ``first_event``/``last_event`` are the
     stamps of the first and last time step (injected future timestamps aside).
+
+    Stateful episodes do not change that sum: stuck, spike and leak readings are valid
+    readings to the stateless rules (counted in ``valid``), and a silent meter's readings
+    are not sent at all (counted in ``missing``, not in ``sent``). ``episodes`` is the
+    ground truth: every injected episode, as far as the run got, in the order they began.
     """
 
     sent: int = 0
@@ -130,6 +148,8 @@ class Summary:
     first_event: str | None = None
     last_event: str | None = None
     elapsed_s: float = 0.0
+    missing: int = 0
+    episodes: list[Episode] = field(default_factory=list)
 
     @property
     def abnormal(self) -> int:
@@ -143,6 +163,11 @@ class Summary:
     def rate(self) -> float:
         """Messages per second over the run so far."""
         return self.sent / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def episode_counts(self) -> Counter[FaultCode]:
+        """Injected episodes by the stateful code that should flag them."""
+        return Counter(episode.code for episode in self.episodes)
 
     def consistent(self) -> bool:
         return self.sent == self.valid + self.abnormal + self.deadletter
@@ -164,6 +189,8 @@ class Summary:
             "first_event": self.first_event,
             "last_event": self.last_event,
             "elapsed_s": round(self.elapsed_s, 3),
+            "missing": self.missing,
+            "episodes": {str(k): v for k, v in sorted(self.episode_counts.items())},
         }
 
 
@@ -262,8 +289,13 @@ class _LegacyValues:
         )
 
     def sample(
-        self, starts_s: np.ndarray, _interval_s: float, rng: np.random.Generator
+        self,
+        starts_s: np.ndarray,
+        _interval_s: float,
+        rng: np.random.Generator,
+        _idle_rng: np.random.Generator | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
+        """The prototype's values; its water is never idle (0 is just another integer)."""
         shape = (len(starts_s), len(self.highest))
         usage = rng.integers(0, self.highest + 1, shape)
         flow = rng.integers(0, self.flow_highest + 1, shape)
@@ -272,12 +304,32 @@ class _LegacyValues:
 
 @dataclass
 class _Step:
-    """One time step's messages and which of them were corrupted, by position."""
+    """One time step's messages and which of them were corrupted, by position.
+
+    ``silent`` are positions whose meter sends nothing (a NO_DATA episode); ``cells`` the
+    positions in an episode, with it, so the ground truth records what really went out.
+    """
 
     stamp: str
     keys: list[bytes]
     messages: list[bytes]
     injected: list[tuple[int, Injected]]
+    silent: frozenset[int] = frozenset()
+    cells: list[tuple[int, Episode]] = field(default_factory=list)
+
+    def slots_for(self, wanted: int) -> int:
+        """How many positions hold the first ``wanted`` messages to send."""
+        if not self.silent or wanted <= 0:
+            return wanted
+        if wanted >= len(self.keys) - len(self.silent):
+            return len(self.keys)
+        sent = 0
+        for i in range(len(self.keys)):
+            if i not in self.silent:
+                sent += 1
+                if sent == wanted:
+                    return i + 1
+        return len(self.keys)
 
 
 def _build_step(
@@ -315,13 +367,16 @@ def _faulty(fmt: _Format, i: int, code: FaultCode, stamp: str, value: Any, flow:
 
 def _emit(step: _Step, first: int, stop: int, emit: Emit, summary: Summary) -> None:
     """Emit messages ``first:stop`` of a step and count exactly those that went out."""
-    emitted = 0
+    done = first  # positions before this one are sent (or silent)
+    silent = sorted(i for i in step.silent if first <= i < stop) if step.silent else []
     try:
-        for key, message in zip(step.keys[first:stop], step.messages[first:stop], strict=True):
-            emit(key, message)
-            emitted += 1
+        for cut in (*silent, stop):  # the runs between silent positions
+            for key, message in zip(step.keys[done:cut], step.messages[done:cut], strict=True):
+                emit(key, message)
+                done += 1
+            done = min(cut + 1, stop)
     finally:
-        _count(summary, step, first, first + emitted)
+        _count(summary, step, first, done)
 
 
 def _count(summary: Summary, step: _Step, first: int, stop: int) -> None:
@@ -333,9 +388,17 @@ def _count(summary: Summary, step: _Step, first: int, stop: int) -> None:
                 summary.faults[kind] += 1
             else:
                 summary.malformed[kind] += 1
-    summary.sent += stop - first
-    summary.valid += stop - first - injected
-    if stop > first:
+    missing = sum(first <= i < stop for i in step.silent) if step.silent else 0
+    for i, episode in step.cells:
+        if first <= i < stop:
+            if not episode.readings:
+                summary.episodes.append(episode)
+            episode.record(step.stamp)
+    sent = stop - first - missing
+    summary.sent += sent
+    summary.valid += sent - injected
+    summary.missing += missing
+    if sent > 0:
         summary.first_event = summary.first_event or step.stamp
         summary.last_event = step.stamp
 
@@ -421,16 +484,40 @@ class _StepMaker:
     """Readings for a block of time steps: values and fault draws in one numpy call each."""
 
     def __init__(
-        self, simulation: Simulation, values_rng: np.random.Generator, draws: FaultDraws
+        self,
+        simulation: Simulation,
+        values_rng: np.random.Generator,
+        draws: FaultDraws,
+        idle_rng: np.random.Generator,
+        episodes: EpisodeInjector | None,
     ) -> None:
         self.simulation, self.values_rng, self.draws = simulation, values_rng, draws
+        self.idle_rng, self.episodes = idle_rng, episodes
 
-    def __call__(self, starts: np.ndarray, stamps: list[str]) -> list[_Step]:
-        config, fmt = self.simulation.config, self.simulation.fmt
-        usage, flow = self.simulation.model.sample(starts, config.interval_s, self.values_rng)
+    def __call__(
+        self, starts: np.ndarray, stamps: list[str], stamps_s: np.ndarray | None = None
+    ) -> list[_Step]:
+        """Steps for intervals ``starts``; ``stamps_s`` are their event times (default the
+        starts, as in a backfill)."""
+        config, fmt, model = self.simulation.config, self.simulation.fmt, self.simulation.model
+        usage, flow = model.sample(starts, config.interval_s, self.values_rng, self.idle_rng)
         codes = self.draws.draw(usage.shape)
-        rows = zip(stamps, usage.tolist(), flow.tolist(), codes, strict=True)
-        return [_build_step(fmt, *row, self.draws, config.rules) for row in rows]
+        if self.episodes is None:
+            rows = zip(stamps, usage.tolist(), flow.tolist(), codes, strict=True)
+            return [_build_step(fmt, *row, self.draws, config.rules) for row in rows]
+        block = self.episodes.inject(
+            starts, starts if stamps_s is None else stamps_s, usage, flow, codes
+        )
+        return [
+            _with_episodes(_build_step(fmt, *row, self.draws, config.rules), block, k)
+            for k, row in enumerate(zip(stamps, usage.tolist(), flow.tolist(), codes, strict=True))
+        ]
+
+
+def _with_episodes(step: _Step, block: BlockEpisodes, k: int) -> _Step:
+    step.silent = block.silent[k]
+    step.cells = block.cells[k]
+    return step
 
 
 class Simulation:
@@ -457,6 +544,12 @@ class Simulation:
         self.starts = backfill_starts(config) if config.mode == "backfill" else None
         if self.starts is not None and config.faults.rates.get(FaultCode.FUTURE_TIMESTAMP, 0):
             check_future_shift(format_stamp(self.starts[0]))
+        self.fleet = fleet
+        self.shapes: EpisodeShapes | None = None
+        if config.episodes.active:
+            self.shapes = plan_episodes(
+                config.episodes, config.detection, config.rules, config.interval_s
+            )
 
     def run(
         self,
@@ -467,11 +560,31 @@ class Simulation:
     ) -> Summary:
         """See :func:`simulate`."""
         summary = summary if summary is not None else Summary()
-        values_seed, faults_seed = np.random.SeedSequence(self.config.seed).spawn(2)
+        # Children 0 and 1 are what they were before idle water and episodes: adding
+        # children leaves them, so electricity and gas keep their values bit for bit.
+        values_seed, faults_seed, idle_seed, candidates_seed, params_seed = np.random.SeedSequence(
+            self.config.seed
+        ).spawn(5)
+        episodes = None
+        if self.shapes is not None:
+            assert self.fleet is not None and isinstance(self.model, LoadModel)
+            episodes = EpisodeInjector(
+                self.shapes,
+                self.config.detection,
+                self.model,
+                self.fleet.device_ids,
+                [m.meter_type for m in self.fleet.meters],
+                self.config.interval_s,
+                None if self.starts is None else len(self.starts),
+                np.random.default_rng(candidates_seed),
+                np.random.default_rng(params_seed),
+            )
         make_steps = _StepMaker(
             self,
             np.random.default_rng(values_seed),
             FaultDraws(self.config.faults, np.random.default_rng(faults_seed)),
+            np.random.default_rng(idle_seed),
+            episodes,
         )
         run = _Run(self.config, emit, should_stop, progress, summary)
         try:
@@ -521,7 +634,9 @@ def _live(run: _Run, make_steps: _StepMaker, meters: int) -> None:
     next_tick = time.monotonic()
     while not run.finished():
         now_s = int(time.time())
-        (step,) = make_steps(np.array([now_s - interval]), [format_stamp(now_s)])
+        (step,) = make_steps(
+            np.array([now_s - interval]), [format_stamp(now_s)], np.array([float(now_s)])
+        )
         _send(run, step, meters)
         run.tick()
         if run.finished():
@@ -532,7 +647,8 @@ def _live(run: _Run, make_steps: _StepMaker, meters: int) -> None:
 
 def _send(run: _Run, step: _Step, meters: int) -> None:
     """Emit a step, in slices spaced to the rate cap when there is one."""
-    wanted, rate = run.room(meters), run.config.rate
+    wanted = step.slots_for(run.room(meters - len(step.silent)))
+    rate = run.config.rate
     if rate is None:
         _emit(step, 0, wanted, run.emit, run.summary)
         return

@@ -8,6 +8,12 @@ for intervals that straddle hours or days. Gas follows a heating season, electri
 water move a little with the year. A meter's reading is that expectation times its
 household's scale and a lognormal noise with mean 1.
 
+Water is used in bursts (a tap, a flush, a shower), so many water intervals see none at
+all: draws start at random with a rate that depends on the hour of day (rare at night),
+an interval is idle with the probability that none starts in it, and a used interval
+carries the expectation divided by the chance of use. The expectation per interval is
+unchanged; a household's minimum night flow is 0, as it is for a home without a leak.
+
 Times are UTC and the simulated city lives on UTC. Everything is vectorised: one call
 computes a block of time steps for the whole fleet.
 """
@@ -57,7 +63,15 @@ WEEKEND_SHAPE: dict[MeterType, tuple[float, ...]] = {
     MeterType.GAS: (0.35, 0.30, 0.25, 0.25, 0.30, 0.40, 0.90, 1.50, 1.90, 1.70, 1.30, 1.00,
                     1.00, 0.90, 0.90, 1.00, 1.20, 1.70, 1.90, 1.80, 1.60, 1.30, 0.90, 0.50),
 }
+#: Chance that a 15-minute water interval starting in each hour (00h to 23h, UTC) has no
+#: use at all: 0.85-0.93 between 01:00 and 05:00, 0.2-0.4 by day. Other interval lengths
+#: follow from the implied rate of draws (constant within an hour): a day is never idle,
+#: a minute mostly is.
+WATER_IDLE_15MIN: tuple[float, ...] = (0.70, 0.85, 0.92, 0.93, 0.90, 0.65, 0.35, 0.20,
+                                       0.20, 0.30, 0.35, 0.35, 0.30, 0.35, 0.40, 0.35,
+                                       0.30, 0.25, 0.20, 0.20, 0.25, 0.30, 0.35, 0.50)
 # fmt: on
+IDLE_REFERENCE_S = 900.0
 
 MINUTES_PER_WEEK = 7 * 24 * 60
 #: 1970-01-01 was a Thursday: the epoch is this many minutes after a Monday 00:00.
@@ -119,6 +133,35 @@ def expected_consumption(starts_s: np.ndarray, interval_s: float) -> np.ndarray:
     return consumption
 
 
+def _idle_draws_per_day() -> np.ndarray:
+    """Cumulative expected water draws from 00:00 to each whole hour (25 knots)."""
+    per_hour = -np.log(np.array(WATER_IDLE_15MIN)) * (3600.0 / IDLE_REFERENCE_S)
+    return np.concatenate(([0.0], np.cumsum(per_hour)))
+
+
+_DRAWS_CUMULATIVE = _idle_draws_per_day()
+_DRAWS_PER_DAY = float(_DRAWS_CUMULATIVE[-1])
+_HOUR_KNOTS = np.arange(25, dtype=np.float64)
+
+
+def _draws_since_epoch(epoch_s: np.ndarray) -> np.ndarray:
+    days, hour = np.divmod(epoch_s / 3600.0, 24.0)
+    draws: np.ndarray = days * _DRAWS_PER_DAY + np.interp(hour, _HOUR_KNOTS, _DRAWS_CUMULATIVE)
+    return draws
+
+
+def idle_probability(starts_s: np.ndarray, interval_s: float) -> np.ndarray:
+    """Chance that a water meter uses nothing in ``[start, start + interval)``, per start.
+
+    Draws start as a Poisson process whose rate is constant within an hour, so the chance
+    is ``exp(-expected draws)``: :data:`WATER_IDLE_15MIN` for a quarter within one hour.
+    """
+    starts = np.asarray(starts_s, dtype=np.float64).reshape(-1)
+    expected_draws = _draws_since_epoch(starts + interval_s) - _draws_since_epoch(starts)
+    idle: np.ndarray = np.exp(-expected_draws)
+    return idle
+
+
 def _cap(bound: float) -> float:
     """The largest normal reading for a bound: ``HEADROOM`` of it, down to the decimals."""
     cap = math.floor(bound * HEADROOM / SMALLEST) * SMALLEST
@@ -131,8 +174,8 @@ class LoadModel:
     """Readings of a fleet: expectation x household scale x noise, kept inside the bounds.
 
     Values are rounded to :data:`DECIMALS` and clipped to ``[SMALLEST, HEADROOM x bound]``,
-    so a normal reading is never 0, -1, negative or out of range: the contract classifies
-    it valid whatever the noise draws.
+    so a normal reading is never -1, negative or out of range: the contract classifies it
+    valid whatever the noise draws. Only water is ever 0 (an idle interval, flow 0 too).
     """
 
     def __init__(self, type_index: np.ndarray, scale: np.ndarray, rules: Rules) -> None:
@@ -141,17 +184,57 @@ class LoadModel:
         caps = [_cap(rules.bounds[METER_SPECS[t].metric]) for t in TYPE_ORDER]
         self.caps = np.array(caps)[self.type_index]
         self.flow_cap = _cap(rules.bounds["flow_rate"])
+        water = np.flatnonzero(self.type_index == TYPE_ORDER.index(MeterType.WATER))
+        #: The water columns: a slice (a view, no copy) when contiguous, as in a Fleet.
+        self.water: slice | np.ndarray = (
+            slice(int(water[0]), int(water[-1]) + 1)
+            if len(water) and water[-1] - water[0] + 1 == len(water)
+            else water
+        )
+        self.water_count = len(water)
 
     def sample(
-        self, starts_s: np.ndarray, interval_s: float, rng: np.random.Generator
+        self,
+        starts_s: np.ndarray,
+        interval_s: float,
+        rng: np.random.Generator,
+        idle_rng: np.random.Generator | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Consumption ``[steps, meters]`` in each interval, and the average water flow.
 
         The flow (L/min) is the interval's usage over its minutes, so the two agree; it is
-        computed for every meter and only water messages carry it.
+        computed for every meter and only water messages carry it. Which water intervals
+        are idle is drawn from ``idle_rng`` (default ``rng``, after the noise): a separate
+        generator leaves the other types' values exactly what they were without idling.
         """
         expected = expected_consumption(starts_s, interval_s)[:, self.type_index]
         noise = rng.lognormal(-(NOISE_SIGMA**2) / 2, NOISE_SIGMA, expected.shape)
-        usage = np.clip(np.round(expected * self.scale * noise, DECIMALS), SMALLEST, self.caps)
+        raw = expected * self.scale * noise
+        idle = None
+        if self.water_count:
+            chance = idle_probability(starts_s, interval_s)[:, None]
+            draws = (rng if idle_rng is None else idle_rng).random((len(raw), self.water_count))
+            idle = draws < chance
+            raw[:, self.water] /= 1.0 - chance  # used intervals carry the idle ones' share
+        usage = np.clip(np.round(raw, DECIMALS), SMALLEST, self.caps)
         flow = np.clip(np.round(usage / (interval_s / 60.0), DECIMALS), SMALLEST, self.flow_cap)
+        if idle is not None:
+            usage[:, self.water] = np.where(idle, 0.0, usage[:, self.water])
+            flow[:, self.water] = np.where(idle, 0.0, flow[:, self.water])
         return usage, flow
+
+    def typical(self, starts_s: np.ndarray, interval_s: float, meters: np.ndarray) -> np.ndarray:
+        """What meter ``meters[k]`` reads in ``[starts_s[k], +interval)`` when it reads at all.
+
+        The expectation times the household's scale, divided for water by the chance the
+        interval is used: the level a used interval is noise around.
+        """
+        starts = np.asarray(starts_s, dtype=np.float64).reshape(-1)
+        columns = np.asarray(meters, dtype=np.intp).reshape(-1)
+        types = self.type_index[columns]
+        level = expected_consumption(starts, interval_s)[np.arange(len(starts)), types]
+        wet = np.where(
+            types == TYPE_ORDER.index(MeterType.WATER), idle_probability(starts, interval_s), 0.0
+        )
+        typical: np.ndarray = level * self.scale[columns] / (1.0 - wet)
+        return typical

@@ -243,3 +243,30 @@ def test_every_metric_maps_to_one_type() -> None:
         for name in (spec.metric, *spec.extra_metrics):
             assert contract.METRIC_TO_TYPE[name] is spec.meter_type
             assert name in Rules().bounds
+
+
+def test_stateful_codes_are_never_given_by_the_stateless_rules() -> None:
+    stateful, stateless = set(contract.STATEFUL_FAULTS), set(contract.STATELESS_FAULTS)
+    assert stateful.isdisjoint(stateless) and stateful | stateless == set(FaultCode)
+    assert FaultCode.NO_DATA in stateful
+    # What the stateful rules look for is a valid reading on its own: a repeated value, a
+    # spike below the bound, a zero.
+    rules = contract.DetectionRules()
+    for value in (0, 3.5, rules.spike_min[MeterType.ELECTRICITY] * 20):
+        assert evaluate(msg(usage_kwh=value), NOW).fault_code is None
+
+
+def test_detection_rules_defaults_and_checks() -> None:
+    rules = contract.DetectionRules()
+    assert (rules.stuck_readings, rules.spike_factor, rules.nodata_intervals) == (8, 10.0, 4)
+    assert rules.stuck_duration_s(900) == 7200 and rules.nodata_after_s(900) == 3600
+    assert rules.in_leak_night(2.0) and rules.in_leak_night(3.99) and not rules.in_leak_night(4)
+    assert set(rules.spike_min) == set(rules.stuck_min) == set(MeterType)
+    for meter_type, level in rules.spike_min.items():  # a spike can be valid to the contract
+        assert level < Rules().bounds[contract.METER_SPECS[meter_type].metric]
+    with pytest.raises(ValueError, match="stuck_readings"):
+        contract.DetectionRules(stuck_readings=1)
+    with pytest.raises(ValueError, match="night window"):
+        contract.DetectionRules(leak_night_start_hour=4, leak_night_end_hour=2)
+    with pytest.raises(ValueError, match="above 0"):
+        contract.DetectionRules(leak_min_night_flow=0)

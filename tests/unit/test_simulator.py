@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import signal
 import threading
 import time
 from collections import Counter, defaultdict
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from meterflow.core.contract import (
     Reading,
     Rules,
     Status,
+    classify,
     evaluate,
     status_of,
 )
@@ -42,8 +45,8 @@ from simulator.cli import (
 )
 from simulator.faults import FaultRates
 from simulator.fleet import build_fleet, read_registry, write_registry
-from simulator.generator import SimulationConfig, Summary, simulate
-from simulator.load import LoadModel, expected_consumption
+from simulator.generator import SimulationConfig, Summary, backfill_starts, simulate
+from simulator.load import WATER_IDLE_15MIN, LoadModel, expected_consumption, idle_probability
 
 END = date(2024, 6, 3)  # a Monday: the two days before are a weekend
 ALL_FAULTS = FaultRates(dict.fromkeys(STATELESS_FAULTS, 0.01), malformed=0.02)
@@ -112,7 +115,8 @@ def test_messages_are_keyed_contract_readings() -> None:
         assert STAMP.fullmatch(fields["timestamp"])
         expected_keys = ["device_id", "timestamp", "meter_type", spec.metric, *spec.extra_metrics]
         assert list(fields) == expected_keys
-        assert fields[spec.metric] == round(fields[spec.metric], 3) > 0
+        assert fields[spec.metric] == round(fields[spec.metric], 3) >= 0
+        assert fields[spec.metric] > 0 or meter_type is MeterType.WATER  # idle water reads 0
         assert value == json.dumps(fields).encode()  # the f-string layout is json.dumps's
 
 
@@ -126,6 +130,61 @@ def test_backfill_covers_whole_days_in_event_time_order() -> None:
     assert per_day == {"2024-06-01": 5 * 96, "2024-06-02": 5 * 96}
     assert (summary.first_event, summary.last_event) == (stamps[0], stamps[-1])
     assert stamps[-1] == "2024-06-02T23:45:00Z"
+
+
+def digest(messages: list[tuple[bytes, bytes]]) -> str:
+    hashed = hashlib.sha256()
+    for key, value in messages:
+        hashed.update(key + b"\0" + value + b"\n")
+    return hashed.hexdigest()
+
+
+def outline(messages: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Per message its key, stamp and outcome: where faults are, not the values."""
+    result = classify([v for _, v in messages], [2_000_000_000_000_000] * len(messages))
+    rows = []
+    for i, (key, value) in enumerate(messages):
+        letter = result.dead_letters.get(i)
+        tag = str(letter) if letter is not None else str(result.fault_code(i))
+        try:
+            fields = json.loads(value)
+        except ValueError:
+            fields = None
+        stamp = fields.get("timestamp") if isinstance(fields, dict) else None
+        rows.append((key, f"{stamp}|{tag}".encode()))
+    return rows
+
+
+#: Digests of streams computed with the code before issue 12 (stateful episodes, idle
+#: water). Electricity and gas, and every message's key, stamp and outcome, must not move;
+#: only water values did, on purpose (idle intervals).
+BEFORE_EPISODES = {
+    "electricity and gas": "d7a70d0a368992f1ffbe7b680a5b3f27584521c43fdbd137ce682bf98fe81567",
+    "mixed, without water": "c567113f92bd11632ad1e8667e3c21d622f597bb06eb26115c3fec168a29dc01",
+    "mixed, outline": "6d9c48ff14e69430cf48419c8be6f6c786cebc83101e052d4a1c0565b6a625de",
+    "legacy": "8b5dcbd41b6a0606529b990bd2f2ef0ecdf4b1e028b83cacd516c8c841a8d91c",
+}
+#: The mixed stream with idle water (computed when it was introduced).
+WITH_IDLE_WATER = "0ae6f9b36251668c4b800380ad480dd2a679ac5143c0ab6b1efb03f895a1a985"
+
+
+def test_without_episodes_the_stream_is_the_one_before_them() -> None:
+    config = SimulationConfig(meters=40, days=2, end=END, seed=21, faults=ALL_FAULTS)
+    no_water = {MeterType.ELECTRICITY: 0.6, MeterType.GAS: 0.4}
+    assert digest(run(replace(config, mix=no_water))[0]) == (BEFORE_EPISODES["electricity and gas"])
+    mixed, _ = run(config)
+    dry = [(key, value) for key, value in mixed if not key.startswith(b"wm")]
+    assert digest(dry) == BEFORE_EPISODES["mixed, without water"]
+    assert digest(outline(mixed)) == BEFORE_EPISODES["mixed, outline"]
+    assert digest(mixed) == WITH_IDLE_WATER
+    legacy = SimulationConfig(
+        days=1,
+        end=END,
+        seed=2,
+        message_format="legacy",
+        faults=FaultRates({FaultCode.SENTINEL: 0.1}),
+    )
+    assert digest(run(legacy)[0]) == BEFORE_EPISODES["legacy"]
 
 
 def test_a_backfill_ending_after_today_is_refused_before_sending() -> None:
@@ -185,8 +244,10 @@ def test_normal_readings_stay_valid_even_where_the_model_would_overflow() -> Non
     for interval in (60, 86_400):
         usage, flow = model.sample([at(2024, 1, 15, 18)], interval, np.random.default_rng(0))
         bounds = np.array([tight.bounds[METER_SPECS[t].metric] for t in TYPE_ORDER])
-        assert (usage > 0).all() and (usage < bounds[fleet.type_index]).all()
-        assert (flow > 0).all() and (flow < 0.5).all()
+        water = fleet.type_index == TYPE_ORDER.index(MeterType.WATER)  # idle intervals read 0
+        assert (usage[:, ~water] > 0).all() and (usage[:, water] >= 0).all()
+        assert (usage < bounds[fleet.type_index]).all()
+        assert (flow[:, ~water] > 0).all() and (flow[:, water] >= 0).all() and (flow < 0.5).all()
         assert (usage != SENTINEL_VALUE).all()
     messages, summary = run(
         SimulationConfig(
@@ -202,6 +263,38 @@ def test_normal_readings_stay_valid_even_where_the_model_would_overflow() -> Non
     assert summary.valid == len(messages) == 600
     outcomes = [evaluate(value, now_us(), tight) for _, value in messages]
     assert all(isinstance(o, Reading) and o.fault_code is None for o in outcomes)
+
+
+def test_water_idles_mostly_at_night_and_uses_as_much_as_before() -> None:
+    water_only = {MeterType.WATER: 1.0}
+    config = SimulationConfig(
+        meters=150, days=7, end=END, seed=12, faults=FaultRates.none(), mix=water_only
+    )
+    messages, _ = run(config)
+    idle: dict[int, list[bool]] = defaultdict(list)
+    per_day: Counter[str] = Counter()
+    for _, value in messages:
+        fields = json.loads(value)
+        assert (fields["usage"] == 0) is (fields["flow_rate"] == 0)
+        idle[int(fields["timestamp"][11:13])].append(fields["usage"] == 0)
+        per_day[fields["timestamp"][:10]] += fields["usage"]
+    share = {hour: sum(flags) / len(flags) for hour, flags in idle.items()}
+    assert min(share[hour] for hour in range(1, 5)) > 0.8
+    assert max(share[hour] for hour in range(7, 21)) < 0.45
+    # The expectation per interval is unchanged: each day's total is what the shapes say.
+    starts = backfill_starts(config)
+    expected = expected_consumption(starts, 900)[:, TYPE_ORDER.index(MeterType.WATER)]
+    scale = sum(m.scale for m in build_fleet(150, seed=12, mix=water_only).meters)
+    for day, first in zip(sorted(per_day), range(0, len(starts), 96), strict=True):
+        assert per_day[day] == pytest.approx(scale * expected[first : first + 96].sum(), rel=0.03)
+
+
+def test_idle_chance_follows_the_interval() -> None:
+    quarters = idle_probability([at(2024, 6, 3, hour) for hour in range(24)], 900)
+    assert quarters == pytest.approx(WATER_IDLE_15MIN)
+    assert idle_probability([at(2024, 6, 3, 3)], 3600)[0] == pytest.approx(0.93**4)
+    assert idle_probability([at(2024, 6, 3, 19)], 60)[0] > 0.85  # a minute mostly is idle
+    assert idle_probability([at(2024, 6, 3)], 86_400)[0] < 1e-12  # a day never is
 
 
 def test_water_flow_agrees_with_usage() -> None:

@@ -1,0 +1,309 @@
+"""Stateful fault detection per meter: STUCK, SPIKE, LEAK and NO_DATA, as plain Python.
+
+The Spark operator (:mod:`meterflow.stream.detector`) keeps one :class:`MeterState` per
+meter in its state store and hands each micro-batch's readings of that meter, with the
+state, to :func:`observe`; a NO_DATA timer calls :func:`expire`. Both return the new state
+and the :class:`Detection` changes to publish. Keeping the rules here, free of Spark,
+lets them be tested on a handful of readings and measured without a cluster.
+
+Each fault is an *episode* with a start (the event time of its first affected reading, or
+of the first missing one for NO_DATA). An episode opens once its rule holds and clears on
+its own condition; its id is ``device|code|start``, so a batch retried after a crash, or
+replayed after a restart from the checkpoint, publishes the same ids again.
+
+Readings that arrive out of order (event time not after the latest seen) are late: they
+take no part in STUCK runs, SPIKE baselines or LEAK windows, so they cannot raise a false
+alarm. State per meter is bounded: a few scalars, a ring of recent good values per hour
+of day and one overall ring (see :data:`HOUR_RING` and :data:`RECENT_RING`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from statistics import median
+
+import msgspec
+
+from meterflow.core.contract import DetectionRules, FaultCode, MeterType
+
+#: Good values kept per hour of day (a week of one reading an hour; more per hour for
+#: shorter intervals is not needed for a median).
+HOUR_RING = 7
+#: Good non-zero values kept overall: the baseline until the hour's ring has enough.
+RECENT_RING = 48
+#: Values an hour's ring needs before it is the baseline.
+HOUR_MIN_VALUES = 3
+#: Values the overall ring needs before SPIKE can fire at all.
+RECENT_MIN_VALUES = 12
+_HOUR_US = 3_600_000_000
+_DAY_US = 24 * _HOUR_US
+OPEN = "open"
+CLEAR = "clear"
+
+
+class MeterState(msgspec.Struct, array_like=True):
+    """What the detector remembers about one meter between micro-batches.
+
+    Encoded with msgpack as one state value (:func:`encode_state`), so a batch costs one
+    state read and one write per meter. ``*_open`` hold the open episode's start (event
+    microseconds) or 0.
+    """
+
+    last_us: int = 0  # latest event time seen
+    first_us: int = 0  # first event time seen: LEAK needs a day of history
+    run_value: float = math.nan  # the repeated value of the current run
+    run_count: int = 0
+    run_start_us: int = 0
+    stuck_open: int = 0
+    spike_open: int = 0
+    recent: list[float] = msgspec.field(default_factory=list)
+    hours: list[list[float]] = msgspec.field(default_factory=lambda: [[] for _ in range(24)])
+    last_zero_us: int = 0  # latest zero-usage interval (water)
+    night: int = -1  # day number of the night being watched (water)
+    night_min: float = math.inf  # smallest flow (units an hour) seen in that night
+    night_readings: int = 0
+    leak_open: int = 0
+    silent_open: int = 0
+    timer_us: int = 0  # the pending NO_DATA timer, 0 if none
+
+
+_state_encoder = msgspec.msgpack.Encoder()
+_state_decoder = msgspec.msgpack.Decoder(MeterState)
+
+
+def encode_state(state: MeterState) -> bytes:
+    return _state_encoder.encode(state)
+
+
+def decode_state(raw: bytes | None) -> MeterState:
+    return MeterState() if raw is None else _state_decoder.decode(raw)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """One reading as the detector sees it; ``faulty`` is any stateless fault."""
+
+    event_us: int
+    value: float | None
+    faulty: bool = False
+
+
+@dataclass(frozen=True)
+class Detection:
+    """An episode opening or clearing: what the operator publishes."""
+
+    device_id: str
+    code: FaultCode
+    action: str  # OPEN or CLEAR
+    start_us: int
+    at_us: int  # event time of the reading (or timer) that decided it
+    value: float | None
+    reason: str
+
+    @property
+    def episode_id(self) -> str:
+        return episode_id(self.device_id, self.code, self.start_us)
+
+
+def episode_id(device_id: str, code: FaultCode, start_us: int) -> str:
+    return f"{device_id}|{code}|{start_us}"
+
+
+@dataclass(frozen=True)
+class Meter:
+    """What the detector needs to know about a meter (from the registry)."""
+
+    device_id: str
+    meter_type: MeterType
+    interval_s: int
+    rules: DetectionRules
+
+
+def _baseline(state: MeterState, hour: int) -> float | None:
+    ring = state.hours[hour]
+    if len(ring) >= HOUR_MIN_VALUES:
+        return median(ring)
+    if len(state.recent) >= RECENT_MIN_VALUES:
+        return median(state.recent)
+    return None
+
+
+def _remember(state: MeterState, hour: int, value: float) -> None:
+    """Keep a good non-zero value for the baselines (bounded rings)."""
+    ring = state.hours[hour]
+    ring.append(value)
+    if len(ring) > HOUR_RING:
+        del ring[0]
+    state.recent.append(value)
+    if len(state.recent) > RECENT_RING:
+        del state.recent[0]
+
+
+def observe(meter: Meter, state: MeterState, readings: Iterable[Observed]) -> list[Detection]:
+    """Apply a batch of one meter's readings (any order) to ``state``; the changes."""
+    out: list[Detection] = []
+    interval_us = meter.interval_s * 1_000_000
+    for reading in sorted(readings, key=lambda r: r.event_us):
+        if reading.event_us <= state.last_us:
+            continue  # late or repeated: no part in any rule
+        gap_us = reading.event_us - state.last_us if state.last_us else 0
+        state.first_us = state.first_us or reading.event_us
+        if state.silent_open:
+            out.append(
+                _clear(meter, FaultCode.NO_DATA, state.silent_open, reading, "reporting again")
+            )
+            state.silent_open = 0
+        state.last_us = reading.event_us
+        value = reading.value
+        if reading.faulty or value is None or not math.isfinite(value):
+            state.run_count = 0  # a faulty reading is no evidence of a stuck register
+            continue
+        _stuck(meter, state, reading, value, gap_us, interval_us, out)
+        _spike(meter, state, reading, value, out)
+        if meter.meter_type is MeterType.WATER:
+            _leak(meter, state, reading, value, out)
+    return out
+
+
+def _stuck(
+    meter: Meter,
+    state: MeterState,
+    reading: Observed,
+    value: float,
+    gap_us: int,
+    interval_us: int,
+    out: list[Detection],
+) -> None:
+    rules = meter.rules
+    if value == state.run_value and gap_us <= 2 * interval_us:
+        state.run_count += 1
+    elif value == state.run_value and state.stuck_open:
+        pass  # the same value after a gap: still stuck, only a new value clears it
+    else:
+        if state.stuck_open:
+            out.append(_clear(meter, FaultCode.STUCK, state.stuck_open, reading, "value changed"))
+            state.stuck_open = 0
+        state.run_value, state.run_count, state.run_start_us = value, 1, reading.event_us
+    long_enough = reading.event_us - state.run_start_us >= (rules.stuck_readings - 1) * interval_us
+    if (
+        not state.stuck_open
+        and value > rules.stuck_min.get(meter.meter_type, 0.0)
+        and state.run_count >= rules.stuck_readings
+        and long_enough
+    ):
+        state.stuck_open = state.run_start_us
+        out.append(
+            Detection(
+                meter.device_id,
+                FaultCode.STUCK,
+                OPEN,
+                state.run_start_us,
+                reading.event_us,
+                value,
+                f"value {value:g} repeated {state.run_count} times "
+                f"over {(reading.event_us - state.run_start_us) / 60e6:.0f} min",
+            )
+        )
+
+
+def _spike(
+    meter: Meter, state: MeterState, reading: Observed, value: float, out: list[Detection]
+) -> None:
+    rules = meter.rules
+    hour = reading.event_us % _DAY_US // _HOUR_US
+    if state.spike_open:
+        out.append(_clear(meter, FaultCode.SPIKE, state.spike_open, reading, "back to normal"))
+        state.spike_open = 0
+    seasoned = reading.event_us - state.first_us >= rules.baseline_history_s * 1_000_000
+    baseline = _baseline(state, hour) if seasoned else None
+    floor = rules.spike_min.get(meter.meter_type, 0.0)
+    if baseline is not None and value >= floor and value > rules.spike_factor * baseline:
+        state.spike_open = reading.event_us
+        out.append(
+            Detection(
+                meter.device_id,
+                FaultCode.SPIKE,
+                OPEN,
+                reading.event_us,
+                reading.event_us,
+                value,
+                f"{value:g} is {value / baseline:.0f} times the baseline {baseline:g}",
+            )
+        )
+        return  # a spike stays out of the baseline
+    if value > 0 and state.run_count <= 1:  # a stuck register's repeats are no baseline
+        _remember(state, hour, value)
+
+
+def _leak(
+    meter: Meter, state: MeterState, reading: Observed, value: float, out: list[Detection]
+) -> None:
+    rules = meter.rules
+    now = reading.event_us
+    hour = now % _DAY_US // _HOUR_US
+    day = now // _DAY_US
+    if rules.leak_night_start_hour <= hour < rules.leak_night_end_hour:
+        if state.night != day:
+            state.night, state.night_min, state.night_readings = day, math.inf, 0
+        flow = value * 3600 / meter.interval_s  # L/h, from the interval's usage
+        state.night_min = min(state.night_min, flow)
+        state.night_readings += 1
+    # A night is judged once, by the first reading after its window, open leak or not.
+    high_night, night_min = False, state.night_min
+    if state.night == day and hour >= rules.leak_night_end_hour:
+        high_night = state.night_readings > 0 and state.night_min > rules.leak_min_night_flow
+        night_min, state.night = state.night_min, -1
+    if value == 0:
+        state.last_zero_us = now
+        if state.leak_open:
+            out.append(
+                _clear(meter, FaultCode.LEAK, state.leak_open, reading, "a zero-flow interval")
+            )
+            state.leak_open = 0
+        return
+    if state.leak_open:
+        return
+    since = max(state.last_zero_us, state.first_us)
+    continuous = now - since >= rules.leak_dry_window_s * 1_000_000
+    if continuous or high_night:
+        # The flow began after the latest idle interval (or with the meter's first reading).
+        start = state.last_zero_us + meter.interval_s * 1_000_000 if state.last_zero_us else since
+        state.leak_open = start
+        why = (
+            f"no zero-flow interval for {(now - since) / 3.6e9:.0f} h"
+            if continuous
+            else f"night minimum flow {night_min:g} L/h above {rules.leak_min_night_flow:g}"
+        )
+        out.append(Detection(meter.device_id, FaultCode.LEAK, OPEN, start, now, value, why))
+
+
+def deadline(meter: Meter, state: MeterState) -> int:
+    """When silence since the latest reading becomes NO_DATA (event microseconds)."""
+    return state.last_us + meter.rules.nodata_intervals * meter.interval_s * 1_000_000
+
+
+def expire(meter: Meter, state: MeterState, now_us: int) -> list[Detection]:
+    """A NO_DATA timer fired at ``now_us`` (watermark or clock): open if still silent."""
+    state.timer_us = 0
+    if state.silent_open or not state.last_us or now_us < deadline(meter, state):
+        return []
+    start = state.last_us + meter.interval_s * 1_000_000  # the first reading that is missing
+    state.silent_open = start
+    missed = (now_us - state.last_us) // (meter.interval_s * 1_000_000)
+    return [
+        Detection(
+            meter.device_id,
+            FaultCode.NO_DATA,
+            OPEN,
+            start,
+            now_us,
+            None,
+            f"no reading for {missed} intervals of {meter.interval_s} s",
+        )
+    ]
+
+
+def _clear(meter: Meter, code: FaultCode, start_us: int, reading: Observed, why: str) -> Detection:
+    return Detection(meter.device_id, code, CLEAR, start_us, reading.event_us, reading.value, why)

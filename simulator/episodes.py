@@ -1,0 +1,361 @@
+"""Stateful fault episodes (stuck meters, spikes, leaks, silent spans) and their ground truth.
+
+An episode is a span of one meter's readings that one stateful rule
+(:data:`~meterflow.core.contract.STATEFUL_FAULTS`, thresholds in
+:class:`~meterflow.core.contract.DetectionRules`) must flag, shaped by
+:func:`simulator.faults.plan_episodes` so that it does and so that nothing else does:
+
+* ``STUCK``: 12-48 readings repeating one non-zero value (the meter's reading at the
+  span's start, at least twice the type's ``stuck_min``);
+* ``SPIKE``: one reading 30x the meter's typical level for its hour of day (the highest
+  over the last week), at least twice the type's ``spike_min``, below 90% of the
+  stateless bounds, after at least ``baseline_history_s`` of normal readings;
+* ``LEAK`` (water meters): 30-54 h of an added flow of 3-8x the night threshold, wavering
+  +-10% per reading, so no interval is idle and the night minimum is far above the
+  threshold; the reading after it is idle (the repair), so the leak visibly ends;
+* ``NO_DATA``: 8-96 intervals in which the meter sends nothing at all.
+
+Water STUCK and NO_DATA spans stay out of the leak night window (they start after it when
+they would touch it) and last at most 20 h, so neither looks like nor hides a leak.
+
+Scheduling: every reading of a free meter starts an episode with its kind's chance; the
+episode begins at the *next* reading, so the reading before it is known and, like the
+reading after it and the span itself, kept free of stateless faults. A meter is free from
+``baseline_history_s`` into the run and again that long after an episode's last reading,
+so episodes never overlap, and every one has a normal day before it. A backfill starts no
+episode that would not end (with a reading after it) before the backfill does. Candidate
+starts come from one generator, one uniform per reading (so blocking steps differently
+gives the same episodes), shapes from a second one.
+
+The ground truth is recorded as messages go out (:class:`Episode`): a run cut short
+records what the stream really holds and marks the episode incomplete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from meterflow.core.contract import (
+    SECONDS_PER_DAY,
+    STATEFUL_FAULTS,
+    DetectionRules,
+    FaultCode,
+    MeterType,
+    parse_timestamp_us,
+)
+from meterflow.core.lake import filesystem_for, write_atomically
+from simulator.faults import (
+    LEAK_JITTER,
+    SPIKE_LOOKBACK_DAYS,
+    SPIKE_TIMES,
+    EpisodeShapes,
+)
+from simulator.load import DECIMALS, LoadModel
+
+#: A spike capped below the bounds is still injected if it is this many times the rule's
+#: factor above the typical level (and above the type's minimum); otherwise it is not.
+SPIKE_MARGIN = 2.0
+GROUND_TRUTH_FILE = "ground_truth.parquet"
+GROUND_TRUTH_SCHEMA = pa.schema(
+    [
+        ("device_id", pa.string()),
+        ("meter_type", pa.string()),
+        ("fault_code", pa.string()),
+        # Event time of the first and last affected reading (NO_DATA: missing one).
+        ("start", pa.timestamp("us", tz="UTC")),
+        ("end", pa.timestamp("us", tz="UTC")),
+        ("readings", pa.int32()),  # affected (NO_DATA: missing) readings
+        # STUCK: the repeated value; SPIKE: the spike; LEAK: the added flow in L/h.
+        ("value", pa.float64()),
+        ("complete", pa.bool_()),  # false when the run stopped inside the episode
+    ]
+)
+_STUCK = STATEFUL_FAULTS.index(FaultCode.STUCK)
+_LEAK = STATEFUL_FAULTS.index(FaultCode.LEAK)
+_NO_DATA = STATEFUL_FAULTS.index(FaultCode.NO_DATA)
+
+
+@dataclass
+class Episode:
+    """One injected episode, as the stream holds it: filled in as its readings go out."""
+
+    device_id: str
+    meter_type: MeterType
+    code: FaultCode
+    planned: int  # readings the episode was to affect
+    value: float | None = None
+    start: str | None = None
+    end: str | None = None
+    readings: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.readings == self.planned
+
+    def record(self, stamp: str) -> None:
+        """One more affected (or, for NO_DATA, withheld) reading, stamped ``stamp``."""
+        if self.start is None:
+            self.start = stamp
+        self.end = stamp
+        self.readings += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "meter_type": str(self.meter_type),
+            "fault_code": str(self.code),
+            "start": self.start,
+            "end": self.end,
+            "readings": self.readings,
+            "value": self.value,
+            "complete": self.complete,
+        }
+
+
+@dataclass
+class _Active:
+    """An accepted episode and where it lies, in absolute steps of the run."""
+
+    episode: Episode
+    column: int
+    first: int
+    last: int  # inclusive
+    jitter: np.ndarray | None = None  # LEAK: the added flow's factor per reading
+    cancelled: bool = False
+
+
+@dataclass
+class BlockEpisodes:
+    """What episodes did to a block of steps, per step: withheld meters and affected cells."""
+
+    silent: list[frozenset[int]]
+    cells: list[list[tuple[int, Episode]]] = field(default_factory=list)
+
+
+class EpisodeInjector:
+    """Schedules a run's episodes and writes them into its blocks of readings, in order."""
+
+    def __init__(
+        self,
+        shapes: EpisodeShapes,
+        detection: DetectionRules,
+        model: LoadModel,
+        device_ids: list[str],
+        meter_types: list[MeterType],
+        interval_s: float,
+        total_steps: int | None,
+        candidates: np.random.Generator,
+        params: np.random.Generator,
+    ) -> None:
+        self.shapes, self.detection, self.model = shapes, detection, model
+        self.device_ids, self.meter_types = device_ids, meter_types
+        self.interval_s, self.total_steps = interval_s, total_steps
+        self.candidates, self.params = candidates, params
+        self.water = np.array([t is MeterType.WATER for t in meter_types])
+        chance = np.tile(np.array(shapes.start_chance), (len(device_ids), 1))
+        chance[~self.water, _LEAK] = 0.0
+        if shapes.water_span_max < shapes.stuck_readings[0]:
+            chance[self.water, _STUCK] = 0.0
+        if shapes.water_span_max < shapes.silent_readings[0]:
+            chance[self.water, _NO_DATA] = 0.0
+        self.edges = np.cumsum(chance, axis=1)
+        self.total = self.edges[:, -1].copy()
+        self.free_from = np.full(len(device_ids), shapes.quiet_readings, dtype=np.int64)
+        self.active: list[_Active] = []
+        self.step = 0  # absolute index of the next block's first step
+
+    def inject(
+        self,
+        starts_s: np.ndarray,
+        stamps_s: np.ndarray,
+        usage: np.ndarray,
+        flow: np.ndarray,
+        codes: np.ndarray,
+    ) -> BlockEpisodes:
+        """Start episodes in the next block and apply every live one to it, in place.
+
+        ``starts_s`` are the readings' interval starts, ``stamps_s`` their event times;
+        ``usage``, ``flow`` and the stateless ``codes`` are ``[steps, meters]``.
+        """
+        steps = len(starts_s)
+        first = self.step
+        self.step += steps
+        draws = self.candidates.random(usage.shape)
+        rows, columns = np.nonzero(draws < self.total)
+        for row, column in zip(rows.tolist(), columns.tolist(), strict=True):
+            if first + row >= self.free_from[column]:
+                kind = int(np.searchsorted(self.edges[column], draws[row, column], side="right"))
+                self._start(kind, column, first + row, float(stamps_s[row]))
+        block = BlockEpisodes([frozenset()] * steps, [[] for _ in range(steps)])
+        silent: dict[int, set[int]] = {}
+        for active in self.active:
+            self._apply(active, first, starts_s, usage, flow, codes, block, silent)
+        for row, columns_off in silent.items():
+            block.silent[row] = frozenset(columns_off)
+        self.active = [a for a in self.active if not a.cancelled and a.last + 1 >= self.step]
+        return block
+
+    def _start(self, kind: int, column: int, draw: int, stamp_s: float) -> None:
+        """An episode of ``kind`` on meter ``column`` from the reading after step ``draw``."""
+        code, shapes, rng = STATEFUL_FAULTS[kind], self.shapes, self.params
+        water = bool(self.water[column])
+        value: float | None = None
+        jitter = None
+        if code is FaultCode.STUCK or code is FaultCode.NO_DATA:
+            low, high = shapes.stuck_readings if kind == _STUCK else shapes.silent_readings
+            length = int(rng.integers(low, high + 1))
+            if water:
+                length = min(length, shapes.water_span_max)
+        elif code is FaultCode.LEAK:
+            low, high = shapes.leak_readings
+            length = int(rng.integers(low, high + 1))
+            value = round(float(rng.uniform(*shapes.leak_flow)), DECIMALS)
+            jitter = rng.uniform(1 - LEAK_JITTER, 1 + LEAK_JITTER, length)
+        else:
+            length = 1
+        begin = draw + 1
+        if water and code in (FaultCode.STUCK, FaultCode.NO_DATA):
+            begin += self._night_delay(stamp_s + self.interval_s, length)
+        last = begin + length - 1
+        if self.total_steps is not None and last + 1 >= self.total_steps:
+            return  # would not end, with a normal reading after it, before the backfill does
+        self.free_from[column] = last + 2 + shapes.quiet_readings
+        episode = Episode(
+            self.device_ids[column], self.meter_types[column], code, length, value=value
+        )
+        self.active.append(_Active(episode, column, begin, last, jitter))
+
+    def _night_delay(self, first_s: float, length: int) -> int:
+        """Steps to wait so a span from ``first_s`` of ``length`` misses the night window."""
+        for j in range(length):
+            moment = first_s + j * self.interval_s
+            day_start = moment - moment % SECONDS_PER_DAY
+            if self.detection.in_leak_night((moment - day_start) / 3600.0):
+                window_end = day_start + self.detection.leak_night_end_hour * 3600.0
+                return math.ceil((window_end - first_s) / self.interval_s - 1e-9)
+        return 0
+
+    def _apply(
+        self,
+        active: _Active,
+        first: int,
+        starts_s: np.ndarray,
+        usage: np.ndarray,
+        flow: np.ndarray,
+        codes: np.ndarray,
+        block: BlockEpisodes,
+        silent: dict[int, set[int]],
+    ) -> None:
+        end = first + len(starts_s) - 1
+        column, episode = active.column, active.episode
+        guard_from, guard_to = max(active.first - 1, first), min(active.last + 1, end)
+        if guard_from > guard_to:
+            return
+        codes[guard_from - first : guard_to - first + 1, column] = 0  # no stateless faults
+        if episode.code is FaultCode.LEAK and guard_to == active.last + 1:
+            # The repair: water off for an interval, so "no idle interval for a day" ends
+            # with the leak instead of lingering until the household next pauses.
+            usage[guard_to - first, column] = flow[guard_to - first, column] = 0.0
+        span_from, span_to = max(active.first, first), min(active.last, end)
+        if span_from > span_to:
+            return
+        rows = slice(span_from - first, span_to - first + 1)
+        minutes = self.interval_s / 60.0
+        code = episode.code
+        if code is FaultCode.STUCK:
+            if episode.value is None:  # the span starts in this block: freeze its reading
+                floor = self.shapes.stuck_floor[episode.meter_type]
+                reading = float(usage[rows.start, column])
+                episode.value = round(max(reading, floor), DECIMALS)
+            usage[rows, column] = episode.value
+            flow[rows, column] = round(episode.value / minutes, DECIMALS)
+        elif code is FaultCode.SPIKE:
+            spike = self._spike(float(starts_s[rows.start]), column)
+            if spike is None:
+                active.cancelled = True
+                return
+            episode.value = spike
+            usage[rows, column] = spike
+            flow[rows, column] = round(spike / minutes, DECIMALS)
+        elif code is FaultCode.LEAK:
+            assert active.jitter is not None and episode.value is not None
+            offset = span_from - active.first
+            factor = active.jitter[offset : offset + span_to - span_from + 1]
+            added = episode.value * (self.interval_s / 3600.0) * factor
+            usage[rows, column] = np.round(usage[rows, column] + added, DECIMALS)
+            flow[rows, column] = np.round(usage[rows, column] / minutes, DECIMALS)
+        else:
+            for row in range(rows.start, rows.stop):
+                silent.setdefault(row, set()).add(column)
+        for row in range(rows.start, rows.stop):
+            block.cells[row].append((column, episode))
+
+    def _spike(self, start_s: float, column: int) -> float | None:
+        """The spike's value, or None when the bounds leave no detectable one."""
+        interval = self.interval_s
+        hour = start_s - start_s % 3600.0
+        offsets = np.arange(0.0, 3600.0, interval) if interval < 3600 else np.zeros(1)
+        days = np.arange(SPIKE_LOOKBACK_DAYS + 1) * float(SECONDS_PER_DAY)
+        same_hour = (hour + offsets[None, :] - days[:, None]).ravel()
+        day_before = start_s - SECONDS_PER_DAY + np.arange(0.0, SECONDS_PER_DAY, interval)
+        moments = np.concatenate([same_hour, day_before])
+        levels = self.model.typical(moments, interval, np.full(len(moments), column))
+        typical = max(float(levels[: len(same_hour)].max()), float(levels[len(same_hour) :].mean()))
+        meter_type = self.meter_types[column]
+        spike = min(
+            max(SPIKE_TIMES * typical, self.shapes.spike_floor[meter_type]),
+            self.shapes.spike_cap[meter_type],
+        )
+        spike = math.floor(spike * 10**DECIMALS) / 10**DECIMALS
+        lowest = max(
+            SPIKE_MARGIN * self.detection.spike_factor * typical,
+            1.5 * self.detection.spike_min[meter_type],
+        )
+        return spike if spike >= lowest else None
+
+
+def default_ground_truth_path(registry_dir: str) -> str:
+    """Where ``meterflow simulate`` records episodes unless told: beside the registry."""
+    return f"{registry_dir.rstrip('/')}/{GROUND_TRUTH_FILE}"
+
+
+def ground_truth_table(episodes: Sequence[Episode]) -> pa.Table:
+    """The episodes as :data:`GROUND_TRUTH_SCHEMA` rows, in the order they started."""
+    recorded = [e for e in episodes if e.start is not None and e.end is not None]
+    columns: dict[str, list[Any]] = {name: [] for name in GROUND_TRUTH_SCHEMA.names}
+    for episode in recorded:
+        row = episode.as_dict()
+        row["start"] = parse_timestamp_us(row["start"])
+        row["end"] = parse_timestamp_us(row["end"])
+        for name, values in columns.items():
+            values.append(row[name])
+    return pa.table(
+        {name: pa.array(values, type=GROUND_TRUTH_SCHEMA.field(name).type)
+         for name, values in columns.items()},
+        schema=GROUND_TRUTH_SCHEMA,
+    )  # fmt: skip
+
+
+def write_ground_truth(episodes: Sequence[Episode], path: str) -> str:
+    """Write the episodes to ``path``: JSON lines if it ends ``.jsonl``, else Parquet.
+
+    Written whole or not at all (a temporary file, then a rename); returns the path.
+    """
+    filesystem, target = filesystem_for(path)
+    if target.endswith(".jsonl"):
+        lines = [json.dumps(e.as_dict()) for e in episodes if e.start is not None]
+        data = "".join(f"{line}\n" for line in lines).encode()
+    else:
+        buffer = pa.BufferOutputStream()
+        pq.write_table(ground_truth_table(episodes), buffer)
+        data = buffer.getvalue().to_pybytes()
+    write_atomically(filesystem, target, data)
+    return target
