@@ -40,6 +40,11 @@ def get_spark(app_name: str, master: str | None = None, **conf: str) -> SparkSes
         "spark.sql.execution.arrow.maxRecordsPerBatch": "50000",
         # Retention may delete a partition between a job listing it and reading it.
         "spark.sql.files.ignoreMissingFiles": "true",
+        # transformWithState (the stateful detector) needs RocksDB; stateless queries never
+        # open a state store, so this changes nothing for them.
+        "spark.sql.streaming.stateStore.providerClass": (
+            "org.apache.spark.sql.execution.streaming.state.RocksDBStateStoreProvider"
+        ),
     }
     # What spark-submit was given (--conf, spark-defaults.conf) wins over these defaults.
     submitted = None

@@ -67,6 +67,7 @@ class MeterState(msgspec.Struct, array_like=True):
     leak_open: int = 0
     silent_open: int = 0
     timer_us: int = 0  # the pending NO_DATA timer, 0 if none
+    meter_type: str = ""  # as the meter's readings name it
 
 
 _state_encoder = msgspec.msgpack.Encoder()
