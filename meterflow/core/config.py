@@ -19,6 +19,8 @@ from meterflow.core.contract import (
     TOPIC_DEADLETTER,
     TOPIC_READINGS,
     TOPIC_STATUS,
+    DetectionRules,
+    MeterType,
     Rules,
 )
 from meterflow.core.errors import MeterflowError
@@ -48,6 +50,8 @@ class Variable:
     default: str
     meaning: str
 
+
+_DETECTION = DetectionRules()
 
 VARIABLES: tuple[Variable, ...] = (
     Variable(
@@ -166,6 +170,59 @@ VARIABLES: tuple[Variable, ...] = (
         for spec in METER_SPECS.values()
         for name, bound in spec.default_bounds.items()
     ),
+    # The stateful rules (contract.DetectionRules; docs/architecture.md, "Stateful detection").
+    Variable(
+        "METERFLOW_STUCK_READINGS",
+        str(_DETECTION.stuck_readings),
+        "STUCK: readings in a row (and intervals of time) with the same value",
+    ),
+    *(
+        Variable(
+            f"METERFLOW_STUCK_MIN_{kind.name}",
+            f"{_DETECTION.stuck_min[kind]:g}",
+            f"STUCK: only a value above this counts ({kind}, per reading)",
+        )
+        for kind in MeterType
+    ),
+    Variable(
+        "METERFLOW_SPIKE_FACTOR",
+        f"{_DETECTION.spike_factor:g}",
+        "SPIKE: a reading above this many times the meter's baseline (median of its recent "
+        "good readings, per hour of day)",
+    ),
+    *(
+        Variable(
+            f"METERFLOW_SPIKE_MIN_{kind.name}",
+            f"{_DETECTION.spike_min[kind]:g}",
+            f"SPIKE: and above this level ({kind}, per reading)",
+        )
+        for kind in MeterType
+    ),
+    Variable(
+        "METERFLOW_BASELINE_HISTORY_SECONDS",
+        f"{_DETECTION.baseline_history_s:g}",
+        "SPIKE: history a meter needs before it has a baseline",
+    ),
+    Variable(
+        "METERFLOW_LEAK_NIGHT_HOURS",
+        f"{_DETECTION.leak_night_start_hour}-{_DETECTION.leak_night_end_hour}",
+        "LEAK: the night window, hours of the day (UTC), start-end",
+    ),
+    Variable(
+        "METERFLOW_LEAK_MIN_NIGHT_FLOW",
+        f"{_DETECTION.leak_min_night_flow:g}",
+        "LEAK: a night's minimum flow above this (L/h) is a leak",
+    ),
+    Variable(
+        "METERFLOW_LEAK_DRY_SECONDS",
+        f"{_DETECTION.leak_dry_window_s:g}",
+        "LEAK: no zero-usage interval for this long is continuous flow",
+    ),
+    Variable(
+        "METERFLOW_NODATA_INTERVALS",
+        str(_DETECTION.nodata_intervals),
+        "NO_DATA: no reading for this many of the meter's intervals",
+    ),
 )
 _DEFAULTS = {v.name: v.default for v in VARIABLES}
 
@@ -201,6 +258,39 @@ def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def _detection_rules(env: Mapping[str, str]) -> DetectionRules:
+    """:class:`DetectionRules` from the environment; an inconsistent set is a ConfigError."""
+    night = _get(env, "METERFLOW_LEAK_NIGHT_HOURS")
+    start, _, end = night.partition("-")
+    try:
+        night_hours = (int(start), int(end))
+    except ValueError:
+        raise ConfigError(
+            f"METERFLOW_LEAK_NIGHT_HOURS={night!r} must be two hours, start-end (e.g. 2-4)"
+        ) from None
+    try:
+        return DetectionRules(
+            stuck_readings=int(_number(env, "METERFLOW_STUCK_READINGS", int, 2)),
+            stuck_min={
+                kind: float(_number(env, f"METERFLOW_STUCK_MIN_{kind.name}", float, 0))
+                for kind in MeterType
+            },
+            spike_factor=float(_number(env, "METERFLOW_SPIKE_FACTOR", float, 1)),
+            spike_min={
+                kind: float(_number(env, f"METERFLOW_SPIKE_MIN_{kind.name}", float, 0))
+                for kind in MeterType
+            },
+            baseline_history_s=float(_number(env, "METERFLOW_BASELINE_HISTORY_SECONDS", float, 0)),
+            leak_night_start_hour=night_hours[0],
+            leak_night_end_hour=night_hours[1],
+            leak_min_night_flow=float(_number(env, "METERFLOW_LEAK_MIN_NIGHT_FLOW", float, 0)),
+            leak_dry_window_s=float(_number(env, "METERFLOW_LEAK_DRY_SECONDS", float, 1)),
+            nodata_intervals=int(_number(env, "METERFLOW_NODATA_INTERVALS", int, 1)),
+        )
+    except ValueError as exc:  # DetectionRules refuses what no rule could work with
+        raise ConfigError(f"stateful rules: {exc}") from None
+
+
 @dataclass(frozen=True)
 class Settings:
     bootstrap_servers: str
@@ -233,6 +323,7 @@ class Settings:
     reading_interval_seconds: int
     day_grace_seconds: int
     incident_threshold: int
+    detection: DetectionRules
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -290,6 +381,7 @@ class Settings:
             ),
             day_grace_seconds=int(_number(env, "METERFLOW_DAY_GRACE_SECONDS", int, 0)),
             incident_threshold=int(_number(env, "METERFLOW_INCIDENT_THRESHOLD", int, 1)),
+            detection=_detection_rules(env),
         )
 
     @property

@@ -204,6 +204,33 @@ def test_rules_are_configurable() -> None:
     assert evaluate(PROTOTYPE_WATER, NOW, small).reason is DeadLetterReason.OVERSIZE
 
 
+def test_stateful_thresholds_come_from_the_environment() -> None:
+    from meterflow.core.config import ConfigError, Settings
+
+    assert Settings.from_env({}).detection == contract.DetectionRules()
+    tuned = Settings.from_env(
+        {
+            "METERFLOW_STUCK_READINGS": "12",
+            "METERFLOW_SPIKE_MIN_WATER": "400",
+            "METERFLOW_LEAK_NIGHT_HOURS": "1-5",
+            "METERFLOW_NODATA_INTERVALS": "6",
+        }
+    ).detection
+    assert (tuned.stuck_readings, tuned.nodata_intervals) == (12, 6)
+    assert tuned.spike_min[contract.MeterType.WATER] == 400
+    assert (
+        tuned.spike_min[contract.MeterType.GAS]
+        == contract.DetectionRules().spike_min[contract.MeterType.GAS]
+    )
+    assert (tuned.leak_night_start_hour, tuned.leak_night_end_hour) == (1, 5)
+    with pytest.raises(ConfigError, match="METERFLOW_LEAK_NIGHT_HOURS='2 to 4' must be two hours"):
+        Settings.from_env({"METERFLOW_LEAK_NIGHT_HOURS": "2 to 4"})
+    with pytest.raises(ConfigError, match="stateful rules: the leak night window"):
+        Settings.from_env({"METERFLOW_LEAK_NIGHT_HOURS": "5-3"})
+    with pytest.raises(ConfigError, match="stateful rules: detection levels"):
+        Settings.from_env({"METERFLOW_SPIKE_MIN_GAS": "0"})
+
+
 def test_fault_reasons_name_field_and_value() -> None:
     outcome = evaluate(msg(device_id="wm1", usage=3, flow_rate=612.5), NOW)
     assert outcome.reason == "flow_rate 612.5 is above the physical bound 500"
