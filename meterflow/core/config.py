@@ -17,6 +17,7 @@ from meterflow.core.contract import (
     METER_SPECS,
     TOPIC_ABNORMAL,
     TOPIC_DEADLETTER,
+    TOPIC_DIGEST,
     TOPIC_READINGS,
     TOPIC_STATUS,
     DetectionRules,
@@ -65,6 +66,11 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("METERFLOW_TOPIC_ABNORMAL", TOPIC_ABNORMAL, "Topic of abnormal-reading events"),
     Variable("METERFLOW_TOPIC_DEADLETTER", TOPIC_DEADLETTER, "Topic of undecodable input"),
     Variable("METERFLOW_TOPIC_STATUS", TOPIC_STATUS, "Topic of per-meter status updates"),
+    Variable(
+        "METERFLOW_TOPIC_DIGEST",
+        TOPIC_DIGEST,
+        "Topic of per-meter reading digests, read by the stateful stage",
+    ),
     Variable("METERFLOW_DATA_DIR", "./data", "Root of local state (lake, checkpoints, logs)"),
     Variable("LAKE_PATH", "", "Lake root, local path or Hadoop URI; default DATA_DIR/lake"),
     Variable("CHECKPOINT_PATH", "", "Streaming checkpoints; default DATA_DIR/checkpoints"),
@@ -171,6 +177,11 @@ VARIABLES: tuple[Variable, ...] = (
         for name, bound in spec.default_bounds.items()
     ),
     # The stateful rules (contract.DetectionRules; docs/architecture.md, "Stateful detection").
+    Variable(
+        "METERFLOW_DETECTION",
+        "off",
+        "on: the stream publishes per-meter reading digests for the stateful stage",
+    ),
     Variable(
         "METERFLOW_STUCK_READINGS",
         str(_DETECTION.stuck_readings),
@@ -300,6 +311,7 @@ class Settings:
     topic_abnormal: str
     topic_deadletter: str
     topic_status: str
+    topic_digest: str
     data_dir: Path
     lake_path: str
     checkpoint_path: str
@@ -324,6 +336,7 @@ class Settings:
     day_grace_seconds: int
     incident_threshold: int
     detection: DetectionRules
+    detection_on: bool
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -354,6 +367,7 @@ class Settings:
             topic_abnormal=_get(env, "METERFLOW_TOPIC_ABNORMAL"),
             topic_deadletter=_get(env, "METERFLOW_TOPIC_DEADLETTER"),
             topic_status=_get(env, "METERFLOW_TOPIC_STATUS"),
+            topic_digest=_get(env, "METERFLOW_TOPIC_DIGEST"),
             data_dir=data_dir,
             lake_path=_get(env, "LAKE_PATH") or str(data_dir / "lake"),
             checkpoint_path=_get(env, "CHECKPOINT_PATH") or str(data_dir / "checkpoints"),
@@ -382,6 +396,7 @@ class Settings:
             day_grace_seconds=int(_number(env, "METERFLOW_DAY_GRACE_SECONDS", int, 0)),
             incident_threshold=int(_number(env, "METERFLOW_INCIDENT_THRESHOLD", int, 1)),
             detection=_detection_rules(env),
+            detection_on=_choice(env, "METERFLOW_DETECTION", ("on", "off")) == "on",
         )
 
     @property
@@ -390,8 +405,15 @@ class Settings:
 
     @property
     def topics(self) -> tuple[str, ...]:
-        """Every topic meterflow creates: readings, abnormal, dead letters, status."""
-        return (self.topic_readings, self.topic_abnormal, self.topic_deadletter, self.topic_status)
+        """Every topic meterflow creates: readings, abnormal, dead letters, status, and the
+        digests when detection is on."""
+        topics = (
+            self.topic_readings,
+            self.topic_abnormal,
+            self.topic_deadletter,
+            self.topic_status,
+        )
+        return (*topics, self.topic_digest) if self.detection_on else topics
 
     @property
     def views_path(self) -> str:

@@ -43,6 +43,8 @@ TOPIC_DEADLETTER = "iot-deadletter"
 #: Keyed by ``device_id``; the sink folds it into MongoDB ``meter_status`` (see
 #: :func:`meter_status_update`), which is how incidents learn that a meter recovered.
 TOPIC_STATUS = "iot-meter-status"
+#: Per micro-batch, one message per meter: its readings, for the stateful stage (issue 12).
+TOPIC_DIGEST = "iot-meter-digest"
 
 #: A metric equal to this is the meter's own fault signal (the prototype's rule).
 SENTINEL_VALUE = -1

@@ -5,6 +5,8 @@ Every Kafka message meterflow writes or reads is one of these:
 - :class:`ReadingMessage` on ``iot-meter`` (from meters, the simulator and the replay tool);
 - :class:`AbnormalEvent` on ``iot-abnormal`` (one per abnormal reading, from the stream);
 - :class:`StatusUpdate` on ``iot-meter-status`` (one per meter and micro-batch);
+- :class:`ReadingDigest` on ``iot-meter-digest`` (a meter's readings of a micro-batch, for
+  the stateful stage);
 - :class:`DeadLetterMessage` on ``iot-deadletter``: the original key and value, with the
   reason and the source coordinates in Kafka headers.
 
@@ -153,6 +155,28 @@ class StatusUpdate(Message, kw_only=True):
             raise ValueError(
                 f"last_fault_code {self.last_fault_code!r} contradicts trailing_faults {trailing}"
             )
+
+
+class ReadingDigest(Message, kw_only=True):
+    """A meter's readings of one micro-batch, in event-time order, for the stateful stage.
+
+    The stream's tasks publish one per meter and batch (``iot-meter-digest``, keyed by
+    ``device_id``) when detection is on, so the detector neither reads ``iot-meter`` again
+    nor classifies twice. Dead letters and FUTURE_TIMESTAMP readings are left out (no
+    meter, or a clock that would move event time wrongly); ``faulty`` marks any other
+    stateless fault. A retried batch publishes the same digests again: the detector skips
+    readings not after the latest it has seen.
+    """
+
+    device_id: NonEmpty
+    meter_type: str
+    event_us: list[int]
+    values: list[float | None]
+    faulty: list[bool]
+
+    def __post_init__(self) -> None:
+        if not len(self.event_us) == len(self.values) == len(self.faulty) > 0:
+            raise ValueError("event_us, values and faulty must be as long, and not empty")
 
 
 class DeadLetterMessage(Message, kw_only=True):

@@ -175,3 +175,42 @@ def status_updates(classified: pa.Table) -> list[tuple[bytes, bytes]]:
         )
         updates.append((names[device].encode(), messages.encode(update)))
     return updates
+
+
+def reading_digests(classified: pa.Table) -> list[tuple[bytes, bytes]]:
+    """One :class:`~meterflow.core.messages.ReadingDigest` per meter in ``classified``.
+
+    Readings in event-time order; dead letters and FUTURE_TIMESTAMP readings left out.
+    """
+    future = str(FaultCode.FUTURE_TIMESTAMP)
+    keep = pc.and_(
+        pc.is_valid(classified["event_time"]),
+        pc.invert(pc.fill_null(pc.equal(classified["fault_code"], future), False)),
+    )
+    rows = classified.select(list(STATUS_COLUMNS)).filter(keep)
+    if rows.num_rows == 0:
+        return []
+    encoded = pc.dictionary_encode(rows["device_id"]).combine_chunks()
+    device_index = encoded.indices.to_numpy()
+    event_us = rows["event_time"].cast(pa.int64()).to_numpy()
+    order = np.lexsort((event_us, device_index))
+    device_index = device_index[order]
+    events = event_us[order].tolist()
+    values = rows["consumption"].take(pa.array(order)).to_pylist()
+    faulty = rows["fault_code"].is_valid().to_numpy(zero_copy_only=False)[order].tolist()
+    types = rows["meter_type"].take(pa.array(order)).to_pylist()
+    names = encoded.dictionary.to_pylist()
+    starts = np.flatnonzero(np.r_[True, device_index[1:] != device_index[:-1]]).tolist()
+    ends = [*starts[1:], len(order)]
+    digests = []
+    for start, end in zip(starts, ends, strict=True):
+        name = names[device_index[start]]
+        digest = messages.ReadingDigest(
+            device_id=name,
+            meter_type=types[end - 1],
+            event_us=events[start:end],
+            values=[None if v is None or math.isnan(v) else v for v in values[start:end]],
+            faulty=faulty[start:end],
+        )
+        digests.append((name.encode(), messages.encode(digest)))
+    return digests

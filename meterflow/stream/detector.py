@@ -1,9 +1,12 @@
 """The stateful stage in Spark: :mod:`meterflow.stream.detect`'s rules per meter, with
 ``transformWithState`` on the RocksDB state store, checkpointed.
 
-:func:`detect_faults` turns a stream of readings (``device_id, meter_type, event_time,
-consumption, faulty``) into a stream of episode changes (:data:`CHANGE_SCHEMA`): one row
-each time a STUCK, SPIKE, LEAK or NO_DATA episode opens or clears. Per meter, the state is
+:func:`detect_faults` turns a stream of per-meter reading digests (the stream's tasks
+publish one per meter and micro-batch on ``iot-meter-digest``; :func:`digest_input` decodes
+them) into a stream of episode changes (:data:`CHANGE_SCHEMA`): one row each time a STUCK,
+SPIKE, LEAK or NO_DATA episode opens or clears. Reading digests rather than ``iot-meter``
+spares a second Kafka read and classification, and a row per meter instead of per reading
+(docs/architecture.md, "Stateful detection", has the measurements). Per meter, the state is
 one msgpack value (:class:`~meterflow.stream.detect.MeterState`, a few kB at most) with a
 time to live, so meters that disappear do not keep state for ever, and one pending timer
 for NO_DATA:
@@ -20,10 +23,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
-from pyspark.sql import DataFrame, Row
-from pyspark.sql import functions as F
+from pyspark.sql import DataFrame
 from pyspark.sql.streaming.stateful_processor import (
     ExpiredTimerInfo,
     StatefulProcessor,
@@ -31,8 +33,9 @@ from pyspark.sql.streaming.stateful_processor import (
     TimerValues,
 )
 
-from meterflow.core.contract import DetectionRules, FaultCode, MeterType, Rules
-from meterflow.stream.classify import classify_batch
+from meterflow.core.contract import DetectionRules, MeterType
+from meterflow.core.logs import get_logger
+from meterflow.core.messages import ReadingDigest, UndecodableError, decode
 from meterflow.stream.detect import (
     Detection,
     Meter,
@@ -45,18 +48,67 @@ from meterflow.stream.detect import (
     observe,
 )
 
-#: What the stateful stage reads: a classified reading (``faulty``: any stateless fault).
-INPUT_COLUMNS = ("device_id", "meter_type", "event_time", "consumption", "faulty")
+log = get_logger(__name__)
+
+#: What the stateful stage reads: one digest of a meter's readings per row.
+DIGEST_DDL = (
+    "device_id string, meter_type string, event_time timestamp, event_us array<bigint>, "
+    "values array<double>, faulty array<boolean>"
+)
 #: What it writes: one row per episode change.
 CHANGE_SCHEMA = (
     "device_id string, meter_type string, fault_code string, action string, "
     "start_us long, at_us long, value double, reason string"
 )
+_CHANGE_COLUMNS = [
+    "device_id",
+    "meter_type",
+    "fault_code",
+    "action",
+    "start_us",
+    "at_us",
+    "value",
+    "reason",
+]
 EVENT_TIME = "EventTime"
 PROCESSING_TIME = "ProcessingTime"
 TIME_MODES = (EVENT_TIME, PROCESSING_TIME)
 _STATE_SCHEMA = "state binary, arrived_ms long"
 _US_PER_MS = 1_000
+_DIGEST_SCHEMA = pa.schema(
+    [
+        ("device_id", pa.string()),
+        ("meter_type", pa.string()),
+        ("event_time", pa.timestamp("us", "UTC")),
+        ("event_us", pa.list_(pa.int64())),
+        ("values", pa.list_(pa.float64())),
+        ("faulty", pa.list_(pa.bool_())),
+    ]
+)
+
+
+def digest_input(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """Kafka records of ``iot-meter-digest`` to :data:`DIGEST_DDL` rows, for ``mapInArrow``.
+
+    ``event_time`` is the digest's latest reading (what the watermark follows). A record
+    that is not a digest is logged and skipped: the stream wrote it, so it is a bug, and
+    the readings are in the lake either way.
+    """
+    for batch in batches:
+        rows: dict[str, list[Any]] = {name: [] for name in _DIGEST_SCHEMA.names}
+        for raw in batch.column("value").to_pylist():
+            try:
+                digest = decode(raw, ReadingDigest)
+            except UndecodableError as bad:
+                log.error("detect=undecodable-digest reason=%s detail=%s", bad.reason, bad.detail)
+                continue
+            rows["device_id"].append(digest.device_id)
+            rows["meter_type"].append(digest.meter_type)
+            rows["event_time"].append(digest.event_us[-1])
+            rows["event_us"].append(digest.event_us)
+            rows["values"].append(digest.values)
+            rows["faulty"].append(digest.faulty)
+        yield pa.RecordBatch.from_pydict(rows, schema=_DIGEST_SCHEMA)
 
 
 class MeterDetector(StatefulProcessor):
@@ -100,30 +152,37 @@ class MeterDetector(StatefulProcessor):
     def handleInputRows(  # Spark's names: it passes some by keyword
         self,
         key: Any,
-        rows: Iterator[Row],
+        rows: Iterator[pd.DataFrame],
         timerValues: TimerValues,  # noqa: N803
-    ) -> Iterator[Row]:
+    ) -> Iterator[pd.DataFrame]:
         device_id = str(key[0])
-        state, _, known_type = self._load()
+        state, _, meter_type = self._load()
         readings: list[Observed] = []
-        meter_type = known_type
-        for row in rows:
-            meter_type = row["meter_type"] or meter_type
-            readings.append(Observed(row["event_us"], row["consumption"], bool(row["faulty"])))
+        for frame in rows:
+            for kind, events, values, faulty in zip(
+                frame["meter_type"],
+                frame["event_us"],
+                frame["values"],
+                frame["faulty"],
+                strict=True,
+            ):
+                meter_type = kind or meter_type
+                readings += map(Observed, events.tolist(), values.tolist(), faulty.tolist())
         meter = self._meter(device_id, meter_type)
         state.meter_type = meter.meter_type.value
         changes = observe(meter, state, readings)
         arrived_ms = timerValues.getCurrentProcessingTimeInMs()
         self._arm(meter, state, arrived_ms, timerValues)
         self.state.update((encode_state(state), arrived_ms))
-        yield from _rows(meter, changes)
+        if changes:
+            yield _frame(meter, changes)
 
     def handleExpiredTimer(
         self,
         key: Any,
         timerValues: TimerValues,  # noqa: N803
         expiredTimerInfo: ExpiredTimerInfo,  # noqa: N803
-    ) -> Iterator[Row]:
+    ) -> Iterator[pd.DataFrame]:
         device_id = str(key[0])
         if not self.state.exists():  # expired by TTL: a meter long gone
             return
@@ -141,7 +200,8 @@ class MeterDetector(StatefulProcessor):
         changes = expire(meter, state, now_us)
         self._arm(meter, state, arrived_ms, timerValues)
         self.state.update((encode_state(state), arrived_ms))
-        yield from _rows(meter, changes)
+        if changes:
+            yield _frame(meter, changes)
 
     def _arm(self, meter: Meter, state: MeterState, arrived_ms: int, now: TimerValues) -> None:
         """Keep one timer per meter: at the NO_DATA deadline, and once silent, at the end of
@@ -169,55 +229,27 @@ class MeterDetector(StatefulProcessor):
         pass
 
 
-def _rows(meter: Meter, changes: list[Detection]) -> Iterator[Row]:
-    for change in changes:
-        yield Row(
-            device_id=change.device_id,
-            meter_type=meter.meter_type.value,
-            fault_code=str(change.code),
-            action=change.action,
-            start_us=change.start_us,
-            at_us=change.at_us,
-            value=change.value,
-            reason=change.reason,
-        )
-
-
-#: Arrow schema of :func:`detection_input`'s output (the columns :data:`INPUT_COLUMNS`).
-INPUT_DDL = (
-    "device_id string, meter_type string, event_time timestamp, consumption double, faulty boolean"
-)
-
-
-def detection_input(batches: Iterator[pa.RecordBatch], rules: Rules) -> Iterator[pa.RecordBatch]:
-    """Kafka records (the source's schema) to what the detector reads, for ``mapInArrow``.
-
-    The contract's stateless rules classify each record (the same code as the lake's);
-    dead letters have no meter and a FUTURE_TIMESTAMP reading's clock is wrong, so neither
-    may move a meter's event time (or the watermark): both are left out.
-    """
-    future = str(FaultCode.FUTURE_TIMESTAMP)
-    for batch in batches:
-        classified = classify_batch(batch, rules).classified
-        keep = pc.and_(
-            pc.is_valid(classified["event_time"]),
-            pc.invert(pc.fill_null(pc.equal(classified["fault_code"], future), False)),
-        )
-        rows = classified.filter(keep)
-        yield pa.RecordBatch.from_arrays(
-            [
-                rows["device_id"],
-                rows["meter_type"],
-                rows["event_time"],
-                rows["consumption"],
-                pc.is_valid(rows["fault_code"]),
-            ],
-            names=list(INPUT_COLUMNS),
-        )
+def _frame(meter: Meter, changes: list[Detection]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            (
+                change.device_id,
+                meter.meter_type.value,
+                str(change.code),
+                change.action,
+                change.start_us,
+                change.at_us,
+                change.value,
+                change.reason,
+            )
+            for change in changes
+        ],
+        columns=_CHANGE_COLUMNS,
+    )
 
 
 def detect_faults(
-    readings: DataFrame,
+    digests: DataFrame,
     rules: DetectionRules,
     intervals: Mapping[str, int],
     default_interval_s: int,
@@ -225,13 +257,11 @@ def detect_faults(
     watermark_delay: str = "10 minutes",
     ttl_ms: int = 7 * 24 * 3_600_000,
 ) -> DataFrame:
-    """The episode changes of a streaming DataFrame of readings (:data:`INPUT_COLUMNS`)."""
-    source = readings.select(
-        *INPUT_COLUMNS, F.unix_micros("event_time").alias("event_us")
-    )  # microseconds as a long: no time zone between the JVM and Python
+    """The episode changes of a streaming DataFrame of digests (:data:`DIGEST_DDL`)."""
+    source = digests.select(*_DIGEST_SCHEMA.names)
     if time_mode == EVENT_TIME:
         source = source.withWatermark("event_time", watermark_delay)
-    return source.groupBy("device_id").transformWithState(
+    return source.groupBy("device_id").transformWithStateInPandas(
         MeterDetector(rules, intervals, default_interval_s, time_mode, ttl_ms),
         CHANGE_SCHEMA,
         "Append",

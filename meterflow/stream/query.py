@@ -76,6 +76,7 @@ def event_topics(settings: Settings) -> EventTopics:
         settings.topic_abnormal,
         settings.topic_deadletter,
         settings.topic_status,
+        settings.topic_digest if settings.detection_on else "",
     )
 
 

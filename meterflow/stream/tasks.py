@@ -38,7 +38,7 @@ from meterflow.core.lake import (
 )
 from meterflow.core.logs import ensure_logging, get_logger
 from meterflow.core.messages import DeadLetterMessage
-from meterflow.stream.classify import STATUS_COLUMNS, BatchResult, classify_batch
+from meterflow.stream.classify import STATUS_COLUMNS, BatchResult, classify_batch, reading_digests
 from meterflow.stream.classify import status_updates as make_status_updates
 
 log = get_logger(__name__)
@@ -77,6 +77,8 @@ class EventTopics:
     abnormal: str
     deadletter: str
     status: str
+    #: Per-meter reading digests for the stateful stage; empty when detection is off.
+    digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -157,8 +159,12 @@ class _Publisher:
 
     def finish(self) -> None:
         if self.seen:
-            for key, value in make_status_updates(pa.Table.from_batches(self.seen)):
+            seen = pa.Table.from_batches(self.seen)
+            for key, value in make_status_updates(seen):
                 self._produce(self.topics.status, key, value)
+            if self.topics.digest:
+                for key, value in reading_digests(seen):
+                    self._produce(self.topics.digest, key, value)
             self.seen.clear()
         remaining = self.producer.flush(120)
         if remaining or self.retriable:

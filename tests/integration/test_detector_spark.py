@@ -11,7 +11,7 @@ from pathlib import Path
 from pyspark.sql import DataFrame, SparkSession
 
 from meterflow.core.contract import DetectionRules, format_timestamp_us, parse_timestamp_us
-from meterflow.stream.detector import EVENT_TIME, detect_faults
+from meterflow.stream.detector import DIGEST_DDL, EVENT_TIME, detect_faults
 
 T0 = parse_timestamp_us("2024-05-27T00:00:00Z")
 STEP = 900
@@ -21,26 +21,31 @@ SCHEMA = (
 
 
 def write(inbox: Path, name: str, rows: list[tuple[str, int, float]]) -> None:
+    """One digest per meter (as the stream's tasks publish them), in a new file."""
+    by_device: dict[str, list[tuple[int, float]]] = {}
+    for device, i, value in rows:
+        by_device.setdefault(device, []).append((T0 + i * STEP * 1_000_000, value))
     lines = [
         json.dumps(
             {
                 "device_id": device,
                 "meter_type": "electricity",
-                "event_time": format_timestamp_us(T0 + i * STEP * 1_000_000),
-                "consumption": value,
-                "faulty": False,
+                "event_time": format_timestamp_us(readings[-1][0]),
+                "event_us": [us for us, _ in readings],
+                "values": [value for _, value in readings],
+                "faulty": [False] * len(readings),
             }
         )
-        for device, i, value in rows
+        for device, readings in by_device.items()
     ]
     (inbox / f"{name}.json").write_text("\n".join(lines) + "\n")
 
 
 def run_once(spark: SparkSession, inbox: Path, checkpoint: Path, out: list[dict]) -> None:
     """One start of the detector: everything in the inbox, then stop (a restart each time)."""
-    readings = spark.readStream.schema(SCHEMA).json(str(inbox))
+    digests = spark.readStream.schema(DIGEST_DDL).json(str(inbox))
     changes = detect_faults(
-        readings, DetectionRules(), {}, STEP, EVENT_TIME, watermark_delay="0 seconds"
+        digests, DetectionRules(), {}, STEP, EVENT_TIME, watermark_delay="0 seconds"
     )
 
     def collect(frame: DataFrame, _batch: int) -> None:

@@ -162,6 +162,45 @@ def test_status_updates_follow_each_meters_latest_reading(
     assert (status["em3"]["readings"], status["em3"]["faults"]) == (1, 0)
 
 
+def test_with_detection_on_each_meter_gets_a_digest_of_its_readings(
+    spark: SparkSession, make_settings
+) -> None:
+    """METERFLOW_DETECTION=on: the tasks publish each meter's readings on iot-meter-digest."""
+    settings = make_settings(partitions=1, METERFLOW_DETECTION="on")
+    assert settings.topic_digest in settings.topics
+    kafka.ensure_topics(settings.bootstrap_servers, [settings.topic_digest], 1)
+
+    def em(device: str, minute: int, value: float) -> bytes:
+        stamp = f"2024-05-27T10:{minute:02d}:00Z"
+        return json.dumps({"device_id": device, "timestamp": stamp, "usage_kwh": value}).encode()
+
+    send(settings, [em("em1", 2, 0.5), em("em1", 0, -1), em("em1", 1, 0.7), b"not json"])
+    send(settings, [em("em2", 4, 2.5)], key=b"em2")
+    run(settings, available_now=True, spark=spark)
+
+    digests = [
+        messages.decode(m.value(), messages.ReadingDigest)
+        for m in read_all(settings.bootstrap_servers, settings.topic_digest)
+    ]
+    # A task covers part of a partition, so a meter may get one digest per task; each is
+    # in event-time order, and together they hold each of its readings once.
+    readings: dict[str, list[tuple[int, float | None, bool]]] = {}
+    for digest in digests:
+        assert digest.event_us == sorted(digest.event_us)
+        assert digest.meter_type == "electricity"
+        readings.setdefault(digest.device_id, []).extend(
+            zip(digest.event_us, digest.values, digest.faulty, strict=True)
+        )
+    start = contract.parse_timestamp_us("2024-05-27T10:00:00Z")
+    assert sorted(readings["em1"]) == [
+        (start, -1.0, True),
+        (start + 60_000_000, 0.7, False),
+        (start + 120_000_000, 0.5, False),
+    ]
+    assert readings["em2"] == [(start + 240_000_000, 2.5, False)]
+    assert set(readings) == {"em1", "em2"}  # the dead letter has no meter
+
+
 def test_simulated_fleet_end_to_end_counts_match_exactly(
     spark: SparkSession, make_settings
 ) -> None:
