@@ -42,3 +42,20 @@ class MemorySink:
     def flush(self, timeout: float) -> int:
         self.flushes += 1
         return 0
+
+
+def kafka_records(values: list[bytes | None], timestamp_us: int, topic: str = "iot-meter"):
+    """An Arrow batch shaped as the Kafka source gives it (one partition, offsets from 0)."""
+    import pyarrow as pa
+
+    count = len(values)
+    return pa.RecordBatch.from_pydict(
+        {
+            "key": [b"k"] * count,
+            "value": values,
+            "topic": [topic] * count,
+            "partition": [0] * count,
+            "offset": list(range(count)),
+            "timestamp": pa.array([timestamp_us] * count, pa.timestamp("us", "UTC")),
+        }
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+from helpers import kafka_records
 from pyspark.sql.streaming.tws_tester import TwsTester
 
 from meterflow.core import contract
@@ -125,17 +126,7 @@ def test_the_streams_digests_reach_the_detector_as_sent() -> None:
         b'{"device_id": "gm1", "timestamp": "2024-05-27T00:00:00Z"}',
         b"not json",
     ]
-    count = len(values)
-    batch = pa.RecordBatch.from_pydict(
-        {
-            "key": [b"k"] * count,
-            "value": values,
-            "topic": ["iot-meter"] * count,
-            "partition": [0] * count,
-            "offset": list(range(count)),
-            "timestamp": pa.array([now_us] * count, pa.timestamp("us", "UTC")),
-        }
-    )
+    batch = kafka_records(list(values), now_us)
     classified = pa.Table.from_batches([classify_batch(batch, contract.Rules()).classified])
     digests = reading_digests(classified)
     assert [key for key, _ in digests] == [b"em1", b"gm1"]

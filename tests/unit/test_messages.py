@@ -7,6 +7,7 @@ import json
 
 import msgspec
 import pytest
+from helpers import kafka_records
 
 from meterflow.core import contract, messages
 from meterflow.core.messages import (
@@ -47,17 +48,7 @@ def test_simulator_bytes_are_reading_messages() -> None:
 def _classified(values: list[bytes]) -> tuple[list[bytes], list[bytes]]:
     import pyarrow as pa
 
-    count = len(values)
-    batch = pa.RecordBatch.from_pydict(
-        {
-            "key": [b"k"] * count,
-            "value": values,
-            "topic": ["iot-meter"] * count,
-            "partition": [0] * count,
-            "offset": list(range(count)),
-            "timestamp": pa.array([NOW] * count, pa.timestamp("us", "UTC")),
-        }
-    )
+    batch = kafka_records(list(values), NOW)
     result = classify_batch(batch, contract.Rules(), generation="gen1", now_us=NOW)
     events = [value for _key, value in result.abnormal_events]
     updates = [value for _key, value in status_updates(pa.Table.from_batches([result.classified]))]
