@@ -67,7 +67,6 @@ class MeterState(msgspec.Struct, array_like=True):
     night_readings: int = 0
     leak_open: int = 0
     silent_open: int = 0
-    timer_us: int = 0  # the pending NO_DATA timer, 0 if none
     meter_type: str = ""  # as the meter's readings name it
 
 
@@ -293,7 +292,6 @@ def deadline(meter: Meter, state: MeterState) -> int:
 
 def expire(meter: Meter, state: MeterState, now_us: int) -> list[Detection]:
     """A NO_DATA timer fired at ``now_us`` (watermark or clock): open if still silent."""
-    state.timer_us = 0
     if state.silent_open or not state.last_us or now_us < deadline(meter, state):
         return []
     start = state.last_us + meter.interval_s * 1_000_000  # the first reading that is missing

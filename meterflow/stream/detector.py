@@ -6,10 +6,10 @@ publish one per meter and micro-batch on ``iot-meter-digest``; :func:`digest_inp
 them) into a stream of episode changes (:data:`CHANGE_SCHEMA`): one row each time a STUCK,
 SPIKE, LEAK or NO_DATA episode opens or clears. Reading digests rather than ``iot-meter``
 spares a second Kafka read and classification, and a row per meter instead of per reading
-(docs/architecture.md, "Stateful detection", has the measurements). Per meter, the state is
-one msgpack value (:class:`~meterflow.stream.detect.MeterState`, a few kB at most) with a
-time to live, so meters that disappear do not keep state for ever, and one pending timer
-for NO_DATA:
+(docs/architecture.md, "Stateful detection", has the measurements). State is kept per
+bucket of meters (:class:`MeterDetector`): each meter's :class:`~meterflow.stream.detect.
+MeterState` (a few kB at most), dropped once it has been silent for a time to live, and one
+pending timer per bucket for NO_DATA:
 
 - ``EventTime`` (replays and backfills): the timer fires when the watermark passes the
   meter's deadline, so simulated days measure silence in simulated time;
@@ -23,9 +23,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import msgspec
 import pandas as pd
 import pyarrow as pa
 from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
 from pyspark.sql.streaming.stateful_processor import (
     ExpiredTimerInfo,
     StatefulProcessor,
@@ -42,8 +44,6 @@ from meterflow.stream.detect import (
     MeterState,
     Observed,
     deadline,
-    decode_state,
-    encode_state,
     expire,
     observe,
 )
@@ -73,7 +73,10 @@ _CHANGE_COLUMNS = [
 EVENT_TIME = "EventTime"
 PROCESSING_TIME = "ProcessingTime"
 TIME_MODES = (EVENT_TIME, PROCESSING_TIME)
-_STATE_SCHEMA = "state binary, arrived_ms long"
+_STATE_SCHEMA = "state binary"
+#: Buckets of meters the state is kept in (see :class:`MeterDetector`): enough to spread
+#: over the shuffle partitions, few enough that each holds many meters.
+DEFAULT_BUCKETS = 64
 _US_PER_MS = 1_000
 _DIGEST_SCHEMA = pa.schema(
     [
@@ -111,8 +114,28 @@ def digest_input(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         yield pa.RecordBatch.from_pydict(rows, schema=_DIGEST_SCHEMA)
 
 
+class Bucket(msgspec.Struct, array_like=True):
+    """The state of one bucket of meters: each meter's own state, when its latest
+    readings arrived (processing time, ms) and the bucket's pending timer."""
+
+    meters: dict[str, MeterState] = msgspec.field(default_factory=dict)
+    arrived_ms: dict[str, int] = msgspec.field(default_factory=dict)
+    timer_ms: int = 0
+
+
+_bucket_encoder = msgspec.msgpack.Encoder()
+_bucket_decoder = msgspec.msgpack.Decoder(Bucket)
+
+
 class MeterDetector(StatefulProcessor):
-    """One meter's rules between micro-batches (keyed by ``device_id``)."""
+    """The rules of a bucket of meters between micro-batches (keyed by :func:`bucket_of`).
+
+    A key per meter would cost Spark a pandas frame and the processor a state read, a
+    write and a timer call per meter and batch, which profiling showed to be most of the
+    stage's time; a bucket of meters shares them (docs/architecture.md, "Stateful
+    detection"). Each meter keeps its own :class:`MeterState` inside the bucket's value,
+    and the bucket one timer, at the earliest of its meters' deadlines.
+    """
 
     def __init__(
         self,
@@ -132,22 +155,23 @@ class MeterDetector(StatefulProcessor):
 
     def init(self, handle: StatefulProcessorHandle) -> None:
         self.handle = handle
-        # Spark allows a TTL only on the clock; in event time the forget timer does its work.
-        ttl = self.ttl_ms if self.time_mode == PROCESSING_TIME else None
-        self.state = handle.getValueState("meter", _STATE_SCHEMA, ttl)
+        self.state = handle.getValueState("bucket", _STATE_SCHEMA)
 
     def _meter(self, device_id: str, meter_type: str | None) -> Meter:
         kind = MeterType(meter_type) if meter_type else MeterType.ELECTRICITY
         interval = self.intervals.get(device_id) or self.default_interval_s
         return Meter(device_id, kind, interval, self.rules)
 
-    def _load(self) -> tuple[MeterState, int, str | None]:
+    def _load(self) -> Bucket:
         stored = self.state.get() if self.state.exists() else None
-        if stored is None:
-            return MeterState(), 0, None
-        raw, arrived_ms = stored
-        state = decode_state(bytes(raw))
-        return state, int(arrived_ms or 0), state.meter_type or None
+        return Bucket() if stored is None else _bucket_decoder.decode(bytes(stored[0]))
+
+    def _save(self, bucket: Bucket, now: TimerValues) -> None:
+        if not bucket.meters:
+            self.state.clear()
+            return
+        self._arm(bucket, now)
+        self.state.update((_bucket_encoder.encode(bucket),))
 
     def handleInputRows(  # Spark's names: it passes some by keyword
         self,
@@ -155,27 +179,31 @@ class MeterDetector(StatefulProcessor):
         rows: Iterator[pd.DataFrame],
         timerValues: TimerValues,  # noqa: N803
     ) -> Iterator[pd.DataFrame]:
-        device_id = str(key[0])
-        state, _, meter_type = self._load()
-        readings: list[Observed] = []
+        bucket = self._load()
+        batch: dict[str, tuple[str | None, list[Observed]]] = {}
         for frame in rows:
-            for kind, events, values, faulty in zip(
+            for device_id, kind, events, values, faulty in zip(
+                frame["device_id"],
                 frame["meter_type"],
                 frame["event_us"],
                 frame["values"],
                 frame["faulty"],
                 strict=True,
             ):
-                meter_type = kind or meter_type
+                _, readings = batch.setdefault(device_id, (kind, []))
                 readings += map(Observed, events.tolist(), values.tolist(), faulty.tolist())
-        meter = self._meter(device_id, meter_type)
-        state.meter_type = meter.meter_type.value
-        changes = observe(meter, state, readings)
         arrived_ms = timerValues.getCurrentProcessingTimeInMs()
-        self._arm(meter, state, arrived_ms, timerValues)
-        self.state.update((encode_state(state), arrived_ms))
-        if changes:
-            yield _frame(meter, changes)
+        out: list[tuple[Meter, Detection]] = []
+        for device_id, (kind, readings) in batch.items():
+            state = bucket.meters.get(device_id) or MeterState()
+            meter = self._meter(device_id, kind or state.meter_type)
+            state.meter_type = meter.meter_type.value
+            out += [(meter, change) for change in observe(meter, state, readings)]
+            bucket.meters[device_id] = state
+            bucket.arrived_ms[device_id] = arrived_ms
+        self._save(bucket, timerValues)
+        if out:
+            yield _frame(out)
 
     def handleExpiredTimer(
         self,
@@ -183,53 +211,62 @@ class MeterDetector(StatefulProcessor):
         timerValues: TimerValues,  # noqa: N803
         expiredTimerInfo: ExpiredTimerInfo,  # noqa: N803
     ) -> Iterator[pd.DataFrame]:
-        device_id = str(key[0])
-        if not self.state.exists():  # expired by TTL: a meter long gone
-            return
-        state, arrived_ms, meter_type = self._load()
-        meter = self._meter(device_id, meter_type)
-        if self.time_mode == EVENT_TIME:
-            now_us = timerValues.getCurrentWatermarkInMs() * _US_PER_MS
-        else:  # the clock since the latest reading arrived, in the meter's event time
-            elapsed_ms = timerValues.getCurrentProcessingTimeInMs() - arrived_ms
-            now_us = state.last_us + max(0, elapsed_ms) * _US_PER_MS
-        state.timer_us = 0
-        if state.silent_open and now_us - state.last_us >= self.ttl_ms * _US_PER_MS:
-            self.state.clear()  # silent for the whole TTL: the meter is gone, so is its state
-            return
-        changes = expire(meter, state, now_us)
-        self._arm(meter, state, arrived_ms, timerValues)
-        self.state.update((encode_state(state), arrived_ms))
-        if changes:
-            yield _frame(meter, changes)
+        bucket = self._load()
+        bucket.timer_ms = 0
+        out: list[tuple[Meter, Detection]] = []
+        for device_id, state in list(bucket.meters.items()):
+            meter = self._meter(device_id, state.meter_type)
+            now_us = self._now_us(state, bucket.arrived_ms.get(device_id, 0), timerValues)
+            if state.silent_open and now_us - state.last_us >= self.ttl_ms * _US_PER_MS:
+                del bucket.meters[device_id]  # silent for the whole TTL: the meter is gone
+                bucket.arrived_ms.pop(device_id, None)
+                continue
+            if now_us >= deadline(meter, state):
+                out += [(meter, change) for change in expire(meter, state, now_us)]
+        self._save(bucket, timerValues)
+        if out:
+            yield _frame(out)
 
-    def _arm(self, meter: Meter, state: MeterState, arrived_ms: int, now: TimerValues) -> None:
-        """Keep one timer per meter: at the NO_DATA deadline, and once silent, at the end of
-        the TTL (when the state is forgotten). A pending timer that fires early re-arms; one
-        that would fire late (a forget timer of a meter reporting again) is moved."""
-        if not state.last_us:
-            return
+    def _now_us(self, state: MeterState, arrived_ms: int, now: TimerValues) -> int:
+        """Now in the meter's event time: the watermark, or in processing time the clock
+        since its latest readings arrived, added to the latest reading's event time."""
+        if self.time_mode == EVENT_TIME:
+            return now.getCurrentWatermarkInMs() * _US_PER_MS
+        elapsed_ms = now.getCurrentProcessingTimeInMs() - arrived_ms
+        return state.last_us + max(0, elapsed_ms) * _US_PER_MS
+
+    def _fire_ms(self, meter: Meter, state: MeterState, arrived_ms: int) -> int:
+        """When this meter needs the timer: its NO_DATA deadline, or once silent, the end of
+        the TTL (when its state is forgotten)."""
         if state.silent_open:
             due_us = state.last_us + self.ttl_ms * _US_PER_MS
         else:
             due_us = deadline(meter, state)
+        if self.time_mode == EVENT_TIME:
+            return due_us // _US_PER_MS
+        return arrived_ms + (due_us - state.last_us) // _US_PER_MS
+
+    def _arm(self, bucket: Bucket, now: TimerValues) -> None:
+        """One timer per bucket, at the earliest time one of its meters needs it. A timer
+        that fires early re-arms; one that would fire late is moved."""
+        fire_ms = min(
+            self._fire_ms(self._meter(d, s.meter_type), s, bucket.arrived_ms.get(d, 0))
+            for d, s in bucket.meters.items()
+        )
         if self.time_mode == EVENT_TIME:  # Spark takes only timers after the watermark
-            fire_ms = max(due_us // _US_PER_MS, now.getCurrentWatermarkInMs() + 1)
-        else:
-            fire_ms = arrived_ms + (due_us - state.last_us) // _US_PER_MS
-        pending_ms = state.timer_us // _US_PER_MS
-        if pending_ms and pending_ms <= fire_ms:
+            fire_ms = max(fire_ms, now.getCurrentWatermarkInMs() + 1)
+        if bucket.timer_ms and bucket.timer_ms <= fire_ms:
             return
-        if pending_ms:
-            self.handle.deleteTimer(pending_ms)
-        state.timer_us = fire_ms * _US_PER_MS
+        if bucket.timer_ms:
+            self.handle.deleteTimer(bucket.timer_ms)
+        bucket.timer_ms = fire_ms
         self.handle.registerTimer(fire_ms)
 
     def close(self) -> None:
         pass
 
 
-def _frame(meter: Meter, changes: list[Detection]) -> pd.DataFrame:
+def _frame(changes: list[tuple[Meter, Detection]]) -> pd.DataFrame:
     return pd.DataFrame(
         [
             (
@@ -242,7 +279,7 @@ def _frame(meter: Meter, changes: list[Detection]) -> pd.DataFrame:
                 change.value,
                 change.reason,
             )
-            for change in changes
+            for meter, change in changes
         ],
         columns=_CHANGE_COLUMNS,
     )
@@ -256,12 +293,15 @@ def detect_faults(
     time_mode: str = PROCESSING_TIME,
     watermark_delay: str = "10 minutes",
     ttl_ms: int = 7 * 24 * 3_600_000,
+    buckets: int = DEFAULT_BUCKETS,
 ) -> DataFrame:
     """The episode changes of a streaming DataFrame of digests (:data:`DIGEST_DDL`)."""
-    source = digests.select(*_DIGEST_SCHEMA.names)
+    source = digests.select(
+        *_DIGEST_SCHEMA.names, F.pmod(F.hash("device_id"), F.lit(buckets)).alias("bucket")
+    )
     if time_mode == EVENT_TIME:
         source = source.withWatermark("event_time", watermark_delay)
-    return source.groupBy("device_id").transformWithStateInPandas(
+    return source.groupBy("bucket").transformWithStateInPandas(
         MeterDetector(rules, intervals, default_interval_s, time_mode, ttl_ms),
         CHANGE_SCHEMA,
         "Append",

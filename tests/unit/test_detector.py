@@ -4,6 +4,7 @@ digests it reads, as the stream's tasks write them. No JVM."""
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -13,12 +14,19 @@ from pyspark.sql.streaming.tws_tester import TwsTester
 from meterflow.core import contract
 from meterflow.core.contract import DetectionRules, FaultCode, parse_timestamp_us
 from meterflow.stream.classify import classify_batch, reading_digests
-from meterflow.stream.detect import CLEAR, OPEN, decode_state
-from meterflow.stream.detector import EVENT_TIME, PROCESSING_TIME, MeterDetector, digest_input
+from meterflow.stream.detect import CLEAR, OPEN
+from meterflow.stream.detector import (
+    EVENT_TIME,
+    PROCESSING_TIME,
+    Bucket,
+    MeterDetector,
+    digest_input,
+)
 
 T0 = parse_timestamp_us("2024-05-27T00:00:00Z")
 STEP = 900
 RULES = DetectionRules()
+BUCKET = 7  # the grouping key: a bucket of meters (which one does not matter here)
 
 
 def at(i: int) -> int:
@@ -61,21 +69,21 @@ def event_time_tester(ttl_ms: int = 3_600_000) -> TwsTester:
 def test_no_data_on_the_clock_in_processing_time() -> None:
     tester = TwsTester(detector(PROCESSING_TIME), timeMode=PROCESSING_TIME)
     tester.setProcessingTime(1_000)
-    assert changes(tester.testInPandas("em1", digest((0, 0.4), (1, 0.5)))) == []
+    assert changes(tester.testInPandas(BUCKET, digest((0, 0.4), (1, 0.5)))) == []
     silent_ms = RULES.nodata_intervals * STEP * 1_000
     assert changes(tester.setProcessingTime(1_000 + silent_ms - 1)) == []
     opened = tester.setProcessingTime(1_000 + silent_ms)
     assert changes(opened) == [(str(FaultCode.NO_DATA), OPEN)]
     assert opened["start_us"].tolist() == [at(2)]  # the first missing reading
     assert changes(tester.setProcessingTime(1_000 + 10 * silent_ms)) == []  # open once
-    cleared = tester.testInPandas("em1", digest((30, 0.6)))
+    cleared = tester.testInPandas(BUCKET, digest((30, 0.6)))
     assert changes(cleared) == [(str(FaultCode.NO_DATA), CLEAR)]
     assert cleared["start_us"].tolist() == [at(2)]
 
 
 def test_no_data_against_the_watermark_in_event_time() -> None:
     tester = event_time_tester()
-    tester.testInPandas("em1", digest(*((i, 0.4 + i / 100) for i in range(3))))
+    tester.testInPandas(BUCKET, digest(*((i, 0.4 + i / 100) for i in range(3))))
     due_ms = at(2 + RULES.nodata_intervals) // 1000
     assert changes(tester.setWatermark(due_ms - 1)) == []
     assert changes(tester.setWatermark(due_ms)) == [(str(FaultCode.NO_DATA), OPEN)]
@@ -86,34 +94,34 @@ def test_stuck_through_the_processor_keeps_one_state_value() -> None:
     tester.setProcessingTime(1_000)
     readings = [(i, 0.25 + i / 100) for i in range(5)]
     readings += [(i, 0.777) for i in range(5, 5 + RULES.stuck_readings)]
-    out = tester.testInPandas("em1", digest(*readings))
+    out = tester.testInPandas(BUCKET, digest(*readings))
     assert changes(out) == [(str(FaultCode.STUCK), OPEN)]
     assert out["meter_type"].tolist() == ["electricity"]
-    stored = tester.peekValueState("meter", "em1")
+    stored = tester.peekValueState("bucket", BUCKET)
     assert stored is not None
-    state = decode_state(bytes(stored[0]))
-    assert state.stuck_open == at(5) and state.timer_us > 0
+    bucket = msgspec.msgpack.decode(bytes(stored[0]), type=Bucket)
+    assert bucket.meters["em1"].stuck_open == at(5) and bucket.timer_ms > 0
     # A faulty reading (any stateless fault) neither clears nor extends the run.
-    assert changes(tester.testInPandas("em1", digest((20, -1.0, True)))) == []
-    cleared = tester.testInPandas("em1", digest((21, 0.3)))
+    assert changes(tester.testInPandas(BUCKET, digest((20, -1.0, True)))) == []
+    cleared = tester.testInPandas(BUCKET, digest((21, 0.3)))
     assert changes(cleared) == [(str(FaultCode.STUCK), CLEAR)]
 
 
 def test_a_meter_silent_again_is_detected_again_and_a_gone_one_is_forgotten() -> None:
     day_ms = 24 * 3_600_000
     tester = event_time_tester(ttl_ms=day_ms)
-    tester.testInPandas("em1", digest((0, 0.4), (1, 0.5)))
+    tester.testInPandas(BUCKET, digest((0, 0.4), (1, 0.5)))
     opened = tester.setWatermark(at(1 + RULES.nodata_intervals) // 1000)
     assert changes(opened) == [(str(FaultCode.NO_DATA), OPEN)]
-    assert changes(tester.testInPandas("em1", digest((20, 0.6)))) == [
+    assert changes(tester.testInPandas(BUCKET, digest((20, 0.6)))) == [
         (str(FaultCode.NO_DATA), CLEAR)
     ]
     # The forget timer armed while silent moved back to the new deadline: silence again opens.
     again = tester.setWatermark(at(20 + RULES.nodata_intervals) // 1000)
     assert list(zip(again["action"], again["start_us"], strict=True)) == [(OPEN, at(21))]
-    assert tester.peekValueState("meter", "em1") is not None
+    assert tester.peekValueState("bucket", BUCKET) is not None
     assert changes(tester.setWatermark(at(20) // 1000 + day_ms)) == []  # silent for the TTL
-    assert tester.peekValueState("meter", "em1") is None
+    assert tester.peekValueState("bucket", BUCKET) is None  # its only meter forgotten
 
 
 def test_the_streams_digests_reach_the_detector_as_sent() -> None:
