@@ -47,9 +47,8 @@ CLEAR = "clear"
 class MeterState(msgspec.Struct, array_like=True):
     """What the detector remembers about one meter between micro-batches.
 
-    Encoded with msgpack as one state value (:func:`encode_state`), so a batch costs one
-    state read and one write per meter. ``*_open`` hold the open episode's start (event
-    microseconds) or 0.
+    Kept, msgpack-encoded, inside its bucket's state value (:mod:`meterflow.stream.detector`).
+    ``*_open`` hold the open episode's start (event microseconds) or 0.
     """
 
     last_us: int = 0  # latest event time seen
@@ -68,18 +67,6 @@ class MeterState(msgspec.Struct, array_like=True):
     leak_open: int = 0
     silent_open: int = 0
     meter_type: str = ""  # as the meter's readings name it
-
-
-_state_encoder = msgspec.msgpack.Encoder()
-_state_decoder = msgspec.msgpack.Decoder(MeterState)
-
-
-def encode_state(state: MeterState) -> bytes:
-    return _state_encoder.encode(state)
-
-
-def decode_state(raw: bytes | None) -> MeterState:
-    return MeterState() if raw is None else _state_decoder.decode(raw)
 
 
 class Observed(NamedTuple):

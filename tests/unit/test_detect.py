@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import msgspec
 import pytest
 
 from meterflow.core.contract import DetectionRules, FaultCode, MeterType, parse_timestamp_us
@@ -14,8 +15,6 @@ from meterflow.stream.detect import (
     MeterState,
     Observed,
     deadline,
-    decode_state,
-    encode_state,
     expire,
     observe,
 )
@@ -125,7 +124,9 @@ def test_a_retried_batch_gives_the_same_episode_ids() -> None:
     feed(POWER, state, {i: normal(i) for i in range(100)})
     batch = {i: 0.8 for i in range(100, 112)}
     first = feed(POWER, copy.deepcopy(state), batch)
-    again = feed(POWER, decode_state(encode_state(state)), batch)
+    again = feed(
+        POWER, msgspec.msgpack.decode(msgspec.msgpack.encode(state), type=MeterState), batch
+    )
     assert [d.episode_id for d in first] == [d.episode_id for d in again] != []
 
 
@@ -134,4 +135,4 @@ def test_state_stays_small(meter: Meter) -> None:
     state = MeterState()
     for day in range(30):
         feed(meter, state, {day * 96 + i: normal(i) for i in range(96)})
-    assert len(encode_state(state)) < 2_500
+    assert len(msgspec.msgpack.encode(state)) < 2_500
