@@ -1,5 +1,5 @@
 """The stateful stage in Spark: :mod:`meterflow.stream.detect`'s rules per meter, with
-``transformWithState`` on the RocksDB state store, checkpointed.
+``transformWithStateInPandas`` on the RocksDB state store, checkpointed.
 
 :func:`detect_faults` turns a stream of per-meter reading digests (the stream's tasks
 publish one per meter and micro-batch on ``iot-meter-digest``; :func:`digest_input` decodes
@@ -128,7 +128,8 @@ _bucket_decoder = msgspec.msgpack.Decoder(Bucket)
 
 
 class MeterDetector(StatefulProcessor):
-    """The rules of a bucket of meters between micro-batches (keyed by :func:`bucket_of`).
+    """The rules of a bucket of meters between micro-batches (the key: see
+    :func:`detect_faults`, ``pmod(hash(device_id), buckets)``).
 
     A key per meter would cost Spark a pandas frame and the processor a state read, a
     write and a timer call per meter and batch, which profiling showed to be most of the
