@@ -152,6 +152,11 @@ VARIABLES: tuple[Variable, ...] = (
         "3",
         "Faulty readings in a row that open an incident for a meter",
     ),
+    Variable(
+        "METERFLOW_INCIDENT_AUTOCLOSE_HOURS",
+        "168",
+        "Hours after which an incident still open is closed (and the close logged); 0 = never",
+    ),
     Variable("METABASE_URL", "http://localhost:3000", "Metabase that provision-metabase sets up"),
     Variable("METABASE_ADMIN_EMAIL", "", "Metabase admin created on first start (required)"),
     Variable("METABASE_ADMIN_PASSWORD", "", "Password of that admin (required, no default)"),
@@ -180,7 +185,13 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "METERFLOW_DETECTION",
         "off",
-        "on: the stream publishes per-meter reading digests for the stateful stage",
+        "on: the stream publishes per-meter reading digests and runs the stateful stage",
+    ),
+    Variable(
+        "METERFLOW_DETECTION_TIME",
+        "processing",
+        "NO_DATA's clock: processing (live) or event (replays and backfills, against the "
+        "watermark)",
     ),
     Variable(
         "METERFLOW_STUCK_READINGS",
@@ -335,8 +346,10 @@ class Settings:
     reading_interval_seconds: int
     day_grace_seconds: int
     incident_threshold: int
+    incident_autoclose_hours: float
     detection: DetectionRules
     detection_on: bool
+    detection_time: str
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -395,8 +408,12 @@ class Settings:
             ),
             day_grace_seconds=int(_number(env, "METERFLOW_DAY_GRACE_SECONDS", int, 0)),
             incident_threshold=int(_number(env, "METERFLOW_INCIDENT_THRESHOLD", int, 1)),
+            incident_autoclose_hours=float(
+                _number(env, "METERFLOW_INCIDENT_AUTOCLOSE_HOURS", float, 0)
+            ),
             detection=_detection_rules(env),
             detection_on=_choice(env, "METERFLOW_DETECTION", ("on", "off")) == "on",
+            detection_time=_choice(env, "METERFLOW_DETECTION_TIME", ("processing", "event")),
         )
 
     @property

@@ -129,6 +129,17 @@ STATEFUL_FAULTS: tuple[FaultCode, ...] = (
     FaultCode.NO_DATA,
 )
 
+#: How urgent an incident of each code is (``incidents.severity``): a leak wastes water and
+#: money every hour; a silent or stuck meter hides consumption; a spike or a bad reading is
+#: one number to correct.
+SEVERITY: dict[FaultCode, str] = {
+    FaultCode.LEAK: "critical",
+    FaultCode.NO_DATA: "major",
+    FaultCode.STUCK: "major",
+    FaultCode.SPIKE: "minor",
+    **{code: "minor" for code in STATELESS_FAULTS},
+}
+
 
 class Status(StrEnum):
     VALID = "valid"

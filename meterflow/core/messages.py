@@ -3,7 +3,8 @@
 Every Kafka message meterflow writes or reads is one of these:
 
 - :class:`ReadingMessage` on ``iot-meter`` (from meters, the simulator and the replay tool);
-- :class:`AbnormalEvent` on ``iot-abnormal`` (one per abnormal reading, from the stream);
+- :class:`AbnormalEvent` on ``iot-abnormal`` (one per abnormal reading, from the stream;
+  one per opening or clearing of a stateful rule's episode, with its :class:`Episode`);
 - :class:`StatusUpdate` on ``iot-meter-status`` (one per meter and micro-batch);
 - :class:`ReadingDigest` on ``iot-meter-digest`` (a meter's readings of a micro-batch, for
   the stateful stage);
@@ -23,7 +24,7 @@ import json
 import math
 from enum import StrEnum
 from functools import cache
-from typing import Annotated, Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -101,11 +102,27 @@ class EventSource(Message, kw_only=True):
     offset: int
 
 
-class AbnormalEvent(Message, kw_only=True):
-    """An ``iot-abnormal`` event: an abnormal reading, the reading as sent, and its source.
+class Episode(Message, kw_only=True):
+    """A stateful rule's fault episode (STUCK, SPIKE, LEAK, NO_DATA) that opened or cleared.
 
-    ``event_id`` is derived from the source coordinates, so a retried batch republishes the
-    same id and the serving layer stores it once.
+    ``id`` is ``device|code|start`` (:func:`meterflow.stream.detect.episode_id`): the same
+    for the opening and the clearing, and again when a batch is retried. Both travel on
+    ``iot-abnormal`` keyed by ``device_id``, so a consumer sees a meter's opening before its
+    clearing (docs/architecture.md, "Stateful detection").
+    """
+
+    id: NonEmpty
+    action: Literal["open", "clear"]
+    start: str
+
+
+class AbnormalEvent(Message, kw_only=True):
+    """An ``iot-abnormal`` event: an abnormal reading, the reading as sent, and its source;
+    or a stateful rule's episode opening or clearing (``episode`` set, ``source`` None).
+
+    ``event_id`` is derived from the source coordinates (from the episode id and action for
+    an episode), so a retried batch republishes the same id and the serving layer stores it
+    once. ``timestamp`` is the event time of the reading (or the silence) that decided.
     """
 
     event_id: NonEmpty
@@ -117,6 +134,7 @@ class AbnormalEvent(Message, kw_only=True):
     reading: dict[str, Any] | None = None
     detected_at: str
     source: EventSource | None = None
+    episode: Episode | None = None
 
 
 class StatusUpdate(Message, kw_only=True):
