@@ -145,6 +145,15 @@ def observe(meter: Meter, state: MeterState, readings: Iterable[Observed]) -> li
                 _clear(meter, FaultCode.NO_DATA, state.silent_open, reading, "reporting again")
             )
             state.silent_open = 0
+        elif state.last_us and reading.event_us > deadline(meter, state):
+            # A silence no timer saw: both its ends came in one batch (a catch-up, a replay,
+            # a detector that was down). It opened at its deadline and ends now, whatever
+            # the batch sizes were.
+            out += expire(meter, state, deadline(meter, state))
+            out.append(
+                _clear(meter, FaultCode.NO_DATA, state.silent_open, reading, "reporting again")
+            )
+            state.silent_open = 0
         state.last_us = reading.event_us
         value = reading.value
         if reading.faulty or value is None or not math.isfinite(value):

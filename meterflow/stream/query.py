@@ -45,6 +45,7 @@ from meterflow.core.errors import DataLossError, MeterflowError, StreamUnavailab
 from meterflow.core.ledger import BATCH, GENERATION, LOSS, STAGING_DIR, Ledger, Range
 from meterflow.core.logs import get_logger
 from meterflow.core.signals import SignalHandler, signals_handled
+from meterflow.stream.detection import EpisodePublisher, plan_detection, start_detection
 from meterflow.stream.tasks import (
     SUMMARY_SCHEMA,
     EventTopics,
@@ -449,8 +450,13 @@ def start_query(
         # Deleted offsets are skipped by the source and decided on by the committer, which
         # sees the gap against the ledger (one rule for the Python and the JVM source).
         .option("failOnDataLoss", "false")
-        .option("minPartitions", str(max(2, spark.sparkContext.defaultParallelism)))
     )
+    if not settings.detection_on:
+        # More tasks than partitions use every core, but would split a meter's readings
+        # over tasks, each publishing a digest: the detector would skip the older one if
+        # it came second (docs/architecture.md, "Stateful detection").
+        parallelism = max(2, spark.sparkContext.defaultParallelism)
+        reader = reader.option("minPartitions", str(parallelism))
     if settings.max_offsets_per_trigger:
         reader = reader.option("maxOffsetsPerTrigger", str(settings.max_offsets_per_trigger))
     writer = (
@@ -468,21 +474,24 @@ def start_query(
     return query
 
 
-def _await(query: StreamingQuery, stop: threading.Event, grace_s: float = 60.0) -> None:
-    """Wait for the query; once ``stop`` is set let the running micro-batch commit, then stop."""
-    while query.isActive and not stop.is_set():
+def _await(queries: list[StreamingQuery], stop: threading.Event, grace_s: float = 60.0) -> None:
+    """Wait while every query runs (one that ends or fails ends the wait); once ``stop`` is
+    set let each running micro-batch commit, then stop them."""
+    while all(q.isActive for q in queries) and not stop.is_set():
         try:
-            query.awaitTermination(1)
+            queries[0].awaitTermination(1)
         except StreamingQueryException:  # read again by the caller from query.exception()
             break
-    if stop.is_set() and query.isActive:
+    if stop.is_set() and any(q.isActive for q in queries):
         log.info("streaming=stopping reason=signal")
         deadline = time.monotonic() + grace_s
-        while query.isActive and query.status["isTriggerActive"]:
+        while any(q.isActive and q.status["isTriggerActive"] for q in queries):
             if time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-        query.stop()
+    for query in queries:
+        if query.isActive:
+            query.stop()
 
 
 def _generation_changed(bootstrap_servers: str, topic: str, generation: str) -> bool:
@@ -590,13 +599,35 @@ def _run(
         )
         lake.write_watermark(settings.lake_path, lake.read_watermark(settings.lake_path))
         query = start_query(spark, settings, source_format, plan, committer, available_now)
+        queries: list[StreamingQuery] = [query]
+        publisher: EpisodePublisher | None = None
+        unstarted: BaseException | None = None
         try:
-            _await(query, stop)
+            if settings.detection_on and not available_now:  # live: both run side by side
+                publisher, detector = _start_detector(spark, settings, source_format, False)
+                queries.append(detector)
+            _await(queries, stop)
+            if settings.detection_on and available_now and _ended_well(query, committer):
+                # A catch-up: the digests are all published once the lake query is done.
+                publisher, detector = _start_detector(spark, settings, source_format, True)
+                queries.append(detector)
+                _await([detector], stop)
+        except kafka.KafkaUnavailableError as exc:  # the digest topic's id, before any query
+            unstarted = exc
         finally:
-            if query.isActive:
-                query.stop()
+            for running in queries:
+                if running.isActive:
+                    running.stop()
             totals.update(committer.totals)
-        error = committer.failure or query.exception()
+            if publisher is not None:
+                totals.update(publisher.totals)
+        error = (
+            committer.failure
+            or query.exception()
+            or unstarted
+            or (publisher.failure if publisher is not None else None)
+            or (queries[1].exception() if len(queries) > 1 else None)
+        )
         if error is None:
             break
         if isinstance(error, GenerationChangedError) or _generation_changed(
@@ -621,6 +652,7 @@ def _run(
             break
     result = {name: totals[name] for name in ("read", "valid", "abnormal", "deadletter")}
     result.update(skipped=totals["skipped"], lost=totals["lost"])
+    result.update({name: n for name, n in totals.items() if name.startswith(("open_", "clear_"))})
     log.info(
         "streaming=stopped seconds=%.1f read=%d valid=%d abnormal=%d deadletter=%d skipped=%d "
         "lost=%d",
@@ -628,6 +660,48 @@ def _run(
         *(result[k] for k in ("read", "valid", "abnormal", "deadletter", "skipped", "lost")),
     )
     return result
+
+
+def _ended_well(query: StreamingQuery, committer: LakeCommitter) -> bool:
+    return not query.isActive and committer.failure is None and query.exception() is None
+
+
+def _start_detector(
+    spark: SparkSession, settings: Settings, source_format: str, available_now: bool
+) -> tuple[EpisodePublisher, StreamingQuery]:
+    """The stateful stage's query (:mod:`meterflow.stream.detection`) and its publisher.
+
+    A catch-up (``available_now``) runs in event time whatever ``METERFLOW_DETECTION_TIME``
+    says: processing-time timers are always pending, so Spark would never call it done.
+    """
+    clock = "event" if available_now else settings.detection_time
+    plan = plan_detection(
+        settings.bootstrap_servers, settings.topic_digest, settings.checkpoint_path, clock
+    )
+    publisher = EpisodePublisher(settings.bootstrap_servers, settings.topic_abnormal)
+    log.info(
+        "detector source=%s topic=%s generation=%s clock=%s checkpoint=%s",
+        source_format,
+        settings.topic_digest,
+        plan.generation,
+        clock,
+        plan.checkpoint,
+    )
+    query = start_detection(
+        spark,
+        source_format,
+        settings.bootstrap_servers,
+        plan,
+        publisher,
+        settings.topic_digest,
+        settings.detection,
+        {},
+        settings.reading_interval_seconds,
+        clock,
+        settings.trigger_seconds,
+        available_now,
+    )
+    return publisher, query
 
 
 def _backoff(settings: Settings, attempt: int, error: BaseException, stop: threading.Event) -> int:

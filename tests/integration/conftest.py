@@ -47,7 +47,7 @@ def bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def make_topics(bootstrap: str) -> Callable[..., dict[str, str]]:
-    """Fresh, uniquely named readings/abnormal/dead-letter/status topics for one test."""
+    """Fresh, uniquely named readings/abnormal/dead-letter/status/digest topics for one test."""
 
     def make(partitions: int = 2) -> dict[str, str]:
         suffix = uuid.uuid4().hex[:8]
@@ -56,6 +56,7 @@ def make_topics(bootstrap: str) -> Callable[..., dict[str, str]]:
             "METERFLOW_TOPIC_ABNORMAL": f"abnormal-{suffix}",
             "METERFLOW_TOPIC_DEADLETTER": f"deadletter-{suffix}",
             "METERFLOW_TOPIC_STATUS": f"status-{suffix}",
+            "METERFLOW_TOPIC_DIGEST": f"digest-{suffix}",
         }
         kafka.ensure_topics(bootstrap, names.values(), partitions)
         return names

@@ -168,7 +168,6 @@ def test_with_detection_on_each_meter_gets_a_digest_of_its_readings(
     """METERFLOW_DETECTION=on: the tasks publish each meter's readings on iot-meter-digest."""
     settings = make_settings(partitions=1, METERFLOW_DETECTION="on")
     assert settings.topic_digest in settings.topics
-    kafka.ensure_topics(settings.bootstrap_servers, [settings.topic_digest], 1)
 
     def em(device: str, minute: int, value: float) -> bytes:
         stamp = f"2024-05-27T10:{minute:02d}:00Z"
@@ -182,8 +181,9 @@ def test_with_detection_on_each_meter_gets_a_digest_of_its_readings(
         messages.decode(m.value(), messages.ReadingDigest)
         for m in read_all(settings.bootstrap_servers, settings.topic_digest)
     ]
-    # A task covers part of a partition, so a meter may get one digest per task; each is
-    # in event-time order, and together they hold each of its readings once.
+    # With detection on a task reads a whole partition: one digest per meter and batch,
+    # in event-time order, holding each of its readings once.
+    assert sorted(d.device_id for d in digests) == ["em1", "em2"]
     readings: dict[str, list[tuple[int, float | None, bool]]] = {}
     for digest in digests:
         assert digest.event_us == sorted(digest.event_us)
@@ -192,7 +192,7 @@ def test_with_detection_on_each_meter_gets_a_digest_of_its_readings(
             zip(digest.event_us, digest.values, digest.faulty, strict=True)
         )
     start = contract.parse_timestamp_us("2024-05-27T10:00:00Z")
-    assert sorted(readings["em1"]) == [
+    assert readings["em1"] == [
         (start, -1.0, True),
         (start + 60_000_000, 0.7, False),
         (start + 120_000_000, 0.5, False),

@@ -51,8 +51,8 @@ def test_stuck_opens_after_n_repeats_and_clears_on_a_new_value() -> None:
     opened = feed(POWER, state, {10 + RULES.stuck_readings - 1: 0.731})
     assert codes(opened) == [FaultCode.STUCK]
     assert opened[0].start_us == at(10)  # the episode starts at the run's first reading
-    assert feed(POWER, state, {30: 0.731}) == []  # still stuck: nothing new
-    cleared = feed(POWER, state, {31: 0.5})
+    assert feed(POWER, state, {18: 0.731}) == []  # still stuck: nothing new
+    cleared = feed(POWER, state, {19: 0.5})
     assert codes(cleared, CLEAR) == [FaultCode.STUCK]
     assert cleared[0].episode_id == opened[0].episode_id
 
@@ -117,6 +117,24 @@ def test_no_data_opens_at_the_deadline_once_and_any_reading_clears_it() -> None:
     cleared = feed(POWER, state, {9: 0.4})
     assert codes(cleared, CLEAR) == [FaultCode.NO_DATA]
     assert cleared[0].episode_id == opened[0].episode_id
+
+
+def test_a_silence_inside_one_batch_is_an_episode_whatever_the_batch_sizes() -> None:
+    """A catch-up can bring both ends of a silence at once: no timer fires in between."""
+    values = {i: normal(i) for i in [*range(10), *range(10 + RULES.nodata_intervals, 30)]}
+    whole = feed(POWER, MeterState(), values)
+    assert [(d.code, d.action, d.start_us) for d in whole] == [
+        (FaultCode.NO_DATA, OPEN, at(10)),
+        (FaultCode.NO_DATA, CLEAR, at(10)),
+    ]
+    assert whole[0].at_us == at(9) + RULES.nodata_intervals * STEP * 1_000_000  # its deadline
+    one_by_one: list = []
+    state = MeterState()
+    for i, value in values.items():
+        one_by_one += feed(POWER, state, {i: value})
+    assert one_by_one == whole
+    shorter = {i: normal(i) for i in [*range(10), *range(10 + RULES.nodata_intervals - 1, 30)]}
+    assert feed(POWER, MeterState(), shorter) == []  # one interval short of the deadline
 
 
 def test_a_retried_batch_gives_the_same_episode_ids() -> None:

@@ -102,8 +102,8 @@ def test_stuck_through_the_processor_keeps_one_state_value() -> None:
     bucket = msgspec.msgpack.decode(bytes(stored[0]), type=Bucket)
     assert bucket.meters["em1"].stuck_open == at(5) and bucket.timer_ms > 0
     # A faulty reading (any stateless fault) neither clears nor extends the run.
-    assert changes(tester.testInPandas(BUCKET, digest((20, -1.0, True)))) == []
-    cleared = tester.testInPandas(BUCKET, digest((21, 0.3)))
+    assert changes(tester.testInPandas(BUCKET, digest((13, -1.0, True)))) == []
+    cleared = tester.testInPandas(BUCKET, digest((14, 0.3)))
     assert changes(cleared) == [(str(FaultCode.STUCK), CLEAR)]
 
 

@@ -1,0 +1,210 @@
+"""The stateful stage as a query of its own: reading digests in, episode events out.
+
+``meterflow stream`` (and the streaming job) start it beside the lake query when
+``METERFLOW_DETECTION=on``. It reads ``iot-meter-digest`` (which the lake query's tasks
+fill), runs :func:`meterflow.stream.detector.detect_faults` on the RocksDB state store,
+and publishes every episode change as an :class:`~meterflow.core.messages.AbnormalEvent`
+with its :class:`~meterflow.core.messages.Episode` on ``iot-abnormal``, keyed by meter,
+before the micro-batch commits. A batch retried after a crash recomputes the same changes
+from the same state version, and the event ids (``device|code|start|action``) make the
+sink store them once (docs/architecture.md, "Stateful detection").
+
+Its checkpoint lives per digest-topic generation and per NO_DATA clock: state cannot carry
+over to a recreated topic (its offsets restart) or between clocks (the timers differ), so
+either change starts the meters' history afresh, which the log says.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pyarrow.fs as pafs
+from pyspark.sql import DataFrame, Row, SparkSession
+from pyspark.sql.streaming import StreamingQuery
+
+from meterflow.clients import kafka
+from meterflow.core import lake
+from meterflow.core.contract import DetectionRules, FaultCode, format_timestamp_us
+from meterflow.core.logs import get_logger
+from meterflow.core.messages import AbnormalEvent, Episode, encode
+from meterflow.stream.detect import episode_id
+from meterflow.stream.detector import (
+    DIGEST_DDL,
+    EVENT_TIME,
+    PROCESSING_TIME,
+    detect_faults,
+    digest_input,
+)
+
+log = get_logger("meterflow.stream.detection")
+QUERY_NAME = "meterflow_detector"
+#: Digests a micro-batch reads at most: a catch-up then moves the watermark in steps (a
+#: meter on a partition that is behind is not taken for silent) and bounds the pandas
+#: frames the state store's workers hold. One digest is a meter's readings of one batch.
+DIGESTS_PER_TRIGGER = 20_000
+#: ``METERFLOW_DETECTION_TIME`` to the operator's time mode.
+TIME_MODES = {"processing": PROCESSING_TIME, "event": EVENT_TIME}
+
+
+@dataclass(frozen=True)
+class DetectionPlan:
+    """Where the detector reads from: the digest topic's generation and the checkpoint."""
+
+    generation: str
+    checkpoint: str
+
+
+def plan_detection(
+    bootstrap_servers: str, topic: str, checkpoint_path: str, clock: str
+) -> DetectionPlan:
+    """The checkpoint of the digest topic's current generation under this ``clock``."""
+    generation = kafka.topic_ids(bootstrap_servers, [topic])[topic]
+    safe = generation.replace("/", "_").replace("+", "-")  # topic ids are base64
+    root = posixpath.join(checkpoint_path.rstrip("/"), "detector", clock)
+    checkpoint = posixpath.join(root, f"{topic}-{safe}")
+    fs, local_root = lake.filesystem_for(root)
+    others = [
+        info.base_name
+        for info in fs.get_file_info(pafs.FileSelector(local_root, allow_not_found=True))
+        if info.type == pafs.FileType.Directory and info.base_name != posixpath.basename(checkpoint)
+    ]
+    fs_checkpoint, local_checkpoint = lake.filesystem_for(checkpoint)
+    fresh = fs_checkpoint.get_file_info(local_checkpoint).type == pafs.FileType.NotFound
+    if fresh and others:
+        log.warning(
+            "detector=fresh-state reason=new-digest-topic topic=%s generation=%s previous=%s",
+            topic,
+            generation,
+            ",".join(sorted(others)),
+        )
+    return DetectionPlan(generation, checkpoint)
+
+
+def episode_event(row: Row, detected_at: str) -> AbnormalEvent:
+    """One change row of :data:`~meterflow.stream.detector.CHANGE_SCHEMA` as a wire event."""
+    code = FaultCode(row.fault_code)
+    episode = Episode(
+        id=episode_id(row.device_id, code, row.start_us),
+        action=row.action,
+        start=format_timestamp_us(row.start_us),
+    )
+    return AbnormalEvent(
+        event_id=f"{episode.id}|{row.action}",
+        device_id=row.device_id,
+        meter_type=row.meter_type,
+        timestamp=format_timestamp_us(row.at_us),
+        fault_code=str(code),
+        reason=row.reason,
+        reading=None if row.value is None else {"value": row.value},
+        detected_at=detected_at,
+        episode=episode,
+    )
+
+
+class EpisodePublisher:
+    """``foreachBatch``: publish a micro-batch's episode changes, then let it commit.
+
+    The frame is computed once (``collect``): that is what commits the state store's
+    version for the batch. Undelivered events fail the batch, so it is retried rather than
+    committed without them.
+    """
+
+    def __init__(self, bootstrap_servers: str, topic: str) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.topic = topic
+        self.totals: Counter[str] = Counter()
+        self.batches = 0
+        self.failure: BaseException | None = None
+
+    def __call__(self, frame: DataFrame, batch_id: int) -> None:
+        try:
+            self.publish(frame, batch_id)
+        except BaseException as exc:
+            self.failure = exc
+            raise
+
+    def publish(self, frame: DataFrame, batch_id: int) -> None:
+        started = time.monotonic()
+        rows = frame.collect()
+        counts: Counter[str] = Counter(f"{row.action}_{row.fault_code}" for row in rows)
+        if rows:
+            detected_at = format_timestamp_us(int(datetime.now(UTC).timestamp() * 1e6))
+            producer = kafka.producer(self.bootstrap_servers)
+            failed: list[str] = []
+
+            def delivered(error: object, _message: object) -> None:
+                if error is not None:
+                    failed.append(str(error))
+
+            for row in rows:
+                event = episode_event(row, detected_at)
+                kafka.produce(
+                    producer,
+                    self.topic,
+                    encode(event),
+                    event.device_id.encode(),
+                    on_delivery=delivered,
+                )
+            remaining = producer.flush(120)
+            if remaining or failed:
+                raise kafka.KafkaUnavailableError(
+                    f"{remaining} episode events undelivered, {len(failed)} failed (first: "
+                    f"{failed[:1]}); the detector's batch {batch_id} will be retried"
+                )
+        self.batches += 1
+        self.totals.update(counts)
+        log.info(
+            "detector_batch=%d changes=%d %s seconds=%.2f",
+            batch_id,
+            len(rows),
+            " ".join(f"{name.lower()}={n}" for name, n in sorted(counts.items())) or "none=0",
+            time.monotonic() - started,
+        )
+
+
+def start_detection(
+    spark: SparkSession,
+    source_format: str,
+    bootstrap_servers: str,
+    plan: DetectionPlan,
+    publisher: EpisodePublisher,
+    digest_topic: str,
+    rules: DetectionRules,
+    profiles: Mapping[str, int],
+    default_interval_s: int,
+    clock: str,
+    trigger_seconds: float,
+    available_now: bool = False,
+) -> StreamingQuery:
+    """Wire the digest source, the stateful stage and the publisher; the running query.
+
+    A fresh checkpoint reads the digest topic from its start: the digests Kafka still
+    holds rebuild the meters' recent history (baselines, runs) before live data.
+    """
+    digests = (
+        spark.readStream.format(source_format)
+        .option("kafka.bootstrap.servers", bootstrap_servers)
+        .option("subscribe", digest_topic)
+        .option("startingOffsets", "earliest")
+        .option("failOnDataLoss", "false")
+        .option("maxOffsetsPerTrigger", str(DIGESTS_PER_TRIGGER))
+        .load()
+        .select("value")
+        .mapInArrow(digest_input, DIGEST_DDL)
+    )
+    changes = detect_faults(digests, rules, profiles, default_interval_s, TIME_MODES[clock])
+    writer = (
+        changes.writeStream.queryName(QUERY_NAME)
+        .foreachBatch(publisher)
+        .option("checkpointLocation", plan.checkpoint)
+    )
+    if available_now:
+        writer = writer.trigger(availableNow=True)
+    else:
+        writer = writer.trigger(processingTime=f"{trigger_seconds:g} seconds")
+    return writer.start()

@@ -1,0 +1,86 @@
+"""The stateful stage in the running stream: readings through the broker, the lake query's
+digests, the detector query and its episode events on iot-abnormal; restarted in the
+middle of a STUCK run and of a silent span, it loses no episode change and repeats none."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from pyspark.sql import SparkSession
+
+from bench.common import read_all
+from meterflow.clients import kafka
+from meterflow.core import messages
+from meterflow.core.config import Settings
+from meterflow.core.contract import format_timestamp_us, parse_timestamp_us
+from meterflow.stream.query import run
+
+T0 = parse_timestamp_us("2024-05-27T00:00:00Z")
+STEP_US = 900 * 1_000_000
+
+
+def at(i: int) -> int:
+    return T0 + i * STEP_US
+
+
+def normal(i: int) -> float:
+    return round(0.2 + 0.05 * ((i * 7) % 11) + 0.001 * (i % 13), 3)
+
+
+def send(settings: Settings, readings: list[tuple[str, int, float]]) -> None:
+    producer = kafka.producer(settings.bootstrap_servers)
+    for device, i, value in readings:
+        reading = {"device_id": device, "timestamp": format_timestamp_us(at(i)), "usage_kwh": value}
+        producer.produce(settings.topic_readings, json.dumps(reading).encode(), device.encode())
+    assert producer.flush(30) == 0
+
+
+def episode_events(settings: Settings) -> list[messages.AbnormalEvent]:
+    events = [
+        messages.decode(m.value(), messages.AbnormalEvent)
+        for m in read_all(settings.bootstrap_servers, settings.topic_abnormal)
+    ]
+    return [e for e in events if e.episode is not None]
+
+
+def test_episodes_reach_iot_abnormal_once_across_restarts(
+    spark: SparkSession, make_settings
+) -> None:
+    settings = make_settings(
+        partitions=2, METERFLOW_DETECTION="on", METERFLOW_DETECTION_TIME="event"
+    )
+    # em1 turns stuck at reading 10; em2 reports until reading 13, then falls silent.
+    send(settings, [("em1", i, normal(i)) for i in range(10)])
+    send(settings, [("em2", i, normal(i)) for i in range(14)])
+    send(settings, [("em1", i, 0.777) for i in range(10, 14)])
+    first = run(settings, available_now=True, spark=spark)
+    assert first["read"] == 28 and episode_events(settings) == []  # four repeats of eight
+
+    send(settings, [("em1", i, 0.777) for i in range(14, 24)])  # restart in the STUCK run
+    second = run(settings, available_now=True, spark=spark)
+    assert second["open_STUCK"] == 1
+    send(settings, [("em1", i, 0.777) for i in range(24, 26)])  # restart in em2's silence
+    run(settings, available_now=True, spark=spark)
+    send(settings, [("em1", 26, 0.5), ("em2", 26, normal(26))])  # both recover
+    run(settings, available_now=True, spark=spark)
+
+    events = episode_events(settings)
+    seen = Counter(
+        (e.device_id, e.fault_code, e.episode.action, e.episode.start)
+        for e in events
+        if e.episode is not None
+    )
+    start = lambda i: format_timestamp_us(at(i))  # noqa: E731
+    assert seen == {
+        ("em1", "STUCK", "open", start(10)): 1,
+        ("em1", "STUCK", "clear", start(10)): 1,
+        ("em2", "NO_DATA", "open", start(14)): 1,
+        ("em2", "NO_DATA", "clear", start(14)): 1,
+    }
+    opened = next(e for e in events if e.fault_code == "STUCK" and e.episode.action == "open")
+    assert opened.event_id == f"em1|STUCK|{at(10)}|open"
+    assert opened.timestamp == start(17) and opened.reading == {"value": 0.777}
+    assert opened.source is None and opened.reason and "repeated 8 times" in opened.reason
+    # The stateless events of these readings: none (every reading was good).
+    assert len(read_all(settings.bootstrap_servers, settings.topic_abnormal)) == len(events)
