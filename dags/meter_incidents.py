@@ -6,6 +6,8 @@ seconds; a five-minute timer also runs it, because recoveries arrive as good rea
 not as abnormal events. Each run compares ``meter_status`` (kept by ``meterflow sink``)
 with ``incidents``: a meter with ``METERFLOW_INCIDENT_THRESHOLD`` faulty readings in a row
 gets one open incident; a meter whose latest reading was good gets its incident closed.
+Incidents of the stateful rules' episodes are the sink's; this DAG only closes those (and
+its own) still open after ``METERFLOW_INCIDENT_AUTOCLOSE_HOURS`` (0 = never).
 """
 
 from __future__ import annotations
@@ -49,13 +51,20 @@ abnormal_events = Asset(
 def meter_incidents() -> None:
     @task
     def reconcile_incidents() -> dict:
-        """Open incidents for failing meters and close those of recovered ones."""
-        from meterflow.serving.incidents import reconcile
+        """Close incidents open longer than ``METERFLOW_INCIDENT_AUTOCLOSE_HOURS`` (first,
+        so ``open_now`` counts what is left), then open incidents for failing meters and
+        close those of recovered ones."""
+        from datetime import UTC, datetime, timedelta
+
+        from meterflow.serving.incidents import auto_close, reconcile
         from meterflow_airflow.hooks import MeterflowHook
 
         hook = MeterflowHook()
-        report = reconcile(hook.get_conn(), hook.settings.incident_threshold)
-        return report.as_dict()
+        db = hook.get_conn()
+        max_open = timedelta(hours=hook.settings.incident_autoclose_hours)
+        closed = auto_close(db, max_open, datetime.now(UTC))
+        report = reconcile(db, hook.settings.incident_threshold)
+        return {**report.as_dict(), "auto_closed": closed}
 
     reconcile_incidents()
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from meterflow.clients import mongo
 from meterflow.core import contract, messages
+from meterflow.stream.detect import episode_id
 
 START_US = contract.parse_timestamp_us("2024-05-27T00:00:00Z")
 DETECTED_US = contract.parse_timestamp_us("2026-11-20T12:00:00.123456Z")
@@ -36,6 +37,43 @@ def event_json(device: str, offset: int, minute: int, value: float = -1) -> byte
         reading, "iot-meter", GENERATION, offset % 3, offset, DETECTED_US
     )
     return messages.encode(event)
+
+
+def episode_json(
+    device: str,
+    code: str,
+    start_minute: int,
+    action: str,
+    at_minute: int,
+    reason: str = "",
+    value: float | None = 1.5,
+    **overrides: Any,
+) -> bytes:
+    """A stateful rule's episode opening or clearing, as the detector publishes it."""
+    start_us = START_US + start_minute * 60_000_000
+    episode = messages.Episode(
+        id=episode_id(device, contract.FaultCode(code), start_us),
+        action=action,
+        start=contract.format_timestamp_us(start_us),
+    )
+    event = messages.AbnormalEvent(
+        event_id=f"{episode.id}|{action}",
+        device_id=device,
+        meter_type="electricity",
+        timestamp=contract.format_timestamp_us(START_US + at_minute * 60_000_000),
+        fault_code=code,
+        reason=reason or f"{code} {action}",
+        reading=None if value is None else {"value": value},
+        detected_at=contract.format_timestamp_us(DETECTED_US),
+        episode=episode,
+    )
+    if not overrides:
+        return messages.encode(event)
+    return json.dumps({**json.loads(messages.encode(event)), **overrides}).encode()
+
+
+def at_minute(minute: int) -> datetime:
+    return datetime.fromtimestamp(START_US / 1e6 + minute * 60, UTC)
 
 
 def status_json(device: str, flags: list[bool], first_index: int) -> bytes:

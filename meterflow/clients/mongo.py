@@ -24,13 +24,13 @@ log = get_logger(__name__)
 
 #: Collections of the ``iot`` database (README, "Serving layer: MongoDB").
 ABNORMAL_READINGS = "abnormal_readings"  # _id = event id (topic-generation-partition-offset)
-METER_STATUS = "meter_status"  # _id = device_id: last seen, last reading, open fault
+METER_STATUS = "meter_status"  # _id = device_id: last seen, last reading, open fault, episodes
 METERS = "meters"  # _id = device_id: the fleet registry
 DAILY_METER_AVERAGES = "daily_meter_averages"  # _id = "<date>|<device_id>"
 DAILY_TYPE_AVERAGES = "daily_type_averages"  # _id = "<date>|<meter_type>"
 DAILY_DISTRICT_AVERAGES = "daily_district_averages"  # _id = "<date>|<district>|<type>"
 DAILY_REPORTS = "daily_reports"  # _id = date: what the batch job found for the day
-INCIDENTS = "incidents"  # one per meter and failure episode
+INCIDENTS = "incidents"  # one per run of faulty readings (per meter) or rule episode
 
 _SERVER_SELECTION_MS = 5000
 

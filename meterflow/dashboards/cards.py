@@ -19,9 +19,10 @@ from meterflow.clients.mongo import (
     ABNORMAL_READINGS,
     DAILY_METER_AVERAGES,
     DAILY_TYPE_AVERAGES,
+    INCIDENTS,
     METER_STATUS,
 )
-from meterflow.core.contract import SECONDS_PER_DAY
+from meterflow.core.contract import SECONDS_PER_DAY, SEVERITY
 
 DASHBOARD_NAME = "Smart meters"
 DASHBOARD_DESCRIPTION = (
@@ -235,6 +236,91 @@ COMPLETENESS_PER_DAY = Card(
     layout=(14, 12, 12, 8),
 )
 
+
+def _severity_of(code_path: str) -> dict[str, Any]:
+    """A fault code's severity from the contract (:data:`SEVERITY`), computed in the
+    pipeline so that incidents stored before they carried ``severity`` have one too."""
+    return {
+        "$switch": {
+            "branches": [
+                {"case": {"$eq": [code_path, str(code)]}, "then": severity}
+                for code, severity in SEVERITY.items()
+            ],
+            "default": "unknown",
+        }
+    }
+
+
+_SEVERITY_RANK = {"critical": 0, "major": 1, "minor": 2}
+
+OPEN_INCIDENTS_BY_CODE = Card(
+    name="Open incidents by code",
+    description=(
+        "Open incidents per fault code, most severe first, with the oldest one's opening: "
+        "stateful rules' episodes and meters that keep failing."
+    ),
+    collection=INCIDENTS,
+    pipeline=[
+        {"$match": {"status": "open"}},
+        {
+            "$group": {
+                "_id": "$fault_code",
+                "open": {"$sum": 1},
+                "oldest_opened_at": {"$min": "$opened_at"},
+            }
+        },
+        {"$addFields": {"severity": _severity_of("$_id")}},
+        {
+            "$addFields": {
+                "rank": {
+                    "$switch": {
+                        "branches": [
+                            {"case": {"$eq": ["$severity", name]}, "then": rank}
+                            for name, rank in _SEVERITY_RANK.items()
+                        ],
+                        "default": len(_SEVERITY_RANK),
+                    }
+                }
+            }
+        },
+        {"$sort": {"rank": 1, "open": -1, "_id": 1}},
+        {
+            "$project": {
+                "_id": 0,
+                "fault_code": "$_id",
+                "severity": 1,
+                "open": 1,
+                "oldest_opened_at": 1,
+            }
+        },
+    ],
+    display="table",
+    layout=(22, 0, 12, 7),
+)
+
+SILENT_METERS_NOW = Card(
+    name="Silent meters now",
+    description=(
+        "Meters in a NO_DATA episode (meter_status.open_episodes.NO_DATA), silent longest first."
+    ),
+    collection=METER_STATUS,
+    pipeline=[
+        {"$match": {"open_episodes.NO_DATA": {"$exists": True}}},
+        {"$sort": {"open_episodes.NO_DATA": 1, "device_id": 1}},
+        {
+            "$project": {
+                "_id": 0,
+                "device_id": 1,
+                "meter_type": 1,
+                "since": "$open_episodes.NO_DATA",
+                "last_seen": 1,
+            }
+        },
+    ],
+    display="table",
+    layout=(22, 12, 12, 7),
+)
+
 CARDS: tuple[Card, ...] = (
     FAULTY_METERS_NOW,
     ABNORMAL_OVER_TIME,
@@ -242,4 +328,6 @@ CARDS: tuple[Card, ...] = (
     DAILY_AVERAGE_PER_TYPE,
     TOP_CONSUMERS_YESTERDAY,
     COMPLETENESS_PER_DAY,
+    OPEN_INCIDENTS_BY_CODE,
+    SILENT_METERS_NOW,
 )

@@ -58,6 +58,11 @@ def index_specs(abnormal_ttl_days: int) -> list[IndexSpec]:
     Abnormal readings expire by ``detected_at`` (when they were stored), not by the
     reading's own time, so a backfill of old days is not deleted on arrival. A closed
     incident expires by ``closed_at``; open ones have no ``closed_at`` and never expire.
+
+    ``one_open_per_device`` keeps one open incident per meter from ``meter_status``
+    (stateless faults): those have no ``episode_id``, which the index keys as null. A
+    stateful rule's incident carries its own ``episode_id``, so a meter can have several
+    of those open beside it. ``open_nodata`` is sparse: only silent meters have the field.
     """
     ttl = abnormal_ttl_days * SECONDS_PER_DAY if abnormal_ttl_days > 0 else None
     specs = [
@@ -66,6 +71,12 @@ def index_specs(abnormal_ttl_days: int) -> list[IndexSpec]:
         IndexSpec(mongo.ABNORMAL_READINGS, "time", (("timestamp", -1),)),
         IndexSpec(mongo.METER_STATUS, "open_fault", (("open_fault", 1), ("fault_since", 1))),
         IndexSpec(mongo.METER_STATUS, "last_seen", (("last_seen", -1),)),
+        IndexSpec(
+            mongo.METER_STATUS,
+            "open_nodata",
+            (("open_episodes.NO_DATA", 1),),
+            {"sparse": True},
+        ),
         IndexSpec(mongo.METERS, "district_type", (("district", 1), ("meter_type", 1))),
         IndexSpec(mongo.DAILY_METER_AVERAGES, "date_device", (("date", 1), ("device_id", 1))),
         IndexSpec(mongo.DAILY_METER_AVERAGES, "device_date", (("device_id", 1), ("date", -1))),
@@ -87,10 +98,11 @@ def index_specs(abnormal_ttl_days: int) -> list[IndexSpec]:
         ),
         IndexSpec(mongo.INCIDENTS, "device_status", (("device_id", 1), ("status", 1))),
         IndexSpec(mongo.INCIDENTS, "status_opened", (("status", 1), ("opened_at", -1))),
+        IndexSpec(mongo.INCIDENTS, "status_code", (("status", 1), ("fault_code", 1))),
         IndexSpec(
             mongo.INCIDENTS,
             "one_open_per_device",
-            (("device_id", 1),),
+            (("device_id", 1), ("episode_id", 1)),
             {"unique": True, "partialFilterExpression": {"status": "open"}},
         ),
     ]
@@ -118,6 +130,7 @@ def _matches(info: Mapping[str, Any], spec: IndexSpec) -> bool:
     return (
         _key_of(info) == spec.keys
         and bool(info.get("unique", False)) == bool(spec.options.get("unique", False))
+        and bool(info.get("sparse", False)) == bool(spec.options.get("sparse", False))
         and info.get("partialFilterExpression") == spec.options.get("partialFilterExpression")
         and info.get("expireAfterSeconds") == spec.ttl_seconds
     )

@@ -603,9 +603,73 @@ def test_daily_average_per_meter_type(serving_db, now) -> None:
     ]
 
 
+def test_open_incidents_by_code(serving_db, now) -> None:
+    opened = [ms(now - timedelta(hours=h)) for h in range(1, 12)]
+    docs = [
+        # code, status, origin (None: a document from before incidents had one)
+        ("LEAK", "open", "rule", opened[0]),
+        ("STUCK", "open", "rule", opened[1]),
+        ("STUCK", "open", "rule", opened[2]),
+        ("STUCK", "closed", "rule", opened[3]),
+        ("NO_DATA", "open", "rule", opened[4]),
+        ("NO_DATA", "open", "rule", opened[5]),
+        ("NO_DATA", "open", "rule", opened[6]),
+        ("SENTINEL", "open", None, opened[7]),
+        ("SENTINEL", "open", "reading", opened[8]),
+        ("NEGATIVE", "closed", None, opened[9]),
+        ("SPIKE", "open", "rule", opened[10]),
+    ]
+    serving_db.incidents.insert_many(
+        {
+            "_id": f"i{n}",
+            "device_id": f"m{n}",
+            "fault_code": code,
+            "status": state,
+            "opened_at": at,
+            **({"origin": origin} if origin else {}),
+        }
+        for n, (code, state, origin, at) in enumerate(docs)
+    )
+
+    rows = run(serving_db, dashboards.OPEN_INCIDENTS_BY_CODE, now)
+
+    assert [(r["severity"], r["fault_code"], r["open"]) for r in rows] == [
+        ("critical", "LEAK", 1),
+        ("major", "NO_DATA", 3),
+        ("major", "STUCK", 2),
+        ("minor", "SENTINEL", 2),
+        ("minor", "SPIKE", 1),
+    ]
+    oldest = {r["fault_code"]: r["oldest_opened_at"] for r in rows}
+    assert same_instant(oldest["STUCK"], opened[2]) and same_instant(oldest["NO_DATA"], opened[6])
+    assert set(rows[0]) == {"fault_code", "severity", "open", "oldest_opened_at"}
+
+
+def test_silent_meters_now(serving_db, now) -> None:
+    since = {f"m{i}": ms(now - timedelta(hours=h)) for i, h in enumerate((5, 30, 2, 30))}
+    docs = [
+        {"_id": d, "device_id": d, "meter_type": TYPES[i % 3], "open_episodes": {"NO_DATA": at}}
+        for i, (d, at) in enumerate(since.items())
+    ]
+    docs += [
+        {"_id": "m8", "device_id": "m8", "meter_type": "gas", "open_episodes": {"STUCK": now}},
+        {"_id": "m9", "device_id": "m9", "meter_type": "gas", "open_episodes": {}},
+        {"_id": "m10", "device_id": "m10", "meter_type": "water", "open_fault": "SENTINEL"},
+    ]
+    serving_db.meter_status.insert_many(docs)
+
+    rows = run(serving_db, dashboards.SILENT_METERS_NOW, now)
+
+    assert [r["device_id"] for r in rows] == ["m1", "m3", "m0", "m2"]
+    for row in rows:
+        assert same_instant(row["since"], since[row["device_id"]])
+        assert row["meter_type"] == TYPES[int(row["device_id"][1:]) % 3]
+        assert "_id" not in row
+
+
 def test_every_card_is_on_the_dashboard_grid() -> None:
     names = [card.name for card in dashboards.CARDS]
-    assert len(set(names)) == len(names) == 6
+    assert len(set(names)) == len(names) == 8
     cells: set[tuple[int, int]] = set()
     for card in dashboards.CARDS:
         row, col, size_x, size_y = card.layout

@@ -87,6 +87,13 @@ def test_one_open_incident_per_device_any_number_closed(db: Any) -> None:
     incidents.insert_one({"_id": "em2|0", "device_id": "em2", "status": "open"})
     with pytest.raises(DuplicateKeyError):
         incidents.insert_one({"_id": "em1|3", "device_id": "em1", "status": "open"})
+    # A stateful rule's incidents carry their episode id: several open beside the other.
+    for code in ("STUCK", "NO_DATA"):
+        episode = f"em1|{code}|0"
+        incidents.insert_one(
+            {"_id": episode, "episode_id": episode, "device_id": "em1", "status": "open"}
+        )
+    assert incidents.count_documents({"device_id": "em1", "status": "open"}) == 3
 
 
 def test_registry_loads_into_meters_and_reloads_without_duplicates(

@@ -45,11 +45,18 @@ log = get_logger(__name__)
 
 @dataclass
 class SinkStats:
-    """Running totals; ``consumed = written + duplicates + dead_lettered`` must hold."""
+    """Running totals; ``consumed = written + duplicates + dead_lettered`` must hold.
+
+    An episode's opening is an event written (or a duplicate) and may also open its
+    incident (``episodes_opened``); its clearing is stored in no ``abnormal_readings``, so
+    it counts as written through ``episodes_cleared`` (or as a duplicate).
+    """
 
     consumed: int = 0
     events_written: int = 0
     status_applied: int = 0
+    episodes_opened: int = 0
+    episodes_cleared: int = 0
     duplicates: int = 0
     dead_lettered: int = 0
     fault_counted: int = 0
@@ -60,7 +67,7 @@ class SinkStats:
 
     @property
     def written(self) -> int:
-        return self.events_written + self.status_applied
+        return self.events_written + self.status_applied + self.episodes_cleared
 
     @property
     def reconciled(self) -> bool:
@@ -70,7 +77,8 @@ class SinkStats:
         rate = self.consumed / self.seconds if self.seconds > 0 else 0.0
         return (
             f"consumed={self.consumed} written={self.written} events_written="
-            f"{self.events_written} status_applied={self.status_applied} duplicates="
+            f"{self.events_written} status_applied={self.status_applied} episodes_opened="
+            f"{self.episodes_opened} episodes_cleared={self.episodes_cleared} duplicates="
             f"{self.duplicates} dead_lettered={self.dead_lettered} fault_counted="
             f"{self.fault_counted} batches={self.batches} retries={self.retries} "
             f"commit_failures={self.commit_failures} seconds={self.seconds:.1f} "
@@ -424,6 +432,8 @@ class Sink:
         stats.consumed += len(self._batch)
         stats.events_written += result.inserted
         stats.status_applied += result.status_applied
+        stats.episodes_opened += result.episodes_opened
+        stats.episodes_cleared += result.episodes_cleared
         stats.duplicates += result.duplicates + result.status_stale
         stats.dead_lettered += dead
         stats.fault_counted += result.counted
@@ -432,13 +442,16 @@ class Sink:
         elapsed = time.monotonic() - started
         log.info(
             "sink=batch batch=%d consumed=%d upserted=%d duplicates=%d status_applied=%d "
-            "status_stale=%d dead_lettered=%d retries=%d write_s=%.3f events_per_s=%.0f | %s",
+            "status_stale=%d episodes_opened=%d episodes_cleared=%d dead_lettered=%d "
+            "retries=%d write_s=%.3f events_per_s=%.0f | %s",
             stats.batches,
             len(self._batch),
             result.inserted,
             result.duplicates,
             result.status_applied,
             result.status_stale,
+            result.episodes_opened,
+            result.episodes_cleared,
             dead,
             stats.retries - retries,
             elapsed,

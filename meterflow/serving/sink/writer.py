@@ -12,6 +12,14 @@
 - ``meter_status`` state follows the status topic: an update no newer than the stored
   ``last_seen`` is ignored, and the write is conditional on the ``last_seen`` it was
   merged with, so an old writer (during a rebalance) cannot overwrite a newer state.
+- Episodes of the stateful rules (events with ``episode``): an opening is stored like any
+  abnormal event and upserts its incident (``_id`` = episode id) with ``$setOnInsert``; a
+  clearing is not an abnormal reading, so it only closes the incident with ``$set`` (an
+  upsert too, so a clearing seen first still closes it and a later opening cannot reopen
+  it). ``meter_status.open_episodes.<CODE>`` holds the start of the meter's open episode:
+  set with ``$max`` (a replayed older opening cannot move it back), never for an episode
+  already cleared, and unset only by the clearing of that very start. docs/architecture.md,
+  "Episodes in the serving layer".
 """
 
 from __future__ import annotations
@@ -27,7 +35,9 @@ from pymongo.database import Database
 from pymongo.errors import AutoReconnect, BulkWriteError, ConnectionFailure
 
 from meterflow.clients import mongo
-from meterflow.core.messages import AbnormalEvent, StatusUpdate
+from meterflow.core.contract import SEVERITY
+from meterflow.core.messages import AbnormalEvent, Episode, StatusUpdate
+from meterflow.serving.incidents import CLOSED, OPEN, ORIGIN_RULE
 from meterflow.serving.sink.decode import event_document, millis, stored_time
 
 #: MongoDB errors that mean "not reachable right now": back off and retry the same batch.
@@ -35,6 +45,7 @@ from meterflow.serving.sink.decode import event_document, millis, stored_time
 #: ``NotPrimaryError``; ``ConnectionFailure`` is their base.)
 RETRYABLE_MONGO_ERRORS: tuple[type[Exception], ...] = (ConnectionFailure,)
 _DUPLICATE_KEY = 11000
+_SEVERITY_OF = {str(code): severity for code, severity in SEVERITY.items()}
 
 
 @dataclass
@@ -46,6 +57,8 @@ class WriteResult:
     counted: int = 0  # events added to fault_count
     status_applied: int = 0
     status_stale: int = 0  # no newer than the stored state: ignored
+    episodes_opened: int = 0  # openings newly applied to their incident
+    episodes_cleared: int = 0  # clearings newly applied (a repeated one is a duplicate)
     rejected: dict[int, str] = field(default_factory=dict)  # event index -> MongoDB's reason
 
 
@@ -126,6 +139,19 @@ def fold_status(
     )
 
 
+def _incident_identity(event: AbnormalEvent, episode: Episode) -> dict[str, Any]:
+    """What an episode's opening and its clearing both know about its incident."""
+    return {
+        "device_id": event.device_id,
+        "meter_type": event.meter_type,
+        "fault_code": event.fault_code,
+        "severity": _SEVERITY_OF.get(event.fault_code),
+        "opened_at": stored_time(episode.start, "episode.start"),
+        "origin": ORIGIN_RULE,
+        "episode_id": episode.id,
+    }
+
+
 class ServingWriter:
     """Writes a batch of events and status updates to MongoDB, idempotently (module doc)."""
 
@@ -141,15 +167,25 @@ class ServingWriter:
 
     def write(self, events: list[AbnormalEvent], statuses: list[StatusUpdate]) -> WriteResult:
         result = WriteResult()
-        unique: dict[str, int] = {}
+        unique: dict[str, int] = {}  # event id -> index in ``events``, clearings left out
+        clears: list[tuple[AbnormalEvent, Episode]] = []
         for index, event in enumerate(events):
-            unique.setdefault(event.event_id, index)
-        result.duplicates += len(events) - len(unique)
+            if event.episode is not None and event.episode.action == "clear":
+                clears.append((event, event.episode))
+            else:
+                unique.setdefault(event.event_id, index)
+        result.duplicates += len(events) - len(clears) - len(unique)
         inserted = self._store_events(events, unique, result)
         result.inserted = len(inserted)
         result.duplicates += len(unique) - len(inserted) - len(result.rejected)
 
         stored_ids = [e for e, i in unique.items() if i not in result.rejected]
+        opens = [
+            (events[i], episode)
+            for i in unique.values()
+            if i not in result.rejected and (episode := events[i].episode) is not None
+        ]
+        self._write_episodes(opens, clears, result)
         uncounted: dict[str, list[str]] = defaultdict(list)
         if stored_ids:
             for stored in self.db[mongo.ABNORMAL_READINGS].find(
@@ -214,6 +250,117 @@ class ServingWriter:
             )
         self._forget_pending(uncounted, pending_before)
         return result
+
+    def _write_episodes(
+        self,
+        opens: Sequence[tuple[AbnormalEvent, Episode]],
+        clears: Sequence[tuple[AbnormalEvent, Episode]],
+        result: WriteResult,
+    ) -> None:
+        """Incidents, then ``meter_status.open_episodes``, for a batch's episode events.
+
+        Every write is idempotent and commutes with the others, so the batch's order (and a
+        replay of any part of it) does not matter: ``open_event_id`` and ``clear_event_id``
+        tell an event already applied, and only count it as such.
+        """
+        if not opens and not clears:
+            return
+        ids = sorted({episode.id for _, episode in (*opens, *clears)})
+        applied = {
+            doc["_id"]: doc
+            for doc in self.db[mongo.INCIDENTS].find(
+                {"_id": {"$in": ids}}, {"open_event_id": 1, "clear_event_id": 1}
+            )
+        }
+        now = millis(self.now())
+        incidents: list[UpdateOne] = []
+        for event, episode in opens:  # one per episode: ``unique`` holds each event once
+            if "open_event_id" in applied.get(episode.id, {}):
+                continue
+            result.episodes_opened += 1
+            incidents.append(
+                UpdateOne(
+                    {"_id": episode.id},
+                    {
+                        "$setOnInsert": {
+                            **_incident_identity(event, episode),
+                            "status": OPEN,
+                            "closed_at": None,
+                        },
+                        # The reason is set, not set-on-insert: a clearing seen first
+                        # inserted the incident without it.
+                        "$set": {
+                            "reason": event.reason,
+                            "open_event_id": event.event_id,
+                            "updated_at": now,
+                        },
+                        "$max": {"last_event_at": stored_time(event.timestamp)},
+                    },
+                    upsert=True,
+                )
+            )
+        seen: set[str] = set()
+        for event, episode in clears:
+            if episode.id in seen or "clear_event_id" in applied.get(episode.id, {}):
+                result.duplicates += 1
+                continue
+            seen.add(episode.id)
+            result.episodes_cleared += 1
+            at = stored_time(event.timestamp)
+            incidents.append(
+                UpdateOne(
+                    {"_id": episode.id},
+                    {
+                        "$setOnInsert": _incident_identity(event, episode),
+                        "$set": {
+                            "status": CLOSED,
+                            "closed_at": at,
+                            "close_reason": event.reason,
+                            "clear_event_id": event.event_id,
+                            "updated_at": now,
+                        },
+                        "$max": {"last_event_at": at},
+                    },
+                    upsert=True,
+                )
+            )
+        self._bulk(mongo.INCIDENTS, incidents)
+
+        open_ids = sorted({episode.id for _, episode in opens})
+        cleared = {
+            doc["_id"]
+            for doc in self.db[mongo.INCIDENTS].find(
+                {"_id": {"$in": open_ids}, "clear_event_id": {"$exists": True}}, {"_id": 1}
+            )
+        }
+        status: list[UpdateOne] = []
+        for event, episode in opens:
+            if episode.id not in cleared:  # a replayed opening must not outlive its clearing
+                status.append(
+                    UpdateOne(
+                        {"_id": event.device_id},
+                        {
+                            "$max": {
+                                f"open_episodes.{event.fault_code}": stored_time(episode.start)
+                            },
+                            "$setOnInsert": {
+                                "device_id": event.device_id,
+                                "meter_type": event.meter_type,
+                                "fault_count": 0,
+                            },
+                        },
+                        upsert=True,
+                    )
+                )
+        for event, episode in clears:  # a newer episode of the code keeps its start
+            field_name = f"open_episodes.{event.fault_code}"
+            status.append(
+                UpdateOne(
+                    {"_id": event.device_id, field_name: stored_time(episode.start)},
+                    {"$unset": {field_name: ""}},
+                )
+            )
+        self._bulk(mongo.METER_STATUS, status)
 
     def _store_events(
         self, events: list[AbnormalEvent], unique: Mapping[str, int], result: WriteResult
