@@ -47,6 +47,7 @@ from meterflow.stream.detect import (
     expire,
     observe,
 )
+from meterflow.stream.profiles import MeterProfile
 
 log = get_logger(__name__)
 
@@ -136,12 +137,15 @@ class MeterDetector(StatefulProcessor):
     stage's time; a bucket of meters shares them (docs/architecture.md, "Stateful
     detection"). Each meter keeps its own :class:`MeterState` inside the bucket's value,
     and the bucket one timer, at the earliest of its meters' deadlines.
+
+    ``profiles`` (:func:`meterflow.stream.profiles.load_profiles`) hold the meters whose
+    interval or thresholds differ from ``default_interval_s`` and ``rules``.
     """
 
     def __init__(
         self,
         rules: DetectionRules,
-        intervals: Mapping[str, int],
+        profiles: Mapping[str, MeterProfile],
         default_interval_s: int,
         time_mode: str,
         ttl_ms: int,
@@ -149,19 +153,31 @@ class MeterDetector(StatefulProcessor):
         if time_mode not in TIME_MODES:
             raise ValueError(f"time mode {time_mode!r} is not one of {', '.join(TIME_MODES)}")
         self.rules = rules
-        self.intervals = dict(intervals)
+        self.profiles = dict(profiles)
         self.default_interval_s = default_interval_s
         self.time_mode = time_mode
         self.ttl_ms = ttl_ms
+        self._meters: dict[str, Meter] = {}
 
     def init(self, handle: StatefulProcessorHandle) -> None:
         self.handle = handle
         self.state = handle.getValueState("bucket", _STATE_SCHEMA)
 
     def _meter(self, device_id: str, meter_type: str | None) -> Meter:
+        """The meter as the rules see it. Kept: each batch asks for every meter of its
+        buckets (to arm their timer), and a meter changes only with its type."""
+        meter = self._meters.get(device_id)
+        if meter is not None and meter.meter_type == (meter_type or MeterType.ELECTRICITY):
+            return meter
         kind = MeterType(meter_type) if meter_type else MeterType.ELECTRICITY
-        interval = self.intervals.get(device_id) or self.default_interval_s
-        return Meter(device_id, kind, interval, self.rules)
+        profile = self.profiles.get(device_id)
+        if profile is None:
+            meter = Meter(device_id, kind, self.default_interval_s, self.rules)
+        else:
+            interval = profile.interval_s or self.default_interval_s
+            meter = Meter(device_id, kind, interval, profile.rules or self.rules)
+        self._meters[device_id] = meter
+        return meter
 
     def _load(self) -> Bucket:
         stored = self.state.get() if self.state.exists() else None
@@ -221,6 +237,7 @@ class MeterDetector(StatefulProcessor):
             if state.silent_open and now_us - state.last_us >= self.ttl_ms * _US_PER_MS:
                 del bucket.meters[device_id]  # silent for the whole TTL: the meter is gone
                 bucket.arrived_ms.pop(device_id, None)
+                self._meters.pop(device_id, None)
                 continue
             if now_us >= deadline(meter, state):
                 out += [(meter, change) for change in expire(meter, state, now_us)]
@@ -289,21 +306,22 @@ def _frame(changes: list[tuple[Meter, Detection]]) -> pd.DataFrame:
 def detect_faults(
     digests: DataFrame,
     rules: DetectionRules,
-    intervals: Mapping[str, int],
+    profiles: Mapping[str, MeterProfile],
     default_interval_s: int,
     time_mode: str = PROCESSING_TIME,
     watermark_delay: str = "10 minutes",
     ttl_ms: int = 7 * 24 * 3_600_000,
     buckets: int = DEFAULT_BUCKETS,
 ) -> DataFrame:
-    """The episode changes of a streaming DataFrame of digests (:data:`DIGEST_DDL`)."""
+    """The episode changes of a streaming DataFrame of digests (:data:`DIGEST_DDL`);
+    ``profiles`` are the meters that differ from ``rules`` and ``default_interval_s``."""
     source = digests.select(
         *_DIGEST_SCHEMA.names, F.pmod(F.hash("device_id"), F.lit(buckets)).alias("bucket")
     )
     if time_mode == EVENT_TIME:
         source = source.withWatermark("event_time", watermark_delay)
     return source.groupBy("bucket").transformWithStateInPandas(
-        MeterDetector(rules, intervals, default_interval_s, time_mode, ttl_ms),
+        MeterDetector(rules, profiles, default_interval_s, time_mode, ttl_ms),
         CHANGE_SCHEMA,
         "Append",
         time_mode,

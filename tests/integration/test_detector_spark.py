@@ -1,6 +1,7 @@
 """The stateful detector in real Spark: transformWithState on RocksDB, checkpointed, with
 event-time NO_DATA timers; restarted in the middle of a STUCK run and of a silent span, it
-loses no episode change and repeats none."""
+loses no episode change and repeats none. A meter's own threshold from the registry reaches
+Spark's Python workers with the processor."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 
 from meterflow.core.contract import DetectionRules, format_timestamp_us, parse_timestamp_us
 from meterflow.stream.detector import DIGEST_DDL, EVENT_TIME, detect_faults
+from meterflow.stream.profiles import MeterProfile, load_profiles
 
 T0 = parse_timestamp_us("2024-05-27T00:00:00Z")
 STEP = 900
@@ -41,11 +45,17 @@ def write(inbox: Path, name: str, rows: list[tuple[str, int, float]]) -> None:
     (inbox / f"{name}.json").write_text("\n".join(lines) + "\n")
 
 
-def run_once(spark: SparkSession, inbox: Path, checkpoint: Path, out: list[dict]) -> None:
+def run_once(
+    spark: SparkSession,
+    inbox: Path,
+    checkpoint: Path,
+    out: list[dict],
+    profiles: dict[str, MeterProfile],
+) -> None:
     """One start of the detector: everything in the inbox, then stop (a restart each time)."""
     digests = spark.readStream.schema(DIGEST_DDL).json(str(inbox))
     changes = detect_faults(
-        digests, DetectionRules(), {}, STEP, EVENT_TIME, watermark_delay="0 seconds"
+        digests, DetectionRules(), profiles, STEP, EVENT_TIME, watermark_delay="0 seconds"
     )
 
     def collect(frame: DataFrame, _batch: int) -> None:
@@ -61,6 +71,14 @@ def run_once(spark: SparkSession, inbox: Path, checkpoint: Path, out: list[dict]
     assert query.exception() is None
 
 
+def at(i: int) -> int:
+    return T0 + i * STEP * 1_000_000
+
+
+def key(change: dict) -> tuple[str, str, str, int]:
+    return (change["device_id"], change["fault_code"], change["action"], change["start_us"])
+
+
 def normal(i: int) -> float:
     return round(0.2 + 0.05 * ((i * 7) % 11) + 0.001 * (i % 13), 3)
 
@@ -68,31 +86,46 @@ def normal(i: int) -> float:
 def test_restarts_in_a_stuck_run_and_a_silent_span_lose_and_repeat_nothing(
     spark: SparkSession, tmp_path: Path
 ) -> None:
-    inbox, checkpoint = tmp_path / "inbox", tmp_path / "checkpoint"
+    inbox, checkpoint, registry = tmp_path / "inbox", tmp_path / "checkpoint", tmp_path / "reg"
     inbox.mkdir()
+    registry.mkdir()
+    # em3 is stuck after 3 repeats (the registry says so), em1 and em2 after the default 8.
+    pq.write_table(
+        pa.table({"device_id": ["em1", "em2", "em3"], "stuck_readings": [None, None, 3]}),
+        registry / "meters.parquet",
+    )
+    profiles = load_profiles(str(registry), DetectionRules())
     out: list[dict] = []
+
+    def em3(readings: range) -> list[tuple[str, int, float]]:
+        """Three repeats from reading 10, then normal again: in step with em1."""
+        return [("em3", i, 0.777 if 10 <= i < 13 else normal(i)) for i in readings]
+
     # em1 turns stuck at reading 10; em2 reports until reading 13, then falls silent.
     write(
         inbox,
         "a",
-        [("em1", i, normal(i)) for i in range(10)] + [("em2", i, normal(i)) for i in range(14)],
+        [("em1", i, normal(i)) for i in range(10)]
+        + [("em2", i, normal(i)) for i in range(14)]
+        + em3(range(14)),
     )
     write(inbox, "b", [("em1", i, 0.777) for i in range(10, 14)])
-    run_once(spark, inbox, checkpoint, out)
-    assert out == []  # four of eight repeats: nothing yet
+    run_once(spark, inbox, checkpoint, out, profiles)
+    em3_stuck = [("em3", "STUCK", "open", at(10)), ("em3", "STUCK", "clear", at(10))]
+    assert [key(r) for r in out] == em3_stuck  # em1: four of eight repeats, nothing yet
 
-    write(inbox, "c", [("em1", i, 0.777) for i in range(14, 24)])  # restart mid-run
-    run_once(spark, inbox, checkpoint, out)
-    write(inbox, "d", [("em1", i, 0.777) for i in range(24, 26)])  # restart mid-silence
-    run_once(spark, inbox, checkpoint, out)
-    write(inbox, "e", [("em1", 26, 0.5), ("em2", 26, normal(26))])  # both recover
-    run_once(spark, inbox, checkpoint, out)
+    write(inbox, "c", [("em1", i, 0.777) for i in range(14, 24)] + em3(range(14, 24)))
+    run_once(spark, inbox, checkpoint, out, profiles)  # restart mid-run
+    write(inbox, "d", [("em1", i, 0.777) for i in range(24, 26)] + em3(range(24, 26)))
+    run_once(spark, inbox, checkpoint, out, profiles)  # restart mid-silence
+    write(inbox, "e", [("em1", 26, 0.5), ("em2", 26, normal(26)), ("em3", 26, normal(26))])
+    run_once(spark, inbox, checkpoint, out, profiles)  # em1 and em2 recover
 
-    seen = Counter((r["device_id"], r["fault_code"], r["action"], r["start_us"]) for r in out)
-    at = lambda i: T0 + i * STEP * 1_000_000  # noqa: E731
-    assert seen == {
+    assert Counter(key(r) for r in out) == {
         ("em1", "STUCK", "open", at(10)): 1,
         ("em1", "STUCK", "clear", at(10)): 1,
         ("em2", "NO_DATA", "open", at(14)): 1,
         ("em2", "NO_DATA", "clear", at(14)): 1,
+        ("em3", "STUCK", "open", at(10)): 1,
+        ("em3", "STUCK", "clear", at(10)): 1,
     }

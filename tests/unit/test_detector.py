@@ -4,10 +4,14 @@ digests it reads, as the stream's tasks write them. No JVM."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import msgspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 from helpers import kafka_records
 from pyspark.sql.streaming.tws_tester import TwsTester
 
@@ -22,23 +26,27 @@ from meterflow.stream.detector import (
     MeterDetector,
     digest_input,
 )
+from meterflow.stream.profiles import MeterProfile, load_profiles
 
 T0 = parse_timestamp_us("2024-05-27T00:00:00Z")
 STEP = 900
 RULES = DetectionRules()
 BUCKET = 7  # the grouping key: a bucket of meters (which one does not matter here)
+PROFILE = MeterProfile(STEP, None)
 
 
 def at(i: int) -> int:
     return T0 + i * STEP * 1_000_000
 
 
-def digest(*readings: tuple[int, float | None] | tuple[int, float | None, bool]) -> pd.DataFrame:
-    """One digest row of em1, as :func:`digest_input` gives the processor."""
+def digest(
+    *readings: tuple[int, float | None] | tuple[int, float | None, bool], device: str = "em1"
+) -> pd.DataFrame:
+    """One digest row of ``device``, as :func:`digest_input` gives the processor."""
     full = [(*r, False)[:3] for r in readings]
     return pd.DataFrame(
         {
-            "device_id": ["em1"],
+            "device_id": [device],
             "meter_type": ["electricity"],
             "event_time": [pd.Timestamp(at(full[-1][0]), unit="us", tz="UTC")],
             "event_us": [np.array([at(i) for i, _, _ in full])],
@@ -48,8 +56,11 @@ def digest(*readings: tuple[int, float | None] | tuple[int, float | None, bool])
     )
 
 
-def detector(mode: str, ttl_ms: int = 3_600_000) -> MeterDetector:
-    return MeterDetector(RULES, {"em1": STEP}, 60, mode, ttl_ms=ttl_ms)
+def detector(
+    mode: str, ttl_ms: int = 3_600_000, profiles: dict[str, MeterProfile] | None = None
+) -> MeterDetector:
+    """em1 reads every STEP (the registry says so); other meters every 60 s by default."""
+    return MeterDetector(RULES, profiles or {"em1": PROFILE}, 60, mode, ttl_ms=ttl_ms)
 
 
 def changes(frame: pd.DataFrame) -> list[tuple[str, str]]:
@@ -58,9 +69,11 @@ def changes(frame: pd.DataFrame) -> list[tuple[str, str]]:
     return list(zip(frame["fault_code"], frame["action"], strict=True))
 
 
-def event_time_tester(ttl_ms: int = 3_600_000) -> TwsTester:
+def event_time_tester(
+    ttl_ms: int = 3_600_000, profiles: dict[str, MeterProfile] | None = None
+) -> TwsTester:
     return TwsTester(
-        detector(EVENT_TIME, ttl_ms),
+        detector(EVENT_TIME, ttl_ms, profiles),
         timeMode=EVENT_TIME,
         eventTimeExtractor=lambda row: int(row["event_us"][-1]) // 1000,
     )
@@ -122,6 +135,54 @@ def test_a_meter_silent_again_is_detected_again_and_a_gone_one_is_forgotten() ->
     assert tester.peekValueState("bucket", BUCKET) is not None
     assert changes(tester.setWatermark(at(20) // 1000 + day_ms)) == []  # silent for the TTL
     assert tester.peekValueState("bucket", BUCKET) is None  # its only meter forgotten
+
+
+def registry_profiles(tmp_path: Path, **overrides: list[Any]) -> dict[str, MeterProfile]:
+    """The profiles of a registry of em1..emN, every STEP, with ``overrides`` columns."""
+    count = len(next(iter(overrides.values())))
+    devices = [f"em{n}" for n in range(1, count + 1)]
+    table = pa.table({"device_id": devices, "interval_seconds": [STEP] * count, **overrides})
+    (tmp_path / "registry").mkdir()
+    pq.write_table(table, tmp_path / "registry" / "meters.parquet")
+    return load_profiles(str(tmp_path / "registry"), RULES)
+
+
+def device_changes(frame: pd.DataFrame) -> list[tuple[str, str, str]]:
+    if frame is None or len(frame) == 0:
+        return []
+    return list(zip(frame["device_id"], frame["fault_code"], frame["action"], strict=True))
+
+
+def test_a_meters_own_stuck_count_from_the_registry(tmp_path: Path) -> None:
+    profiles = registry_profiles(tmp_path, stuck_readings=[3, None])
+    tester = TwsTester(detector(PROCESSING_TIME, profiles=profiles), timeMode=PROCESSING_TIME)
+    tester.setProcessingTime(1_000)
+    readings = [(i, 0.25 + i / 100) for i in range(5)] + [(i, 0.777) for i in range(5, 8)]
+    both = pd.concat([digest(*readings, device="em1"), digest(*readings, device="em2")])
+    stuck = str(FaultCode.STUCK)
+    assert device_changes(tester.testInPandas(BUCKET, both)) == [("em1", stuck, OPEN)]
+    more = [(i, 0.777) for i in range(8, 5 + RULES.stuck_readings)]  # em2's eighth repeat
+    assert device_changes(tester.testInPandas(BUCKET, digest(*more, device="em2"))) == [
+        ("em2", stuck, OPEN)
+    ]
+
+
+def test_a_meters_own_silence_from_the_registry(tmp_path: Path) -> None:
+    """em1 has the defaults; em2 is silent after 2 intervals; em3 reads every 2 STEPs."""
+    profiles = registry_profiles(tmp_path, nodata_intervals=[None, 2, None])
+    profiles["em3"] = MeterProfile(2 * STEP, None)
+    tester = event_time_tester(profiles=profiles)
+    readings = [(i, 0.4 + i / 100) for i in range(3)]
+    tester.testInPandas(BUCKET, pd.concat([digest(*readings, device=d) for d in profiles]))
+    no_data = str(FaultCode.NO_DATA)
+    assert device_changes(tester.setWatermark(at(2 + 2) // 1000 - 1)) == []
+    assert device_changes(tester.setWatermark(at(2 + 2) // 1000)) == [("em2", no_data, OPEN)]
+    due = RULES.nodata_intervals
+    assert device_changes(tester.setWatermark(at(2 + due) // 1000)) == [("em1", no_data, OPEN)]
+    assert device_changes(tester.setWatermark(at(2 + 2 * due) // 1000 - 1)) == []
+    opened = tester.setWatermark(at(2 + 2 * due) // 1000)
+    assert device_changes(opened) == [("em3", no_data, OPEN)]
+    assert opened["start_us"].tolist() == [at(2 + 2)]  # em3's first missing reading
 
 
 def test_the_streams_digests_reach_the_detector_as_sent() -> None:

@@ -1,0 +1,133 @@
+"""Per-meter detection settings from the fleet registry: its interval and threshold overrides.
+
+The registry (``meters.parquet``, :func:`meterflow.core.lake.registry_parquet`) may carry,
+per meter, optional columns named like the thresholds they replace (:data:`PROFILE_COLUMNS`,
+``interval_seconds`` among them). A null value, or a missing column, keeps the default (the
+environment's :class:`~meterflow.core.contract.DetectionRules`, per meter type where the
+rule is). :func:`load_profiles` reads them once, when the detector starts, and refuses a
+value no rule could work with, naming the meter, so a typo in the registry stops the start
+rather than silencing a meter's alarms.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from functools import reduce
+from typing import Any, NamedTuple
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from meterflow.core import lake
+from meterflow.core.config import ConfigError
+from meterflow.core.contract import DetectionRules, MeterType
+from meterflow.core.logs import get_logger
+
+log = get_logger(__name__)
+
+
+class _Bound(NamedTuple):
+    """What a column's values must be: whole or not, and above (or at least) ``low``."""
+
+    whole: bool
+    low: float
+    inclusive: bool
+
+
+INTERVAL = "interval_seconds"
+#: The columns read, each named like the :class:`DetectionRules` field it overrides (but the
+#: interval), with the bounds DetectionRules itself holds its values to.
+_COLUMNS: dict[str, _Bound] = {
+    INTERVAL: _Bound(whole=True, low=1, inclusive=True),
+    "stuck_readings": _Bound(whole=True, low=2, inclusive=True),
+    "stuck_min": _Bound(whole=False, low=0, inclusive=False),
+    "spike_factor": _Bound(whole=False, low=1, inclusive=False),
+    "spike_min": _Bound(whole=False, low=0, inclusive=False),
+    "leak_min_night_flow": _Bound(whole=False, low=0, inclusive=False),
+    "nodata_intervals": _Bound(whole=True, low=1, inclusive=True),
+}
+#: Every column :func:`load_profiles` reads besides ``device_id``.
+PROFILE_COLUMNS: tuple[str, ...] = tuple(_COLUMNS)
+#: Per meter type in :class:`DetectionRules`: a meter's own value holds for its type.
+_PER_TYPE = frozenset({"stuck_min", "spike_min"})
+
+
+@dataclass(frozen=True, slots=True)
+class MeterProfile:
+    """What the registry says of one meter's detection; None = the detector's default.
+
+    Meters with the same settings share one profile (and one ``rules``), so a fleet's
+    mapping pickles small into the Spark plan.
+    """
+
+    interval_s: int | None
+    rules: DetectionRules | None
+
+
+def load_profiles(registry: str, rules: DetectionRules) -> dict[str, MeterProfile]:
+    """The profiles of the meters of ``registry`` (directory or file) that have an interval
+    or an override, thresholds built on ``rules``; empty if the registry does not exist."""
+    path = lake.registry_parquet(registry)
+    filesystem, inner = lake.filesystem_for(path)
+    if filesystem.get_file_info(inner).type == pafs.FileType.NotFound:
+        log.warning("detect=profiles registry=%s status=absent meters=defaults", path)
+        return {}
+    present = [n for n in _COLUMNS if n in pq.read_schema(inner, filesystem=filesystem).names]
+    table = pq.read_table(inner, columns=["device_id", *present], filesystem=filesystem)
+    columns = [n for n in present if not pa.types.is_null(table.schema.field(n).type)]
+    for name in columns:
+        kind = table.schema.field(name).type
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+            raise ConfigError(
+                f"registry {path}: column {name} is {kind}; it must be numeric "
+                "(or be dropped for the defaults)"
+            )
+    # Only meters with a value somewhere: most of a fleet may have none.
+    some = reduce(pc.or_, (pc.is_valid(table[n]) for n in columns), pa.scalar(False))
+    table = table.filter(pc.and_(pc.is_valid(table["device_id"]), some))
+    values = {name: table[name].to_pylist() for name in columns}
+    shared: dict[tuple[Any, ...], MeterProfile] = {}
+    profiles: dict[str, MeterProfile] = {}
+    for row, device_id in enumerate(table["device_id"].to_pylist()):
+        key = tuple(_checked(path, device_id, n, values[n][row]) for n in columns)
+        profile = shared.get(key)
+        if profile is None:
+            profile = shared[key] = _profile(dict(zip(columns, key, strict=True)), rules)
+        profiles[device_id] = profile
+    log.info(
+        "detect=profiles registry=%s meters=%d with_rules=%d distinct=%d",
+        path,
+        len(profiles),
+        sum(p.rules is not None for p in profiles.values()),
+        len(shared),
+    )
+    return profiles
+
+
+def _checked(path: str, device_id: str, name: str, value: Any) -> int | float | None:
+    """``value`` of column ``name`` as its rule takes it; a ConfigError if none could."""
+    if value is None:
+        return None
+    whole, low, inclusive = _COLUMNS[name]
+    if math.isfinite(value) and (value >= low if inclusive else value > low):
+        if not whole:
+            return float(value)
+        if float(value).is_integer():
+            return int(value)
+    raise ConfigError(
+        f"registry {path}: meter {device_id} has {name}={value!r}; it must be "
+        f"{'a whole number' if whole else 'a number'} {'at least' if inclusive else 'above'} "
+        f"{low:g} (fix it, or set it to null for the default)"
+    )
+
+
+def _profile(overrides: dict[str, Any], rules: DetectionRules) -> MeterProfile:
+    interval = overrides.pop(INTERVAL, None)
+    changed = {name: value for name, value in overrides.items() if value is not None}
+    for name in _PER_TYPE & changed.keys():
+        # The meter has one type; its value holds whichever type its readings name.
+        changed[name] = dict.fromkeys(MeterType, changed[name])
+    return MeterProfile(interval, replace(rules, **changed) if changed else None)
