@@ -24,6 +24,8 @@ The format is recognised from the header line:
   recording's anomaly, not the replay's. Water or gas is told by ``meter_type`` or the file
   name (``gas``, ``WHG``, ``FRG`` mean gas; ``water``, ``WHW``, ``HTW``, ``DWW`` water).
 
+A file whose name ends in ``.gz`` is read through gzip (the excerpts in ``tests/data/real``).
+
 A missing value (``?``, empty, ``NaN``) becomes a reading *without* its metric, which the
 pipeline flags as ``MISSING_METRIC``. A row that cannot be read (wrong column count, bad
 date, a number that is not one) is reported with its line number, counted and skipped.
@@ -32,6 +34,7 @@ Nothing in a file stops a replay.
 
 from __future__ import annotations
 
+import gzip
 import math
 import re
 import time
@@ -39,6 +42,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TextIO
 
 from meterflow.core.contract import METER_SPECS, MeterType
 from meterflow.core.logs import get_logger
@@ -112,13 +116,20 @@ class Layout:
     columns: tuple[str, ...]
 
 
+def _open_text(path: Path) -> TextIO:
+    """The file as text; gzipped when its name ends in ``.gz`` (recordings compress 5-6x)."""
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
+    return path.open(encoding="utf-8-sig", errors="replace")
+
+
 def detect(path: Path, meter_type: MeterType | None = None) -> Layout:
     """Recognise the file from its header; raise :class:`ReplayError` if it is neither."""
     try:
-        with path.open(encoding="utf-8-sig", errors="replace") as handle:
+        with _open_text(path) as handle:
             header = handle.readline().strip()
-    except OSError as exc:
-        raise ReplayError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (OSError, EOFError) as exc:
+        raise ReplayError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
     columns = tuple(c.strip().lower() for c in header.split(","))
     if header.startswith(UCI_HEADER):
         layout = Layout("uci", MeterType.ELECTRICITY, tuple(header.split(";")))
@@ -220,7 +231,7 @@ def _ampds_counter_rows(lines: Iterator[tuple[int, str]], layout: Layout) -> Ite
 
 def _data_lines(path: Path) -> Iterator[tuple[int, str]]:
     """Numbered data lines after the header; blank lines are skipped."""
-    with path.open(encoding="utf-8-sig", errors="replace") as handle:
+    with _open_text(path) as handle:
         next(handle, None)
         for line_no, line in enumerate(handle, start=2):
             text = line.strip()
@@ -230,7 +241,8 @@ def _data_lines(path: Path) -> Iterator[tuple[int, str]]:
 
 def default_device_id(path: Path, meter_type: MeterType) -> str:
     """The type's id prefix and the file name: ``em-household-power-consumption``."""
-    slug = re.sub(r"[^a-z0-9]+", "-", path.stem.lower()).strip("-") or "replay"
+    stem = path.with_suffix("").stem if path.suffix.lower() == ".gz" else path.stem
+    slug = re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-") or "replay"
     return f"{METER_SPECS[meter_type].id_prefix}-{slug}"
 
 

@@ -184,8 +184,9 @@ class DetectionRules:
     #: values, so long runs of one of them are normal; above these levels two consecutive
     #: normal readings agree less than 6% of the time and eight in a row never do.
     stuck_min: dict[MeterType, float] = field(default_factory=lambda: _per_type(0.02, 0.5, 0.02))
-    #: SPIKE: a reading above this many times the meter's robust baseline (median of its
-    #: recent good readings, per hour of day once there is enough history) ...
+    #: SPIKE: a reading above this many times the meter's baseline: the highest good
+    #: reading at its hour of day on each of the last 7 days (the median of its recent
+    #: good readings until it has a day's), so ordinary daily peaks are not spikes ...
     spike_factor: float = 10.0
     #: ... and above this absolute level, so tiny meters do not alarm. Water is idle in
     #: many intervals, so its baseline median is often 0 (at night, and by day while its
