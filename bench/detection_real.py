@@ -11,7 +11,7 @@ ratio to the baseline to judge that.
 
 ``python -m bench.detection_real [--file PATH ...]`` measures the committed excerpts (and
 any other replayable file, e.g. the full UCI recording that
-``scripts/uci_excerpts.py --full`` rebuilds) at 1-minute and 15-minute intervals,
+``python -m bench.uci_excerpts WHEEL --full`` rebuilds) at 1-minute and 15-minute intervals,
 prints a table and writes ``results/detection_real.json``.
 """
 

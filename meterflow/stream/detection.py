@@ -40,6 +40,7 @@ from meterflow.stream.detector import (
     detect_faults,
     digest_input,
 )
+from meterflow.stream.profiles import MeterProfile
 
 log = get_logger("meterflow.stream.detection")
 QUERY_NAME = "meterflow_detector"
@@ -175,7 +176,7 @@ def start_detection(
     publisher: EpisodePublisher,
     digest_topic: str,
     rules: DetectionRules,
-    profiles: Mapping[str, int],
+    profiles: Mapping[str, MeterProfile],
     default_interval_s: int,
     clock: str,
     trigger_seconds: float,

@@ -46,6 +46,7 @@ from meterflow.core.ledger import BATCH, GENERATION, LOSS, STAGING_DIR, Ledger, 
 from meterflow.core.logs import get_logger
 from meterflow.core.signals import SignalHandler, signals_handled
 from meterflow.stream.detection import EpisodePublisher, plan_detection, start_detection
+from meterflow.stream.profiles import load_profiles
 from meterflow.stream.tasks import (
     SUMMARY_SCHEMA,
     EventTopics,
@@ -678,6 +679,7 @@ def _start_detector(
     plan = plan_detection(
         settings.bootstrap_servers, settings.topic_digest, settings.checkpoint_path, clock
     )
+    profiles = load_profiles(settings.registry_path, settings.detection)
     publisher = EpisodePublisher(settings.bootstrap_servers, settings.topic_abnormal)
     log.info(
         "detector source=%s topic=%s generation=%s clock=%s checkpoint=%s",
@@ -695,7 +697,7 @@ def _start_detector(
         publisher,
         settings.topic_digest,
         settings.detection,
-        {},
+        profiles,
         settings.reading_interval_seconds,
         clock,
         settings.trigger_seconds,

