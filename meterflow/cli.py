@@ -497,6 +497,12 @@ def _totals_line(totals: dict[str, int]) -> str:
         line += f"; {totals['skipped']:,} already in the lake"
     if totals.get("lost"):
         line += f"; {totals['lost']:,} offsets recorded as lost"
+    for action in ("open", "clear"):
+        counts = {k.split("_", 1)[1]: n for k, n in totals.items() if k.startswith(f"{action}_")}
+        if counts:
+            each = ", ".join(f"{code} {n:,}" for code, n in sorted(counts.items()))
+            verb = "opened" if action == "open" else "cleared"
+            line += f"; episodes {verb}: {each}"
     return line + " (the whole lake: meterflow reconcile)"
 
 

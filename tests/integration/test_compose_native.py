@@ -86,6 +86,7 @@ def test_kafka_init_and_fleet_registry_commands(resolved, meterflow_env, bootstr
         "METERFLOW_TOPIC_ABNORMAL": f"init-abnormal-{suffix}",
         "METERFLOW_TOPIC_DEADLETTER": f"init-deadletter-{suffix}",
         "METERFLOW_TOPIC_STATUS": f"init-status-{suffix}",
+        "METERFLOW_TOPIC_DIGEST": f"init-digest-{suffix}",
     }
     init = services["kafka-init"]
     env = service_env(init, **{**meterflow_env, **fresh})
@@ -123,7 +124,9 @@ def test_simulator_command(resolved, meterflow_env, bootstrap, tmp_path) -> None
 
 def test_streaming_job_command(resolved, meterflow_env, bootstrap, tmp_path) -> None:
     """The streaming job as compose starts it (spark-submit with SPARK_MASTER), answering
-    its health check while it runs, then committing the prototype's messages."""
+    its health check while it runs, committing the prototype's messages, and running the
+    stateful stage beside (compose turns it on)."""
+    assert resolved["services"]["streaming-job"]["environment"]["METERFLOW_DETECTION"] == "on"
     service = resolved["services"]["streaming-job"]
     driver_ui = free_port()
     swap = {"localhost:4040": f"127.0.0.1:{driver_ui}"}
@@ -138,6 +141,7 @@ def test_streaming_job_command(resolved, meterflow_env, bootstrap, tmp_path) -> 
     with running(command, env, log) as process:
         wait_for(lambda: healthcheck(service, swap, env), "streaming-job health", 180, log)
         wait_for(lambda: bool(list(lake.glob("*.parquet"))), "the lake", 120, log)
+        wait_for(lambda: "detector_batch=" in log.read_text(), "the detector", 120, log)
         # `docker stop`: SIGTERM to the container's first process, spark-submit's JVM.
         os.kill(process.pid, signal.SIGTERM)
         assert process.wait(60) in (0, 128 + signal.SIGTERM), log.read_text()[-3000:]

@@ -45,3 +45,12 @@ def test_a_placeholder_is_refused_at_start() -> None:
         "meterflow topics: MONGO_URI still holds a CHANGE-ME placeholder: set it (see "
         ".env.example; meterflow doctor --compose checks them all)"
     )
+
+
+def test_stream_summary_names_the_episodes_per_code() -> None:
+    from meterflow.cli import _totals_line
+
+    totals = {"read": 10, "valid": 9, "abnormal": 1, "deadletter": 0}
+    assert "episodes" not in _totals_line(totals)
+    line = _totals_line({**totals, "open_STUCK": 2, "open_NO_DATA": 1, "clear_STUCK": 1})
+    assert "; episodes opened: NO_DATA 1, STUCK 2; episodes cleared: STUCK 1 (" in line
