@@ -33,13 +33,7 @@ from meterflow.core.contract import DetectionRules, FaultCode, format_timestamp_
 from meterflow.core.logs import get_logger
 from meterflow.core.messages import AbnormalEvent, Episode, encode
 from meterflow.stream.detect import episode_id
-from meterflow.stream.detector import (
-    DIGEST_DDL,
-    EVENT_TIME,
-    PROCESSING_TIME,
-    detect_faults,
-    digest_input,
-)
+from meterflow.stream.detector import EVENT_TIME, PROCESSING_TIME, detect_faults, digest_rows
 from meterflow.stream.profiles import MeterProfile
 
 log = get_logger("meterflow.stream.detection")
@@ -47,7 +41,7 @@ QUERY_NAME = "meterflow_detector"
 #: Digests a micro-batch reads at most: a catch-up then moves the watermark in steps (a
 #: meter on a partition that is behind is not taken for silent) and bounds the pandas
 #: frames the state store's workers hold. One digest is a meter's readings of one batch.
-DIGESTS_PER_TRIGGER = 20_000
+DIGESTS_PER_TRIGGER = 50_000
 #: ``METERFLOW_DETECTION_TIME`` to the operator's time mode.
 TIME_MODES = {"processing": PROCESSING_TIME, "event": EVENT_TIME}
 
@@ -195,10 +189,10 @@ def start_detection(
         .option("failOnDataLoss", "false")
         .option("maxOffsetsPerTrigger", str(DIGESTS_PER_TRIGGER))
         .load()
-        .select("value")
-        .mapInArrow(digest_input, DIGEST_DDL)
     )
-    changes = detect_faults(digests, rules, profiles, default_interval_s, TIME_MODES[clock])
+    changes = detect_faults(
+        digest_rows(digests), rules, profiles, default_interval_s, TIME_MODES[clock]
+    )
     writer = (
         changes.writeStream.queryName(QUERY_NAME)
         .foreachBatch(publisher)

@@ -2,7 +2,7 @@
 ``transformWithStateInPandas`` on the RocksDB state store, checkpointed.
 
 :func:`detect_faults` turns a stream of per-meter reading digests (the stream's tasks
-publish one per meter and micro-batch on ``iot-meter-digest``; :func:`digest_input` decodes
+publish one per meter and micro-batch on ``iot-meter-digest``; :func:`digest_rows` keys
 them) into a stream of episode changes (:data:`CHANGE_SCHEMA`): one row each time a STUCK,
 SPIKE, LEAK or NO_DATA episode opens or clears. Reading digests rather than ``iot-meter``
 spares a second Kafka read and classification, and a row per meter instead of per reading
@@ -25,7 +25,6 @@ from typing import Any
 
 import msgspec
 import pandas as pd
-import pyarrow as pa
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.streaming.stateful_processor import (
@@ -37,7 +36,7 @@ from pyspark.sql.streaming.stateful_processor import (
 
 from meterflow.core.contract import DetectionRules, MeterType
 from meterflow.core.logs import get_logger
-from meterflow.core.messages import ReadingDigest, UndecodableError, decode
+from meterflow.core.messages import ReadingDigest, decoder
 from meterflow.stream.detect import (
     Detection,
     Meter,
@@ -51,11 +50,9 @@ from meterflow.stream.profiles import MeterProfile
 
 log = get_logger(__name__)
 
-#: What the stateful stage reads: one digest of a meter's readings per row.
-DIGEST_DDL = (
-    "device_id string, meter_type string, event_time timestamp, event_us array<bigint>, "
-    "values array<double>, faulty array<boolean>"
-)
+#: What the stateful stage reads: one encoded digest of a meter's readings per row, with
+#: the meter (the Kafka key) and its latest reading's time (what the watermark follows).
+DIGEST_DDL = "device_id string, event_time timestamp, value binary"
 #: What it writes: one row per episode change.
 CHANGE_SCHEMA = (
     "device_id string, meter_type string, fault_code string, action string, "
@@ -79,40 +76,25 @@ _STATE_SCHEMA = "state binary"
 #: over the shuffle partitions, few enough that each holds many meters.
 DEFAULT_BUCKETS = 64
 _US_PER_MS = 1_000
-_DIGEST_SCHEMA = pa.schema(
-    [
-        ("device_id", pa.string()),
-        ("meter_type", pa.string()),
-        ("event_time", pa.timestamp("us", "UTC")),
-        ("event_us", pa.list_(pa.int64())),
-        ("values", pa.list_(pa.float64())),
-        ("faulty", pa.list_(pa.bool_())),
-    ]
-)
+_digest_decoder = decoder(ReadingDigest)
 
 
-def digest_input(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """Kafka records of ``iot-meter-digest`` to :data:`DIGEST_DDL` rows, for ``mapInArrow``.
+def digest_rows(records: DataFrame) -> DataFrame:
+    """Kafka records of ``iot-meter-digest`` (``key``, ``value``) as :data:`DIGEST_DDL` rows.
 
-    ``event_time`` is the digest's latest reading (what the watermark follows). A record
-    that is not a digest is logged and skipped: the stream wrote it, so it is a bug, and
-    the readings are in the lake either way.
+    All in the JVM: the key is the meter, and the latest reading's time is read from the
+    JSON's ``event_us`` alone. The digest is decoded once, in the stateful worker: a Python
+    stage here would pass every reading through Arrow and pandas twice more
+    (docs/architecture.md, "Stateful detection").
     """
-    for batch in batches:
-        rows: dict[str, list[Any]] = {name: [] for name in _DIGEST_SCHEMA.names}
-        for raw in batch.column("value").to_pylist():
-            try:
-                digest = decode(raw, ReadingDigest)
-            except UndecodableError as bad:
-                log.error("detect=undecodable-digest reason=%s detail=%s", bad.reason, bad.detail)
-                continue
-            rows["device_id"].append(digest.device_id)
-            rows["meter_type"].append(digest.meter_type)
-            rows["event_time"].append(digest.event_us[-1])
-            rows["event_us"].append(digest.event_us)
-            rows["values"].append(digest.values)
-            rows["faulty"].append(digest.faulty)
-        yield pa.RecordBatch.from_pydict(rows, schema=_DIGEST_SCHEMA)
+    latest_us = F.element_at(
+        F.from_json(F.col("value").cast("string"), "event_us array<bigint>")["event_us"], -1
+    )
+    return records.select(
+        F.col("key").cast("string").alias("device_id"),
+        F.timestamp_micros(latest_us).alias("event_time"),
+        F.col("value"),
+    )
 
 
 class Bucket(msgspec.Struct, array_like=True):
@@ -197,18 +179,17 @@ class MeterDetector(StatefulProcessor):
         timerValues: TimerValues,  # noqa: N803
     ) -> Iterator[pd.DataFrame]:
         bucket = self._load()
-        batch: dict[str, tuple[str | None, list[Observed]]] = {}
+        batch: dict[str, tuple[str, list[Observed]]] = {}
         for frame in rows:
-            for device_id, kind, events, values, faulty in zip(
-                frame["device_id"],
-                frame["meter_type"],
-                frame["event_us"],
-                frame["values"],
-                frame["faulty"],
-                strict=True,
-            ):
-                _, readings = batch.setdefault(device_id, (kind, []))
-                readings += map(Observed, events.tolist(), values.tolist(), faulty.tolist())
+            for raw in frame["value"]:
+                try:
+                    digest = _digest_decoder.decode(raw)
+                except (msgspec.DecodeError, msgspec.ValidationError) as bad:
+                    # The stream wrote it, so it is a bug; the readings are in the lake.
+                    log.error("detect=undecodable-digest detail=%s", bad)
+                    continue
+                _, readings = batch.setdefault(digest.device_id, (digest.meter_type, []))
+                readings += map(Observed, digest.event_us, digest.values, digest.faulty)
         arrived_ms = timerValues.getCurrentProcessingTimeInMs()
         out: list[tuple[Meter, Detection]] = []
         for device_id, (kind, readings) in batch.items():
@@ -316,7 +297,10 @@ def detect_faults(
     """The episode changes of a streaming DataFrame of digests (:data:`DIGEST_DDL`);
     ``profiles`` are the meters that differ from ``rules`` and ``default_interval_s``."""
     source = digests.select(
-        *_DIGEST_SCHEMA.names, F.pmod(F.hash("device_id"), F.lit(buckets)).alias("bucket")
+        "device_id",
+        "event_time",
+        "value",
+        F.pmod(F.hash("device_id"), F.lit(buckets)).alias("bucket"),
     )
     if time_mode == EVENT_TIME:
         source = source.withWatermark("event_time", watermark_delay)

@@ -12,32 +12,36 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
-from meterflow.core.contract import DetectionRules, format_timestamp_us, parse_timestamp_us
-from meterflow.stream.detector import DIGEST_DDL, EVENT_TIME, detect_faults
+from meterflow.core import messages
+from meterflow.core.contract import DetectionRules, parse_timestamp_us
+from meterflow.stream.detector import EVENT_TIME, detect_faults, digest_rows
 from meterflow.stream.profiles import MeterProfile, load_profiles
 
 T0 = parse_timestamp_us("2024-05-27T00:00:00Z")
 STEP = 900
-SCHEMA = (
-    "device_id string, meter_type string, event_time timestamp, consumption double, faulty boolean"
-)
 
 
 def write(inbox: Path, name: str, rows: list[tuple[str, int, float]]) -> None:
-    """One digest per meter (as the stream's tasks publish them), in a new file."""
+    """One digest per meter, as the stream's tasks publish them (Kafka key and value), in a
+    new file."""
     by_device: dict[str, list[tuple[int, float]]] = {}
     for device, i, value in rows:
         by_device.setdefault(device, []).append((T0 + i * STEP * 1_000_000, value))
     lines = [
         json.dumps(
             {
-                "device_id": device,
-                "meter_type": "electricity",
-                "event_time": format_timestamp_us(readings[-1][0]),
-                "event_us": [us for us, _ in readings],
-                "values": [value for _, value in readings],
-                "faulty": [False] * len(readings),
+                "key": device,
+                "value": messages.encode(
+                    messages.ReadingDigest(
+                        device_id=device,
+                        meter_type="electricity",
+                        event_us=[us for us, _ in readings],
+                        values=[value for _, value in readings],
+                        faulty=[False] * len(readings),
+                    )
+                ).decode(),
             }
         )
         for device, readings in by_device.items()
@@ -53,7 +57,10 @@ def run_once(
     profiles: dict[str, MeterProfile],
 ) -> None:
     """One start of the detector: everything in the inbox, then stop (a restart each time)."""
-    digests = spark.readStream.schema(DIGEST_DDL).json(str(inbox))
+    records = spark.readStream.schema("key string, value string").json(str(inbox))
+    digests = digest_rows(
+        records.select(F.col("key").cast("binary"), F.col("value").cast("binary"))
+    )
     changes = detect_faults(
         digests, DetectionRules(), profiles, STEP, EVENT_TIME, watermark_delay="0 seconds"
     )

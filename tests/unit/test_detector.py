@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from helpers import kafka_records
 from pyspark.sql.streaming.tws_tester import TwsTester
 
-from meterflow.core import contract
+from meterflow.core import contract, messages
 from meterflow.core.contract import DetectionRules, FaultCode, parse_timestamp_us
 from meterflow.stream.classify import classify_batch, reading_digests
 from meterflow.stream.detect import CLEAR, OPEN
@@ -24,7 +23,6 @@ from meterflow.stream.detector import (
     PROCESSING_TIME,
     Bucket,
     MeterDetector,
-    digest_input,
 )
 from meterflow.stream.profiles import MeterProfile, load_profiles
 
@@ -42,16 +40,22 @@ def at(i: int) -> int:
 def digest(
     *readings: tuple[int, float | None] | tuple[int, float | None, bool], device: str = "em1"
 ) -> pd.DataFrame:
-    """One digest row of ``device``, as :func:`digest_input` gives the processor."""
+    """One digest row of ``device``, as :func:`digest_rows` gives the processor."""
     full = [(*r, False)[:3] for r in readings]
+    encoded = messages.encode(
+        messages.ReadingDigest(
+            device_id=device,
+            meter_type="electricity",
+            event_us=[at(i) for i, _, _ in full],
+            values=[v for _, v, _ in full],
+            faulty=[f for _, _, f in full],
+        )
+    )
     return pd.DataFrame(
         {
             "device_id": [device],
-            "meter_type": ["electricity"],
             "event_time": [pd.Timestamp(at(full[-1][0]), unit="us", tz="UTC")],
-            "event_us": [np.array([at(i) for i, _, _ in full])],
-            "values": [np.array([np.nan if v is None else v for _, v, _ in full])],
-            "faulty": [np.array([f for _, _, f in full])],
+            "value": [encoded],
         }
     )
 
@@ -75,7 +79,7 @@ def event_time_tester(
     return TwsTester(
         detector(EVENT_TIME, ttl_ms, profiles),
         timeMode=EVENT_TIME,
-        eventTimeExtractor=lambda row: int(row["event_us"][-1]) // 1000,
+        eventTimeExtractor=lambda row: row["event_time"].value // 1_000_000,
     )
 
 
@@ -186,7 +190,7 @@ def test_a_meters_own_silence_from_the_registry(tmp_path: Path) -> None:
 
 
 def test_the_streams_digests_reach_the_detector_as_sent() -> None:
-    """Classified records -> reading_digests (the tasks) -> digest_input (the detector)."""
+    """Classified records -> reading_digests (the tasks) -> the processor (the detector)."""
     now_us = at(10)
     values = [
         b'{"device_id": "em1", "timestamp": "2024-05-27T00:15:00Z", "usage_kwh": -1}',
@@ -199,11 +203,18 @@ def test_the_streams_digests_reach_the_detector_as_sent() -> None:
     classified = pa.Table.from_batches([classify_batch(batch, contract.Rules()).classified])
     digests = reading_digests(classified)
     assert [key for key, _ in digests] == [b"em1", b"gm1"]
-    kafka = pa.RecordBatch.from_pydict({"value": [value for _, value in digests]})
-    (rows,) = list(digest_input(iter([kafka])))
-    em1, gm1 = rows.to_pylist()
+    em1, gm1 = (messages.decode(value, messages.ReadingDigest) for _, value in digests)
     # In event-time order; the century-ahead clock and the dead letter left out.
-    assert em1["event_us"] == [at(0), at(1)]
-    assert em1["values"] == [0.4, -1.0] and em1["faulty"] == [False, True]
-    assert em1["event_time"].timestamp() * 1_000_000 == at(1)
-    assert gm1["values"] == [None] and gm1["faulty"] == [True]  # MISSING_METRIC
+    assert em1.event_us == [at(0), at(1)]
+    assert em1.values == [0.4, -1.0] and em1.faulty == [False, True]
+    assert gm1.values == [None] and gm1.faulty == [True]  # MISSING_METRIC
+    # The processor decodes them as sent: each meter's state ends at its latest reading.
+    tester = TwsTester(detector(PROCESSING_TIME), timeMode=PROCESSING_TIME)
+    tester.setProcessingTime(1_000)
+    rows = pd.DataFrame({"device_id": ["em1", "gm1"], "value": [v for _, v in digests]})
+    assert changes(tester.testInPandas(BUCKET, rows)) == []
+    stored = tester.peekValueState("bucket", BUCKET)
+    assert stored is not None
+    meters = msgspec.msgpack.decode(bytes(stored[0]), type=Bucket).meters
+    assert (meters["em1"].last_us, meters["gm1"].last_us) == (at(1), at(0))
+    assert (meters["em1"].meter_type, meters["gm1"].meter_type) == ("electricity", "gas")
