@@ -5,16 +5,23 @@ middle of a STUCK run and of a silent span, it loses no episode change and repea
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from collections import Counter
+from datetime import UTC, datetime
 
 from pyspark.sql import SparkSession
 
 from bench.common import read_all
-from meterflow.clients import kafka
+from meterflow.clients import kafka, mongo
 from meterflow.core import messages
 from meterflow.core.config import Settings
 from meterflow.core.contract import format_timestamp_us, parse_timestamp_us
+from meterflow.serving.sink import Sink
 from meterflow.stream.query import run
+
+#: A dynamic member with Kafka's shortest session: group joins on the local broker are slow.
+FAST_GROUP = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
 
 T0 = parse_timestamp_us("2024-05-27T00:00:00Z")
 STEP_US = 900 * 1_000_000
@@ -44,11 +51,17 @@ def episode_events(settings: Settings) -> list[messages.AbnormalEvent]:
     return [e for e in events if e.episode is not None]
 
 
-def test_episodes_reach_iot_abnormal_once_across_restarts(
-    spark: SparkSession, make_settings
+def test_episodes_reach_iot_abnormal_once_across_restarts_and_become_incidents(
+    spark: SparkSession, make_settings, mongo_uri: str, mongo_db_name: str, db
 ) -> None:
     settings = make_settings(
-        partitions=2, METERFLOW_DETECTION="on", METERFLOW_DETECTION_TIME="event"
+        partitions=2,
+        METERFLOW_DETECTION="on",
+        METERFLOW_DETECTION_TIME="event",
+        MONGO_URI=mongo_uri,
+        MONGO_DB=mongo_db_name,
+        METERFLOW_SINK_GROUP=f"sink-{uuid.uuid4().hex[:8]}",
+        METERFLOW_SINK_FLUSH_SECONDS="0.2",
     )
     # em1 turns stuck at reading 10; em2 reports until reading 13, then falls silent.
     send(settings, [("em1", i, normal(i)) for i in range(10)])
@@ -84,3 +97,17 @@ def test_episodes_reach_iot_abnormal_once_across_restarts(
     assert opened.source is None and opened.reason and "repeated 8 times" in opened.reason
     # The stateless events of these readings: none (every reading was good).
     assert len(read_all(settings.bootstrap_servers, settings.topic_abnormal)) == len(events)
+
+    # The sink turns them into incidents: one per episode, opened and closed, none left open.
+    consumed = len(events) + len(read_all(settings.bootstrap_servers, settings.topic_status))
+    sink = Sink(settings, db, consumer_overrides=FAST_GROUP, instance_id=False)
+    deadline = time.monotonic() + 90
+    sink.run(lambda: sink.stats.consumed >= consumed or time.monotonic() > deadline)
+    incidents = {i["_id"]: i for i in db[mongo.INCIDENTS].find({"origin": "rule"})}
+    assert set(incidents) == {f"em1|STUCK|{at(10)}", f"em2|NO_DATA|{at(14)}"}
+    stuck, silent = incidents[f"em1|STUCK|{at(10)}"], incidents[f"em2|NO_DATA|{at(14)}"]
+    assert (stuck["status"], stuck["severity"]) == ("closed", "major")
+    assert (silent["status"], silent["severity"]) == ("closed", "major")
+    assert stuck["closed_at"].replace(tzinfo=UTC) == datetime.fromtimestamp(at(26) / 1e6, UTC)
+    for device in ("em1", "em2"):
+        assert not db[mongo.METER_STATUS].find_one({"_id": device}).get("open_episodes")
