@@ -20,6 +20,7 @@ pending timer per bucket for NO_DATA:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -131,6 +132,7 @@ class MeterDetector(StatefulProcessor):
         default_interval_s: int,
         time_mode: str,
         ttl_ms: int,
+        started_ms: int = 0,
     ) -> None:
         if time_mode not in TIME_MODES:
             raise ValueError(f"time mode {time_mode!r} is not one of {', '.join(TIME_MODES)}")
@@ -139,6 +141,7 @@ class MeterDetector(StatefulProcessor):
         self.default_interval_s = default_interval_s
         self.time_mode = time_mode
         self.ttl_ms = ttl_ms
+        self.started_ms = started_ms
         self._meters: dict[str, Meter] = {}
 
     def init(self, handle: StatefulProcessorHandle) -> None:
@@ -231,8 +234,15 @@ class MeterDetector(StatefulProcessor):
         since its latest readings arrived, added to the latest reading's event time."""
         if self.time_mode == EVENT_TIME:
             return now.getCurrentWatermarkInMs() * _US_PER_MS
-        elapsed_ms = now.getCurrentProcessingTimeInMs() - arrived_ms
+        elapsed_ms = now.getCurrentProcessingTimeInMs() - self._since_ms(arrived_ms)
         return state.last_us + max(0, elapsed_ms) * _US_PER_MS
+
+    def _since_ms(self, arrived_ms: int) -> int:
+        """Since when, on the clock, a meter's silence counts: its latest readings' arrival,
+        but not before this query started. While the detector is down nothing arrives; that
+        is no meter's silence, so each gets its whole NO_DATA window again after a restart
+        (a meter that stays silent is reported that much later, with the same start)."""
+        return max(arrived_ms, self.started_ms)
 
     def _fire_ms(self, meter: Meter, state: MeterState, arrived_ms: int) -> int:
         """When this meter needs the timer: its NO_DATA deadline, or once silent, the end of
@@ -243,7 +253,7 @@ class MeterDetector(StatefulProcessor):
             due_us = deadline(meter, state)
         if self.time_mode == EVENT_TIME:
             return due_us // _US_PER_MS
-        return arrived_ms + (due_us - state.last_us) // _US_PER_MS
+        return self._since_ms(arrived_ms) + (due_us - state.last_us) // _US_PER_MS
 
     def _arm(self, bucket: Bucket, now: TimerValues) -> None:
         """One timer per bucket, at the earliest time one of its meters needs it. A timer
@@ -293,9 +303,11 @@ def detect_faults(
     watermark_delay: str = "10 minutes",
     ttl_ms: int = 7 * 24 * 3_600_000,
     buckets: int = DEFAULT_BUCKETS,
+    started_ms: int | None = None,
 ) -> DataFrame:
     """The episode changes of a streaming DataFrame of digests (:data:`DIGEST_DDL`);
-    ``profiles`` are the meters that differ from ``rules`` and ``default_interval_s``."""
+    ``profiles`` are the meters that differ from ``rules`` and ``default_interval_s``.
+    ``started_ms`` (default: now) is when this start of the query began, on the clock."""
     source = digests.select(
         "device_id",
         "event_time",
@@ -305,7 +317,14 @@ def detect_faults(
     if time_mode == EVENT_TIME:
         source = source.withWatermark("event_time", watermark_delay)
     return source.groupBy("bucket").transformWithStateInPandas(
-        MeterDetector(rules, profiles, default_interval_s, time_mode, ttl_ms),
+        MeterDetector(
+            rules,
+            profiles,
+            default_interval_s,
+            time_mode,
+            ttl_ms,
+            int(time.time() * 1000) if started_ms is None else started_ms,
+        ),
         CHANGE_SCHEMA,
         "Append",
         time_mode,

@@ -98,6 +98,22 @@ def test_no_data_on_the_clock_in_processing_time() -> None:
     assert cleared["start_us"].tolist() == [at(2)]
 
 
+def test_a_restarted_detector_does_not_take_its_own_downtime_for_silence() -> None:
+    """Live, a detector that was down longer than a meter's NO_DATA window finds its timers
+    due at once; the meters get their whole window again from the restart."""
+    processor = detector(PROCESSING_TIME)
+    tester = TwsTester(processor, timeMode=PROCESSING_TIME)
+    tester.setProcessingTime(1_000)
+    tester.testInPandas(BUCKET, digest((0, 0.4), (1, 0.5)))
+    silent_ms = RULES.nodata_intervals * STEP * 1_000
+    processor.started_ms = restart_ms = 1_000 + 3 * silent_ms  # what a new start passes
+    assert changes(tester.setProcessingTime(restart_ms + 1)) == []  # the old timer fired
+    assert changes(tester.setProcessingTime(restart_ms + silent_ms - 1)) == []
+    opened = tester.setProcessingTime(restart_ms + silent_ms)  # still silent: now it is
+    assert changes(opened) == [(str(FaultCode.NO_DATA), OPEN)]
+    assert opened["start_us"].tolist() == [at(2)]
+
+
 def test_no_data_against_the_watermark_in_event_time() -> None:
     tester = event_time_tester()
     tester.testInPandas(BUCKET, digest(*((i, 0.4 + i / 100) for i in range(3))))
