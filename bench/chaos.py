@@ -10,9 +10,12 @@ identity against the baseline, the readings topic itself read by a plain consume
 
 * ``lake_lost``: offsets of the topic with no row in the lake (readings or dead letters);
 * ``lake_duplicated``: rows beyond the first for one offset;
-* ``mongo_lost``: abnormal readings in the lake whose event is not in ``abnormal_readings``.
+* ``mongo_lost``: abnormal readings in the lake whose event is not in ``abnormal_readings``;
+* ``incidents_missing`` / ``incidents_not_closed``: the stateful stage runs (as in compose):
+  episodes it published on ``iot-abnormal`` with no incident in MongoDB, and cleared ones
+  whose incident is not closed.
 
-Target: all three 0. Results in ``bench/results/chaos.json``.
+Target: all of them 0. Results in ``bench/results/chaos.json``.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ import pyarrow.dataset as ds
 from bench.common import free_port, read_all, timed, write_results
 from bench.stall_proxy import ProxiedBroker, StallingProxy
 from meterflow.clients import kafka
-from meterflow.clients.mongo import ABNORMAL_READINGS, client
-from meterflow.core import contract, lake
+from meterflow.clients.mongo import ABNORMAL_READINGS, INCIDENTS, client
+from meterflow.core import contract, lake, messages
 from meterflow.core.config import Settings
 from meterflow.core.ledger import Ledger
 from meterflow.local.mongo import LocalMongo
@@ -149,6 +152,7 @@ def main() -> int:
             "MONGO_URI": mongo.uri,
             "METERFLOW_SINK_FLUSH_SECONDS": "0.5",
             "METERFLOW_LOG_LEVEL": "INFO",
+            "METERFLOW_DETECTION": "on",  # as compose runs it: kills hit the detector too
             "PYSPARK_PYTHON": sys.executable,
         }
         settings = Settings.from_env(env)
@@ -256,6 +260,13 @@ def main() -> int:
             }
             db = client(mongo.uri)[settings.mongo_db]
             stored = {d["_id"] for d in db[ABNORMAL_READINGS].find({}, {"_id": 1})}
+            # Every episode the detector published is an incident, closed if it cleared.
+            episodes: dict[str, set[str]] = {"open": set(), "clear": set()}
+            for message in read_all(settings.bootstrap_servers, settings.topic_abnormal, 300):
+                event = messages.decode(message.value(), messages.AbnormalEvent)
+                if event.episode is not None:
+                    episodes[event.episode.action].add(event.episode.id)
+            incidents = {d["_id"]: d["status"] for d in db[INCIDENTS].find({"origin": "rule"})}
         report = reconcile(
             settings.lake_path,
             settings.topic_readings,
@@ -270,6 +281,12 @@ def main() -> int:
             "mongo_expected": len(expected),
             "mongo_events": len(expected & stored),
             "mongo_lost": len(expected - stored),
+            "episodes_opened": len(episodes["open"]),
+            "episodes_cleared": len(episodes["clear"]),
+            "incidents_missing": len((episodes["open"] | episodes["clear"]) - set(incidents)),
+            "incidents_not_closed": sum(
+                1 for e in episodes["clear"] if incidents.get(e, "closed") != "closed"
+            ),
             "kills": done["kill_stream"] + done["kill_sink"],
             "stream_kills": done["kill_stream"],
             "sink_kills": done["kill_sink"],
@@ -287,7 +304,12 @@ def main() -> int:
             "schedule": plan,
         }
         results["target_met"] = (
-            results["lake_lost"] == results["lake_duplicated"] == results["mongo_lost"] == 0
+            results["lake_lost"]
+            == results["lake_duplicated"]
+            == results["mongo_lost"]
+            == results["incidents_missing"]
+            == results["incidents_not_closed"]
+            == 0
         )
     finally:
         for service in services:
@@ -313,6 +335,11 @@ def main() -> int:
                 "MongoDB abnormal events expected / stored / lost",
                 f"{results['mongo_expected']:,} / {results['mongo_events']:,} / "
                 f"{results['mongo_lost']}",
+            ),
+            (
+                "episodes opened / cleared on iot-abnormal; incidents missing / not closed",
+                f"{results['episodes_opened']:,} / {results['episodes_cleared']:,}; "
+                f"{results['incidents_missing']} / {results['incidents_not_closed']}",
             ),
             (
                 "stream caught up after the simulator stopped",

@@ -140,6 +140,14 @@ class Sampler(threading.Thread):
             self.sample()
 
 
+def _tail(log: Path) -> str:
+    """A dead service's story: its error lines (the first names the cause; a JVM's stack
+    trace would push it out of a plain tail), then the log's end."""
+    text = log.read_text(errors="replace")
+    errors = [line[:2000] for line in text.splitlines() if "level=ERROR" in line]
+    return "\n".join([*errors[:3], "...", text[-1500:]])
+
+
 def wait_until(
     check: Callable[[], bool],
     what: str,
@@ -152,7 +160,7 @@ def wait_until(
     while not check():
         dead = [name for name, process in services.items() if process.poll() is not None]
         if dead:
-            tails = "\n".join(f"--- {n}\n{(logs / f'{n}.log').read_text()[-1500:]}" for n in dead)
+            tails = "\n".join(f"--- {n}\n{_tail(logs / f'{n}.log')}" for n in dead)
             raise SystemExit(f"bench: {', '.join(dead)} exited while waiting for {what}\n{tails}")
         if time.monotonic() - started > timeout:
             tails = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in logs.glob("*.log"))
