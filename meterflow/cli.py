@@ -7,6 +7,8 @@ non-zero with a one-line reason on failure (configuration, unreachable services,
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import signal
 import subprocess
 import sys
@@ -287,6 +289,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from meterflow.serving.indexes import init_mongo
     from meterflow.stream.query import run
 
+    if "METERFLOW_DETECTION" not in os.environ:  # the whole platform, as compose runs it
+        settings = dataclasses.replace(settings, detection_on=True)
     import_simulator()
     from simulator.cli import start_background_simulation
 

@@ -185,7 +185,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "METERFLOW_DETECTION",
         "off",
-        "on: the stream publishes per-meter reading digests and runs the stateful stage",
+        "on: the stream publishes per-meter reading digests and runs the stateful stage "
+        "(compose's .env.example and `meterflow run` turn it on)",
     ),
     Variable(
         "METERFLOW_DETECTION_TIME",
