@@ -196,20 +196,22 @@ def reading_digests(classified: pa.Table) -> list[tuple[bytes, bytes]]:
     order = np.lexsort((event_us, device_index))
     device_index = device_index[order]
     events = event_us[order].tolist()
-    values = rows["consumption"].take(pa.array(order)).to_pylist()
+    # A missing value is NaN here; JSON has no NaN, and msgspec writes it as null.
+    values = rows["consumption"].to_numpy(zero_copy_only=False)[order].tolist()
     faulty = rows["fault_code"].is_valid().to_numpy(zero_copy_only=False)[order].tolist()
-    types = rows["meter_type"].take(pa.array(order)).to_pylist()
     names = encoded.dictionary.to_pylist()
-    starts = np.flatnonzero(np.r_[True, device_index[1:] != device_index[:-1]]).tolist()
-    ends = [*starts[1:], len(order)]
+    starts = np.flatnonzero(np.r_[True, device_index[1:] != device_index[:-1]])
+    ends = np.r_[starts[1:], len(order)]
+    # Each meter's type as its latest reading names it: only those rows become strings.
+    types = rows["meter_type"].take(pa.array(order[ends - 1])).to_pylist()
     digests = []
-    for start, end in zip(starts, ends, strict=True):
+    for start, end, kind in zip(starts.tolist(), ends.tolist(), types, strict=True):
         name = names[device_index[start]]
         digest = messages.ReadingDigest(
             device_id=name,
-            meter_type=types[end - 1],
+            meter_type=kind,
             event_us=events[start:end],
-            values=[None if v is None or math.isnan(v) else v for v in values[start:end]],
+            values=values[start:end],
             faulty=faulty[start:end],
         )
         digests.append((name.encode(), messages.encode(digest)))

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from operator import itemgetter
 from statistics import median
 from typing import NamedTuple
 
@@ -152,45 +153,55 @@ def _remember(state: MeterState, event_us: int, hour: int, value: float) -> None
         del state.recent[0]
 
 
-def observe(meter: Meter, state: MeterState, readings: Iterable[Observed]) -> list[Detection]:
-    """Apply a batch of one meter's readings (any order) to ``state``; the changes."""
+def observe(
+    meter: Meter, state: MeterState, readings: Iterable[tuple[int, float | None, bool]]
+) -> list[Detection]:
+    """Apply a batch of one meter's readings (any order) to ``state``; the changes.
+
+    A reading is an :class:`Observed` or a plain ``(event_us, value, faulty)`` tuple: a
+    catch-up hands over millions, and a plain tuple costs a fraction of a NamedTuple's
+    Python-level constructor.
+    """
     out: list[Detection] = []
     interval_us = meter.interval_s * 1_000_000
-    for reading in sorted(readings, key=lambda r: r.event_us):
-        if reading.event_us <= state.last_us:
+    for event_us, value, faulty in sorted(readings, key=_event_time):
+        if event_us <= state.last_us:
             continue  # late or repeated: no part in any rule
-        gap_us = reading.event_us - state.last_us if state.last_us else 0
-        state.first_us = state.first_us or reading.event_us
+        gap_us = event_us - state.last_us if state.last_us else 0
+        state.first_us = state.first_us or event_us
         if state.silent_open:
             out.append(
-                _clear(meter, FaultCode.NO_DATA, state.silent_open, reading, "reporting again")
+                _clear(
+                    meter, FaultCode.NO_DATA, state.silent_open, event_us, value, "reporting again"
+                )
             )
             state.silent_open = 0
-        elif state.last_us and reading.event_us > deadline(meter, state):
+        elif state.last_us and event_us > deadline(meter, state):
             # A silence no timer saw: both its ends came in one batch (a catch-up, a replay,
             # a detector that was down). It opened at its deadline and ends now, whatever
             # the batch sizes were.
             out += expire(meter, state, deadline(meter, state))
             out.append(
-                _clear(meter, FaultCode.NO_DATA, state.silent_open, reading, "reporting again")
+                _clear(
+                    meter, FaultCode.NO_DATA, state.silent_open, event_us, value, "reporting again"
+                )
             )
             state.silent_open = 0
-        state.last_us = reading.event_us
-        value = reading.value
-        if reading.faulty or value is None or not math.isfinite(value):
+        state.last_us = event_us
+        if faulty or value is None or not math.isfinite(value):
             state.run_count = 0  # a faulty reading is no evidence of a stuck register
             continue
-        _stuck(meter, state, reading, value, gap_us, interval_us, out)
-        _spike(meter, state, reading, value, out)
+        _stuck(meter, state, event_us, value, gap_us, interval_us, out)
+        _spike(meter, state, event_us, value, out)
         if meter.meter_type is MeterType.WATER:
-            _leak(meter, state, reading, value, out)
+            _leak(meter, state, event_us, value, out)
     return out
 
 
 def _stuck(
     meter: Meter,
     state: MeterState,
-    reading: Observed,
+    event_us: int,
     value: float,
     gap_us: int,
     interval_us: int,
@@ -203,10 +214,12 @@ def _stuck(
         pass  # the same value after a gap: still stuck, only a new value clears it
     else:
         if state.stuck_open:
-            out.append(_clear(meter, FaultCode.STUCK, state.stuck_open, reading, "value changed"))
+            out.append(
+                _clear(meter, FaultCode.STUCK, state.stuck_open, event_us, value, "value changed")
+            )
             state.stuck_open = 0
-        state.run_value, state.run_count, state.run_start_us = value, 1, reading.event_us
-    long_enough = reading.event_us - state.run_start_us >= (rules.stuck_readings - 1) * interval_us
+        state.run_value, state.run_count, state.run_start_us = value, 1, event_us
+    long_enough = event_us - state.run_start_us >= (rules.stuck_readings - 1) * interval_us
     if (
         not state.stuck_open
         and value > rules.stuck_min.get(meter.meter_type, 0.0)
@@ -220,51 +233,53 @@ def _stuck(
                 FaultCode.STUCK,
                 OPEN,
                 state.run_start_us,
-                reading.event_us,
+                event_us,
                 value,
                 f"value {value:g} repeated {state.run_count} times "
-                f"over {(reading.event_us - state.run_start_us) / 60e6:.0f} min",
+                f"over {(event_us - state.run_start_us) / 60e6:.0f} min",
             )
         )
 
 
 def _spike(
-    meter: Meter, state: MeterState, reading: Observed, value: float, out: list[Detection]
+    meter: Meter, state: MeterState, event_us: int, value: float, out: list[Detection]
 ) -> None:
     rules = meter.rules
-    hour = reading.event_us % _DAY_US // _HOUR_US
+    hour = event_us % _DAY_US // _HOUR_US
     if state.spike_open:
-        out.append(_clear(meter, FaultCode.SPIKE, state.spike_open, reading, "back to normal"))
+        out.append(
+            _clear(meter, FaultCode.SPIKE, state.spike_open, event_us, value, "back to normal")
+        )
         state.spike_open = 0
     # The floor first: most readings are below it, and then no median is needed.
     baseline = None
     if value >= rules.spike_min.get(meter.meter_type, 0.0) and (
-        reading.event_us - state.first_us >= rules.baseline_history_s * 1_000_000
+        event_us - state.first_us >= rules.baseline_history_s * 1_000_000
     ):
         baseline = _baseline(state, hour)
     if baseline is not None and value > rules.spike_factor * baseline:
-        state.spike_open = reading.event_us
+        state.spike_open = event_us
         out.append(
             Detection(
                 meter.device_id,
                 FaultCode.SPIKE,
                 OPEN,
-                reading.event_us,
-                reading.event_us,
+                event_us,
+                event_us,
                 value,
                 f"{value:g} is {value / baseline:.0f} times the baseline {baseline:g}",
             )
         )
         return  # a spike stays out of the baseline
     if value > 0 and state.run_count <= 1:  # a stuck register's repeats are no baseline
-        _remember(state, reading.event_us, hour, value)
+        _remember(state, event_us, hour, value)
 
 
 def _leak(
-    meter: Meter, state: MeterState, reading: Observed, value: float, out: list[Detection]
+    meter: Meter, state: MeterState, event_us: int, value: float, out: list[Detection]
 ) -> None:
     rules = meter.rules
-    now = reading.event_us
+    now = event_us
     hour = now % _DAY_US // _HOUR_US
     day = now // _DAY_US
     if rules.leak_night_start_hour <= hour < rules.leak_night_end_hour:
@@ -282,7 +297,9 @@ def _leak(
         state.last_zero_us = now
         if state.leak_open:
             out.append(
-                _clear(meter, FaultCode.LEAK, state.leak_open, reading, "a zero-flow interval")
+                _clear(
+                    meter, FaultCode.LEAK, state.leak_open, event_us, value, "a zero-flow interval"
+                )
             )
             state.leak_open = 0
         return
@@ -300,6 +317,9 @@ def _leak(
             else f"night minimum flow {night_min:g} L/h above {rules.leak_min_night_flow:g}"
         )
         out.append(Detection(meter.device_id, FaultCode.LEAK, OPEN, start, now, value, why))
+
+
+_event_time = itemgetter(0)
 
 
 def deadline(meter: Meter, state: MeterState) -> int:
@@ -327,5 +347,7 @@ def expire(meter: Meter, state: MeterState, now_us: int) -> list[Detection]:
     ]
 
 
-def _clear(meter: Meter, code: FaultCode, start_us: int, reading: Observed, why: str) -> Detection:
-    return Detection(meter.device_id, code, CLEAR, start_us, reading.event_us, reading.value, why)
+def _clear(
+    meter: Meter, code: FaultCode, start_us: int, at_us: int, value: float | None, why: str
+) -> Detection:
+    return Detection(meter.device_id, code, CLEAR, start_us, at_us, value, why)

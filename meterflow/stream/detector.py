@@ -42,7 +42,6 @@ from meterflow.stream.detect import (
     Detection,
     Meter,
     MeterState,
-    Observed,
     deadline,
     expire,
     observe,
@@ -182,7 +181,7 @@ class MeterDetector(StatefulProcessor):
         timerValues: TimerValues,  # noqa: N803
     ) -> Iterator[pd.DataFrame]:
         bucket = self._load()
-        batch: dict[str, tuple[str, list[Observed]]] = {}
+        batch: dict[str, tuple[str, list[tuple[int, float | None, bool]]]] = {}
         for frame in rows:
             for raw in frame["value"]:
                 try:
@@ -192,7 +191,7 @@ class MeterDetector(StatefulProcessor):
                     log.error("detect=undecodable-digest detail=%s", bad)
                     continue
                 _, readings = batch.setdefault(digest.device_id, (digest.meter_type, []))
-                readings += map(Observed, digest.event_us, digest.values, digest.faulty)
+                readings += zip(digest.event_us, digest.values, digest.faulty, strict=True)
         arrived_ms = timerValues.getCurrentProcessingTimeInMs()
         out: list[tuple[Meter, Detection]] = []
         for device_id, (kind, readings) in batch.items():
