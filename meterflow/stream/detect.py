@@ -164,6 +164,7 @@ def observe(
     """
     out: list[Detection] = []
     interval_us = meter.interval_s * 1_000_000
+    silence_us = meter.rules.nodata_intervals * interval_us  # see deadline()
     for event_us, value, faulty in sorted(readings, key=_event_time):
         if event_us <= state.last_us:
             continue  # late or repeated: no part in any rule
@@ -176,7 +177,7 @@ def observe(
                 )
             )
             state.silent_open = 0
-        elif state.last_us and event_us > deadline(meter, state):
+        elif state.last_us and gap_us > silence_us:
             # A silence no timer saw: both its ends came in one batch (a catch-up, a replay,
             # a detector that was down). It opened at its deadline and ends now, whatever
             # the batch sizes were.
