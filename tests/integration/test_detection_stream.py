@@ -5,6 +5,10 @@ middle of a STUCK run and of a silent span, it loses no episode change and repea
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -111,3 +115,96 @@ def test_episodes_reach_iot_abnormal_once_across_restarts_and_become_incidents(
     assert stuck["closed_at"].replace(tzinfo=UTC) == datetime.fromtimestamp(at(26) / 1e6, UTC)
     for device in ("em1", "em2"):
         assert not db[mongo.METER_STATUS].find_one({"_id": device}).get("open_episodes")
+
+
+def test_a_stream_killed_while_detecting_loses_and_changes_no_episode(
+    spark: SparkSession, make_settings, tmp_path, mongo_uri: str, mongo_db_name: str, db
+) -> None:
+    """kill -9 of `meterflow stream` (driver, JVM, workers) while it publishes episodes:
+    the restart publishes every one, with the same ids; the sink stores each once."""
+    settings = make_settings(
+        partitions=2,
+        METERFLOW_DETECTION="on",
+        METERFLOW_DETECTION_TIME="event",
+        METERFLOW_MAX_OFFSETS_PER_TRIGGER="600",
+        MONGO_URI=mongo_uri,
+        MONGO_DB=mongo_db_name,
+        METERFLOW_SINK_GROUP=f"sink-{uuid.uuid4().hex[:8]}",
+        METERFLOW_SINK_FLUSH_SECONDS="0.2",
+    )
+    meters = [f"em{n:03d}" for n in range(60)]
+    stuck_from = {m: 10 + n % 6 for n, m in enumerate(meters)}  # episodes open over time
+
+    def step(i: int) -> None:
+        """Reading i of every meter: normal, then stuck for 10 readings, then a new value."""
+        send(
+            settings,
+            [(m, i, 0.777 if s <= i < s + 10 else normal(i)) for m, s in stuck_from.items()],
+        )
+
+    for i in range(17):  # the first meters' runs reach eight readings at i = 17
+        step(i)
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        "METERFLOW_DATA_DIR": str(settings.data_dir),
+        "METERFLOW_KAFKA_SOURCE": "python",
+        "METERFLOW_TRIGGER_SECONDS": "1",
+        "METERFLOW_MAX_OFFSETS_PER_TRIGGER": "600",
+        "METERFLOW_DETECTION": "on",
+        "METERFLOW_DETECTION_TIME": "event",
+        "METERFLOW_TOPIC_READINGS": settings.topic_readings,
+        "METERFLOW_TOPIC_ABNORMAL": settings.topic_abnormal,
+        "METERFLOW_TOPIC_DEADLETTER": settings.topic_deadletter,
+        "METERFLOW_TOPIC_STATUS": settings.topic_status,
+        "METERFLOW_TOPIC_DIGEST": settings.topic_digest,
+        "PYSPARK_PYTHON": sys.executable,
+    }
+    log = tmp_path / "stream.log"
+    with log.open("w") as out:
+        stream = subprocess.Popen(
+            [sys.executable, "-m", "meterflow.cli", "stream"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        i, deadline = 17, time.monotonic() + 180
+        while "detector_batch=" not in log.read_text():  # both queries are up
+            assert stream.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        while not episode_events(settings):  # killed once the first episodes are out
+            assert stream.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            if i < 26:
+                step(i)
+                i += 1
+            time.sleep(1.0)
+    finally:
+        os.killpg(stream.pid, signal.SIGKILL)
+        stream.wait(30)
+    published_before = len(episode_events(settings))
+    for rest in range(i, 26):
+        step(rest)
+    run(settings, available_now=True, spark=spark)  # the restart, to the end
+
+    events = episode_events(settings)
+    ids = Counter(e.event_id for e in events)
+    expected = {
+        f"{m}|STUCK|{at(s)}|{action}" for m, s in stuck_from.items() for action in ("open", "clear")
+    }
+    assert set(ids) == expected  # none lost, none with another id
+    assert 0 < published_before < len(expected)  # the kill came in the middle
+    for event_id in ids:  # a repeat (a batch published, then killed before it committed)
+        assert len({e.timestamp for e in events if e.event_id == event_id}) == 1
+    consumed = len(read_all(settings.bootstrap_servers, settings.topic_abnormal))
+    consumed += len(read_all(settings.bootstrap_servers, settings.topic_status))
+    sink = Sink(settings, db, consumer_overrides=FAST_GROUP, instance_id=False)
+    until = time.monotonic() + 90
+    sink.run(lambda: sink.stats.consumed >= consumed or time.monotonic() > until)
+    incidents = list(db[mongo.INCIDENTS].find({"origin": "rule"}))
+    assert len(incidents) == len(meters)
+    assert {i["status"] for i in incidents} == {"closed"}
+    assert db[mongo.ABNORMAL_READINGS].count_documents({"episode": {"$ne": None}}) == len(meters)
