@@ -60,22 +60,30 @@ def plan_detection(
     """The checkpoint of the digest topic's current generation under this ``clock``."""
     generation = kafka.topic_ids(bootstrap_servers, [topic])[topic]
     safe = generation.replace("/", "_").replace("+", "-")  # topic ids are base64
-    root = posixpath.join(checkpoint_path.rstrip("/"), "detector", clock)
-    checkpoint = posixpath.join(root, f"{topic}-{safe}")
-    fs, local_root = lake.filesystem_for(root)
-    others = [
-        info.base_name
-        for info in fs.get_file_info(pafs.FileSelector(local_root, allow_not_found=True))
-        if info.type == pafs.FileType.Directory and info.base_name != posixpath.basename(checkpoint)
-    ]
-    fs_checkpoint, local_checkpoint = lake.filesystem_for(checkpoint)
-    fresh = fs_checkpoint.get_file_info(local_checkpoint).type == pafs.FileType.NotFound
+    base = posixpath.join(checkpoint_path.rstrip("/"), "detector")
+    name = f"{topic}-{safe}"
+    checkpoint = posixpath.join(base, clock, name)
+    fs, local_base = lake.filesystem_for(base)
+    others = sorted(
+        f"{known}/{info.base_name}"
+        for known in TIME_MODES
+        for info in fs.get_file_info(
+            pafs.FileSelector(posixpath.join(local_base, known), allow_not_found=True)
+        )
+        if info.type == pafs.FileType.Directory and f"{known}/{info.base_name}" != f"{clock}/{name}"
+    )
+    fresh = fs.get_file_info(posixpath.join(local_base, clock, name)).type == (
+        pafs.FileType.NotFound
+    )
     if fresh and others:
+        same_clock = any(other.startswith(f"{clock}/") for other in others)
         log.warning(
-            "detector=fresh-state reason=new-digest-topic topic=%s generation=%s previous=%s",
+            "detector=fresh-state reason=%s topic=%s generation=%s clock=%s previous=%s",
+            "new-digest-topic" if same_clock else "clock-changed",
             topic,
             generation,
-            ",".join(sorted(others)),
+            clock,
+            ",".join(others),
         )
     return DetectionPlan(generation, checkpoint)
 

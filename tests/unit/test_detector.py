@@ -234,3 +234,29 @@ def test_the_streams_digests_reach_the_detector_as_sent() -> None:
     meters = msgspec.msgpack.decode(bytes(stored[0]), type=Bucket).meters
     assert (meters["em1"].last_us, meters["gm1"].last_us) == (at(1), at(0))
     assert (meters["em1"].meter_type, meters["gm1"].meter_type) == ("electricity", "gas")
+
+
+def test_a_new_digest_topic_or_clock_starts_the_state_afresh_and_says_so(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """The checkpoint is per digest-topic id and clock; a fresh one beside an old one is
+    logged (the meters' history starts again)."""
+    from meterflow.stream import detection
+
+    topic_id = ["AaItG3tnf0KuPuo7aC8Mcw"]
+    monkeypatch.setattr(detection.kafka, "topic_ids", lambda _b, ts: {t: topic_id[0] for t in ts})
+
+    def plan(clock: str) -> str:
+        with caplog.at_level("WARNING", logger="meterflow.stream.detection"):
+            checkpoint = detection.plan_detection("b", "digest", str(tmp_path), clock).checkpoint
+        Path(checkpoint).mkdir(parents=True, exist_ok=True)  # what the query would write
+        return checkpoint
+
+    first = plan("event")
+    assert first == f"{tmp_path}/detector/event/digest-{topic_id[0]}"
+    assert plan("event") == first and caplog.records == []  # a restart: same state
+    topic_id[0] = "Bb/c+d"  # the topic was recreated
+    assert plan("event").endswith("/detector/event/digest-Bb_c-d")
+    assert "reason=new-digest-topic" in caplog.records[-1].getMessage()
+    assert plan("processing").endswith("/detector/processing/digest-Bb_c-d")
+    assert "reason=clock-changed" in caplog.records[-1].getMessage()
