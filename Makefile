@@ -31,6 +31,8 @@ bench: install  ## every benchmark under bench/, writing bench/results/
 	$(BIN)/python -m bench.streaming_throughput
 	$(BIN)/python -m bench.simulator_rate
 	$(BIN)/python -m bench.daily_batch
+	$(BIN)/python -m bench.detection
+	$(BIN)/python -m bench.detection_real
 	$(BIN)/python -m bench.chaos
 	$(BIN)/python -m bench.memory
 
