@@ -39,8 +39,9 @@ from bench.common import free_port, read_all, timed, write_results
 from bench.stall_proxy import ProxiedBroker, StallingProxy
 from meterflow.clients import kafka
 from meterflow.clients.mongo import ABNORMAL_READINGS, INCIDENTS, client
-from meterflow.core import contract, lake, messages
+from meterflow.core import lake, messages
 from meterflow.core.config import Settings
+from meterflow.core.events import event_id
 from meterflow.core.ledger import Ledger
 from meterflow.local.mongo import LocalMongo
 from meterflow.stream.reconcile import reconcile
@@ -250,7 +251,7 @@ def main() -> int:
                 filter=pc.is_valid(pc.field("fault_code")),
             )
             expected = {
-                contract.event_id(settings.topic_readings, g, p, o)
+                event_id(settings.topic_readings, g, p, o)
                 for g, p, o in zip(
                     abnormal["source_generation"].to_pylist(),
                     abnormal["source_partition"].to_pylist(),

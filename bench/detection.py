@@ -34,8 +34,9 @@ from bench.common import local_broker, read_all, timed, write_results
 from meterflow.clients import kafka
 from meterflow.core import messages
 from meterflow.core.config import Settings
-from meterflow.core.contract import STATEFUL_FAULTS, parse_timestamp_us
+from meterflow.core.contract import STATEFUL_FAULTS
 from meterflow.core.logs import setup_logging
+from meterflow.core.timestamps import parse_timestamp_us
 from simulator.faults import EpisodeRates, FaultRates
 from simulator.generator import SimulationConfig, simulate
 

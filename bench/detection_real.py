@@ -24,13 +24,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meterflow.core.contract import (
-    DetectionRules,
-    FaultCode,
-    MeterType,
-    classify,
-    format_timestamp_us,
-)
+from meterflow.core.classifier import classify
+from meterflow.core.contract import FaultCode, MeterType
+from meterflow.core.thresholds import DetectionRules
+from meterflow.core.timestamps import format_timestamp_us
 from meterflow.stream.detect import OPEN, Meter, MeterState, Observed, expire, observe
 from simulator.replay import detect, replay
 

@@ -29,17 +29,12 @@ from pathlib import Path
 from typing import TextIO
 
 from meterflow.core.config import Settings
-from meterflow.core.contract import (
-    SECONDS_PER_DAY,
-    STATEFUL_FAULTS,
-    STATELESS_FAULTS,
-    FaultCode,
-    MeterType,
-    Rules,
-)
+from meterflow.core.contract import STATEFUL_FAULTS, STATELESS_FAULTS, FaultCode, MeterType
 from meterflow.core.logs import get_logger
 from meterflow.core.messages import DeadLetterReason
 from meterflow.core.signals import signals_handled
+from meterflow.core.thresholds import Rules
+from meterflow.core.timestamps import SECONDS_PER_DAY
 from simulator.episodes import default_ground_truth_path, write_ground_truth
 from simulator.faults import (
     DEFAULT_EPISODE_RATE,

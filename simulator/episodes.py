@@ -2,7 +2,7 @@
 
 An episode is a span of one meter's readings that one stateful rule
 (:data:`~meterflow.core.contract.STATEFUL_FAULTS`, thresholds in
-:class:`~meterflow.core.contract.DetectionRules`) must flag, shaped by
+:class:`~meterflow.core.thresholds.DetectionRules`) must flag, shaped by
 :func:`simulator.faults.plan_episodes` so that it does and so that nothing else does:
 
 * ``STUCK``: 12-48 readings repeating one non-zero value (the meter's reading at the
@@ -43,15 +43,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from meterflow.core.contract import (
-    SECONDS_PER_DAY,
-    STATEFUL_FAULTS,
-    DetectionRules,
-    FaultCode,
-    MeterType,
-    parse_timestamp_us,
-)
+from meterflow.core.contract import STATEFUL_FAULTS, FaultCode, MeterType
 from meterflow.core.lake import filesystem_for, write_atomically
+from meterflow.core.thresholds import DetectionRules
+from meterflow.core.timestamps import SECONDS_PER_DAY, parse_timestamp_us
 from simulator.faults import (
     LEAK_JITTER,
     SPIKE_LOOKBACK_DAYS,

@@ -3,14 +3,14 @@
 Each stateless :class:`~meterflow.core.contract.FaultCode` has its own rate per reading, and
 malformed messages have one rate; malformed messages rotate through every
 :class:`~meterflow.core.contract.DeadLetterReason` in turn. Every corruption here is built so
-that :func:`meterflow.core.contract.evaluate` classifies it as the injected kind and nothing
+that :func:`meterflow.core.classifier.evaluate` classifies it as the injected kind and nothing
 else (the rules' precedence is taken into account), which is what lets a run's summary
 serve as the ground truth of an end-to-end test.
 
 Stateful faults (:data:`~meterflow.core.contract.STATEFUL_FAULTS`) are episodes over a
 meter's history rather than one bad reading: :class:`EpisodeRates` gives how many start
 per meter and day, :func:`plan_episodes` checks and sizes them against the detector's
-:class:`~meterflow.core.contract.DetectionRules`, and :mod:`simulator.episodes` injects
+:class:`~meterflow.core.thresholds.DetectionRules`, and :mod:`simulator.episodes` injects
 them and records each one as ground truth.
 """
 
@@ -26,18 +26,15 @@ import numpy as np
 
 from meterflow.core.contract import (
     METER_SPECS,
-    SECONDS_PER_DAY,
     SENTINEL_VALUE,
     STATEFUL_FAULTS,
     STATELESS_FAULTS,
-    DetectionRules,
     FaultCode,
     MeterType,
-    Rules,
-    format_timestamp_us,
-    parse_timestamp_us,
 )
 from meterflow.core.messages import DeadLetterReason
+from meterflow.core.thresholds import DetectionRules, Rules
+from meterflow.core.timestamps import SECONDS_PER_DAY, format_timestamp_us, parse_timestamp_us
 from simulator.load import HEADROOM, idle_probability
 
 #: Malformed messages cycle through every reason, one of each in turn.

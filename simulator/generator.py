@@ -39,16 +39,15 @@ import numpy as np
 from meterflow.core.contract import (
     METER_SPECS,
     PREFIX_TO_TYPE,
-    SECONDS_PER_DAY,
     STATELESS_FAULTS,
     TYPE_ORDER,
-    DetectionRules,
     FaultCode,
     MeterType,
-    Rules,
     Status,
 )
 from meterflow.core.messages import DeadLetterReason
+from meterflow.core.thresholds import DetectionRules, Rules
+from meterflow.core.timestamps import SECONDS_PER_DAY
 from simulator.episodes import BlockEpisodes, Episode, EpisodeInjector
 from simulator.faults import (
     MALFORMED,

@@ -24,7 +24,9 @@ import math
 
 import numpy as np
 
-from meterflow.core.contract import METER_SPECS, SECONDS_PER_DAY, TYPE_ORDER, MeterType, Rules
+from meterflow.core.contract import METER_SPECS, TYPE_ORDER, MeterType
+from meterflow.core.thresholds import Rules
+from meterflow.core.timestamps import SECONDS_PER_DAY
 
 #: Mean consumption per hour of a median household, in each type's unit (kWh, L, m3).
 MEAN_PER_HOUR: dict[MeterType, float] = {

@@ -10,11 +10,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from meterflow.clients import mongo
-from meterflow.core import contract, messages
+from meterflow.core import classifier, contract, messages, timestamps
+from meterflow.core.events import abnormal_event, meter_status_update
 from meterflow.stream.detect import episode_id
 
-START_US = contract.parse_timestamp_us("2024-05-27T00:00:00Z")
-DETECTED_US = contract.parse_timestamp_us("2026-11-20T12:00:00.123456Z")
+START_US = timestamps.parse_timestamp_us("2024-05-27T00:00:00Z")
+DETECTED_US = timestamps.parse_timestamp_us("2026-11-20T12:00:00.123456Z")
 INTERVAL_S = 900
 GENERATION = "a-topic-id"  # the source topic's Kafka topic id, part of every event id
 
@@ -27,15 +28,13 @@ def event_json(device: str, offset: int, minute: int, value: float = -1) -> byte
     raw = json.dumps(
         {
             "device_id": device,
-            "timestamp": contract.format_timestamp_us(START_US + minute * 60_000_000),
+            "timestamp": timestamps.format_timestamp_us(START_US + minute * 60_000_000),
             "usage_kwh": value,
         }
     ).encode()
-    reading = contract.evaluate(raw, START_US + 10**12)
-    assert isinstance(reading, contract.Reading) and reading.fault_code is not None
-    event = contract.abnormal_event(
-        reading, "iot-meter", GENERATION, offset % 3, offset, DETECTED_US
-    )
+    reading = classifier.evaluate(raw, START_US + 10**12)
+    assert isinstance(reading, classifier.Reading) and reading.fault_code is not None
+    event = abnormal_event(reading, "iot-meter", GENERATION, offset % 3, offset, DETECTED_US)
     return messages.encode(event)
 
 
@@ -54,17 +53,17 @@ def episode_json(
     episode = messages.Episode(
         id=episode_id(device, contract.FaultCode(code), start_us),
         action=action,
-        start=contract.format_timestamp_us(start_us),
+        start=timestamps.format_timestamp_us(start_us),
     )
     event = messages.AbnormalEvent(
         event_id=f"{episode.id}|{action}",
         device_id=device,
         meter_type="electricity",
-        timestamp=contract.format_timestamp_us(START_US + at_minute * 60_000_000),
+        timestamp=timestamps.format_timestamp_us(START_US + at_minute * 60_000_000),
         fault_code=code,
         reason=reason or f"{code} {action}",
         reading=None if value is None else {"value": value},
-        detected_at=contract.format_timestamp_us(DETECTED_US),
+        detected_at=timestamps.format_timestamp_us(DETECTED_US),
         episode=episode,
     )
     if not overrides:
@@ -84,7 +83,7 @@ def status_json(device: str, flags: list[bool], first_index: int) -> bytes:
             break
         trailing += 1
     last_us = START_US + (first_index + len(flags) - 1) * INTERVAL_S * 1_000_000
-    update = contract.meter_status_update(
+    update = meter_status_update(
         device,
         "electricity",
         last_us,

@@ -39,8 +39,9 @@ from meterflow.batch.views import (
     write_report,
 )
 from meterflow.core import lake
-from meterflow.core.contract import METER_SPECS, SECONDS_PER_DAY, TYPE_ORDER, as_date
+from meterflow.core.contract import METER_SPECS, TYPE_ORDER
 from meterflow.core.logs import get_logger
+from meterflow.core.timestamps import SECONDS_PER_DAY, as_date
 
 log = get_logger("jobs.daily_batch")
 #: Spark application name of the job's session (spark-submit and ``meterflow batch``).

@@ -7,8 +7,8 @@ from datetime import UTC, date, datetime
 import pyarrow.dataset as ds
 
 from meterflow.core import lake
-from meterflow.core.contract import as_date
 from meterflow.core.logs import get_logger
+from meterflow.core.timestamps import as_date
 
 log = get_logger(__name__)
 #: A lake row's Kafka partition, as the ledger keys it.

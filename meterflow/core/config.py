@@ -20,11 +20,10 @@ from meterflow.core.contract import (
     TOPIC_DIGEST,
     TOPIC_READINGS,
     TOPIC_STATUS,
-    DetectionRules,
     MeterType,
-    Rules,
 )
 from meterflow.core.errors import MeterflowError
+from meterflow.core.thresholds import DetectionRules, Rules
 
 
 class ConfigError(MeterflowError, ValueError):
@@ -181,7 +180,7 @@ VARIABLES: tuple[Variable, ...] = (
         for spec in METER_SPECS.values()
         for name, bound in spec.default_bounds.items()
     ),
-    # The stateful rules (contract.DetectionRules; docs/architecture.md, "Stateful detection").
+    # The stateful rules (thresholds.DetectionRules; docs/architecture.md, "Stateful detection").
     Variable(
         "METERFLOW_DETECTION",
         "off",

@@ -22,7 +22,8 @@ from meterflow.clients.mongo import (
     INCIDENTS,
     METER_STATUS,
 )
-from meterflow.core.contract import SECONDS_PER_DAY, SEVERITY
+from meterflow.core.contract import SEVERITY
+from meterflow.core.timestamps import SECONDS_PER_DAY
 
 DASHBOARD_NAME = "Smart meters"
 DASHBOARD_DESCRIPTION = (

@@ -18,8 +18,8 @@ from pymongo.errors import OperationFailure
 
 from meterflow.clients import mongo
 from meterflow.core import lake
-from meterflow.core.contract import SECONDS_PER_DAY
 from meterflow.core.logs import get_logger
+from meterflow.core.timestamps import SECONDS_PER_DAY
 
 log = get_logger(__name__)
 

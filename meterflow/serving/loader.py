@@ -32,9 +32,9 @@ from meterflow.batch.views import (
 )
 from meterflow.clients import mongo
 from meterflow.core import lake
-from meterflow.core.contract import as_date
 from meterflow.core.errors import MeterflowError
 from meterflow.core.logs import get_logger
+from meterflow.core.timestamps import as_date
 
 log = get_logger("meterflow.serving.loader")
 

@@ -16,10 +16,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from meterflow.core import contract, messages
-from meterflow.core.contract import METER_SPECS, US_PER_DAY, FaultCode, Reading, Rules, Status
+from meterflow.core import classifier, contract, messages
+from meterflow.core.classifier import Reading
+from meterflow.core.contract import METER_SPECS, FaultCode, Status
+from meterflow.core.events import abnormal_event, meter_status_update
 from meterflow.core.lake import CLASSIFIED_SCHEMA, TIMESTAMP
 from meterflow.core.messages import DeadLetterMessage
+from meterflow.core.thresholds import Rules
+from meterflow.core.timestamps import US_PER_DAY
 
 
 @dataclass
@@ -43,7 +47,7 @@ def classify_batch(
 ) -> BatchResult:
     """Classify a batch with the Kafka source schema (key, value, topic, partition, ...).
 
-    ``generation`` is the source topic's id (see :func:`meterflow.core.contract.event_id`).
+    ``generation`` is the source topic's id (see :func:`meterflow.core.events.event_id`).
 
     The future-timestamp rule compares against each record's Kafka timestamp (so a replay
     classifies identically) and falls back to ``now_us`` when a record has none.
@@ -52,7 +56,7 @@ def classify_batch(
     values = batch.column("value").to_pylist()
     kafka_ts = batch.column("timestamp")
     ingest_us = kafka_ts.cast(pa.int64()).fill_null(now_us).to_numpy()
-    result = contract.classify(values, ingest_us, rules)
+    result = classifier.classify(values, ingest_us, rules)
 
     dead = result.status == _DEADLETTER
     fault = result.fault_index
@@ -113,9 +117,7 @@ def classify_batch(
             result.reasons[i],
             json.loads(values[i]),
         )
-        event = contract.abnormal_event(
-            reading, topics[i], generation, partitions[i], offsets[i], now_us
-        )
+        event = abnormal_event(reading, topics[i], generation, partitions[i], offsets[i], now_us)
         out.abnormal_events.append((reading.device_id.encode(), messages.encode(event)))
     return out
 
@@ -163,7 +165,7 @@ def status_updates(classified: pa.Table) -> list[tuple[bytes, bytes]]:
     updates = []
     for i, device in enumerate(device_index[lasts].tolist()):
         value = values[i]
-        update = contract.meter_status_update(
+        update = meter_status_update(
             names[device],
             types[i],
             int(seen_us[lasts[i]]),

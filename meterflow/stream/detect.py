@@ -37,7 +37,8 @@ from typing import NamedTuple
 
 import msgspec
 
-from meterflow.core.contract import DetectionRules, FaultCode, MeterType
+from meterflow.core.contract import FaultCode, MeterType
+from meterflow.core.thresholds import DetectionRules
 
 #: Days kept per hour of day: the hour's highest good value on each of the last 7 days
 #: with one (the same week the simulator's ``SPIKE_LOOKBACK_DAYS`` shapes spikes from).

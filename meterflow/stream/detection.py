@@ -29,9 +29,11 @@ from pyspark.sql.streaming import StreamingQuery
 
 from meterflow.clients import kafka
 from meterflow.core import lake
-from meterflow.core.contract import DetectionRules, FaultCode, format_timestamp_us
+from meterflow.core.contract import FaultCode
 from meterflow.core.logs import get_logger
 from meterflow.core.messages import AbnormalEvent, Episode, encode
+from meterflow.core.thresholds import DetectionRules
+from meterflow.core.timestamps import format_timestamp_us
 from meterflow.stream.detect import episode_id
 from meterflow.stream.detector import EVENT_TIME, PROCESSING_TIME, detect_faults, digest_rows
 from meterflow.stream.profiles import MeterProfile

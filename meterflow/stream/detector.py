@@ -35,9 +35,10 @@ from pyspark.sql.streaming.stateful_processor import (
     TimerValues,
 )
 
-from meterflow.core.contract import DetectionRules, MeterType
+from meterflow.core.contract import MeterType
 from meterflow.core.logs import get_logger
 from meterflow.core.messages import ReadingDigest, decoder
+from meterflow.core.thresholds import DetectionRules
 from meterflow.stream.detect import (
     Detection,
     Meter,

@@ -3,7 +3,7 @@
 The registry (``meters.parquet``, :func:`meterflow.core.lake.registry_parquet`) may carry,
 per meter, optional columns named like the thresholds they replace (:data:`PROFILE_COLUMNS`,
 ``interval_seconds`` among them). A null value, or a missing column, keeps the default (the
-environment's :class:`~meterflow.core.contract.DetectionRules`, per meter type where the
+environment's :class:`~meterflow.core.thresholds.DetectionRules`, per meter type where the
 rule is). :func:`load_profiles` reads them once, when the detector starts, and refuses a
 value no rule could work with, naming the meter, so a typo in the registry stops the start
 rather than silencing a meter's alarms.
@@ -23,8 +23,9 @@ import pyarrow.parquet as pq
 
 from meterflow.core import lake
 from meterflow.core.config import ConfigError
-from meterflow.core.contract import DetectionRules, MeterType
+from meterflow.core.contract import MeterType
 from meterflow.core.logs import get_logger
+from meterflow.core.thresholds import DetectionRules
 
 log = get_logger(__name__)
 

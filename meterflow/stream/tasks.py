@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 from confluent_kafka import KafkaException
 
 from meterflow.clients import kafka
-from meterflow.core import contract
-from meterflow.core.contract import FaultCode, Rules, Status
+from meterflow.core import timestamps
+from meterflow.core.contract import FaultCode, Status
 from meterflow.core.lake import (
     DEADLETTER,
     DEADLETTER_SCHEMA,
@@ -38,6 +38,7 @@ from meterflow.core.lake import (
 )
 from meterflow.core.logs import ensure_logging, get_logger
 from meterflow.core.messages import DeadLetterMessage
+from meterflow.core.thresholds import Rules
 from meterflow.stream.classify import STATUS_COLUMNS, BatchResult, classify_batch, reading_digests
 from meterflow.stream.classify import status_updates as make_status_updates
 
@@ -295,9 +296,9 @@ def _dead_letter_table(result: BatchResult, now_us: int) -> pa.Table:
             "reason": pa.array([d.reason for d in letters], pa.string()),
             "detail": pa.array([d.detail for d in letters], pa.string()),
             "ingest_time": pa.array(ingest_us, DEADLETTER_SCHEMA.field("ingest_time").type),
-            "date": pa.array((ingest_us // contract.US_PER_DAY).astype(np.int32), pa.int32()).cast(
-                pa.date32()
-            ),
+            "date": pa.array(
+                (ingest_us // timestamps.US_PER_DAY).astype(np.int32), pa.int32()
+            ).cast(pa.date32()),
         },
         schema=DEADLETTER_SCHEMA,
     )

@@ -20,7 +20,7 @@ from bench.common import read_all
 from meterflow.clients import kafka, mongo
 from meterflow.core import messages
 from meterflow.core.config import Settings
-from meterflow.core.contract import format_timestamp_us, parse_timestamp_us
+from meterflow.core.timestamps import format_timestamp_us, parse_timestamp_us
 from meterflow.serving.sink import Sink
 from meterflow.stream.query import run
 

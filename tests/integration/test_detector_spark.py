@@ -15,7 +15,8 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from meterflow.core import messages
-from meterflow.core.contract import DetectionRules, parse_timestamp_us
+from meterflow.core.thresholds import DetectionRules
+from meterflow.core.timestamps import parse_timestamp_us
 from meterflow.stream.detector import EVENT_TIME, detect_faults, digest_rows
 from meterflow.stream.profiles import MeterProfile, load_profiles
 

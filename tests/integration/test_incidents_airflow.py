@@ -12,8 +12,9 @@ from pathlib import Path
 from incidents_helpers import T0, incidents, status
 
 from meterflow.clients import kafka, mongo
-from meterflow.core import contract, messages
+from meterflow.core import classifier, contract, messages
 from meterflow.core.config import Settings
+from meterflow.core.events import abnormal_event
 from meterflow.serving.incidents import OPEN
 
 
@@ -37,11 +38,11 @@ def test_kafka_trigger_fires_on_an_abnormal_event(make_settings, monkeypatch) ->
         ),
     )
     producer = kafka.producer(settings.bootstrap_servers)
-    reading = contract.Reading(
+    reading = classifier.Reading(
         "wm7", contract.MeterType.WATER, 1_717_315_200_000_000, None, None,
         contract.FaultCode.NEGATIVE, "usage is negative", {"usage": -3},
     )  # fmt: skip
-    event = contract.abnormal_event(
+    event = abnormal_event(
         reading, settings.topic_readings, "AaIrU8Vb", 0, 42, 1_717_315_201_000_000
     )
     producer.produce(settings.topic_abnormal, b"not json at all", b"wm7")

@@ -15,8 +15,9 @@ from helpers import free_port as _free_port
 
 from meterflow import cli
 from meterflow.clients import mongo
-from meterflow.core import contract
+from meterflow.core import classifier
 from meterflow.core.config import Settings
+from meterflow.core.events import abnormal_event, meter_status_update
 from meterflow.local import mongo as local_mongo
 from meterflow.serving import indexes as serving
 from meterflow.serving.sink import ServingWriter, decode_abnormal, decode_status
@@ -31,15 +32,13 @@ def test_smoke_local_stand_in_over_tcp(tmp_path: Path) -> None:
             "METERFLOW_DATA_DIR": str(tmp_path / "data"),
         }
     )
-    reading = contract.evaluate(
+    reading = classifier.evaluate(
         b'{"device_id": "gm7", "timestamp": "2024-05-27T15:57:53Z", "usage_m3": -1}', 10**18
     )
     now_us = int(datetime.now(UTC).timestamp() * 1e6)  # not expired by the TTL index
-    event = msgspec.to_builtins(
-        contract.abnormal_event(reading, "iot-meter", "AaIrU8Vb", 0, 42, now_us)
-    )
+    event = msgspec.to_builtins(abnormal_event(reading, "iot-meter", "AaIrU8Vb", 0, 42, now_us))
     status = msgspec.to_builtins(
-        contract.meter_status_update("gm7", "gas", reading.event_time_us, -1.0, "SENTINEL", 1, 1, 1)
+        meter_status_update("gm7", "gas", reading.event_time_us, -1.0, "SENTINEL", 1, 1, 1)
     )
     with local_mongo.mongo_for(settings) as (live, local):
         assert local is not None and live.mongo_uri.startswith("mongodb://127.0.0.1:")

@@ -10,7 +10,7 @@ from pyspark.sql import SparkSession
 
 from bench.common import read_all
 from meterflow.clients import kafka
-from meterflow.core import contract, messages
+from meterflow.core import messages, timestamps
 from meterflow.core.config import Settings
 from meterflow.core.contract import STATELESS_FAULTS, FaultCode
 from meterflow.core.lake import LAKE_COLUMNS, read_watermark, readings_path
@@ -96,7 +96,7 @@ def test_restart_neither_loses_nor_duplicates(spark: SparkSession, make_settings
     events = read_all(settings.bootstrap_servers, settings.topic_abnormal)
     ids = Counter(json.loads(m.value())["event_id"] for m in events)
     lake_abnormal = {
-        contract.event_id(
+        events.event_id(
             settings.topic_readings, r.source_generation, r.source_partition, r.source_offset
         )
         for r in rows
@@ -191,7 +191,7 @@ def test_with_detection_on_each_meter_gets_a_digest_of_its_readings(
         readings.setdefault(digest.device_id, []).extend(
             zip(digest.event_us, digest.values, digest.faulty, strict=True)
         )
-    start = contract.parse_timestamp_us("2024-05-27T10:00:00Z")
+    start = timestamps.parse_timestamp_us("2024-05-27T10:00:00Z")
     assert readings["em1"] == [
         (start, -1.0, True),
         (start + 60_000_000, 0.7, False),

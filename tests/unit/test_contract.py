@@ -7,20 +7,14 @@ import json
 import msgspec
 import pytest
 
-from meterflow.core import contract
-from meterflow.core.contract import (
-    DeadLetter,
-    FaultCode,
-    MeterType,
-    Reading,
-    Rules,
-    Status,
-    classify,
-    evaluate,
-)
+from meterflow.core import classifier, contract, thresholds, timestamps
+from meterflow.core.classifier import DeadLetter, Reading, classify, evaluate
+from meterflow.core.contract import FaultCode, MeterType, Status
+from meterflow.core.events import abnormal_event
 from meterflow.core.messages import DeadLetterReason
+from meterflow.core.thresholds import Rules
 
-NOW = contract.parse_timestamp_us("2024-05-28T00:00:00Z")
+NOW = timestamps.parse_timestamp_us("2024-05-28T00:00:00Z")
 # The prototype's exact messages (README, "The reading contract") must be accepted unchanged.
 PROTOTYPE_ELECTRICITY = b'{"device_id": "em1", "timestamp": "2024-05-27T15:57:53Z", "usage_kwh": 9}'
 PROTOTYPE_WATER = (
@@ -160,7 +154,7 @@ def test_reading_outcomes(raw: bytes, meter_type: MeterType, fault: FaultCode | 
     assert outcome.meter_type is meter_type
     assert outcome.fault_code is fault
     assert (outcome.reason is None) is (fault is None)
-    assert contract.status_of(outcome) is (Status.VALID if fault is None else Status.ABNORMAL)
+    assert classifier.status_of(outcome) is (Status.VALID if fault is None else Status.ABNORMAL)
     assert outcome.fields == json.loads(raw)
 
 
@@ -193,7 +187,7 @@ def test_prototype_values_and_time() -> None:
     water = evaluate(PROTOTYPE_WATER, NOW)
     assert isinstance(water, Reading)
     assert (water.device_id, water.consumption, water.flow_rate) == ("wm1", 18.0, 5.0)
-    assert contract.format_timestamp_us(water.event_time_us) == "2024-05-27T15:57:52Z"
+    assert timestamps.format_timestamp_us(water.event_time_us) == "2024-05-27T15:57:52Z"
 
 
 def test_rules_are_configurable() -> None:
@@ -207,7 +201,7 @@ def test_rules_are_configurable() -> None:
 def test_stateful_thresholds_come_from_the_environment() -> None:
     from meterflow.core.config import ConfigError, Settings
 
-    assert Settings.from_env({}).detection == contract.DetectionRules()
+    assert Settings.from_env({}).detection == thresholds.DetectionRules()
     tuned = Settings.from_env(
         {
             "METERFLOW_STUCK_READINGS": "12",
@@ -220,7 +214,7 @@ def test_stateful_thresholds_come_from_the_environment() -> None:
     assert tuned.spike_min[contract.MeterType.WATER] == 400
     assert (
         tuned.spike_min[contract.MeterType.GAS]
-        == contract.DetectionRules().spike_min[contract.MeterType.GAS]
+        == thresholds.DetectionRules().spike_min[contract.MeterType.GAS]
     )
     assert (tuned.leak_night_start_hour, tuned.leak_night_end_hour) == (1, 5)
     with pytest.raises(ConfigError, match="METERFLOW_LEAK_NIGHT_HOURS='2 to 4' must be two hours"):
@@ -239,14 +233,10 @@ def test_fault_reasons_name_field_and_value() -> None:
 
 def test_abnormal_event_document() -> None:
     reading = evaluate(msg(usage_kwh=-1), NOW)
-    event = msgspec.to_builtins(
-        contract.abnormal_event(reading, "iot-meter", "AaIrU8Vb", 3, 1234, NOW)
-    )
+    event = msgspec.to_builtins(abnormal_event(reading, "iot-meter", "AaIrU8Vb", 3, 1234, NOW))
     # The topic id keeps ids unique when a recreated topic starts its offsets again.
     assert event["event_id"] == "iot-meter-AaIrU8Vb-3-1234"
-    again = msgspec.to_builtins(
-        contract.abnormal_event(reading, "iot-meter", "Bx0qZ1Ty", 3, 1234, NOW)
-    )
+    again = msgspec.to_builtins(abnormal_event(reading, "iot-meter", "Bx0qZ1Ty", 3, 1234, NOW))
     assert again["event_id"] != event["event_id"]
     assert event["fault_code"] == "SENTINEL"
     assert event["reading"] == {
@@ -278,13 +268,13 @@ def test_stateful_codes_are_never_given_by_the_stateless_rules() -> None:
     assert FaultCode.NO_DATA in stateful
     # What the stateful rules look for is a valid reading on its own: a repeated value, a
     # spike below the bound, a zero.
-    rules = contract.DetectionRules()
+    rules = thresholds.DetectionRules()
     for value in (0, 3.5, rules.spike_min[MeterType.ELECTRICITY] * 20):
         assert evaluate(msg(usage_kwh=value), NOW).fault_code is None
 
 
 def test_detection_rules_defaults_and_checks() -> None:
-    rules = contract.DetectionRules()
+    rules = thresholds.DetectionRules()
     assert (rules.stuck_readings, rules.spike_factor, rules.nodata_intervals) == (8, 10.0, 4)
     assert rules.stuck_duration_s(900) == 7200 and rules.nodata_after_s(900) == 3600
     assert rules.in_leak_night(2.0) and rules.in_leak_night(3.99) and not rules.in_leak_night(4)
@@ -292,8 +282,8 @@ def test_detection_rules_defaults_and_checks() -> None:
     for meter_type, level in rules.spike_min.items():  # a spike can be valid to the contract
         assert level < Rules().bounds[contract.METER_SPECS[meter_type].metric]
     with pytest.raises(ValueError, match="stuck_readings"):
-        contract.DetectionRules(stuck_readings=1)
+        thresholds.DetectionRules(stuck_readings=1)
     with pytest.raises(ValueError, match="night window"):
-        contract.DetectionRules(leak_night_start_hour=4, leak_night_end_hour=2)
+        thresholds.DetectionRules(leak_night_start_hour=4, leak_night_end_hour=2)
     with pytest.raises(ValueError, match="above 0"):
-        contract.DetectionRules(leak_min_night_flow=0)
+        thresholds.DetectionRules(leak_min_night_flow=0)

@@ -7,7 +7,9 @@ import copy
 import msgspec
 import pytest
 
-from meterflow.core.contract import DetectionRules, FaultCode, MeterType, parse_timestamp_us
+from meterflow.core.contract import FaultCode, MeterType
+from meterflow.core.thresholds import DetectionRules
+from meterflow.core.timestamps import parse_timestamp_us
 from meterflow.stream.detect import (
     CLEAR,
     OPEN,

@@ -17,7 +17,8 @@ from dataclasses import replace
 import pytest
 
 from bench.detection_real import RULES, excerpts, measure, readings
-from meterflow.core.contract import DetectionRules, FaultCode, MeterType
+from meterflow.core.contract import FaultCode, MeterType
+from meterflow.core.thresholds import DetectionRules
 from meterflow.stream.detect import Meter, Observed
 
 DAY_AT_15_MIN = 96

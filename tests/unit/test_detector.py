@@ -14,8 +14,10 @@ import pyarrow.parquet as pq
 from helpers import kafka_records
 from pyspark.sql.streaming.tws_tester import TwsTester
 
-from meterflow.core import contract, messages
-from meterflow.core.contract import DetectionRules, FaultCode, parse_timestamp_us
+from meterflow.core import messages, thresholds
+from meterflow.core.contract import FaultCode
+from meterflow.core.thresholds import DetectionRules
+from meterflow.core.timestamps import parse_timestamp_us
 from meterflow.stream.classify import classify_batch, reading_digests
 from meterflow.stream.detect import CLEAR, OPEN
 from meterflow.stream.detector import (
@@ -216,7 +218,7 @@ def test_the_streams_digests_reach_the_detector_as_sent() -> None:
         b"not json",
     ]
     batch = kafka_records(list(values), now_us)
-    classified = pa.Table.from_batches([classify_batch(batch, contract.Rules()).classified])
+    classified = pa.Table.from_batches([classify_batch(batch, thresholds.Rules()).classified])
     digests = reading_digests(classified)
     assert [key for key, _ in digests] == [b"em1", b"gm1"]
     em1, gm1 = (messages.decode(value, messages.ReadingDigest) for _, value in digests)

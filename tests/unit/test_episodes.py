@@ -24,19 +24,18 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import MemorySink
 
+from meterflow.core.classifier import classify
 from meterflow.core.config import Settings
 from meterflow.core.contract import (
     METER_SPECS,
     STATELESS_FAULTS,
     STATUS_ORDER,
-    DetectionRules,
     FaultCode,
     MeterType,
-    Rules,
     Status,
-    classify,
-    parse_timestamp_us,
 )
+from meterflow.core.thresholds import DetectionRules, Rules
+from meterflow.core.timestamps import parse_timestamp_us
 from simulator import generator
 from simulator.cli import add_simulate_arguments, config_from_args, run_simulate
 from simulator.episodes import GROUND_TRUTH_SCHEMA, Episode

@@ -9,7 +9,8 @@ import msgspec
 import pytest
 from helpers import kafka_records
 
-from meterflow.core import contract, messages
+from meterflow.core import contract, messages, thresholds, timestamps
+from meterflow.core.events import event_id, meter_status_update
 from meterflow.core.messages import (
     AbnormalEvent,
     DeadLetterMessage,
@@ -24,7 +25,7 @@ from meterflow.stream.classify import classify_batch, status_updates
 from simulator.faults import FaultRates
 from simulator.generator import SimulationConfig, simulate
 
-NOW = contract.parse_timestamp_us("2024-05-28T00:00:00Z")
+NOW = timestamps.parse_timestamp_us("2024-05-28T00:00:00Z")
 
 
 def test_reading_fields_are_the_contracts_metrics() -> None:
@@ -49,7 +50,7 @@ def _classified(values: list[bytes]) -> tuple[list[bytes], list[bytes]]:
     import pyarrow as pa
 
     batch = kafka_records(list(values), NOW)
-    result = classify_batch(batch, contract.Rules(), generation="gen1", now_us=NOW)
+    result = classify_batch(batch, thresholds.Rules(), generation="gen1", now_us=NOW)
     events = [value for _key, value in result.abnormal_events]
     updates = [value for _key, value in status_updates(pa.Table.from_batches([result.classified]))]
     return events, updates
@@ -67,7 +68,7 @@ def test_what_the_stream_publishes_decodes_as_the_same_message() -> None:
         event = decode(raw, AbnormalEvent)
         assert encode(event) == raw  # decoding and re-encoding changes nothing
         assert event.source is not None and event.source.generation == "gen1"
-        assert event.event_id == contract.event_id("iot-meter", "gen1", 0, event.source.offset)
+        assert event.event_id == event_id("iot-meter", "gen1", 0, event.source.offset)
     by_device = {u.device_id: u for u in (decode(raw, StatusUpdate) for raw in updates)}
     assert by_device["em1"].last_fault_code is None and by_device["em1"].faults == 1
     assert by_device["wm1"].last_fault_code == "OUT_OF_RANGE"
@@ -76,9 +77,9 @@ def test_what_the_stream_publishes_decodes_as_the_same_message() -> None:
 
 def test_a_producer_cannot_build_an_inconsistent_status_update() -> None:
     with pytest.raises(ValueError, match="trailing_faults"):
-        contract.meter_status_update("em1", "electricity", NOW, 1.0, "SENTINEL", 2, 1, 2)
+        meter_status_update("em1", "electricity", NOW, 1.0, "SENTINEL", 2, 1, 2)
     with pytest.raises(ValueError, match="not finite"):
-        contract.meter_status_update("em1", "electricity", NOW, float("nan"), None, 1, 0, 0)
+        meter_status_update("em1", "electricity", NOW, float("nan"), None, 1, 0, 0)
 
 
 @pytest.mark.parametrize(

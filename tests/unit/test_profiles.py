@@ -13,7 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from meterflow.core.config import ConfigError
-from meterflow.core.contract import DetectionRules, FaultCode, MeterType, parse_timestamp_us
+from meterflow.core.contract import FaultCode, MeterType
+from meterflow.core.thresholds import DetectionRules
+from meterflow.core.timestamps import parse_timestamp_us
 from meterflow.stream.detect import Meter, MeterState, Observed, observe
 from meterflow.stream.profiles import MeterProfile, load_profiles
 from simulator.fleet import build_fleet, read_registry, write_registry

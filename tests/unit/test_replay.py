@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from helpers import MemorySink
 
+from meterflow.core.classifier import Reading, evaluate
 from meterflow.core.config import Settings
-from meterflow.core.contract import FaultCode, MeterType, Reading, evaluate
+from meterflow.core.contract import FaultCode, MeterType
 from simulator.cli import add_replay_arguments, run_replay
 from simulator.replay import ReplayError, ReplaySummary, detect, replay
 

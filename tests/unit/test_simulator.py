@@ -20,23 +20,19 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import MemorySink
 
+from meterflow.core.classifier import DeadLetter, Reading, classify, evaluate, status_of
 from meterflow.core.config import Settings
 from meterflow.core.contract import (
     METER_SPECS,
     SENTINEL_VALUE,
     STATELESS_FAULTS,
     TYPE_ORDER,
-    DeadLetter,
     FaultCode,
     MeterType,
-    Reading,
-    Rules,
     Status,
-    classify,
-    evaluate,
-    status_of,
 )
 from meterflow.core.messages import DeadLetterReason
+from meterflow.core.thresholds import Rules
 from simulator.cli import (
     add_simulate_arguments,
     config_from_args,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from meterflow.core.contract import STATEFUL_FAULTS, parse_timestamp_us
+from meterflow.core.contract import STATEFUL_FAULTS
 from meterflow.core.messages import (
     AbnormalEvent,
     DeadLetterReason,
@@ -21,6 +21,7 @@ from meterflow.core.messages import (
     UndecodableError,
     decode,
 )
+from meterflow.core.timestamps import parse_timestamp_us
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
