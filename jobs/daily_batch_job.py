@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from datetime import date
 
 from meterflow.batch.daily import APP_NAME, run
-from meterflow.core.config import ConfigError, Settings
+from meterflow.core.config import Settings
+from meterflow.core.errors import ConfigError
 from meterflow.core.logs import setup_logging
 from meterflow.spark.session import get_spark
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from meterflow.core.config import ConfigError, Settings
+from meterflow.core.config import Settings
+from meterflow.core.errors import ConfigError
 from meterflow.core.logs import setup_logging
 from meterflow.stream.job import run_job
 from meterflow.stream.query import ACCEPT

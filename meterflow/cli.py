@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 
 from meterflow import __version__
 from meterflow.clients.kafka import ProducerSink
+from meterflow.core import variables
 from meterflow.core.bundled import import_simulator
-from meterflow.core.config import VARIABLES, Settings
+from meterflow.core.config import Settings
 from meterflow.core.errors import MeterflowError
 from meterflow.core.logs import get_logger, setup_logging
 from meterflow.core.signals import signals_handled
@@ -60,14 +61,18 @@ def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
-    """Print every variable with its default and meaning (the README table's source)."""
+    """Print every variable with its default and meaning (docs/configuration.md's source)."""
+    from meterflow.dashboards.metabase import MetabaseSettings
+
+    entries = [*variables.table(Settings), *variables.table(MetabaseSettings)]
     if args.markdown:
-        print("| Variable | Default | Meaning |\n|---|---|---|")
-        for v in VARIABLES:
-            print(f"| `{v.name}` | `{v.default}` | {v.meaning} |")
+        print("| Variable | Default | Values | Meaning |\n|---|---|---|---|")
+        for entry in entries:
+            default = f"`{entry.default}`" if entry.default else "(empty)"
+            print(f"| `{entry.name}` | {default} | {entry.kind} | {entry.doc} |")
         return 0
-    for v in VARIABLES:
-        print(f"{v.name}={v.default!s:<12} # {v.meaning}")
+    for entry in entries:
+        print(f"{entry.name}={entry.default!s:<12} # {entry.doc}")
     return 0
 
 
@@ -75,7 +80,7 @@ def cmd_provision_metabase(args: argparse.Namespace, settings: Settings) -> int:
     """Set up Metabase: admin, the MongoDB database and the "Smart meters" dashboard."""
     from meterflow.dashboards.metabase import MetabaseSettings, provision
 
-    result = provision(MetabaseSettings.from_env())
+    result = provision(MetabaseSettings.from_env(settings))
     print(f"dashboard ready at {result['dashboard_url']}")
     return 0
 

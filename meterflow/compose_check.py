@@ -16,7 +16,7 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-from meterflow.core.config import PLACEHOLDER
+from meterflow.core.variables import PLACEHOLDER
 from meterflow.local.service import port_open
 
 GENERATE = {

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from meterflow.core.config import ConfigError, Settings
-from meterflow.core.errors import MeterflowError
+from meterflow.core.config import Settings
+from meterflow.core.errors import ConfigError, MeterflowError
 from meterflow.core.logs import get_logger
 
 if TYPE_CHECKING:

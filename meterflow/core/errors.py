@@ -1,9 +1,9 @@
 """Errors a user acts on: each carries a one-line message with the remedy and an exit code.
 
-The others of the hierarchy live next to what raises them: ``ConfigError`` (config),
-``KafkaUnavailableError`` (clients.kafka), ``BrokerError`` (local.broker),
-``MongoUnavailableError`` (clients.mongo), ``ViewMissingError`` (serving.loader),
-``MetabaseError`` (dashboards.metabase), ``CheckFailed`` (serving.checks, exit code 1).
+The others of the hierarchy live next to what raises them: ``KafkaUnavailableError``
+(clients.kafka), ``BrokerError`` (local.broker), ``MongoUnavailableError`` (clients.mongo),
+``ViewMissingError`` (serving.loader), ``MetabaseError`` (dashboards.metabase),
+``CheckFailed`` (serving.checks, exit code 1).
 """
 
 from __future__ import annotations
@@ -14,6 +14,10 @@ class MeterflowError(RuntimeError):
     ``exit_code`` what the command or job exits with, so no caller keeps a table of them."""
 
     exit_code = 2
+
+
+class ConfigError(MeterflowError, ValueError):
+    """A configuration value is missing or malformed: the line names the variable."""
 
 
 class DataLossError(MeterflowError):

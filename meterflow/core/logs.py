@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from datetime import datetime
 
@@ -28,8 +27,10 @@ def get_logger(name: str) -> logging.Logger:
 
 
 def setup_logging(level: str | None = None) -> None:
-    """Log to stderr at ``level`` (default ``METERFLOW_LOG_LEVEL`` or INFO)."""
-    level = (level or os.environ.get("METERFLOW_LOG_LEVEL") or "INFO").upper()
+    """Log to stderr at ``level`` (default ``METERFLOW_LOG_LEVEL``)."""
+    from meterflow.core.config import env_value  # config's modules log: import it late
+
+    level = (level or env_value("METERFLOW_LOG_LEVEL")).upper()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter(_FORMAT))
     root = logging.getLogger("meterflow")

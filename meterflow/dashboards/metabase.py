@@ -17,18 +17,21 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from meterflow.core.config import ConfigError, env_value, refuse_placeholders
-from meterflow.core.errors import MeterflowError
+from meterflow.core import variables
+from meterflow.core.config import Settings
+from meterflow.core.errors import ConfigError, MeterflowError
 from meterflow.core.logs import get_logger
+from meterflow.core.variables import variable
 from meterflow.dashboards.cards import CARDS, DASHBOARD_DESCRIPTION, DASHBOARD_NAME, Card
 
 log = get_logger("meterflow.dashboards.metabase")
 
 SESSION_HEADER = "X-Metabase-Session"
 MONGO_ENGINE = "mongo"
+_LOCAL_URL = "http://localhost:3000"
 
 
 class MetabaseError(MeterflowError):
@@ -37,53 +40,58 @@ class MetabaseError(MeterflowError):
 
 @dataclass(frozen=True)
 class MetabaseSettings:
-    """Where Metabase is, its admin, and the MongoDB that Metabase itself should query."""
+    """Where Metabase is, its admin, and the MongoDB that Metabase itself should query.
 
-    url: str
-    admin_email: str
-    admin_password: str
-    admin_first_name: str
-    admin_last_name: str
-    site_name: str
-    database_name: str
-    mongo_uri: str
-    mongo_db: str
-    wait_seconds: float
+    Only the ``METABASE_*`` variables are declared here; the serving layer's MongoDB
+    (``MONGO_URI``, ``MONGO_DB``) comes from the platform's :class:`Settings`.
+    """
+
+    url: str = variable("METABASE_URL", "Metabase that provision-metabase sets up", _LOCAL_URL)
+    admin_email: str = variable(
+        "METABASE_ADMIN_EMAIL", "Metabase admin created on first start (required)", ""
+    )
+    admin_password: str = variable(
+        "METABASE_ADMIN_PASSWORD", "Password of that admin (required, no default)", "", secret=True
+    )
+    admin_first_name: str = variable(
+        "METABASE_ADMIN_FIRST_NAME", "First name of that admin", "Meterflow"
+    )
+    admin_last_name: str = variable("METABASE_ADMIN_LAST_NAME", "Last name of that admin", "Admin")
+    site_name: str = variable("METABASE_SITE_NAME", "Site name shown by Metabase", "meterflow")
+    database_name: str = variable(
+        "METABASE_DATABASE_NAME", "Name of the database in Metabase", "meterflow MongoDB"
+    )
+    mongo_uri: str = variable(
+        "METABASE_MONGO_URI",
+        "MongoDB as Metabase reaches it (may carry credentials); empty = MONGO_URI",
+        "",
+        secret=True,
+    )
+    wait_seconds: float = variable(
+        "METABASE_WAIT_SECONDS", "How long provision-metabase waits for Metabase", 600.0, minimum=0
+    )
+    mongo_db: str = ""
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> MetabaseSettings:
-        """Read the METABASE_* variables (see meterflow/core/config.py); no default credentials."""
-        env = os.environ if env is None else env
-
-        def get(name: str) -> str:
-            return env_value(name, env)
-
-        refuse_placeholders(env, ("METABASE_ADMIN_PASSWORD", "METABASE_MONGO_URI", "MONGO_URI"))
+    def from_env(cls, platform: Settings, env: Mapping[str, str] | None = None) -> MetabaseSettings:
+        """The ``METABASE_*`` variables of ``env`` beside the ``platform``'s MongoDB; there are
+        no default credentials."""
+        read = variables.parse(cls, os.environ if env is None else env)
         missing = [
-            name for name in ("METABASE_ADMIN_EMAIL", "METABASE_ADMIN_PASSWORD") if not get(name)
+            name
+            for name, value in (
+                ("METABASE_ADMIN_EMAIL", read.admin_email),
+                ("METABASE_ADMIN_PASSWORD", read.admin_password),
+            )
+            if not value
         ]
-        mongo_uri = get("METABASE_MONGO_URI") or get("MONGO_URI")
+        mongo_uri = read.mongo_uri or platform.mongo_uri
         if not mongo_uri:
             missing.append("METABASE_MONGO_URI (or MONGO_URI)")
         if missing:
             raise ConfigError(f"{', '.join(missing)} must be set to provision Metabase")
-        try:
-            wait = float(get("METABASE_WAIT_SECONDS"))
-        except ValueError:
-            raise ConfigError(
-                f"METABASE_WAIT_SECONDS={get('METABASE_WAIT_SECONDS')!r} is not a float"
-            ) from None
-        return cls(
-            url=get("METABASE_URL").rstrip("/"),
-            admin_email=get("METABASE_ADMIN_EMAIL"),
-            admin_password=get("METABASE_ADMIN_PASSWORD"),
-            admin_first_name=get("METABASE_ADMIN_FIRST_NAME"),
-            admin_last_name=get("METABASE_ADMIN_LAST_NAME"),
-            site_name=get("METABASE_SITE_NAME"),
-            database_name=get("METABASE_DATABASE_NAME"),
-            mongo_uri=mongo_uri,
-            mongo_db=get("MONGO_DB"),
-            wait_seconds=wait,
+        return replace(
+            read, url=read.url.rstrip("/"), mongo_uri=mongo_uri, mongo_db=platform.mongo_db
         )
 
 

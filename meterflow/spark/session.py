@@ -8,6 +8,7 @@ import sys
 from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
 
+from meterflow.core.config import env_value
 from meterflow.spark.kafka_source import SOURCE_NAME, KafkaDataSource
 
 JVM_KAFKA_PROVIDER = "org.apache.spark.sql.kafka010.KafkaSourceProvider"
@@ -62,7 +63,7 @@ def get_spark(app_name: str, master: str | None = None, **conf: str) -> SparkSes
     for key, value in conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel(os.environ.get("SPARK_LOG_LEVEL", "WARN"))
+    spark.sparkContext.setLogLevel(env_value("SPARK_LOG_LEVEL"))
     spark.dataSource.register(KafkaDataSource)
     return spark
 

@@ -22,8 +22,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from meterflow.core import lake
-from meterflow.core.config import ConfigError
 from meterflow.core.contract import MeterType
+from meterflow.core.errors import ConfigError
 from meterflow.core.logs import get_logger
 from meterflow.core.thresholds import DetectionRules
 

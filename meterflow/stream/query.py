@@ -40,8 +40,8 @@ from pyspark.sql.streaming import StreamingQuery
 
 from meterflow.clients import kafka
 from meterflow.core import lake
-from meterflow.core.config import ConfigError, Settings
-from meterflow.core.errors import DataLossError, MeterflowError, StreamUnavailableError
+from meterflow.core.config import Settings
+from meterflow.core.errors import ConfigError, DataLossError, MeterflowError, StreamUnavailableError
 from meterflow.core.ledger import BATCH, GENERATION, LOSS, STAGING_DIR, Ledger, Range
 from meterflow.core.logs import get_logger
 from meterflow.core.signals import SignalHandler, signals_handled

@@ -199,7 +199,8 @@ def test_rules_are_configurable() -> None:
 
 
 def test_stateful_thresholds_come_from_the_environment() -> None:
-    from meterflow.core.config import ConfigError, Settings
+    from meterflow.core.config import Settings
+    from meterflow.core.errors import ConfigError
 
     assert Settings.from_env({}).detection == thresholds.DetectionRules()
     tuned = Settings.from_env(
@@ -284,6 +285,6 @@ def test_detection_rules_defaults_and_checks() -> None:
     with pytest.raises(ValueError, match="stuck_readings"):
         thresholds.DetectionRules(stuck_readings=1)
     with pytest.raises(ValueError, match="night window"):
-        thresholds.DetectionRules(leak_night_start_hour=4, leak_night_end_hour=2)
+        thresholds.DetectionRules(leak_night_hours=(4, 2))
     with pytest.raises(ValueError, match="above 0"):
         thresholds.DetectionRules(leak_min_night_flow=0)

@@ -28,7 +28,8 @@ import pytest
 from dashboards_helpers import run_card
 
 from meterflow.clients.mongo import client as mongo_client
-from meterflow.core.config import ConfigError
+from meterflow.core.config import Settings
+from meterflow.core.errors import ConfigError
 from meterflow.dashboards import cards as dashboards
 from meterflow.dashboards import metabase
 
@@ -256,9 +257,13 @@ def env_for(url: str, **extra: str) -> dict[str, str]:
     }
 
 
+def metabase_settings(env: dict[str, str]) -> metabase.MetabaseSettings:
+    return metabase.MetabaseSettings.from_env(Settings.from_env(env), env)
+
+
 def provision(env: dict[str, str]) -> dict[str, Any]:
     client = metabase.MetabaseClient(env["METABASE_URL"])
-    settings = metabase.MetabaseSettings.from_env(env)
+    settings = metabase_settings(env)
     metabase.wait_until_healthy(client, settings.wait_seconds, interval_s=0.05)
     return metabase.provision(settings, client)
 
@@ -346,13 +351,13 @@ def test_unreachable_metabase_times_out_with_the_url() -> None:
 
 def test_credentials_have_no_default() -> None:
     with pytest.raises(ConfigError, match="METABASE_ADMIN_PASSWORD"):
-        metabase.MetabaseSettings.from_env({"METABASE_ADMIN_EMAIL": "a@b.c", "MONGO_URI": "x"})
+        metabase_settings({"METABASE_ADMIN_EMAIL": "a@b.c", "MONGO_URI": "x"})
 
 
 def test_the_example_password_is_refused() -> None:
     """metabase-init with .env.example's placeholder stops with one line naming it."""
     with pytest.raises(ConfigError, match="METABASE_ADMIN_PASSWORD still holds a CHANGE-ME"):
-        metabase.MetabaseSettings.from_env(
+        metabase_settings(
             {
                 "METABASE_ADMIN_EMAIL": "a@b.c",
                 "METABASE_ADMIN_PASSWORD": "CHANGE-ME-metabase1",

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from meterflow.core.config import ConfigError
 from meterflow.core.contract import FaultCode, MeterType
+from meterflow.core.errors import ConfigError
 from meterflow.core.thresholds import DetectionRules
 from meterflow.core.timestamps import parse_timestamp_us
 from meterflow.stream.detect import Meter, MeterState, Observed, observe
