@@ -5,7 +5,7 @@ VENV ?= .venv
 RUN_ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: help install run test test-unit lint bench clean
+.PHONY: help install run test test-unit lint bench docs clean
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 12
@@ -27,7 +27,7 @@ lint: install  ## ruff, ruff format and mypy (also the pre-commit hooks)
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m mypy
 
-bench: install  ## every benchmark under bench/, writing bench/results/
+bench: install  ## every benchmark under bench/, writing bench/results/ and docs/benchmarks.md
 	$(BIN)/python -m bench.streaming_throughput
 	$(BIN)/python -m bench.simulator_rate
 	$(BIN)/python -m bench.daily_batch
@@ -35,6 +35,11 @@ bench: install  ## every benchmark under bench/, writing bench/results/
 	$(BIN)/python -m bench.detection_real
 	$(BIN)/python -m bench.chaos
 	$(BIN)/python -m bench.memory
+	$(BIN)/python -m bench.report
+
+docs: install  ## rewrite the generated parts of docs/ (configuration table, benchmarks page)
+	$(BIN)/python scripts/generate_docs.py
+	$(BIN)/python -m bench.report
 
 clean:  ## remove local state (data/) and pytest's cache
 	rm -rf data .pytest_cache

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
 
+from bench.report import table_markdown
 from meterflow.clients import kafka
 from meterflow.local.broker import LocalBroker
 
@@ -44,18 +45,20 @@ def timed() -> Iterator[dict[str, float]]:
         box["seconds"] = time.perf_counter() - start
 
 
-def machine() -> dict[str, str | int]:
+def machine() -> dict[str, str | int | float]:
     import os
 
     return {
         "cpus": os.cpu_count() or 0,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
     }
 
 
-def write_results(name: str, results: dict, table: list[tuple[str, str]]) -> Path:
-    """Write ``results/<name>.json`` and a Markdown table ``results/<name>.md``."""
+def write_results(name: str, results: dict) -> Path:
+    """Write ``results/<name>.json`` and print its table (the one docs/benchmarks.md shows:
+    ``python -m bench.report`` rewrites the page from the json files)."""
     RESULTS.mkdir(exist_ok=True)
     stamped = {
         "benchmark": name,
@@ -64,9 +67,7 @@ def write_results(name: str, results: dict, table: list[tuple[str, str]]) -> Pat
         **results,
     }
     (RESULTS / f"{name}.json").write_text(json.dumps(stamped, indent=2) + "\n")
-    lines = ["| Measure | Value |", "|---|---|", *(f"| {k} | {v} |" for k, v in table)]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(table_markdown(name, stamped))
     return RESULTS / f"{name}.json"
 
 

@@ -228,12 +228,6 @@ def assert_same(spark_table: pa.Table, duck_table: pa.Table, key: list[str], wha
             assert a.equals(b), f"{what}: {name}"
 
 
-def spread(runs: list[float]) -> str:
-    return (
-        f"best {min(runs):.2f} s, median {statistics.median(runs):.2f} s, worst {max(runs):.2f} s"
-    )
-
-
 def spark_submit_day(data_dir: Path, lake_path: str) -> tuple[float, DayReport]:
     """One ``spark-submit jobs/daily_batch_job.py --date D`` as the DAG runs it.
 
@@ -334,39 +328,7 @@ def main() -> None:
         "results_equal": True,
         "load_average_1m_at_end": round(os.getloadavg()[0], 2),
     }
-    verdict = "met" if results["target_met"] else "NOT met"
-    write_results(
-        "daily_batch",
-        results,
-        [
-            ("readings", f"{rows:,} ({args.meters:,} meters, 15-minute interval, one day)"),
-            (
-                "spark-submit of the job, as the DAG runs it (fresh JVM)",
-                f"{submit_wall:.1f} s wall, of which the job "
-                f"{submit_report.duration_seconds:.2f} s",
-            ),
-            ("Spark session start (JVM start, not timed)", f"{start['seconds']:.1f} s"),
-            (
-                f"JVM start-up job: a 1% day ({small.readings:,} readings), first job, then warm",
-                f"{startup['seconds']:.2f} s, then {small_warm['seconds']:.2f} s",
-            ),
-            (
-                f"Spark job on D, {args.repeat} runs (the first is the JVM's first on D)",
-                f"{spread(spark_runs)}; first {first:.2f} s",
-            ),
-            (f"DuckDB same aggregates, {args.repeat} runs", spread(duck_runs)),
-            ("ratio Spark / DuckDB (medians): the target", f"{ratio:.2f}"),
-            ("ratio Spark / DuckDB (best runs)", f"{results['ratio_best']:.2f}"),
-            ("ratio first Spark run on D / best DuckDB", f"{results['ratio_first_run']:.2f}"),
-            (
-                "ratio spark-submit job (with JVM start-up) / best DuckDB",
-                f"{results['ratio_spark_submit_job']:.2f}",
-            ),
-            ("target", f"medians <= {TARGET_RATIO:g}: {verdict}"),
-            ("results equal (per meter, per type)", "yes"),
-            ("machine load (1-min average, 2 cores) at the end", f"{os.getloadavg()[0]:.1f}"),
-        ],
-    )
+    write_results("daily_batch", results)
 
 
 if __name__ == "__main__":

@@ -175,36 +175,9 @@ def main() -> None:
     parser.add_argument("--file", type=Path, action="append", default=[])
     args = parser.parse_args()
     files = [*excerpts(), *args.file]
-    results: dict[str, object] = {}
-    table: list[tuple[str, str]] = []
-    for path in files:
-        measured = measure_file(path)
-        results[path.name] = measured
-        for interval, rules in measured.items():
-            assert isinstance(rules, dict)
-            for code, row in rules.items():
-                table.append(
-                    (
-                        f"{path.name} @{interval}s {code}",
-                        f"{row['openings']} in {row['readings']:,} ({row['per_10k']:g} / 10k)"
-                        + (
-                            f"; {row['fresh_starts']} from fresh starts"
-                            if "fresh_starts" in row
-                            else ""
-                        ),
-                    )
-                )
-                for spike in row.get("top", []):
-                    table.append(
-                        (
-                            f"  top SPIKE {spike['value']:g}",
-                            f"{spike['ratio']:g} x baseline {spike['baseline']:g}",
-                        )
-                    )
+    results = {path.name: measure_file(path) for path in files}
     write_results(
-        "detection_real",
-        {"batch_s": BATCH_S, "intervals_s": list(INTERVALS_S), "files": results},
-        table,
+        "detection_real", {"batch_s": BATCH_S, "intervals_s": list(INTERVALS_S), "files": results}
     )
 
 

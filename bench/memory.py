@@ -406,23 +406,7 @@ def main() -> int:
         "daily_run_state": state,
         "within_limits": not failures,
     }
-    table = [
-        (
-            row["service"],
-            f"{row['peak_mb']} MB peak (RSS sum {row['peak_rss_sum_mb']} MB), "
-            f"limit {row['mem_limit_mb']} MB"
-            if row["measured"]
-            else f"{row['mem_limit_mb']} MB ({row['sized_by']})",
-        )
-        for row in rows
-    ]
-    table.append(
-        (
-            "memory limits' total",
-            f"{budget} MB: {long_running} MB long-running + the largest one-shot step",
-        )
-    )
-    write_results("memory", results, table)
+    write_results("memory", results)
     if state != "success":
         print(f"bench: the daily DAG run ended {state}", file=sys.stderr)
         return 1

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-#: Collections of the ``iot`` database (README, "Serving layer: MongoDB").
+#: Collections of the ``iot`` database (docs/serving.md).
 ABNORMAL_READINGS = "abnormal_readings"  # _id = event id (topic-generation-partition-offset)
 METER_STATUS = "meter_status"  # _id = device_id: last seen, last reading, open fault, episodes
 METERS = "meters"  # _id = device_id: the fleet registry

@@ -7,8 +7,6 @@ not answer, are in tests/integration/test_cli_processes.py.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from helpers import meterflow
 
 from meterflow.core import variables
@@ -23,13 +21,6 @@ def test_config_lists_every_variable() -> None:
     assert len(declared) > 50  # the per-type thresholds and bounds are expanded
     listed = [line.split("`")[1] for line in result.stdout.splitlines()[2:]]
     assert listed == [entry.name for entry in declared]
-
-
-def test_readme_configuration_table_is_the_codes() -> None:
-    """The README's table is `meterflow config --markdown` verbatim: it cannot drift."""
-    table = meterflow("config", "--markdown").stdout.strip()
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    assert table in readme, "README configuration table is stale: run meterflow config --markdown"
 
 
 def test_bad_config_is_one_line_and_non_zero() -> None:

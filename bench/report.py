@@ -1,0 +1,400 @@
+"""docs/benchmarks.md from bench/results/*.json: one table per benchmark, its machine and command.
+
+The figures live in the results files alone; this module turns each into a table, which the
+benchmark prints when it ends (:func:`table_markdown`, through ``bench.common.write_results``)
+and the page shows, so the page cannot say something the results do not. A results file
+holds the latest run only: earlier runs are in git's history.
+
+    python -m bench.report            rewrite docs/benchmarks.md (`make bench` ends with it)
+    python -m bench.report --check    exit 1, naming the first difference, if it is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+PAGE = ROOT / "docs" / "benchmarks.md"
+
+Results = dict[str, Any]
+
+
+@dataclass
+class Table:
+    header: tuple[str, ...]
+    rows: list[tuple[str, ...]]
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        lines = [
+            "| " + " | ".join(self.header) + " |",
+            "|" + "---|" * len(self.header),
+            *("| " + " | ".join(row) + " |" for row in self.rows),
+        ]
+        if self.notes:
+            lines += ["", *self.notes]
+        return "\n".join(lines)
+
+
+def measures(rows: list[tuple[str, str]], notes: list[str] | None = None) -> Table:
+    return Table(("Measure", "Value"), list(rows), notes or [])
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def streaming_throughput(r: Results) -> Table:
+    warm, cold, base = r["spark_running_job"], r["spark_cold_catch_up"], r["baseline"]
+    return measures(
+        [
+            ("readings", f"{r['readings']:,} ({r['partitions']} Kafka partitions)"),
+            (
+                "Spark streaming job, running: simulator -> Kafka -> job -> lake + events",
+                f"{warm['seconds']:.1f} s = {warm['readings_per_s']:,.0f} readings/s "
+                f"(producing took {warm['produce_seconds']:.1f} s of it; query start and "
+                f"warm-up before: {warm['start_and_warmup_seconds']:.1f} s)",
+            ),
+            (
+                "baseline: confluent-kafka loop, same rules, topic preloaded",
+                f"{base['seconds']:.1f} s = {base['readings_per_s']:,.0f} readings/s",
+            ),
+            ("ratio Spark running / baseline", f"{r['ratio_spark_over_baseline']:.2f}"),
+            (
+                "Spark cold catch-up (new query, topic preloaded, availableNow)",
+                f"{cold['seconds']:.1f} s = {cold['readings_per_s']:,.0f} readings/s; "
+                f"after the first micro-batch {cold['steady_state_readings_per_s']:,.0f}/s",
+            ),
+            (
+                "cold catch-up's micro-batches (readings, seconds)",
+                "; ".join(f"{n:,} in {s:.1f} s" for n, s in cold["micro_batches"]),
+            ),
+            ("Spark session start (not timed)", f"{cold['session_start_s']:.1f} s"),
+            (
+                "target",
+                f">= {r['target_readings_per_s']:,} readings/s end to end (running job): "
+                + met(r["target_met"]),
+            ),
+            (
+                "counts (cold run)",
+                f"valid {cold['valid']:,}, abnormal {cold['abnormal']:,}, "
+                f"dead-lettered {cold['deadletter']:,}",
+            ),
+            ("checks", ", ".join(f"{k}={v}" for k, v in r["checks"].items())),
+        ]
+    )
+
+
+RULE_CODES = ("STUCK", "SPIKE", "LEAK", "NO_DATA")
+
+
+def detection(r: Results) -> Table:
+    rules = {code: r[code] for code in RULE_CODES if code in r}
+    target = f" (target >= {r['target_ratio']:g})" if "target_ratio" in r else ""
+    return Table(
+        ("Rule", "Episodes", "Precision", "Recall", "Delay p50 / p95"),
+        [
+            (
+                code,
+                f"{row['episodes']:,}",
+                f"{row['precision']:.3f}",
+                f"{row['recall']:.3f}",
+                f"{row['delay_p50_s']:,.0f} / {row['delay_p95_s']:,.0f} s",
+            )
+            for code, row in rules.items()
+        ],
+        [
+            f"{r['meters']:,} meters x {r['days']} days: {r['readings']:,} readings, "
+            f"{r['episodes']:,} injected episodes. NO_DATA's delay bound: "
+            f"{r['nodata_delay_bound_s']:,.0f} s.",
+            "",
+            f"Without the stateful stage {r['seconds_off']:.1f} s = "
+            f"{r['readings_per_s_off']:,} readings/s; with it {r['seconds_on']:.1f} s = "
+            f"{r['readings_per_s_on']:,} readings/s: `throughput_ratio` "
+            f"{r['throughput_ratio']:.3f}{target}. State: {r['state_bytes_per_meter']:,.0f} "
+            f"bytes per meter ({r['state_bytes'] / 1e6:.1f} MB in {r['buckets']} buckets; "
+            f"largest bucket {r['largest_bucket_bytes'] / 1e3:.0f} kB). Lost: {r['lost']}; "
+            f"read {r['read_off']:,} without, {r['read_on']:,} with.",
+        ],
+    )
+
+
+def detection_real(r: Results) -> Table:
+    rows: list[tuple[str, ...]] = []
+    for name, by_interval in r["files"].items():
+        for interval, rules in by_interval.items():
+            counts = next(iter(rules.values()))["readings"]
+            found = ", ".join(
+                f"{code} {row['openings']}"
+                + (f" ({row['per_10k']:g} / 10k)" if row["openings"] else "")
+                for code, row in rules.items()
+            )
+            fresh = ", ".join(
+                f"{code} {row['fresh_starts']}"
+                for code, row in rules.items()
+                if "fresh_starts" in row
+            )
+            rows.append((f"`{name}`", f"{interval} s", f"{counts:,}", found, fresh or "-"))
+            for code, row in rules.items():
+                rows += [
+                    (
+                        "",
+                        "",
+                        "",
+                        f"top {code} {spike['value']:g}: {spike['ratio']:g} x baseline "
+                        f"{spike['baseline']:g}",
+                        "",
+                    )
+                    for spike in row.get("top", [])
+                ]
+    return Table(
+        ("Recording", "Interval", "Readings", "Openings", "Openings in fresh two-week starts"),
+        rows,
+        [f"Micro-batches of {r['batch_s']:,} s, with the NO_DATA timer at each batch's end."],
+    )
+
+
+def chaos(r: Results) -> Table:
+    return measures(
+        [
+            (
+                "run",
+                f"{r['seconds']:.0f} s at {r['readings_per_s']} readings/s; "
+                f"{r['stream_kills']} SIGKILLs of the stream (driver, JVM, workers), "
+                f"{r['sink_kills']} of the sink, {r['stalls']} broker stalls of "
+                f"{r['stall_seconds']:.0f} s",
+            ),
+            ("produced (baseline: the topic read by a plain consumer)", f"{r['produced']:,}"),
+            ("lake rows (readings + dead letters)", f"{r['lake_rows']:,}"),
+            ("lake lost / duplicated", f"{r['lake_lost']} / {r['lake_duplicated']}"),
+            (
+                "MongoDB abnormal events expected / stored / lost",
+                f"{r['mongo_expected']:,} / {r['mongo_events']:,} / {r['mongo_lost']}",
+            ),
+            (
+                "episodes opened / cleared on iot-abnormal; incidents missing / not closed",
+                f"{r['episodes_opened']:,} / {r['episodes_cleared']:,}; "
+                f"{r['incidents_missing']} / {r['incidents_not_closed']}",
+            ),
+            (
+                "stream caught up after the simulator stopped; sink after the stream",
+                f"{r['stream_catch_up_after_stop_s']:.0f} s; "
+                f"{r['sink_catch_up_after_stream_s']:.0f} s",
+            ),
+            ("meterflow reconcile --scan-lake", r["reconcile_last_line"]),
+            ("target: lost = duplicated = 0", met(r["target_met"])),
+        ]
+    )
+
+
+def spread(runs: list[float]) -> str:
+    return (
+        f"best {min(runs):.2f} s, median {statistics.median(runs):.2f} s, worst {max(runs):.2f} s"
+    )
+
+
+def daily_batch(r: Results) -> Table:
+    spark, duck = r["spark_job_seconds"], r["duckdb_seconds"]
+    share = r["startup_day_readings"] / r["readings"]
+    return measures(
+        [
+            (
+                "readings",
+                f"{r['readings']:,} ({r['meters']:,} meters, "
+                f"{r['interval_seconds'] // 60}-minute interval, one day, {r['files']} files)",
+            ),
+            (
+                "spark-submit of the job, as the DAG runs it (fresh JVM)",
+                f"{r['spark_submit_wall_seconds']:.1f} s wall, of which the job "
+                f"{r['spark_submit_job_seconds']:.2f} s",
+            ),
+            (
+                "Spark session start (JVM start, not timed)",
+                f"{r['spark_session_start_seconds']:.1f} s",
+            ),
+            (
+                f"JVM start-up job: a {share:.0%} day ({r['startup_day_readings']:,} readings), "
+                "first job, then warm",
+                f"{r['startup_job_seconds']:.2f} s, then {r['startup_day_warm_seconds']:.2f} s",
+            ),
+            (
+                f"Spark job on D, {len(spark)} runs (the first is the JVM's first on D)",
+                f"{spread(spark)}; first {spark[0]:.2f} s",
+            ),
+            (f"DuckDB same aggregates, {len(duck)} runs", spread(duck)),
+            ("ratio Spark / DuckDB (medians): the target", f"{r['ratio_median']:.2f}"),
+            ("ratio Spark / DuckDB (best runs)", f"{r['ratio_best']:.2f}"),
+            ("ratio first Spark run on D / best DuckDB", f"{r['ratio_first_run']:.2f}"),
+            (
+                "ratio spark-submit job (with JVM start-up) / best DuckDB",
+                f"{r['ratio_spark_submit_job']:.2f}",
+            ),
+            ("target", f"medians <= {r['target_ratio']:g}: {met(r['target_met'])}"),
+            ("results equal (per meter, per type)", "yes" if r["results_equal"] else "NO"),
+            ("machine load (1-minute average) at the end", f"{r['load_average_1m_at_end']:.1f}"),
+        ]
+    )
+
+
+def simulator_rate(r: Results) -> Table:
+    return measures(
+        [
+            ("readings", f"{r['readings']:,} ({r['meters']:,} meters, one core)"),
+            (
+                "naive generator (json.dumps per reading)",
+                f"{r['naive_readings_per_s']:,.0f} readings/s",
+            ),
+            ("simulator, generation only", f"{r['simulator_readings_per_s']:,.0f} readings/s"),
+            (
+                "simulator into Kafka (acknowledged)",
+                f"{r['simulator_to_kafka_readings_per_s']:,.0f} readings/s",
+            ),
+            ("ratio simulator / naive", f"{r['ratio_simulator_over_naive']:.2f}"),
+            ("undelivered", f"{r['undelivered']:,}"),
+            (
+                "target",
+                f">= {r['target_readings_per_s']:,} readings/s into Kafka: {met(r['target_met'])}",
+            ),
+        ]
+    )
+
+
+def memory(r: Results) -> Table:
+    rows = [
+        (
+            f"`{s['service']}`",
+            f"{s['peak_mb']:,} MB" if s["measured"] else f"not run here: {s['sized_by']}",
+            f"{s['peak_rss_sum_mb']:,} MB" if s["measured"] else "-",
+            f"{s['mem_limit_mb']:,} MB",
+        )
+        for s in r["services"]
+    ]
+    return Table(
+        ("Service", "Peak (each page once, as the cgroup counts)", "RSS sum", "mem_limit"),
+        rows,
+        [
+            f"Load: {r['backfilled_readings']:,} backfilled readings caught up by the stream, "
+            f"then the live simulator, then the daily DAG's run (ended "
+            f"`{r['daily_run_state']}`). Every measured peak must leave {r['headroom']:.0%} "
+            f"of its limit free: {'yes' if r['within_limits'] else 'NO'}. The RSS sum counts "
+            "pages that forked workers share once per process: an upper bound."
+        ],
+    )
+
+
+#: Each benchmark's heading on the page and its table, in the page's order.
+TABLES: dict[str, tuple[str, Callable[[Results], Table]]] = {
+    "streaming_throughput": ("Streaming throughput", streaming_throughput),
+    "detection": ("Stateful detection", detection),
+    "detection_real": ("False alarms on real data", detection_real),
+    "chaos": ("Chaos", chaos),
+    "daily_batch": ("Daily batch job", daily_batch),
+    "simulator_rate": ("Simulator rate", simulator_rate),
+    "memory": ("Memory per compose service", memory),
+}
+
+
+def table(name: str, results: Results) -> Table:
+    if name not in TABLES:
+        raise SystemExit(f"bench/report.py has no table for {name!r}: add one to TABLES")
+    return TABLES[name][1](results)
+
+
+def table_markdown(name: str, results: Results) -> str:
+    return table(name, results).markdown()
+
+
+def summary(name: str) -> str:
+    """The first line of the benchmark module's docstring, in Markdown (no import: no Spark)."""
+    source = ROOT / "bench" / f"{name}.py"
+    doc = ast.get_docstring(ast.parse(source.read_text())) or name
+    first = doc.strip().splitlines()[0]
+    return re.sub(r":[a-z]+:`", "`", first).replace("``", "`")
+
+
+def machine(results: Results) -> str:
+    box = results.get("machine", {})
+    memory_gib = f", {box['memory_gib']:g} GiB" if "memory_gib" in box else ""
+    return (
+        f"{box.get('cpus', '?')} CPUs{memory_gib}, {box.get('platform', '?')}, "
+        f"Python {box.get('python', '?')}"
+    )
+
+
+def page(results_dir: Path = RESULTS) -> str:
+    found = {path.stem: json.loads(path.read_text()) for path in results_dir.glob("*.json")}
+    unknown = sorted(found.keys() - TABLES.keys())
+    if unknown:
+        raise SystemExit(f"bench/report.py has no table for {', '.join(unknown)}: add to TABLES")
+    parts = [
+        "# Benchmarks",
+        "",
+        "<!-- generated by: python -m bench.report (from bench/results/*.json); do not edit -->",
+        "",
+        "Each benchmark measures a baseline in the same run and writes "
+        "`bench/results/<name>.json`; this page is generated from those files "
+        "(`make bench` runs every benchmark, then rewrites it; `make docs` rewrites it from "
+        "the files as they are). A results file holds the latest run: earlier ones are in "
+        "git's history. How each benchmark measures is in its module's docstring. Natively, "
+        "the streaming job reads Kafka through the Python data source; compose uses the JVM "
+        "connector.",
+    ]
+    for name in (n for n in TABLES if n in found):
+        results = found[name]
+        measured = str(results.get("measured_at", "?")).replace("T", " ").replace("Z", " UTC")
+        parts += [
+            "",
+            f"## {TABLES[name][0]}",
+            "",
+            f"{summary(name)} Method: [bench/{name}.py](../bench/{name}.py).",
+            "",
+            f"Command: `python -m bench.{name}`. Measured {measured} on {machine(results)}.",
+            "",
+            table_markdown(name, results),
+        ]
+    return "\n".join(parts) + "\n"
+
+
+def first_difference(expected: str, found: str) -> str:
+    want, have = expected.splitlines(), found.splitlines()
+    for number, (a, b) in enumerate(zip(want, have, strict=False), start=1):
+        if a != b:
+            return f"line {number}: expected {a!r}, found {b!r}"
+    return f"expected {len(want)} lines, found {len(have)}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="compare only; exit 1 if stale")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of *.json")
+    parser.add_argument("--output", type=Path, default=PAGE, help="the page to write or check")
+    args = parser.parse_args(argv)
+    expected = page(args.results)
+    if not args.check:
+        args.output.write_text(expected)
+        print(f"wrote {args.output}")
+        return 0
+    found = args.output.read_text() if args.output.exists() else ""
+    if found != expected:
+        print(
+            f"bench.report: {args.output} is out of date with {args.results}/*.json "
+            f"({first_difference(expected, found)}): run `make docs`",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"{args.output} is current")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
