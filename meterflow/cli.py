@@ -551,7 +551,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="record offsets gone from Kafka as lost in the ledger and continue",
     )
     doctor = add("doctor", cmd_doctor, "Check .env, host ports and Docker before compose up")
-    doctor.add_argument("--compose", action="store_true", help="the compose set-up (default)")
     doctor.add_argument("--env-file", default=".env", help="the compose .env (default ./.env)")
     doctor.add_argument(
         "--compose-file", default="docker-compose.yml", help="default ./docker-compose.yml"

@@ -40,7 +40,7 @@ def refuse_placeholders(env: Mapping[str, str], names: tuple[str, ...]) -> None:
         if PLACEHOLDER in (env.get(name) or ""):
             raise ConfigError(
                 f"{name} still holds a {PLACEHOLDER} placeholder: set it (see .env.example; "
-                "meterflow doctor --compose checks them all)"
+                "meterflow doctor checks them all)"
             )
 
 

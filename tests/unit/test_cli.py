@@ -43,7 +43,7 @@ def test_a_placeholder_is_refused_at_start() -> None:
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "meterflow topics: MONGO_URI still holds a CHANGE-ME placeholder: set it (see "
-        ".env.example; meterflow doctor --compose checks them all)"
+        ".env.example; meterflow doctor checks them all)"
     )
 
 
