@@ -56,16 +56,17 @@ def meter_daily_averages() -> None:
         """Publish the day's views to MongoDB (upserts that replace the day)."""
         from meterflow.serving.loader import publish_day
 
-        hook = MeterflowHook()
-        return publish_day(hook.settings.views_path, ds, hook.get_conn()).as_dict()
+        with MeterflowHook() as hook:
+            return publish_day(hook.settings.views_path, ds, hook.get_conn()).as_dict()
 
     @task
     def check(ds: str | None = None) -> dict:
-        """Fail the run if MongoDB disagrees with the lake for the day."""
+        """Fail the run if MongoDB disagrees with the lake for the day, or if registered
+        meters sent nothing the stream has read."""
         from meterflow.serving.checks import check_day
 
-        hook = MeterflowHook()
-        return check_day(hook.settings.lake_path, ds, hook.get_conn()).as_dict()
+        with MeterflowHook() as hook:
+            return check_day(hook.settings.lake_path, ds, hook.get_conn()).as_dict()
 
     wait >> aggregate >> load() >> check()
 
