@@ -320,7 +320,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         if args.airflow:  # the stream is starting: the daily DAG waits for its watermark
             from meterflow.core import lake
 
-            lake.write_watermark(live.lake_path, lake.read_watermark(live.lake_path))
+            lake.watermark_started(live.lake_path)
         airflow = _start_airflow(live) if args.airflow else None
         try:
             # A local broker started here is new: its topics are a new generation, and
