@@ -1,11 +1,15 @@
 """Daily batch views: per meter, per meter type and per district, for each day.
 
 For the run's day ``ds``: wait until the lake partition is complete (the stream's
-event-time watermark passed the day's end, or a grace period did), aggregate it with the
-Spark batch job (spark-submit through the ``spark_default`` connection: ``local`` natively,
-the Spark master in docker compose), publish the views to MongoDB, then check them against
-the lake. Every step replaces the day's results, so re-runs and backfills (``catchup``)
-give the same documents as running the days one by one.
+event-time watermark, for the readings topic's current generation, passed the day's end;
+or, with no stream running, a grace period did), aggregate it with the Spark batch job
+(spark-submit through the ``spark_default`` connection, whose master is ``SPARK_MASTER``:
+``local[*]`` natively, ``local[1]`` in the scheduler's container under docker compose,
+which runs no Spark cluster), publish the views to MongoDB, then check them against
+the lake: a day with registered meters and no readings fails there, to be re-run once the
+stream has read it. Every step replaces the day's results, so re-runs and backfills
+(``catchup``) give the same documents as running the days one by one. The sensor looks
+every minute.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from meterflow_airflow.hooks import MeterflowHook, job_path
 from meterflow_airflow.sensors import LakePartitionCompleteSensor
 
 START_DATE = pendulum.parse(env_value("METERFLOW_DAG_START_DATE"), tz="UTC")
+#: How often the sensor looks (reschedule mode: a short task run each time, the slot freed
+#: in between). Yesterday's views follow the stream's watermark within about a minute.
+POKE_SECONDS = 60
 
 
 @dag(
@@ -38,7 +45,7 @@ def meter_daily_averages() -> None:
         task_id="wait_for_partition",
         day="{{ ds }}",
         mode="reschedule",
-        poke_interval=300,
+        poke_interval=POKE_SECONDS,
         timeout=timedelta(days=2).total_seconds(),
     )
     aggregate = SparkSubmitOperator(
@@ -56,16 +63,17 @@ def meter_daily_averages() -> None:
         """Publish the day's views to MongoDB (upserts that replace the day)."""
         from meterflow.serving.loader import publish_day
 
-        hook = MeterflowHook()
-        return publish_day(hook.settings.views_path, ds, hook.get_conn()).as_dict()
+        with MeterflowHook() as hook:
+            return publish_day(hook.settings.views_path, ds, hook.get_conn()).as_dict()
 
     @task
     def check(ds: str | None = None) -> dict:
-        """Fail the run if MongoDB disagrees with the lake for the day."""
+        """Fail the run if MongoDB disagrees with the lake for the day, or if registered
+        meters sent nothing the stream has read."""
         from meterflow.serving.checks import check_day
 
-        hook = MeterflowHook()
-        return check_day(hook.settings.lake_path, ds, hook.get_conn()).as_dict()
+        with MeterflowHook() as hook:
+            return check_day(hook.settings.lake_path, ds, hook.get_conn()).as_dict()
 
     wait >> aggregate >> load() >> check()
 

@@ -59,11 +59,11 @@ def meter_incidents() -> None:
         from meterflow.serving.incidents import auto_close, reconcile
         from meterflow_airflow.hooks import MeterflowHook
 
-        hook = MeterflowHook()
-        db = hook.get_conn()
-        max_open = timedelta(hours=hook.settings.incident_autoclose_hours)
-        closed = auto_close(db, max_open, datetime.now(UTC))
-        report = reconcile(db, hook.settings.incident_threshold)
+        with MeterflowHook() as hook:
+            db = hook.get_conn()
+            max_open = timedelta(hours=hook.settings.incident_autoclose_hours)
+            closed = auto_close(db, max_open, datetime.now(UTC))
+            report = reconcile(db, hook.settings.incident_threshold)
         return {**report.as_dict(), "auto_closed": closed}
 
     reconcile_incidents()

@@ -27,8 +27,8 @@ def meterflow_retention() -> None:
         from meterflow.serving.indexes import ensure_indexes
         from meterflow_airflow.hooks import MeterflowHook
 
-        hook = MeterflowHook()
-        return ensure_indexes(hook.get_conn(), hook.settings.abnormal_ttl_days)
+        with MeterflowHook() as hook:
+            return ensure_indexes(hook.get_conn(), hook.settings.abnormal_ttl_days)
 
     @task
     def drop_old_lake_partitions(ds: str | None = None) -> dict:

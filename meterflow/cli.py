@@ -325,7 +325,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         if args.airflow:  # the stream is starting: the daily DAG waits for its watermark
             from meterflow.core import lake
 
-            lake.write_watermark(live.lake_path, lake.read_watermark(live.lake_path))
+            lake.watermark_started(live.lake_path)
         airflow = _start_airflow(live) if args.airflow else None
         try:
             # A local broker started here is new: its topics are a new generation, and
@@ -556,7 +556,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="record offsets gone from Kafka as lost in the ledger and continue",
     )
     doctor = add("doctor", cmd_doctor, "Check .env, host ports and Docker before compose up")
-    doctor.add_argument("--compose", action="store_true", help="the compose set-up (default)")
     doctor.add_argument("--env-file", default=".env", help="the compose .env (default ./.env)")
     doctor.add_argument(
         "--compose-file", default="docker-compose.yml", help="default ./docker-compose.yml"

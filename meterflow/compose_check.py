@@ -1,6 +1,6 @@
 """Pre-flight of the docker compose set-up: ``.env`` values, host ports, Docker itself.
 
-``meterflow doctor --compose`` runs every check before ``docker compose up``; the init
+``meterflow doctor`` runs every check before ``docker compose up``; the init
 containers run :func:`env_problems` on what they were given, so a placeholder or a
 malformed key stops them with one line naming the variable and how to make a good value,
 instead of a service failing later (an invalid Fernet key breaks Airflow's triggers).

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from meterflow.batch.registry import installed_by, read_registry
 from meterflow.batch.views import (
     DISTRICT_VIEW,
     METER_VIEW,
@@ -72,36 +73,6 @@ def read_day(spark: SparkSession, lake_path: str, day: date) -> DataFrame:
         .parquet(lake.readings_path(lake_path))
         .where(F.col(lake.PARTITION_COLUMN) == F.lit(day))
         .select(*_READ_COLUMNS)
-    )
-
-
-_REGISTRY_COLUMNS = {
-    "device_id": pa.string(),
-    "meter_type": pa.string(),
-    "district": pa.string(),
-    "installed_on": pa.date32(),
-    "interval_seconds": pa.int64(),
-}
-
-
-def read_registry(lake_path: str) -> pa.Table:
-    """The registry columns the views use; empty (every meter "unknown") if absent.
-
-    Registries written before a column existed get it as nulls.
-    """
-    path = lake.registry_file(lake_path)
-    if not exists(path):
-        log.warning("registry=missing path=%s districts=%s", path, UNKNOWN_DISTRICT)
-        return pa.table({n: pa.array([], t) for n, t in _REGISTRY_COLUMNS.items()})
-    fs, local = lake.filesystem_for(path)
-    table = pq.read_table(local, filesystem=fs)
-    return pa.table(
-        {
-            name: table[name].cast(kind)
-            if name in table.column_names
-            else pa.nulls(len(table), kind)
-            for name, kind in _REGISTRY_COLUMNS.items()
-        }
     )
 
 
@@ -174,14 +145,9 @@ def meter_view(
     "unknown". ``completeness`` = readings received / (86400 / interval). This runs in
     Arrow: it handles one row per meter, not per reading.
     """
-    silent = registry.filter(
-        pc.and_kleene(
-            pc.invert(pc.is_in(registry["device_id"], value_set=aggregated["device_id"])),
-            pc.or_kleene(
-                registry["installed_on"].is_null(),
-                pc.less_equal(registry["installed_on"], pa.scalar(day, pa.date32())),
-            ),
-        )
+    installed = installed_by(registry, day)
+    silent = installed.filter(
+        pc.invert(pc.is_in(installed["device_id"], value_set=aggregated["device_id"]))
     )
     nothing = pa.nulls(len(silent), pa.float64())
     zeros = pa.array([0] * len(silent), pa.int64())
@@ -294,7 +260,6 @@ def run(spark: SparkSession, lake_path: str, day: date | str, interval_seconds: 
     started = time.perf_counter()  # the job, not the JVM's start
     for key, value in JOB_SQL_CONF.items():
         spark.conf.set(key, value)
-    default_expected = max(1, SECONDS_PER_DAY // interval_seconds)
     views_root = lake.views_path(lake_path)
     readings = lake.readings_path(lake_path)
     # Until the new report is written, nobody may publish D from half-replaced views.
@@ -309,7 +274,6 @@ def run(spark: SparkSession, lake_path: str, day: date | str, interval_seconds: 
         report = DayReport(
             day=str(day),
             status=STATUS_NO_DATA,
-            expected_per_meter=default_expected,
             duration_seconds=round(time.perf_counter() - started, 3),
         )
         write_report(views_root, report)
@@ -345,7 +309,6 @@ def run(spark: SparkSession, lake_path: str, day: date | str, interval_seconds: 
         good=totals["reading_count"] - totals["faulty_count"],
         faulty=totals["faulty_count"],
         meters=totals["meter_count"],
-        expected_per_meter=default_expected,
         expected_readings=totals["expected_count"],
         duration_seconds=round(time.perf_counter() - started, 3),
         views={view: table.num_rows for view, table in views.items()},

@@ -8,7 +8,7 @@ one home of that layout, and it needs no Spark.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import date
 
 import pyarrow.fs as pafs
@@ -35,9 +35,10 @@ class DayReport:
     readings: int = 0
     good: int = 0
     faulty: int = 0
-    meters: int = 0
-    expected_per_meter: int = 0  # at the default interval; the registry may set others
-    expected_readings: int = 0  # summed over the meters that reported
+    meters: int = 0  # in the views: those that reported and registered silent ones
+    #: Readings those meters should have sent, each at its own interval (the registry's
+    #: ``interval_seconds``; the default interval where it gives none).
+    expected_readings: int = 0
     duration_seconds: float = 0.0
     views: dict[str, int] = field(default_factory=dict)  # rows per view
     silent_meters: int = 0  # registered meters with no reading that day (completeness 0)
@@ -48,7 +49,9 @@ class DayReport:
 
     @classmethod
     def from_json(cls, text: str) -> DayReport:
-        return cls(**json.loads(text))
+        """Fields a report of an older version has and this one dropped are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
 
 
 # --- paths ----------------------------------------------------------------------------------

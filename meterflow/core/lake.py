@@ -11,6 +11,7 @@ import os
 import posixpath
 import re
 import uuid
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -185,16 +186,6 @@ def record_retired(lake_path: str, dataset: str, day: date, counts: dict[str, in
     write_atomically(fs, path, json.dumps(retired, sort_keys=True).encode())
 
 
-def _watermark_document(lake_path: str) -> dict[str, Any]:
-    fs, path = filesystem_for(watermark_path(lake_path))
-    try:
-        with fs.open_input_stream(path) as stream:
-            document: dict[str, Any] = json.loads(stream.read())
-            return document
-    except FileNotFoundError:
-        return {}
-
-
 def os_reason(error: OSError) -> str:
     """ "Permission denied", not pyarrow's paragraph around it."""
     if error.errno:
@@ -203,35 +194,137 @@ def os_reason(error: OSError) -> str:
     return os.strerror(int(found.group(1))) if found else str(error).splitlines()[0]
 
 
+@dataclass(frozen=True)
+class StreamWatermark:
+    """The stream's ``_state/streaming_watermark.json``: its low watermark and what it is for.
+
+    A watermark speaks only for the readings the stream had read: those of ``generation``
+    (the readings topic's Kafka id) up to ``offsets`` (per partition, the first offset the
+    lake does not hold). ``seen`` is, per partition, how far the broker was seen to reach;
+    ``confirmed`` is false from a (re)start until the stream's first commit, so a value
+    carried over a restart does not speak for readings produced while it was stopped.
+    ``written_at`` says the stream is alive (docs/architecture.md, "The low watermark").
+    """
+
+    watermark: datetime | None = None
+    topic: str | None = None
+    generation: str | None = None
+    partitions: dict[str, str] = field(default_factory=dict)  # each partition's newest reading
+    offsets: dict[int, int] = field(default_factory=dict)
+    seen: dict[int, int] = field(default_factory=dict)
+    confirmed: bool = False
+    written_at: datetime | None = None
+
+    def unread(self) -> dict[int, tuple[int, int]]:
+        """Per partition, offsets the broker was seen to hold beyond what the lake holds."""
+        return {
+            p: (self.offsets.get(p, 0), end)
+            for p, end in sorted(self.seen.items())
+            if end > self.offsets.get(p, 0)
+        }
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "watermark": _iso(self.watermark),
+                "topic": self.topic,
+                "generation": self.generation,
+                "partitions": self.partitions,
+                "offsets": {str(p): o for p, o in sorted(self.offsets.items())},
+                "seen": {str(p): o for p, o in sorted(self.seen.items())},
+                "confirmed": self.confirmed,
+                "written_at": _iso(self.written_at),
+            }
+        ).encode()
+
+    @classmethod
+    def from_document(cls, document: dict[str, Any]) -> StreamWatermark:
+        """Also reads the documents of older versions (no topic or generation: they
+        never count for the current one)."""
+        value = document.get("watermark") or document.get("max_event_time")  # before 0.2
+        written = document.get("written_at")
+        return cls(
+            watermark=datetime.fromisoformat(value) if value else None,
+            topic=document.get("topic"),
+            generation=document.get("generation"),
+            partitions=dict(document.get("partitions") or {}),
+            offsets={int(p): int(o) for p, o in (document.get("offsets") or {}).items()},
+            seen={int(p): int(o) for p, o in (document.get("seen") or {}).items()},
+            confirmed=bool(document.get("confirmed", False)),
+            written_at=datetime.fromisoformat(written) if written else None,
+        )
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.astimezone(UTC).isoformat() if moment else None
+
+
+def read_stream_watermark(lake_path: str) -> StreamWatermark:
+    """The stream's watermark document; an empty one if the stream never wrote it."""
+    fs, path = filesystem_for(watermark_path(lake_path))
+    try:
+        with fs.open_input_stream(path) as stream:
+            return StreamWatermark.from_document(json.loads(stream.read()))
+    except FileNotFoundError:
+        return StreamWatermark()
+
+
 def read_watermark(lake_path: str) -> datetime | None:
     """The time up to which the lake holds every reading the stream has seen, if known."""
-    document = _watermark_document(lake_path)
-    value = document.get("watermark") or document.get("max_event_time")  # before 0.2
-    return datetime.fromisoformat(value) if value else None
+    return read_stream_watermark(lake_path).watermark
 
 
 def read_watermark_written_at(lake_path: str) -> datetime | None:
-    """When the stream last advanced its watermark (a stale one means it is not running)."""
-    value = _watermark_document(lake_path).get("written_at")
-    return datetime.fromisoformat(value) if value else None
+    """When the stream last wrote its watermark (a stale one means it is not running)."""
+    return read_stream_watermark(lake_path).written_at
 
 
-def write_watermark(
-    lake_path: str, watermark: datetime | None, partitions: dict[str, str] | None = None
-) -> None:
-    """Record the low watermark (and each partition's own) in one atomic rename.
-
-    ``written_at`` says the stream is alive: a stream that starts writes the document with
-    the watermark it had (None at first), so the daily DAG waits for it instead of
-    declaring days complete by the grace period while the stream is catching up.
-    """
+def write_watermark(lake_path: str, state: StreamWatermark) -> StreamWatermark:
+    """Write the watermark document in one atomic rename, stamped with the time now."""
+    stamped = replace(state, written_at=datetime.now(UTC))
     fs, path = filesystem_for(watermark_path(lake_path))
-    document = {
-        "watermark": watermark.astimezone(UTC).isoformat() if watermark else None,
-        "partitions": partitions or _watermark_document(lake_path).get("partitions", {}),
-        "written_at": datetime.now(UTC).isoformat(),
-    }
-    write_atomically(fs, path, json.dumps(document).encode())
+    write_atomically(fs, path, stamped.to_json())
+    return stamped
+
+
+def watermark_started(
+    lake_path: str, topic: str | None = None, generation: str | None = None
+) -> StreamWatermark:
+    """Record that a stream is starting, so the daily DAG waits for it instead of
+    declaring days complete by the grace period while it catches up.
+
+    On the generation of the readings topic the document was written for (or when the
+    caller does not know the generation yet) the watermark is kept, unconfirmed until the
+    stream commits; on a new generation it starts again from None: a watermark of the
+    old topic says nothing about the readings of the new one.
+    """
+    old = read_stream_watermark(lake_path)
+    if generation is None or (old.topic, old.generation) == (topic, generation):
+        state = replace(old, confirmed=False)
+    else:
+        state = StreamWatermark(topic=topic, generation=generation)
+    return write_watermark(lake_path, state)
+
+
+def advance_watermark(
+    lake_path: str,
+    topic: str,
+    generation: str,
+    watermark: datetime,
+    partitions: dict[str, str],
+    offsets: dict[int, int],
+    seen: dict[int, int],
+) -> StreamWatermark:
+    """After a commit: the low watermark and the offsets it speaks for, confirmed.
+
+    Within a generation the watermark never moves backwards (the offsets and per-partition
+    times are always the latest); a document of another generation is replaced.
+    """
+    old = read_stream_watermark(lake_path)
+    if (old.topic, old.generation) == (topic, generation) and old.watermark is not None:
+        watermark = max(watermark, old.watermark)
+    state = StreamWatermark(watermark, topic, generation, partitions, offsets, seen, confirmed=True)
+    return write_watermark(lake_path, state)
 
 
 _PARTITION = re.compile(rf"^{PARTITION_COLUMN}=(\d{{4}}-\d{{2}}-\d{{2}})$")

@@ -2,7 +2,9 @@
 
 They compare three independent things: the lake (counted again here with pyarrow, only
 the files the streaming sink committed), the batch views, and what MongoDB serves.
-A failure raises :class:`CheckFailed` with a message that says what disagrees.
+A failure raises :class:`CheckFailed` with a message that says what disagrees. A day
+without readings passes only when the registry expects none: registered meters that all
+stayed silent mean the stream has not read the day, not that nothing happened.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from pymongo.database import Database
 
+from meterflow.batch.registry import installed_by, read_registry
 from meterflow.batch.views import (
     METER_VIEW,
     STATUS_NO_DATA,
@@ -139,8 +142,14 @@ def check_day(lake_path: str, day: date | str, db: Database[dict[str, Any]]) -> 
                 f"{day}: the batch found no data but the lake now holds "
                 f"{sum(result.lake_counts.values()):,} readings: re-run the day"
             )
-        result.notes.append(f"{day}: no data in the lake; nothing published but the report")
-        log.info("check=passed day=%s status=no_data", day)
+        registered = installed_by(read_registry(lake_path), day).num_rows
+        if registered:
+            raise CheckFailed(
+                f"{day}: no readings for {registered:,} registered meters: the stream has not "
+                "read that day (is it running? caught up?); re-run the day once it has"
+            )
+        result.notes.append(f"{day}: no data in the lake and no registered meters: none expected")
+        log.info("check=passed day=%s status=no_data registered_meters=0", day)
         return result
 
     for view, (collection, _) in TARGETS.items():

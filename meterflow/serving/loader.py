@@ -139,7 +139,6 @@ def report_document(report: DayReport, loaded_at: datetime) -> dict[str, Any]:
         "meters": report.meters,
         "silent_meters": report.silent_meters,
         "mixed_type_meters": report.mixed_type_meters,
-        "expected_per_meter": report.expected_per_meter,
         "expected_readings": report.expected_readings,
         "views": report.views,
         "job_seconds": report.duration_seconds,

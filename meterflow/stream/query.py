@@ -395,7 +395,8 @@ class LakeCommitter:
 
         A partition that brought nothing for ``idle_partition_seconds`` is caught up (each
         micro-batch reads every partition's backlog), so it no longer holds the others
-        back. The watermark never passes the wall clock and never moves backwards.
+        back. The watermark never passes the wall clock and never moves backwards; it is
+        written with the generation and offsets it speaks for (:func:`lake.advance_watermark`).
         """
         now = datetime.now(UTC)
         states = self.ledger.states(self.settings.topic_readings, self.generation)
@@ -415,17 +416,19 @@ class LakeCommitter:
         ]
         newest_us = min(active) if active else max(max_us for max_us, _ in known.values())
         watermark = min(now, datetime.fromtimestamp(newest_us / 1e6, UTC))
-        previous = lake.read_watermark(self.settings.lake_path)
-        if previous is not None and previous >= watermark:
-            return
+        topic = self.settings.topic_readings
         try:
-            lake.write_watermark(
+            lake.advance_watermark(
                 self.settings.lake_path,
+                topic,
+                self.generation,
                 watermark,
                 {
                     str(p): datetime.fromtimestamp(max_us / 1e6, UTC).isoformat()
                     for p, (max_us, _) in sorted(known.items())
                 },
+                self.ledger.ends(topic, self.generation),
+                {int(p): e for p, e in self.ledger.seen_ends.get(self.generation, {}).items()},
             )
         except OSError as exc:  # bookkeeping must not stop the stream; the DAG waits longer
             log.warning("watermark=unwritten path=%s error=%s", self.settings.lake_path, exc)
@@ -598,7 +601,7 @@ def _run(
             "availableNow" if available_now else f"{settings.trigger_seconds:g}s",
             ledger.seq,
         )
-        lake.write_watermark(settings.lake_path, lake.read_watermark(settings.lake_path))
+        lake.watermark_started(settings.lake_path, settings.topic_readings, plan.generation)
         query = start_query(spark, settings, source_format, plan, committer, available_now)
         queries: list[StreamingQuery] = [query]
         publisher: EpisodePublisher | None = None

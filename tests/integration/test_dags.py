@@ -21,12 +21,12 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pytest
 
+from meterflow.batch.readiness import day_readiness
 from meterflow.clients import kafka, mongo
 from meterflow.core.config import Settings
 from meterflow.core.contract import STATELESS_FAULTS
 from meterflow.core.lake import readings_path
 from meterflow.stream.query import run as run_stream
-from meterflow_airflow.sensors import partition_complete
 from simulator.fleet import build_fleet, write_registry
 from simulator.generator import FaultRates, SimulationConfig, simulate
 
@@ -109,51 +109,53 @@ def test_dag_files_do_no_io_at_import() -> None:
     assert "ATTEMPTS=\n" in result.stdout, result.stdout
 
 
-@pytest.mark.parametrize(
-    ("watermark", "written_at", "now", "expected"),
-    [
-        (None, None, datetime(2024, 6, 3, 1, tzinfo=UTC), False),  # no watermark, within grace
-        (None, None, datetime(2024, 6, 3, 2, tzinfo=UTC), True),  # grace (2 h) has passed
-        (
-            datetime(2024, 6, 3, 0, 10, tzinfo=UTC),
-            datetime(2024, 6, 3, 0, 11, tzinfo=UTC),
-            datetime(2024, 6, 3, 0, 11, tzinfo=UTC),
-            False,
-        ),
-        (
-            datetime(2024, 6, 3, 0, 15, tzinfo=UTC),
-            datetime(2024, 6, 3, 0, 16, tzinfo=UTC),
-            datetime(2024, 6, 3, 0, 16, tzinfo=UTC),
-            True,
-        ),
-        # A live stream backfilling the day: its watermark decides, not the grace period.
-        (
-            datetime(2024, 6, 2, 8, 15, tzinfo=UTC),
-            datetime(2024, 11, 30, 9, 0, tzinfo=UTC),
-            datetime(2024, 11, 30, 9, 1, tzinfo=UTC),
-            False,
-        ),
-        # A stream that has just started and committed nothing yet: wait for it.
-        (
-            None,
-            datetime(2024, 11, 30, 9, 0, tzinfo=UTC),
-            datetime(2024, 11, 30, 9, 1, tzinfo=UTC),
-            False,
-        ),
-        # A stream stopped for longer than the grace period: the grace period decides.
-        (
-            datetime(2024, 6, 2, 8, 15, tzinfo=UTC),
-            datetime(2024, 6, 2, 8, 20, tzinfo=UTC),
-            datetime(2024, 6, 3, 3, 0, tzinfo=UTC),
-            True,
-        ),
-    ],
-)
-def test_partition_is_complete_after_watermark_or_grace(
-    watermark: datetime | None, written_at: datetime | None, now: datetime, expected: bool
-) -> None:
-    done, why = partition_complete(date(2024, 6, 2), watermark, now, 900, 7200, written_at)
-    assert done is expected, why
+_MADE: list[_RecordingClient] = []
+
+
+class _RecordingClient:
+    """A MongoDB client that records that it was made and how often closed (mongomock behind)."""
+
+    def __init__(self, uri: str) -> None:
+        import mongomock
+
+        self.closed = 0
+        self._client = mongomock.MongoClient(tz_aware=True)
+        _MADE.append(self)
+
+    def __getitem__(self, name: str):
+        return self._client[name]
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def test_the_hook_makes_one_client_and_closes_it(tmp_path: Path) -> None:
+    """Issue: MeterflowHook opened a MongoClient on every call and never closed it."""
+    from meterflow_airflow.hooks import MeterflowHook
+
+    mongo.register_scheme("recording", _RecordingClient)
+    _MADE.clear()
+    try:
+        settings = Settings.from_env(
+            {"METERFLOW_DATA_DIR": str(tmp_path), "MONGO_URI": "recording://one"}
+        )
+        with MeterflowHook(settings) as hook:
+            first, second = hook.get_conn(), hook.get_conn()
+            first["x"].insert_one({"_id": 1})
+            assert second["x"].count_documents({}) == 1
+            assert [c.closed for c in _MADE] == [0]
+        assert [c.closed for c in _MADE] == [1]
+        hook.close()  # closing twice is harmless
+        assert [c.closed for c in _MADE] == [1]
+    finally:
+        mongo.register_scheme("recording", None)
+
+
+def test_the_partition_sensor_looks_every_minute() -> None:
+    """Yesterday's views appear within about two minutes of the stream reading the day."""
+    sensor = dagbag().dags["meter_daily_averages"].get_task("wait_for_partition")
+    assert sensor.poke_interval == timedelta(minutes=1).total_seconds()
+    assert sensor.mode == "reschedule"
 
 
 @pytest.fixture
@@ -173,6 +175,8 @@ def simulated_lake(spark, make_settings, mongo_uri, mongo_db_name, monkeypatch, 
 
     env = {
         "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+        # The sensor asks Kafka for this topic's generation.
+        "METERFLOW_TOPIC_READINGS": settings.topic_readings,
         "METERFLOW_DATA_DIR": str(settings.data_dir),
         "MONGO_URI": mongo_uri,
         "MONGO_DB": mongo_db_name,
@@ -244,6 +248,17 @@ def test_daily_dag_runs_spark_submit_and_loads_mongo(simulated_lake: Settings) -
     assert settings.lake_path == simulated_lake.lake_path
     dag = dagbag().get_dag("meter_daily_averages")
     day = date(2024, 6, 2)
+    # The stream wrote its watermark for the topic id Kafka reports: June 1 is complete by
+    # the watermark alone (June 2 needs the grace period: nothing after it was sent).
+    done, why = day_readiness(
+        settings.lake_path,
+        settings.bootstrap_servers,
+        settings.topic_readings,
+        day - timedelta(days=1),
+        settings.reading_interval_seconds,
+        grace_s=7200,
+    )
+    assert done and why.startswith("stream watermark"), why
 
     first = dag.test(logical_date=datetime(2024, 6, 2, tzinfo=UTC))
     assert first.state == "success", [(t.task_id, t.state) for t in first.get_task_instances()]

@@ -111,7 +111,8 @@ def test_republishing_replaces_the_day(spark: SparkSession, published) -> None:
     assert snapshot(db, D2) == d2_before
     check_day(settings.lake_path, D1, db)
 
-    # The day's partition is gone: a no_data day clears D's documents, keeps its report.
+    # The day's partition is gone: a no_data day clears D's documents, keeps its report,
+    # and its check fails, since the registry still expects readings from its meters.
     for file in Path(settings.lake_path, "readings", f"date={D1}").glob("*"):
         file.unlink()
     assert run_batch(spark, settings, D1).status == views.STATUS_NO_DATA
@@ -119,7 +120,10 @@ def test_republishing_replaces_the_day(spark: SparkSession, published) -> None:
     assert load.upserted == {**dict.fromkeys(COLLECTIONS, 0), mongo.DAILY_REPORTS: 1}
     assert all(db[c].count_documents({"day": str(D1)}) == 0 for c in COLLECTIONS)
     assert db[mongo.DAILY_REPORTS].find_one({"_id": str(D1)})["status"] == "no_data"
-    assert "no data" in check_day(settings.lake_path, D1, db).notes[0]
+    installed = pq.read_table(registry_file)["installed_on"].to_pylist()
+    registered = sum(day is None or day <= D1 for day in installed)
+    with pytest.raises(CheckFailed, match=f"no readings for {registered} registered meters"):
+        check_day(settings.lake_path, D1, db)
     assert snapshot(db, D2) == d2_before
 
 

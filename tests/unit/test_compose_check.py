@@ -1,4 +1,4 @@
-"""The compose pre-flight (`meterflow doctor --compose`) and the init steps' .env check."""
+"""The compose pre-flight (`meterflow doctor`) and the init steps' .env check."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def test_good_values_pass_and_each_bad_kind_is_named() -> None:
 
 def _doctor(env_file: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "meterflow.cli", "doctor", "--compose", "--env-file", str(env_file)],
+        [sys.executable, "-m", "meterflow.cli", "doctor", "--env-file", str(env_file)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -119,7 +119,7 @@ def test_doctor_compares_dockers_memory_with_the_limits(tmp_path: Path) -> None:
         docker.write_text(f'#!/bin/sh\n[ "$1" = info ] && echo {memory}\nexit 0\n')
         docker.chmod(0o755)
         result = subprocess.run(
-            [sys.executable, "-m", "meterflow.cli", "doctor", "--compose", "--env-file", str(good)],
+            [sys.executable, "-m", "meterflow.cli", "doctor", "--env-file", str(good)],
             capture_output=True,
             text=True,
             timeout=60,
