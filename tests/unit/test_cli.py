@@ -7,9 +7,7 @@ not answer, are in tests/integration/test_cli_processes.py.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from helpers import meterflow
+from helpers import ROOT, meterflow
 
 from meterflow.core.config import VARIABLES
 
@@ -24,7 +22,7 @@ def test_config_lists_every_variable() -> None:
 def test_readme_configuration_table_is_the_codes() -> None:
     """The README's table is `meterflow config --markdown` verbatim: it cannot drift."""
     table = meterflow("config", "--markdown").stdout.strip()
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     assert table in readme, "README configuration table is stale: run meterflow config --markdown"
 
 
