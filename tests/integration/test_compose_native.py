@@ -113,7 +113,13 @@ def test_simulator_command(resolved, meterflow_env, bootstrap, tmp_path) -> None
             interval=HEALTH_POLL_S,
         )
         topic = env["METERFLOW_TOPIC_READINGS"]
-        wait_for(lambda: kafka.read_to_end(bootstrap, topic), 60, "readings", details=tail(log))
+        wait_for(
+            lambda: kafka.read_to_end(bootstrap, topic),
+            60,
+            "the simulator's readings",
+            details=tail(log),
+            interval=0.5,  # each look reads the topic
+        )
         os.killpg(process.pid, signal.SIGTERM)
         assert process.wait(60) == 0, log.read_text()[-2000:]
     sent = len(kafka.read_to_end(bootstrap, env["METERFLOW_TOPIC_READINGS"]))

@@ -198,12 +198,14 @@ def test_a_stream_killed_while_detecting_loses_and_changes_no_episode(
                 120,
                 f"the lake to commit reading {i - 1} of every meter",
                 details=tail,
+                interval=0.5,  # each look reads the ledger
             )
         wait_for(
             lambda: still_running(stream, log) and episode_events(settings),
             120,
             "the first episode events",
             details=tail,
+            interval=0.5,  # each look reads the topic
         )
     finally:
         os.killpg(stream.pid, signal.SIGKILL)

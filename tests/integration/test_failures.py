@@ -143,6 +143,7 @@ def _run_platform(env: dict[str, str], logs: Path) -> tuple[int, str, str]:
             240,
             "the stream to commit readings of this run",
             details=lambda: log_tail(err_log),
+            interval=0.5,  # each look reads the ledger
         )
     finally:
         process.send_signal(signal.SIGINT)
