@@ -31,13 +31,32 @@ from meterflow.local.service import free_port
 if TYPE_CHECKING:
     from meterflow.core.config import Settings
 
-__all__ = ["ROOT", "free_port"]  # free_port: one for tests and benchmarks, in the package
+__all__ = [  # free_port is the package's: one for tests and benchmarks
+    "PROTOTYPE",
+    "ROOT",
+    "FailingBroker",
+    "MemorySink",
+    "assert_exactly_once",
+    "committed_offsets",
+    "free_port",
+    "good",
+    "kafka_records",
+    "lake_offsets",
+    "log_records",
+    "log_tail",
+    "meterflow",
+    "reconciled",
+    "send",
+    "still_running",
+    "wait_for",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
 
 
 def meterflow(*args: str, env: dict[str, str] | None = None, timeout: float = 120):
+    """``meterflow ARGS`` as a user runs it, from the repository's root; its output captured."""
     return subprocess.run(
         [sys.executable, "-m", "meterflow.cli", *args],
         capture_output=True,
