@@ -35,8 +35,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from bench.common import free_port, read_all, timed, write_results
-from bench.stall_proxy import ProxiedBroker, StallingProxy
+from bench.common import timed, write_results
 from meterflow.clients import kafka
 from meterflow.clients.mongo import ABNORMAL_READINGS, INCIDENTS, client
 from meterflow.core import lake, messages
@@ -44,6 +43,8 @@ from meterflow.core.config import Settings
 from meterflow.core.events import event_id
 from meterflow.core.ledger import Ledger
 from meterflow.local.mongo import LocalMongo
+from meterflow.local.service import free_port
+from meterflow.local.stall_proxy import ProxiedBroker, StallingProxy
 from meterflow.stream.reconcile import reconcile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,7 +224,7 @@ def main() -> int:
         sink_exit = sink.stop()
 
         with timed() as counting:
-            produced = read_all(settings.bootstrap_servers, settings.topic_readings, 300)
+            produced = kafka.read_to_end(settings.bootstrap_servers, settings.topic_readings, 300)
             produced_ids = {(m.partition(), m.offset()) for m in produced}
             identity: Counter[tuple[str, int, int]] = Counter()
             for part in (
@@ -263,7 +264,9 @@ def main() -> int:
             stored = {d["_id"] for d in db[ABNORMAL_READINGS].find({}, {"_id": 1})}
             # Every episode the detector published is an incident, closed if it cleared.
             episodes: dict[str, set[str]] = {"open": set(), "clear": set()}
-            for message in read_all(settings.bootstrap_servers, settings.topic_abnormal, 300):
+            for message in kafka.read_to_end(
+                settings.bootstrap_servers, settings.topic_abnormal, 300
+            ):
                 event = messages.decode(message.value(), messages.AbnormalEvent)
                 if event.episode is not None:
                     episodes[event.episode.action].add(event.episode.id)

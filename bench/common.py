@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import json
 import platform
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from confluent_kafka import OFFSET_BEGINNING, Message, TopicPartition
-
 from bench.report import table_markdown
-from meterflow.clients import kafka
 from meterflow.local.broker import LocalBroker
+from meterflow.local.service import free_port
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager
@@ -69,31 +60,3 @@ def write_results(name: str, results: dict) -> Path:
     (RESULTS / f"{name}.json").write_text(json.dumps(stamped, indent=2) + "\n")
     print(table_markdown(name, stamped))
     return RESULTS / f"{name}.json"
-
-
-def read_all(bootstrap: str, topic: str, timeout: float = 30.0) -> list[Message]:
-    """Every message of a topic, up to its current end: what the benchmarks and tests count."""
-    client = kafka.consumer(bootstrap)
-    try:
-        partitions = kafka.topic_partitions(client, [topic])
-        ends = kafka.partition_ends(client, partitions)
-        client.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in partitions])
-        pending = {tp for tp, end in ends.items() if end > 0}
-        messages = []
-        deadline = time.monotonic() + timeout
-        while pending and time.monotonic() < deadline:
-            for message in client.consume(10_000, timeout=0.2):
-                if message.error() is not None:
-                    continue
-                messages.append(message)
-                topic_name, partition, offset = kafka.coordinates(message)
-                key = (topic_name, partition)
-                if offset + 1 >= ends[key]:
-                    pending.discard(key)
-        if pending:
-            raise kafka.KafkaUnavailableError(
-                f"could not read {topic} to its end within {timeout:.0f} s"
-            )
-        return messages
-    finally:
-        client.close()

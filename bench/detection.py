@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import local_broker, read_all, timed, write_results
+from bench.common import local_broker, timed, write_results
 from meterflow.clients import kafka
 from meterflow.core import messages
 from meterflow.core.config import Settings
@@ -196,7 +196,7 @@ def main() -> int:
             print(f"  {totals_on['read']:,} in {seconds_on:.1f} s", flush=True)
             events = [
                 messages.decode(m.value(), messages.AbnormalEvent)
-                for m in read_all(bootstrap, on.topic_abnormal, timeout=120)
+                for m in kafka.read_to_end(bootstrap, on.topic_abnormal, timeout=120)
             ]
             openings = [e for e in events if e.episode and e.episode.action == "open"]
             rules = score(summary.episodes, openings)

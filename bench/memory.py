@@ -1,7 +1,7 @@
 """Peak memory of each compose service, measured natively in compose's shape.
 
 Every service built from this project's images is started here with the compose file's
-own command and environment (``bench.compose_native``: ``.env.example``'s values, hosts
+own command and environment (``meterflow.local.compose``: ``.env.example``'s values, hosts
 and ports swapped for local ones, heap settings kept): the streaming job (``spark-submit``
 with ``SPARK_MASTER``), the sink, the simulator, the one-shot init steps, and Airflow's
 api-server, scheduler, dag-processor and triggerer. The load:
@@ -48,22 +48,23 @@ from typing import Any
 
 import psutil
 
-from bench.common import free_port, local_broker, write_results
-from bench.compose_native import (
+from bench.common import local_broker, write_results
+from meterflow.clients import kafka
+from meterflow.compose_check import memory_budget, parse_size
+from meterflow.core.config import Settings
+from meterflow.core.ledger import Ledger, audit
+from meterflow.local.compose import (
     BIN,
-    ROOT,
     env_example,
     native,
     resolved_compose,
     running,
     service_env,
 )
-from meterflow.clients import kafka
-from meterflow.compose_check import memory_budget, parse_size
-from meterflow.core.config import Settings
-from meterflow.core.ledger import Ledger, audit
 from meterflow.local.mongo import LocalMongo
+from meterflow.local.service import free_port
 
+ROOT = Path(__file__).resolve().parents[1]
 #: Share of a service's ``mem_limit`` that must stay free at its measured peak.
 HEADROOM = 0.2
 MIB = 2**20

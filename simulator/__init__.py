@@ -2,6 +2,7 @@
 
 ``fleet`` (meters and their registry), ``load`` (consumption shapes), ``faults`` (what to
 corrupt and how), ``episodes`` (stateful faults and their ground truth), ``generator``
-(:func:`~simulator.generator.simulate`), ``replay`` (UCI and AMPds2 files), ``sink`` (where
-messages go) and ``cli`` (``meterflow simulate``/``replay``).
+(:func:`~simulator.generator.simulate`), ``replay`` (UCI and AMPds2 files), ``false_alarms``
+(the stateful rules over a replayed recording), ``sink`` (where messages go) and ``cli``
+(``meterflow simulate``/``replay``).
 """

@@ -19,7 +19,7 @@ import yaml
 from helpers import free_port as _free_port
 from mongomock_client import MOCK_SCHEME, install
 
-from bench.compose_native import COMPOSE_FILE, env_example, interpolate
+from meterflow.local.compose import COMPOSE_FILE, env_example, interpolate
 
 install()  # ``mongomock://`` URIs reach the in-process fake in every test of both trees
 

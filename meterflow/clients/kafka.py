@@ -1,4 +1,5 @@
-"""Thin helpers over confluent-kafka: clients with sane defaults, topics, partition ends.
+"""Thin helpers over confluent-kafka: clients with sane defaults, topics, partition ends,
+reading a topic to its end.
 
 :func:`partition_ends` exists because the tansu broker used for native runs reports a
 partition's high watermark as the base offset of its last record batch plus one, so a
@@ -17,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from confluent_kafka import (
+    OFFSET_BEGINNING,
     Consumer,
     KafkaError,
     KafkaException,
@@ -334,6 +336,38 @@ def partition_ends(
         log.warning("partition end probe timed out partitions=%s", sorted(pending))
     client.unassign()
     return ends
+
+
+def read_to_end(bootstrap: str, topic: str, timeout: float = 30.0) -> list[Message]:
+    """Every record of ``topic`` up to each partition's end as found now (not its
+    watermark: see :func:`partition_ends`), for counting what a topic holds.
+
+    Raises :class:`KafkaUnavailableError` if a partition is not read to its end in time.
+    """
+    client = consumer(bootstrap)
+    try:
+        partitions = topic_partitions(client, [topic])
+        ends = partition_ends(client, partitions)
+        client.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in partitions])
+        pending = {key for key, end in ends.items() if end > 0}
+        records: list[Message] = []
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            for message in client.consume(10_000, timeout=0.2):
+                if message.error() is not None:
+                    continue
+                records.append(message)
+                topic_name, partition, offset = coordinates(message)
+                if offset + 1 >= ends[(topic_name, partition)]:
+                    pending.discard((topic_name, partition))
+        if pending:
+            raise KafkaUnavailableError(
+                f"could not read {topic} to its end within {timeout:.0f} s "
+                f"(partitions {sorted(p for _, p in pending)} short)"
+            )
+        return records
+    finally:
+        client.close()
 
 
 #: Delivery errors that mean "not now" rather than "never": the batch is retried.

@@ -18,6 +18,15 @@ from typing import Self
 LOOPBACK = "127.0.0.1"
 
 
+def free_port(host: str = LOOPBACK) -> int:
+    """A port nothing listens on now, for a stand-in started next (chosen by the kernel, so
+    parallel runs do not collide; another process may still take it first)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 def port_open(port: int, host: str = LOOPBACK, timeout: float = 0.2) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):

@@ -12,21 +12,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import ROOT, free_port
 
 from meterflow.clients import kafka
 from meterflow.core.config import Settings
 from meterflow.local.broker import LocalBroker
-
-REPO = Path(__file__).resolve().parents[2]
 
 # Airflow reads its configuration when first imported: point it at a throw-away home,
 # the project's DAGs and plugins, and SQLite, before any test imports it.
 _AIRFLOW_HOME = tempfile.mkdtemp(prefix="meterflow-airflow-")
 for _name, _value in {
     "AIRFLOW_HOME": _AIRFLOW_HOME,
-    "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-    "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+    "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+    "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
     "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
     "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_AIRFLOW_HOME}/airflow.db",
     "AIRFLOW__CORE__UNIT_TEST_MODE": "False",

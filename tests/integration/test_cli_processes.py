@@ -6,20 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from helpers import ROOT, meterflow
+from helpers import PROTOTYPE, ROOT, meterflow, send, still_running, wait_for
 
-from meterflow.clients import kafka
 from meterflow.core.config import Settings
-
-PROTOTYPE = [
-    b'{"device_id": "em1", "timestamp": "2024-05-27T15:57:53Z", "usage_kwh": 9}',
-    b'{"device_id": "wm1", "timestamp": "2024-05-27T15:57:52Z", "usage": 18, "flow_rate": 5}',
-    b'{"device_id": "em2", "timestamp": "2024-05-27T15:57:54Z", "usage_kwh": -1}',
-    b"garbage",
-]
 
 
 def env_of(settings: Settings) -> dict[str, str]:
@@ -33,13 +24,6 @@ def env_of(settings: Settings) -> dict[str, str]:
         "METERFLOW_TRIGGER_SECONDS": "1",
         "PYSPARK_PYTHON": sys.executable,
     }
-
-
-def send(settings: Settings, messages: list[bytes]) -> None:
-    producer = kafka.producer(settings.bootstrap_servers)
-    for value in messages:
-        producer.produce(settings.topic_readings, value, b"k")
-    assert producer.flush(30) == 0
 
 
 def test_unreachable_kafka_is_named() -> None:
@@ -79,10 +63,9 @@ def test_stream_stops_cleanly_on_sigterm(make_settings) -> None:
         cwd=ROOT,
     )
     lake = settings.data_dir / "lake" / "readings" / "date=2024-05-27"
-    deadline = time.monotonic() + 180
-    while not list(lake.glob("*.parquet")) and time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        time.sleep(0.5)
+    wait_for(
+        lambda: still_running(process) and list(lake.glob("*.parquet")), 180, f"Parquet in {lake}"
+    )
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err[-3000:]
@@ -112,24 +95,23 @@ def test_run_brings_up_simulator_stream_sink_and_mongodb(make_settings, free_por
         env={**os.environ, **env},
         cwd=ROOT,
     )
+    db = pymongo.MongoClient(f"mongodb://127.0.0.1:{free_port}/", serverSelectionTimeoutMS=500)[
+        "iot"
+    ]
+
+    def statuses() -> int:
+        try:
+            return db["meter_status"].count_documents({})
+        except pymongo.errors.PyMongoError:  # the stand-in is not up yet
+            return 0
+
     try:
-        deadline = time.monotonic() + 240
-        db = None
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.communicate()[1][-3000:]
-            time.sleep(1)
-            try:
-                client = pymongo.MongoClient(
-                    f"mongodb://127.0.0.1:{free_port}/", serverSelectionTimeoutMS=500
-                )
-                db = client["iot"]
-                if db["meter_status"].count_documents({}) >= 40:
-                    break
-            except pymongo.errors.PyMongoError:
-                continue
-        assert db is not None, "the MongoDB stand-in never answered"
+        wait_for(
+            lambda: still_running(process) and statuses() >= 40,
+            240,
+            "the sink to write a status for each of the 40 meters",
+        )
         assert db["meters"].count_documents({}) == 40  # the registry, loaded at start
-        assert db["meter_status"].count_documents({}) >= 40, "the sink never caught up"
     finally:
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=120)

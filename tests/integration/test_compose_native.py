@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -22,19 +21,21 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import PROTOTYPE, ROOT, free_port, log_tail, send, wait_for
 
-from bench.common import free_port, read_all
-from bench.compose_native import (
+from meterflow.clients import kafka
+from meterflow.core.config import Settings
+from meterflow.local.compose import (
     BIN,
-    ROOT,
     env_example,
     healthcheck,
     native,
     running,
     service_env,
 )
-from meterflow.clients import kafka
-from meterflow.core.config import Settings
+
+#: Between health checks: each is a process (``airflow jobs check`` takes seconds of CPU).
+HEALTH_POLL_S = 1.0
 
 
 def test_healthcheck_script_names_what_is_down() -> None:
@@ -51,15 +52,6 @@ def test_healthcheck_script_names_what_is_down() -> None:
         assert len(done.stderr.strip().splitlines()) == 1
     usage = subprocess.run([*script, "ftp"], capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float, *logs: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            tails = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in logs)
-            pytest.fail(f"{what} not ready after {timeout:.0f} s\n{tails}")
-        time.sleep(1)
 
 
 @pytest.fixture
@@ -105,7 +97,7 @@ def test_kafka_init_and_fleet_registry_commands(resolved, meterflow_env, bootstr
     assert done.returncode == 0, done.stderr
     table = pq.read_table(Path(Settings.from_env(env).registry_path) / "meters.parquet")
     assert table.num_rows == int(env_example()["SIMULATOR_METERS"])
-    assert read_all(bootstrap, env["METERFLOW_TOPIC_READINGS"]) == []
+    assert kafka.read_to_end(bootstrap, env["METERFLOW_TOPIC_READINGS"]) == []
 
 
 def test_simulator_command(resolved, meterflow_env, bootstrap, tmp_path) -> None:
@@ -113,11 +105,24 @@ def test_simulator_command(resolved, meterflow_env, bootstrap, tmp_path) -> None
     env = service_env(service, **meterflow_env)
     log = tmp_path / "simulator.log"
     with running(native(service["command"], {}), env, log) as process:
-        wait_for(lambda: healthcheck(service, {}, env), "simulator health", 60, log)
-        time.sleep(4)
+        wait_for(
+            lambda: healthcheck(service, {}, env),
+            60,
+            "simulator health",
+            details=tail(log),
+            interval=HEALTH_POLL_S,
+        )
+        topic = env["METERFLOW_TOPIC_READINGS"]
+        wait_for(
+            lambda: kafka.read_to_end(bootstrap, topic),
+            60,
+            "the simulator's readings",
+            details=tail(log),
+            interval=0.5,  # each look reads the topic
+        )
         os.killpg(process.pid, signal.SIGTERM)
         assert process.wait(60) == 0, log.read_text()[-2000:]
-    sent = len(read_all(bootstrap, env["METERFLOW_TOPIC_READINGS"]))
+    sent = len(kafka.read_to_end(bootstrap, env["METERFLOW_TOPIC_READINGS"]))
     assert 0 < sent <= float(env_example()["SIMULATOR_RATE"]) * 60
     assert f"sent {sent:,} messages" in log.read_text()
 
@@ -130,7 +135,7 @@ def test_streaming_job_command(resolved, meterflow_env, bootstrap, tmp_path) -> 
     service = resolved["services"]["streaming-job"]
     driver_ui = free_port()
     swap = {"localhost:4040": f"127.0.0.1:{driver_ui}"}
-    send_prototype(meterflow_env)
+    send(Settings.from_env(meterflow_env), PROTOTYPE)
     env = service_env(
         service, **meterflow_env, SPARK_LOCAL_IP="127.0.0.1", METERFLOW_TRIGGER_SECONDS="1"
     )
@@ -139,14 +144,35 @@ def test_streaming_job_command(resolved, meterflow_env, bootstrap, tmp_path) -> 
     log = tmp_path / "streaming-job.log"
     lake = Path(meterflow_env["LAKE_PATH"]) / "readings" / "date=2024-05-27"
     with running(command, env, log) as process:
-        wait_for(lambda: healthcheck(service, swap, env), "streaming-job health", 180, log)
-        wait_for(lambda: bool(list(lake.glob("*.parquet"))), "the lake", 120, log)
-        wait_for(lambda: "detector_batch=" in log.read_text(), "the detector", 120, log)
+        wait_for(
+            lambda: healthcheck(service, swap, env),
+            180,
+            "streaming-job health",
+            details=tail(log),
+            interval=HEALTH_POLL_S,
+        )
+        wait_for(lambda: list(lake.glob("*.parquet")), 120, "the lake", details=tail(log))
+        detector = Path(meterflow_env["CHECKPOINT_PATH"], "detector")
+        wait_for(
+            lambda: list(detector.glob("*/*/commits/[0-9]*")),
+            120,
+            "the detector's first batch",
+            details=tail(log),
+        )
         # `docker stop`: SIGTERM to the container's first process, spark-submit's JVM.
         os.kill(process.pid, signal.SIGTERM)
         assert process.wait(60) in (0, 128 + signal.SIGTERM), log.read_text()[-3000:]
-        wait_for(lambda: not group_alive(process.pid), "the driver to follow the JVM", 30, log)
+        wait_for(
+            lambda: not group_alive(process.pid),
+            30,
+            "the driver to follow the JVM",
+            details=tail(log),
+        )
     assert "read=4 valid=2 abnormal=1 deadletter=1" in log.read_text()
+
+
+def tail(*logs: Path) -> Callable[[], str]:
+    return lambda: log_tail(*logs, chars=2000)
 
 
 def group_alive(pgid: int) -> bool:
@@ -155,18 +181,6 @@ def group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def send_prototype(env: dict[str, str]) -> None:
-    producer = kafka.producer(env["KAFKA_BOOTSTRAP_SERVERS"])
-    for value in (
-        b'{"device_id": "em1", "timestamp": "2024-05-27T15:57:53Z", "usage_kwh": 9}',
-        b'{"device_id": "wm1", "timestamp": "2024-05-27T15:57:52Z", "usage": 18, "flow_rate": 5}',
-        b'{"device_id": "em2", "timestamp": "2024-05-27T15:57:54Z", "usage_kwh": -1}',
-        b"garbage",
-    ):
-        producer.produce(env["METERFLOW_TOPIC_READINGS"], value, b"k")
-    assert producer.flush(30) == 0
 
 
 def test_airflow_commands(resolved, tmp_path) -> None:
@@ -213,7 +227,13 @@ def test_airflow_commands(resolved, tmp_path) -> None:
         for name in names:
             service = services[name]
             env = service_env(service, **overrides, HOSTNAME=get_hostname())
-            wait_for(lambda s=service, e=env: healthcheck(s, swap, e), name, 240, *logs)
+            wait_for(
+                lambda s=service, e=env: healthcheck(s, swap, e),
+                240,
+                name,
+                details=tail(*logs),
+                interval=HEALTH_POLL_S,
+            )
 
 
 @contextmanager

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pytest
+from helpers import ROOT
 
 from meterflow.batch.readiness import day_readiness
 from meterflow.clients import kafka, mongo
@@ -30,14 +31,13 @@ from meterflow.stream.query import run as run_stream
 from simulator.fleet import build_fleet, write_registry
 from simulator.generator import FaultRates, SimulationConfig, simulate
 
-REPO = Path(__file__).resolve().parents[2]
 DAG_IDS = {"meter_daily_averages", "meter_incidents", "meterflow_retention"}
 
 
 def dagbag():
     from airflow.dag_processing.dagbag import DagBag
 
-    return DagBag(dag_folder=str(REPO / "dags"))
+    return DagBag(dag_folder=str(ROOT / "dags"))
 
 
 def test_every_dag_imports_with_owner_and_tags() -> None:
@@ -91,7 +91,7 @@ print("ATTEMPTS=" + ",".join(attempts))
 
 def test_dag_files_do_no_io_at_import() -> None:
     """Parsing a DAG file must not touch Kafka, MongoDB, sockets or processes."""
-    files = sorted(str(p) for p in (REPO / "dags").glob("*.py"))
+    files = sorted(str(p) for p in (ROOT / "dags").glob("*.py"))
     assert len(files) == len(DAG_IDS)
     result = subprocess.run(
         [sys.executable, "-c", _NO_IO_PROBE, *files],
@@ -102,7 +102,7 @@ def test_dag_files_do_no_io_at_import() -> None:
             **os.environ,
             "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9",
             "MONGO_URI": "",
-            "PYTHONPATH": str(REPO / "plugins"),
+            "PYTHONPATH": str(ROOT / "plugins"),
         },
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import ROOT
 from lake_helpers import (
     D1,
     D2,
@@ -344,7 +345,7 @@ def test_batch_command_in_its_own_process(two_days) -> None:
         text=True,
         timeout=300,
         env=env,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     printed = views.DayReport.from_json(result.stdout.strip().splitlines()[-1])

@@ -4,7 +4,6 @@ middle of a STUCK run and of a silent span, it loses no episode change and repea
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,10 +12,11 @@ import time
 import uuid
 from collections import Counter
 from datetime import UTC, datetime
+from pathlib import Path
 
+from helpers import committed_offsets, log_tail, send, still_running, wait_for
 from pyspark.sql import SparkSession
 
-from bench.common import read_all
 from meterflow.clients import kafka, mongo
 from meterflow.core import messages
 from meterflow.core.config import Settings
@@ -39,20 +39,23 @@ def normal(i: int) -> float:
     return round(0.2 + 0.05 * ((i * 7) % 11) + 0.001 * (i % 13), 3)
 
 
-def send(settings: Settings, readings: list[tuple[str, int, float]]) -> None:
-    producer = kafka.producer(settings.bootstrap_servers)
-    for device, i, value in readings:
-        reading = {"device_id": device, "timestamp": format_timestamp_us(at(i)), "usage_kwh": value}
-        producer.produce(settings.topic_readings, json.dumps(reading).encode(), device.encode())
-    assert producer.flush(30) == 0
+def reading(device: str, i: int, value: float) -> dict[str, object]:
+    """Reading ``i`` of ``device``, 15 minutes after reading ``i - 1``."""
+    return {"device_id": device, "timestamp": format_timestamp_us(at(i)), "usage_kwh": value}
 
 
 def episode_events(settings: Settings) -> list[messages.AbnormalEvent]:
     events = [
         messages.decode(m.value(), messages.AbnormalEvent)
-        for m in read_all(settings.bootstrap_servers, settings.topic_abnormal)
+        for m in kafka.read_to_end(settings.bootstrap_servers, settings.topic_abnormal)
     ]
     return [e for e in events if e.episode is not None]
+
+
+def detector_committed(checkpoint_path: str) -> bool:
+    """Whether the detector query has committed a batch: both queries are up (its
+    checkpoint is ``CHECKPOINT_PATH/detector/<clock>/<topic>-<topic id>``)."""
+    return any(Path(checkpoint_path, "detector").glob("*/*/commits/[0-9]*"))
 
 
 def test_episodes_reach_iot_abnormal_once_across_restarts_and_become_incidents(
@@ -68,18 +71,18 @@ def test_episodes_reach_iot_abnormal_once_across_restarts_and_become_incidents(
         METERFLOW_SINK_FLUSH_SECONDS="0.2",
     )
     # em1 turns stuck at reading 10; em2 reports until reading 13, then falls silent.
-    send(settings, [("em1", i, normal(i)) for i in range(10)])
-    send(settings, [("em2", i, normal(i)) for i in range(14)])
-    send(settings, [("em1", i, 0.777) for i in range(10, 14)])
+    send(settings, [reading("em1", i, normal(i)) for i in range(10)])
+    send(settings, [reading("em2", i, normal(i)) for i in range(14)])
+    send(settings, [reading("em1", i, 0.777) for i in range(10, 14)])
     first = run(settings, available_now=True, spark=spark)
     assert first["read"] == 28 and episode_events(settings) == []  # four repeats of eight
 
-    send(settings, [("em1", i, 0.777) for i in range(14, 24)])  # restart in the STUCK run
+    send(settings, [reading("em1", i, 0.777) for i in range(14, 24)])  # restart in the STUCK run
     second = run(settings, available_now=True, spark=spark)
     assert second["open_STUCK"] == 1
-    send(settings, [("em1", i, 0.777) for i in range(24, 26)])  # restart in em2's silence
+    send(settings, [reading("em1", i, 0.777) for i in range(24, 26)])  # restart in em2's silence
     run(settings, available_now=True, spark=spark)
-    send(settings, [("em1", 26, 0.5), ("em2", 26, normal(26))])  # both recover
+    send(settings, [reading("em1", 26, 0.5), reading("em2", 26, normal(26))])  # both recover
     run(settings, available_now=True, spark=spark)
 
     events = episode_events(settings)
@@ -100,10 +103,14 @@ def test_episodes_reach_iot_abnormal_once_across_restarts_and_become_incidents(
     assert opened.timestamp == start(17) and opened.reading == {"value": 0.777}
     assert opened.source is None and opened.reason and "repeated 8 times" in opened.reason
     # The stateless events of these readings: none (every reading was good).
-    assert len(read_all(settings.bootstrap_servers, settings.topic_abnormal)) == len(events)
+    assert len(kafka.read_to_end(settings.bootstrap_servers, settings.topic_abnormal)) == len(
+        events
+    )
 
     # The sink turns them into incidents: one per episode, opened and closed, none left open.
-    consumed = len(events) + len(read_all(settings.bootstrap_servers, settings.topic_status))
+    consumed = len(events) + len(
+        kafka.read_to_end(settings.bootstrap_servers, settings.topic_status)
+    )
     sink = Sink(settings, db, consumer_overrides=FAST_GROUP, instance_id=False)
     deadline = time.monotonic() + 90
     sink.run(lambda: sink.stats.consumed >= consumed or time.monotonic() > deadline)
@@ -139,7 +146,7 @@ def test_a_stream_killed_while_detecting_loses_and_changes_no_episode(
         """Reading i of every meter: normal, then stuck for 10 readings, then a new value."""
         send(
             settings,
-            [(m, i, 0.777 if s <= i < s + 10 else normal(i)) for m, s in stuck_from.items()],
+            [reading(m, i, 0.777 if s <= i < s + 10 else normal(i)) for m, s in stuck_from.items()],
         )
 
     for i in range(17):  # the first meters' runs reach eight readings at i = 17
@@ -169,19 +176,37 @@ def test_a_stream_killed_while_detecting_loses_and_changes_no_episode(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    tail = lambda: log_tail(log)  # noqa: E731
+
+    def lake_holds(count: int) -> bool:
+        return still_running(stream, log) and committed_offsets(settings.lake_path) >= count
+
     try:
-        i, deadline = 17, time.monotonic() + 180
-        while "detector_batch=" not in log.read_text():  # both queries are up
-            assert stream.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
-        while not episode_events(settings):  # killed once the first episodes are out
-            assert stream.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            if i < 26:
-                step(i)
-                i += 1
-            time.sleep(1.0)
+        wait_for(
+            lambda: still_running(stream, log) and detector_committed(settings.checkpoint_path),
+            180,
+            "the detector's first batch (both queries up)",
+            details=tail,
+        )
+        i = 17
+        while i < 26 and not episode_events(settings):  # killed once the first are out
+            step(i)
+            i += 1
+            sent = len(meters) * i
+            wait_for(
+                lambda n=sent: lake_holds(n),
+                120,
+                f"the lake to commit reading {i - 1} of every meter",
+                details=tail,
+                interval=0.5,  # each look reads the ledger
+            )
+        wait_for(
+            lambda: still_running(stream, log) and episode_events(settings),
+            120,
+            "the first episode events",
+            details=tail,
+            interval=0.5,  # each look reads the topic
+        )
     finally:
         os.killpg(stream.pid, signal.SIGKILL)
         stream.wait(30)
@@ -199,8 +224,8 @@ def test_a_stream_killed_while_detecting_loses_and_changes_no_episode(
     assert 0 < published_before < len(expected)  # the kill came in the middle
     for event_id in ids:  # a repeat (a batch published, then killed before it committed)
         assert len({e.timestamp for e in events if e.event_id == event_id}) == 1
-    consumed = len(read_all(settings.bootstrap_servers, settings.topic_abnormal))
-    consumed += len(read_all(settings.bootstrap_servers, settings.topic_status))
+    consumed = len(kafka.read_to_end(settings.bootstrap_servers, settings.topic_abnormal))
+    consumed += len(kafka.read_to_end(settings.bootstrap_servers, settings.topic_status))
     sink = Sink(settings, db, consumer_overrides=FAST_GROUP, instance_id=False)
     until = time.monotonic() + 90
     sink.run(lambda: sink.stats.consumed >= consumed or time.monotonic() > until)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,27 +13,37 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import (
+    ROOT,
+    assert_exactly_once,
+    committed_offsets,
+    free_port,
+    good,
+    lake_offsets,
+    log_records,
+    log_tail,
+    meterflow,
+    reconciled,
+    send,
+    still_running,
+    wait_for,
+)
 from pyspark.sql import SparkSession
-from test_nothing_lost_stream import assert_exactly_once, good, lake_offsets, send
 
-from bench.stall_proxy import ProxiedBroker, StallingProxy
 from meterflow.clients import kafka
 from meterflow.core.config import Settings
+from meterflow.local.stall_proxy import ProxiedBroker, StallingProxy
 from meterflow.stream.query import run
-from meterflow.stream.reconcile import reconcile
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_a_broker_stalled_20_s_loses_and_duplicates_nothing(spark: SparkSession, tmp_path: Path):
-    proxy_port = _free_port()
-    broker = ProxiedBroker(_free_port(), tmp_path / "broker.log")
+def test_a_broker_stalled_until_the_stream_gives_up_loses_and_duplicates_nothing(
+    spark: SparkSession, tmp_path: Path
+):
+    """The stall lasts until the stream's Kafka requests time out and it retries from the
+    ledger (docs/architecture.md: "A Kafka that is only unavailable"), with readings
+    produced meanwhile waiting in the producer; then the broker answers again."""
+    proxy_port = free_port()
+    broker = ProxiedBroker(free_port(), tmp_path / "broker.log")
     broker.proxy_port = proxy_port
     broker.start()
     proxy = StallingProxy(proxy_port, broker.port)
@@ -63,14 +72,21 @@ def test_a_broker_stalled_20_s_loses_and_duplicates_nothing(spark: SparkSession,
             return sum(j.totals["read"] for j in jobs)
 
         send(settings, [good(i) for i in range(300)])
-        _until(lambda: committed() >= 300, 120, "first 300 readings")
-        proxy.flowing.clear()  # the broker stalls: nothing in, nothing out
-        late = threading.Thread(target=send, args=(settings, [good(i) for i in range(300, 600)]))
-        late.start()
-        time.sleep(20)
+        wait_for(lambda: committed() >= 300, 120, "the first 300 readings")
+        with log_records() as records:
+            proxy.flowing.clear()  # the broker stalls: nothing in, nothing out
+            late = threading.Thread(
+                target=send, args=(settings, [good(i) for i in range(300, 600)])
+            )
+            late.start()
+            wait_for(
+                lambda: [r for r in records if r.getMessage().startswith("streaming=retry")],
+                120,
+                "the stream to give up on the stalled broker and retry",
+            )
         proxy.flowing.set()
         late.join(90)
-        _until(lambda: committed() >= 600, 180, "all 600 readings after the stall")
+        wait_for(lambda: committed() >= 600, 180, "all 600 readings after the stall")
         stop.set()
         stream.join(120)
         assert not stream.is_alive()
@@ -79,24 +95,6 @@ def test_a_broker_stalled_20_s_loses_and_duplicates_nothing(spark: SparkSession,
     finally:
         proxy.close()
         broker.stop()
-
-
-def _until(done, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
-def meterflow(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "meterflow.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **env},
-        cwd=ROOT,
-    )
 
 
 @pytest.mark.parametrize("variable", ["LAKE_PATH", "CHECKPOINT_PATH", "METERFLOW_DATA_DIR"])
@@ -113,7 +111,7 @@ def test_an_unwritable_path_is_one_line_before_spark_starts(
         variable: str(blocker / "below"),
     }
     started = time.monotonic()
-    result = meterflow("stream", "--available-now", env=env)
+    result = meterflow("stream", "--available-now", env=env, timeout=300)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == [
@@ -123,27 +121,40 @@ def test_an_unwritable_path_is_one_line_before_spark_starts(
     assert time.monotonic() - started < 30  # no Spark session was started
 
 
-def _run_platform(env: dict[str, str], seconds: float) -> tuple[int, str, str]:
-    """``meterflow run`` for ``seconds``, then Ctrl-C; returns (readings sent, out, err)."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "meterflow.cli", "run", "--meters", "30", "--interval", "1s"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **env},
-        cwd=ROOT,
-    )
+def _run_platform(env: dict[str, str], logs: Path) -> tuple[int, str, str]:
+    """``meterflow run`` until its stream has committed readings of this run, then Ctrl-C
+    while the simulator still sends; returns (readings sent, out, err)."""
+    lake_path = Settings.from_env({**env, "KAFKA_BOOTSTRAP_SERVERS": ""}).lake_path
+    before = committed_offsets(lake_path)
+    logs.mkdir(parents=True, exist_ok=True)
+    out_log, err_log = logs / "out.log", logs / "err.log"
+    with out_log.open("w") as out, err_log.open("w") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "meterflow.cli", "run", "--meters", "30", "--interval", "1s"],
+            stdout=out,
+            stderr=err,
+            text=True,
+            env={**os.environ, **env},
+            cwd=ROOT,
+        )
     try:
-        time.sleep(seconds)
-        assert process.poll() is None, process.communicate()[1][-3000:]
+        wait_for(
+            lambda: still_running(process, err_log) and committed_offsets(lake_path) > before,
+            240,
+            "the stream to commit readings of this run",
+            details=lambda: log_tail(err_log),
+            interval=0.5,  # each look reads the ledger
+        )
     finally:
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=240)
-    assert process.returncode == 0, err[-4000:]
-    sent = re.search(r"simulator=stopped sent=(\d+)", err)
-    assert sent, err[-3000:]
-    assert "drain=stream caught_up=true" in err and "drain=sink caught_up=true" in err, err[-3000:]
-    return int(sent.group(1)), out, err
+        process.wait(timeout=240)
+    out_text, err_text = out_log.read_text(), err_log.read_text()
+    assert process.returncode == 0, err_text[-4000:]
+    sent = re.search(r"simulator=stopped sent=(\d+)", err_text)
+    assert sent, err_text[-3000:]
+    assert "drain=stream caught_up=true" in err_text, err_text[-3000:]
+    assert "drain=sink caught_up=true" in err_text, err_text[-3000:]
+    return int(sent.group(1)), out_text, err_text
 
 
 @pytest.mark.parametrize("fresh_broker", [True, False], ids=["fresh-local-broker", "same-broker"])
@@ -155,10 +166,10 @@ def test_two_restarts_of_meterflow_run_lose_nothing(fresh_broker: bool, make_set
         "METERFLOW_KAFKA_SOURCE": "python",
         "METERFLOW_TRIGGER_SECONDS": "1",
         "MONGO_URI": "",
-        "METERFLOW_LOCAL_MONGO_PORT": str(_free_port()),
+        "METERFLOW_LOCAL_MONGO_PORT": str(free_port()),
     }
     if fresh_broker:  # each run starts (and drains, then stops) its own in-memory broker
-        env |= {"KAFKA_BOOTSTRAP_SERVERS": "", "METERFLOW_LOCAL_BROKER_PORT": str(_free_port())}
+        env |= {"KAFKA_BOOTSTRAP_SERVERS": "", "METERFLOW_LOCAL_BROKER_PORT": str(free_port())}
     else:  # a broker that outlives the runs, as with `meterflow broker` or a cluster
         settings = make_settings(partitions=2)
         env |= {
@@ -168,20 +179,14 @@ def test_two_restarts_of_meterflow_run_lose_nothing(fresh_broker: bool, make_set
             "METERFLOW_TOPIC_DEADLETTER": settings.topic_deadletter,
             "METERFLOW_TOPIC_STATUS": settings.topic_status,
         }
-    sent = [_run_platform(env, 15)[0] for _ in range(2)]
+    sent = [_run_platform(env, tmp_path / f"run-{n}")[0] for n in range(2)]
 
     settings = Settings.from_env({**env, "KAFKA_BOOTSTRAP_SERVERS": ""})
     offsets = lake_offsets(settings)
     assert sum(offsets.values()) == sum(sent) and max(offsets.values()) == 1
     generations = {generation for generation, _, _ in offsets}
     assert len(generations) == (2 if fresh_broker else 1)
-    report = reconcile(
-        settings.lake_path,
-        settings.topic_readings,
-        settings.bootstrap_servers,
-        scan_lake_files=True,
-    )
-    assert report.ok, report.problems
+    report = reconciled(settings)
     assert not [loss for a in report.audits for loss in a.lost]
-    checked = meterflow("reconcile", env={**env, "KAFKA_BOOTSTRAP_SERVERS": ""})
+    checked = meterflow("reconcile", env={**env, "KAFKA_BOOTSTRAP_SERVERS": ""}, timeout=300)
     assert checked.returncode == 0 and "reconciled:" in checked.stdout, checked.stderr

@@ -9,9 +9,10 @@ import asyncio
 import json
 from pathlib import Path
 
+from helpers import ROOT, send
 from incidents_helpers import T0, incidents, status
 
-from meterflow.clients import kafka, mongo
+from meterflow.clients import mongo
 from meterflow.core import classifier, contract, messages
 from meterflow.core.config import Settings
 from meterflow.core.events import abnormal_event
@@ -37,7 +38,6 @@ def test_kafka_trigger_fires_on_an_abnormal_event(make_settings, monkeypatch) ->
             }
         ),
     )
-    producer = kafka.producer(settings.bootstrap_servers)
     reading = classifier.Reading(
         "wm7", contract.MeterType.WATER, 1_717_315_200_000_000, None, None,
         contract.FaultCode.NEGATIVE, "usage is negative", {"usage": -3},
@@ -45,9 +45,12 @@ def test_kafka_trigger_fires_on_an_abnormal_event(make_settings, monkeypatch) ->
     event = abnormal_event(
         reading, settings.topic_readings, "AaIrU8Vb", 0, 42, 1_717_315_201_000_000
     )
-    producer.produce(settings.topic_abnormal, b"not json at all", b"wm7")
-    producer.produce(settings.topic_abnormal, messages.encode(event), b"wm7")
-    assert producer.flush(30) == 0
+    send(
+        settings,
+        [b"not json at all", messages.encode(event)],
+        topic=settings.topic_abnormal,
+        key=b"wm7",
+    )
 
     trigger = KafkaMessageQueueTrigger(
         topics=[settings.topic_abnormal],
@@ -74,7 +77,7 @@ def test_incident_dag_reconciles_through_airflow(
     db = mongo.client(mongo_uri)[mongo_db_name]
     status(db, "gm4", "SENTINEL", 5, T0, since=T0)
 
-    dag = DagBag(dag_folder=str(Path(__file__).parents[2] / "dags")).get_dag("meter_incidents")
+    dag = DagBag(dag_folder=str(ROOT / "dags")).get_dag("meter_incidents")
     run = dag.test(logical_date=T0)
 
     assert run.state == "success"

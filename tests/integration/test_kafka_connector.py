@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pyspark
 import pytest
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 PROVIDER = "org.apache.spark.sql.kafka010.KafkaSourceProvider"
 
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import send, wait_for
 from pyspark.sql import SparkSession
 
 from meterflow.clients import kafka
 from meterflow.spark.kafka_source import SOURCE_NAME, KafkaSourceError, _cap
 
+BIG_BATCHES = {"linger.ms": 50, "batch.num.messages": 5000}
 JVM_CONNECTOR_SCHEMA = [
     ("key", "binary"),
     ("value", "binary"),
@@ -25,11 +26,9 @@ JVM_CONNECTOR_SCHEMA = [
 
 def produce(bootstrap: str, topic: str, per_partition: dict[int, int], start: int = 0) -> None:
     """Send ``n`` messages to each partition in big batches (tansu's watermark lags those)."""
-    producer = kafka.producer(bootstrap, **{"linger.ms": 50, "batch.num.messages": 5000})
     for partition, count in per_partition.items():
-        for i in range(start, start + count):
-            producer.produce(topic, f"p{partition}-{i}".encode(), b"k", partition=partition)
-    assert producer.flush(30) == 0
+        values = [f"p{partition}-{i}".encode() for i in range(start, start + count)]
+        send(bootstrap, values, topic=topic, key=b"k", partition=partition, **BIG_BATCHES)
 
 
 def stream(spark: SparkSession, bootstrap: str, topic: str, **options: str):
@@ -69,6 +68,18 @@ def test_partition_ends_are_exact_despite_watermarks(bootstrap: str, make_topics
     # Documents the broker quirk the probe exists for (docs/architecture.md, "Measured facts");
     # the line above is what counts.
     print(f"watermarks reported {watermarks}, true ends {ends}")
+
+
+def test_read_to_end_reads_each_partition_to_its_true_end(bootstrap: str, make_topics) -> None:
+    """What tests and benchmarks count a topic with: every record once, past the lagging
+    watermark of big batches; an empty topic is an empty list, at once."""
+    topic = make_topics(partitions=2)["METERFLOW_TOPIC_READINGS"]
+    assert kafka.read_to_end(bootstrap, topic) == []
+    produce(bootstrap, topic, {0: 2500, 1: 777})
+    records = kafka.read_to_end(bootstrap, topic)
+    assert Counter((m.partition(), m.value()) for m in records) == {
+        (p, f"p{p}-{i}".encode()): 1 for p, count in ((0, 2500), (1, 777)) for i in range(count)
+    }
 
 
 def test_available_now_reads_every_offset_once(
@@ -112,9 +123,7 @@ def test_resumes_exactly_where_it_stopped(
         )
 
     first = start({"processingTime": "0 seconds"})
-    deadline = time.monotonic() + 120
-    while len(first.recentProgress) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for(lambda: len(first.recentProgress) >= 2, 120, "two micro-batches")
     first.stop()
     progress = [p for p in first.recentProgress if p.numInputRows]
     assert progress and all(p.numInputRows <= 400 for p in progress)

@@ -12,15 +12,22 @@ import json
 import os
 import shutil
 import threading
-from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
+from helpers import (
+    ROOT,
+    assert_exactly_once,
+    good,
+    lake_offsets,
+    reconciled,
+    send,
+    wait_for,
+)
 from pyspark.sql import SparkSession
 
-from bench.common import read_all
 from meterflow.clients import kafka
 from meterflow.core import lake
 from meterflow.core.config import Settings
@@ -28,46 +35,6 @@ from meterflow.core.errors import DataLossError, StreamUnavailableError
 from meterflow.core.messages import DLQ_HEADER_STORED
 from meterflow.local.broker import LocalBroker
 from meterflow.stream.query import run
-from meterflow.stream.reconcile import reconcile
-
-
-def good(i: int, device: str = "em1", value: float = 1.5) -> bytes:
-    stamp = f"2024-05-27T{(i // 60) % 24:02d}:{i % 60:02d}:00Z"
-    return json.dumps({"device_id": device, "timestamp": stamp, "usage_kwh": value}).encode()
-
-
-def send(settings: Settings, messages: list[bytes], partition: int | None = None) -> None:
-    producer = kafka.producer(settings.bootstrap_servers, **{"message.max.bytes": 4_000_000})
-    for i, value in enumerate(messages):
-        extra = {} if partition is None else {"partition": partition}
-        producer.produce(settings.topic_readings, value, f"em{i % 5}".encode(), **extra)
-    assert producer.flush(30) == 0
-
-
-def lake_offsets(settings: Settings) -> Counter[tuple[str, int, int]]:
-    """(generation, partition, offset) of every row in the lake's readings and dead letters."""
-    found: Counter[tuple[str, int, int]] = Counter()
-    for root in (lake.readings_path(settings.lake_path), lake.deadletter_path(settings.lake_path)):
-        if not Path(root).exists():
-            continue
-        table = ds.dataset(root, format="parquet", partitioning="hive").to_table(
-            columns=["source_generation", "source_partition", "source_offset"]
-        )
-        found.update(zip(*(table[c].to_pylist() for c in table.column_names), strict=True))
-    return found
-
-
-def assert_exactly_once(settings: Settings, expected: int) -> None:
-    offsets = lake_offsets(settings)
-    assert sum(offsets.values()) == expected and max(offsets.values(), default=1) == 1
-    report = reconcile(
-        settings.lake_path,
-        settings.topic_readings,
-        settings.bootstrap_servers,
-        scan_lake_files=True,
-    )
-    assert report.ok, report.problems
-    assert report.lines[-1].startswith("reconciled:")
 
 
 def test_a_reset_checkpoint_neither_skips_nor_duplicates(spark: SparkSession, make_settings):
@@ -141,7 +108,7 @@ def test_oversize_and_random_bytes_never_stop_the_stream(spark: SparkSession, ma
 
     assert totals["read"] == len(messages) and totals["deadletter"] == 21
     assert_exactly_once(settings, len(messages))
-    letters = read_all(settings.bootstrap_servers, settings.topic_deadletter)
+    letters = kafka.read_to_end(settings.bootstrap_servers, settings.topic_deadletter)
     assert len(letters) == 21
     stored = [m for m in letters if DLQ_HEADER_STORED in dict(m.headers() or [])]
     assert len(stored) == 1
@@ -236,13 +203,7 @@ def test_a_broker_back_empty_is_a_decision_and_the_gap_is_recorded(
 
     second = run(settings, available_now=True, spark=spark, accept_data_loss=True)
     assert second["read"] == 50
-    report = reconcile(
-        settings.lake_path,
-        settings.topic_readings,
-        settings.bootstrap_servers,
-        scan_lake_files=True,
-    )
-    assert report.ok, report.problems
+    report = reconciled(settings)
     lost = [loss for a in report.audits for loss in a.lost]
     assert [(start, end) for start, end, _ in lost] == [(120, 200)]
     generations = {g for g, _, _ in lake_offsets(settings)}
@@ -254,7 +215,6 @@ def _spark_submit_waits_for_the_decision(settings: Settings) -> None:
     import signal
     import subprocess
     import sys
-    import time
 
     env = {
         **os.environ,
@@ -275,29 +235,32 @@ def _spark_submit_waits_for_the_decision(settings: Settings) -> None:
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=ROOT,
         start_new_session=True,  # to see that no process of it outlives the stop
     )
     seen: list[str] = []
+
+    def waiting_line() -> bool:
+        assert job.poll() is None, "".join(seen)[-3000:]
+        seen.append(job.stdout.readline())  # type: ignore[union-attr]
+        return "waiting for a decision" in seen[-1]
+
     try:
-        deadline = time.monotonic() + 180
-        while not any("waiting for a decision" in line for line in seen):
-            assert time.monotonic() < deadline and job.poll() is None, "".join(seen)[-3000:]
-            seen.append(job.stdout.readline())  # type: ignore[union-attr]
-        time.sleep(3)
-        assert job.poll() is None, "the job exited: its container would restart in a loop"
+        wait_for(waiting_line, 180, "the job's waiting line", details=lambda: "".join(seen)[-3000:])
+        # The claim is a duration: a job that did not wait would exit right after the line
+        # (and its container restart into the same stop); it must still be up 3 s later.
+        with pytest.raises(subprocess.TimeoutExpired):
+            job.wait(3)
     finally:
         job.send_signal(signal.SIGTERM)
         job.wait(60)
     assert job.returncode in (3, 143)  # spark-submit's JVM may report the SIGTERM itself
     # The Python driver follows its JVM out: nothing of the job is left waiting.
-    deadline = time.monotonic() + 15
-    while _group_alive(job.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    leftover = _group_alive(job.pid)
-    if leftover:
-        os.killpg(job.pid, signal.SIGKILL)
-    assert not leftover, "a process of the stopped job is still running"
+    try:
+        wait_for(lambda: not _group_alive(job.pid), 15, "the job's processes to end")
+    finally:
+        if _group_alive(job.pid):
+            os.killpg(job.pid, signal.SIGKILL)
     stops = [line for line in seen if line.startswith("streaming_job: iot-meter is a new topic")]
     assert len(stops) == 1 and "120..199" in stops[0]
 
@@ -323,10 +286,12 @@ def test_new_abnormal_events_after_a_broker_restart_reach_mongodb(
         send(settings, faulty)
         run(settings, available_now=True, spark=spark)
         sink = Sink(settings, db)
-        deadline = datetime.now(UTC).timestamp() + 60
-        while sink.stats.events_written + sink.stats.duplicates < 50:
+
+        def stored() -> bool:
             sink.poll_once(0.5)
-            assert datetime.now(UTC).timestamp() < deadline, sink.stats.summary()
+            return sink.stats.events_written + sink.stats.duplicates >= 50
+
+        wait_for(stored, 60, "the sink to write 50 events", details=sink.stats.summary)
         sink.flush()
         sink.close()
         return sink.stats.events_written

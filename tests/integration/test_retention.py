@@ -7,14 +7,13 @@ import json
 from datetime import date
 from pathlib import Path
 
+from helpers import reconciled, send
 from pyspark.sql import SparkSession
 
 from meterflow.batch.retention import drop_expired_partitions
-from meterflow.clients import kafka
 from meterflow.core.config import Settings
 from meterflow.core.lake import LAKE_SCHEMA, dated_partitions, readings_path, spark_ddl
 from meterflow.stream.query import run
-from meterflow.stream.reconcile import reconcile
 
 
 def reading(day: str, hour: int) -> bytes:
@@ -26,11 +25,8 @@ def test_retention_drops_old_partitions_and_spark_still_reads_the_lake(
     spark: SparkSession, make_settings
 ) -> None:
     settings: Settings = make_settings(partitions=1, METERFLOW_LAKE_RETENTION_DAYS="30")
-    producer = kafka.producer(settings.bootstrap_servers)
-    for day in ("2024-04-01", "2024-05-20", "2024-05-31"):
-        for hour in range(3):
-            producer.produce(settings.topic_readings, reading(day, hour), b"gm1")
-    assert producer.flush(30) == 0
+    days = ("2024-04-01", "2024-05-20", "2024-05-31")
+    send(settings, [reading(day, hour) for day in days for hour in range(3)], key=b"gm1")
     run(settings, available_now=True, spark=spark)
     view = Path(settings.views_path) / "meter_daily"
     for day in ("2024-04-01", "2024-05-31"):
@@ -53,13 +49,7 @@ def test_retention_drops_old_partitions_and_spark_still_reads_the_lake(
     ]
     assert lake.count() == 6
     # The ledger committed 9 offsets; the lake's files hold 6 and retention took 3.
-    report = reconcile(
-        settings.lake_path,
-        settings.topic_readings,
-        settings.bootstrap_servers,
-        scan_lake_files=True,
-    )
-    assert report.ok, report.problems
+    report = reconciled(settings)
     assert report.lake_rows == 6
 
 

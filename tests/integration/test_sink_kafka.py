@@ -18,13 +18,14 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import UTC
 from pathlib import Path
 from typing import Any
 
 import pytest
 from confluent_kafka import TopicPartition
+from helpers import send, wait_for
 from mongomock_client import child_env
 from pymongo.errors import AutoReconnect
 from sink_helpers import (
@@ -41,7 +42,6 @@ from sink_helpers import (
     true_run,
 )
 
-from bench.common import read_all
 from meterflow import cli
 from meterflow.clients import kafka, mongo
 from meterflow.core import messages
@@ -50,16 +50,6 @@ from meterflow.core.messages import DeadLetterReason
 from meterflow.serving.sink import (
     Sink,
 )
-
-
-def produce(bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, bytes]]) -> int:
-    producer = kafka.producer(bootstrap)
-    count = 0
-    for key, value in messages:
-        kafka.produce(producer, topic, value, key)
-        count += 1
-    assert producer.flush(30) == 0
-    return count
 
 
 def sink_settings(
@@ -126,7 +116,7 @@ def test_sink_stores_each_event_once_tracks_status_and_dead_letters_garbage(
     events = [event_json(devices[i % len(devices)], i, i) for i in range(240)]
     replayed = events[100:130]  # the streaming job re-published a retried micro-batch
     abnormal = [*events[:120], *(v for v, _ in GARBAGE_ABNORMAL), *events[120:], *replayed]
-    produce(settings.bootstrap_servers, settings.topic_abnormal, [(None, v) for v in abnormal])
+    send(settings, [(None, v) for v in abnormal], topic=settings.topic_abnormal)
 
     # Each meter: a reading sequence cut into micro-batches; some batches arrive twice.
     sequences = {
@@ -141,7 +131,7 @@ def test_sink_stores_each_event_once_tracks_status_and_dead_letters_garbage(
         start, part = batches[1]
         statuses.append((device.encode(), status_json(device, part, start)))  # redelivered
     statuses[5:5] = [(None, v) for v, _ in GARBAGE_STATUS]
-    produce(settings.bootstrap_servers, settings.topic_status, statuses)
+    send(settings, statuses, topic=settings.topic_status)
 
     total = len(abnormal) + len(statuses)
     sink = Sink(settings, db, consumer_overrides=FAST_GROUP, instance_id=False)
@@ -159,7 +149,7 @@ def test_sink_stores_each_event_once_tracks_status_and_dead_letters_garbage(
         )
 
     garbage = dict(GARBAGE_ABNORMAL) | dict(GARBAGE_STATUS)
-    letters = read_all(settings.bootstrap_servers, settings.topic_deadletter)
+    letters = kafka.read_to_end(settings.bootstrap_servers, settings.topic_deadletter)
     assert sorted(m.value() for m in letters) == sorted(garbage)
     for message in letters:
         headers = {k: v.decode() for k, v in message.headers()}
@@ -193,7 +183,7 @@ def test_sink_killed_mid_batch_restarts_without_loss_or_double_count(
         METERFLOW_SINK_FLUSH_SECONDS="3",  # one batch holds all 150: the crash hits its 41st
     )
     events = [event_json(f"wm{i % 7}", i, i) for i in range(150)]
-    produce(settings.bootstrap_servers, settings.topic_abnormal, [(None, v) for v in events])
+    send(settings, [(None, v) for v in events], topic=settings.topic_abnormal)
 
     # The first batch's events write lets 40 through, then the process "dies".
     doomed = Sink(
@@ -273,7 +263,7 @@ def test_sink_restarted_after_kill_9_takes_its_place_back_promptly(
     wait for the group to time the dead member out before it consumes."""
     settings = sink_settings(make_settings, mongo_uri, mongo_db_name)
     first, second = event_json("rs1", 0, 0), event_json("rs1", 1, 1)
-    produce(settings.bootstrap_servers, settings.topic_abnormal, [(None, first)])
+    send(settings, [(None, first)], topic=settings.topic_abnormal)
     log = tmp_path / "killed-sink.log"
     with log.open("wb") as stderr:
         process = subprocess.Popen(
@@ -290,13 +280,17 @@ def test_sink_restarted_after_kill_9_takes_its_place_back_promptly(
         process.kill()  # SIGKILL: no close(), no LeaveGroup
         process.wait(10)
         process.stdout.close()
-    produce(settings.bootstrap_servers, settings.topic_abnormal, [(None, second)])
+    send(settings, [(None, second)], topic=settings.topic_abnormal)
 
     started = time.monotonic()
     restarted = Sink(settings, db)
+
+    def consumed() -> int:
+        restarted.poll_once(0.2)
+        return restarted.stats.consumed
+
     try:
-        while restarted.stats.consumed == 0 and time.monotonic() - started < 60:
-            restarted.poll_once(0.2)
+        wait_for(consumed, 60, "the restarted sink's first message", interval=0)
         elapsed = time.monotonic() - started
     finally:
         restarted.close()
@@ -356,7 +350,7 @@ def test_sink_waits_out_a_mongodb_outage_and_commits_only_after_writing(
         make_settings, mongo_uri, mongo_db_name, METERFLOW_SINK_BATCH_SIZE="50"
     )
     events = [event_json(f"gm{i % 5}", i, i) for i in range(120)]
-    produce(settings.bootstrap_servers, settings.topic_abnormal, [(None, v) for v in events])
+    send(settings, [(None, v) for v in events], topic=settings.topic_abnormal)
     log: list = []
     sink = Sink(
         settings,
@@ -401,7 +395,7 @@ def test_sink_command_stops_on_sigterm_after_committing(
 ) -> None:
     settings = sink_settings(make_settings, mongo_uri, mongo_db_name)
     events = [event_json(f"em{i % 4}", i, i) for i in range(60)]
-    produce(settings.bootstrap_servers, settings.topic_abnormal, [(None, v) for v in events])
+    send(settings, [(None, v) for v in events], topic=settings.topic_abnormal)
     for name, value in {
         "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
         "METERFLOW_TOPIC_ABNORMAL": settings.topic_abnormal,
@@ -417,12 +411,14 @@ def test_sink_command_stops_on_sigterm_after_committing(
     saved = (logger.handlers[:], logger.level, logger.propagate)
 
     def terminate_when_stored() -> None:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if db[mongo.ABNORMAL_READINGS].count_documents({}) == len(events):
-                break
-            time.sleep(0.1)
-        os.kill(os.getpid(), signal.SIGTERM)  # like `docker stop`
+        try:
+            wait_for(
+                lambda: db[mongo.ABNORMAL_READINGS].count_documents({}) == len(events),
+                90,
+                "the events in MongoDB",
+            )
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # like `docker stop` (on a time-out too)
 
     killer = threading.Thread(target=terminate_when_stored, daemon=True)
     killer.start()

@@ -6,9 +6,9 @@ import json
 from collections import Counter
 from datetime import UTC, date, datetime
 
+from helpers import ROOT, send
 from pyspark.sql import SparkSession
 
-from bench.common import read_all
 from meterflow.clients import kafka
 from meterflow.core import messages, timestamps
 from meterflow.core.config import Settings
@@ -17,13 +17,6 @@ from meterflow.core.events import event_id
 from meterflow.core.lake import LAKE_COLUMNS, read_watermark, readings_path
 from meterflow.stream.query import run
 from simulator.generator import FaultRates, SimulationConfig, simulate
-
-
-def send(settings: Settings, messages: list[bytes | None], key: bytes = b"em1") -> None:
-    producer = kafka.producer(settings.bootstrap_servers)
-    for value in messages:
-        producer.produce(settings.topic_readings, value, key)
-    assert producer.flush(30) == 0
 
 
 def lake(spark: SparkSession, settings: Settings):
@@ -47,7 +40,7 @@ def good(i: int, value: float = 1.5) -> bytes:
 def test_dead_letters_keep_raw_bytes_reason_and_source(spark: SparkSession, make_settings) -> None:
     settings = make_settings(partitions=1)
     garbage = [b"\x00\xffbinary", b"{not json", b"[]", good(1)[:-1], b'{"device_id": "em1"}']
-    send(settings, [good(0), *garbage, good(2, -1)])
+    send(settings, [good(0), *garbage, good(2, -1)], key=b"em1")
 
     totals = run(settings, available_now=True, spark=spark)
 
@@ -59,7 +52,7 @@ def test_dead_letters_keep_raw_bytes_reason_and_source(spark: SparkSession, make
         "skipped": 0,
         "lost": 0,
     }
-    letters = read_all(settings.bootstrap_servers, settings.topic_deadletter)
+    letters = kafka.read_to_end(settings.bootstrap_servers, settings.topic_deadletter)
     assert sorted(m.value() for m in letters) == sorted(garbage)
     by_offset = {int(headers(m)[messages.DLQ_HEADER_OFFSET]): m for m in letters}
     assert set(by_offset) == {1, 2, 3, 4, 5}
@@ -80,9 +73,9 @@ def test_dead_letters_keep_raw_bytes_reason_and_source(spark: SparkSession, make
 
 def test_restart_neither_loses_nor_duplicates(spark: SparkSession, make_settings) -> None:
     settings = make_settings(partitions=2)
-    send(settings, [good(i, -1 if i % 10 == 0 else 2.0) for i in range(300)])
+    send(settings, [good(i, -1 if i % 10 == 0 else 2.0) for i in range(300)], key=b"em1")
     first = run(settings, available_now=True, spark=spark)
-    send(settings, [good(i, -1 if i % 10 == 0 else 2.0) for i in range(300, 500)])
+    send(settings, [good(i, -1 if i % 10 == 0 else 2.0) for i in range(300, 500)], key=b"em1")
     second = run(settings, available_now=True, spark=spark)
     third = run(settings, available_now=True, spark=spark)  # nothing new: nothing written
 
@@ -94,12 +87,10 @@ def test_restart_neither_loses_nor_duplicates(spark: SparkSession, make_settings
     )
     coordinates = Counter((r.source_partition, r.source_offset) for r in rows)
     assert len(rows) == 500 and max(coordinates.values()) == 1
-    events = read_all(settings.bootstrap_servers, settings.topic_abnormal)
+    events = kafka.read_to_end(settings.bootstrap_servers, settings.topic_abnormal)
     ids = Counter(json.loads(m.value())["event_id"] for m in events)
     lake_abnormal = {
-        event_id(
-            settings.topic_readings, r.source_generation, r.source_partition, r.source_offset
-        )
+        event_id(settings.topic_readings, r.source_generation, r.source_partition, r.source_offset)
         for r in rows
         if r.fault_code is not None
     }
@@ -113,7 +104,7 @@ def test_lake_rows_are_typed_and_partitioned_by_day(spark: SparkSession, make_se
         b'{"device_id": "wm1", "timestamp": "2024-05-27T23:59:59Z", "usage": 18, "flow_rate": 5}'
     )
     future = b'{"device_id": "gm1", "timestamp": "2099-01-01T00:00:00Z", "usage_m3": 1}'
-    send(settings, [water, future])
+    send(settings, [water, future], key=b"em1")
     run(settings, available_now=True, spark=spark)
     rows = {r.device_id: r for r in lake(spark, settings).collect()}
     assert rows["wm1"].meter_type == "water" and rows["wm1"].unit == "L"
@@ -137,13 +128,18 @@ def test_status_updates_follow_each_meters_latest_reading(
         return json.dumps({"device_id": device, "timestamp": stamp, "usage_kwh": value}).encode()
 
     # em1 ends on two faults in a row; em2 recovered; em3 never failed. Sent out of order.
-    send(settings, [em("em1", 3, -1), em("em1", 1, 2.0), em("em1", 2, -1), em("em1", 0, -1)])
+    send(
+        settings,
+        [em("em1", 3, -1), em("em1", 1, 2.0), em("em1", 2, -1), em("em1", 0, -1)],
+        key=b"em1",
+    )
     send(settings, [em("em2", 0, -1), em("em2", 5, 3.5)], key=b"em2")
     send(settings, [em("em3", 7, 1.0), b"not json"], key=b"em3")
     run(settings, available_now=True, spark=spark)
 
     updates = [
-        json.loads(m.value()) for m in read_all(settings.bootstrap_servers, settings.topic_status)
+        json.loads(m.value())
+        for m in kafka.read_to_end(settings.bootstrap_servers, settings.topic_status)
     ]
     status = {u["device_id"]: u for u in updates}
     assert len(updates) == len(status) == 3
@@ -174,13 +170,15 @@ def test_with_detection_on_each_meter_gets_a_digest_of_its_readings(
         stamp = f"2024-05-27T10:{minute:02d}:00Z"
         return json.dumps({"device_id": device, "timestamp": stamp, "usage_kwh": value}).encode()
 
-    send(settings, [em("em1", 2, 0.5), em("em1", 0, -1), em("em1", 1, 0.7), b"not json"])
+    send(
+        settings, [em("em1", 2, 0.5), em("em1", 0, -1), em("em1", 1, 0.7), b"not json"], key=b"em1"
+    )
     send(settings, [em("em2", 4, 2.5)], key=b"em2")
     run(settings, available_now=True, spark=spark)
 
     digests = [
         messages.decode(m.value(), messages.ReadingDigest)
-        for m in read_all(settings.bootstrap_servers, settings.topic_digest)
+        for m in kafka.read_to_end(settings.bootstrap_servers, settings.topic_digest)
     ]
     # With detection on a task reads a whole partition: one digest per meter and batch,
     # in event-time order, holding each of its readings once.
@@ -235,13 +233,14 @@ def test_simulated_fleet_end_to_end_counts_match_exactly(
     assert days == {"2024-06-02"}
 
     events = [
-        json.loads(m.value()) for m in read_all(settings.bootstrap_servers, settings.topic_abnormal)
+        json.loads(m.value())
+        for m in kafka.read_to_end(settings.bootstrap_servers, settings.topic_abnormal)
     ]
     assert Counter(e["fault_code"] for e in events) == {
         str(c): n for c, n in summary.faults.items()
     }
     assert len({e["event_id"] for e in events}) == len(events)
-    letters = read_all(settings.bootstrap_servers, settings.topic_deadletter)
+    letters = kafka.read_to_end(settings.bootstrap_servers, settings.topic_deadletter)
     reasons = Counter(headers(m)[messages.DLQ_HEADER_REASON] for m in letters)
     assert reasons == {str(r): n for r, n in summary.malformed.items()}
 
@@ -304,7 +303,7 @@ def test_spark_submit_conf_wins_over_the_session_defaults(tmp_path) -> None:
         [str(spark_submit), "--master", "local[1]", "--conf", "spark.python.worker.reuse=false",
          "--conf", "spark.ui.enabled=false", str(script)],
         capture_output=True, text=True, timeout=180, check=False,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=ROOT,
         env={**os.environ, "PYSPARK_PYTHON": sys.executable},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]

@@ -19,11 +19,23 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
-from bench.compose_native import BIN, COMPOSE_FILE, ENV_EXAMPLE, ROOT, VARIABLE, env_example
+import pytest
+from helpers import ROOT
+
 from meterflow.compose_check import memory_budget, parse_size
+from meterflow.local.compose import (
+    BIN,
+    COMPOSE_FILE,
+    ENV_EXAMPLE,
+    VARIABLE,
+    env_example,
+    interpolate,
+    native,
+)
 
 COMPOSE_DOC = ROOT / "docs" / "compose.md"
 OUR_IMAGES = {"meterflow/project", "meterflow/airflow"}
@@ -91,6 +103,22 @@ def test_compose_file_validates_against_the_compose_specification(resolved, tmp_
         timeout=120,
     )
     assert refused.returncode == 1 and "service_done" in refused.stdout + refused.stderr
+
+
+def test_variables_are_interpolated_as_compose_does() -> None:
+    env = {"SET": "v", "EMPTY": ""}
+    given = {"a": ["${SET}", "$SET/x", "$$SET", "${EMPTY:-d}", "${EMPTY-d}", "${UNSET-d}", 3]}
+    assert interpolate(given, env) == {"a": ["v", "v/x", "$SET", "d", "", "d", 3]}
+    with pytest.raises(KeyError, match="EMPTY: needed"):
+        interpolate("${EMPTY:?needed}", env)
+    with pytest.raises(KeyError, match="UNSET"):
+        interpolate("${UNSET}", env)
+
+
+def test_a_compose_command_runs_here_with_local_programs_hosts_and_ports() -> None:
+    argv = native(["python", "-m", "meterflow.cli", "--to", "kafka:9092"], {"kafka:9092": "h:1"})
+    assert argv == [sys.executable, "-m", "meterflow.cli", "--to", "h:1"]
+    assert native(["airflow", "version"], {})[0] == str(BIN / "airflow")
 
 
 def test_every_variable_is_in_env_example_and_documented() -> None:

@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import ROOT, free_port
+
 from meterflow.compose_check import HOST_PORTS, env_problems, memory_limits, read_env_file
 
-ROOT = Path(__file__).resolve().parents[2]
 GOOD = {
     "MONGO_ROOT_PASSWORD": "s3cret-mongo",
     "AIRFLOW_ADMIN_PASSWORD": "s3cret-airflow",
@@ -66,9 +67,7 @@ def good_lines() -> list[str]:
     the Spark UI's 4040, say)."""
     values = {**read_env_file(ROOT / ".env.example"), **GOOD}
     for name in HOST_PORTS:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            values[name] = str(sock.getsockname()[1])
+        values[name] = str(free_port())
     return [f"{k}={v}" for k, v in values.items()]
 
 

@@ -1,27 +1,33 @@
 """The stateful rules on real household recordings (tests/data/real): a false-alarm guard.
 
 The excerpts are two weeks each of the UCI household's minutes (winter 2007, summer
-2008), replayed through the replay parser as ``bench/detection_real.py`` does. They hold
-no fault, only ordinary use, and the rules open nothing on them at 1-minute or 15-minute
-readings: over all four years (138,352 15-minute readings) SPIKE opens none and STUCK one,
-a logger that repeated one value for two hours (a real fault). The median baseline that
-came before opened 4 SPIKEs in the winter excerpt (30 per 10,000 readings; 17.9 on the
-four years), so a bound of zero per excerpt is both what real data gives and what catches
-that regression. The same data with a real fault written in must still trip the rule.
+2008), replayed through the replay parser into the rules (``simulator/false_alarms.py``).
+They hold no fault, only ordinary use, and the rules open nothing on them at 1-minute or
+15-minute readings: over all four years (138,352 15-minute readings) SPIKE opens none and
+STUCK one, a logger that repeated one value for two hours (a real fault). The median
+baseline that came before opened 4 SPIKEs in the winter excerpt (30 per 10,000 readings;
+17.9 on the four years), so a bound of zero per excerpt is both what real data gives and
+what catches that regression. The same data with a real fault written in must still trip the rule.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
-from bench.detection_real import RULES, excerpts, measure, readings
 from meterflow.core.contract import FaultCode, MeterType
 from meterflow.core.thresholds import DetectionRules
 from meterflow.stream.detect import Meter, Observed
+from simulator.false_alarms import RULES, measure, readings
 
 DAY_AT_15_MIN = 96
+
+
+def excerpts() -> list[Path]:
+    return sorted((ROOT / "tests" / "data" / "real").glob("*.gz"))
 
 
 @pytest.fixture(scope="module", params=[60, 900], ids=["1min", "15min"])

@@ -14,38 +14,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import log_records, wait_for
 
 from meterflow.clients import kafka
 from meterflow.core import logs
 from meterflow.core.config import Settings
 from meterflow.serving.sink import Sink
 
+#: How long the first test leaves a client unpolled: well past ``kafka._LATE_S``.
 QUIET_S = 3.0
-
-
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 @pytest.fixture
 def client_lines() -> Iterator[list[logging.LogRecord]]:
     """Every line librdkafka's clients log during the test (whatever the logging set-up)."""
-    handler = _Records()
-    kafka.client_log.addHandler(handler)
-    try:
-        yield handler.records
-    finally:
-        kafka.client_log.removeHandler(handler)
+    with log_records(kafka.client_log.name) as records:
+        yield records
 
 
-def unreachable_producer(port: int) -> Any:
-    """A producer whose broker refuses connections: librdkafka logs FAIL, again and again."""
-    producer = kafka.producer(f"127.0.0.1:{port}", **{"message.timeout.ms": 10_000})
+def unreachable_producer(port: int, timeout_ms: int = 10_000) -> Any:
+    """A producer whose broker refuses connections: librdkafka logs FAIL, again and again;
+    its one message is given up after ``timeout_ms``."""
+    producer = kafka.producer(f"127.0.0.1:{port}", **{"message.timeout.ms": timeout_ms})
     producer.produce("nowhere", b"x")
     return producer
 
@@ -57,7 +47,9 @@ def test_a_line_found_queued_says_since_when_it_can_have_happened(
     try:
         producer.poll(0)
         drained = time.time()
-        time.sleep(QUIET_S)  # nobody polls: librdkafka's lines wait in its queue
+        # The subject is this span itself: nobody polls for QUIET_S while librdkafka's lines
+        # wait in its queue, and a line served after it must say how stale it can be.
+        time.sleep(QUIET_S)
         served = time.time()
         producer.poll(0)
     finally:
@@ -79,11 +71,12 @@ def test_a_line_found_queued_says_since_when_it_can_have_happened(
 def test_a_line_that_wakes_a_waiting_poll_is_on_time(
     free_port: int, client_lines: list[logging.LogRecord]
 ) -> None:
-    producer = unreachable_producer(free_port)
+    producer = unreachable_producer(free_port, timeout_ms=2000)
     try:
         producer.poll(0)
         started = time.time()
-        producer.flush(QUIET_S)  # waits for the undeliverable message, serving lines as they come
+        # Waits until the undeliverable message is given up, serving lines as they come.
+        assert producer.flush(30) == 0
     finally:
         producer.purge()
     live = [r for r in client_lines if r.created > started + 0.1]
@@ -102,12 +95,14 @@ def test_the_sinks_producer_lines_are_served_while_it_consumes(
         {"KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port}", "METERFLOW_DATA_DIR": str(tmp_path)}
     )
     sink = Sink(settings, db)
+
+    def producer_lines() -> list[logging.LogRecord]:
+        sink.poll_once(0.2)
+        return [r for r in client_lines if "client=rdkafka#producer-" in r.getMessage()]
+
     try:
-        deadline = time.monotonic() + QUIET_S
-        while time.monotonic() < deadline:
-            sink.poll_once(0.2)
+        # The sink's producer is idempotent: it connects at once, and fails.
+        produced = wait_for(producer_lines, 10, "a line of the sink's producer", interval=0)
     finally:
         sink.close()
-    produced = [r for r in client_lines if "client=rdkafka#producer-" in r.getMessage()]
-    assert produced, "the sink's producer (idempotent: it connects at once) logged nothing"
     assert all(r.kafka_happened_after is None for r in produced)

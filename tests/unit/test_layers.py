@@ -7,7 +7,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[2] / "meterflow"
+from helpers import ROOT
+
+PACKAGE = ROOT / "meterflow"
 
 #: Low to high. ``meterflow`` itself (its ``__init__``) is layer 0 with ``meterflow.core``.
 LAYERS: dict[str, int] = {

@@ -21,11 +21,11 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
 from dashboards_helpers import run_card
+from helpers import ROOT
 
 from meterflow.clients.mongo import client as mongo_client
 from meterflow.core.config import Settings
@@ -33,7 +33,6 @@ from meterflow.core.errors import ConfigError
 from meterflow.dashboards import cards as dashboards
 from meterflow.dashboards import metabase
 
-ROOT = Path(__file__).resolve().parents[2]
 GRID_COLUMNS = 24
 MUTATING = {"POST", "PUT", "DELETE"}
 

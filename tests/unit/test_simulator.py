@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import MemorySink
+from helpers import MemorySink, wait_for
 
 from meterflow.core.classifier import DeadLetter, Reading, classify, evaluate, status_of
 from meterflow.core.config import Settings
@@ -388,7 +388,8 @@ def test_live_mode_honours_the_rate_cap_and_stops_at_once() -> None:
     thread = threading.Thread(target=simulate, args=(config, sink.emit, stop))
     started = time.monotonic()
     thread.start()
-    time.sleep(1.2)
+    # Stopped in its second step: the first (200 meters) went out at the cap, on the clock.
+    wait_for(lambda: len(sink.messages) > 200, 10, "the second live step")
     stop.set()
     thread.join(timeout=2)
     elapsed = time.monotonic() - started

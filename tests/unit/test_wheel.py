@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import ROOT
 from packaging.requirements import Requirement
 
-ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT: dict[str, Any] = tomllib.loads((ROOT / "pyproject.toml").read_text())
 #: Repository folder -> where the wheel puts it, from pyproject.toml.
 MAPPED: dict[str, str] = {

@@ -1,9 +1,10 @@
 """docker-compose.yml read as ``docker compose`` reads it, and its commands run on this machine.
 
-Shared by the native compose tests (tests/integration/test_compose_native.py) and the
-memory benchmark (bench/memory.py): both take each service's command and environment from
-the compose file itself, with ``.env.example``'s values, and swap hosts and ports for local
-ones.
+The memory benchmark (``bench/memory.py``) and the native compose tests
+(``tests/integration/test_compose_native.py``) take each service's command and environment
+from the compose file itself, with ``.env.example``'s values, and swap hosts and ports for
+local ones: what compose would run, without Docker. The compose file lives in a checkout,
+not in the installed package.
 """
 
 from __future__ import annotations
@@ -20,22 +21,25 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-COMPOSE_FILE = ROOT / "docker-compose.yml"
-ENV_EXAMPLE = ROOT / ".env.example"
+from meterflow.core.bundled import CHECKOUT
+
+COMPOSE_FILE = CHECKOUT / "docker-compose.yml"
+ENV_EXAMPLE = CHECKOUT / ".env.example"
+#: Where this Python's executables are (airflow, spark-submit, check-jsonschema).
 BIN = Path(sys.executable).parent
 VARIABLE = re.compile(
     r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:?[-?+])?(?P<arg>[^}]*)\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*)|(?P<dollar>\$))"
 )
 
 
-def env_example() -> dict[str, str]:
+def env_example(path: Path = ENV_EXAMPLE) -> dict[str, str]:
+    """The ``NAME=value`` lines of ``.env.example``; any other line is an error that quotes it."""
     values = {}
-    for line in ENV_EXAMPLE.read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             name, sep, value = line.partition("=")
             if not sep:
-                raise ValueError(f".env.example line is not NAME=value: {line!r}")
+                raise ValueError(f"{path.name} line is not NAME=value: {line!r}")
             values[name.strip()] = value.strip()
     return values
 
@@ -56,7 +60,7 @@ def interpolate(value: Any, env: dict[str, str]) -> Any:
         current = env.get(name)
         op = match["op"] or ""
         if op.endswith("-") and not (current if op.startswith(":") else current is not None):
-            return match["arg"]
+            return str(match["arg"])
         if op.endswith("?") and not current:
             raise KeyError(f"{name}: {match['arg']}")
         if current is None:
@@ -68,7 +72,8 @@ def interpolate(value: Any, env: dict[str, str]) -> Any:
 
 def resolved_compose() -> dict[str, Any]:
     """The compose file with ``.env.example`` interpolated."""
-    return interpolate(yaml.safe_load(COMPOSE_FILE.read_text()), env_example())
+    resolved: dict[str, Any] = interpolate(yaml.safe_load(COMPOSE_FILE.read_text()), env_example())
+    return resolved
 
 
 def native(argv: list[str], swap: dict[str, str]) -> list[str]:
@@ -88,29 +93,36 @@ def native(argv: list[str], swap: dict[str, str]) -> list[str]:
 
 
 def service_env(service: dict[str, Any], **overrides: str) -> dict[str, str]:
+    """This process's environment, then the service's, then ``overrides``."""
     env = {**os.environ, **{k: str(v) for k, v in service.get("environment", {}).items()}}
     env.update(overrides)
     return env
 
 
 def healthcheck(service: dict[str, Any], swap: dict[str, str], env: dict[str, str]) -> bool:
+    """Whether the service's own compose health check passes, run here."""
     test = service["healthcheck"]["test"]
     if test[0] == "CMD-SHELL":
         argv = ["bash", "-c", test[1].replace("airflow ", f"{BIN / 'airflow'} ", 1)]
     else:
         argv = native(test[1:], swap)
     done = subprocess.run(
-        argv, check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+        argv, check=False, capture_output=True, text=True, env=env, cwd=CHECKOUT, timeout=120
     )
     return done.returncode == 0
 
 
 @contextmanager
-def running(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+def running(argv: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """The command in its own process group, stopped with SIGTERM (then SIGKILL) on exit."""
     with log.open("w") as out:
         process = subprocess.Popen(
-            argv, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            env=env,
+            cwd=CHECKOUT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             yield process
