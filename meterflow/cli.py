@@ -14,14 +14,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from meterflow import __version__
 from meterflow.clients.kafka import ProducerSink
-from meterflow.core.bundled import import_simulator
 from meterflow.core.config import VARIABLES, Settings
 from meterflow.core.errors import MeterflowError
 from meterflow.core.logs import get_logger, setup_logging
@@ -190,14 +189,12 @@ def _into_readings_topic(
 
 
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
-    import_simulator()
     from simulator.cli import run_simulate
 
     return _into_readings_topic(settings, "simulator", run_simulate, args)
 
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
-    import_simulator()
     from simulator.cli import run_replay
 
     return _into_readings_topic(settings, f"replay of {args.file}", run_replay, args)
@@ -291,7 +288,6 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
     if "METERFLOW_DETECTION" not in os.environ:  # the whole platform, as compose runs it
         settings = dataclasses.replace(settings, detection_on=True)
-    import_simulator()
     from simulator.cli import start_background_simulation
 
     with kafka_for(settings) as (live, broker), mongo_for(live) as (live, _):
@@ -510,20 +506,24 @@ def _totals_line(totals: dict[str, int]) -> str:
     return line + " (the whole lake: meterflow reconcile)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    # The simulator is imported from where meterflow.core.bundled finds it: the checkout's
-    # simulator/, or the copy inside an installed wheel.
-    import_simulator()
+def build_parser(
+    prog: str = "meterflow", commands: Collection[str] | None = None
+) -> argparse.ArgumentParser:
+    """The ``meterflow`` command, or only its ``commands`` (``python -m simulator``: the
+    simulator's two, with the very same arguments)."""
     from simulator.cli import add_replay_arguments, add_simulate_arguments
 
-    parser = argparse.ArgumentParser(
-        prog="meterflow", description="Smart-meter data platform (native workflows)."
-    )
+    about = "Smart-meter data platform (native workflows)."
+    if commands is not None:
+        about = f"meterflow's {' and '.join(commands)} commands."
+    parser = argparse.ArgumentParser(prog=prog, description=about)
     parser.add_argument("--version", action="version", version=f"meterflow {__version__}")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        if commands is not None and name not in commands:
+            return argparse.ArgumentParser()  # built, never reachable
         command = sub.add_parser(name, help=help_text, description=help_text)
         command.set_defaults(handler=handler)
         return command
@@ -593,8 +593,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(
+    argv: Sequence[str] | None = None,
+    prog: str = "meterflow",
+    commands: Collection[str] | None = None,
+) -> int:
+    """Run one command; ``prog`` and ``commands`` as :func:`build_parser` takes them."""
+    parser = build_parser(prog, commands)
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     # SIGTERM (docker stop, kill) shuts down exactly like Ctrl-C: flush, stop, summarise.
@@ -604,10 +609,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler: Handler = args.handler
         return handler(args, settings)
     except MeterflowError as exc:
-        print(f"meterflow {args.command}: {exc}", file=sys.stderr)
+        print(f"{prog} {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"meterflow {args.command}: stopped", file=sys.stderr)
+        print(f"{prog} {args.command}: stopped", file=sys.stderr)
         return 130
 
 

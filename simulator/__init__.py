@@ -3,5 +3,5 @@
 ``fleet`` (meters and their registry), ``load`` (consumption shapes), ``faults`` (what to
 corrupt and how), ``episodes`` (stateful faults and their ground truth), ``generator``
 (:func:`~simulator.generator.simulate`), ``replay`` (UCI and AMPds2 files), ``sink`` (where
-messages go) and ``cli`` (``meterflow simulate``/``replay``).
+messages go) and ``cli`` (``meterflow simulate``/``replay``, also ``python -m simulator``).
 """

@@ -7,9 +7,11 @@ not answer, are in tests/integration/test_cli_processes.py.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
-from helpers import meterflow
+from helpers import ROOT, meterflow
 
 from meterflow.core.config import VARIABLES
 
@@ -54,3 +56,24 @@ def test_stream_summary_names_the_episodes_per_code() -> None:
     assert "episodes" not in _totals_line(totals)
     line = _totals_line({**totals, "open_STUCK": 2, "open_NO_DATA": 1, "clear_STUCK": 1})
     assert "; episodes opened: NO_DATA 1, STUCK 2; episodes cleared: STUCK 1 (" in line
+
+
+def test_python_m_simulator_is_meterflow_simulate_and_replay() -> None:
+    """The simulator's own command shares meterflow's parser: same options, no drift."""
+
+    def python(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+
+    own = python("-m", "simulator", "--help")
+    assert own.returncode == 0, own.stderr
+    assert own.stdout.startswith("usage: python -m simulator")
+    for command in ("simulate", "replay"):
+        mine = python("-m", "simulator", command, "--help")
+        theirs = meterflow(command, "--help")
+        assert mine.returncode == theirs.returncode == 0, mine.stderr
+        # The usage line wraps by the program's name; the options are the same text.
+        assert mine.stdout.split("options:")[1] == theirs.stdout.split("options:")[1]
+    refused = python("-m", "simulator", "run")
+    assert refused.returncode == 2 and "invalid choice: 'run'" in refused.stderr
