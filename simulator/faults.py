@@ -262,6 +262,10 @@ class EpisodeShapes:
     """
 
     start_chance: tuple[float, ...]
+    #: The meter types a SPIKE can be on: those whose rule can fire at all (a reading
+    #: above ``spike_min`` that is within the stateless bounds; not water at 10 s readings,
+    #: whose flow bound caps a reading far below it).
+    spike_types: frozenset[MeterType]
     stuck_readings: tuple[int, int]
     silent_readings: tuple[int, int]
     leak_readings: tuple[int, int]
@@ -323,13 +327,18 @@ def plan_episodes(
         spike_cap[MeterType.WATER], BOUND_SHARE * rules.bounds[flow_metric] * interval_s / 60
     )
     spike_floor = {t: SPIKE_FLOOR * level for t, level in detection.spike_min.items()}
+    spike_types = frozenset(
+        t for t in METER_SPECS if detection.spike_min[t] < spike_cap[t] / BOUND_SHARE
+    )
     if episodes.rate(FaultCode.SPIKE) > 0:
-        low = [str(t) for t in METER_SPECS if spike_floor[t] >= spike_cap[t]]
+        low = [str(t) for t in METER_SPECS if t in spike_types and spike_floor[t] >= spike_cap[t]]
         if low:
             problems.append(
                 f"a SPIKE on {', '.join(low)} meters cannot be {SPIKE_FLOOR:g}x the minimum "
                 "spike and below the stateless bounds"
             )
+        elif not spike_types:
+            problems.append(f"no meter type can show a SPIKE at {interval_s:g} s readings")
     if episodes.rate(FaultCode.LEAK) > 0:
         if leak_flow[0] > leak_flow[1]:
             problems.append(
@@ -354,6 +363,7 @@ def plan_episodes(
         raise ValueError("; ".join(problems))
     return EpisodeShapes(
         start_chance=chances,
+        spike_types=spike_types,
         stuck_readings=(stuck_low, max(STUCK_READINGS[1], stuck_low)),
         silent_readings=(silent_low, max(SILENT_READINGS[1], silent_low)),
         leak_readings=(

@@ -3,13 +3,16 @@
 :func:`simulate` runs one of two modes:
 
 * ``backfill``: ``days`` of past readings ending at ``end`` (default: the start of today,
-  UTC), every meter every ``interval_s``, in event-time order and as fast as the ``emit``
-  callable takes them. A reading stamped ``t`` reports the consumption in
-  ``[t, t + interval)``, so each day holds exactly ``86400 / interval`` readings a meter.
-  A ``rate`` cap (messages per second) slows it down to protect a shared broker.
+  UTC) or at the moment ``until_s``, every meter every ``interval_s``, in event-time order
+  and as fast as the ``emit`` callable takes them. A reading stamped ``t`` reports the
+  consumption in ``[t, t + interval)``, so each day holds exactly ``86400 / interval``
+  readings a meter. A ``rate`` cap (messages per second) slows it down to protect a
+  shared broker.
 * ``live``: every ``interval_s`` each meter reports the interval that just ended, stamped
   with the current time. When the fleet cannot report within one interval at the rate
-  cap, readings come less often: the cap wins.
+  cap, readings come less often: the cap wins. From ``since_s``, a moment in the past
+  (where a backfill ended), the steps up to now go out at once first, on the same grid,
+  so the meters show no gap between the two.
 
 and one of two formats: ``contract`` (a Faker fleet, ``meter_type`` and three-decimal
 values) or ``legacy`` (the prototype's eight meters ``em1..em4``, ``wm1..wm4`` with
@@ -26,6 +29,7 @@ episodes asked for, the stream is the one this module gave before episodes exist
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import Counter
@@ -87,6 +91,11 @@ class SimulationConfig:
     mode: str = "backfill"
     days: float = 1.0  # backfill: how many days before ``end``
     end: date | None = None  # backfill: readings stop at 00:00 UTC of this day; default today
+    #: backfill: readings stop at this moment (epoch seconds, e.g. now) instead of ``end``.
+    until_s: float | None = None
+    #: live: the first reading's stamp (epoch seconds, in the past): the readings from there
+    #: up to now go out at once, then one every interval on the same grid.
+    since_s: float | None = None
     seed: int | None = None
     faults: FaultRates = field(default_factory=FaultRates.default)
     message_format: str = "contract"
@@ -98,6 +107,12 @@ class SimulationConfig:
     #: Stateful episodes per meter-day (none by default) and the rules they must trip.
     episodes: EpisodeRates = field(default_factory=EpisodeRates.none)
     detection: DetectionRules = field(default_factory=DetectionRules)
+    #: How long into the run a meter's first episode may start; default the detection
+    #: rules' ``baseline_history_s``, so that every episode has a normal day before it ...
+    episode_warmup_s: float | None = None
+    #: ... and how long every meter has been reporting before this run (a backfill just
+    #: sent): it counts towards the history that a SPIKE's baseline needs.
+    history_s: float = 0.0
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -113,6 +128,12 @@ class SimulationConfig:
             problems.append("the interval must be whole seconds (so are the timestamps)")
         if self.days <= 0:
             problems.append("days must be above 0")
+        if self.until_s is not None and (self.mode != "backfill" or self.end is not None):
+            problems.append("until_s is a backfill's end, instead of an end date")
+        if self.since_s is not None and self.mode != "live":
+            problems.append("since_s is where a live run starts")
+        if (self.episode_warmup_s or 0) < 0 or self.history_s < 0:
+            problems.append("the episodes' warm-up and the history must not be negative")
         if self.rate is not None and self.rate <= 0:
             problems.append("the rate must be above 0")
         if self.limit is not None and self.limit < 0:
@@ -237,13 +258,20 @@ def format_stamp(epoch_s: float) -> str:
 
 
 def backfill_starts(config: SimulationConfig) -> np.ndarray:
-    """Epoch seconds of every interval in the ``days`` before ``end`` 00:00 UTC, oldest first."""
+    """Epoch seconds of every interval in the ``days`` before ``end`` 00:00 UTC (or before
+    ``until_s``), oldest first."""
     today = datetime.now(UTC).date()
-    end = config.end or today
-    if end > today:
-        raise ValueError(f"backfill ends {end}, after today ({today}): use --mode live")
-    end_s = datetime(end.year, end.month, end.day, tzinfo=UTC).timestamp()
-    steps = int(config.days * SECONDS_PER_DAY // config.interval_s)
+    if config.until_s is not None:
+        if config.until_s > time.time():
+            raise ValueError(f"backfill ends at {format_stamp(config.until_s)}, in the future")
+        end_s = config.until_s
+    else:
+        end = config.end or today
+        if end > today:
+            raise ValueError(f"backfill ends {end}, after today ({today}): use --mode live")
+        end_s = datetime(end.year, end.month, end.day, tzinfo=UTC).timestamp()
+    # The epsilon: days computed as seconds / 86400 give those seconds back, whole steps.
+    steps = math.floor(config.days * SECONDS_PER_DAY / config.interval_s + 1e-9)
     if steps < 1:
         raise ValueError(f"{config.days:g} days hold no interval of {config.interval_s:g} s")
     return end_s - config.interval_s * np.arange(steps, 0, -1, dtype=np.float64)
@@ -394,6 +422,7 @@ class Simulation:
             self.config.seed
         ).spawn(5)
         episodes = None
+        config = self.config
         if self.shapes is not None:
             assert self.fleet is not None and isinstance(self.model, LoadModel)
             episodes = EpisodeInjector(
@@ -406,6 +435,10 @@ class Simulation:
                 None if self.starts is None else len(self.starts),
                 np.random.default_rng(candidates_seed),
                 np.random.default_rng(params_seed),
+                warmup_steps=None
+                if config.episode_warmup_s is None
+                else math.ceil(config.episode_warmup_s / config.interval_s),
+                history_steps=math.floor(config.history_s / config.interval_s),
             )
         make_steps = _StepMaker(
             self,
@@ -458,6 +491,9 @@ def _backfill(run: _Run, make_steps: _StepMaker, starts: np.ndarray, meters: int
 
 def _live(run: _Run, make_steps: _StepMaker, meters: int) -> None:
     """One step per interval, stamped now, reporting the interval that just ended."""
+    if run.config.since_s is not None:
+        _live_since(run, make_steps, meters, int(run.config.since_s))
+        return
     interval = run.config.interval_s
     next_tick = time.monotonic()
     while not run.finished():
@@ -471,6 +507,25 @@ def _live(run: _Run, make_steps: _StepMaker, meters: int) -> None:
             return
         next_tick = max(next_tick + interval, time.monotonic())
         run.wait_until(next_tick)
+
+
+def _live_since(run: _Run, make_steps: _StepMaker, meters: int, stamp: int) -> None:
+    """Live steps stamped ``stamp`` and every interval after: those up to now at once (a
+    catch-up), each later one when its stamp comes. No step is skipped, so a meter's
+    readings keep their grid from a backfill into the live run."""
+    interval = int(run.config.interval_s)
+    while not run.finished():
+        ahead = stamp - time.time()
+        if ahead > 0:
+            run.wait_until(time.monotonic() + ahead)
+            if run.finished():
+                return
+        (step,) = make_steps(
+            np.array([float(stamp - interval)]), [format_stamp(stamp)], np.array([float(stamp)])
+        )
+        _send(run, step, meters)
+        run.tick()
+        stamp += interval
 
 
 def _send(run: _Run, step: Step, meters: int) -> None:
