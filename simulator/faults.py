@@ -184,6 +184,15 @@ def malformed_message(
 
 #: ``--episode-rates default``: episodes starting per meter and day, of each kind.
 DEFAULT_EPISODE_RATE = 0.05
+#: ``meterflow run``'s episodes per meter-day (LEAK: per water meter-day): with 300 meters,
+#: each of STUCK, SPIKE and NO_DATA starts somewhere about once a minute while most meters
+#: are free, so a demo shows them within minutes; a leak needs a night or a day to show.
+DEMO_EPISODE_RATES: dict[FaultCode, float] = {
+    FaultCode.STUCK: 4.0,
+    FaultCode.SPIKE: 4.0,
+    FaultCode.LEAK: 1.0,
+    FaultCode.NO_DATA: 4.0,
+}
 #: STUCK: the span's length in readings (inclusive), at least 1.5x the rule's count.
 STUCK_READINGS = (12, 48)
 #: NO_DATA: the silent span's length in intervals, at least 2x the rule's count.

@@ -14,6 +14,8 @@ from pathlib import Path
 from helpers import ROOT, meterflow
 
 from meterflow.core.config import VARIABLES
+from meterflow.core.contract import FaultCode
+from simulator.faults import DEMO_EPISODE_RATES
 
 
 def test_config_lists_every_variable() -> None:
@@ -77,3 +79,17 @@ def test_python_m_simulator_is_meterflow_simulate_and_replay() -> None:
         assert mine.stdout.split("options:")[1] == theirs.stdout.split("options:")[1]
     refused = python("-m", "simulator", "run")
     assert refused.returncode == 2 and "invalid choice: 'run'" in refused.stderr
+
+
+def test_run_injects_the_demo_episodes_unless_told_otherwise() -> None:
+    from meterflow.cli import build_parser
+    from meterflow.local.run import episodes_note
+
+    parser = build_parser()
+    assert parser.parse_args(["run"]).episodes == DEMO_EPISODE_RATES
+    assert parser.parse_args(["run", "--episodes", "none"]).episodes == {}
+    assert parser.parse_args(["run", "--episodes", "stuck=1"]).episodes == {FaultCode.STUCK: 1}
+    assert parser.parse_args(["run", "--interval", "1m"]).interval == 60.0
+    note = episodes_note(DEMO_EPISODE_RATES, backfilled=False)
+    assert "STUCK=4, SPIKE=4, LEAK=1, NO_DATA=4" in note and "--episodes none" in note
+    assert "--airflow" in note and "--airflow" not in episodes_note({FaultCode.SPIKE: 1}, True)

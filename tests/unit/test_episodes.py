@@ -18,7 +18,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pyarrow.parquet as pq
 import pytest
@@ -37,10 +37,10 @@ from meterflow.core.contract import (
 from meterflow.core.thresholds import DetectionRules, Rules
 from meterflow.core.timestamps import parse_timestamp_us
 from meterflow.stream.detect import OPEN, Meter, MeterState, observe
-from simulator import generator
+from simulator import background, generator
 from simulator.cli import add_simulate_arguments, config_from_args, run_simulate
 from simulator.episodes import GROUND_TRUTH_SCHEMA, Episode
-from simulator.faults import EpisodeRates, FaultRates, plan_episodes
+from simulator.faults import DEMO_EPISODE_RATES, EpisodeRates, FaultRates, plan_episodes
 from simulator.fleet import build_fleet
 from simulator.generator import SimulationConfig, Summary, backfill_starts, simulate
 
@@ -442,9 +442,35 @@ def test_a_failing_emit_among_silent_meters_leaves_exact_counts() -> None:
     assert partial.readings == 2 and not partial.complete  # both silent steps were reached
 
 
-# --- at meterflow run's interval, and a live run that continues a backfill -----------------
+# --- meterflow run's fleet (simulator/background.py) ----------------------------------------
 
 DEMO_INTERVAL = 10  # seconds: meterflow run's default
+
+
+def run_background(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    start: datetime,
+    live_s: float,
+    **options: Any,
+) -> tuple[list[tuple[bytes, bytes]], Summary]:
+    """``meterflow run``'s simulator work on a fake clock from ``start``, for ``live_s`` of
+    live readings; every message it sent and the live part's summary."""
+    clock = FakeClock(start.timestamp())
+    monkeypatch.setattr(generator, "time", clock)
+    monkeypatch.setattr(background, "time", clock)
+    monkeypatch.setattr(generator, "POLL_S", float("inf"))  # one fake sleep per wait
+    settings = Settings.from_env({"METERFLOW_DATA_DIR": str(tmp_path)})
+    sink = MemorySink()
+    work = background.background_simulation(
+        settings,
+        sink,
+        lambda: clock.now >= start.timestamp() + live_s,
+        interval_s=DEMO_INTERVAL,
+        seed=7,
+        **options,
+    )
+    return sink.messages, work()
 
 
 def readings_by_meter(
@@ -465,6 +491,78 @@ def readings_by_meter(
         faulty = int(result.fault_index[i]) != 0
         meters[device].append((int(result.event_time_us[i]), float(result.consumption[i]), faulty))
     return {device: sorted(readings) for device, readings in meters.items()}
+
+
+def test_the_backfill_runs_up_to_now_and_live_readings_continue_its_grid(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``meterflow run --airflow``: yesterday and today up to now, then live, no gap."""
+    start = datetime(2024, 6, 3, 0, 20, 5, tzinfo=UTC)  # live starts 20 min after midnight
+    messages, live = run_background(
+        monkeypatch, tmp_path, start, live_s=300, meters=12, backfill_days=1
+    )
+    yesterday_us = parse_timestamp_us("2024-06-02T00:00:00Z")
+    step_us = DEMO_INTERVAL * 1_000_000
+    # Live readings start within one interval of the live start, one interval after the
+    # backfill's last: the backfill reaches the live start, not midnight.
+    first_live_us = parse_timestamp_us(live.first_event)
+    assert start.timestamp() * 1e6 - step_us < first_live_us <= start.timestamp() * 1e6
+    per_meter = readings_by_meter(messages)
+    assert len(per_meter) == 12
+    for device, readings in per_meter.items():
+        stamps = [event_us for event_us, _, _ in readings]
+        assert stamps[0] == yesterday_us, device
+        backfilled = [s for s in stamps if s < first_live_us]
+        assert first_live_us - backfilled[-1] <= 2 * step_us  # a dead letter may take one
+        # No silence the detector could call NO_DATA, anywhere (dead letters leave a
+        # reading or two out; NO_DATA needs more than four intervals).
+        gaps = {b - a for a, b in itertools.pairwise(stamps)}
+        assert max(gaps) <= RULES.nodata_intervals * step_us, (device, sorted(gaps))
+        assert stamps[-1] >= start.timestamp() * 1e6 + 290 * 1e6
+    # On the grid from yesterday 00:00: every stamp of every meter together, no hole.
+    every = sorted({s for readings in per_meter.values() for s, _, _ in readings})
+    assert every == list(range(yesterday_us, every[-1] + 1, step_us))
+
+
+def test_the_demo_episodes_trip_the_rules_at_10_s_readings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``meterflow run --airflow``'s fleet through the pure rules: every STUCK, SPIKE and
+    NO_DATA it injects opens with its ground truth's start, within minutes of the live
+    start, and nothing else opens (no NO_DATA where the backfill meets the live run)."""
+    start = datetime(2024, 6, 3, 0, 0, 5, tzinfo=UTC)
+    messages, live = run_background(
+        monkeypatch,
+        tmp_path,
+        start,
+        live_s=2 * 3600,
+        meters=30,
+        backfill_days=1,
+        episodes=DEMO_EPISODE_RATES,
+    )
+    kinds = (FaultCode.STUCK, FaultCode.SPIKE, FaultCode.NO_DATA)
+    truth = {
+        (e.device_id, e.code, parse_timestamp_us(e.start))
+        for e in live.episodes
+        if e.code in kinds and e.complete and e.start is not None
+    }
+    assert {code for _, code, _ in truth} == set(kinds), Counter(e.code for e in live.episodes)
+    per_meter = readings_by_meter(messages)
+    opened = set()
+    for meter in build_fleet(30, 7).meters:
+        rules = Meter(meter.device_id, meter.meter_type, DEMO_INTERVAL, RULES)
+        readings = per_meter[meter.device_id]
+        opened |= {
+            (d.device_id, d.code, d.start_us)
+            for d in observe(rules, MeterState(), readings)
+            if d.action == OPEN and d.code in kinds
+        }
+    assert opened == truth
+    first_us = min(start_us for _, _, start_us in truth)
+    assert first_us - start.timestamp() * 1e6 < 15 * 60 * 1e6  # the first within minutes
+    # Ground truth of the live run, beside the registry.
+    written = pq.read_table(tmp_path / "lake" / "registry" / "ground_truth.parquet")
+    assert written.num_rows == len([e for e in live.episodes if e.start is not None])
 
 
 def test_leaks_trip_their_rule_at_10_s_readings() -> None:
