@@ -10,27 +10,21 @@ import argparse
 import dataclasses
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import date
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from meterflow import __version__
 from meterflow.clients.kafka import ProducerSink
 from meterflow.core import variables
-from meterflow.core.bundled import import_simulator
 from meterflow.core.config import Settings
 from meterflow.core.errors import MeterflowError
 from meterflow.core.logs import get_logger, setup_logging
 from meterflow.core.signals import signals_handled
 from meterflow.local.broker import kafka_for
-
-if TYPE_CHECKING:  # imported where used: the command starts without Spark
-    from meterflow.stream.query import LakeCommitter
 
 log = get_logger("meterflow.cli")
 #: A subcommand: its parsed arguments and the settings in, the exit code out.
@@ -140,13 +134,13 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
     """The daily batch job for one day, in this process with a local Spark."""
     from meterflow.batch.daily import APP_NAME, run
-    from meterflow.spark.session import get_spark
+    from meterflow.spark.session import get_spark, stop_active_session
 
     try:
         spark = get_spark(APP_NAME, settings.spark_master)
         report = run(spark, settings.lake_path, args.date, settings.reading_interval_seconds)
     finally:
-        _stop_spark()
+        stop_active_session()
     print(report.to_json())
     return 0
 
@@ -195,20 +189,19 @@ def _into_readings_topic(
 
 
 def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
-    import_simulator()
     from simulator.cli import run_simulate
 
     return _into_readings_topic(settings, "simulator", run_simulate, args)
 
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
-    import_simulator()
     from simulator.cli import run_replay
 
     return _into_readings_topic(settings, f"replay of {args.file}", run_replay, args)
 
 
 def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
+    from meterflow.spark.session import stop_active_session
     from meterflow.stream.query import check_writable, run
 
     check_writable(settings)  # before any broker or Spark: one line naming the variable
@@ -223,7 +216,7 @@ def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
                 on_signal=lambda *_: stop.set(),
             )
         finally:
-            _stop_spark()
+            stop_active_session()
     print(_totals_line(totals))
     return 0
 
@@ -285,215 +278,30 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     """The platform natively: Kafka, MongoDB, the simulator, the speed layer and the sink.
 
-    With ``--airflow`` the simulator first backfills yesterday and Airflow (standalone)
-    runs the DAGs, so the daily views of a complete day appear in MongoDB. Ctrl-C drains in
-    order (:class:`_Drain`): nothing the simulator sent is left unread in the local broker.
+    With ``--airflow`` the simulator first backfills yesterday and today up to now, and
+    Airflow (standalone) runs the DAGs, so the daily views of a whole day appear in
+    MongoDB. :mod:`meterflow.local.run` starts and stops it all; a dead worker ends the
+    run with one line and exit code 1.
     """
-    from meterflow.clients.mongo import database, redacted
-    from meterflow.local.mongo import mongo_for
-    from meterflow.serving.indexes import init_mongo
-    from meterflow.stream.query import run
+    from meterflow.local.run import RunOptions, run_platform
 
     if "METERFLOW_DETECTION" not in os.environ:  # the whole platform, as compose runs it
         settings = dataclasses.replace(settings, detection_on=True)
-    import_simulator()
-    from simulator.cli import start_background_simulation
-
-    with kafka_for(settings) as (live, broker), mongo_for(live) as (live, _):
-        print(
-            f"meterflow {__version__}: Kafka {live.bootstrap_servers}, MongoDB "
-            f"{redacted(live.mongo_uri)} (database {live.mongo_db}), lake {live.lake_path}, "
-            f"{args.meters} simulated meters every {args.interval}; Ctrl-C stops",
-            file=sys.stderr,
-        )
-        drain = _Drain(live)
-        producer = ProducerSink(live.bootstrap_servers, live.topic_readings)
-        if not args.no_simulator:
-            drain.simulator = start_background_simulation(
-                live,
-                producer,
-                drain.stop_simulator,
-                meters=args.meters,
-                interval=args.interval,
-                seed=args.seed,
-                backfill_days=1 if args.airflow else 0,
-            )
-        drain.producer = producer
-        # Indexes, and the registry the simulator wrote.
-        init_mongo(database(live), live.abnormal_ttl_days, live.registry_path)
-        drain.sink = _start_sink(live, drain.stop_sink)
-        if args.airflow:  # the stream is starting: the daily DAG waits for its watermark
-            from meterflow.core import lake
-
-            lake.watermark_started(live.lake_path)
-        airflow = _start_airflow(live) if args.airflow else None
-        try:
-            # A local broker started here is new: its topics are a new generation, and
-            # the previous run drained its own broker before stopping.
-            totals = run(
-                live,
-                accept_data_loss=broker is not None,
-                stop=drain.stop_stream,
-                on_committer=drain.watch,
-                on_signal=drain.on_signal,
-            )
-        finally:
-            drain.finish()
-            _stop_spark()
-            if airflow is not None:
-                _stop_process_group(airflow)
-    print(_totals_line(totals))
-    return 0
-
-
-class _Drain:
-    """Stops ``meterflow run`` in dependency order so nothing is left unread.
-
-    The first Ctrl-C stops the simulator and flushes its producer, lets the stream run
-    until the lake's ledger has every offset of the readings topic, then lets the sink run
-    until its group has committed everything on the abnormal and status topics; only then
-    does the local broker (which keeps data in memory) stop. A second Ctrl-C stops at once.
-    """
-
-    def __init__(self, settings: Settings, timeout: float = 120.0) -> None:
-        self.settings = settings
-        self.timeout = timeout
-        self.stop_simulator = threading.Event()
-        self.stop_stream = threading.Event()
-        self.stop_sink = threading.Event()
-        self.simulator: threading.Thread | None = None
-        self.sink: threading.Thread | None = None
-        self.producer: ProducerSink | None = None
-        self.committer: LakeCommitter | None = None
-        self._thread: threading.Thread | None = None
-
-    def watch(self, committer: LakeCommitter) -> None:
-        self.committer = committer
-
-    def on_signal(self, *_: object) -> None:
-        if self._thread is None:
-            print("meterflow run: draining (Ctrl-C again stops at once)", file=sys.stderr)
-            self._thread = threading.Thread(target=self._drain, name="drain", daemon=True)
-            self._thread.start()
-        else:
-            self.stop_stream.set()
-            self.stop_sink.set()
-
-    def _drain(self) -> None:
-
-        self.stop_simulator.set()
-        if self.simulator is not None:
-            self.simulator.join(timeout=60)
-        if self.producer is not None:
-            self.producer.flush(30)
-        topic = self.settings.topic_readings
-        ends = _topic_ends(self.settings.bootstrap_servers, topic)
-        caught_up = _wait_for(
-            lambda: (
-                self.committer is not None
-                and all(
-                    self.committer.ledger.ends(topic, self.committer.generation).get(p, 0) >= end
-                    for p, end in ends.items()
-                    if end > 0
-                )
-            ),
-            self.timeout,
-        )
-        log.info("drain=stream caught_up=%s readings_end=%s", str(caught_up).lower(), ends)
-        self.stop_stream.set()
-
-    def finish(self) -> None:
-        """After the stream: let the sink catch up, then stop it and the producer."""
-        from meterflow.clients import kafka
-
-        self.stop_simulator.set()
-        if self._thread is not None and not self.stop_sink.is_set():
-            topics = (self.settings.topic_abnormal, self.settings.topic_status)
-            ends = {t: _topic_ends(self.settings.bootstrap_servers, t) for t in topics}
-            caught_up = _wait_for(
-                lambda: kafka.group_caught_up(
-                    self.settings.bootstrap_servers, self.settings.sink_group, ends
-                ),
-                self.timeout,
-            )
-            log.info("drain=sink caught_up=%s", str(caught_up).lower())
-        self.stop_sink.set()
-        for worker in (self.simulator, self.sink):
-            if worker is not None:
-                worker.join(timeout=60)
-        if self.producer is not None:
-            self.producer.close(30)
-
-
-def _topic_ends(bootstrap: str, topic: str) -> dict[int, int]:
-    from meterflow.clients import kafka
-
-    client = kafka.consumer(bootstrap)
-    try:
-        found = kafka.partition_ends(client, kafka.topic_partitions(client, [topic]))
-    finally:
-        client.close()
-    return {p: end for (_, p), end in found.items()}
-
-
-def _wait_for(done: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if done():
-            return True
-        time.sleep(0.5)
-    return False
-
-
-def _start_sink(settings: Settings, stop: threading.Event) -> threading.Thread:
-    """``meterflow sink`` in a thread of ``meterflow run`` (stops, flushed, with ``stop``)."""
-    from meterflow.clients.mongo import database
-    from meterflow.serving.sink import Sink
-
-    def consume() -> None:
-        try:
-            Sink(settings, database(settings)).run(stop.is_set)  # logs its own summary
-        except Exception:
-            log.exception("sink=failed")
-
-    thread = threading.Thread(target=consume, name="sink", daemon=True)
-    thread.start()
-    return thread
-
-
-def _start_airflow(settings: Settings) -> subprocess.Popen[bytes]:
-    from datetime import UTC, datetime, timedelta
-
-    from meterflow.local.airflow import API_PORT, start_standalone
-
-    yesterday = datetime.now(UTC).date() - timedelta(days=1)
-    process = start_standalone(settings, yesterday)
-    print(
-        f"Airflow standalone starting: http://localhost:{API_PORT} (user admin, password in "
-        f"{settings.data_dir / 'airflow'}/simple_auth_manager_passwords.json.generated; "
-        f"log {settings.data_dir / 'logs' / 'airflow.log'})",
-        file=sys.stderr,
+    options = RunOptions(
+        meters=args.meters,
+        interval_s=args.interval,
+        seed=args.seed,
+        simulator=not args.no_simulator,
+        airflow=args.airflow,
+        episodes=args.episodes,
     )
-    return process
-
-
-def _stop_process_group(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    import os
-
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-
-
-def _stop_spark() -> None:
-    from pyspark.sql import SparkSession
-
-    session = SparkSession.getActiveSession()
-    if session is not None:
-        session.stop()
+    result = run_platform(settings, options)
+    if result.totals is not None:
+        print(_totals_line(result.totals))
+    if result.failure is not None:
+        print(f"meterflow run: {result.failure}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _totals_line(totals: dict[str, int]) -> str:
@@ -515,20 +323,30 @@ def _totals_line(totals: dict[str, int]) -> str:
     return line + " (the whole lake: meterflow reconcile)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    # The simulator is imported from where meterflow.core.bundled finds it: the checkout's
-    # simulator/, or the copy inside an installed wheel.
-    import_simulator()
-    from simulator.cli import add_replay_arguments, add_simulate_arguments
-
-    parser = argparse.ArgumentParser(
-        prog="meterflow", description="Smart-meter data platform (native workflows)."
+def build_parser(
+    prog: str = "meterflow", commands: Collection[str] | None = None
+) -> argparse.ArgumentParser:
+    """The ``meterflow`` command, or only its ``commands`` (``python -m simulator``: the
+    simulator's two, with the very same arguments)."""
+    from simulator.cli import (
+        add_replay_arguments,
+        add_simulate_arguments,
+        parse_demo_episode_rates,
+        parse_seconds,
     )
+    from simulator.faults import DEMO_EPISODE_RATES
+
+    about = "Smart-meter data platform (native workflows)."
+    if commands is not None:
+        about = f"meterflow's {' and '.join(commands)} commands."
+    parser = argparse.ArgumentParser(prog=prog, description=about)
     parser.add_argument("--version", action="version", version=f"meterflow {__version__}")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        if commands is not None and name not in commands:
+            return argparse.ArgumentParser()  # built, never reachable
         command = sub.add_parser(name, help=help_text, description=help_text)
         command.set_defaults(handler=handler)
         return command
@@ -537,13 +355,25 @@ def build_parser() -> argparse.ArgumentParser:
         "run", cmd_run, "Start Kafka and MongoDB (if needed), the simulator, speed layer and sink"
     )
     run.add_argument("--meters", type=int, default=300, help="simulated meters (default 300)")
-    run.add_argument("--interval", default="10s", help="reading interval (default 10s)")
+    run.add_argument(
+        "--interval", type=parse_seconds, default=10.0, help="reading interval (default 10s)"
+    )
     run.add_argument("--seed", type=int, default=None, help="make the simulated fleet reproducible")
     run.add_argument("--no-simulator", action="store_true", help="only consume what arrives")
     run.add_argument(
         "--airflow",
         action="store_true",
-        help="also backfill yesterday and run Airflow standalone with the DAGs",
+        help="also backfill yesterday and today up to now, and run Airflow standalone with "
+        "the DAGs",
+    )
+    run.add_argument(
+        "--episodes",
+        type=parse_demo_episode_rates,
+        default="demo",
+        metavar="demo|none|KIND=RATE,...",
+        help="stateful episodes the simulator injects per meter-day (demo, the default: "
+        f"{', '.join(f'{k}={v:g}' for k, v in DEMO_EPISODE_RATES.items())}, enough to show "
+        "within minutes; none: no episodes)",
     )
 
     stream = add("stream", cmd_stream, "Run the Spark streaming job (speed layer)")
@@ -597,8 +427,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def main(
+    argv: Sequence[str] | None = None,
+    prog: str = "meterflow",
+    commands: Collection[str] | None = None,
+) -> int:
+    """Run one command; ``prog`` and ``commands`` as :func:`build_parser` takes them."""
+    parser = build_parser(prog, commands)
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     # SIGTERM (docker stop, kill) shuts down exactly like Ctrl-C: flush, stop, summarise.
@@ -608,10 +443,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler: Handler = args.handler
         return handler(args, settings)
     except MeterflowError as exc:
-        print(f"meterflow {args.command}: {exc}", file=sys.stderr)
+        print(f"{prog} {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"meterflow {args.command}: stopped", file=sys.stderr)
+        print(f"{prog} {args.command}: stopped", file=sys.stderr)
         return 130
 
 

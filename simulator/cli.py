@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import replace
 from datetime import date
 from pathlib import Path
 from typing import TextIO
@@ -40,12 +39,13 @@ from simulator.faults import (
     DEFAULT_EPISODE_RATE,
     DEFAULT_FAULT_RATE,
     DEFAULT_MALFORMED_RATE,
+    DEMO_EPISODE_RATES,
     EpisodeRates,
     FaultRates,
     parse_rate_table,
 )
 from simulator.fleet import DEFAULT_MIX, build_fleet, write_registry
-from simulator.generator import FORMATS, MODES, Simulation, SimulationConfig, Summary, simulate
+from simulator.generator import FORMATS, MODES, Simulation, SimulationConfig, Summary
 from simulator.replay import ReplayError, ReplaySummary, replay
 from simulator.sink import Sink
 
@@ -99,6 +99,14 @@ def parse_episode_rates(text: str) -> dict[FaultCode, float]:
         return parse_rate_table(text, STATEFUL_FAULTS)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def parse_demo_episode_rates(text: str) -> dict[FaultCode, float]:
+    """``meterflow run --episodes``: ``demo`` (:data:`DEMO_EPISODE_RATES`), ``none`` or
+    ``KIND=RATE,...`` per meter-day."""
+    if text.strip().lower() == "demo":
+        return dict(DEMO_EPISODE_RATES)
+    return parse_episode_rates(text)
 
 
 def parse_episode_rate(text: str) -> tuple[FaultCode, float]:
@@ -392,49 +400,6 @@ def run_simulate(args: argparse.Namespace, settings: Settings, sink: Sink) -> in
             "simulate", f"{undelivered:,} messages were not delivered to Kafka", EXIT_FAILED
         )
     return EXIT_OK
-
-
-def start_background_simulation(
-    settings: Settings,
-    sink: Sink,
-    stop: threading.Event,
-    meters: int,
-    interval: str | float,
-    seed: int | None,
-    backfill_days: float = 0,
-) -> threading.Thread:
-    """A live fleet with the default faults, feeding ``sink`` from a thread (``meterflow run``).
-
-    The registry is written first; with ``backfill_days`` the same fleet first backfills
-    that many days up to today 00:00 UTC (so the daily DAG has complete days to process).
-    The thread ends when ``stop`` is set. The caller flushes.
-    """
-    config = SimulationConfig(
-        meters=meters,
-        interval_s=parse_seconds(interval) if isinstance(interval, str) else interval,
-        mode="live",
-        seed=seed,
-        rules=settings.rules,
-    )
-    fleet = build_fleet(meters, seed)
-    simulation = Simulation(config, fleet)
-    write_registry(fleet, settings.registry_path, config.interval_s)
-
-    def run() -> None:
-        try:
-            if backfill_days:
-                backfill = replace(config, mode="backfill", days=backfill_days)
-                done = simulate(backfill, sink.emit, stop, fleet=fleet)
-                log.info("simulator=backfilled days=%g sent=%d", backfill_days, done.sent)
-            summary = simulation.run(sink.emit, stop)
-        except Exception:
-            log.exception("simulator=failed")
-            return
-        log.info("simulator=stopped %s", " ".join(f"{k}={v}" for k, v in summary.as_dict().items()))
-
-    thread = threading.Thread(target=run, name="simulator", daemon=True)
-    thread.start()
-    return thread
 
 
 def add_replay_arguments(parser: argparse.ArgumentParser) -> None:

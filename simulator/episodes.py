@@ -21,8 +21,10 @@ they would touch it) and last at most 20 h, so neither looks like nor hides a le
 Scheduling: every reading of a free meter starts an episode with its kind's chance; the
 episode begins at the *next* reading, so the reading before it is known and, like the
 reading after it and the span itself, kept free of stateless faults. A meter is free from
-``baseline_history_s`` into the run and again that long after an episode's last reading,
-so episodes never overlap, and every one has a normal day before it. A backfill starts no
+a warm-up into the run (by default ``baseline_history_s``, so every episode has a normal
+day before it) and again ``baseline_history_s`` after an episode's last reading, so
+episodes never overlap. A SPIKE also waits until the meter has ``baseline_history_s`` of
+history (a backfill before the run counts), as the rule does for its baseline. A backfill starts no
 episode that would not end (with a reading after it) before the backfill does. Candidate
 starts come from one generator, one uniform per reading (so blocking steps differently
 gives the same episodes), shapes from a second one.
@@ -74,6 +76,7 @@ GROUND_TRUTH_SCHEMA = pa.schema(
     ]
 )
 _STUCK = STATEFUL_FAULTS.index(FaultCode.STUCK)
+_SPIKE = STATEFUL_FAULTS.index(FaultCode.SPIKE)
 _LEAK = STATEFUL_FAULTS.index(FaultCode.LEAK)
 _NO_DATA = STATEFUL_FAULTS.index(FaultCode.NO_DATA)
 
@@ -149,7 +152,12 @@ class EpisodeInjector:
         total_steps: int | None,
         candidates: np.random.Generator,
         params: np.random.Generator,
+        warmup_steps: int | None = None,
+        history_steps: int = 0,
     ) -> None:
+        """``warmup_steps``: a meter's first episode starts after this many readings
+        (default ``shapes.quiet_readings``); ``history_steps``: readings every meter sent
+        before the run (a SPIKE waits until ``quiet_readings`` are behind it)."""
         self.shapes, self.detection, self.model = shapes, detection, model
         self.device_ids, self.meter_types = device_ids, meter_types
         self.interval_s, self.total_steps = interval_s, total_steps
@@ -157,13 +165,17 @@ class EpisodeInjector:
         self.water = np.array([t is MeterType.WATER for t in meter_types])
         chance = np.tile(np.array(shapes.start_chance), (len(device_ids), 1))
         chance[~self.water, _LEAK] = 0.0
+        spiky = np.array([t in shapes.spike_types for t in meter_types])
+        chance[~spiky, _SPIKE] = 0.0
         if shapes.water_span_max < shapes.stuck_readings[0]:
             chance[self.water, _STUCK] = 0.0
         if shapes.water_span_max < shapes.silent_readings[0]:
             chance[self.water, _NO_DATA] = 0.0
         self.edges = np.cumsum(chance, axis=1)
         self.total = self.edges[:, -1].copy()
-        self.free_from = np.full(len(device_ids), shapes.quiet_readings, dtype=np.int64)
+        warmup = shapes.quiet_readings if warmup_steps is None else max(1, warmup_steps)
+        self.free_from = np.full(len(device_ids), warmup, dtype=np.int64)
+        self.spike_from = shapes.quiet_readings - history_steps  # first step with a baseline
         self.active: list[_Active] = []
         self.step = 0  # absolute index of the next block's first step
 
@@ -217,6 +229,8 @@ class EpisodeInjector:
         else:
             length = 1
         begin = draw + 1
+        if code is FaultCode.SPIKE and begin < self.spike_from:
+            return  # the rule has no baseline yet: the meter stays free
         if water and code in (FaultCode.STUCK, FaultCode.NO_DATA):
             begin += self._night_delay(stamp_s + self.interval_s, length)
         last = begin + length - 1

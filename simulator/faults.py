@@ -184,6 +184,15 @@ def malformed_message(
 
 #: ``--episode-rates default``: episodes starting per meter and day, of each kind.
 DEFAULT_EPISODE_RATE = 0.05
+#: ``meterflow run``'s episodes per meter-day (LEAK: per water meter-day): with 300 meters,
+#: each of STUCK, SPIKE and NO_DATA starts somewhere about once a minute while most meters
+#: are free, so a demo shows them within minutes; a leak needs a night or a day to show.
+DEMO_EPISODE_RATES: dict[FaultCode, float] = {
+    FaultCode.STUCK: 4.0,
+    FaultCode.SPIKE: 4.0,
+    FaultCode.LEAK: 1.0,
+    FaultCode.NO_DATA: 4.0,
+}
 #: STUCK: the span's length in readings (inclusive), at least 1.5x the rule's count.
 STUCK_READINGS = (12, 48)
 #: NO_DATA: the silent span's length in intervals, at least 2x the rule's count.
@@ -262,6 +271,10 @@ class EpisodeShapes:
     """
 
     start_chance: tuple[float, ...]
+    #: The meter types a SPIKE can be on: those whose rule can fire at all (a reading
+    #: above ``spike_min`` that is within the stateless bounds; not water at 10 s readings,
+    #: whose flow bound caps a reading far below it).
+    spike_types: frozenset[MeterType]
     stuck_readings: tuple[int, int]
     silent_readings: tuple[int, int]
     leak_readings: tuple[int, int]
@@ -286,7 +299,9 @@ def _dry_chances(interval_s: float, detection: DetectionRules) -> tuple[float, f
     used = 1.0 - idle_probability(day, interval_s)
     per_window = _readings(detection.leak_dry_window_s, interval_s)
     logs = np.log(np.maximum(used, 1e-300))
-    windows = np.convolve(logs, np.ones(per_window), "valid")[: len(day) // 2 + 1]
+    # Every window's sum from running sums: a convolution takes minutes at 1 s readings.
+    running = np.concatenate(([0.0], np.cumsum(logs)))
+    windows = (running[per_window:] - running[:-per_window])[: len(day) // 2 + 1]
     hours = day % SECONDS_PER_DAY / 3600.0
     night = (hours >= detection.leak_night_start_hour) & (hours < detection.leak_night_end_hour)
     night_used = float(np.exp(logs[: len(day) // 2][night[: len(day) // 2]].sum()))
@@ -321,13 +336,18 @@ def plan_episodes(
         spike_cap[MeterType.WATER], BOUND_SHARE * rules.bounds[flow_metric] * interval_s / 60
     )
     spike_floor = {t: SPIKE_FLOOR * level for t, level in detection.spike_min.items()}
+    spike_types = frozenset(
+        t for t in METER_SPECS if detection.spike_min[t] < spike_cap[t] / BOUND_SHARE
+    )
     if episodes.rate(FaultCode.SPIKE) > 0:
-        low = [str(t) for t in METER_SPECS if spike_floor[t] >= spike_cap[t]]
+        low = [str(t) for t in METER_SPECS if t in spike_types and spike_floor[t] >= spike_cap[t]]
         if low:
             problems.append(
                 f"a SPIKE on {', '.join(low)} meters cannot be {SPIKE_FLOOR:g}x the minimum "
                 "spike and below the stateless bounds"
             )
+        elif not spike_types:
+            problems.append(f"no meter type can show a SPIKE at {interval_s:g} s readings")
     if episodes.rate(FaultCode.LEAK) > 0:
         if leak_flow[0] > leak_flow[1]:
             problems.append(
@@ -352,6 +372,7 @@ def plan_episodes(
         raise ValueError("; ".join(problems))
     return EpisodeShapes(
         start_chance=chances,
+        spike_types=spike_types,
         stuck_readings=(stuck_low, max(STUCK_READINGS[1], stuck_low)),
         silent_readings=(silent_low, max(SILENT_READINGS[1], silent_low)),
         leak_readings=(

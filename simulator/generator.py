@@ -3,17 +3,21 @@
 :func:`simulate` runs one of two modes:
 
 * ``backfill``: ``days`` of past readings ending at ``end`` (default: the start of today,
-  UTC), every meter every ``interval_s``, in event-time order and as fast as the ``emit``
-  callable takes them. A reading stamped ``t`` reports the consumption in
-  ``[t, t + interval)``, so each day holds exactly ``86400 / interval`` readings a meter.
-  A ``rate`` cap (messages per second) slows it down to protect a shared broker.
+  UTC) or at the moment ``until_s``, every meter every ``interval_s``, in event-time order
+  and as fast as the ``emit`` callable takes them. A reading stamped ``t`` reports the
+  consumption in ``[t, t + interval)``, so each day holds exactly ``86400 / interval``
+  readings a meter. A ``rate`` cap (messages per second) slows it down to protect a
+  shared broker.
 * ``live``: every ``interval_s`` each meter reports the interval that just ended, stamped
   with the current time. When the fleet cannot report within one interval at the rate
-  cap, readings come less often: the cap wins.
+  cap, readings come less often: the cap wins. From ``since_s``, a moment in the past
+  (where a backfill ended), the steps up to now go out at once first, on the same grid,
+  so the meters show no gap between the two.
 
 and one of two formats: ``contract`` (a Faker fleet, ``meter_type`` and three-decimal
 values) or ``legacy`` (the prototype's eight meters ``em1..em4``, ``wm1..wm4`` with
-integer values and no ``meter_type``, byte for byte as ``json.dumps`` wrote them).
+integer values and no ``meter_type``, byte for byte as ``json.dumps`` wrote them), both
+written by :mod:`simulator.formats`.
 
 Faults are injected at the configured rates (:mod:`simulator.faults`) and every emitted
 message is counted in the :class:`Summary` under the outcome the contract will give it.
@@ -25,22 +29,18 @@ episodes asked for, the stream is the one this module gave before episodes exist
 
 from __future__ import annotations
 
-import json
+import math
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from meterflow.core.contract import (
-    METER_SPECS,
-    PREFIX_TO_TYPE,
-    STATELESS_FAULTS,
-    TYPE_ORDER,
     FaultCode,
     MeterType,
     Status,
@@ -50,28 +50,29 @@ from meterflow.core.thresholds import DetectionRules, Rules
 from meterflow.core.timestamps import SECONDS_PER_DAY
 from simulator.episodes import BlockEpisodes, Episode, EpisodeInjector
 from simulator.faults import (
-    MALFORMED,
     EpisodeRates,
     EpisodeShapes,
     FaultDraws,
     FaultRates,
     check_future_shift,
-    corrupt_value,
-    future_timestamp,
-    malformed_message,
     plan_episodes,
 )
 from simulator.fleet import DEFAULT_MIX, Fleet, build_fleet
-from simulator.load import HEADROOM, LoadModel
+from simulator.formats import (
+    ContractFormat,
+    LegacyFormat,
+    LegacyValues,
+    MessageFormat,
+    Step,
+    build_step,
+)
+from simulator.load import LoadModel
 
 Emit = Callable[[bytes, bytes], None]
 StopSignal = Callable[[], bool] | threading.Event
 
 MODES = ("backfill", "live")
 FORMATS = ("contract", "legacy")
-#: The prototype's meters and its integer ranges (inclusive) per metric.
-LEGACY_DEVICES = ("em1", "em2", "em3", "em4", "wm1", "wm2", "wm3", "wm4")
-LEGACY_HIGHEST = {"usage_kwh": 20, "usage": 30, "flow_rate": 10}
 #: Readings computed per numpy call in a backfill (time steps x meters): big enough to
 #: amortise the call, small enough to stay in cache-friendly memory.
 BLOCK_CELLS = 1 << 18
@@ -90,6 +91,11 @@ class SimulationConfig:
     mode: str = "backfill"
     days: float = 1.0  # backfill: how many days before ``end``
     end: date | None = None  # backfill: readings stop at 00:00 UTC of this day; default today
+    #: backfill: readings stop at this moment (epoch seconds, e.g. now) instead of ``end``.
+    until_s: float | None = None
+    #: live: the first reading's stamp (epoch seconds, in the past): the readings from there
+    #: up to now go out at once, then one every interval on the same grid.
+    since_s: float | None = None
     seed: int | None = None
     faults: FaultRates = field(default_factory=FaultRates.default)
     message_format: str = "contract"
@@ -101,6 +107,12 @@ class SimulationConfig:
     #: Stateful episodes per meter-day (none by default) and the rules they must trip.
     episodes: EpisodeRates = field(default_factory=EpisodeRates.none)
     detection: DetectionRules = field(default_factory=DetectionRules)
+    #: How long into the run a meter's first episode may start; default the detection
+    #: rules' ``baseline_history_s``, so that every episode has a normal day before it ...
+    episode_warmup_s: float | None = None
+    #: ... and how long every meter has been reporting before this run (a backfill just
+    #: sent): it counts towards the history that a SPIKE's baseline needs.
+    history_s: float = 0.0
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -116,6 +128,12 @@ class SimulationConfig:
             problems.append("the interval must be whole seconds (so are the timestamps)")
         if self.days <= 0:
             problems.append("days must be above 0")
+        if self.until_s is not None and (self.mode != "backfill" or self.end is not None):
+            problems.append("until_s is a backfill's end, instead of an end date")
+        if self.since_s is not None and self.mode != "live":
+            problems.append("since_s is where a live run starts")
+        if (self.episode_warmup_s or 0) < 0 or self.history_s < 0:
+            problems.append("the episodes' warm-up and the history must not be negative")
         if self.rate is not None and self.rate <= 0:
             problems.append("the rate must be above 0")
         if self.limit is not None and self.limit < 0:
@@ -194,177 +212,9 @@ class Summary:
 
 
 Progress = Callable[[Summary], None]
-Injected = FaultCode | DeadLetterReason
 
 
-class _Format(Protocol):
-    """How a fleet's readings are written: the contract's layout or the prototype's."""
-
-    device_ids: list[str]
-    keys: list[bytes]
-    metrics: list[str]
-    bounds: list[float]
-
-    def messages(self, stamp: str, usage: list[Any], flow: list[Any]) -> list[bytes]: ...
-
-    def reading(self, i: int, stamp: str, value: Any, flow: Any) -> bytes:
-        """Meter ``i``'s reading; ``value`` None leaves its metric out."""
-        ...
-
-
-class _ContractFormat:
-    """Messages from pre-built fragments: a reading is one f-string, no ``json.dumps``.
-
-    The bytes are :class:`~meterflow.core.messages.ReadingMessage` in ``json.dumps``'s
-    layout (tests/unit/test_simulator.py decodes them into it and compares).
-    """
-
-    def __init__(self, fleet: Fleet, rules: Rules) -> None:
-        self.device_ids = fleet.device_ids
-        self.keys = [d.encode() for d in self.device_ids]
-        types = [m.meter_type for m in fleet.meters]
-        self.metrics = [METER_SPECS[t].metric for t in types]
-        self.bounds = [rules.bounds[metric] for metric in self.metrics]
-        self.heads = [f'{{"device_id": "{d}", "timestamp": "' for d in self.device_ids]
-        self.tails = [f'", "meter_type": "{t}"' for t in types]
-        self.mids = [f'{tail}, "{m}": ' for tail, m in zip(self.tails, self.metrics, strict=True)]
-        self.water = fleet.slices[MeterType.WATER]
-        self.runs = [(fleet.slices[t], t is MeterType.WATER) for t in TYPE_ORDER]
-
-    def messages(self, stamp: str, usage: list[float], flow: list[float]) -> list[bytes]:
-        out: list[bytes] = []
-        for run, water in self.runs:
-            heads, mids, values = self.heads[run], self.mids[run], usage[run]
-            if water:
-                out += [
-                    f'{h}{stamp}{m}{v}, "flow_rate": {f}}}'.encode()
-                    for h, m, v, f in zip(heads, mids, values, flow[run], strict=True)
-                ]
-            else:
-                out += [
-                    f"{h}{stamp}{m}{v}}}".encode()
-                    for h, m, v in zip(heads, mids, values, strict=True)
-                ]
-        return out
-
-    def reading(self, i: int, stamp: str, value: float | None, flow: float) -> bytes:
-        body = self.tails[i] if value is None else f"{self.mids[i]}{value}"
-        rate = f', "flow_rate": {flow}' if self.water.start <= i < self.water.stop else ""
-        return f"{self.heads[i]}{stamp}{body}{rate}}}".encode()
-
-
-class _LegacyFormat:
-    """The prototype's messages, written by ``json.dumps`` exactly as it wrote them."""
-
-    def __init__(self, rules: Rules) -> None:
-        self.device_ids = list(LEGACY_DEVICES)
-        self.keys = [d.encode() for d in self.device_ids]
-        types = [PREFIX_TO_TYPE[d[:2]] for d in self.device_ids]
-        self.metrics = [METER_SPECS[t].metric for t in types]
-        self.bounds = [rules.bounds[metric] for metric in self.metrics]
-        self.water = [t is MeterType.WATER for t in types]
-
-    def messages(self, stamp: str, usage: list[int], flow: list[int]) -> list[bytes]:
-        return [self.reading(i, stamp, usage[i], flow[i]) for i in range(len(self.device_ids))]
-
-    def reading(self, i: int, stamp: str, value: int | None, flow: int) -> bytes:
-        message: dict[str, Any] = {"device_id": self.device_ids[i], "timestamp": stamp}
-        if value is not None:
-            message[self.metrics[i]] = value
-        if self.water[i]:
-            message["flow_rate"] = flow
-        return json.dumps(message).encode()
-
-
-class _LegacyValues:
-    """Uniform integers in the prototype's ranges (0 included), kept below the bounds."""
-
-    def __init__(self, metrics: list[str], rules: Rules) -> None:
-        self.highest = np.array(
-            [min(LEGACY_HIGHEST[m], int(rules.bounds[m] * HEADROOM)) for m in metrics]
-        )
-        self.flow_highest = min(
-            LEGACY_HIGHEST["flow_rate"], int(rules.bounds["flow_rate"] * HEADROOM)
-        )
-
-    def sample(
-        self,
-        starts_s: np.ndarray,
-        _interval_s: float,
-        rng: np.random.Generator,
-        _idle_rng: np.random.Generator | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The prototype's values; its water is never idle (0 is just another integer)."""
-        shape = (len(starts_s), len(self.highest))
-        usage = rng.integers(0, self.highest + 1, shape)
-        flow = rng.integers(0, self.flow_highest + 1, shape)
-        return usage, flow
-
-
-@dataclass
-class _Step:
-    """One time step's messages and which of them were corrupted, by position.
-
-    ``silent`` are positions whose meter sends nothing (a NO_DATA episode); ``cells`` the
-    positions in an episode, with it, so the ground truth records what really went out.
-    """
-
-    stamp: str
-    keys: list[bytes]
-    messages: list[bytes]
-    injected: list[tuple[int, Injected]]
-    silent: frozenset[int] = frozenset()
-    cells: list[tuple[int, Episode]] = field(default_factory=list)
-
-    def slots_for(self, wanted: int) -> int:
-        """How many positions hold the first ``wanted`` messages to send."""
-        if not self.silent or wanted <= 0:
-            return wanted
-        if wanted >= len(self.keys) - len(self.silent):
-            return len(self.keys)
-        sent = 0
-        for i in range(len(self.keys)):
-            if i not in self.silent:
-                sent += 1
-                if sent == wanted:
-                    return i + 1
-        return len(self.keys)
-
-
-def _build_step(
-    fmt: _Format,
-    stamp: str,
-    usage: list[Any],
-    flow: list[Any],
-    codes: np.ndarray,
-    draws: FaultDraws,
-    rules: Rules,
-) -> _Step:
-    messages = fmt.messages(stamp, usage, flow)
-    injected: list[tuple[int, Injected]] = []
-    for i in np.flatnonzero(codes).tolist():
-        code = int(codes[i])
-        kind: Injected
-        if code == MALFORMED:
-            kind = draws.next_malformed_kind()
-            messages[i] = malformed_message(kind, fmt.device_ids[i], stamp, fmt.metrics[i], rules)
-        else:
-            kind = STATELESS_FAULTS[code - 1]
-            messages[i] = _faulty(fmt, i, kind, stamp, usage[i], flow[i])
-        injected.append((i, kind))
-    return _Step(stamp, fmt.keys, messages, injected)
-
-
-def _faulty(fmt: _Format, i: int, code: FaultCode, stamp: str, value: Any, flow: Any) -> bytes:
-    """Meter ``i``'s reading with fault ``code``, which the contract classifies as ``code``."""
-    if code is FaultCode.MISSING_METRIC:
-        return fmt.reading(i, stamp, None, flow)
-    if code is FaultCode.FUTURE_TIMESTAMP:
-        return fmt.reading(i, future_timestamp(stamp), value, flow)
-    return fmt.reading(i, stamp, corrupt_value(code, value, fmt.bounds[i]), flow)
-
-
-def _emit(step: _Step, first: int, stop: int, emit: Emit, summary: Summary) -> None:
+def _emit(step: Step, first: int, stop: int, emit: Emit, summary: Summary) -> None:
     """Emit messages ``first:stop`` of a step and count exactly those that went out."""
     done = first  # positions before this one are sent (or silent)
     silent = sorted(i for i in step.silent if first <= i < stop) if step.silent else []
@@ -378,7 +228,7 @@ def _emit(step: _Step, first: int, stop: int, emit: Emit, summary: Summary) -> N
         _count(summary, step, first, done)
 
 
-def _count(summary: Summary, step: _Step, first: int, stop: int) -> None:
+def _count(summary: Summary, step: Step, first: int, stop: int) -> None:
     injected = 0
     for i, kind in step.injected:
         if first <= i < stop:
@@ -408,13 +258,20 @@ def format_stamp(epoch_s: float) -> str:
 
 
 def backfill_starts(config: SimulationConfig) -> np.ndarray:
-    """Epoch seconds of every interval in the ``days`` before ``end`` 00:00 UTC, oldest first."""
+    """Epoch seconds of every interval in the ``days`` before ``end`` 00:00 UTC (or before
+    ``until_s``), oldest first."""
     today = datetime.now(UTC).date()
-    end = config.end or today
-    if end > today:
-        raise ValueError(f"backfill ends {end}, after today ({today}): use --mode live")
-    end_s = datetime(end.year, end.month, end.day, tzinfo=UTC).timestamp()
-    steps = int(config.days * SECONDS_PER_DAY // config.interval_s)
+    if config.until_s is not None:
+        if config.until_s > time.time():
+            raise ValueError(f"backfill ends at {format_stamp(config.until_s)}, in the future")
+        end_s = config.until_s
+    else:
+        end = config.end or today
+        if end > today:
+            raise ValueError(f"backfill ends {end}, after today ({today}): use --mode live")
+        end_s = datetime(end.year, end.month, end.day, tzinfo=UTC).timestamp()
+    # The epsilon: days computed as seconds / 86400 give those seconds back, whole steps.
+    steps = math.floor(config.days * SECONDS_PER_DAY / config.interval_s + 1e-9)
     if steps < 1:
         raise ValueError(f"{config.days:g} days hold no interval of {config.interval_s:g} s")
     return end_s - config.interval_s * np.arange(steps, 0, -1, dtype=np.float64)
@@ -495,7 +352,7 @@ class _StepMaker:
 
     def __call__(
         self, starts: np.ndarray, stamps: list[str], stamps_s: np.ndarray | None = None
-    ) -> list[_Step]:
+    ) -> list[Step]:
         """Steps for intervals ``starts``; ``stamps_s`` are their event times (default the
         starts, as in a backfill)."""
         config, fmt, model = self.simulation.config, self.simulation.fmt, self.simulation.model
@@ -503,17 +360,17 @@ class _StepMaker:
         codes = self.draws.draw(usage.shape)
         if self.episodes is None:
             rows = zip(stamps, usage.tolist(), flow.tolist(), codes, strict=True)
-            return [_build_step(fmt, *row, self.draws, config.rules) for row in rows]
+            return [build_step(fmt, *row, self.draws, config.rules) for row in rows]
         block = self.episodes.inject(
             starts, starts if stamps_s is None else stamps_s, usage, flow, codes
         )
         return [
-            _with_episodes(_build_step(fmt, *row, self.draws, config.rules), block, k)
+            _with_episodes(build_step(fmt, *row, self.draws, config.rules), block, k)
             for k, row in enumerate(zip(stamps, usage.tolist(), flow.tolist(), codes, strict=True))
         ]
 
 
-def _with_episodes(step: _Step, block: BlockEpisodes, k: int) -> _Step:
+def _with_episodes(step: Step, block: BlockEpisodes, k: int) -> Step:
     step.silent = block.silent[k]
     step.cells = block.cells[k]
     return step
@@ -529,16 +386,16 @@ class Simulation:
 
     def __init__(self, config: SimulationConfig, fleet: Fleet | None = None) -> None:
         self.config = config
-        self.fmt: _Format
-        self.model: LoadModel | _LegacyValues
+        self.fmt: MessageFormat
+        self.model: LoadModel | LegacyValues
         if config.message_format == "legacy":
-            self.fmt = _LegacyFormat(config.rules)
-            self.model = _LegacyValues(self.fmt.metrics, config.rules)
+            self.fmt = LegacyFormat(config.rules)
+            self.model = LegacyValues(self.fmt.metrics, config.rules)
         else:
             fleet = (
                 fleet if fleet is not None else build_fleet(config.meters, config.seed, config.mix)
             )
-            self.fmt = _ContractFormat(fleet, config.rules)
+            self.fmt = ContractFormat(fleet, config.rules)
             self.model = LoadModel(fleet.type_index, fleet.scale, config.rules)
         self.starts = backfill_starts(config) if config.mode == "backfill" else None
         if self.starts is not None and config.faults.rates.get(FaultCode.FUTURE_TIMESTAMP, 0):
@@ -565,6 +422,7 @@ class Simulation:
             self.config.seed
         ).spawn(5)
         episodes = None
+        config = self.config
         if self.shapes is not None:
             assert self.fleet is not None and isinstance(self.model, LoadModel)
             episodes = EpisodeInjector(
@@ -577,6 +435,10 @@ class Simulation:
                 None if self.starts is None else len(self.starts),
                 np.random.default_rng(candidates_seed),
                 np.random.default_rng(params_seed),
+                warmup_steps=None
+                if config.episode_warmup_s is None
+                else math.ceil(config.episode_warmup_s / config.interval_s),
+                history_steps=math.floor(config.history_s / config.interval_s),
             )
         make_steps = _StepMaker(
             self,
@@ -629,6 +491,9 @@ def _backfill(run: _Run, make_steps: _StepMaker, starts: np.ndarray, meters: int
 
 def _live(run: _Run, make_steps: _StepMaker, meters: int) -> None:
     """One step per interval, stamped now, reporting the interval that just ended."""
+    if run.config.since_s is not None:
+        _live_since(run, make_steps, meters, int(run.config.since_s))
+        return
     interval = run.config.interval_s
     next_tick = time.monotonic()
     while not run.finished():
@@ -644,7 +509,26 @@ def _live(run: _Run, make_steps: _StepMaker, meters: int) -> None:
         run.wait_until(next_tick)
 
 
-def _send(run: _Run, step: _Step, meters: int) -> None:
+def _live_since(run: _Run, make_steps: _StepMaker, meters: int, stamp: int) -> None:
+    """Live steps stamped ``stamp`` and every interval after: those up to now at once (a
+    catch-up), each later one when its stamp comes. No step is skipped, so a meter's
+    readings keep their grid from a backfill into the live run."""
+    interval = int(run.config.interval_s)
+    while not run.finished():
+        ahead = stamp - time.time()
+        if ahead > 0:
+            run.wait_until(time.monotonic() + ahead)
+            if run.finished():
+                return
+        (step,) = make_steps(
+            np.array([float(stamp - interval)]), [format_stamp(stamp)], np.array([float(stamp)])
+        )
+        _send(run, step, meters)
+        run.tick()
+        stamp += interval
+
+
+def _send(run: _Run, step: Step, meters: int) -> None:
     """Emit a step, in slices spaced to the rate cap when there is one."""
     wanted = step.slots_for(run.room(meters - len(step.silent)))
     rate = run.config.rate

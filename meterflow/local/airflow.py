@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
 
-from meterflow.core.bundled import folder
 from meterflow.core.config import Settings
+from meterflow.core.folders import folder
 
 API_PORT = 8080
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from meterflow.core.bundled import CHECKOUT
+from meterflow.core.folders import PARENT as CHECKOUT
 
 COMPOSE_FILE = CHECKOUT / "docker-compose.yml"
 ENV_EXAMPLE = CHECKOUT / ".env.example"

@@ -96,3 +96,10 @@ def kafka_format(spark: SparkSession, kafka_source: str) -> str:
             "(spark-submit --packages org.apache.spark:spark-sql-kafka-0-10_2.13:<spark version>)"
         )
     return "kafka" if available else SOURCE_NAME
+
+
+def stop_active_session() -> None:
+    """Stop the session this process started, if any (a command's last step)."""
+    session = SparkSession.getActiveSession()
+    if session is not None:
+        session.stop()

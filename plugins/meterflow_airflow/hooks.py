@@ -7,8 +7,8 @@ from typing import Any
 
 from airflow.sdk import BaseHook
 
-from meterflow.core.bundled import job_file
 from meterflow.core.config import Settings
+from meterflow.core.folders import job_file
 
 
 class MeterflowHook(BaseHook):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import PROTOTYPE, ROOT, meterflow, send, still_running, wait_for
 
 from meterflow.core.config import Settings
@@ -24,6 +25,18 @@ def env_of(settings: Settings) -> dict[str, str]:
         "METERFLOW_TRIGGER_SECONDS": "1",
         "PYSPARK_PYTHON": sys.executable,
     }
+
+
+def started(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    """``python argv`` as a real process in the repository, its output piped as text."""
+    return subprocess.Popen(
+        [sys.executable, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+        cwd=ROOT,
+    )
 
 
 def test_unreachable_kafka_is_named() -> None:
@@ -87,14 +100,7 @@ def test_run_brings_up_simulator_stream_sink_and_mongodb(make_settings, free_por
         "MONGO_URI": "",
         "METERFLOW_LOCAL_MONGO_PORT": str(free_port),
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "meterflow.cli", "run", "--meters", "40", "--interval", "1s"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **env},
-        cwd=ROOT,
-    )
+    process = started(["-m", "meterflow.cli", "run", "--meters", "40", "--interval", "1s"], env)
     db = pymongo.MongoClient(f"mongodb://127.0.0.1:{free_port}/", serverSelectionTimeoutMS=500)[
         "iot"
     ]
@@ -122,3 +128,50 @@ def test_run_brings_up_simulator_stream_sink_and_mongodb(make_settings, free_por
     assert ledger.returncode == 0, ledger.stderr
     assert "reconciled:" in ledger.stdout
     assert list((settings.data_dir / "lake" / "readings").glob("date=*/*.parquet"))
+
+
+#: ``meterflow run`` as a real process with one worker's loop replaced, before the command
+#: starts, by one that fails: the seam is the worker's own code, the rest is the real run.
+RUN_WITH_A_FAILING_WORKER = """
+import importlib, sys
+module, owner, method = sys.argv[1:4]
+def fail(*args, **kwargs):
+    raise RuntimeError("disk on fire\\n(injected)")
+setattr(getattr(importlib.import_module(module), owner), method, fail)
+from meterflow.cli import main
+sys.exit(main(sys.argv[4:]))
+"""
+FAILING_LOOP = {
+    "sink": ("meterflow.serving.sink.consumer", "Sink", "poll_once"),
+    "simulator": ("simulator.generator", "Simulation", "run"),
+}
+
+
+@pytest.mark.parametrize("worker", sorted(FAILING_LOOP))
+def test_a_dead_worker_stops_the_run_with_one_line(make_settings, free_port, worker) -> None:
+    """Before, the thread logged and returned: the stream ran on without it, and Ctrl-C
+    then waited 120 s for it. Now the run stops on its own and says what died."""
+    settings = make_settings(partitions=1)
+    env = {
+        **env_of(settings),
+        "METERFLOW_TOPIC_STATUS": settings.topic_status,
+        "MONGO_URI": "",
+        "METERFLOW_LOCAL_MONGO_PORT": str(free_port),
+    }
+    command = ["run", "--meters", "20", "--interval", "1s", "--episodes", "none"]
+    process = started(["-c", RUN_WITH_A_FAILING_WORKER, *FAILING_LOOP[worker], *command], env)
+    try:
+        _, err = process.communicate(timeout=300)  # no signal: it must end by itself
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(
+        f"meterflow run: the {worker} stopped: RuntimeError: disk on fire (injected); "
+        "the run stopped with it"
+    ), err[-3000:]
+    assert f"run=worker-failed worker={worker}" in err
+    assert "drain=stream" in err  # the stream was stopped through its stop event
+    if worker == "sink":
+        assert "drain=sink" not in err  # nothing waited for the dead sink

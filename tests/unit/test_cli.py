@@ -7,11 +7,16 @@ not answer, are in tests/integration/test_cli_processes.py.
 
 from __future__ import annotations
 
-from helpers import meterflow
+import subprocess
+import sys
+
+from helpers import ROOT, meterflow
 
 from meterflow.core import variables
 from meterflow.core.config import Settings
+from meterflow.core.contract import FaultCode
 from meterflow.dashboards.metabase import MetabaseSettings
+from simulator.faults import DEMO_EPISODE_RATES
 
 
 def test_config_lists_every_variable() -> None:
@@ -50,3 +55,38 @@ def test_stream_summary_names_the_episodes_per_code() -> None:
     assert "episodes" not in _totals_line(totals)
     line = _totals_line({**totals, "open_STUCK": 2, "open_NO_DATA": 1, "clear_STUCK": 1})
     assert "; episodes opened: NO_DATA 1, STUCK 2; episodes cleared: STUCK 1 (" in line
+
+
+def test_python_m_simulator_is_meterflow_simulate_and_replay() -> None:
+    """The simulator's own command shares meterflow's parser: same options, no drift."""
+
+    def python(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+
+    own = python("-m", "simulator", "--help")
+    assert own.returncode == 0, own.stderr
+    assert own.stdout.startswith("usage: python -m simulator")
+    for command in ("simulate", "replay"):
+        mine = python("-m", "simulator", command, "--help")
+        theirs = meterflow(command, "--help")
+        assert mine.returncode == theirs.returncode == 0, mine.stderr
+        # The usage line wraps by the program's name; the options are the same text.
+        assert mine.stdout.split("options:")[1] == theirs.stdout.split("options:")[1]
+    refused = python("-m", "simulator", "run")
+    assert refused.returncode == 2 and "invalid choice: 'run'" in refused.stderr
+
+
+def test_run_injects_the_demo_episodes_unless_told_otherwise() -> None:
+    from meterflow.cli import build_parser
+    from meterflow.local.run import episodes_note
+
+    parser = build_parser()
+    assert parser.parse_args(["run"]).episodes == DEMO_EPISODE_RATES
+    assert parser.parse_args(["run", "--episodes", "none"]).episodes == {}
+    assert parser.parse_args(["run", "--episodes", "stuck=1"]).episodes == {FaultCode.STUCK: 1}
+    assert parser.parse_args(["run", "--interval", "1m"]).interval == 60.0
+    note = episodes_note(DEMO_EPISODE_RATES, backfilled=False)
+    assert "STUCK=4, SPIKE=4, LEAK=1, NO_DATA=4" in note and "--episodes none" in note
+    assert "--airflow" in note and "--airflow" not in episodes_note({FaultCode.SPIKE: 1}, True)

@@ -18,7 +18,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pyarrow.parquet as pq
 import pytest
@@ -36,12 +36,13 @@ from meterflow.core.contract import (
 )
 from meterflow.core.thresholds import DetectionRules, Rules
 from meterflow.core.timestamps import parse_timestamp_us
-from simulator import generator
+from meterflow.stream.detect import OPEN, Meter, MeterState, observe
+from simulator import background, generator
 from simulator.cli import add_simulate_arguments, config_from_args, run_simulate
 from simulator.episodes import GROUND_TRUTH_SCHEMA, Episode
-from simulator.faults import EpisodeRates, FaultRates, plan_episodes
+from simulator.faults import DEMO_EPISODE_RATES, EpisodeRates, FaultRates, plan_episodes
 from simulator.fleet import build_fleet
-from simulator.generator import SimulationConfig, Summary, simulate
+from simulator.generator import SimulationConfig, Summary, backfill_starts, simulate
 
 END = date(2024, 6, 3)
 ALL_FAULTS = FaultRates(dict.fromkeys(STATELESS_FAULTS, 0.01), malformed=0.02)
@@ -439,3 +440,209 @@ def test_a_failing_emit_among_silent_meters_leaves_exact_counts() -> None:
     assert summary.sent == len(sent) == fail_at and summary.consistent()
     partial = next(e for e in summary.episodes if e.device_id == silent.device_id)
     assert partial.readings == 2 and not partial.complete  # both silent steps were reached
+
+
+# --- meterflow run's fleet (simulator/background.py) ----------------------------------------
+
+DEMO_INTERVAL = 10  # seconds: meterflow run's default
+
+
+def run_background(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    start: datetime,
+    live_s: float,
+    **options: Any,
+) -> tuple[list[tuple[bytes, bytes]], Summary]:
+    """``meterflow run``'s simulator work on a fake clock from ``start``, for ``live_s`` of
+    live readings; every message it sent and the live part's summary."""
+    clock = FakeClock(start.timestamp())
+    monkeypatch.setattr(generator, "time", clock)
+    monkeypatch.setattr(background, "time", clock)
+    monkeypatch.setattr(generator, "POLL_S", float("inf"))  # one fake sleep per wait
+    settings = Settings.from_env({"METERFLOW_DATA_DIR": str(tmp_path)})
+    sink = MemorySink()
+    work = background.background_simulation(
+        settings,
+        sink,
+        lambda: clock.now >= start.timestamp() + live_s,
+        interval_s=DEMO_INTERVAL,
+        seed=7,
+        **options,
+    )
+    return sink.messages, work()
+
+
+def readings_by_meter(
+    messages: list[tuple[bytes, bytes]],
+) -> dict[str, list[tuple[int, float, bool]]]:
+    """What the stream hands the detector per meter: ``(event_us, value, faulty)`` in
+    event-time order, dead letters and FUTURE_TIMESTAMP readings left out (as
+    ``meterflow.stream.classify.reading_digests`` does)."""
+    values = [value for _, value in messages]
+    result = classify(values, [FAR_FUTURE_US] * len(values))
+    future = STATELESS_FAULTS.index(FaultCode.FUTURE_TIMESTAMP) + 1
+    meters: dict[str, list[tuple[int, float, bool]]] = defaultdict(list)
+    for i, device in enumerate(result.device_id):
+        if STATUS_ORDER[int(result.status[i])] is Status.DEADLETTER:
+            continue
+        if int(result.fault_index[i]) == future or device is None:
+            continue
+        faulty = int(result.fault_index[i]) != 0
+        meters[device].append((int(result.event_time_us[i]), float(result.consumption[i]), faulty))
+    return {device: sorted(readings) for device, readings in meters.items()}
+
+
+def test_the_backfill_runs_up_to_now_and_live_readings_continue_its_grid(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``meterflow run --airflow``: yesterday and today up to now, then live, no gap."""
+    start = datetime(2024, 6, 3, 0, 20, 5, tzinfo=UTC)  # live starts 20 min after midnight
+    messages, live = run_background(
+        monkeypatch, tmp_path, start, live_s=300, meters=12, backfill_days=1
+    )
+    yesterday_us = parse_timestamp_us("2024-06-02T00:00:00Z")
+    step_us = DEMO_INTERVAL * 1_000_000
+    # Live readings start within one interval of the live start, one interval after the
+    # backfill's last: the backfill reaches the live start, not midnight.
+    first_live_us = parse_timestamp_us(live.first_event)
+    assert start.timestamp() * 1e6 - step_us < first_live_us <= start.timestamp() * 1e6
+    per_meter = readings_by_meter(messages)
+    assert len(per_meter) == 12
+    for device, readings in per_meter.items():
+        stamps = [event_us for event_us, _, _ in readings]
+        assert stamps[0] == yesterday_us, device
+        backfilled = [s for s in stamps if s < first_live_us]
+        assert first_live_us - backfilled[-1] <= 2 * step_us  # a dead letter may take one
+        # No silence the detector could call NO_DATA, anywhere (dead letters leave a
+        # reading or two out; NO_DATA needs more than four intervals).
+        gaps = {b - a for a, b in itertools.pairwise(stamps)}
+        assert max(gaps) <= RULES.nodata_intervals * step_us, (device, sorted(gaps))
+        assert stamps[-1] >= start.timestamp() * 1e6 + 290 * 1e6
+    # On the grid from yesterday 00:00: every stamp of every meter together, no hole.
+    every = sorted({s for readings in per_meter.values() for s, _, _ in readings})
+    assert every == list(range(yesterday_us, every[-1] + 1, step_us))
+
+
+def test_the_demo_episodes_trip_the_rules_at_10_s_readings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``meterflow run --airflow``'s fleet through the pure rules: every STUCK, SPIKE and
+    NO_DATA it injects opens with its ground truth's start, within minutes of the live
+    start, and nothing else opens (no NO_DATA where the backfill meets the live run)."""
+    start = datetime(2024, 6, 3, 0, 0, 5, tzinfo=UTC)
+    messages, live = run_background(
+        monkeypatch,
+        tmp_path,
+        start,
+        live_s=2 * 3600,
+        meters=30,
+        backfill_days=1,
+        episodes=DEMO_EPISODE_RATES,
+    )
+    kinds = (FaultCode.STUCK, FaultCode.SPIKE, FaultCode.NO_DATA)
+    truth = {
+        (e.device_id, e.code, parse_timestamp_us(e.start))
+        for e in live.episodes
+        if e.code in kinds and e.complete and e.start is not None
+    }
+    assert {code for _, code, _ in truth} == set(kinds), Counter(e.code for e in live.episodes)
+    per_meter = readings_by_meter(messages)
+    opened = set()
+    for meter in build_fleet(30, 7).meters:
+        rules = Meter(meter.device_id, meter.meter_type, DEMO_INTERVAL, RULES)
+        readings = per_meter[meter.device_id]
+        opened |= {
+            (d.device_id, d.code, d.start_us)
+            for d in observe(rules, MeterState(), readings)
+            if d.action == OPEN and d.code in kinds
+        }
+    assert opened == truth
+    first_us = min(start_us for _, _, start_us in truth)
+    assert first_us - start.timestamp() * 1e6 < 15 * 60 * 1e6  # the first within minutes
+    # Ground truth of the live run, beside the registry.
+    written = pq.read_table(tmp_path / "lake" / "registry" / "ground_truth.parquet")
+    assert written.num_rows == len([e for e in live.episodes if e.start is not None])
+
+
+def test_leaks_trip_their_rule_at_10_s_readings() -> None:
+    """The demo's LEAK at meterflow run's interval: each opens while it lasts, once, and
+    no water meter leaks without one."""
+    config = SimulationConfig(
+        meters=6,
+        interval_s=DEMO_INTERVAL,
+        days=4,
+        end=END,
+        seed=2,
+        mix={MeterType.WATER: 1.0},
+        episodes=EpisodeRates({FaultCode.LEAK: 2.0}),
+    )
+    sink = MemorySink()
+    summary = simulate(config, sink.emit)
+    leaks = [e for e in summary.episodes if e.complete and e.start and e.end]
+    assert len(leaks) >= 3
+    spans = {(e.device_id, parse_timestamp_us(e.start), parse_timestamp_us(e.end)) for e in leaks}
+    opened = []
+    for device, readings in readings_by_meter(sink.messages).items():
+        rules = Meter(device, MeterType.WATER, DEMO_INTERVAL, RULES)
+        found = observe(rules, MeterState(), readings)
+        opened += [(device, d.at_us) for d in found if d.action == OPEN]
+        assert {d.code for d in found} <= {FaultCode.LEAK}
+    inside = [
+        next((span for span in spans if span[0] == device and span[1] <= at <= span[2]), None)
+        for device, at in opened
+    ]
+    assert None not in inside  # every opening is during an injected leak ...
+    assert sorted(inside) == sorted(spans)  # ... and every leak opens exactly once
+
+
+def test_a_spike_goes_where_its_rule_can_fire() -> None:
+    """At 10 s readings a water reading above ``spike_min`` (250 L) breaks the flow bound
+    (500 L/min caps it at 83 L): water gets no SPIKE, the other types do."""
+    spike = EpisodeRates({FaultCode.SPIKE: 1.0})
+    assert plan_episodes(spike, RULES, Rules(), INTERVAL).spike_types == set(MeterType)
+    shapes = plan_episodes(spike, RULES, Rules(), DEMO_INTERVAL)
+    assert shapes.spike_types == {MeterType.ELECTRICITY, MeterType.GAS}
+    config = SimulationConfig(
+        meters=30, interval_s=DEMO_INTERVAL, days=2, end=END, seed=4, episodes=spike
+    )
+    summary = simulate(config, MemorySink().emit)
+    types = {e.meter_type for e in summary.episodes}
+    assert types == {MeterType.ELECTRICITY, MeterType.GAS}
+
+
+def test_a_live_run_from_a_past_moment_catches_up_on_its_grid(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    start = datetime(2024, 6, 3, 12, 0, 5, tzinfo=UTC).timestamp()
+    clock = FakeClock(start)
+    monkeypatch.setattr(generator, "time", clock)
+    monkeypatch.setattr(generator, "POLL_S", float("inf"))
+    since = start - 95  # where a backfill ended
+    config = SimulationConfig(
+        meters=5, interval_s=10, mode="live", since_s=since, seed=1, duration_s=60
+    )
+    sent_at: list[tuple[float, float]] = []  # (stamp, when it went out)
+    simulate(
+        config,
+        MemorySink().emit,
+        progress=lambda s: sent_at.append((parse_timestamp_us(s.last_event) / 1e6, clock.now)),
+    )
+    stamps = [stamp for stamp, _ in sent_at]
+    assert stamps == [since + 10 * k for k in range(len(stamps))]  # no step skipped
+    assert stamps[-1] >= start + 50
+    for stamp, when in sent_at:
+        assert when == (start if stamp <= start else stamp)  # the past at once, then on time
+
+
+def test_a_backfill_can_end_at_a_moment() -> None:
+    until = datetime(2024, 6, 3, 12, 0, 0, tzinfo=UTC).timestamp()
+    config = SimulationConfig(meters=3, interval_s=10, days=0.01, until_s=until)
+    starts = backfill_starts(config)
+    assert starts[-1] == until - 10 and len(starts) == 86  # 864 s hold 86 whole intervals
+    with pytest.raises(ValueError, match="in the future"):
+        backfill_starts(replace(config, until_s=time.time() + 60))
+    with pytest.raises(ValueError, match="until_s"):
+        SimulationConfig(until_s=until, end=END)
+    with pytest.raises(ValueError, match="since_s"):
+        SimulationConfig(since_s=until)  # a backfill starts nowhere but days before its end

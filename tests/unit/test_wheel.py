@@ -1,9 +1,9 @@
 """meterflow installed from its wheel, not run from a checkout.
 
-The wheel must hold one top-level package, ``meterflow``, with the repository's ``jobs/``,
-``dags/``, ``plugins/`` and ``simulator/`` inside it (pyproject.toml maps them under
-``meterflow/_bundled/``), and :mod:`meterflow.core.bundled` must find those copies when
-the checkout is not importable.
+The wheel must hold two top-level packages, ``meterflow`` and ``simulator``, and ship the
+repository's ``jobs/``, ``dags/`` and ``plugins/`` as data files (installed under
+``share/meterflow/``), and :mod:`meterflow.core.folders` must find those files when the
+checkout is not importable.
 
 The wheel is built from a copy of the sources pyproject.toml names, so the build leaves
 nothing in the checkout: without build isolation when this environment's setuptools meets
@@ -29,12 +29,13 @@ from helpers import ROOT
 from packaging.requirements import Requirement
 
 PYPROJECT: dict[str, Any] = tomllib.loads((ROOT / "pyproject.toml").read_text())
-#: Repository folder -> where the wheel puts it, from pyproject.toml.
-MAPPED: dict[str, str] = {
-    folder: package.replace(".", "/")
-    for package, folder in PYPROJECT["tool"]["setuptools"]["package-dir"].items()
-}
-BUNDLED = ("jobs", "dags", "plugins", "simulator")
+SETUPTOOLS: dict[str, Any] = PYPROJECT["tool"]["setuptools"]
+PACKAGES = ("meterflow", "simulator")
+#: Where the data files go (under the environment's data directory) -> their sources.
+DATA_FILES: dict[str, list[str]] = SETUPTOOLS["data-files"]
+SHIPPED = ("jobs", "dags", "plugins")
+#: Every repository folder the wheel is built from.
+SOURCES = (*PACKAGES, *SHIPPED)
 
 
 def setuptools_is_enough() -> bool:
@@ -65,7 +66,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = tmp_path_factory.mktemp("source")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, source / name)
-    for folder in ("meterflow", *MAPPED):
+    for folder in SOURCES:
         shutil.copytree(
             ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__")
         )
@@ -83,33 +84,36 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
-def test_pyproject_maps_the_bundled_folders_into_meterflow() -> None:
-    assert set(MAPPED) == set(BUNDLED)
-    for folder, inside in MAPPED.items():
-        assert inside == f"meterflow/_bundled/{folder}"
+def test_pyproject_ships_the_folders_as_data_files_under_share_meterflow() -> None:
+    assert "package-dir" not in SETUPTOOLS, "no folder is remapped into another package"
+    assert {p.split(".")[0] for p in SETUPTOOLS["packages"]} == set(PACKAGES)
+    for target, sources in DATA_FILES.items():
+        for source in sources:
+            assert target == f"share/meterflow/{Path(source).parent}", target
 
 
-def test_the_wheel_holds_one_top_level_package_and_the_bundled_folders(wheel: Path) -> None:
+def test_the_wheel_holds_meterflow_the_simulator_and_the_data_files(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/RECORD"))
         top_level = archive.read(f"{info}/top_level.txt").decode().split()
-    assert {name.split("/")[0] for name in names} == {"meterflow", info}
-    assert top_level == ["meterflow"]
-    # Every module of the package (pyproject.toml lists its subpackages one by one) and
-    # every Python file of the bundled folders.
-    wanted = {str(p.relative_to(ROOT)) for p in (ROOT / "meterflow").rglob("*.py")}
-    for folder in BUNDLED:
+    data = info.replace(".dist-info", ".data")
+    assert {name.split("/")[0] for name in names} == {*PACKAGES, info, data}
+    assert sorted(top_level) == sorted(PACKAGES)
+    # Every module of both packages (pyproject.toml lists meterflow's subpackages one by
+    # one) and every Python file of the shipped folders, as a data file.
+    wanted = {str(p.relative_to(ROOT)) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    for folder in SHIPPED:
         wanted |= {
-            f"meterflow/_bundled/{p.relative_to(ROOT)}" for p in (ROOT / folder).rglob("*.py")
+            f"{data}/data/share/meterflow/{p.relative_to(ROOT)}"
+            for p in (ROOT / folder).rglob("*.py")
         }
     assert wanted - names == set(), "not in the wheel"
     for path in (
-        "meterflow/_bundled/jobs/streaming_job.py",
-        "meterflow/_bundled/jobs/daily_batch_job.py",
-        "meterflow/_bundled/dags/meter_daily_averages.py",
-        "meterflow/_bundled/plugins/meterflow_airflow/hooks.py",
-        "meterflow/_bundled/simulator/cli.py",
+        f"{data}/data/share/meterflow/jobs/streaming_job.py",
+        f"{data}/data/share/meterflow/dags/meter_daily_averages.py",
+        f"{data}/data/share/meterflow/plugins/meterflow_airflow/hooks.py",
+        "simulator/__main__.py",
     ):
         assert path in names
 
@@ -121,11 +125,11 @@ PROBE = """
 import json, sys
 from datetime import date
 import meterflow
-from meterflow.core import bundled
+from meterflow.core import folders
 from meterflow.core.config import Settings
 from meterflow.local.airflow import airflow_env
 
-sys.path.append(str(bundled.folder("plugins")))  # as Airflow does with its plugins folder
+sys.path.append(str(folders.folder("plugins")))  # as Airflow does with its plugins folder
 from meterflow_airflow.hooks import job_path
 from meterflow.cli import build_parser  # imports the simulator's arguments
 
@@ -135,11 +139,11 @@ import simulator.cli
 env = airflow_env(Settings.from_env({}), date(2024, 5, 27), {})
 print(json.dumps({
     "meterflow": meterflow.__file__,
-    "streaming_job": str(bundled.job_file("streaming_job")),
-    "daily_batch_job": str(bundled.job_file("daily_batch_job")),
+    "streaming_job": str(folders.job_file("streaming_job")),
+    "daily_batch_job": str(folders.job_file("daily_batch_job")),
     "job_path": job_path("daily_batch_job"),
-    "dags": str(bundled.folder("dags")),
-    "plugins": str(bundled.folder("plugins")),
+    "dags": str(folders.folder("dags")),
+    "plugins": str(folders.folder("plugins")),
     "airflow_dags": env["AIRFLOW__CORE__DAGS_FOLDER"],
     "airflow_plugins": env["AIRFLOW__CORE__PLUGINS_FOLDER"],
     "simulator": simulator.cli.__file__,
@@ -151,7 +155,8 @@ def test_an_installed_wheel_finds_its_own_jobs_dags_plugins_and_simulator(
     installed: Path, tmp_path: Path
 ) -> None:
     outside = {p.name for p in installed.iterdir() if not p.name.endswith(".dist-info")}
-    assert outside <= {"meterflow", "bin"}, "the wheel installed more than meterflow"
+    # pip install --target puts the data files in the target directory, under share/.
+    assert outside <= {*PACKAGES, "share", "bin"}, "the wheel installed more than meterflow"
     env = {**os.environ, "PYTHONPATH": str(installed)}
     done = subprocess.run(
         [sys.executable, "-c", PROBE],
@@ -164,20 +169,35 @@ def test_an_installed_wheel_finds_its_own_jobs_dags_plugins_and_simulator(
     assert done.returncode == 0, done.stderr[-3000:]
     found = {key: Path(value).resolve() for key, value in json.loads(done.stdout).items()}
     site = installed.resolve()
-    bundled = site / "meterflow" / "_bundled"
+    share = site / "share" / "meterflow"
     assert found["meterflow"] == site / "meterflow" / "__init__.py"
-    assert found["streaming_job"] == bundled / "jobs" / "streaming_job.py"
-    assert found["daily_batch_job"] == found["job_path"] == bundled / "jobs" / "daily_batch_job.py"
-    assert found["dags"] == found["airflow_dags"] == bundled / "dags"
-    assert found["plugins"] == found["airflow_plugins"] == bundled / "plugins"
-    assert found["simulator"] == bundled / "simulator" / "cli.py"
+    assert found["streaming_job"] == share / "jobs" / "streaming_job.py"
+    assert found["daily_batch_job"] == found["job_path"] == share / "jobs" / "daily_batch_job.py"
+    assert found["dags"] == found["airflow_dags"] == share / "dags"
+    assert found["plugins"] == found["airflow_plugins"] == share / "plugins"
+    assert found["simulator"] == site / "simulator" / "cli.py"
     assert (found["dags"] / "meter_daily_averages.py").is_file()
     assert (found["plugins"] / "meterflow_airflow" / "hooks.py").is_file()
     assert found["streaming_job"].is_file() and found["daily_batch_job"].is_file()
 
 
-def test_the_images_copy_every_folder_the_package_maps() -> None:
-    """``pip install -e .`` in the images fails on a mapped folder that is not there."""
+def test_python_m_simulator_runs_the_installed_simulator(installed: Path, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "simulator", "simulate", "--help"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(installed)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("usage: python -m simulator simulate")
+    assert "--episode-rates" in done.stdout  # the simulator's own arguments
+
+
+def test_the_images_copy_every_folder_the_package_is_built_from() -> None:
+    """``pip install -e .`` in the images fails on a folder pyproject.toml names that is
+    not there."""
     dockerfiles = sorted((ROOT / "docker").glob("*.Dockerfile"))
     assert len(dockerfiles) == 2
     for dockerfile in dockerfiles:
@@ -187,4 +207,4 @@ def test_the_images_copy_every_folder_the_package_maps() -> None:
             if line.startswith("COPY ")
             for source in line.split()[1:-1]
         }
-        assert {"pyproject.toml", "meterflow", *MAPPED} <= copied, dockerfile.name
+        assert {"pyproject.toml", *SOURCES} <= copied, dockerfile.name
