@@ -12,8 +12,8 @@ import argparse
 
 from meterflow.core.config import ConfigError, Settings
 from meterflow.core.logs import setup_logging
+from meterflow.stream.dataloss import ACCEPT
 from meterflow.stream.job import run_job
-from meterflow.stream.query import ACCEPT
 
 
 def main(argv: list[str] | None = None) -> int:

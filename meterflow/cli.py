@@ -29,7 +29,7 @@ from meterflow.core.signals import signals_handled
 from meterflow.local.broker import kafka_for
 
 if TYPE_CHECKING:  # imported where used: the command starts without Spark
-    from meterflow.stream.query import LakeCommitter
+    from meterflow.stream.commit import LakeCommitter
 
 log = get_logger("meterflow.cli")
 #: A subcommand: its parsed arguments and the settings in, the exit code out.
@@ -204,7 +204,8 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
-    from meterflow.stream.query import check_writable, run
+    from meterflow.stream.startup import check_writable
+    from meterflow.stream.supervisor import run
 
     check_writable(settings)  # before any broker or Spark: one line naming the variable
     stop = threading.Event()
@@ -287,7 +288,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from meterflow.clients.mongo import database, redacted
     from meterflow.local.mongo import mongo_for
     from meterflow.serving.indexes import init_mongo
-    from meterflow.stream.query import run
+    from meterflow.stream.supervisor import run
 
     if "METERFLOW_DETECTION" not in os.environ:  # the whole platform, as compose runs it
         settings = dataclasses.replace(settings, detection_on=True)

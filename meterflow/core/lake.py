@@ -161,6 +161,13 @@ def ensure_writable(path: str) -> None:
     fs.delete_file(probe)
 
 
+def delete_dir(path: str) -> None:
+    """Delete the directory ``path`` (a local path or URI) with its contents, if it exists."""
+    fs, local = filesystem_for(path)
+    if fs.get_file_info(local).type != pafs.FileType.NotFound:
+        fs.delete_dir(local)
+
+
 def retired_path(lake_path: str) -> str:
     """Per day and dataset that retention deleted, the offsets of each Kafka partition."""
     return f"{lake_path.rstrip('/')}/_state/retired_offsets.json"

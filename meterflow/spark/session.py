@@ -7,6 +7,7 @@ import sys
 
 from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
+from pyspark.sql.streaming import DataStreamWriter, StreamingQuery
 
 from meterflow.spark.kafka_source import SOURCE_NAME, KafkaDataSource
 
@@ -95,3 +96,11 @@ def kafka_format(spark: SparkSession, kafka_source: str) -> str:
             "(spark-submit --packages org.apache.spark:spark-sql-kafka-0-10_2.13:<spark version>)"
         )
     return "kafka" if available else SOURCE_NAME
+
+
+def start_stream(writer: DataStreamWriter, available_now: bool, seconds: float) -> StreamingQuery:
+    """Start a streaming query: once over what the source holds now (``available_now``),
+    else a micro-batch every ``seconds``."""
+    if available_now:
+        return writer.trigger(availableNow=True).start()
+    return writer.trigger(processingTime=f"{seconds:g} seconds").start()

@@ -34,6 +34,7 @@ from meterflow.core.logs import get_logger
 from meterflow.core.messages import AbnormalEvent, Episode, encode
 from meterflow.core.thresholds import DetectionRules
 from meterflow.core.timestamps import format_timestamp_us
+from meterflow.spark.session import start_stream
 from meterflow.stream.detect import episode_id
 from meterflow.stream.detector import EVENT_TIME, PROCESSING_TIME, detect_faults, digest_rows
 from meterflow.stream.profiles import MeterProfile
@@ -208,8 +209,4 @@ def start_detection(
         .foreachBatch(publisher)
         .option("checkpointLocation", plan.checkpoint)
     )
-    if available_now:
-        writer = writer.trigger(availableNow=True)
-    else:
-        writer = writer.trigger(processingTime=f"{trigger_seconds:g} seconds")
-    return writer.start()
+    return start_stream(writer, available_now, trigger_seconds)

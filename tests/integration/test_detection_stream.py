@@ -22,7 +22,7 @@ from meterflow.core import messages
 from meterflow.core.config import Settings
 from meterflow.core.timestamps import format_timestamp_us, parse_timestamp_us
 from meterflow.serving.sink import Sink
-from meterflow.stream.query import run
+from meterflow.stream.supervisor import run
 
 #: A dynamic member with Kafka's shortest session: group joins on the local broker are slow.
 FAST_GROUP = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}

@@ -20,8 +20,8 @@ from test_nothing_lost_stream import assert_exactly_once, good, lake_offsets, se
 from bench.stall_proxy import ProxiedBroker, StallingProxy
 from meterflow.clients import kafka
 from meterflow.core.config import Settings
-from meterflow.stream.query import run
 from meterflow.stream.reconcile import reconcile
+from meterflow.stream.supervisor import run
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -27,8 +27,8 @@ from meterflow.core.config import Settings
 from meterflow.core.errors import DataLossError, StreamUnavailableError
 from meterflow.core.messages import DLQ_HEADER_STORED
 from meterflow.local.broker import LocalBroker
-from meterflow.stream.query import run
 from meterflow.stream.reconcile import reconcile
+from meterflow.stream.supervisor import run
 
 
 def good(i: int, device: str = "em1", value: float = 1.5) -> bytes:

@@ -13,8 +13,9 @@ from meterflow.clients import kafka
 from meterflow.core import messages, timestamps
 from meterflow.core.config import Settings
 from meterflow.core.contract import STATELESS_FAULTS, FaultCode
+from meterflow.core.events import event_id
 from meterflow.core.lake import LAKE_COLUMNS, read_watermark, readings_path
-from meterflow.stream.query import run
+from meterflow.stream.supervisor import run
 from simulator.generator import FaultRates, SimulationConfig, simulate
 
 
@@ -96,9 +97,7 @@ def test_restart_neither_loses_nor_duplicates(spark: SparkSession, make_settings
     events = read_all(settings.bootstrap_servers, settings.topic_abnormal)
     ids = Counter(json.loads(m.value())["event_id"] for m in events)
     lake_abnormal = {
-        events.event_id(
-            settings.topic_readings, r.source_generation, r.source_partition, r.source_offset
-        )
+        event_id(settings.topic_readings, r.source_generation, r.source_partition, r.source_offset)
         for r in rows
         if r.fault_code is not None
     }

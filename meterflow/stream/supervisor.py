@@ -1,0 +1,407 @@
+"""Speed layer: classify every reading from Kafka, keep all of them, raise the abnormal ones.
+
+Run by ``spark-submit jobs/streaming_job.py [--available-now] [--accept-data-loss]`` or
+``meterflow stream``; :func:`run` is the entry point. Each start of the stream plans where
+to read (:mod:`meterflow.stream.startup`), starts the lake query, whose micro-batches
+:class:`~meterflow.stream.commit.LakeCommitter` commits through the lake's ledger, and,
+with detection on, the stateful stage's query (:mod:`meterflow.stream.detection`). The
+supervisor waits for them and decides on how a start ended:
+
+* stopped, or caught up with ``available_now``: done;
+* the readings topic was recreated under the query: plan again at once;
+* Kafka away (a transient failure): start again after a backoff, up to
+  ``METERFLOW_STREAM_RETRIES`` failures in a row;
+* a decision (offsets gone from Kafka: :mod:`meterflow.stream.dataloss`) or a bad
+  configuration: its own one-line :class:`MeterflowError`;
+* anything else: the whole story in the log, one line out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pyspark.errors import StreamingQueryException
+from pyspark.sql import SparkSession
+from pyspark.sql.streaming import StreamingQuery
+
+from meterflow.clients import kafka
+from meterflow.core import lake
+from meterflow.core.config import Settings
+from meterflow.core.errors import MeterflowError, StreamUnavailableError
+from meterflow.core.ledger import Ledger
+from meterflow.core.logs import get_logger
+from meterflow.core.signals import SignalHandler, signals_handled
+from meterflow.spark.session import get_spark, kafka_format, start_stream
+from meterflow.stream import dataloss
+from meterflow.stream.commit import GenerationChangedError, LakeCommitter
+from meterflow.stream.detection import EpisodePublisher, plan_detection, start_detection
+from meterflow.stream.profiles import load_profiles
+from meterflow.stream.startup import StreamPlan, check_writable, plan_start, refuse_legacy_lake
+
+log = get_logger(__name__)
+QUERY_NAME = "meterflow_speed_layer"
+#: Failures worth a retry: Kafka or the network is away, not a bug or a decision.
+_TRANSIENT_MARKERS = (
+    "KafkaUnavailableError",
+    "_TIMED_OUT",
+    "Timed out",
+    "_TRANSPORT",
+    "_ALL_BROKERS_DOWN",
+    "does not exist or has no partitions",
+    "not available after",
+    "Broker transport failure",
+)
+
+
+def run(
+    settings: Settings,
+    available_now: bool = False,
+    spark: SparkSession | None = None,
+    accept_data_loss: bool = False,
+    stop: threading.Event | None = None,
+    publish: bool = True,
+    on_committer: Callable[[LakeCommitter], None] | None = None,
+    on_signal: SignalHandler | None = None,
+) -> dict[str, int]:
+    """Run the speed layer until ``stop`` (or, with ``available_now``, until caught up).
+
+    A transient failure (Kafka away) restarts the query after a backoff, up to
+    ``settings.stream_retries`` times in a row; a new topic generation is re-planned; data
+    loss and bad configuration end the run with a one-line :class:`MeterflowError`.
+    ``on_committer`` sees each start's committer (``meterflow run`` drains with it).
+    ``on_signal`` handles Ctrl-C and SIGTERM; it is installed once the Spark session exists
+    (PySpark puts its own SIGINT handler in place when it starts), and removed at the end.
+    """
+    check_writable(settings)
+    refuse_legacy_lake(settings.lake_path)
+    spark = spark or get_spark("meterflow-streaming", settings.spark_master)
+    supervisor = Supervisor(
+        settings,
+        spark,
+        kafka_format(spark, settings.kafka_source),
+        available_now=available_now,
+        accept_data_loss=accept_data_loss,
+        publish=publish,
+        stop=stop or threading.Event(),
+        on_committer=on_committer,
+    )
+    with signals_handled(on_signal) if on_signal else contextlib.nullcontext():
+        return supervisor.run()
+
+
+@dataclass
+class _Start:
+    """One start of the queries: what committed, and the failure it ended with, if any."""
+
+    committer: LakeCommitter | None = None
+    publisher: EpisodePublisher | None = None
+    error: BaseException | None = None
+
+    @property
+    def totals(self) -> Counter[str]:
+        totals: Counter[str] = Counter()
+        for part in (self.committer, self.publisher):
+            if part is not None:
+                totals.update(part.totals)
+        return totals
+
+    @property
+    def progressed(self) -> bool:
+        return self.committer is not None and self.committer.batches > 0
+
+
+@dataclass
+class Supervisor:
+    """Starts the queries, waits for them, and decides what each failure means."""
+
+    settings: Settings
+    spark: SparkSession
+    source_format: str
+    available_now: bool = False
+    accept_data_loss: bool = False
+    publish: bool = True
+    stop: threading.Event = field(default_factory=threading.Event)
+    on_committer: Callable[[LakeCommitter], None] | None = None
+
+    def run(self) -> dict[str, int]:
+        """Start, wait, decide, until stopped, caught up or a failure ends the run."""
+        totals: Counter[str] = Counter()
+        attempt = 0
+        started = time.monotonic()
+        while True:
+            start = self._start_once()
+            totals.update(start.totals)
+            error = start.error
+            if error is None:
+                break
+            if isinstance(error, GenerationChangedError) or self._generation_changed(start):
+                log.warning(
+                    "streaming=restart reason=generation-changed detail=%s", _first_line(error)
+                )
+                attempt = 0
+                continue
+            error = _source_error(error)
+            if isinstance(error, MeterflowError) and not isinstance(
+                error, kafka.KafkaUnavailableError
+            ):
+                raise error  # a decision or a bad configuration; Kafka away is retried below
+            transient = isinstance(error, kafka.KafkaUnavailableError)
+            if not transient and not any(marker in str(error) for marker in _TRANSIENT_MARKERS):
+                log.error("streaming=failed error=%s", error)  # the whole story, once, in the log
+                raise MeterflowError(
+                    f"the stream failed: {_first_line(error)} (details in the log above); the "
+                    "next start resumes where the lake's ledger ends"
+                )
+            if start.progressed:
+                attempt = 0  # it made progress: a new outage starts a new count
+            attempt = self._backoff(attempt, error)
+            if self.stop.is_set():
+                break
+        return self._stopped(totals, time.monotonic() - started)
+
+    def _start_once(self) -> _Start:
+        """Plan, start the queries and wait until they end (or ``stop``)."""
+        ledger = Ledger.load(self.settings.lake_path)
+        ledger.recover()
+        try:
+            plan = plan_start(self.settings, ledger, self.accept_data_loss)
+        except kafka.KafkaUnavailableError as exc:
+            return _Start(error=exc)
+        committer = LakeCommitter(
+            self.settings, ledger, plan.generation, self.accept_data_loss, self.publish
+        )
+        if self.on_committer is not None:
+            self.on_committer(committer)
+        self._log_start(plan, ledger.seq)
+        # A start says the stream is alive: the daily DAG waits for it (docs/architecture.md).
+        lake.write_watermark(self.settings.lake_path, lake.read_watermark(self.settings.lake_path))
+        query = start_query(
+            self.spark, self.settings, self.source_format, plan, committer, self.available_now
+        )
+        start = _Start(committer)
+        queries = [query]
+        try:
+            if self.settings.detection_on and not self.available_now:  # live: side by side
+                start.publisher, detector = self._start_detector()
+                queries.append(detector)
+            await_queries(queries, self.stop)
+            if self.settings.detection_on and self.available_now and _ended_well(query, committer):
+                # A catch-up: the digests are all published once the lake query is done.
+                start.publisher, detector = self._start_detector()
+                queries.append(detector)
+                await_queries([detector], self.stop)
+        except kafka.KafkaUnavailableError as exc:  # the digest topic's id, before any query
+            start.error = exc
+        finally:
+            for running in queries:
+                if running.isActive:
+                    running.stop()
+        start.error = (
+            committer.failure
+            or query.exception()
+            or start.error
+            or (start.publisher.failure if start.publisher is not None else None)
+            or (queries[1].exception() if len(queries) > 1 else None)
+        )
+        return start
+
+    def _log_start(self, plan: StreamPlan, ledger_seq: int) -> None:
+        settings = self.settings
+        log.info(
+            "streaming source=%s bootstrap=%s topic=%s generation=%s lake=%s start=%s "
+            "trigger=%s ledger_seq=%d",
+            self.source_format,
+            settings.bootstrap_servers,
+            settings.topic_readings,
+            plan.generation,
+            settings.lake_path,
+            plan.starting_offsets,
+            "availableNow" if self.available_now else f"{settings.trigger_seconds:g}s",
+            ledger_seq,
+        )
+
+    def _start_detector(self) -> tuple[EpisodePublisher, StreamingQuery]:
+        """The stateful stage's query (:mod:`meterflow.stream.detection`) and its publisher.
+
+        A catch-up (``available_now``) runs in event time whatever ``METERFLOW_DETECTION_TIME``
+        says: processing-time timers are always pending, so Spark would never call it done.
+        """
+        settings = self.settings
+        clock = "event" if self.available_now else settings.detection_time
+        plan = plan_detection(
+            settings.bootstrap_servers, settings.topic_digest, settings.checkpoint_path, clock
+        )
+        profiles = load_profiles(settings.registry_path, settings.detection)
+        publisher = EpisodePublisher(settings.bootstrap_servers, settings.topic_abnormal)
+        log.info(
+            "detector source=%s topic=%s generation=%s clock=%s checkpoint=%s",
+            self.source_format,
+            settings.topic_digest,
+            plan.generation,
+            clock,
+            plan.checkpoint,
+        )
+        query = start_detection(
+            self.spark,
+            self.source_format,
+            settings.bootstrap_servers,
+            plan,
+            publisher,
+            settings.topic_digest,
+            settings.detection,
+            profiles,
+            settings.reading_interval_seconds,
+            clock,
+            settings.trigger_seconds,
+            self.available_now,
+        )
+        return publisher, query
+
+    def _generation_changed(self, start: _Start) -> bool:
+        """Whether the readings topic now has another id (recreated under the query)."""
+        if start.committer is None:
+            return False
+        topic = self.settings.topic_readings
+        try:
+            ids = kafka.topic_ids(self.settings.bootstrap_servers, [topic], timeout=5)
+        except kafka.KafkaUnavailableError:
+            return False
+        return ids[topic] != start.committer.generation
+
+    def _backoff(self, attempt: int, error: BaseException) -> int:
+        """Wait before the next attempt; raise once ``stream_retries`` attempts failed."""
+        settings = self.settings
+        attempt += 1
+        if attempt > settings.stream_retries:
+            retries = settings.stream_retries
+            raise StreamUnavailableError(
+                f"Kafka at {settings.bootstrap_servers} still unavailable after {retries} "
+                f"{'retry' if retries == 1 else 'retries'} ({_first_line(error)}); check the "
+                "broker, then start the stream again: it resumes where the lake's ledger ends"
+            )
+        delay = min(30.0, 2.0 ** (attempt - 1))
+        log.warning(
+            "streaming=retry attempt=%d of=%d retry_in_s=%.0f error=%s",
+            attempt,
+            settings.stream_retries,
+            delay,
+            _first_line(error),
+        )
+        self.stop.wait(delay)
+        if not self.stop.is_set():
+            # A broker that came back empty: recreate the topics, then re-plan.
+            with contextlib.suppress(kafka.KafkaUnavailableError):
+                kafka.check_reachable(settings.bootstrap_servers, timeout=5)
+                kafka.ensure_topics(
+                    settings.bootstrap_servers, settings.topics, settings.partitions
+                )
+        return attempt
+
+    def _stopped(self, totals: Counter[str], seconds: float) -> dict[str, int]:
+        """The run's totals as :func:`run` returns them, logged once."""
+        result = {name: totals[name] for name in ("read", "valid", "abnormal", "deadletter")}
+        result.update(skipped=totals["skipped"], lost=totals["lost"])
+        result.update({n: c for n, c in totals.items() if n.startswith(("open_", "clear_"))})
+        log.info(
+            "streaming=stopped seconds=%.1f read=%d valid=%d abnormal=%d deadletter=%d "
+            "skipped=%d lost=%d",
+            seconds,
+            *(result[k] for k in ("read", "valid", "abnormal", "deadletter", "skipped", "lost")),
+        )
+        return result
+
+
+def start_query(
+    spark: SparkSession,
+    settings: Settings,
+    source_format: str,
+    plan: StreamPlan,
+    committer: LakeCommitter,
+    available_now: bool = False,
+) -> StreamingQuery:
+    """Wire the source and the committer; return the running query."""
+    reader = (
+        spark.readStream.format(source_format)
+        .option("kafka.bootstrap.servers", settings.bootstrap_servers)
+        .option("subscribe", settings.topic_readings)
+        .option("startingOffsets", plan.starting_offsets)
+        # Deleted offsets are skipped by the source and decided on by the committer, which
+        # sees the gap against the ledger (one rule for the Python and the JVM source).
+        .option("failOnDataLoss", "false")
+    )
+    if not settings.detection_on:
+        # More tasks than partitions use every core, but would split a meter's readings
+        # over tasks, each publishing a digest: the detector would skip the older one if
+        # it came second (docs/architecture.md, "Stateful detection").
+        parallelism = max(2, spark.sparkContext.defaultParallelism)
+        reader = reader.option("minPartitions", str(parallelism))
+    if settings.max_offsets_per_trigger:
+        reader = reader.option("maxOffsetsPerTrigger", str(settings.max_offsets_per_trigger))
+    writer = (
+        reader.load()
+        .writeStream.queryName(QUERY_NAME)
+        .foreachBatch(committer)
+        .option("checkpointLocation", plan.checkpoint)
+    )
+    query = start_stream(writer, available_now, settings.trigger_seconds)
+    committer.query = query
+    return query
+
+
+def await_queries(
+    queries: list[StreamingQuery], stop: threading.Event, grace_s: float = 60.0
+) -> None:
+    """Wait while every query runs (one that ends or fails ends the wait); once ``stop`` is
+    set let each running micro-batch commit, then stop them."""
+    while all(q.isActive for q in queries) and not stop.is_set():
+        try:
+            queries[0].awaitTermination(1)
+        except StreamingQueryException:  # read again by the caller from query.exception()
+            break
+    if stop.is_set() and any(q.isActive for q in queries):
+        log.info("streaming=stopping reason=signal")
+        deadline = time.monotonic() + grace_s
+        while any(q.isActive and q.status["isTriggerActive"] for q in queries):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    for query in queries:
+        if query.isActive:
+            query.stop()
+
+
+def _ended_well(query: StreamingQuery, committer: LakeCommitter) -> bool:
+    return not query.isActive and committer.failure is None and query.exception() is None
+
+
+_RAISED = re.compile(r"^\s*([\w.]+(?:Error|Exception)): (.+)$")
+
+
+def _first_line(error: BaseException) -> str:
+    """The line that says what went wrong: the innermost ``SomeError: ...`` of a Spark
+    failure (whose message embeds Python tracebacks), else the first line."""
+    text = str(getattr(error, "desc", None) or error)
+    raised = [m for m in map(_RAISED.match, text.splitlines()) if m]
+    if raised:
+        name, message = raised[-1].groups()
+        return f"{name.rsplit('.', 1)[-1]}: {message.strip()}"[:400]
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line:
+            return line[:400]
+    return type(error).__name__
+
+
+def _source_error(error: BaseException) -> BaseException:
+    """A data-loss message from the source becomes a :class:`DataLossError`."""
+    text = str(getattr(error, "desc", None) or error)
+    if "DATA_LOSS " in text:
+        detail = text.split("DATA_LOSS ", 1)[1].splitlines()[0]
+        return dataloss.gone_from_source(detail)
+    return error
