@@ -1,9 +1,11 @@
 """Errors a user acts on: each carries a one-line message with the remedy and an exit code.
 
 The others of the hierarchy live next to what raises them: ``ConfigError`` (config),
-``KafkaUnavailableError`` (clients.kafka), ``BrokerError`` (local.broker),
-``MongoUnavailableError`` (clients.mongo), ``ViewMissingError`` (serving.loader),
-``MetabaseError`` (dashboards.metabase), ``CheckFailed`` (serving.checks, exit code 1).
+``KafkaUnavailableError`` (clients.kafka, a :class:`TransientError`), ``BrokerError``
+(local.broker), ``MongoUnavailableError`` (clients.mongo), ``ViewMissingError``
+(serving.loader), ``MetabaseError`` (dashboards.metabase), ``CheckFailed`` (serving.checks,
+exit code 1). What to do about a failure is decided by its class, never by its wording:
+the stream's supervisor retries a :class:`TransientError` and stops on any other.
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ class MeterflowError(RuntimeError):
     ``exit_code`` what the command or job exits with, so no caller keeps a table of them."""
 
     exit_code = 2
+
+
+class TransientError(MeterflowError):
+    """A service is away (Kafka, say): neither a bug nor a decision, so the same work may
+    succeed after a wait. Callers that can wait retry it with a backoff."""
 
 
 class DataLossError(MeterflowError):

@@ -19,7 +19,6 @@ supervisor waits for them and decides on how a start ended:
 from __future__ import annotations
 
 import contextlib
-import re
 import threading
 import time
 from collections import Counter
@@ -38,25 +37,14 @@ from meterflow.core.ledger import Ledger
 from meterflow.core.logs import get_logger
 from meterflow.core.signals import SignalHandler, signals_handled
 from meterflow.spark.session import get_spark, kafka_format, start_stream
-from meterflow.stream import dataloss
-from meterflow.stream.commit import GenerationChangedError, LakeCommitter
+from meterflow.stream.commit import LakeCommitter
 from meterflow.stream.detection import EpisodePublisher, plan_detection, start_detection
+from meterflow.stream.failures import Verdict, classify
 from meterflow.stream.profiles import load_profiles
 from meterflow.stream.startup import StreamPlan, check_writable, plan_start, refuse_legacy_lake
 
 log = get_logger(__name__)
 QUERY_NAME = "meterflow_speed_layer"
-#: Failures worth a retry: Kafka or the network is away, not a bug or a decision.
-_TRANSIENT_MARKERS = (
-    "KafkaUnavailableError",
-    "_TIMED_OUT",
-    "Timed out",
-    "_TRANSPORT",
-    "_ALL_BROKERS_DOWN",
-    "does not exist or has no partitions",
-    "not available after",
-    "Broker transport failure",
-)
 
 
 def run(
@@ -137,30 +125,24 @@ class Supervisor:
         while True:
             start = self._start_once()
             totals.update(start.totals)
-            error = start.error
-            if error is None:
+            if start.error is None:
                 break
-            if isinstance(error, GenerationChangedError) or self._generation_changed(start):
-                log.warning(
-                    "streaming=restart reason=generation-changed detail=%s", _first_line(error)
-                )
+            failure = classify(start.error)
+            if failure.verdict is Verdict.RESTART or self._generation_changed(start):
+                log.warning("streaming=restart reason=generation-changed detail=%s", failure.line)
                 attempt = 0
                 continue
-            error = _source_error(error)
-            if isinstance(error, MeterflowError) and not isinstance(
-                error, kafka.KafkaUnavailableError
-            ):
-                raise error  # a decision or a bad configuration; Kafka away is retried below
-            transient = isinstance(error, kafka.KafkaUnavailableError)
-            if not transient and not any(marker in str(error) for marker in _TRANSIENT_MARKERS):
-                log.error("streaming=failed error=%s", error)  # the whole story, once, in the log
+            if failure.verdict is Verdict.STOP:
+                raise failure.error  # a decision or a bad configuration: its own one line
+            if failure.verdict is Verdict.FAIL:
+                log.error("streaming=failed error=%s", start.error)  # the whole story, once
                 raise MeterflowError(
-                    f"the stream failed: {_first_line(error)} (details in the log above); the "
+                    f"the stream failed: {failure.line} (details in the log above); the "
                     "next start resumes where the lake's ledger ends"
                 )
             if start.progressed:
                 attempt = 0  # it made progress: a new outage starts a new count
-            attempt = self._backoff(attempt, error)
+            attempt = self._backoff(attempt, failure.line)
             if self.stop.is_set():
                 break
         return self._stopped(totals, time.monotonic() - started)
@@ -274,7 +256,7 @@ class Supervisor:
             return False
         return ids[topic] != start.committer.generation
 
-    def _backoff(self, attempt: int, error: BaseException) -> int:
+    def _backoff(self, attempt: int, reason: str) -> int:
         """Wait before the next attempt; raise once ``stream_retries`` attempts failed."""
         settings = self.settings
         attempt += 1
@@ -282,7 +264,7 @@ class Supervisor:
             retries = settings.stream_retries
             raise StreamUnavailableError(
                 f"Kafka at {settings.bootstrap_servers} still unavailable after {retries} "
-                f"{'retry' if retries == 1 else 'retries'} ({_first_line(error)}); check the "
+                f"{'retry' if retries == 1 else 'retries'} ({reason}); check the "
                 "broker, then start the stream again: it resumes where the lake's ledger ends"
             )
         delay = min(30.0, 2.0 ** (attempt - 1))
@@ -291,7 +273,7 @@ class Supervisor:
             attempt,
             settings.stream_retries,
             delay,
-            _first_line(error),
+            reason,
         )
         self.stop.wait(delay)
         if not self.stop.is_set():
@@ -378,30 +360,3 @@ def await_queries(
 
 def _ended_well(query: StreamingQuery, committer: LakeCommitter) -> bool:
     return not query.isActive and committer.failure is None and query.exception() is None
-
-
-_RAISED = re.compile(r"^\s*([\w.]+(?:Error|Exception)): (.+)$")
-
-
-def _first_line(error: BaseException) -> str:
-    """The line that says what went wrong: the innermost ``SomeError: ...`` of a Spark
-    failure (whose message embeds Python tracebacks), else the first line."""
-    text = str(getattr(error, "desc", None) or error)
-    raised = [m for m in map(_RAISED.match, text.splitlines()) if m]
-    if raised:
-        name, message = raised[-1].groups()
-        return f"{name.rsplit('.', 1)[-1]}: {message.strip()}"[:400]
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line:
-            return line[:400]
-    return type(error).__name__
-
-
-def _source_error(error: BaseException) -> BaseException:
-    """A data-loss message from the source becomes a :class:`DataLossError`."""
-    text = str(getattr(error, "desc", None) or error)
-    if "DATA_LOSS " in text:
-        detail = text.split("DATA_LOSS ", 1)[1].splitlines()[0]
-        return dataloss.gone_from_source(detail)
-    return error
