@@ -31,6 +31,7 @@ from pyspark.sql.streaming import StreamingQuery
 
 from meterflow.clients import kafka
 from meterflow.core import lake
+from meterflow.core.backoff import Backoff
 from meterflow.core.config import Settings
 from meterflow.core.errors import MeterflowError, StreamUnavailableError
 from meterflow.core.ledger import Ledger
@@ -120,7 +121,7 @@ class Supervisor:
     def run(self) -> dict[str, int]:
         """Start, wait, decide, until stopped, caught up or a failure ends the run."""
         totals: Counter[str] = Counter()
-        attempt = 0
+        backoff = Backoff.until(self.stop, retries=self.settings.stream_retries)
         started = time.monotonic()
         while True:
             start = self._start_once()
@@ -130,7 +131,7 @@ class Supervisor:
             failure = classify(start.error)
             if failure.verdict is Verdict.RESTART or self._generation_changed(start):
                 log.warning("streaming=restart reason=generation-changed detail=%s", failure.line)
-                attempt = 0
+                backoff.reset()
                 continue
             if failure.verdict is Verdict.STOP:
                 raise failure.error  # a decision or a bad configuration: its own one line
@@ -141,9 +142,8 @@ class Supervisor:
                     "next start resumes where the lake's ledger ends"
                 )
             if start.progressed:
-                attempt = 0  # it made progress: a new outage starts a new count
-            attempt = self._backoff(attempt, failure.line)
-            if self.stop.is_set():
+                backoff.reset()  # it made progress: a new outage starts a new count
+            if not self._back_off(backoff, failure.line):
                 break
         return self._stopped(totals, time.monotonic() - started)
 
@@ -256,34 +256,30 @@ class Supervisor:
             return False
         return ids[topic] != start.committer.generation
 
-    def _backoff(self, attempt: int, reason: str) -> int:
-        """Wait before the next attempt; raise once ``stream_retries`` attempts failed."""
+    def _back_off(self, backoff: Backoff, reason: str) -> bool:
+        """Wait before the next start (False: stopped meanwhile); raise once the retries
+        are spent. A broker that came back empty gets its topics again before the start."""
         settings = self.settings
-        attempt += 1
-        if attempt > settings.stream_retries:
+        if not backoff.failed():
             retries = settings.stream_retries
             raise StreamUnavailableError(
                 f"Kafka at {settings.bootstrap_servers} still unavailable after {retries} "
                 f"{'retry' if retries == 1 else 'retries'} ({reason}); check the "
                 "broker, then start the stream again: it resumes where the lake's ledger ends"
             )
-        delay = min(30.0, 2.0 ** (attempt - 1))
         log.warning(
             "streaming=retry attempt=%d of=%d retry_in_s=%.0f error=%s",
-            attempt,
+            backoff.attempt,
             settings.stream_retries,
-            delay,
+            backoff.delay,
             reason,
         )
-        self.stop.wait(delay)
-        if not self.stop.is_set():
-            # A broker that came back empty: recreate the topics, then re-plan.
-            with contextlib.suppress(kafka.KafkaUnavailableError):
-                kafka.check_reachable(settings.bootstrap_servers, timeout=5)
-                kafka.ensure_topics(
-                    settings.bootstrap_servers, settings.topics, settings.partitions
-                )
-        return attempt
+        if not backoff.wait():
+            return False
+        with contextlib.suppress(kafka.KafkaUnavailableError):
+            kafka.check_reachable(settings.bootstrap_servers, timeout=5)
+            kafka.ensure_topics(settings.bootstrap_servers, settings.topics, settings.partitions)
+        return True
 
     def _stopped(self, totals: Counter[str], seconds: float) -> dict[str, int]:
         """The run's totals as :func:`run` returns them, logged once."""
