@@ -4,7 +4,7 @@ Run by ``spark-submit jobs/streaming_job.py [--available-now] [--accept-data-los
 ``meterflow stream``; :func:`run` is the entry point. Each start of the stream plans where
 to read (:mod:`meterflow.stream.startup`), starts the lake query, whose micro-batches
 :class:`~meterflow.stream.commit.LakeCommitter` commits through the lake's ledger, and,
-with detection on, the stateful stage's query (:mod:`meterflow.stream.detection`). The
+with detection on, the stateful stage's query (:mod:`meterflow.stream.detection.query`). The
 supervisor waits for them and decides on how a start ended:
 
 * stopped, or caught up with ``available_now``: done;
@@ -39,9 +39,14 @@ from meterflow.core.logs import get_logger
 from meterflow.core.signals import SignalHandler, signals_handled
 from meterflow.spark.session import get_spark, kafka_format, start_stream
 from meterflow.stream.commit import LakeCommitter
-from meterflow.stream.detection import EpisodePublisher, plan_detection, start_detection
+from meterflow.stream.detection.profiles import load_profiles
+from meterflow.stream.detection.query import (
+    DetectorSpec,
+    EpisodePublisher,
+    plan_detection,
+    start_detection,
+)
 from meterflow.stream.failures import Verdict, classify
-from meterflow.stream.profiles import load_profiles
 from meterflow.stream.startup import StreamPlan, check_writable, plan_start, refuse_legacy_lake
 
 log = get_logger(__name__)
@@ -209,7 +214,7 @@ class Supervisor:
         )
 
     def _start_detector(self) -> tuple[EpisodePublisher, StreamingQuery]:
-        """The stateful stage's query (:mod:`meterflow.stream.detection`) and its publisher.
+        """The stateful stage's query (:mod:`meterflow.stream.detection.query`) and its publisher.
 
         A catch-up (``available_now``) runs in event time whatever ``METERFLOW_DETECTION_TIME``
         says: processing-time timers are always pending, so Spark would never call it done.
@@ -219,7 +224,6 @@ class Supervisor:
         plan = plan_detection(
             settings.bootstrap_servers, settings.topic_digest, settings.checkpoint_path, clock
         )
-        profiles = load_profiles(settings.registry_path, settings.detection)
         publisher = EpisodePublisher(settings.bootstrap_servers, settings.topic_abnormal)
         log.info(
             "detector source=%s topic=%s generation=%s clock=%s checkpoint=%s",
@@ -229,20 +233,19 @@ class Supervisor:
             clock,
             plan.checkpoint,
         )
-        query = start_detection(
-            self.spark,
-            self.source_format,
-            settings.bootstrap_servers,
-            plan,
-            publisher,
-            settings.topic_digest,
-            settings.detection,
-            profiles,
-            settings.reading_interval_seconds,
-            clock,
-            settings.trigger_seconds,
-            self.available_now,
+        spec = DetectorSpec(
+            source_format=self.source_format,
+            bootstrap_servers=settings.bootstrap_servers,
+            digest_topic=settings.topic_digest,
+            plan=plan,
+            clock=clock,
+            rules=settings.detection,
+            profiles=load_profiles(settings.registry_path, settings.detection),
+            default_interval_s=settings.reading_interval_seconds,
+            trigger_seconds=settings.trigger_seconds,
+            available_now=self.available_now,
         )
+        query = start_detection(self.spark, spec, publisher)
         return publisher, query
 
     def _generation_changed(self, start: _Start) -> bool:

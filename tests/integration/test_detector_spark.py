@@ -17,8 +17,8 @@ from pyspark.sql import functions as F
 from meterflow.core import messages
 from meterflow.core.thresholds import DetectionRules
 from meterflow.core.timestamps import parse_timestamp_us
-from meterflow.stream.detector import EVENT_TIME, detect_faults, digest_rows
-from meterflow.stream.profiles import MeterProfile, load_profiles
+from meterflow.stream.detection.processor import EVENT_TIME, detect_faults, digest_rows
+from meterflow.stream.detection.profiles import MeterProfile, load_profiles
 
 T0 = parse_timestamp_us("2024-05-27T00:00:00Z")
 STEP = 900

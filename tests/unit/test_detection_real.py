@@ -19,7 +19,7 @@ import pytest
 from bench.detection_real import RULES, excerpts, measure, readings
 from meterflow.core.contract import FaultCode, MeterType
 from meterflow.core.thresholds import DetectionRules
-from meterflow.stream.detect import Meter, Observed
+from meterflow.stream.detection.rules import Meter, Observed
 
 DAY_AT_15_MIN = 96
 

@@ -1,6 +1,6 @@
-"""The stateful processor (meterflow.stream.detector) through Spark's own in-memory tester
-(TwsTester): its state, its NO_DATA timer in both time modes, its output rows; and the
-digests it reads, as the stream's tasks write them. No JVM."""
+"""The stateful processor (meterflow.stream.detection.processor) through Spark's own
+in-memory tester (TwsTester): its state, its NO_DATA timer in both time modes, its output
+rows; and the digests it reads, as the stream's tasks write them. No JVM."""
 
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ from meterflow.core.contract import FaultCode
 from meterflow.core.thresholds import DetectionRules
 from meterflow.core.timestamps import parse_timestamp_us
 from meterflow.stream.classify import classify_batch, reading_digests
-from meterflow.stream.detect import CLEAR, OPEN
-from meterflow.stream.detector import (
+from meterflow.stream.detection.processor import (
     EVENT_TIME,
     PROCESSING_TIME,
     Bucket,
     MeterDetector,
 )
-from meterflow.stream.profiles import MeterProfile, load_profiles
+from meterflow.stream.detection.profiles import MeterProfile, load_profiles
+from meterflow.stream.detection.rules import CLEAR, OPEN
 
 T0 = parse_timestamp_us("2024-05-27T00:00:00Z")
 STEP = 900
@@ -243,7 +243,7 @@ def test_a_new_digest_topic_or_clock_starts_the_state_afresh_and_says_so(
 ) -> None:
     """The checkpoint is per digest-topic id and clock; a fresh one beside an old one is
     logged (the meters' history starts again)."""
-    from meterflow.stream import detection
+    from meterflow.stream.detection import query as detection
 
     topic_id = ["AaItG3tnf0KuPuo7aC8Mcw"]
     monkeypatch.setattr(detection.kafka, "topic_ids", lambda _b, ts: {t: topic_id[0] for t in ts})

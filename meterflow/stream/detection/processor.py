@@ -1,4 +1,4 @@
-"""The stateful stage in Spark: :mod:`meterflow.stream.detect`'s rules per meter, with
+"""The stateful stage in Spark: :mod:`meterflow.stream.detection.rules`'s rules per meter, with
 ``transformWithStateInPandas`` on the RocksDB state store, checkpointed.
 
 :func:`detect_faults` turns a stream of per-meter reading digests (the stream's tasks
@@ -7,7 +7,7 @@ them) into a stream of episode changes (:data:`CHANGE_SCHEMA`): one row each tim
 SPIKE, LEAK or NO_DATA episode opens or clears. Reading digests rather than ``iot-meter``
 spares a second Kafka read and classification, and a row per meter instead of per reading
 (docs/architecture.md, "Stateful detection", has the measurements). State is kept per
-bucket of meters (:class:`MeterDetector`): each meter's :class:`~meterflow.stream.detect.
+bucket of meters (:class:`MeterDetector`): each meter's :class:`~meterflow.stream.detection.rules.
 MeterState` (a few kB at most), dropped once it has been silent for a time to live, and one
 pending timer per bucket for NO_DATA:
 
@@ -39,7 +39,8 @@ from meterflow.core.contract import MeterType
 from meterflow.core.logs import get_logger
 from meterflow.core.messages import ReadingDigest, decoder
 from meterflow.core.thresholds import DetectionRules
-from meterflow.stream.detect import (
+from meterflow.stream.detection.profiles import MeterProfile
+from meterflow.stream.detection.rules import (
     Detection,
     Meter,
     MeterState,
@@ -47,7 +48,6 @@ from meterflow.stream.detect import (
     expire,
     observe,
 )
-from meterflow.stream.profiles import MeterProfile
 
 log = get_logger(__name__)
 
@@ -121,7 +121,7 @@ class MeterDetector(StatefulProcessor):
     detection"). Each meter keeps its own :class:`MeterState` inside the bucket's value,
     and the bucket one timer, at the earliest of its meters' deadlines.
 
-    ``profiles`` (:func:`meterflow.stream.profiles.load_profiles`) hold the meters whose
+    ``profiles`` (:func:`meterflow.stream.detection.profiles.load_profiles`) hold the meters whose
     interval or thresholds differ from ``default_interval_s`` and ``rules``.
     """
 

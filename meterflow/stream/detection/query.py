@@ -2,10 +2,11 @@
 
 ``meterflow stream`` (and the streaming job) start it beside the lake query when
 ``METERFLOW_DETECTION=on``. It reads ``iot-meter-digest`` (which the lake query's tasks
-fill), runs :func:`meterflow.stream.detector.detect_faults` on the RocksDB state store,
-and publishes every episode change as an :class:`~meterflow.core.messages.AbnormalEvent`
-with its :class:`~meterflow.core.messages.Episode` on ``iot-abnormal``, keyed by meter,
-before the micro-batch commits. A batch retried after a crash recomputes the same changes
+fill), runs :func:`~meterflow.stream.detection.processor.detect_faults` on the RocksDB
+state store, and publishes every episode change as an
+:class:`~meterflow.core.messages.AbnormalEvent` with its
+:class:`~meterflow.core.messages.Episode` on ``iot-abnormal``, keyed by meter, before the
+micro-batch commits. A batch retried after a crash recomputes the same changes
 from the same state version, and the event ids (``device|code|start|action``) make the
 sink store them once (docs/architecture.md, "Stateful detection").
 
@@ -35,11 +36,17 @@ from meterflow.core.messages import AbnormalEvent, Episode, encode
 from meterflow.core.thresholds import DetectionRules
 from meterflow.core.timestamps import format_timestamp_us
 from meterflow.spark.session import start_stream
-from meterflow.stream.detect import episode_id
-from meterflow.stream.detector import EVENT_TIME, PROCESSING_TIME, detect_faults, digest_rows
-from meterflow.stream.profiles import MeterProfile
+from meterflow.stream.detection.processor import (
+    EVENT_TIME,
+    PROCESSING_TIME,
+    detect_faults,
+    digest_rows,
+)
+from meterflow.stream.detection.profiles import MeterProfile
+from meterflow.stream.detection.rules import episode_id
+from meterflow.stream.startup import generation_dir
 
-log = get_logger("meterflow.stream.detection")
+log = get_logger(__name__)
 QUERY_NAME = "meterflow_detector"
 #: Digests a micro-batch reads at most: a catch-up then moves the watermark in steps (a
 #: meter on a partition that is behind is not taken for silent) and bounds the pandas
@@ -62,9 +69,8 @@ def plan_detection(
 ) -> DetectionPlan:
     """The checkpoint of the digest topic's current generation under this ``clock``."""
     generation = kafka.topic_ids(bootstrap_servers, [topic])[topic]
-    safe = generation.replace("/", "_").replace("+", "-")  # topic ids are base64
     base = posixpath.join(checkpoint_path.rstrip("/"), "detector")
-    name = f"{topic}-{safe}"
+    name = generation_dir(topic, generation)
     checkpoint = posixpath.join(base, clock, name)
     fs, local_base = lake.filesystem_for(base)
     others = sorted(
@@ -92,7 +98,8 @@ def plan_detection(
 
 
 def episode_event(row: Row, detected_at: str) -> AbnormalEvent:
-    """One change row of :data:`~meterflow.stream.detector.CHANGE_SCHEMA` as a wire event."""
+    """One change row (:data:`~meterflow.stream.detection.processor.CHANGE_SCHEMA`) as a
+    wire event."""
     code = FaultCode(row.fault_code)
     episode = Episode(
         id=episode_id(row.device_id, code, row.start_us),
@@ -173,19 +180,25 @@ class EpisodePublisher:
         )
 
 
+@dataclass(frozen=True)
+class DetectorSpec:
+    """What the detector's query needs: where its digests come from, how it decides, and
+    how often it runs."""
+
+    source_format: str  # the Kafka source: "kafka" (JVM) or the Python one
+    bootstrap_servers: str
+    digest_topic: str
+    plan: DetectionPlan
+    clock: str  # METERFLOW_DETECTION_TIME: "processing" or "event"
+    rules: DetectionRules
+    profiles: Mapping[str, MeterProfile]
+    default_interval_s: int
+    trigger_seconds: float
+    available_now: bool = False
+
+
 def start_detection(
-    spark: SparkSession,
-    source_format: str,
-    bootstrap_servers: str,
-    plan: DetectionPlan,
-    publisher: EpisodePublisher,
-    digest_topic: str,
-    rules: DetectionRules,
-    profiles: Mapping[str, MeterProfile],
-    default_interval_s: int,
-    clock: str,
-    trigger_seconds: float,
-    available_now: bool = False,
+    spark: SparkSession, spec: DetectorSpec, publisher: EpisodePublisher
 ) -> StreamingQuery:
     """Wire the digest source, the stateful stage and the publisher; the running query.
 
@@ -193,20 +206,24 @@ def start_detection(
     holds rebuild the meters' recent history (baselines, runs) before live data.
     """
     digests = (
-        spark.readStream.format(source_format)
-        .option("kafka.bootstrap.servers", bootstrap_servers)
-        .option("subscribe", digest_topic)
+        spark.readStream.format(spec.source_format)
+        .option("kafka.bootstrap.servers", spec.bootstrap_servers)
+        .option("subscribe", spec.digest_topic)
         .option("startingOffsets", "earliest")
         .option("failOnDataLoss", "false")
         .option("maxOffsetsPerTrigger", str(DIGESTS_PER_TRIGGER))
         .load()
     )
     changes = detect_faults(
-        digest_rows(digests), rules, profiles, default_interval_s, TIME_MODES[clock]
+        digest_rows(digests),
+        spec.rules,
+        spec.profiles,
+        spec.default_interval_s,
+        TIME_MODES[spec.clock],
     )
     writer = (
         changes.writeStream.queryName(QUERY_NAME)
         .foreachBatch(publisher)
-        .option("checkpointLocation", plan.checkpoint)
+        .option("checkpointLocation", spec.plan.checkpoint)
     )
-    return start_stream(writer, available_now, trigger_seconds)
+    return start_stream(writer, spec.available_now, spec.trigger_seconds)
