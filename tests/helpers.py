@@ -1,12 +1,15 @@
 """Helpers both test trees use: the repository's root, a free port, the ``meterflow`` command,
-an in-memory message sink."""
+an in-memory message sink, a recreated Kafka topic, a logger's messages."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,3 +62,36 @@ def kafka_records(values: list[bytes | None], timestamp_us: int, topic: str = "i
             "timestamp": pa.array([timestamp_us] * count, pa.timestamp("us", "UTC")),
         }
     )
+
+
+def recreate_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    """Delete ``topic`` and create it again, empty: a new topic id, a new generation."""
+    from confluent_kafka.admin import AdminClient
+
+    from meterflow.clients import kafka
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.delete_topics([topic], request_timeout=15).values():
+        future.result(15)
+    kafka.ensure_topics(bootstrap, [topic], partitions)
+
+
+@contextlib.contextmanager
+def logged(name: str, level: int = logging.INFO) -> Iterator[list[str]]:
+    """The messages of logger ``name`` and its children meanwhile, whatever handlers the
+    process set up (``setup_logging`` stops meterflow's records at its own logger)."""
+    messages: list[str] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logger = logging.getLogger(name)
+    handler, previous = _Keep(level), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(level, logger.getEffectiveLevel()))
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)

@@ -14,6 +14,7 @@ import uuid
 from collections import Counter
 from datetime import UTC, datetime
 
+from helpers import logged, recreate_topic
 from pyspark.sql import SparkSession
 
 from bench.common import read_all
@@ -115,6 +116,37 @@ def test_episodes_reach_iot_abnormal_once_across_restarts_and_become_incidents(
     assert stuck["closed_at"].replace(tzinfo=UTC) == datetime.fromtimestamp(at(26) / 1e6, UTC)
     for device in ("em1", "em2"):
         assert not db[mongo.METER_STATUS].find_one({"_id": device}).get("open_episodes")
+
+
+def test_a_recreated_digest_topic_keeps_each_meters_history(
+    spark: SparkSession, make_settings
+) -> None:
+    """Issue: every restart of `meterflow run` (a new local broker, so a new digest topic)
+    threw each meter's history away. The new generation's checkpoint starts from the old
+    one's state: a STUCK run begun before the topic was recreated still opens."""
+    settings = make_settings(
+        partitions=2, METERFLOW_DETECTION="on", METERFLOW_DETECTION_TIME="event"
+    )
+    send(settings, [("em1", i, normal(i)) for i in range(10)])
+    send(settings, [("em1", i, 0.777) for i in range(10, 14)])  # four repeats of eight
+    first = run(settings, available_now=True, spark=spark)
+    assert first["read"] == 14 and episode_events(settings) == []
+
+    recreate_topic(settings.bootstrap_servers, settings.topic_digest, 2)
+    send(settings, [("em1", i, 0.777) for i in range(14, 18)])  # the new topic: four more
+    with logged("meterflow.stream.detection") as lines:
+        second = run(settings, available_now=True, spark=spark)
+
+    carried = [line for line in lines if line.startswith("detector=state-carried-over")]
+    assert len(carried) == 1 and carried[0].endswith(" buckets=1 meters=1"), lines
+    assert "/detector/event/" in carried[0]
+    assert not [line for line in lines if "fresh-state" in line]
+    # Only the old state knows the first four repeats: a fresh one would open nothing.
+    assert second["open_STUCK"] == 1
+    opened = [e for e in episode_events(settings) if e.episode is not None]
+    assert [(e.fault_code, e.episode.action, e.episode.start) for e in opened] == [
+        ("STUCK", "open", format_timestamp_us(at(10)))
+    ]
 
 
 def test_a_stream_killed_while_detecting_loses_and_changes_no_episode(

@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 import pandas as pd
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.streaming.stateful_processor import (
     ExpiredTimerInfo,
@@ -72,6 +72,9 @@ _CHANGE_COLUMNS = [
 EVENT_TIME = "EventTime"
 PROCESSING_TIME = "ProcessingTime"
 TIME_MODES = (EVENT_TIME, PROCESSING_TIME)
+#: The processor's one state variable (a bucket's msgpack-encoded :class:`Bucket`) and its
+#: schema: what Spark's state reader reads back from a checkpoint (:func:`read_state`).
+STATE_NAME = "bucket"
 _STATE_SCHEMA = "state binary"
 #: Buckets of meters the state is kept in (see :class:`MeterDetector`): enough to spread
 #: over the shuffle partitions, few enough that each holds many meters.
@@ -146,7 +149,7 @@ class MeterDetector(StatefulProcessor):
 
     def init(self, handle: StatefulProcessorHandle) -> None:
         self.handle = handle
-        self.state = handle.getValueState("bucket", _STATE_SCHEMA)
+        self.state = handle.getValueState(STATE_NAME, _STATE_SCHEMA)
 
     def _meter(self, device_id: str, meter_type: str | None) -> Meter:
         """The meter as the rules see it. Kept: each batch asks for every meter of its
@@ -271,6 +274,23 @@ class MeterDetector(StatefulProcessor):
         bucket.timer_ms = fire_ms
         self.handle.registerTimer(fire_ms)
 
+    def handleInitialState(
+        self,
+        key: Any,
+        initialState: pd.DataFrame,  # noqa: N803
+        timerValues: TimerValues,  # noqa: N803
+    ) -> None:
+        """A bucket carried over from a previous checkpoint (:func:`read_state`): its
+        meters' states as they were; its timer is armed again here, since the old one
+        belonged to the old checkpoint."""
+        bucket = self._load()
+        for raw in initialState["state"]:
+            carried = _bucket_decoder.decode(bytes(raw))
+            bucket.meters.update(carried.meters)
+            bucket.arrived_ms.update(carried.arrived_ms)
+        bucket.timer_ms = 0
+        self._save(bucket, timerValues)
+
     def close(self) -> None:
         pass
 
@@ -304,10 +324,13 @@ def detect_faults(
     ttl_ms: int = 7 * 24 * 3_600_000,
     buckets: int = DEFAULT_BUCKETS,
     started_ms: int | None = None,
+    initial_state: DataFrame | None = None,
 ) -> DataFrame:
     """The episode changes of a streaming DataFrame of digests (:data:`DIGEST_DDL`);
     ``profiles`` are the meters that differ from ``rules`` and ``default_interval_s``.
-    ``started_ms`` (default: now) is when this start of the query began, on the clock."""
+    ``started_ms`` (default: now) is when this start of the query began, on the clock.
+    ``initial_state`` (:func:`read_state` of a previous checkpoint, the same ``buckets``)
+    is where a fresh checkpoint's meters start from; Spark reads it in the first batch."""
     source = digests.select(
         "device_id",
         "event_time",
@@ -328,4 +351,26 @@ def detect_faults(
         CHANGE_SCHEMA,
         "Append",
         time_mode,
+        initialState=None if initial_state is None else initial_state.groupBy("bucket"),
     )
+
+
+def read_state(spark: SparkSession, checkpoint: str) -> DataFrame:
+    """The buckets a detector's checkpoint holds after its last committed batch, as
+    ``bucket int, state binary`` rows (Spark's state reader, ``statestore``)."""
+    stored = spark.read.format("statestore").option("stateVarName", STATE_NAME).load(checkpoint)
+    return stored.select(F.col("key.bucket").alias("bucket"), F.col("value.state").alias("state"))
+
+
+def count_state(state: DataFrame) -> tuple[int, int]:
+    """Buckets and meters in a :func:`read_state` frame (one Spark job, nothing collected
+    but the two counts)."""
+    meters = F.pandas_udf(_meters_in, "int")  # type: ignore[call-overload]  # stubs: no Series
+    row = state.agg(F.count("*").alias("buckets"), F.sum(meters("state")).alias("meters")).first()
+    return (int(row["buckets"]), int(row["meters"] or 0)) if row is not None else (0, 0)
+
+
+def _meters_in(states: pd.Series) -> pd.Series:
+    """How many meters each bucket's state holds (a module function: Spark pickles it by
+    name, not with the decoder it uses)."""
+    return states.map(lambda raw: len(_bucket_decoder.decode(bytes(raw)).meters))

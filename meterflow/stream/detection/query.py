@@ -10,9 +10,11 @@ micro-batch commits. A batch retried after a crash recomputes the same changes
 from the same state version, and the event ids (``device|code|start|action``) make the
 sink store them once (docs/architecture.md, "Stateful detection").
 
-Its checkpoint lives per digest-topic generation and per NO_DATA clock: state cannot carry
-over to a recreated topic (its offsets restart) or between clocks (the timers differ), so
-either change starts the meters' history afresh, which the log says.
+Its checkpoint lives per digest-topic generation (a recreated topic's offsets restart) and
+per NO_DATA clock. A new checkpoint of the same clock starts from the state of the newest
+one before it (Spark's state reader, ``initialState``), so a broker restart or a topic
+migration keeps each meter's baselines and runs; a clock change starts afresh, which the
+log says.
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ from meterflow.spark.session import start_stream
 from meterflow.stream.detection.processor import (
     EVENT_TIME,
     PROCESSING_TIME,
+    count_state,
     detect_faults,
     digest_rows,
+    read_state,
 )
 from meterflow.stream.detection.profiles import MeterProfile
 from meterflow.stream.detection.rules import episode_id
@@ -58,43 +62,77 @@ TIME_MODES = {"processing": PROCESSING_TIME, "event": EVENT_TIME}
 
 @dataclass(frozen=True)
 class DetectionPlan:
-    """Where the detector reads from: the digest topic's generation and the checkpoint."""
+    """Where the detector reads from: the digest topic's generation and the checkpoint,
+    and, for a fresh checkpoint, the previous one whose state it starts from."""
 
     generation: str
     checkpoint: str
+    previous: str | None = None
 
 
 def plan_detection(
     bootstrap_servers: str, topic: str, checkpoint_path: str, clock: str
 ) -> DetectionPlan:
-    """The checkpoint of the digest topic's current generation under this ``clock``."""
+    """The checkpoint of the digest topic's current generation under this ``clock``.
+
+    A fresh one (no committed batch) carries the meters' state over from the newest
+    committed checkpoint of the same clock: a digest topic recreated (a broker that came
+    back empty, a migration) keeps the meters' history. A checkpoint of the other clock
+    is not carried over: its timers run on the other clock, so the state starts afresh,
+    and the log says so.
+    """
     generation = kafka.topic_ids(bootstrap_servers, [topic])[topic]
     base = posixpath.join(checkpoint_path.rstrip("/"), "detector")
-    name = generation_dir(topic, generation)
-    checkpoint = posixpath.join(base, clock, name)
-    fs, local_base = lake.filesystem_for(base)
-    others = sorted(
-        f"{known}/{info.base_name}"
+    checkpoint = posixpath.join(base, clock, generation_dir(topic, generation))
+    if _committed_at(checkpoint) is not None:
+        return DetectionPlan(generation, checkpoint)  # a restart: its own state
+    committed = {
+        path: at
         for known in TIME_MODES
-        for info in fs.get_file_info(
-            pafs.FileSelector(posixpath.join(local_base, known), allow_not_found=True)
-        )
-        if info.type == pafs.FileType.Directory and f"{known}/{info.base_name}" != f"{clock}/{name}"
-    )
-    fresh = fs.get_file_info(posixpath.join(local_base, clock, name)).type == (
-        pafs.FileType.NotFound
-    )
-    if fresh and others:
-        same_clock = any(other.startswith(f"{clock}/") for other in others)
+        for path in lake.subdirectories(posixpath.join(base, known))
+        if path != checkpoint and (at := _committed_at(path)) is not None
+    }
+    same_clock = [path for path in committed if path.startswith(f"{base}/{clock}/")]
+    if same_clock:
+        return DetectionPlan(generation, checkpoint, max(same_clock, key=committed.__getitem__))
+    if committed:
         log.warning(
-            "detector=fresh-state reason=%s topic=%s generation=%s clock=%s previous=%s",
-            "new-digest-topic" if same_clock else "clock-changed",
+            "detector=fresh-state reason=clock-changed topic=%s generation=%s clock=%s "
+            "previous=%s (timers of another clock do not carry over)",
             topic,
             generation,
             clock,
-            ",".join(others),
+            ",".join(sorted(committed)),
         )
     return DetectionPlan(generation, checkpoint)
+
+
+def _committed_at(checkpoint: str) -> float | None:
+    """When the checkpoint's last batch committed (epoch seconds), None if none did."""
+    fs, root = lake.filesystem_for(checkpoint)
+    commits = fs.get_file_info(
+        pafs.FileSelector(posixpath.join(root, "commits"), allow_not_found=True)
+    )
+    times = [i.mtime.timestamp() for i in commits if i.base_name.isdigit() and i.mtime]
+    return max(times, default=None)
+
+
+def carried_state(spark: SparkSession, previous: str) -> DataFrame | None:
+    """The buckets of the ``previous`` checkpoint for a fresh one to start from; None (a
+    fresh start, said in one warning) if they cannot be read: never a crash."""
+    try:
+        state = read_state(spark, previous)
+        buckets, meters = count_state(state)
+    except Exception as exc:  # whatever the reader raises: the history is not worth a stop
+        reason = next(iter(str(exc).splitlines()), "") or type(exc).__name__
+        log.warning(
+            "detector=fresh-state reason=previous-state-unreadable from=%s error=%s",
+            previous,
+            reason[:300],
+        )
+        return None
+    log.info("detector=state-carried-over from=%s buckets=%d meters=%d", previous, buckets, meters)
+    return state
 
 
 def episode_event(row: Row, detected_at: str) -> AbnormalEvent:
@@ -202,8 +240,10 @@ def start_detection(
 ) -> StreamingQuery:
     """Wire the digest source, the stateful stage and the publisher; the running query.
 
-    A fresh checkpoint reads the digest topic from its start: the digests Kafka still
-    holds rebuild the meters' recent history (baselines, runs) before live data.
+    A fresh checkpoint starts from the previous one's state (:func:`plan_detection`) and
+    reads the digest topic from its start: the digests Kafka still holds rebuild or extend
+    the meters' recent history (baselines, runs) before live data; those the carried state
+    already saw are not newer than it, so the rules skip them.
     """
     digests = (
         spark.readStream.format(spec.source_format)
@@ -214,12 +254,14 @@ def start_detection(
         .option("maxOffsetsPerTrigger", str(DIGESTS_PER_TRIGGER))
         .load()
     )
+    previous = spec.plan.previous
     changes = detect_faults(
         digest_rows(digests),
         spec.rules,
         spec.profiles,
         spec.default_interval_s,
         TIME_MODES[spec.clock],
+        initial_state=carried_state(spark, previous) if previous else None,
     )
     writer = (
         changes.writeStream.queryName(QUERY_NAME)
