@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 
 from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
@@ -104,3 +105,13 @@ def start_stream(writer: DataStreamWriter, available_now: bool, seconds: float) 
     if available_now:
         return writer.trigger(availableNow=True).start()
     return writer.trigger(processingTime=f"{seconds:g} seconds").start()
+
+
+def set_log_levels(spark: SparkSession, levels: Mapping[str, str]) -> None:
+    """Set the log4j level of single JVM loggers, by class name (``"ERROR"``, ``"OFF"``)."""
+    jvm = spark.sparkContext._jvm
+    if jvm is None:
+        return
+    log4j = jvm.org.apache.logging.log4j
+    for name, level in levels.items():
+        log4j.core.config.Configurator.setLevel(name, log4j.Level.toLevel(level))

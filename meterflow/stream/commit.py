@@ -15,7 +15,6 @@ import posixpath
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,6 +31,7 @@ from meterflow.core.errors import MeterflowError
 from meterflow.core.ledger import BATCH, LOSS, STAGING_DIR, Ledger, PartitionState, Range
 from meterflow.core.logs import get_logger
 from meterflow.stream import dataloss
+from meterflow.stream.foreach_batch import ForeachBatch
 from meterflow.stream.tasks import SUMMARY_SCHEMA, EventTopics, Tally, TaskPlan, process_partition
 
 log = get_logger(__name__)
@@ -179,7 +179,7 @@ def advance_watermark(lake_path: str, watermark: Watermark) -> None:
         log.warning("watermark=unwritten path=%s error=%s", lake_path, exc)
 
 
-class LakeCommitter:
+class LakeCommitter(ForeachBatch):
     """``foreachBatch``: run the batch's tasks, then commit their output through the ledger."""
 
     def __init__(
@@ -190,27 +190,19 @@ class LakeCommitter:
         accept_data_loss: bool,
         publish: bool = True,
     ) -> None:
+        super().__init__()
         self.settings = settings
         self.ledger = ledger
         self.generation = generation
         self.accept_data_loss = accept_data_loss
         self.topics = event_topics(settings) if publish else None
         self.run_id = uuid.uuid4().hex[:12]
-        self.totals: Counter[str] = Counter()
-        self.batches = 0
         self.timings: list[tuple[int, float]] = []  # (offsets committed, seconds) per batch
-        self.failure: BaseException | None = None
         self.query: StreamingQuery | None = None
         self.lock = threading.Lock()
 
-    def __call__(self, frame: DataFrame, batch_id: int) -> None:
-        try:
-            self.commit(frame, batch_id)
-        except BaseException as exc:
-            self.failure = exc
-            raise
-
-    def commit(self, frame: DataFrame, batch_id: int) -> None:
+    def process(self, frame: DataFrame, batch_id: int) -> None:
+        """Commit one micro-batch: its tasks' files, offsets and counts, in one ledger entry."""
         started = time.monotonic()
         topic = self.settings.topic_readings
         current = kafka.topic_ids(self.settings.bootstrap_servers, [topic])[topic]

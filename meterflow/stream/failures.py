@@ -14,6 +14,7 @@ No decision depends on the wording of a message.
 from __future__ import annotations
 
 import re
+import traceback
 from dataclasses import dataclass
 from enum import Enum
 
@@ -145,6 +146,14 @@ def spark_text(error: BaseException) -> str:
         parts.append(str(getattr(cause, "_stackTrace", "") or ""))
         cause = getattr(cause, "_cause", None)
     return "\n".join(parts)
+
+
+def story(error: BaseException) -> str:
+    """The whole of a failure for the log: a PySpark exception's text with its JVM causes'
+    traces (:func:`spark_text`), any other's Python traceback."""
+    if isinstance(error, PySparkException):
+        return spark_text(error)
+    return "".join(traceback.format_exception(error)).rstrip()
 
 
 def first_line(text: str) -> str:

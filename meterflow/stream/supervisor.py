@@ -37,7 +37,7 @@ from meterflow.core.errors import MeterflowError, StreamUnavailableError
 from meterflow.core.ledger import Ledger
 from meterflow.core.logs import get_logger
 from meterflow.core.signals import SignalHandler, signals_handled
-from meterflow.spark.session import get_spark, kafka_format, start_stream
+from meterflow.spark.session import get_spark, kafka_format, set_log_levels, start_stream
 from meterflow.stream.commit import LakeCommitter
 from meterflow.stream.detection.profiles import load_profiles
 from meterflow.stream.detection.query import (
@@ -46,11 +46,28 @@ from meterflow.stream.detection.query import (
     plan_detection,
     start_detection,
 )
-from meterflow.stream.failures import Verdict, classify
+from meterflow.stream.failures import Verdict, classify, story
 from meterflow.stream.startup import StreamPlan, check_writable, plan_start, refuse_legacy_lake
 
 log = get_logger(__name__)
 QUERY_NAME = "meterflow_speed_layer"
+#: Spark's lines that tell a user of the stream nothing to act on, or repeat what the
+#: supervisor says itself in one line.
+QUIET_SPARK_LOGGERS = {
+    # "Current batch is falling behind" while the first batches start Spark's workers;
+    # each batch's own line has its seconds.
+    "org.apache.spark.sql.execution.streaming.runtime.ProcessingTimeExecutor": "ERROR",
+    # "Failed to cancel job group ...": stopping a query between batches cancels its job
+    # group, which has no job then, twice.
+    "org.apache.spark.scheduler.DAGScheduler": "ERROR",
+    # "No more data to read from the socket": the detector's state server as a batch ends.
+    "org.apache.spark.sql.execution.python.streaming.TransformWithStateInPySparkStateServer": (
+        "ERROR"
+    ),
+    # "Query ... terminated with error" and its trace: the supervisor decides on every
+    # failure and says it in one line, or logs the whole story of a bug.
+    "org.apache.spark.sql.execution.streaming.runtime.MicroBatchExecution": "OFF",
+}
 
 
 def run(
@@ -75,6 +92,7 @@ def run(
     check_writable(settings)
     refuse_legacy_lake(settings.lake_path)
     spark = spark or get_spark("meterflow-streaming", settings.spark_master)
+    set_log_levels(spark, QUIET_SPARK_LOGGERS)
     supervisor = Supervisor(
         settings,
         spark,
@@ -141,7 +159,7 @@ class Supervisor:
             if failure.verdict is Verdict.STOP:
                 raise failure.error  # a decision or a bad configuration: its own one line
             if failure.verdict is Verdict.FAIL:
-                log.error("streaming=failed error=%s", start.error)  # the whole story, once
+                log.error("streaming=failed error=%s", story(start.error))  # whole, once
                 raise MeterflowError(
                     f"the stream failed: {failure.line} (details in the log above); the "
                     "next start resumes where the lake's ledger ends"
@@ -186,15 +204,21 @@ class Supervisor:
         except kafka.KafkaUnavailableError as exc:  # the digest topic's id, before any query
             start.error = exc
         finally:
-            for running in queries:
-                if running.isActive:
-                    running.stop()
+            for function in (committer, start.publisher):
+                if function is not None:
+                    function.stopping = True  # what fails from now on was cut short
+            stopped = stop_queries(queries, self.stop.is_set())
+
+        def failure_of(query: StreamingQuery) -> BaseException | None:
+            """A query stopped here ends as the stop left it: no failure of its own."""
+            return None if id(query) in stopped else query.exception()
+
         start.error = (
             committer.failure
-            or query.exception()
+            or failure_of(query)
             or start.error
             or (start.publisher.failure if start.publisher is not None else None)
-            or (queries[1].exception() if len(queries) > 1 else None)
+            or (failure_of(queries[1]) if len(queries) > 1 else None)
         )
         return start
 
@@ -335,26 +359,32 @@ def start_query(
     return query
 
 
-def await_queries(
-    queries: list[StreamingQuery], stop: threading.Event, grace_s: float = 60.0
-) -> None:
-    """Wait while every query runs (one that ends or fails ends the wait); once ``stop`` is
-    set let each running micro-batch commit, then stop them."""
+def await_queries(queries: list[StreamingQuery], stop: threading.Event) -> None:
+    """Wait while every query runs: until one ends or fails, or ``stop`` is set."""
     while all(q.isActive for q in queries) and not stop.is_set():
         try:
             queries[0].awaitTermination(1)
         except StreamingQueryException:  # read again by the caller from query.exception()
             break
-    if stop.is_set() and any(q.isActive for q in queries):
+
+
+def stop_queries(queries: list[StreamingQuery], signalled: bool, grace_s: float = 60.0) -> set[int]:
+    """Stop the queries still running, each between two of its micro-batches if it can
+    within ``grace_s``: a batch that runs commits first (one still running when the query
+    stops is cancelled, and redone at the next start). The ``id`` of each query stopped."""
+    if signalled and any(q.isActive for q in queries):
         log.info("streaming=stopping reason=signal")
-        deadline = time.monotonic() + grace_s
-        while any(q.isActive and q.status["isTriggerActive"] for q in queries):
+    deadline = time.monotonic() + grace_s
+    stopped = set()
+    for query in queries:
+        while query.isActive and query.status["isTriggerActive"]:
             if time.monotonic() > deadline:
                 break
-            time.sleep(0.1)
-    for query in queries:
+            time.sleep(0.05)
         if query.isActive:
             query.stop()
+            stopped.add(id(query))
+    return stopped
 
 
 def _ended_well(query: StreamingQuery, committer: LakeCommitter) -> bool:

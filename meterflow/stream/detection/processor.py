@@ -20,6 +20,8 @@ pending timer per bucket for NO_DATA:
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -146,6 +148,11 @@ class MeterDetector(StatefulProcessor):
         self.ttl_ms = ttl_ms
         self.started_ms = started_ms
         self._meters: dict[str, Meter] = {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled in a Python worker: in Spark's pre-init worker, quiet its banners."""
+        self.__dict__.update(state)
+        _quiet_pre_init_worker()
 
     def init(self, handle: StatefulProcessorHandle) -> None:
         self.handle = handle
@@ -293,6 +300,24 @@ class MeterDetector(StatefulProcessor):
 
     def close(self) -> None:
         pass
+
+
+#: The module of the Python process Spark starts on the driver, once per start of the
+#: query, to ask the processor for its state variables before the first batch.
+PRE_INIT_WORKER = "pyspark.sql.streaming.transform_with_state_driver_worker"
+
+
+def _quiet_pre_init_worker() -> None:
+    """Send the pre-init worker's stdout nowhere, if this process is that worker.
+
+    It prints its UDF's repr and schema as multi-line banners on stdout, which Spark copies
+    to the driver's stderr; it talks to Spark over a socket, so stdout carries nothing else.
+    Unpickling the processor is the first code of meterflow's it runs (its first line,
+    "Starting ... Python worker.", is printed before).
+    """
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if getattr(spec, "name", None) == PRE_INIT_WORKER:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  # for the process's lifetime
 
 
 def _frame(changes: list[tuple[Meter, Detection]]) -> pd.DataFrame:

@@ -48,6 +48,7 @@ from meterflow.stream.detection.processor import (
 )
 from meterflow.stream.detection.profiles import MeterProfile
 from meterflow.stream.detection.rules import episode_id
+from meterflow.stream.foreach_batch import ForeachBatch
 from meterflow.stream.startup import generation_dir
 
 log = get_logger(__name__)
@@ -157,7 +158,7 @@ def episode_event(row: Row, detected_at: str) -> AbnormalEvent:
     )
 
 
-class EpisodePublisher:
+class EpisodePublisher(ForeachBatch):
     """``foreachBatch``: publish a micro-batch's episode changes, then let it commit.
 
     The frame is computed once (``collect``): that is what commits the state store's
@@ -166,20 +167,12 @@ class EpisodePublisher:
     """
 
     def __init__(self, bootstrap_servers: str, topic: str) -> None:
+        super().__init__()
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
-        self.totals: Counter[str] = Counter()
-        self.batches = 0
-        self.failure: BaseException | None = None
 
-    def __call__(self, frame: DataFrame, batch_id: int) -> None:
-        try:
-            self.publish(frame, batch_id)
-        except BaseException as exc:
-            self.failure = exc
-            raise
-
-    def publish(self, frame: DataFrame, batch_id: int) -> None:
+    def process(self, frame: DataFrame, batch_id: int) -> None:
+        """Publish one micro-batch's episode changes, all acknowledged, or fail it."""
         started = time.monotonic()
         rows = frame.collect()
         counts: Counter[str] = Counter(f"{row.action}_{row.fault_code}" for row in rows)
