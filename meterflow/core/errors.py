@@ -33,3 +33,15 @@ class StreamUnavailableError(MeterflowError):
     """Kafka (or the lake's storage) stayed unavailable through every retry."""
 
     exit_code = 4
+
+
+class DiskFullError(MeterflowError):
+    """The disk under a path the stream writes (``LAKE_PATH``, say) is full."""
+
+    @classmethod
+    def of(cls, variable: str, path: str, reason: str) -> DiskFullError:
+        """The one line: which variable, which path, why, and what to do."""
+        return cls(
+            f"{variable}={path} is full ({reason}): free space or point {variable} elsewhere; "
+            "the next start resumes where the lake's ledger ends"
+        )

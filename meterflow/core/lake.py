@@ -6,17 +6,22 @@ columns are declared here once for Arrow (the Python side) and derived for Spark
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import posixpath
 import re
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+
+from meterflow.core.errors import DiskFullError
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
@@ -208,6 +213,23 @@ def os_reason(error: OSError) -> str:
         return os.strerror(error.errno)
     found = re.search(r"\[errno (\d+)\]", str(error))
     return os.strerror(int(found.group(1))) if found else str(error).splitlines()[0]
+
+
+def is_full(error: OSError) -> bool:
+    """Whether ``error`` says the disk (or the user's quota) is full; pyarrow keeps errno."""
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def full_as_error(variable: str, path: str) -> Iterator[None]:
+    """A full disk under ``path`` (the value of ``variable``) as one-line
+    :class:`~meterflow.core.errors.DiskFullError`; other OSErrors pass."""
+    try:
+        yield
+    except OSError as exc:
+        if is_full(exc):
+            raise DiskFullError.of(variable, path, os_reason(exc)) from None
+        raise
 
 
 def read_watermark(lake_path: str) -> datetime | None:

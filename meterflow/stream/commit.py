@@ -27,7 +27,7 @@ from pyspark.sql.streaming import StreamingQuery
 from meterflow.clients import kafka
 from meterflow.core import lake
 from meterflow.core.config import Settings
-from meterflow.core.errors import MeterflowError
+from meterflow.core.errors import DiskFullError, MeterflowError
 from meterflow.core.ledger import BATCH, LOSS, STAGING_DIR, Ledger, PartitionState, Range
 from meterflow.core.logs import get_logger
 from meterflow.stream import dataloss
@@ -62,6 +62,7 @@ class BatchOutcome:
     tallies: dict[int, Tally] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     unpublished: int = 0
+    lake_full: str | None = None  # why a task could not write the lake, if one could not
 
     def ranges(self, topic: str, generation: str) -> list[Range]:
         """The ledger ranges of the offsets the tasks read, with what they became."""
@@ -102,6 +103,9 @@ def merge_summaries(rows: Iterable[Any]) -> BatchOutcome:
     partition split over tasks becomes one tally, its first and last offsets the extremes."""
     outcome = BatchOutcome()
     for row in rows:
+        if row.lake_full:
+            outcome.lake_full = row.lake_full
+            continue
         m = outcome.tallies.setdefault(row.partition, Tally())
         if row.first >= 0:
             m.first = row.first if m.first < 0 else min(m.first, row.first)
@@ -213,22 +217,27 @@ class LakeCommitter(ForeachBatch):
         staging = f"{STAGING_DIR}/{self.run_id}-{batch_id}-{uuid.uuid4().hex[:6]}"
         task = partial(process_partition, plan=self._task_plan(staging))
         outcome = merge_summaries(frame.mapInArrow(task, _SUMMARY_DDL).collect())
+        lake_path = self.settings.lake_path
+        if outcome.lake_full:
+            lake.delete_dir(posixpath.join(lake_path, staging))
+            raise DiskFullError.of("LAKE_PATH", lake_path, outcome.lake_full)
         gaps = find_gaps(outcome.tallies, self.ledger.ends(topic, self.generation))
         if gaps:
             self._record_loss(gaps, staging, batch_id)
         ranges = outcome.ranges(topic, self.generation)
         if ranges:
-            entry = self.ledger.commit(
-                BATCH,
-                ranges,
-                outcome.files,
-                staging,
-                self.run_id,
-                batch_id,
-                seen_ends=self._seen_ends(),
-            )
-            self.ledger.publish_files(entry)
-            self.ledger.compact_if_due()
+            with lake.full_as_error("LAKE_PATH", lake_path):
+                entry = self.ledger.commit(
+                    BATCH,
+                    ranges,
+                    outcome.files,
+                    staging,
+                    self.run_id,
+                    batch_id,
+                    seen_ends=self._seen_ends(),
+                )
+                self.ledger.publish_files(entry)
+                self.ledger.compact_if_due()
             watermark = low_watermark(
                 self.ledger.states(topic, self.generation),
                 datetime.now(UTC),

@@ -25,14 +25,16 @@ log = get_logger(__name__)
 
 
 def check_writable(settings: Settings) -> None:
-    """One line naming the variable when a path the stream writes is not writable."""
+    """One line naming the variable when a path the stream writes is not writable, or its
+    disk is full (:class:`~meterflow.core.errors.DiskFullError`)."""
     for name, path in (
         ("METERFLOW_DATA_DIR", str(settings.data_dir)),  # the others default to inside it
         ("LAKE_PATH", settings.lake_path),
         ("CHECKPOINT_PATH", settings.checkpoint_path),
     ):
         try:
-            lake.ensure_writable(path)
+            with lake.full_as_error(name, path):
+                lake.ensure_writable(path)
         except OSError as exc:
             raise ConfigError(
                 f"{name}={path} is not writable ({lake.os_reason(exc)}): choose another path "

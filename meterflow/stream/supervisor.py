@@ -185,7 +185,9 @@ class Supervisor:
             self.on_committer(committer)
         self._log_start(plan, ledger.seq)
         # A start says the stream is alive: the daily DAG waits for it (docs/architecture.md).
-        lake.write_watermark(self.settings.lake_path, lake.read_watermark(self.settings.lake_path))
+        lake_path = self.settings.lake_path
+        with lake.full_as_error("LAKE_PATH", lake_path):
+            lake.write_watermark(lake_path, lake.read_watermark(lake_path))
         query = start_query(
             self.spark, self.settings, self.source_format, plan, committer, self.available_now
         )

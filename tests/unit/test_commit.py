@@ -19,28 +19,15 @@ from meterflow.stream.commit import (
     low_watermark,
     merge_summaries,
 )
-from meterflow.stream.tasks import Tally
+from meterflow.stream.tasks import Tally, summary_row
 
 NOW = datetime(2024, 5, 28, 12, 0, tzinfo=UTC)
 IDLE_S = 120.0
 
 
 def summary(partition: int, first: int, last: int, **counts: object) -> SimpleNamespace:
-    """One task's summary row for one partition, as SUMMARY_SCHEMA names its columns."""
-    row = {
-        "partition": partition,
-        "first": first,
-        "last": last,
-        "valid": 0,
-        "abnormal": 0,
-        "deadletter": 0,
-        "skipped": 0,
-        "unpublished": 0,
-        "max_event_us": None,
-        "files": "[]",
-    }
-    row.update(counts)
-    return SimpleNamespace(**row)
+    """One task's summary row for one partition, as the tasks return it."""
+    return SimpleNamespace(**summary_row(partition=partition, first=first, last=last, **counts))
 
 
 def us(moment: datetime) -> int:
