@@ -90,7 +90,7 @@ def simulate_week(settings: Settings, meters: int, days: float, rate: float, see
 
 
 def catch_up(spark, settings: Settings) -> tuple[dict[str, int], float]:
-    from meterflow.stream.query import run
+    from meterflow.stream.supervisor import run
 
     with timed() as clock:
         totals = run(settings, available_now=True, spark=spark)

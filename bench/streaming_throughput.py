@@ -76,7 +76,7 @@ def running_job(spark, settings: Settings, readings: int, seed: int) -> dict:
     clock stops when the job has committed the last of them. Production is inside the
     measured time and competes for the same two cores.
     """
-    from meterflow.stream.query import run
+    from meterflow.stream.supervisor import run
 
     stop = threading.Event()
     committer: dict = {}
@@ -114,7 +114,7 @@ def running_job(spark, settings: Settings, readings: int, seed: int) -> dict:
 
 def cold_catch_up(spark, settings: Settings) -> dict:
     """A fresh lake and query working off everything already in the topic."""
-    from meterflow.stream.query import run
+    from meterflow.stream.supervisor import run
 
     committer: dict = {}
     with timed() as job:

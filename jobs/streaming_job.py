@@ -13,8 +13,8 @@ import argparse
 from meterflow.core.config import Settings
 from meterflow.core.errors import ConfigError
 from meterflow.core.logs import setup_logging
+from meterflow.stream.dataloss import ACCEPT
 from meterflow.stream.job import run_job
-from meterflow.stream.query import ACCEPT
 
 
 def main(argv: list[str] | None = None) -> int:

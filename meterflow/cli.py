@@ -202,7 +202,8 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_stream(args: argparse.Namespace, settings: Settings) -> int:
     from meterflow.spark.session import stop_active_session
-    from meterflow.stream.query import check_writable, run
+    from meterflow.stream.startup import check_writable
+    from meterflow.stream.supervisor import run
 
     check_writable(settings)  # before any broker or Spark: one line naming the variable
     stop = threading.Event()

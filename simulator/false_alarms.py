@@ -3,7 +3,7 @@
 Synthetic traffic is shaped from the rules' own thresholds, so it says little about how
 often a real house trips them. Here a recording goes through the replay parser (as
 ``meterflow replay`` reads it), the contract's stateless checks, and then the rules of
-:mod:`meterflow.stream.detect`, in event-time order, one micro-batch at a time, with the
+:mod:`meterflow.stream.detection.rules`, in event-time order, one micro-batch at a time, with the
 NO_DATA timer fired at each batch's end as a fleet's watermark would. A recording holds no
 injected fault but does hold real events (a kettle, a holiday), so an opening is a false
 alarm only if it is plainly normal use; the SPIKE openings are listed with their ratio to
@@ -25,7 +25,7 @@ from meterflow.core.classifier import classify
 from meterflow.core.contract import FaultCode, MeterType
 from meterflow.core.thresholds import DetectionRules
 from meterflow.core.timestamps import format_timestamp_us
-from meterflow.stream.detect import OPEN, Meter, MeterState, Observed, expire, observe
+from meterflow.stream.detection.rules import OPEN, Meter, MeterState, Observed, expire, observe
 from simulator.replay import detect, replay
 
 #: The recordings' own interval and the fleet's usual one.

@@ -46,6 +46,7 @@ __all__ = [  # free_port is the package's: one for tests and benchmarks
     "log_tail",
     "meterflow",
     "reconciled",
+    "recreate_topic",
     "send",
     "still_running",
     "wait_for",
@@ -96,17 +97,31 @@ def wait_for(
 
 @contextlib.contextmanager
 def log_records(name: str = "meterflow") -> Iterator[list[logging.LogRecord]]:
-    """Every record logger ``name`` and its children handle meanwhile, whatever the logging
-    set-up: what a test waits on when a log line is the observable (a retry, a stop)."""
+    """Every record logger ``name`` and its children log meanwhile, whatever the logging
+    set-up (the logger's level is opened to INFO meanwhile): what a test waits on when a
+    log line is the observable (a retry, a stop, a carried-over state)."""
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.DEBUG)
     handler.emit = records.append  # type: ignore[method-assign]
     logger = logging.getLogger(name)
+    previous = logger.level
     logger.addHandler(handler)
+    logger.setLevel(min(logging.INFO, logger.getEffectiveLevel()))
     try:
         yield records
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
+def recreate_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    """Delete ``topic`` and create it again, empty: a new topic id, a new generation."""
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.delete_topics([topic], request_timeout=15).values():
+        future.result(15)
+    kafka.ensure_topics(bootstrap, [topic], partitions)
 
 
 def log_tail(*logs: Path, chars: int = 3000) -> str:

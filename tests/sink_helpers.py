@@ -12,7 +12,7 @@ from typing import Any
 from meterflow.clients import mongo
 from meterflow.core import classifier, contract, messages, timestamps
 from meterflow.core.events import abnormal_event, meter_status_update
-from meterflow.stream.detect import episode_id
+from meterflow.stream.detection.rules import episode_id
 
 START_US = timestamps.parse_timestamp_us("2024-05-27T00:00:00Z")
 DETECTED_US = timestamps.parse_timestamp_us("2026-11-20T12:00:00.123456Z")

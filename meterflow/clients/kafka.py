@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from confluent_kafka import (
@@ -29,7 +29,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from meterflow.core.errors import MeterflowError
+from meterflow.core.errors import TransientError
 from meterflow.core.logs import get_logger, timestamp
 
 log = get_logger(__name__)
@@ -127,8 +127,23 @@ class _Consumer(Consumer):
             return super().consume(*args, **kwargs)
 
 
-class KafkaUnavailableError(MeterflowError):
+class KafkaUnavailableError(TransientError):
     """The cluster cannot be reached or refused a request; the message says which."""
+
+
+@contextlib.contextmanager
+def unavailable_as_error(what: str) -> Iterator[None]:
+    """librdkafka's "not now" (a time-out, a transport failure, no leader) raised by a client
+    call as :class:`KafkaUnavailableError`, so callers decide by type; other errors pass."""
+    try:
+        yield
+    except KafkaException as exc:
+        error = exc.args[0] if exc.args else None
+        if isinstance(error, KafkaError) and (
+            error.code() in TRANSIENT_ERRORS or error.retriable()
+        ):
+            raise KafkaUnavailableError(f"{what}: {error.str()}") from None
+        raise
 
 
 def coordinates(message: Message) -> tuple[str, int, int]:
@@ -280,7 +295,8 @@ def topic_partitions(
     """The partitions of existing topics; a missing topic is an error that names it."""
     result: list[tuple[str, int]] = []
     for topic in topics:
-        metadata = client.list_topics(topic, timeout=timeout).topics.get(topic)
+        with unavailable_as_error(f"listing the partitions of {topic}"):
+            metadata = client.list_topics(topic, timeout=timeout).topics.get(topic)
         if metadata is None or metadata.error is not None or not metadata.partitions:
             reason = metadata.error if metadata is not None else "no metadata"
             raise KafkaUnavailableError(
@@ -307,7 +323,10 @@ def partition_ends(
     ends: dict[tuple[str, int], int] = {}
     probes = []
     for topic, partition in partitions:
-        low, high = client.get_watermark_offsets(TopicPartition(topic, partition), timeout=timeout)
+        with unavailable_as_error(f"reading the offsets of {topic}[{partition}]"):
+            low, high = client.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=timeout
+            )
         if lows is not None:
             lows[(topic, partition)] = low
         start = max(high - 1, low, known.get((topic, partition), 0))

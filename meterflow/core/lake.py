@@ -6,11 +6,14 @@ columns are declared here once for Arrow (the Python side) and derived for Spark
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import posixpath
 import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -18,6 +21,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+
+from meterflow.core.errors import DiskFullError
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
@@ -162,6 +167,13 @@ def ensure_writable(path: str) -> None:
     fs.delete_file(probe)
 
 
+def delete_dir(path: str) -> None:
+    """Delete the directory ``path`` (a local path or URI) with its contents, if it exists."""
+    fs, local = filesystem_for(path)
+    if fs.get_file_info(local).type != pafs.FileType.NotFound:
+        fs.delete_dir(local)
+
+
 def retired_path(lake_path: str) -> str:
     """Per day and dataset that retention deleted, the offsets of each Kafka partition."""
     return f"{lake_path.rstrip('/')}/_state/retired_offsets.json"
@@ -267,6 +279,23 @@ def read_stream_watermark(lake_path: str) -> StreamWatermark:
             return StreamWatermark.from_document(json.loads(stream.read()))
     except FileNotFoundError:
         return StreamWatermark()
+
+
+def is_full(error: OSError) -> bool:
+    """Whether ``error`` says the disk (or the user's quota) is full; pyarrow keeps errno."""
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def full_as_error(variable: str, path: str) -> Iterator[None]:
+    """A full disk under ``path`` (the value of ``variable``) as one-line
+    :class:`~meterflow.core.errors.DiskFullError`; other OSErrors pass."""
+    try:
+        yield
+    except OSError as exc:
+        if is_full(exc):
+            raise DiskFullError.of(variable, path, os_reason(exc)) from None
+        raise
 
 
 def read_watermark(lake_path: str) -> datetime | None:

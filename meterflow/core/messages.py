@@ -105,7 +105,7 @@ class EventSource(Message, kw_only=True):
 class Episode(Message, kw_only=True):
     """A stateful rule's fault episode (STUCK, SPIKE, LEAK, NO_DATA) that opened or cleared.
 
-    ``id`` is ``device|code|start`` (:func:`meterflow.stream.detect.episode_id`): the same
+    ``id`` is ``device|code|start`` (:func:`meterflow.stream.detection.rules.episode_id`): the same
     for the opening and the clearing, and again when a batch is retried. Both travel on
     ``iot-abnormal`` keyed by ``device_id``, so a consumer sees a meter's opening before its
     clearing (docs/architecture.md, "Stateful detection").

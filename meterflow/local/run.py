@@ -30,7 +30,7 @@ from meterflow.core.logs import get_logger
 from meterflow.local.broker import kafka_for
 
 if TYPE_CHECKING:  # imported where used: the command starts without Spark
-    from meterflow.stream.query import LakeCommitter
+    from meterflow.stream.commit import LakeCommitter
 
 log = get_logger(__name__)
 
@@ -66,7 +66,7 @@ def run_platform(settings: Settings, options: RunOptions) -> RunResult:
     from meterflow.local.mongo import mongo_for
     from meterflow.serving.indexes import init_mongo
     from meterflow.spark.session import stop_active_session
-    from meterflow.stream.query import run
+    from meterflow.stream.supervisor import run
     from simulator.background import background_simulation
 
     with kafka_for(settings) as (live, broker), mongo_for(live) as (live, _):

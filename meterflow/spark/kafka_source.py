@@ -38,6 +38,7 @@ from pyspark.sql.streaming.datasource import (
 from pyspark.sql.types import StructType
 
 from meterflow.clients import kafka
+from meterflow.core.errors import DataLossError
 from meterflow.core.logs import ensure_logging
 
 SOURCE_NAME = "meterflow_kafka"
@@ -68,7 +69,9 @@ Offsets = dict[str, dict[str, int]]  # {"topic": {"partition": next offset to re
 
 
 class KafkaSourceError(ValueError):
-    """Bad options or unreadable offsets; the message names the option or partition."""
+    """Bad options; the message names the option. Offsets gone from the broker are a
+    :class:`~meterflow.core.errors.DataLossError`, Kafka away a
+    :class:`~meterflow.clients.kafka.KafkaUnavailableError`: callers decide by type."""
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,10 @@ class _Planner:
     def earliest(self) -> Offsets:
         result: Offsets = {}
         for topic, partition in self.partitions():
-            low, _ = self.client.get_watermark_offsets(TopicPartition(topic, partition), timeout=10)
+            with kafka.unavailable_as_error(f"reading the first offset of {topic}[{partition}]"):
+                low, _ = self.client.get_watermark_offsets(
+                    TopicPartition(topic, partition), timeout=10
+                )
             result.setdefault(topic, {})[str(partition)] = low
         return result
 
@@ -224,8 +230,8 @@ class _Planner:
                 low = self._lows.get((topic, int(p)), 0)
                 if first < low:
                     if self.options.fail_on_data_loss:
-                        raise KafkaSourceError(
-                            f"DATA_LOSS {topic}[{p}] offsets {first}..{low - 1} were deleted "
+                        raise DataLossError(
+                            f"{topic}[{p}] offsets {first}..{low - 1} were deleted "
                             "from the broker before they were read"
                         )
                     first = low
@@ -297,8 +303,8 @@ def _check_not_behind(start: Offsets, latest: Offsets, fail: bool) -> Offsets:
         for partition, end in parts.items():
             done = start.get(topic, {}).get(partition, 0)
             if end < done and fail:
-                raise KafkaSourceError(
-                    f"DATA_LOSS {topic}[{partition}] ends at offset {end} but the checkpoint "
+                raise DataLossError(
+                    f"{topic}[{partition}] ends at offset {end} but the checkpoint "
                     f"already read up to {done}: the topic was recreated or the broker lost its "
                     "data"
                 )
@@ -390,8 +396,8 @@ def read_range(
                     if error.code() == KafkaError._PARTITION_EOF:
                         continue
                     if error.code() == KafkaError._AUTO_OFFSET_RESET:
-                        raise KafkaSourceError(
-                            f"DATA_LOSS {part.topic}[{part.partition}] offsets from {position} "
+                        raise DataLossError(
+                            f"{part.topic}[{part.partition}] offsets from {position} "
                             f"are gone from the broker ({error.str()})"
                         )
                     raise kafka.KafkaUnavailableError(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 
 from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
+from pyspark.sql.streaming import DataStreamWriter, StreamingQuery
 
 from meterflow.core.config import env_value
 from meterflow.spark.kafka_source import SOURCE_NAME, KafkaDataSource
@@ -103,3 +105,21 @@ def stop_active_session() -> None:
     session = SparkSession.getActiveSession()
     if session is not None:
         session.stop()
+
+
+def start_stream(writer: DataStreamWriter, available_now: bool, seconds: float) -> StreamingQuery:
+    """Start a streaming query: once over what the source holds now (``available_now``),
+    else a micro-batch every ``seconds``."""
+    if available_now:
+        return writer.trigger(availableNow=True).start()
+    return writer.trigger(processingTime=f"{seconds:g} seconds").start()
+
+
+def set_log_levels(spark: SparkSession, levels: Mapping[str, str]) -> None:
+    """Set the log4j level of single JVM loggers, by class name (``"ERROR"``, ``"OFF"``)."""
+    jvm = spark.sparkContext._jvm
+    if jvm is None:
+        return
+    log4j = jvm.org.apache.logging.log4j
+    for name, level in levels.items():
+        log4j.core.config.Configurator.setLevel(name, log4j.Level.toLevel(level))

@@ -1,6 +1,6 @@
 """The speed layer as a process: what ``spark-submit jobs/streaming_job.py`` runs.
 
-:func:`run_job` runs :func:`meterflow.stream.query.run` and turns its end into the exit
+:func:`run_job` runs :func:`meterflow.stream.supervisor.run` and turns its end into the exit
 code: 0 when stopped or caught up, else the :class:`MeterflowError`'s own (2 configuration,
 3 data loss to decide on, 4 Kafka unavailable after every retry), its reason one line on
 stderr. The job file itself only parses the command line and the environment.
@@ -15,7 +15,7 @@ import threading
 from meterflow.core.config import Settings
 from meterflow.core.errors import DataLossError, MeterflowError
 from meterflow.core.signals import signals_handled
-from meterflow.stream.query import run
+from meterflow.stream.supervisor import run
 
 
 def run_job(settings: Settings, available_now: bool = False, accept_data_loss: bool = False) -> int:

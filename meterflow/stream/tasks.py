@@ -11,6 +11,7 @@ summaries to the ledger (:mod:`meterflow.core.ledger`); nothing a task writes is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 import uuid
@@ -35,6 +36,8 @@ from meterflow.core.lake import (
     PARTITION_COLUMN,
     READINGS,
     filesystem_for,
+    is_full,
+    os_reason,
 )
 from meterflow.core.logs import ensure_logging, get_logger
 from meterflow.core.messages import DeadLetterMessage
@@ -58,6 +61,8 @@ SUMMARY_SCHEMA = pa.schema(
         ("unpublished", pa.int64()),  # events Kafka refused for good (kept in the lake)
         ("max_event_us", pa.int64()),
         ("files", pa.string()),  # JSON list of lake paths, on the task's first row
+        # Why the task could not write the lake, its disk being full (its only row then).
+        ("lake_full", pa.string()),
     ]
 )
 #: librdkafka's default ``message.max.bytes``; a dead letter that would not fit is kept in
@@ -207,6 +212,12 @@ class _StagedFiles:
             writer.close()
         return sorted(self.writers)
 
+    def abandon(self) -> None:
+        """Close what can be closed; the driver deletes the staging directory."""
+        for writer in self.writers.values():
+            with contextlib.suppress(OSError):
+                writer.close()
+
 
 @dataclass
 class Tally:
@@ -332,50 +343,93 @@ def _references(
 def process_partition(
     batches: Iterator[pa.RecordBatch], plan: TaskPlan
 ) -> Iterator[pa.RecordBatch]:
-    """The task body (``mapInArrow``): classify, publish, stage files, summarise."""
+    """The task body (``mapInArrow``): classify, publish, stage files, summarise.
+
+    A full disk under the lake ends the task with one summary row that says so, rather than
+    a failed task: Spark would print the writer's traceback, and the driver says it in one
+    line (:class:`~meterflow.core.errors.DiskFullError`).
+    """
     ensure_logging()  # a Python worker: meterflow's log lines and librdkafka's
     publisher = _Publisher(plan.topics) if plan.topics is not None else None
     files = _StagedFiles(plan)
     tallies: dict[tuple[str, int], Tally] = {}
-    for raw in batches:
-        if raw.num_rows == 0:
-            continue
-        batch, dropped = _drop_committed(raw, plan.committed)
-        for key, count in dropped.items():
-            tallies.setdefault(key, Tally()).skipped += count
-        if batch.num_rows == 0:
-            continue
-        result = classify_batch(batch, plan.rules, plan.generation)
-        rows = pa.Table.from_batches([result.classified])
-        keep = pc.not_equal(rows.column("status"), _STATUS[Status.DEADLETTER])
-        files.write(READINGS, rows.filter(keep).select([*_READING_COLUMNS, PARTITION_COLUMN]))
-        references: dict[int, bytes] = {}
-        if result.dead_letters:
-            letters = _dead_letter_table(result, int(np.datetime64("now", "us").astype(np.int64)))
-            files.write(DEADLETTER, letters)
-            references = _references(result.dead_letters, letters, files)
+    try:
+        for raw in batches:
+            _process_batch(raw, plan, files, publisher, tallies)
         if publisher is not None:
-            publisher.publish(result, references)
-        _tally(result, tallies)
-    if publisher is not None:
-        publisher.finish()
-    written = files.close()
+            publisher.finish()
+        written = files.close()
+    except OSError as exc:
+        if not is_full(exc):
+            raise
+        files.abandon()
+        full = summary_row(lake_full=os_reason(exc))  # the task's only row
+        yield pa.RecordBatch.from_pylist([full], schema=SUMMARY_SCHEMA)
+        return
     rows = []
     for index, ((topic, partition), t) in enumerate(sorted(tallies.items())):
         rows.append(
-            {
-                "topic": topic,
-                "partition": partition,
-                "first": t.first,
-                "last": t.last,
-                "valid": t.valid,
-                "abnormal": t.abnormal,
-                "deadletter": t.deadletter,
-                "skipped": t.skipped,
-                "unpublished": publisher.unpublished if publisher and index == 0 else 0,
-                "max_event_us": t.max_event_us,
-                "files": json.dumps(written if index == 0 else []),
-            }
+            summary_row(
+                topic=topic,
+                partition=partition,
+                first=t.first,
+                last=t.last,
+                valid=t.valid,
+                abnormal=t.abnormal,
+                deadletter=t.deadletter,
+                skipped=t.skipped,
+                unpublished=publisher.unpublished if publisher and index == 0 else 0,
+                max_event_us=t.max_event_us,
+                files=json.dumps(written if index == 0 else []),
+            )
         )
     if rows:
         yield pa.RecordBatch.from_pylist(rows, schema=SUMMARY_SCHEMA)
+
+
+def _process_batch(
+    raw: pa.RecordBatch,
+    plan: TaskPlan,
+    files: _StagedFiles,
+    publisher: _Publisher | None,
+    tallies: dict[tuple[str, int], Tally],
+) -> None:
+    """One Arrow batch of the source: drop what the ledger has, classify, stage, publish."""
+    if raw.num_rows == 0:
+        return
+    batch, dropped = _drop_committed(raw, plan.committed)
+    for key, count in dropped.items():
+        tallies.setdefault(key, Tally()).skipped += count
+    if batch.num_rows == 0:
+        return
+    result = classify_batch(batch, plan.rules, plan.generation)
+    rows = pa.Table.from_batches([result.classified])
+    keep = pc.not_equal(rows.column("status"), _STATUS[Status.DEADLETTER])
+    files.write(READINGS, rows.filter(keep).select([*_READING_COLUMNS, PARTITION_COLUMN]))
+    references: dict[int, bytes] = {}
+    if result.dead_letters:
+        letters = _dead_letter_table(result, int(np.datetime64("now", "us").astype(np.int64)))
+        files.write(DEADLETTER, letters)
+        references = _references(result.dead_letters, letters, files)
+    if publisher is not None:
+        publisher.publish(result, references)
+    _tally(result, tallies)
+
+
+def summary_row(**values: Any) -> dict[str, Any]:
+    """One row of :data:`SUMMARY_SCHEMA`; the columns not given are empty."""
+    return {
+        "topic": "",
+        "partition": -1,
+        "first": -1,
+        "last": -1,
+        "valid": 0,
+        "abnormal": 0,
+        "deadletter": 0,
+        "skipped": 0,
+        "unpublished": 0,
+        "max_event_us": None,
+        "files": "[]",
+        "lake_full": None,
+        **values,
+    }

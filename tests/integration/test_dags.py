@@ -27,7 +27,7 @@ from meterflow.clients import kafka, mongo
 from meterflow.core.config import Settings
 from meterflow.core.contract import STATELESS_FAULTS
 from meterflow.core.lake import readings_path
-from meterflow.stream.query import run as run_stream
+from meterflow.stream.supervisor import run as run_stream
 from simulator.fleet import build_fleet, write_registry
 from simulator.generator import FaultRates, SimulationConfig, simulate
 

@@ -14,7 +14,15 @@ from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
-from helpers import committed_offsets, log_tail, send, still_running, wait_for
+from helpers import (
+    committed_offsets,
+    log_records,
+    log_tail,
+    recreate_topic,
+    send,
+    still_running,
+    wait_for,
+)
 from pyspark.sql import SparkSession
 
 from meterflow.clients import kafka, mongo
@@ -22,7 +30,7 @@ from meterflow.core import messages
 from meterflow.core.config import Settings
 from meterflow.core.timestamps import format_timestamp_us, parse_timestamp_us
 from meterflow.serving.sink import Sink
-from meterflow.stream.query import run
+from meterflow.stream.supervisor import run
 
 #: A dynamic member with Kafka's shortest session: group joins on the local broker are slow.
 FAST_GROUP = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
@@ -122,6 +130,38 @@ def test_episodes_reach_iot_abnormal_once_across_restarts_and_become_incidents(
     assert stuck["closed_at"].replace(tzinfo=UTC) == datetime.fromtimestamp(at(26) / 1e6, UTC)
     for device in ("em1", "em2"):
         assert not db[mongo.METER_STATUS].find_one({"_id": device}).get("open_episodes")
+
+
+def test_a_recreated_digest_topic_keeps_each_meters_history(
+    spark: SparkSession, make_settings
+) -> None:
+    """Issue: every restart of `meterflow run` (a new local broker, so a new digest topic)
+    threw each meter's history away. The new generation's checkpoint starts from the old
+    one's state: a STUCK run begun before the topic was recreated still opens."""
+    settings = make_settings(
+        partitions=2, METERFLOW_DETECTION="on", METERFLOW_DETECTION_TIME="event"
+    )
+    send(settings, [reading("em1", i, normal(i)) for i in range(10)])
+    send(settings, [reading("em1", i, 0.777) for i in range(10, 14)])  # four repeats of eight
+    first = run(settings, available_now=True, spark=spark)
+    assert first["read"] == 14 and episode_events(settings) == []
+
+    recreate_topic(settings.bootstrap_servers, settings.topic_digest, 2)
+    send(settings, [reading("em1", i, 0.777) for i in range(14, 18)])  # the new topic: four more
+    with log_records("meterflow.stream.detection") as records:
+        second = run(settings, available_now=True, spark=spark)
+
+    lines = [record.getMessage() for record in records]
+    carried = [line for line in lines if line.startswith("detector=state-carried-over")]
+    assert len(carried) == 1 and carried[0].endswith(" buckets=1 meters=1"), lines
+    assert "/detector/event/" in carried[0]
+    assert not [line for line in lines if "fresh-state" in line]
+    # Only the old state knows the first four repeats: a fresh one would open nothing.
+    assert second["open_STUCK"] == 1
+    opened = [e for e in episode_events(settings) if e.episode is not None]
+    assert [(e.fault_code, e.episode.action, e.episode.start) for e in opened] == [
+        ("STUCK", "open", format_timestamp_us(at(10)))
+    ]
 
 
 def test_a_stream_killed_while_detecting_loses_and_changes_no_episode(

@@ -11,14 +11,16 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from helpers import log_records
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from meterflow.core import messages
 from meterflow.core.thresholds import DetectionRules
 from meterflow.core.timestamps import parse_timestamp_us
-from meterflow.stream.detector import EVENT_TIME, detect_faults, digest_rows
-from meterflow.stream.profiles import MeterProfile, load_profiles
+from meterflow.stream.detection.processor import EVENT_TIME, detect_faults, digest_rows
+from meterflow.stream.detection.profiles import MeterProfile, load_profiles
+from meterflow.stream.detection.query import carried_state
 
 T0 = parse_timestamp_us("2024-05-27T00:00:00Z")
 STEP = 900
@@ -137,3 +139,18 @@ def test_restarts_in_a_stuck_run_and_a_silent_span_lose_and_repeat_nothing(
         ("em3", "STUCK", "open", at(10)): 1,
         ("em3", "STUCK", "clear", at(10)): 1,
     }
+
+
+def test_a_previous_state_that_cannot_be_read_is_a_fresh_start_and_one_warning(
+    spark: SparkSession, tmp_path: Path
+) -> None:
+    broken = tmp_path / "checkpoint"
+    (broken / "commits").mkdir(parents=True)
+    (broken / "commits" / "0").write_text("v1")  # committed, but no state behind it
+    with log_records("meterflow.stream.detection") as records:
+        assert carried_state(spark, str(broken)) is None
+    lines = [record.getMessage() for record in records]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert lines[0].startswith(
+        f"detector=fresh-state reason=previous-state-unreadable from={broken} error="
+    )

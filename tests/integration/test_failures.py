@@ -33,7 +33,7 @@ from pyspark.sql import SparkSession
 from meterflow.clients import kafka
 from meterflow.core.config import Settings
 from meterflow.local.stall_proxy import ProxiedBroker, StallingProxy
-from meterflow.stream.query import run
+from meterflow.stream.supervisor import run
 
 
 def test_a_broker_stalled_until_the_stream_gives_up_loses_and_duplicates_nothing(
@@ -190,3 +190,55 @@ def test_two_restarts_of_meterflow_run_lose_nothing(fresh_broker: bool, make_set
     assert not [loss for a in report.audits for loss in a.lost]
     checked = meterflow("reconcile", env={**env, "KAFKA_BOOTSTRAP_SERVERS": ""}, timeout=300)
     assert checked.returncode == 0 and "reconciled:" in checked.stdout, checked.stderr
+
+
+def test_a_full_lake_disk_is_one_line_and_the_next_start_loses_nothing(
+    spark: SparkSession, make_settings, tmp_path: Path
+):
+    """Issue: ENOSPC while writing the lake printed a pyarrow traceback before the one-line
+    message. The lake is a 6 MB tmpfs with 100 kB left; once space is freed, the next
+    start writes every reading exactly once."""
+    mount = tmp_path / "lake"
+    mount.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"a full disk needs a tmpfs this user cannot mount: {mounted.stderr.strip()}")
+    try:
+        settings = make_settings(partitions=2, LAKE_PATH=str(mount))
+        filler = mount / "filler"
+        filler.write_bytes(b"x" * (6 * 2**20 - 100 * 2**10))
+        readings = 40_000
+        send(settings, [good(i, f"em{i % 500}", (i * 7919 % 1000) / 997) for i in range(readings)])
+        env = {
+            "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+            "METERFLOW_DATA_DIR": str(settings.data_dir),
+            "LAKE_PATH": str(mount),
+            "METERFLOW_KAFKA_SOURCE": "python",
+            "METERFLOW_TOPIC_READINGS": settings.topic_readings,
+            "METERFLOW_TOPIC_ABNORMAL": settings.topic_abnormal,
+            "METERFLOW_TOPIC_DEADLETTER": settings.topic_deadletter,
+            "METERFLOW_TOPIC_STATUS": settings.topic_status,
+        }
+        result = meterflow("stream", "--available-now", env=env)
+        line = (
+            f"meterflow stream: LAKE_PATH={mount} is full (No space left on device): free "
+            "space or point LAKE_PATH elsewhere; the next start resumes where the lake's "
+            "ledger ends"
+        )
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert [x for x in result.stderr.splitlines() if "No space left" in x] == [line]
+        assert "Traceback" not in result.stderr and "pyarrow" not in result.stderr
+        assert not (mount / "readings").exists()  # nothing committed, staging deleted
+
+        filler.unlink()  # space freed: the next start
+        again = run(settings, available_now=True, spark=spark)
+        assert again["read"] == readings
+        assert_exactly_once(settings, readings)
+    finally:
+        if subprocess.run(["umount", str(mount)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount)], check=False)

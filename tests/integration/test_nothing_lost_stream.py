@@ -34,7 +34,7 @@ from meterflow.core.config import Settings
 from meterflow.core.errors import DataLossError, StreamUnavailableError
 from meterflow.core.messages import DLQ_HEADER_STORED
 from meterflow.local.broker import LocalBroker
-from meterflow.stream.query import run
+from meterflow.stream.supervisor import run
 
 
 def test_a_reset_checkpoint_neither_skips_nor_duplicates(spark: SparkSession, make_settings):

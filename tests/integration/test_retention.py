@@ -13,7 +13,7 @@ from pyspark.sql import SparkSession
 from meterflow.batch.retention import drop_expired_partitions
 from meterflow.core.config import Settings
 from meterflow.core.lake import LAKE_SCHEMA, dated_partitions, readings_path, spark_ddl
-from meterflow.stream.query import run
+from meterflow.stream.supervisor import run
 
 
 def reading(day: str, hour: int) -> bytes:

@@ -15,7 +15,7 @@ from meterflow.core.config import Settings
 from meterflow.core.contract import STATELESS_FAULTS, FaultCode
 from meterflow.core.events import event_id
 from meterflow.core.lake import LAKE_COLUMNS, read_watermark, readings_path
-from meterflow.stream.query import run
+from meterflow.stream.supervisor import run
 from simulator.generator import FaultRates, SimulationConfig, simulate
 
 

@@ -1,4 +1,4 @@
-"""The stateful rules (meterflow.stream.detect) on a handful of readings, without Spark."""
+"""The stateful rules (meterflow.stream.detection.rules) on a handful of readings, without Spark."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from meterflow.core.contract import FaultCode, MeterType
 from meterflow.core.thresholds import DetectionRules
 from meterflow.core.timestamps import parse_timestamp_us
-from meterflow.stream.detect import (
+from meterflow.stream.detection.rules import (
     CLEAR,
     OPEN,
     Meter,

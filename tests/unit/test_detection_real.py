@@ -20,7 +20,7 @@ from helpers import ROOT
 
 from meterflow.core.contract import FaultCode, MeterType
 from meterflow.core.thresholds import DetectionRules
-from meterflow.stream.detect import Meter, Observed
+from meterflow.stream.detection.rules import Meter, Observed
 from simulator.false_alarms import RULES, measure, readings
 
 DAY_AT_15_MIN = 96

@@ -1,9 +1,10 @@
-"""The stateful processor (meterflow.stream.detector) through Spark's own in-memory tester
-(TwsTester): its state, its NO_DATA timer in both time modes, its output rows; and the
-digests it reads, as the stream's tasks write them. No JVM."""
+"""The stateful processor (meterflow.stream.detection.processor) through Spark's own
+in-memory tester (TwsTester): its state, its NO_DATA timer in both time modes, its output
+rows; and the digests it reads, as the stream's tasks write them. No JVM."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,14 @@ from meterflow.core.contract import FaultCode
 from meterflow.core.thresholds import DetectionRules
 from meterflow.core.timestamps import parse_timestamp_us
 from meterflow.stream.classify import classify_batch, reading_digests
-from meterflow.stream.detect import CLEAR, OPEN
-from meterflow.stream.detector import (
+from meterflow.stream.detection.processor import (
     EVENT_TIME,
     PROCESSING_TIME,
     Bucket,
     MeterDetector,
 )
-from meterflow.stream.profiles import MeterProfile, load_profiles
+from meterflow.stream.detection.profiles import MeterProfile, load_profiles
+from meterflow.stream.detection.rules import CLEAR, OPEN
 
 T0 = parse_timestamp_us("2024-05-27T00:00:00Z")
 STEP = 900
@@ -159,6 +160,32 @@ def test_a_meter_silent_again_is_detected_again_and_a_gone_one_is_forgotten() ->
     assert tester.peekValueState("bucket", BUCKET) is None  # its only meter forgotten
 
 
+def test_a_bucket_carried_over_continues_its_meters_runs_and_silences() -> None:
+    """A fresh checkpoint's initial state (a previous checkpoint's buckets): the STUCK run
+    goes on where it was, and the NO_DATA timer is armed again in the new checkpoint."""
+    before = event_time_tester()
+    run_start = [(i, 0.25 + i / 100) for i in range(5)] + [(i, 0.777) for i in range(5, 9)]
+    assert changes(before.testInPandas(BUCKET, digest(*run_start))) == []  # 4 of 8 repeats
+    stored = before.peekValueState("bucket", BUCKET)
+    assert stored is not None
+    carried = pd.DataFrame({"bucket": [BUCKET], "state": [bytes(stored[0])]})
+
+    after = TwsTester(
+        detector(EVENT_TIME),
+        initialStatePandas=[(BUCKET, carried)],
+        timeMode=EVENT_TIME,
+        eventTimeExtractor=lambda row: row["event_time"].value // 1_000_000,
+    )
+    due_ms = at(8 + RULES.nodata_intervals) // 1000
+    assert list(after.handle.listTimers()) == [due_ms]  # armed again, for the carried meter
+    rest = [(i, 0.777) for i in range(9, 5 + RULES.stuck_readings)]
+    opened = after.testInPandas(BUCKET, digest(*rest))
+    assert changes(opened) == [(str(FaultCode.STUCK), OPEN)]
+    assert opened["start_us"].tolist() == [at(5)]  # the run began before the carry-over
+    fresh = event_time_tester()  # without the carried state: only 4 repeats, nothing opens
+    assert changes(fresh.testInPandas(BUCKET, digest(*rest))) == []
+
+
 def registry_profiles(tmp_path: Path, **overrides: list[Any]) -> dict[str, MeterProfile]:
     """The profiles of a registry of em1..emN, every STEP, with ``overrides`` columns."""
     count = len(next(iter(overrides.values())))
@@ -238,27 +265,43 @@ def test_the_streams_digests_reach_the_detector_as_sent() -> None:
     assert (meters["em1"].meter_type, meters["gm1"].meter_type) == ("electricity", "gas")
 
 
-def test_a_new_digest_topic_or_clock_starts_the_state_afresh_and_says_so(
+def test_a_new_digest_topic_carries_the_state_over_and_a_new_clock_starts_afresh(
     tmp_path: Path, monkeypatch, caplog
 ) -> None:
-    """The checkpoint is per digest-topic id and clock; a fresh one beside an old one is
-    logged (the meters' history starts again)."""
-    from meterflow.stream import detection
+    """The checkpoint is per digest-topic id and clock. A fresh one starts from the newest
+    committed checkpoint of its clock; one of the other clock is not carried over, which
+    the log says."""
+    from meterflow.stream.detection import query as detection
 
     topic_id = ["AaItG3tnf0KuPuo7aC8Mcw"]
     monkeypatch.setattr(detection.kafka, "topic_ids", lambda _b, ts: {t: topic_id[0] for t in ts})
 
-    def plan(clock: str) -> str:
+    def plan(clock: str) -> detection.DetectionPlan:
         with caplog.at_level("WARNING", logger="meterflow.stream.detection"):
-            checkpoint = detection.plan_detection("b", "digest", str(tmp_path), clock).checkpoint
-        Path(checkpoint).mkdir(parents=True, exist_ok=True)  # what the query would write
-        return checkpoint
+            planned = detection.plan_detection("b", "digest", str(tmp_path), clock)
+        commits = Path(planned.checkpoint) / "commits"
+        commits.mkdir(parents=True, exist_ok=True)  # what the query would write
+        (commits / "0").write_text("v1")
+        starts.append(planned.checkpoint)
+        os.utime(commits / "0", (1_700_000_000 + len(starts),) * 2)  # one second per start
+        return planned
+
+    starts: list[str] = []
 
     first = plan("event")
-    assert first == f"{tmp_path}/detector/event/digest-{topic_id[0]}"
-    assert plan("event") == first and caplog.records == []  # a restart: same state
+    assert first.checkpoint == f"{tmp_path}/detector/event/digest-{topic_id[0]}"
+    assert first.previous is None and caplog.records == []  # the first start ever
+    assert plan("event") == first  # a restart: its own state, nothing carried
     topic_id[0] = "Bb/c+d"  # the topic was recreated
-    assert plan("event").endswith("/detector/event/digest-Bb_c-d")
-    assert "reason=new-digest-topic" in caplog.records[-1].getMessage()
-    assert plan("processing").endswith("/detector/processing/digest-Bb_c-d")
+    recreated = plan("event")
+    assert recreated.checkpoint.endswith("/detector/event/digest-Bb_c-d")
+    assert recreated.previous == first.checkpoint and caplog.records == []
+    assert plan("event").previous is None  # it committed: a restart of its own
+    topic_id[0] = "Cc"
+    other_clock = plan("processing")
+    assert other_clock.checkpoint.endswith("/detector/processing/digest-Cc")
+    assert other_clock.previous is None
     assert "reason=clock-changed" in caplog.records[-1].getMessage()
+    topic_id[0] = "Dd"
+    newest = plan("event")  # the newest committed checkpoint of the clock
+    assert newest.previous == recreated.checkpoint

@@ -36,7 +36,7 @@ from meterflow.core.contract import (
 )
 from meterflow.core.thresholds import DetectionRules, Rules
 from meterflow.core.timestamps import parse_timestamp_us
-from meterflow.stream.detect import OPEN, Meter, MeterState, observe
+from meterflow.stream.detection.rules import OPEN, Meter, MeterState, observe
 from simulator import background, generator
 from simulator.cli import add_simulate_arguments, config_from_args, run_simulate
 from simulator.episodes import GROUND_TRUTH_SCHEMA, Episode

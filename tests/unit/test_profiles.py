@@ -1,6 +1,6 @@
-"""Per-meter overrides from the registry (meterflow.stream.profiles): what is read, what is
-refused, and that a meter's own thresholds change what the rules (meterflow.stream.detect)
-decide for it."""
+"""Per-meter overrides from the registry (meterflow.stream.detection.profiles): what is
+read, what is refused, and that a meter's own thresholds change what the rules
+(meterflow.stream.detection.rules) decide for it."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from meterflow.core.contract import FaultCode, MeterType
 from meterflow.core.errors import ConfigError
 from meterflow.core.thresholds import DetectionRules
 from meterflow.core.timestamps import parse_timestamp_us
-from meterflow.stream.detect import Meter, MeterState, Observed, observe
-from meterflow.stream.profiles import MeterProfile, load_profiles
+from meterflow.stream.detection.profiles import MeterProfile, load_profiles
+from meterflow.stream.detection.rules import Meter, MeterState, Observed, observe
 from simulator.fleet import build_fleet, read_registry, write_registry
 
 RULES = DetectionRules()

@@ -27,6 +27,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from pymongo.database import Database
 
 from meterflow.clients import kafka
+from meterflow.core.backoff import Backoff
 from meterflow.core.config import Settings
 from meterflow.core.logs import get_logger
 from meterflow.core.messages import (
@@ -334,31 +335,31 @@ class Sink:
             *RETRYABLE_MONGO_ERRORS,
             kafka.KafkaUnavailableError,
         )
-        attempt = 0
+        backoff = Backoff(
+            self.backoff_initial, self.backoff_max, stopped=should_stop, wait=self._wait
+        )
         while True:
             try:
                 action()
                 return True
             except retryable as exc:
-                attempt += 1
+                backoff.failed()  # no limit: the sink waits for its services
                 self.stats.retries += 1
-                delay = min(self.backoff_max, self.backoff_initial * 2 ** (attempt - 1))
                 what = "kafka" if isinstance(exc, kafka.KafkaUnavailableError) else "mongo"
                 log.warning(
                     "sink=retry service=%s error=%s attempt=%d retry_in_s=%.2f batch=%d",
                     what,
                     type(exc).__name__,
-                    attempt,
-                    delay,
+                    backoff.attempt,
+                    backoff.delay,
                     len(self._batch),
                 )
-                if should_stop():
+                if not backoff.wait():
                     log.warning(
                         "sink=stopping-unwritten batch=%d (delivered again on restart)",
                         len(self._batch),
                     )
                     return False
-                self._wait(delay)
 
     def _wait(self, seconds: float) -> None:
         """Back off without consuming further, but keep polling to stay in the group."""

@@ -1,6 +1,6 @@
 """Stateful fault detection per meter: STUCK, SPIKE, LEAK and NO_DATA, as plain Python.
 
-The Spark operator (:mod:`meterflow.stream.detector`) keeps one :class:`MeterState` per
+The Spark operator (:mod:`meterflow.stream.detection.processor`) keeps one :class:`MeterState` per
 meter in its state store and hands each micro-batch's readings of that meter, with the
 state, to :func:`observe`; a NO_DATA timer calls :func:`expire`. Both return the new state
 and the :class:`Detection` changes to publish. Keeping the rules here, free of Spark,
@@ -61,7 +61,8 @@ CLEAR = "clear"
 class MeterState(msgspec.Struct, array_like=True):
     """What the detector remembers about one meter between micro-batches.
 
-    Kept, msgpack-encoded, inside its bucket's state value (:mod:`meterflow.stream.detector`).
+    Kept, msgpack-encoded, inside its bucket's state value
+    (:mod:`meterflow.stream.detection.processor`).
     ``*_open`` hold the open episode's start (event microseconds) or 0.
     """
 

@@ -1,4 +1,4 @@
-"""The stateful stage in Spark: :mod:`meterflow.stream.detect`'s rules per meter, with
+"""The stateful stage in Spark: :mod:`meterflow.stream.detection.rules`'s rules per meter, with
 ``transformWithStateInPandas`` on the RocksDB state store, checkpointed.
 
 :func:`detect_faults` turns a stream of per-meter reading digests (the stream's tasks
@@ -7,7 +7,7 @@ them) into a stream of episode changes (:data:`CHANGE_SCHEMA`): one row each tim
 SPIKE, LEAK or NO_DATA episode opens or clears. Reading digests rather than ``iot-meter``
 spares a second Kafka read and classification, and a row per meter instead of per reading
 (docs/architecture.md, "Stateful detection", has the measurements). State is kept per
-bucket of meters (:class:`MeterDetector`): each meter's :class:`~meterflow.stream.detect.
+bucket of meters (:class:`MeterDetector`): each meter's :class:`~meterflow.stream.detection.rules.
 MeterState` (a few kB at most), dropped once it has been silent for a time to live, and one
 pending timer per bucket for NO_DATA:
 
@@ -20,13 +20,15 @@ pending timer per bucket for NO_DATA:
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import msgspec
 import pandas as pd
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.streaming.stateful_processor import (
     ExpiredTimerInfo,
@@ -39,7 +41,8 @@ from meterflow.core.contract import MeterType
 from meterflow.core.logs import get_logger
 from meterflow.core.messages import ReadingDigest, decoder
 from meterflow.core.thresholds import DetectionRules
-from meterflow.stream.detect import (
+from meterflow.stream.detection.profiles import MeterProfile
+from meterflow.stream.detection.rules import (
     Detection,
     Meter,
     MeterState,
@@ -47,7 +50,6 @@ from meterflow.stream.detect import (
     expire,
     observe,
 )
-from meterflow.stream.profiles import MeterProfile
 
 log = get_logger(__name__)
 
@@ -72,6 +74,9 @@ _CHANGE_COLUMNS = [
 EVENT_TIME = "EventTime"
 PROCESSING_TIME = "ProcessingTime"
 TIME_MODES = (EVENT_TIME, PROCESSING_TIME)
+#: The processor's one state variable (a bucket's msgpack-encoded :class:`Bucket`) and its
+#: schema: what Spark's state reader reads back from a checkpoint (:func:`read_state`).
+STATE_NAME = "bucket"
 _STATE_SCHEMA = "state binary"
 #: Buckets of meters the state is kept in (see :class:`MeterDetector`): enough to spread
 #: over the shuffle partitions, few enough that each holds many meters.
@@ -121,7 +126,7 @@ class MeterDetector(StatefulProcessor):
     detection"). Each meter keeps its own :class:`MeterState` inside the bucket's value,
     and the bucket one timer, at the earliest of its meters' deadlines.
 
-    ``profiles`` (:func:`meterflow.stream.profiles.load_profiles`) hold the meters whose
+    ``profiles`` (:func:`meterflow.stream.detection.profiles.load_profiles`) hold the meters whose
     interval or thresholds differ from ``default_interval_s`` and ``rules``.
     """
 
@@ -144,9 +149,14 @@ class MeterDetector(StatefulProcessor):
         self.started_ms = started_ms
         self._meters: dict[str, Meter] = {}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled in a Python worker: in Spark's pre-init worker, quiet its banners."""
+        self.__dict__.update(state)
+        _quiet_pre_init_worker()
+
     def init(self, handle: StatefulProcessorHandle) -> None:
         self.handle = handle
-        self.state = handle.getValueState("bucket", _STATE_SCHEMA)
+        self.state = handle.getValueState(STATE_NAME, _STATE_SCHEMA)
 
     def _meter(self, device_id: str, meter_type: str | None) -> Meter:
         """The meter as the rules see it. Kept: each batch asks for every meter of its
@@ -271,8 +281,43 @@ class MeterDetector(StatefulProcessor):
         bucket.timer_ms = fire_ms
         self.handle.registerTimer(fire_ms)
 
+    def handleInitialState(
+        self,
+        key: Any,
+        initialState: pd.DataFrame,  # noqa: N803
+        timerValues: TimerValues,  # noqa: N803
+    ) -> None:
+        """A bucket carried over from a previous checkpoint (:func:`read_state`): its
+        meters' states as they were; its timer is armed again here, since the old one
+        belonged to the old checkpoint."""
+        bucket = self._load()
+        for raw in initialState["state"]:
+            carried = _bucket_decoder.decode(bytes(raw))
+            bucket.meters.update(carried.meters)
+            bucket.arrived_ms.update(carried.arrived_ms)
+        bucket.timer_ms = 0
+        self._save(bucket, timerValues)
+
     def close(self) -> None:
         pass
+
+
+#: The module of the Python process Spark starts on the driver, once per start of the
+#: query, to ask the processor for its state variables before the first batch.
+PRE_INIT_WORKER = "pyspark.sql.streaming.transform_with_state_driver_worker"
+
+
+def _quiet_pre_init_worker() -> None:
+    """Send the pre-init worker's stdout nowhere, if this process is that worker.
+
+    It prints its UDF's repr and schema as multi-line banners on stdout, which Spark copies
+    to the driver's stderr; it talks to Spark over a socket, so stdout carries nothing else.
+    Unpickling the processor is the first code of meterflow's it runs (its first line,
+    "Starting ... Python worker.", is printed before).
+    """
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if getattr(spec, "name", None) == PRE_INIT_WORKER:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  # for the process's lifetime
 
 
 def _frame(changes: list[tuple[Meter, Detection]]) -> pd.DataFrame:
@@ -304,10 +349,13 @@ def detect_faults(
     ttl_ms: int = 7 * 24 * 3_600_000,
     buckets: int = DEFAULT_BUCKETS,
     started_ms: int | None = None,
+    initial_state: DataFrame | None = None,
 ) -> DataFrame:
     """The episode changes of a streaming DataFrame of digests (:data:`DIGEST_DDL`);
     ``profiles`` are the meters that differ from ``rules`` and ``default_interval_s``.
-    ``started_ms`` (default: now) is when this start of the query began, on the clock."""
+    ``started_ms`` (default: now) is when this start of the query began, on the clock.
+    ``initial_state`` (:func:`read_state` of a previous checkpoint, the same ``buckets``)
+    is where a fresh checkpoint's meters start from; Spark reads it in the first batch."""
     source = digests.select(
         "device_id",
         "event_time",
@@ -328,4 +376,26 @@ def detect_faults(
         CHANGE_SCHEMA,
         "Append",
         time_mode,
+        initialState=None if initial_state is None else initial_state.groupBy("bucket"),
     )
+
+
+def read_state(spark: SparkSession, checkpoint: str) -> DataFrame:
+    """The buckets a detector's checkpoint holds after its last committed batch, as
+    ``bucket int, state binary`` rows (Spark's state reader, ``statestore``)."""
+    stored = spark.read.format("statestore").option("stateVarName", STATE_NAME).load(checkpoint)
+    return stored.select(F.col("key.bucket").alias("bucket"), F.col("value.state").alias("state"))
+
+
+def count_state(state: DataFrame) -> tuple[int, int]:
+    """Buckets and meters in a :func:`read_state` frame (one Spark job, nothing collected
+    but the two counts)."""
+    meters = F.pandas_udf(_meters_in, "int")  # type: ignore[call-overload]  # stubs: no Series
+    row = state.agg(F.count("*").alias("buckets"), F.sum(meters("state")).alias("meters")).first()
+    return (int(row["buckets"]), int(row["meters"] or 0)) if row is not None else (0, 0)
+
+
+def _meters_in(states: pd.Series) -> pd.Series:
+    """How many meters each bucket's state holds (a module function: Spark pickles it by
+    name, not with the decoder it uses)."""
+    return states.map(lambda raw: len(_bucket_decoder.decode(bytes(raw)).meters))
