@@ -92,18 +92,18 @@ def run(
     check_writable(settings)
     refuse_legacy_lake(settings.lake_path)
     spark = spark or get_spark("meterflow-streaming", settings.spark_master)
-    set_log_levels(spark, QUIET_SPARK_LOGGERS)
-    supervisor = Supervisor(
-        settings,
-        spark,
-        kafka_format(spark, settings.kafka_source),
-        available_now=available_now,
-        accept_data_loss=accept_data_loss,
-        publish=publish,
-        stop=stop or threading.Event(),
-        on_committer=on_committer,
-    )
     with signals_handled(on_signal) if on_signal else contextlib.nullcontext():
+        set_log_levels(spark, QUIET_SPARK_LOGGERS)
+        supervisor = Supervisor(
+            settings,
+            spark,
+            kafka_format(spark, settings.kafka_source),
+            available_now=available_now,
+            accept_data_loss=accept_data_loss,
+            publish=publish,
+            stop=stop or threading.Event(),
+            on_committer=on_committer,
+        )
         return supervisor.run()
 
 
