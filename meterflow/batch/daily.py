@@ -51,8 +51,8 @@ APP_NAME = "meterflow-daily-batch"
 #: Only these lake columns are read (column pruning).
 _READ_COLUMNS = ("device_id", "meter_type", "consumption", "fault_code")
 #: Runtime SQL settings the job applies to its session. Spark's first-level aggregation
-#: map holds 2^16 keys by default; a city's meters overflow it into the slower map
-#: (measured: ~15% more CPU for 100,000 meters). 2^18 keys cost ~2 MB of buckets a task.
+#: map holds 2^16 keys by default; a city's meters overflow it into the slower map, and
+#: 2^18 keys cost only a few MB of buckets a task (bench/daily_batch.py measures the job).
 JOB_SQL_CONF = {"spark.sql.codegen.aggregate.fastHashMap.capacityBit": "18"}
 
 
@@ -88,8 +88,8 @@ def meter_daily(readings: DataFrame) -> DataFrame:
 
     The heavy part of the job (every reading of the day): one scan and one hash
     aggregation with fixed-width buffers; the average is total / good_count later. The
-    key is the device id alone (one string to hash and compare, measured ~10% faster
-    than with the type as a second key): the type travels as its index in
+    key is the device id alone (one string to hash and compare, faster than with the
+    type as a second key): the type travels as its index in
     ``TYPE_ORDER``, and a device whose readings disagree on it keeps one row under the
     type that comes first there, with ``mixed_types`` set, instead of two rows under one id.
     """

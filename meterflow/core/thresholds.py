@@ -73,8 +73,8 @@ class DetectionRules:
     )
     #: ... and a value above this level. Three decimals quantise tiny readings (a small
     #: flat in summer uses ~0.001 m3 of gas in 15 minutes at night) to a handful of
-    #: values, so long runs of one of them are normal; above these levels two consecutive
-    #: normal readings agree less than 6% of the time and eight in a row never do.
+    #: values, so long runs of one of them are normal; above these levels consecutive normal
+    #: readings seldom agree and eight in a row never do.
     stuck_min: dict[MeterType, float] = variable(
         "METERFLOW_STUCK_MIN_{key}",
         "STUCK: only a value above this counts ({key}, per reading)",

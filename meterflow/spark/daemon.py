@@ -1,8 +1,8 @@
 """PySpark's Python worker daemon, with the heavy libraries imported before it forks.
 
 Spark starts one daemon per executor and forks a Python worker from it for each task
-slot. Every worker then imports pyarrow, numpy, pandas and confluent-kafka itself, about
-150 MB of private memory each. Imported here, once, the forked workers share those pages
+slot. Every worker would then import pyarrow, numpy, pandas and confluent-kafka itself,
+each into its own private memory. Imported here, once, the forked workers share those pages
 copy-on-write, which is what lets the streaming job fit its container's ``mem_limit``
 (bench/memory.py measures it). Set as ``spark.python.daemon.module`` by
 :func:`meterflow.spark.session.get_spark`.

@@ -49,7 +49,7 @@ def get_spark(app_name: str, master: str | None = None, **conf: str) -> SparkSes
             "org.apache.spark.sql.execution.streaming.state.RocksDBStateStoreProvider"
         ),
         # One memory budget for all of the executor's RocksDB instances (block cache and
-        # memtables), not one each: the detector's state is about 2 kB per meter, so a
+        # memtables), not one each: the detector's state is a few kB per meter, so a
         # small budget holds a large fleet's hot part, and the container's limit holds.
         "spark.sql.streaming.stateStore.rocksdb.boundedMemoryUsage": "true",
         "spark.sql.streaming.stateStore.rocksdb.maxMemoryUsageMB": "64",

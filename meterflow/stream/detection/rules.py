@@ -19,9 +19,9 @@ and one overall ring (see :data:`HOUR_RING` and :data:`RECENT_RING`).
 SPIKE's baseline is the *highest* good value at the reading's hour of day over the last
 week (one high per day), not a median: a household's use at a given hour is mostly idle
 with a cooking or laundry peak on some days, so ten times the median idle level is
-crossed by ordinary use. On four years of real minutes (UCI household, 15-minute
-readings) the median baseline opened 17.9 SPIKEs per 10,000 readings, all ordinary use of
-4-8 kW; the weekly high opened none (``bench/detection_real.py``). A real spike, a meter
+crossed by ordinary use: on real household recordings a median baseline opened SPIKEs on
+ordinary appliance use, where the weekly high opens none (``bench/detection_real.py``
+measures it; docs/benchmarks.md has the figures). A real spike, a meter
 jump or a unit error, is tens to thousands of times the usual level, so it still stands
 ``spike_factor`` (10) times above the week's high.
 """
@@ -47,8 +47,8 @@ HOUR_RING = 7
 RECENT_RING = 48
 #: Days an hour's ring needs before it is the baseline: one, since SPIKE waits for
 #: ``baseline_history_s`` (a day) anyway, and the overall ring's median, the fallback, is
-#: what ordinary peaks cross (measured: 13 openings in 104 fresh two-week starts with 1,
-#: 47 with 3).
+#: what ordinary peaks cross (a fresh meter's first weeks open more false SPIKEs the
+#: longer it waits for the hour's ring: ``bench/detection_real.py``'s fresh windows).
 HOUR_MIN_VALUES = 1
 #: Values the overall ring needs before SPIKE can fire at all.
 RECENT_MIN_VALUES = 12
