@@ -188,6 +188,7 @@ def test_a_dead_worker_stops_the_run_with_one_line(make_settings, free_port, wor
         "METERFLOW_TOPIC_STATUS": settings.topic_status,
         "MONGO_URI": "",
         "METERFLOW_LOCAL_MONGO_PORT": str(free_port),
+        "METERFLOW_DETECTION": "off",  # the workers are the subject, not the stateful stage
     }
     command = ["run", "--meters", "20", "--interval", "1s", "--episodes", "none"]
     process = started(["-c", RUN_WITH_A_FAILING_WORKER, *FAILING_LOOP[worker], *command], env)

@@ -130,7 +130,8 @@ def _run_platform(env: dict[str, str], logs: Path) -> tuple[int, str, str]:
     out_log, err_log = logs / "out.log", logs / "err.log"
     with out_log.open("w") as out, err_log.open("w") as err:
         process = subprocess.Popen(
-            [sys.executable, "-m", "meterflow.cli", "run", "--meters", "30", "--interval", "1s"],
+            [sys.executable, "-m", "meterflow.cli", "run", "--meters", "30", "--interval", "1s"]
+            + ["--episodes", "none"],
             stdout=out,
             stderr=err,
             text=True,
@@ -167,6 +168,9 @@ def test_two_restarts_of_meterflow_run_lose_nothing(fresh_broker: bool, make_set
         "METERFLOW_TRIGGER_SECONDS": "1",
         "MONGO_URI": "",
         "METERFLOW_LOCAL_MONGO_PORT": str(free_port()),
+        # The lake's ledger is the subject: the stateful stage's restarts and stops are
+        # tests/integration/test_detection_stream.py's and test_cli_processes.py's.
+        "METERFLOW_DETECTION": "off",
     }
     if fresh_broker:  # each run starts (and drains, then stops) its own in-memory broker
         env |= {"KAFKA_BOOTSTRAP_SERVERS": "", "METERFLOW_LOCAL_BROKER_PORT": str(free_port())}
