@@ -121,6 +121,10 @@ def test_an_unwritable_path_is_one_line_before_spark_starts(
     assert time.monotonic() - started < 30  # no Spark session was started
 
 
+#: A small live fleet, without the demo's episodes: what is counted is the lake's.
+RUN_ARGS = ("--meters", "30", "--interval", "1s", "--episodes", "none")
+
+
 def _run_platform(env: dict[str, str], logs: Path) -> tuple[int, str, str]:
     """``meterflow run`` until its stream has committed readings of this run, then Ctrl-C
     while the simulator still sends; returns (readings sent, out, err)."""
@@ -130,8 +134,7 @@ def _run_platform(env: dict[str, str], logs: Path) -> tuple[int, str, str]:
     out_log, err_log = logs / "out.log", logs / "err.log"
     with out_log.open("w") as out, err_log.open("w") as err:
         process = subprocess.Popen(
-            [sys.executable, "-m", "meterflow.cli", "run", "--meters", "30", "--interval", "1s"]
-            + ["--episodes", "none"],
+            [sys.executable, "-m", "meterflow.cli", "run", *RUN_ARGS],
             stdout=out,
             stderr=err,
             text=True,
