@@ -90,6 +90,15 @@ def spark():
     )
     yield session
     session.stop()
+    # Close py4j's connections now, while pytest's streams are open: left to the
+    # interpreter's exit, each logs "Closing down" into a handler Airflow's import
+    # installed on a stream pytest has closed by then ("--- Logging error ---").
+    from pyspark import SparkContext
+
+    if SparkContext._gateway is not None:
+        SparkContext._gateway.shutdown()
+        SparkContext._gateway = None
+        SparkContext._jvm = None
 
 
 @pytest.fixture(scope="session")
