@@ -53,7 +53,9 @@ def run_baseline(settings: Settings, lake_path: str, flush_rows: int = 500_000) 
                     remaining.discard(key)
             for (topic, partition), records in by_partition.items():
                 part = KafkaInputPartition(topic, partition, 0, 0)
-                result = classify_batch(records_to_batch(records, part), settings.rules)
+                result = classify_batch(
+                    records_to_batch(records, part), settings.rules, zone_name=settings.timezone
+                )
                 for event_key, event in result.abnormal_events:
                     kafka.produce(producer, settings.topic_abnormal, event, event_key)
                 for letter in result.dead_letters:

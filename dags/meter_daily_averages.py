@@ -1,6 +1,7 @@
 """Daily batch views: per meter, per meter type and per district, for each day.
 
-For the run's day ``ds``: wait until the lake partition is complete (the stream's
+For the run's day (a local date in ``METERFLOW_TIMEZONE``, which the schedule follows: a
+run starts after that zone's midnight): wait until the lake partition is complete (the stream's
 event-time watermark, for the readings topic's current generation, passed the day's end;
 or, with no stream running, a grace period did), aggregate it with the Spark batch job
 (spark-submit through the ``spark_default`` connection, whose master is ``SPARK_MASTER``:
@@ -24,7 +25,11 @@ from meterflow.core.config import env_value
 from meterflow_airflow.hooks import MeterflowHook, job_path
 from meterflow_airflow.sensors import LakePartitionCompleteSensor
 
-START_DATE = pendulum.parse(env_value("METERFLOW_DAG_START_DATE"), tz="UTC")
+TIMEZONE = env_value("METERFLOW_TIMEZONE")
+START_DATE = pendulum.parse(env_value("METERFLOW_DAG_START_DATE"), tz=TIMEZONE)
+#: The run's day in the DAG's zone. ``ds`` is the logical date in UTC: a day behind for a
+#: zone east of UTC, whose midnight is the evening before in UTC.
+DAY = f"{{{{ data_interval_start.in_timezone('{TIMEZONE}') | ds }}}}"
 #: How often the sensor looks (reschedule mode: a short task run each time, the slot freed
 #: in between). Yesterday's views follow the stream's watermark within about a minute.
 POKE_SECONDS = 60
@@ -43,7 +48,7 @@ POKE_SECONDS = 60
 def meter_daily_averages() -> None:
     wait = LakePartitionCompleteSensor(
         task_id="wait_for_partition",
-        day="{{ ds }}",
+        day=DAY,
         mode="reschedule",
         poke_interval=POKE_SECONDS,
         timeout=timedelta(days=2).total_seconds(),
@@ -52,30 +57,30 @@ def meter_daily_averages() -> None:
         task_id="aggregate",
         conn_id="spark_default",
         application=job_path("daily_batch_job"),
-        application_args=["--date", "{{ ds }}"],
-        name="meterflow-daily-{{ ds }}",
+        application_args=["--date", DAY],
+        name=f"meterflow-daily-{DAY}",
         # One Spark driver at a time in the scheduler's container, also during catch-up.
         max_active_tis_per_dag=1,
     )
 
     @task
-    def load(ds: str | None = None) -> dict:
+    def load(day: str) -> dict:
         """Publish the day's views to MongoDB (upserts that replace the day)."""
         from meterflow.serving.loader import publish_day
 
         with MeterflowHook() as hook:
-            return publish_day(hook.settings.views_path, ds, hook.get_conn()).as_dict()
+            return publish_day(hook.settings.views_path, day, hook.get_conn()).as_dict()
 
     @task
-    def check(ds: str | None = None) -> dict:
+    def check(day: str) -> dict:
         """Fail the run if MongoDB disagrees with the lake for the day, or if registered
         meters sent nothing the stream has read."""
         from meterflow.serving.checks import check_day
 
         with MeterflowHook() as hook:
-            return check_day(hook.settings.lake_path, ds, hook.get_conn()).as_dict()
+            return check_day(hook.settings.lake_path, day, hook.get_conn()).as_dict()
 
-    wait >> aggregate >> load() >> check()
+    wait >> aggregate >> load(DAY) >> check(DAY)
 
 
 meter_daily_averages()

@@ -31,7 +31,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     spark = get_spark(APP_NAME, settings.spark_master)
     report = run(
-        spark, args.lake or settings.lake_path, args.date, settings.reading_interval_seconds
+        spark,
+        args.lake or settings.lake_path,
+        args.date,
+        settings.reading_interval_seconds,
+        settings.timezone,
     )
     print(report.to_json())
     return 0

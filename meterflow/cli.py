@@ -138,7 +138,13 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
 
     try:
         spark = get_spark(APP_NAME, settings.spark_master)
-        report = run(spark, settings.lake_path, args.date, settings.reading_interval_seconds)
+        report = run(
+            spark,
+            settings.lake_path,
+            args.date,
+            settings.reading_interval_seconds,
+            settings.timezone,
+        )
     finally:
         stop_active_session()
     print(report.to_json())

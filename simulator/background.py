@@ -65,7 +65,11 @@ def background_simulation(
             done = simulate(backfill, sink.emit, stop, fleet=fleet)
             log.info("simulator=backfilled days=%g sent=%d", backfill.days, done.sent)
             history_s = backfill.days * SECONDS_PER_DAY
-            live = replace(config, since_s=backfill.until_s, history_s=history_s)
+            # The backfill's last reading is stamped until_s (it ends its interval): the
+            # live run's first one reports the interval after it.
+            assert backfill.until_s is not None
+            since = backfill.until_s + config.interval_s
+            live = replace(config, since_s=since, history_s=history_s)
         summary = Summary()
         try:
             Simulation(live, fleet).run(sink.emit, stop, summary=summary)

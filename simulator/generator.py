@@ -5,8 +5,8 @@
 * ``backfill``: ``days`` of past readings ending at ``end`` (default: the start of today,
   UTC) or at the moment ``until_s``, every meter every ``interval_s``, in event-time order
   and as fast as the ``emit`` callable takes them. A reading stamped ``t`` reports the
-  consumption in ``[t, t + interval)``, so each day holds exactly ``86400 / interval``
-  readings a meter. A ``rate`` cap (messages per second) slows it down to protect a
+  interval that ends at ``t`` (the contract's convention: the 00:00 reading closes the day
+  before), so each day holds exactly ``86400 / interval`` readings a meter. A ``rate`` cap (messages per second) slows it down to protect a
   shared broker.
 * ``live``: every ``interval_s`` each meter reports the interval that just ended, stamped
   with the current time. When the fleet cannot report within one interval at the rate
@@ -354,7 +354,7 @@ class _StepMaker:
         self, starts: np.ndarray, stamps: list[str], stamps_s: np.ndarray | None = None
     ) -> list[Step]:
         """Steps for intervals ``starts``; ``stamps_s`` are their event times (default the
-        starts, as in a backfill)."""
+        starts)."""
         config, fmt, model = self.simulation.config, self.simulation.fmt, self.simulation.model
         usage, flow = model.sample(starts, config.interval_s, self.values_rng, self.idle_rng)
         codes = self.draws.draw(usage.shape)
@@ -482,7 +482,8 @@ def _backfill(run: _Run, make_steps: _StepMaker, starts: np.ndarray, meters: int
     block = max(1, BLOCK_CELLS // meters)
     for first in range(0, len(starts), block):
         chunk = starts[first : first + block]
-        for step in make_steps(chunk, [format_stamp(s) for s in chunk.tolist()]):
+        ends = chunk + run.config.interval_s  # each reading is stamped with its interval's end
+        for step in make_steps(chunk, [format_stamp(s) for s in ends.tolist()], ends):
             if run.finished():
                 return
             _send(run, step, meters)

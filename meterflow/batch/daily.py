@@ -42,7 +42,7 @@ from meterflow.batch.views import (
 from meterflow.core import lake
 from meterflow.core.contract import METER_SPECS, TYPE_ORDER
 from meterflow.core.logs import get_logger
-from meterflow.core.timestamps import SECONDS_PER_DAY, as_date
+from meterflow.core.timestamps import UTC_NAME, as_date, day_seconds
 
 log = get_logger("jobs.daily_batch")
 #: Spark application name of the job's session (spark-submit and ``meterflow batch``).
@@ -134,7 +134,11 @@ def _average(total: pa.Array, good: pa.Array) -> pa.Array:
 
 
 def meter_view(
-    aggregated: pa.Table, registry: pa.Table, day: date, default_interval: int
+    aggregated: pa.Table,
+    registry: pa.Table,
+    day: date,
+    default_interval: int,
+    zone_name: str = UTC_NAME,
 ) -> pa.Table:
     """The per-meter view: :func:`meter_daily`'s rows with district and completeness, plus
     a row for every registered meter that sent nothing on ``day``.
@@ -142,7 +146,8 @@ def meter_view(
     A silent meter is the failure users most need to see and is absent from the readings
     by definition, so it comes from the registry (meters installed by ``day``), with
     completeness 0. Meters the registry lacks keep their readings under district
-    "unknown". ``completeness`` = readings received / (86400 / interval). This runs in
+    "unknown". ``completeness`` = readings received / (the local day's seconds / interval):
+    a DST day in ``zone_name`` expects an hour's readings less or more. This runs in
     Arrow: it handles one row per meter, not per reading.
     """
     installed = installed_by(registry, day)
@@ -173,7 +178,7 @@ def meter_view(
         promote_options="permissive",
     ).sort_by("device_id")
     interval = rows["interval_seconds"].fill_null(default_interval)
-    expected = pc.max_element_wise(pc.divide(SECONDS_PER_DAY, interval), 1)
+    expected = pc.max_element_wise(pc.divide(day_seconds(day, zone_name), interval), 1)
     units = {str(spec.meter_type): spec.unit for spec in METER_SPECS.values()}
     unit_keys = pa.array(list(units))
     return pa.table(
@@ -248,10 +253,17 @@ def _write_table(table: pa.Table, path: str) -> None:
     pq.write_table(table, f"{local}/part-00000.parquet", filesystem=fs)
 
 
-def run(spark: SparkSession, lake_path: str, day: date | str, interval_seconds: int) -> DayReport:
+def run(
+    spark: SparkSession,
+    lake_path: str,
+    day: date | str,
+    interval_seconds: int,
+    zone_name: str = UTC_NAME,
+) -> DayReport:
     """Compute and write D's views and report; a day without readings is reported as such.
 
-    ``interval_seconds`` is the reading interval of meters the registry gives none. Spark
+    ``interval_seconds`` is the reading interval of meters the registry gives none; D is a
+    local date in ``zone_name``, as the lake's partitions are. Spark
     scans the day once and aggregates it per meter (:func:`meter_daily`); the result, one
     row per meter, comes back as Arrow, where the registry join, silent meters and the
     type and district roll-ups take milliseconds instead of Spark jobs.
@@ -293,7 +305,7 @@ def run(spark: SparkSession, lake_path: str, day: date | str, interval_seconds: 
             mixed.num_rows,
             ",".join(mixed["device_id"].to_pylist()[:5]),
         )
-    meters = meter_view(aggregated, read_registry(lake_path), day, interval_seconds)
+    meters = meter_view(aggregated, read_registry(lake_path), day, interval_seconds, zone_name)
     types = type_daily(meters)
     views = {METER_VIEW: meters, TYPE_VIEW: types, DISTRICT_VIEW: district_daily(meters)}
     for view, table in views.items():

@@ -9,11 +9,12 @@ current id from Kafka) for ``LakePartitionCompleteSensor``.
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 from meterflow.clients import kafka
 from meterflow.core.lake import StreamWatermark, read_stream_watermark
 from meterflow.core.logs import get_logger
+from meterflow.core.timestamps import day_bounds
 
 log = get_logger("meterflow.batch.readiness")
 
@@ -52,18 +53,20 @@ def partition_complete(
     now: datetime,
     interval_s: int,
     grace_s: int,
+    zone_name: str,
 ) -> tuple[bool, str]:
-    """Whether ``day`` can be aggregated, and why.
+    """Whether ``day`` (a local date in ``zone_name``) can be aggregated, and why.
 
     Complete when the stream's low watermark has moved one reading interval past the
-    day's end, and that watermark is for ``generation``, the readings topic's current id
-    (None: Kafka did not say, so nothing is trusted), written by a commit since the stream
-    started, with every offset the broker was seen to hold read. The grace period after
+    day's end (its local midnight, whose reading closes the day), and that watermark is
+    for ``generation``, the readings topic's current id (None: Kafka did not say, so
+    nothing is trusted), written by a commit since the stream started, with every offset
+    the broker was seen to hold read. The grace period after
     the day's end stands in for the watermark only when no stream has written one for a
     whole grace period (none runs, or it stopped): a stream that has started, or is still
     catching up on the day, as during a backfill, is waited for.
     """
-    end = datetime.combine(day + timedelta(days=1), time(), tzinfo=UTC)
+    end = day_bounds(day, zone_name)[1]
     if generation is None:
         return False, (
             f"waiting: Kafka did not say which generation of {topic} is current, so the "
@@ -104,6 +107,7 @@ def day_readiness(
     day: date,
     interval_s: int,
     grace_s: int,
+    zone_name: str,
 ) -> tuple[bool, str]:
     """:func:`partition_complete` for ``day`` with the lake's watermark and Kafka's topic id."""
     return partition_complete(
@@ -114,4 +118,5 @@ def day_readiness(
         datetime.now(UTC),
         interval_s,
         grace_s,
+        zone_name,
     )

@@ -39,8 +39,9 @@ class Reading(NamedTuple):
     device_id: str
     meter_type: MeterType
     event_time_us: int  # microseconds since the epoch, UTC
-    consumption: float | None  # the type's main metric, in its unit
+    consumption: float | None  # the type's main metric (the interval's usage), in its unit
     flow_rate: float | None  # water only
+    register: float | None  # the cumulative register, in the type's unit
     fault_code: FaultCode | None
     reason: str | None
     fields: dict[str, Any]  # the decoded JSON object, as sent
@@ -88,6 +89,7 @@ class Classified:
     type_index: np.ndarray  # int8 index into TYPE_ORDER (meaningless for dead letters)
     event_time_us: np.ndarray  # int64
     consumption: np.ndarray  # float64, NaN when absent
+    register: np.ndarray  # float64, the cumulative register; NaN when absent
     flow_rate: np.ndarray  # float64, NaN when absent
     fault_index: np.ndarray  # int8, 0 = none, k = STATELESS_FAULTS[k - 1]
     reasons: dict[int, str]  # fault reason, or dead-letter detail
@@ -103,6 +105,7 @@ class Classified:
 
 _TYPE_INDEX = {t: i for i, t in enumerate(TYPE_ORDER)}
 _METRIC_OF = {t: spec.metric for t, spec in METER_SPECS.items()}
+_REGISTER_OF = {t: spec.register for t, spec in METER_SPECS.items()}
 
 
 def classify(
@@ -120,6 +123,7 @@ def classify(
     type_index = np.zeros(count, dtype=np.int8)
     event_us = np.zeros(count, dtype=np.int64)
     primary = np.full(count, np.nan)
+    register = np.full(count, np.nan)
     flow = np.full(count, np.nan)
     max_bytes = rules.max_message_bytes
     water = MeterType.WATER
@@ -162,13 +166,18 @@ def classify(
         value = getattr(wire, _METRIC_OF[meter_type])
         if value is not None and value is not UNSET:
             primary[i] = value
+        value = getattr(wire, _REGISTER_OF[meter_type])
+        if value is not None and value is not UNSET:
+            register[i] = value
         if meter_type is water:
             rate = wire.flow_rate
             if rate is not None and rate is not UNSET:
                 flow[i] = rate
 
     references = np.asarray(reference_us, dtype=np.int64)
-    fault_index = _stateless_faults(type_index, event_us, primary, flow, references, rules)
+    fault_index = _stateless_faults(
+        type_index, event_us, primary, register, flow, references, rules
+    )
     status = np.where(fault_index > 0, 1, 0).astype(np.int8)
     reasons: dict[int, str] = {}
     for i in np.flatnonzero(fault_index).tolist():
@@ -176,6 +185,7 @@ def classify(
             STATELESS_FAULTS[fault_index[i] - 1],
             TYPE_ORDER[type_index[i]],
             float(primary[i]),
+            float(register[i]),
             float(flow[i]),
             int(event_us[i]),
             int(references[i]),
@@ -191,6 +201,7 @@ def classify(
         type_index=type_index,
         event_time_us=event_us,
         consumption=primary,
+        register=register,
         flow_rate=flow,
         fault_index=fault_index,
         reasons=reasons,
@@ -202,20 +213,26 @@ def _stateless_faults(
     type_index: np.ndarray,
     event_us: np.ndarray,
     primary: np.ndarray,
+    register: np.ndarray,
     flow: np.ndarray,
     reference_us: np.ndarray,
     rules: Rules,
 ) -> np.ndarray:
-    """:data:`STATELESS_FAULTS`, column-wise; the first rule that matches wins (int8 codes)."""
+    """:data:`STATELESS_FAULTS`, column-wise; the first rule that matches wins (int8 codes).
+
+    A reading needs its usage or its register (MISSING_METRIC otherwise). A register has no
+    upper bound here: its size says nothing until the daily validation compares it with the
+    meter's previous one (docs/architecture.md, "Validated consumption").
+    """
     primary_bound = np.array([rules.bounds.get(_METRIC_OF[t], np.inf) for t in TYPE_ORDER])[
         type_index
     ]
     flow_bound = rules.bounds.get(_FLOW_METRIC, np.inf)
     with np.errstate(invalid="ignore"):
         checks = [
-            np.isnan(primary),
-            (primary == SENTINEL_VALUE) | (flow == SENTINEL_VALUE),
-            (primary < 0) | (flow < 0),
+            np.isnan(primary) & np.isnan(register),
+            (primary == SENTINEL_VALUE) | (register == SENTINEL_VALUE) | (flow == SENTINEL_VALUE),
+            (primary < 0) | (register < 0) | (flow < 0),
             (primary > primary_bound) | (flow > flow_bound),
             event_us > reference_us + int(rules.future_tolerance_s * 1_000_000),
         ]
@@ -226,18 +243,20 @@ def _fault_reason(
     fault: FaultCode,
     meter_type: MeterType,
     primary: float,
+    register: float,
     flow: float,
     event_us: int,
     reference_us: int,
     rules: Rules,
 ) -> str:
     """A sentence a person on call understands, naming the field and the value."""
-    metric = METER_SPECS[meter_type].metric
+    spec = METER_SPECS[meter_type]
+    metric = spec.metric
     if fault is FaultCode.MISSING_METRIC:
-        return f"{meter_type} reading without {metric}"
+        return f"{meter_type} reading without {metric} or {spec.register}"
     if fault is FaultCode.FUTURE_TIMESTAMP:
         return f"timestamp {(event_us - reference_us) / 1e6:.0f} s ahead of ingestion"
-    for name, value in ((metric, primary), (_FLOW_METRIC, flow)):
+    for name, value in ((metric, primary), (spec.register, register), (_FLOW_METRIC, flow)):
         bound = rules.bounds.get(name, np.inf)
         if fault is FaultCode.SENTINEL and value == SENTINEL_VALUE:
             return f"{name} is {SENTINEL_VALUE}: the meter reports a fault"
@@ -256,12 +275,14 @@ def evaluate(raw: bytes | None, reference_us: int, rules: Rules = _DEFAULT_RULES
     device_id = result.device_id[0]
     assert raw is not None and device_id is not None  # both present unless a dead letter
     consumption, flow = float(result.consumption[0]), float(result.flow_rate[0])
+    register = float(result.register[0])
     return Reading(
         device_id,
         result.meter_type(0),
         int(result.event_time_us[0]),
         None if np.isnan(consumption) else consumption,
         None if np.isnan(flow) else flow,
+        None if np.isnan(register) else register,
         result.fault_code(0),
         result.reasons.get(0),
         json.loads(raw),

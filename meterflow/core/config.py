@@ -16,7 +16,7 @@ from datetime import date
 from pathlib import Path
 from typing import Literal
 
-from meterflow.core import lake, variables
+from meterflow.core import lake, timestamps, variables
 from meterflow.core.contract import (
     TOPIC_ABNORMAL,
     TOPIC_DEADLETTER,
@@ -31,6 +31,12 @@ KafkaSource = Literal["auto", "python", "jvm"]
 StartingOffsets = Literal["earliest", "latest"]
 OnDataLoss = Literal["exit", "wait"]
 DetectionTime = Literal["processing", "event"]
+
+
+def _time_zone(name: str) -> str:
+    """An IANA zone name, checked now: a typo would otherwise cut every day wrong."""
+    timestamps.zone(name)
+    return name
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,13 @@ class Settings:
         "stream's watermark",
         7200,
         minimum=0,
+    )
+    timezone: str = variable(
+        "METERFLOW_TIMEZONE",
+        "IANA time zone whose midnights cut the days: lake partitions, daily views, the "
+        "daily DAG's schedule, the LEAK rule's night window",
+        timestamps.UTC_NAME,
+        parse=_time_zone,
     )
     dag_start_date: date = variable(
         "METERFLOW_DAG_START_DATE",

@@ -4,8 +4,15 @@ Everything that produces, checks or stores readings names these from here: the s
 the replay tool, the Spark jobs, the sink and the tests. A message on ``iot-meter`` is a
 UTF-8 JSON object keyed by ``device_id``::
 
-    {"device_id": "em1", "timestamp": "2024-05-27T15:57:53Z", "usage_kwh": 9}
-    {"device_id": "wm1", "timestamp": "2024-05-27T15:57:52Z", "usage": 18, "flow_rate": 5}
+    {"device_id": "em1", "timestamp": "2024-05-27T16:00:00Z", "usage_kwh": 9}
+    {"device_id": "wm1", "timestamp": "2024-05-27T16:00:00Z", "usage": 18, "flow_rate": 5}
+    {"device_id": "gm1", "timestamp": "2024-05-27T16:00:00Z", "register_m3": 18234.561}
+
+A reading's timestamp is the *end* of the interval it measures (interval ending, as a
+register read or a DLMS load profile): its usage, or its register's difference from the
+previous reading, belongs to the interval before it, so the 00:00 reading closes the
+previous day. A meter sends its interval usage (``usage_kwh``, ``usage``, ``usage_m3``), its
+cumulative register (``register_kwh``, ``register_l``, ``register_m3``), or both.
 
 Every message ends in exactly one of three outcomes (:class:`Status`): a valid reading, an
 abnormal reading (with a :class:`FaultCode`), or a dead letter (with a
@@ -41,11 +48,13 @@ class MeterType(StrEnum):
 
 @dataclass(frozen=True)
 class MeterSpec:
-    """What a meter type sends: its id prefix, main metric, unit and extra metrics."""
+    """What a meter type sends: its id prefix, main metric (the interval's usage), its
+    cumulative register, their unit, and extra metrics."""
 
     meter_type: MeterType
     id_prefix: str
     metric: str
+    register: str
     unit: str
     extra_metrics: tuple[str, ...] = ()
     #: Physical upper bound per reading for the main metric and each extra metric.
@@ -54,24 +63,27 @@ class MeterSpec:
 
 METER_SPECS: dict[MeterType, MeterSpec] = {
     MeterType.ELECTRICITY: MeterSpec(
-        MeterType.ELECTRICITY, "em", "usage_kwh", "kWh", (), {"usage_kwh": 100.0}
+        MeterType.ELECTRICITY, "em", "usage_kwh", "register_kwh", "kWh", (), {"usage_kwh": 100.0}
     ),
     MeterType.WATER: MeterSpec(
         MeterType.WATER,
         "wm",
         "usage",
+        "register_l",
         "L",
         ("flow_rate",),
         {"usage": 10_000.0, "flow_rate": 500.0},
     ),
-    MeterType.GAS: MeterSpec(MeterType.GAS, "gm", "usage_m3", "m3", (), {"usage_m3": 100.0}),
+    MeterType.GAS: MeterSpec(
+        MeterType.GAS, "gm", "usage_m3", "register_m3", "m3", (), {"usage_m3": 100.0}
+    ),
 }
 
 #: Which metric field names reveal which meter type (used when ``meter_type`` is absent).
 METRIC_TO_TYPE: dict[str, MeterType] = {
     name: spec.meter_type
     for spec in METER_SPECS.values()
-    for name in (spec.metric, *spec.extra_metrics)
+    for name in (spec.metric, spec.register, *spec.extra_metrics)
 }
 PREFIX_TO_TYPE: dict[str, MeterType] = {s.id_prefix: s.meter_type for s in METER_SPECS.values()}
 ALL_METRICS: tuple[str, ...] = tuple(METRIC_TO_TYPE)

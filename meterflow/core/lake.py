@@ -36,6 +36,8 @@ CLASSIFIED_SCHEMA = pa.schema(
         ("consumption", pa.float64()),
         ("unit", pa.string()),
         ("flow_rate", pa.float64()),
+        # The meter's cumulative register, when it sends one (null otherwise).
+        ("register", pa.float64()),
         ("fault_code", pa.string()),
         ("reason", pa.string()),
         ("status", pa.string()),

@@ -88,9 +88,12 @@ class ReadingMessage(Message, kw_only=True):
     timestamp: str
     meter_type: str | UnsetType | None = UNSET
     usage_kwh: Metric = UNSET
+    register_kwh: Metric = UNSET
     usage: Metric = UNSET
     flow_rate: Metric = UNSET
     usage_m3: Metric = UNSET
+    register_l: Metric = UNSET
+    register_m3: Metric = UNSET
 
 
 class EventSource(Message, kw_only=True):

@@ -111,11 +111,11 @@ class DetectionRules:
         86_400.0,
         minimum=0,
     )
-    #: LEAK (water only): the night window, hours of the day in UTC (the simulated city's
-    #: local time), from the first hour inclusive to the second.
+    #: LEAK (water only): the night window, hours of the local day (METERFLOW_TIMEZONE), from
+    #: the first hour inclusive to the second.
     leak_night_hours: tuple[int, int] = variable(
         "METERFLOW_LEAK_NIGHT_HOURS",
-        "LEAK: the night window, hours of the day (UTC), start-end",
+        "LEAK: the night window, hours of the local day (METERFLOW_TIMEZONE), start-end",
         (2, 4),
         parse=_hours,
         shown="2-4",
@@ -172,5 +172,5 @@ class DetectionRules:
         return self.nodata_intervals * interval_s
 
     def in_leak_night(self, hour_of_day: float) -> bool:
-        """Whether an instant ``hour_of_day`` hours after midnight UTC is in the night window."""
+        """Whether an instant ``hour_of_day`` hours after local midnight is in the night window."""
         return self.leak_night_start_hour <= hour_of_day < self.leak_night_end_hour

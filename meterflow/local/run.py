@@ -296,11 +296,12 @@ def _wait_for(done: Callable[[], bool], timeout: float) -> bool:
 
 
 def _start_airflow(settings: Settings) -> subprocess.Popen[bytes]:
-    from datetime import UTC, datetime, timedelta
+    from datetime import timedelta
 
+    from meterflow.core.timestamps import today
     from meterflow.local.airflow import API_PORT, start_standalone
 
-    yesterday = datetime.now(UTC).date() - timedelta(days=1)
+    yesterday = today(settings.timezone) - timedelta(days=1)
     process = start_standalone(settings, yesterday)
     print(
         f"Airflow standalone starting: http://localhost:{API_PORT} (user admin, password in "

@@ -23,7 +23,7 @@ from meterflow.core.events import abnormal_event, meter_status_update
 from meterflow.core.lake import CLASSIFIED_SCHEMA, TIMESTAMP
 from meterflow.core.messages import DeadLetterMessage
 from meterflow.core.thresholds import Rules
-from meterflow.core.timestamps import US_PER_DAY
+from meterflow.core.timestamps import UTC_NAME, reading_days
 
 
 @dataclass
@@ -43,11 +43,17 @@ _DEADLETTER = contract.STATUS_ORDER.index(Status.DEADLETTER)
 
 
 def classify_batch(
-    batch: pa.RecordBatch, rules: Rules, generation: str = "", now_us: int | None = None
+    batch: pa.RecordBatch,
+    rules: Rules,
+    generation: str = "",
+    now_us: int | None = None,
+    zone_name: str = UTC_NAME,
 ) -> BatchResult:
     """Classify a batch with the Kafka source schema (key, value, topic, partition, ...).
 
     ``generation`` is the source topic's id (see :func:`meterflow.core.events.event_id`).
+    Each reading's ``date`` is the local day (in ``zone_name``) its interval starts in
+    (:func:`~meterflow.core.timestamps.reading_days`).
 
     The future-timestamp rule compares against each record's Kafka timestamp (so a replay
     classifies identically) and falls back to ``now_us`` when a record has none.
@@ -62,7 +68,7 @@ def classify_batch(
     fault = result.fault_index
     # A timestamp from the future says nothing about the day: file it under ingestion.
     future = fault == contract.STATELESS_FAULTS.index(FaultCode.FUTURE_TIMESTAMP) + 1
-    day = np.where(future, ingest_us, result.event_time_us) // US_PER_DAY
+    day = reading_days(np.where(future, ingest_us, result.event_time_us), zone_name)
     count = batch.num_rows
     reasons = [result.reasons.get(i) for i in range(count)] if result.reasons else [None] * count
     columns = {
@@ -72,6 +78,7 @@ def classify_batch(
         "consumption": pa.array(result.consumption, pa.float64(), from_pandas=True),
         "unit": pa.array(_UNIT_NAMES[result.type_index], pa.string(), mask=dead),
         "flow_rate": pa.array(result.flow_rate, pa.float64(), from_pandas=True),
+        "register": pa.array(result.register, pa.float64(), from_pandas=True),
         "fault_code": pa.array(_FAULT_NAMES[fault], pa.string()),
         "reason": pa.array(reasons, pa.string()),
         "status": pa.array(_STATUS_NAMES[result.status], pa.string()),
@@ -111,6 +118,7 @@ def classify_batch(
             device_id,
             result.meter_type(i),
             int(result.event_time_us[i]),
+            None,
             None,
             None,
             result.fault_code(i),

@@ -267,6 +267,7 @@ class LakeCommitter(ForeachBatch):
             staging=staging,
             generation=self.generation,
             rules=self.settings.rules,
+            timezone=self.settings.timezone,
             committed={
                 (topic, p): tuple(ranges)
                 for p, ranges in self.ledger.committed(topic, self.generation).items()

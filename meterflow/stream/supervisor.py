@@ -269,6 +269,7 @@ class Supervisor:
             profiles=load_profiles(settings.registry_path, settings.detection),
             default_interval_s=settings.reading_interval_seconds,
             trigger_seconds=settings.trigger_seconds,
+            zone_name=settings.timezone,
             available_now=self.available_now,
         )
         query = start_detection(self.spark, spec, publisher)

@@ -95,6 +95,8 @@ class TaskPlan:
     staging: str  # relative to the lake root: _staging/<token>
     generation: str
     rules: Rules
+    #: The IANA zone whose local dates partition the lake (METERFLOW_TIMEZONE).
+    timezone: str
     #: (topic, partition) -> offset ranges [start, end) the ledger already holds.
     committed: dict[tuple[str, int], tuple[tuple[int, int], ...]] = field(default_factory=dict)
     topics: EventTopics | None = None
@@ -289,7 +291,8 @@ def _tally(result: BatchResult, tallies: dict[tuple[str, int], Tally]) -> None:
             tally.max_event_us = max(tally.max_event_us or newest, newest)
 
 
-def _dead_letter_table(result: BatchResult, now_us: int) -> pa.Table:
+def _dead_letter_table(result: BatchResult, now_us: int, zone_name: str) -> pa.Table:
+    """The dead letters as lake rows, filed by the local day they arrived."""
     rows = result.classified
     ingest = rows.filter(pc.equal(rows.column("status"), _STATUS[Status.DEADLETTER])).column(
         "ingest_time"
@@ -307,9 +310,9 @@ def _dead_letter_table(result: BatchResult, now_us: int) -> pa.Table:
             "reason": pa.array([d.reason for d in letters], pa.string()),
             "detail": pa.array([d.detail for d in letters], pa.string()),
             "ingest_time": pa.array(ingest_us, DEADLETTER_SCHEMA.field("ingest_time").type),
-            "date": pa.array(
-                (ingest_us // timestamps.US_PER_DAY).astype(np.int32), pa.int32()
-            ).cast(pa.date32()),
+            "date": pa.array(timestamps.local_days(ingest_us, zone_name), pa.int32()).cast(
+                pa.date32()
+            ),
         },
         schema=DEADLETTER_SCHEMA,
     )
@@ -402,13 +405,14 @@ def _process_batch(
         tallies.setdefault(key, Tally()).skipped += count
     if batch.num_rows == 0:
         return
-    result = classify_batch(batch, plan.rules, plan.generation)
+    result = classify_batch(batch, plan.rules, plan.generation, zone_name=plan.timezone)
     rows = pa.Table.from_batches([result.classified])
     keep = pc.not_equal(rows.column("status"), _STATUS[Status.DEADLETTER])
     files.write(READINGS, rows.filter(keep).select([*_READING_COLUMNS, PARTITION_COLUMN]))
     references: dict[int, bytes] = {}
     if result.dead_letters:
-        letters = _dead_letter_table(result, int(np.datetime64("now", "us").astype(np.int64)))
+        now_us = int(np.datetime64("now", "us").astype(np.int64))
+        letters = _dead_letter_table(result, now_us, plan.timezone)
         files.write(DEADLETTER, letters)
         references = _references(result.dead_letters, letters, files)
     if publisher is not None:

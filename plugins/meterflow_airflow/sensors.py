@@ -31,6 +31,7 @@ class LakePartitionCompleteSensor(BaseSensorOperator):
             date.fromisoformat(self.day),
             settings.reading_interval_seconds,
             settings.day_grace_seconds,
+            settings.timezone,
         )
         self.log.info("day=%s complete=%s %s", self.day, str(done).lower(), why)
         return PokeReturnValue(is_done=done, xcom_value=why)

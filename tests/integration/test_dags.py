@@ -257,6 +257,7 @@ def test_daily_dag_runs_spark_submit_and_loads_mongo(simulated_lake: Settings) -
         day - timedelta(days=1),
         settings.reading_interval_seconds,
         grace_s=7200,
+        zone_name=settings.timezone,
     )
     assert done and why.startswith("stream watermark"), why
 

@@ -39,7 +39,7 @@ def test_kafka_trigger_fires_on_an_abnormal_event(make_settings, monkeypatch) ->
         ),
     )
     reading = classifier.Reading(
-        "wm7", contract.MeterType.WATER, 1_717_315_200_000_000, None, None,
+        "wm7", contract.MeterType.WATER, 1_717_315_200_000_000, None, None, None,
         contract.FaultCode.NEGATIVE, "usage is negative", {"usage": -3},
     )  # fmt: skip
     event = abnormal_event(

@@ -104,11 +104,19 @@ def test_lake_rows_are_typed_and_partitioned_by_day(spark: SparkSession, make_se
         b'{"device_id": "wm1", "timestamp": "2024-05-27T23:59:59Z", "usage": 18, "flow_rate": 5}'
     )
     future = b'{"device_id": "gm1", "timestamp": "2099-01-01T00:00:00Z", "usage_m3": 1}'
-    send(settings, [water, future], key=b"em1")
+    register = b'{"device_id": "em2", "timestamp": "2024-05-27T12:00:00Z", "register_kwh": 99.5}'
+    send(settings, [water, future, register], key=b"em1")
     run(settings, available_now=True, spark=spark)
     rows = {r.device_id: r for r in lake(spark, settings).collect()}
     assert rows["wm1"].meter_type == "water" and rows["wm1"].unit == "L"
     assert (rows["wm1"].consumption, rows["wm1"].flow_rate) == (18.0, 5.0)
+    assert rows["wm1"].register is None
+    # A register-only reading is valid, and the lake keeps its register.
+    assert (rows["em2"].fault_code, rows["em2"].consumption, rows["em2"].register) == (
+        None,
+        None,
+        99.5,
+    )
     assert str(rows["wm1"].date) == "2024-05-27"
     # A timestamp from the future is filed under the day it arrived, not in 2099.
     assert rows["gm1"].fault_code == "FUTURE_TIMESTAMP"

@@ -84,6 +84,34 @@ READINGS = [
         FaultCode.MISSING_METRIC,
     ),
     (
+        "register only",
+        msg(device_id="gm3", register_m3=18234.561),
+        MeterType.GAS,
+        None,
+    ),
+    (
+        "usage and register",
+        msg(usage_kwh=0.25, register_kwh=99999.75),
+        MeterType.ELECTRICITY,
+        None,
+    ),
+    ("type from register field", msg(device_id="w-3", register_l=12), MeterType.WATER, None),
+    ("register of zero", msg(register_kwh=0), MeterType.ELECTRICITY, None),
+    ("negative register", msg(register_kwh=-2), MeterType.ELECTRICITY, FaultCode.NEGATIVE),
+    ("sentinel register", msg(register_kwh=-1), MeterType.ELECTRICITY, FaultCode.SENTINEL),
+    (
+        "a large register is no fault of its own",
+        msg(device_id="wm2", register_l=9_999_999.5),
+        MeterType.WATER,
+        None,
+    ),
+    (
+        "null register, no usage",
+        msg(register_kwh=None),
+        MeterType.ELECTRICITY,
+        FaultCode.MISSING_METRIC,
+    ),
+    (
         "future",
         msg(timestamp="2024-05-29T00:00:00Z", usage_kwh=1),
         MeterType.ELECTRICITY,
@@ -137,6 +165,12 @@ DEAD_LETTERS = [
     ("bad timestamp", msg(timestamp="yesterday", usage_kwh=1), DeadLetterReason.BAD_TIMESTAMP),
     ("unknown type", msg(meter_type="heat", usage_kwh=1), DeadLetterReason.UNKNOWN_METER_TYPE),
     ("no type evidence", msg(device_id="sensor-1"), DeadLetterReason.UNKNOWN_METER_TYPE),
+    ("register as string", msg(register_kwh="12.5"), DeadLetterReason.WRONG_TYPE),
+    (
+        "usage and register of two types",
+        msg(device_id="x1", usage_kwh=1, register_m3=1),
+        DeadLetterReason.UNKNOWN_METER_TYPE,
+    ),
     (
         "conflicting metrics",
         msg(device_id="x1", usage_kwh=1, usage_m3=1),
@@ -230,6 +264,19 @@ def test_fault_reasons_name_field_and_value() -> None:
     outcome = evaluate(msg(device_id="wm1", usage=3, flow_rate=612.5), NOW)
     assert outcome.reason == "flow_rate 612.5 is above the physical bound 500"
     assert "usage_kwh is -1" in evaluate(msg(usage_kwh=-1), NOW).reason
+    assert evaluate(msg(register_kwh=-2.5), NOW).reason == "register_kwh is negative (-2.5)"
+    missing = evaluate(msg(device_id="gm1"), NOW).reason
+    assert missing == "gas reading without usage_m3 or register_m3"
+
+
+def test_a_register_is_kept_with_or_without_usage() -> None:
+    both = evaluate(msg(usage_kwh=0.25, register_kwh=1234.5), NOW)
+    only = evaluate(msg(device_id="gm1", register_m3=18234.561), NOW)
+    assert isinstance(both, Reading) and isinstance(only, Reading)
+    assert (both.consumption, both.register) == (0.25, 1234.5)
+    assert (only.consumption, only.register, only.fault_code) == (None, 18234.561, None)
+    batch = classify([msg(register_kwh=7.0), PROTOTYPE_ELECTRICITY], [NOW, NOW])
+    assert batch.register[0] == 7.0 and batch.register[1] != batch.register[1]  # NaN: absent
 
 
 def test_abnormal_event_document() -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from meterflow.core.contract import FaultCode, MeterType
 from meterflow.core.thresholds import DetectionRules
-from meterflow.core.timestamps import parse_timestamp_us
+from meterflow.core.timestamps import LocalClock, parse_timestamp_us
 from meterflow.stream.detection.rules import (
     CLEAR,
     OPEN,
@@ -156,3 +156,14 @@ def test_state_stays_small(meter: Meter) -> None:
     for day in range(30):
         feed(meter, state, {day * 96 + i: normal(i) for i in range(96)})
     assert len(msgspec.msgpack.encode(state)) < 2_500
+
+
+def test_the_leak_night_is_local_time() -> None:
+    """Paris in May is UTC+2: its 02:00-04:00 night is 00:00-02:00 UTC."""
+    values = {i: 3.0 + 0.01 * i for i in range(8)}  # 12 L/h or more, 00:00-02:00 UTC
+    values.update({i: 0.0 if i % 4 == 2 else 5.0 for i in range(8, 96)})  # idle now and then
+    paris = Meter("wm1", MeterType.WATER, STEP, RULES, LocalClock("Europe/Paris"))
+    opened = feed(paris, MeterState(), values)
+    assert codes(opened) == [FaultCode.LEAK] and "night minimum flow 12" in opened[0].reason
+    # The same readings judged on UTC's night (02:00-04:00 UTC) see idle intervals.
+    assert feed(WATER, MeterState(), values) == []

@@ -46,7 +46,7 @@ def test_a_task_that_finds_the_lake_full_says_so_in_its_summary(tmp_path: Path, 
         raise PYARROW_FULL
 
     monkeypatch.setattr(tasks._StagedFiles, "write", full)
-    plan = tasks.TaskPlan(str(tmp_path), "_staging/t", "g", Rules())
+    plan = tasks.TaskPlan(str(tmp_path), "_staging/t", "g", Rules(), "UTC")
     batch = kafka_records([b'{"device_id": "em1", "usage_kwh": 1.0}'], 1_716_768_000_000_000)
     rows = [r for out in tasks.process_partition(iter([batch]), plan) for r in out.to_pylist()]
     assert [(r["partition"], r["lake_full"]) for r in rows] == [(-1, "No space left on device")]

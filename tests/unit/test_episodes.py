@@ -503,15 +503,15 @@ def test_the_backfill_runs_up_to_now_and_live_readings_continue_its_grid(
     )
     yesterday_us = parse_timestamp_us("2024-06-02T00:00:00Z")
     step_us = DEMO_INTERVAL * 1_000_000
-    # Live readings start within one interval of the live start, one interval after the
+    # Live readings start within one interval after the live start, one interval after the
     # backfill's last: the backfill reaches the live start, not midnight.
     first_live_us = parse_timestamp_us(live.first_event)
-    assert start.timestamp() * 1e6 - step_us < first_live_us <= start.timestamp() * 1e6
+    assert start.timestamp() * 1e6 < first_live_us <= start.timestamp() * 1e6 + step_us
     per_meter = readings_by_meter(messages)
     assert len(per_meter) == 12
     for device, readings in per_meter.items():
         stamps = [event_us for event_us, _, _ in readings]
-        assert stamps[0] == yesterday_us, device
+        assert stamps[0] == yesterday_us + step_us, device  # the first interval's end
         backfilled = [s for s in stamps if s < first_live_us]
         assert first_live_us - backfilled[-1] <= 2 * step_us  # a dead letter may take one
         # No silence the detector could call NO_DATA, anywhere (dead letters leave a
@@ -521,7 +521,7 @@ def test_the_backfill_runs_up_to_now_and_live_readings_continue_its_grid(
         assert stamps[-1] >= start.timestamp() * 1e6 + 290 * 1e6
     # On the grid from yesterday 00:00: every stamp of every meter together, no hole.
     every = sorted({s for readings in per_meter.values() for s, _, _ in readings})
-    assert every == list(range(yesterday_us, every[-1] + 1, step_us))
+    assert every == list(range(yesterday_us + step_us, every[-1] + 1, step_us))
 
 
 def test_the_demo_episodes_trip_the_rules_at_10_s_readings(

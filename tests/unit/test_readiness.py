@@ -65,7 +65,7 @@ def test_partition_is_complete_after_watermark_or_grace(
     watermark: datetime | None, written_at: datetime | None, now: datetime, expected: bool
 ) -> None:
     document = stream(watermark, written_at) if written_at else StreamWatermark()
-    done, why = partition_complete(DAY, document, TOPIC, G1, now, INTERVAL, GRACE)
+    done, why = partition_complete(DAY, document, TOPIC, G1, now, INTERVAL, GRACE, "UTC")
     assert done is expected, why
 
 
@@ -82,7 +82,7 @@ def test_a_watermark_of_the_old_topic_waits_for_the_new_ones_backfill(tmp_path: 
     def decide() -> tuple[bool, str]:
         document = lake.read_stream_watermark(lake_path)
         now = datetime.now(UTC)
-        return partition_complete(yesterday, document, TOPIC, G2, now, INTERVAL, GRACE)
+        return partition_complete(yesterday, document, TOPIC, G2, now, INTERVAL, GRACE, "UTC")
 
     lake.watermark_started(lake_path)  # meterflow run --airflow, before the stream starts
     done, why = decide()
@@ -112,7 +112,7 @@ def test_a_watermark_without_the_readings_it_speaks_for_waits() -> None:
     past = at(3, 8)
 
     def decide(document: StreamWatermark, generation: str | None = G1) -> tuple[bool, str]:
-        return partition_complete(DAY, document, TOPIC, generation, now, INTERVAL, GRACE)
+        return partition_complete(DAY, document, TOPIC, generation, now, INTERVAL, GRACE, "UTC")
 
     assert decide(stream(past, now))[0]
     # Offsets the broker was seen to hold that the lake does not (a throttled catch-up).
@@ -167,7 +167,7 @@ def test_a_document_of_an_older_version_is_read_but_never_counts(tmp_path: Path)
         written,
         None,
     )
-    assert not partition_complete(DAY, document, TOPIC, G1, at(3, 9), INTERVAL, GRACE)[0]
+    assert not partition_complete(DAY, document, TOPIC, G1, at(3, 9), INTERVAL, GRACE, "UTC")[0]
 
 
 def test_kafka_away_is_waited_for_with_one_log_line(
@@ -178,8 +178,26 @@ def test_kafka_away_is_waited_for_with_one_log_line(
     lake.advance_watermark(lake_path, TOPIC, G1, datetime.now(UTC), {}, {0: 1}, {})
     with caplog.at_level(logging.WARNING, logger="meterflow.batch.readiness"):
         done, why = readiness.day_readiness(
-            lake_path, f"127.0.0.1:{free_port}", TOPIC, date.today() - timedelta(days=2), 900, 1
+            lake_path,
+            f"127.0.0.1:{free_port}",
+            TOPIC,
+            date.today() - timedelta(days=2),
+            900,
+            1,
+            "UTC",
         )
     assert not done and "is Kafka up?" in why, why
     lines = [r.getMessage() for r in caplog.records if "readiness=waiting" in r.getMessage()]
     assert len(lines) == 1 and "reason=kafka-unavailable" in lines[0], lines
+
+
+def test_a_local_day_ends_at_its_local_midnight() -> None:
+    """June 2 in Paris (UTC+2) ends at 22:00 UTC: its closing reading comes hours earlier."""
+    document = stream(at(2, 22, 15), at(2, 22, 16))
+    now = at(2, 22, 16)
+    done, why = partition_complete(DAY, document, TOPIC, G1, now, INTERVAL, GRACE, "Europe/Paris")
+    assert done and "2024-06-02T22:00:00+00:00" in why, why
+    assert not partition_complete(DAY, document, TOPIC, G1, now, INTERVAL, GRACE, "UTC")[0]
+    # A watermark on the local midnight itself has not seen the reading after it yet.
+    early = stream(at(2, 22, 0), at(2, 22, 1))
+    assert not partition_complete(DAY, early, TOPIC, G1, now, INTERVAL, GRACE, "Europe/Paris")[0]

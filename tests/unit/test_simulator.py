@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -33,6 +34,7 @@ from meterflow.core.contract import (
 )
 from meterflow.core.messages import DeadLetterReason
 from meterflow.core.thresholds import Rules
+from meterflow.core.timestamps import parse_timestamp_us, reading_days
 from simulator.cli import (
     add_simulate_arguments,
     config_from_args,
@@ -122,10 +124,13 @@ def test_backfill_covers_whole_days_in_event_time_order() -> None:
     )
     stamps = [json.loads(value)["timestamp"] for _, value in messages]
     assert stamps == sorted(stamps)
-    per_day = Counter(stamp[:10] for stamp in stamps)
-    assert per_day == {"2024-06-01": 5 * 96, "2024-06-02": 5 * 96}
+    # Each reading ends its interval: the day's first is at 00:15, its last at the next 00:00.
+    micros = np.array([parse_timestamp_us(stamp) for stamp in stamps], dtype=np.int64)
+    per_day = Counter(reading_days(micros, "UTC").tolist())
+    june_1 = (date(2024, 6, 1) - date(1970, 1, 1)).days
+    assert per_day == {june_1: 5 * 96, june_1 + 1: 5 * 96}
     assert (summary.first_event, summary.last_event) == (stamps[0], stamps[-1])
-    assert stamps[-1] == "2024-06-02T23:45:00Z"
+    assert (stamps[0], stamps[-1]) == ("2024-06-01T00:15:00Z", "2024-06-03T00:00:00Z")
 
 
 def digest(messages: list[tuple[bytes, bytes]]) -> str:
@@ -153,7 +158,9 @@ def outline(messages: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
 
 #: Digests of streams computed with the code before issue 12 (stateful episodes, idle
 #: water). Electricity and gas, and every message's key, stamp and outcome, must not move;
-#: only water values did, on purpose (idle intervals).
+#: only water values did, on purpose (idle intervals). Since readings are stamped with
+#: their interval's end (the contract's convention), every stamp is one interval later:
+#: :func:`stamped_at_starts` moves them back before the digest.
 BEFORE_EPISODES = {
     "electricity and gas": "d7a70d0a368992f1ffbe7b680a5b3f27584521c43fdbd137ce682bf98fe81567",
     "mixed, without water": "c567113f92bd11632ad1e8667e3c21d622f597bb06eb26115c3fec168a29dc01",
@@ -164,11 +171,40 @@ BEFORE_EPISODES = {
 WITH_IDLE_WATER = "0ae6f9b36251668c4b800380ad480dd2a679ac5143c0ab6b1efb03f895a1a985"
 
 
+#: The stamp layouts the simulator writes (the contract's, and a malformed one's), in quotes.
+_STAMP_LAYOUTS = {
+    rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ": "%Y-%m-%dT%H:%M:%SZ",
+    rb"\d\d/\d\d/\d{4} \d\d:\d\d:\d\d": "%d/%m/%Y %H:%M:%S",
+}
+
+
+def stamped_at_starts(
+    messages: list[tuple[bytes, bytes]], interval_s: int = 900
+) -> list[tuple[bytes, bytes]]:
+    """The messages with every stamp one interval earlier, byte for byte otherwise."""
+
+    def earlier(layout: str) -> Callable[[re.Match[bytes]], bytes]:
+        def shift(match: re.Match[bytes]) -> bytes:
+            moment = datetime.strptime(match.group(1).decode(), layout)
+            return b'"' + (moment - timedelta(seconds=interval_s)).strftime(layout).encode() + b'"'
+
+        return shift
+
+    shifted = []
+    for key, value in messages:
+        text = value
+        for pattern, layout in _STAMP_LAYOUTS.items():
+            text = re.sub(b'"(' + pattern + b')"', earlier(layout), text)
+        shifted.append((key, text))
+    return shifted
+
+
 def test_without_episodes_the_stream_is_the_one_before_them() -> None:
     config = SimulationConfig(meters=40, days=2, end=END, seed=21, faults=ALL_FAULTS)
     no_water = {MeterType.ELECTRICITY: 0.6, MeterType.GAS: 0.4}
-    assert digest(run(replace(config, mix=no_water))[0]) == (BEFORE_EPISODES["electricity and gas"])
-    mixed, _ = run(config)
+    dry_only = stamped_at_starts(run(replace(config, mix=no_water))[0])
+    assert digest(dry_only) == BEFORE_EPISODES["electricity and gas"]
+    mixed = stamped_at_starts(run(config)[0])
     dry = [(key, value) for key, value in mixed if not key.startswith(b"wm")]
     assert digest(dry) == BEFORE_EPISODES["mixed, without water"]
     assert digest(outline(mixed)) == BEFORE_EPISODES["mixed, outline"]
@@ -180,7 +216,7 @@ def test_without_episodes_the_stream_is_the_one_before_them() -> None:
         message_format="legacy",
         faults=FaultRates({FaultCode.SENTINEL: 0.1}),
     )
-    assert digest(run(legacy)[0]) == BEFORE_EPISODES["legacy"]
+    assert digest(stamped_at_starts(run(legacy)[0])) == BEFORE_EPISODES["legacy"]
 
 
 def test_a_backfill_ending_after_today_is_refused_before_sending() -> None:
@@ -272,8 +308,9 @@ def test_water_idles_mostly_at_night_and_uses_as_much_as_before() -> None:
     for _, value in messages:
         fields = json.loads(value)
         assert (fields["usage"] == 0) is (fields["flow_rate"] == 0)
-        idle[int(fields["timestamp"][11:13])].append(fields["usage"] == 0)
-        per_day[fields["timestamp"][:10]] += fields["usage"]
+        start = datetime.fromisoformat(fields["timestamp"]) - timedelta(minutes=15)
+        idle[start.hour].append(fields["usage"] == 0)  # the hour the interval starts in
+        per_day[str(start.date())] += fields["usage"]
     share = {hour: sum(flags) / len(flags) for hour, flags in idle.items()}
     assert min(share[hour] for hour in range(1, 5)) > 0.8
     assert max(share[hour] for hour in range(7, 21)) < 0.45

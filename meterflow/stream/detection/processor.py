@@ -41,6 +41,7 @@ from meterflow.core.contract import MeterType
 from meterflow.core.logs import get_logger
 from meterflow.core.messages import ReadingDigest, decoder
 from meterflow.core.thresholds import DetectionRules
+from meterflow.core.timestamps import UTC_NAME, LocalClock
 from meterflow.stream.detection.profiles import MeterProfile
 from meterflow.stream.detection.rules import (
     Detection,
@@ -138,6 +139,7 @@ class MeterDetector(StatefulProcessor):
         time_mode: str,
         ttl_ms: int,
         started_ms: int = 0,
+        zone_name: str = UTC_NAME,
     ) -> None:
         if time_mode not in TIME_MODES:
             raise ValueError(f"time mode {time_mode!r} is not one of {', '.join(TIME_MODES)}")
@@ -147,6 +149,7 @@ class MeterDetector(StatefulProcessor):
         self.time_mode = time_mode
         self.ttl_ms = ttl_ms
         self.started_ms = started_ms
+        self.clock = LocalClock(zone_name)
         self._meters: dict[str, Meter] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -167,10 +170,10 @@ class MeterDetector(StatefulProcessor):
         kind = MeterType(meter_type) if meter_type else MeterType.ELECTRICITY
         profile = self.profiles.get(device_id)
         if profile is None:
-            meter = Meter(device_id, kind, self.default_interval_s, self.rules)
+            meter = Meter(device_id, kind, self.default_interval_s, self.rules, self.clock)
         else:
             interval = profile.interval_s or self.default_interval_s
-            meter = Meter(device_id, kind, interval, profile.rules or self.rules)
+            meter = Meter(device_id, kind, interval, profile.rules or self.rules, self.clock)
         self._meters[device_id] = meter
         return meter
 
@@ -350,9 +353,11 @@ def detect_faults(
     buckets: int = DEFAULT_BUCKETS,
     started_ms: int | None = None,
     initial_state: DataFrame | None = None,
+    zone_name: str = UTC_NAME,
 ) -> DataFrame:
     """The episode changes of a streaming DataFrame of digests (:data:`DIGEST_DDL`);
-    ``profiles`` are the meters that differ from ``rules`` and ``default_interval_s``.
+    ``profiles`` are the meters that differ from ``rules`` and ``default_interval_s``;
+    hour-of-day rules read local time in ``zone_name``.
     ``started_ms`` (default: now) is when this start of the query began, on the clock.
     ``initial_state`` (:func:`read_state` of a previous checkpoint, the same ``buckets``)
     is where a fresh checkpoint's meters start from; Spark reads it in the first batch."""
@@ -372,6 +377,7 @@ def detect_faults(
             time_mode,
             ttl_ms,
             int(time.time() * 1000) if started_ms is None else started_ms,
+            zone_name,
         ),
         CHANGE_SCHEMA,
         "Append",

@@ -225,6 +225,7 @@ class DetectorSpec:
     profiles: Mapping[str, MeterProfile]
     default_interval_s: int
     trigger_seconds: float
+    zone_name: str
     available_now: bool = False
 
 
@@ -255,6 +256,7 @@ def start_detection(
         spec.default_interval_s,
         TIME_MODES[spec.clock],
         initial_state=carried_state(spark, previous) if previous else None,
+        zone_name=spec.zone_name,
     )
     writer = (
         changes.writeStream.queryName(QUERY_NAME)

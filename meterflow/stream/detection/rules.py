@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import itemgetter
 from statistics import median
 from typing import NamedTuple
@@ -39,6 +39,7 @@ import msgspec
 
 from meterflow.core.contract import FaultCode, MeterType
 from meterflow.core.thresholds import DetectionRules
+from meterflow.core.timestamps import LocalClock
 
 #: Days kept per hour of day: the hour's highest good value on each of the last 7 days
 #: with one (the same week the simulator's ``SPIKE_LOOKBACK_DAYS`` shapes spikes from).
@@ -127,6 +128,9 @@ class Meter:
     meter_type: MeterType
     interval_s: int
     rules: DetectionRules
+    #: Local wall-clock time (METERFLOW_TIMEZONE) for the hour-of-day rules: a household's
+    #: day and the LEAK rule's night follow local time, not UTC.
+    clock: LocalClock = field(default_factory=LocalClock)
 
 
 def _baseline(state: MeterState, hour: int) -> float | None:
@@ -248,7 +252,7 @@ def _spike(
     meter: Meter, state: MeterState, event_us: int, value: float, out: list[Detection]
 ) -> None:
     rules = meter.rules
-    hour = event_us % _DAY_US // _HOUR_US
+    hour = meter.clock(event_us) % _DAY_US // _HOUR_US
     if state.spike_open:
         out.append(
             _clear(meter, FaultCode.SPIKE, state.spike_open, event_us, value, "back to normal")
@@ -283,8 +287,9 @@ def _leak(
 ) -> None:
     rules = meter.rules
     now = event_us
-    hour = now % _DAY_US // _HOUR_US
-    day = now // _DAY_US
+    local = meter.clock(now)
+    hour = local % _DAY_US // _HOUR_US
+    day = local // _DAY_US
     if rules.leak_night_start_hour <= hour < rules.leak_night_end_hour:
         if state.night != day:
             state.night, state.night_min, state.night_readings = day, math.inf, 0
