@@ -6,8 +6,8 @@
   UTC) or at the moment ``until_s``, every meter every ``interval_s``, in event-time order
   and as fast as the ``emit`` callable takes them. A reading stamped ``t`` reports the
   interval that ends at ``t`` (the contract's convention: the 00:00 reading closes the day
-  before), so each day holds exactly ``86400 / interval`` readings a meter. A ``rate`` cap (messages per second) slows it down to protect a
-  shared broker.
+  before), so each day holds exactly ``86400 / interval`` readings a meter. A ``rate``
+  cap (messages per second) slows it down to protect a shared broker.
 * ``live``: every ``interval_s`` each meter reports the interval that just ended, stamped
   with the current time. When the fleet cannot report within one interval at the rate
   cap, readings come less often: the cap wins. From ``since_s``, a moment in the past
