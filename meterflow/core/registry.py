@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -480,12 +481,19 @@ def read(registry: str, columns: Sequence[str] | None = None) -> pa.Table:
     )
 
 
-def stamp(registry: str) -> tuple[int, int] | None:
-    """The registry file's modification time (ns) and size: one stat, None if absent.
+def stamp(registry: str) -> tuple[int, ...] | None:
+    """The registry file's identity: one stat, None if absent.
 
-    A replaced file (:func:`write` renames a new one in) gets another stamp, so the stream
-    can notice a re-import without reading the file."""
+    :func:`write` renames a new file in, so a local file gets a new inode (two writes within
+    the clock's tick may share a modification time); elsewhere its modification time and
+    size tell. The stream notices a re-import by it without reading the file."""
     filesystem, inner = lake.filesystem_for(lake.registry_parquet(registry))
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        try:
+            found = os.stat(inner)
+        except FileNotFoundError:
+            return None
+        return (found.st_ino, found.st_mtime_ns, found.st_size)
     info = filesystem.get_file_info(inner)
     if info.type != pafs.FileType.File:
         return None

@@ -4,9 +4,11 @@ The registry (``meters.parquet``, :func:`meterflow.core.lake.registry_parquet`) 
 per meter, optional columns named like the thresholds they replace (:data:`PROFILE_COLUMNS`,
 ``interval_seconds`` among them). A null value, or a missing column, keeps the default (the
 environment's :class:`~meterflow.core.thresholds.DetectionRules`, per meter type where the
-rule is). :func:`load_profiles` reads them once, when the detector starts, and refuses a
-value no rule could work with, naming the meter, so a typo in the registry stops the start
-rather than silencing a meter's alarms.
+rule is). :func:`load_profiles` reads them when the detector starts (and again when the
+registry is replaced: :mod:`meterflow.stream.detection.reload`), and refuses a value no rule
+could work with, naming the meter, so a typo in the registry stops the start rather than
+silencing a meter's alarms. Their bounds are the registry's
+(:data:`meterflow.core.registry.PROFILE_BOUNDS`), which the import validates with too.
 """
 
 from __future__ import annotations
