@@ -278,3 +278,16 @@ def test_the_simulators_columns_and_the_detectors_bounds_are_the_registrys() -> 
     bound = registry.BY_NAME["interval_seconds"].bound
     assert bound is not None and bound.allows(900) and not bound.allows(7)
     assert not bound.allows(float("nan")) and not bound.allows(0)
+
+
+def test_docs_registry_md_lists_every_column_with_its_bound() -> None:
+    """docs/registry.md's table is written once by hand: it must follow the declaration."""
+    from helpers import ROOT
+
+    lines = (ROOT / "docs" / "registry.md").read_text().splitlines()
+    rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| `")}
+    documented = {name.strip(" `") for cell in rows for name in cell.split(",")}
+    assert documented >= set(registry.BY_NAME)
+    for column in registry.COLUMNS:
+        if column.bound is not None:
+            assert column.bound.describe() in rows[f"`{column.name}`"], column.name
