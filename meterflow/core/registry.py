@@ -29,11 +29,9 @@ from meterflow.core.contract import MeterType
 from meterflow.core.errors import MeterflowError
 from meterflow.core.timestamps import SECONDS_PER_DAY
 
-TIMESTAMP = pa.timestamp("us", tz="UTC")
-
 
 class RegistryError(MeterflowError):
-    """A registry file that cannot be read at all (its format, a missing column)."""
+    """A registry file that cannot be read at all (not CSV or Parquet, a malformed line)."""
 
 
 @dataclass(frozen=True)
@@ -69,14 +67,8 @@ class Bound:
         if self.whole:
             good = pc.and_(good, pc.equal(pc.floor(values), values))
         if self.divides is not None:
-            safe = pc.if_else(good, values, 1.0)
-            good = pc.and_(
-                good,
-                pc.equal(
-                    pc.divide(float(self.divides), safe),
-                    pc.floor(pc.divide(float(self.divides), safe)),
-                ),
-            )
+            ratio = pc.divide(float(self.divides), pc.if_else(good, values, 1.0))
+            good = pc.and_(good, pc.equal(ratio, pc.floor(ratio)))
         return pc.fill_null(pc.invert(good), False)
 
     def describe(self) -> str:
@@ -93,13 +85,15 @@ class Bound:
 
 @dataclass(frozen=True)
 class Column:
-    """One registry column: name, Arrow type, whether every row needs it, and its bound."""
+    """One registry column: name, Arrow type, whether every row needs it, and its bound;
+    ``override``: one of the detector's per-meter thresholds."""
 
     name: str
     type: pa.DataType
     doc: str
     required: bool = False
     bound: Bound | None = None
+    override: bool = False
 
 
 STRING, INT, FLOAT = pa.string(), pa.int32(), pa.float64()
@@ -131,37 +125,28 @@ COLUMNS: tuple[Column, ...] = (
     ),
     Column(
         "register_reset_at",
-        TIMESTAMP,
+        lake.TIMESTAMP,
         "ISO 8601 with an offset or Z: a meter exchange; the new register starts after it",
     ),
     # The detector's per-meter overrides, named like the DetectionRules field each replaces,
     # with the bounds DetectionRules itself holds its values to.
-    Column("stuck_readings", INT, "detection override", bound=Bound(whole=True, low=2)),
-    Column(
-        "stuck_min", FLOAT, "detection override", bound=Bound(whole=False, low=0, inclusive=False)
+    *(
+        Column(name, kind, "a detection threshold of this meter", bound=bound, override=True)
+        for name, kind, bound in (
+            ("stuck_readings", INT, Bound(whole=True, low=2)),
+            ("stuck_min", FLOAT, Bound(whole=False, low=0, inclusive=False)),
+            ("spike_factor", FLOAT, Bound(whole=False, low=1, inclusive=False)),
+            ("spike_min", FLOAT, Bound(whole=False, low=0, inclusive=False)),
+            ("leak_min_night_flow", FLOAT, Bound(whole=False, low=0, inclusive=False)),
+            ("nodata_intervals", INT, Bound(whole=True, low=1)),
+        )
     ),
-    Column(
-        "spike_factor",
-        FLOAT,
-        "detection override",
-        bound=Bound(whole=False, low=1, inclusive=False),
-    ),
-    Column(
-        "spike_min", FLOAT, "detection override", bound=Bound(whole=False, low=0, inclusive=False)
-    ),
-    Column(
-        "leak_min_night_flow",
-        FLOAT,
-        "detection override",
-        bound=Bound(whole=False, low=0, inclusive=False),
-    ),
-    Column("nodata_intervals", INT, "detection override", bound=Bound(whole=True, low=1)),
 )
 BY_NAME: dict[str, Column] = {c.name: c for c in COLUMNS}
 SCHEMA = pa.schema([(c.name, c.type) for c in COLUMNS])
 REQUIRED: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.required)
 #: The detection overrides (the interval aside): :mod:`meterflow.stream.detection.profiles`.
-OVERRIDES: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.doc == "detection override")
+OVERRIDES: tuple[str, ...] = tuple(c.name for c in COLUMNS if c.override)
 #: What the detector reads of each meter, with the bound it holds each value to.
 PROFILE_BOUNDS: dict[str, Bound] = {
     n: b for n in (INTERVAL, *OVERRIDES) if (b := BY_NAME[n].bound) is not None
@@ -314,18 +299,10 @@ def _parse(
                 pc.is_valid(array),
                 f"{what} (column of {array.type})",
             )
-    if target != pa.date32():  # Arrow's cast takes a zone-less time as UTC: not allowed here
-        zoned = pc.match_substring_regex(array, r"(Z|[+-]\d\d(:?\d\d)?)\s*$")
-        if pc.all(pc.fill_null(zoned, True)).as_py():
-            try:
-                return pc.cast(pc.utf8_trim_whitespace(array), target), None, what
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                pass
-    else:
-        try:
-            return pc.cast(pc.utf8_trim_whitespace(array), target), None, what
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            pass
+    try:  # Arrow, like _instant, refuses a time without an offset
+        return pc.cast(pc.utf8_trim_whitespace(array), target), None, what
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
     parsed: list[Any] = []
     refused: list[bool] = []
     for text in array.to_pylist():
