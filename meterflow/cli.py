@@ -101,6 +101,29 @@ def cmd_init_mongo(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_registry_import(args: argparse.Namespace, settings: Settings) -> int:
+    """Validate a CSV or Parquet fleet whole, then replace the lake's registry and ``meters``."""
+    from meterflow.clients.mongo import database
+    from meterflow.local.mongo import mongo_for
+    from meterflow.serving.registry_import import (
+        RegistryRejectedError,
+        import_registry,
+        summary_lines,
+    )
+
+    with mongo_for(settings) as (live, _):
+        try:
+            report = import_registry(database(live), args.file, live.registry_path)
+        except RegistryRejectedError as exc:
+            for line in exc.shown():
+                print(line)
+            print(f"meterflow registry import: {exc}", file=sys.stderr)
+            return exc.exit_code
+    for line in summary_lines(report):
+        print(line)
+    return 0
+
+
 def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
     """Abnormal events and meter status from Kafka into MongoDB until Ctrl-C or SIGTERM."""
     from meterflow.clients.mongo import database
@@ -416,6 +439,15 @@ def build_parser(
     init_mongo.add_argument(
         "--registry", default=None, help="registry Parquet file or directory (default: the lake's)"
     )
+    registry = add("registry", cmd_registry_import, "The fleet registry: import your own fleet")
+    registry_commands = registry.add_subparsers(dest="registry_command", metavar="COMMAND")
+    registry_commands.required = True
+    registry_import = registry_commands.add_parser(
+        "import",
+        help="validate a CSV or Parquet fleet, then replace the lake's registry and MongoDB's "
+        "meters with it",
+    )
+    registry_import.add_argument("file", help="the fleet: a .csv or .parquet file")
     for name, handler, text in (
         ("batch", cmd_batch, "Run the daily batch job for one day (local Spark)"),
         ("load", cmd_load, "Publish one day's batch views to MongoDB"),
@@ -450,7 +482,8 @@ def main(
         handler: Handler = args.handler
         return handler(args, settings)
     except MeterflowError as exc:
-        print(f"{prog} {args.command}: {exc}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "registry_command", None))))
+        print(f"{prog} {command}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"{prog} {args.command}: stopped", file=sys.stderr)

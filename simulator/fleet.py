@@ -16,11 +16,11 @@ from datetime import date, timedelta
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from faker import Faker
 
+from meterflow.core import registry
 from meterflow.core.contract import METER_SPECS, TYPE_ORDER, MeterType
-from meterflow.core.lake import filesystem_for, registry_parquet, write_atomically
+from meterflow.core.errors import ConfigError
 
 DEFAULT_MIX: dict[MeterType, float] = {
     MeterType.ELECTRICITY: 0.5,
@@ -35,22 +35,23 @@ INSTALL_WINDOW_DAYS = 3653
 SCALE_SIGMA = 0.4
 SCALE_LIMITS = (0.25, 4.0)
 
-REGISTRY_SCHEMA = pa.schema(
+#: The registry's columns as the simulator writes them; their types are the registry's
+#: (:mod:`meterflow.core.registry`). ``interval_seconds`` is the simulator's --interval, null
+#: when unknown; the batch layer derives each meter's expected readings a day from it.
+REGISTRY_SCHEMA = registry.schema_of(
     [
-        ("device_id", pa.string()),
-        ("meter_type", pa.string()),
-        ("household_id", pa.string()),
-        ("owner", pa.string()),
-        ("address", pa.string()),
-        ("district", pa.string()),
-        ("city", pa.string()),
-        ("installed_on", pa.date32()),
-        ("latitude", pa.float64()),
-        ("longitude", pa.float64()),
-        ("scale", pa.float64()),
-        # Seconds between the meter's readings (the simulator's --interval); null when
-        # unknown. The batch layer derives each meter's expected readings a day from it.
-        ("interval_seconds", pa.int32()),
+        "device_id",
+        "meter_type",
+        "household_id",
+        "owner",
+        "address",
+        "district",
+        "city",
+        "installed_on",
+        "latitude",
+        "longitude",
+        "scale",
+        "interval_seconds",
     ]
 )
 
@@ -180,30 +181,31 @@ _METER_FIELDS = frozenset(Meter.__dataclass_fields__)
 
 
 def write_registry(fleet: Fleet, registry_dir: str, interval_seconds: float | None = None) -> str:
-    """Write ``<registry_dir>/meters.parquet`` (temp file, then rename: no half-written file).
+    """Write ``<registry_dir>/meters.parquet`` through :func:`meterflow.core.registry.write`
+    (temp file, then rename: no half-written file), validated like an imported registry.
 
     ``registry_dir`` is :attr:`meterflow.core.config.Settings.registry_path`;
-    ``interval_seconds`` is the fleet's reading interval (stored per meter, null if None).
+    ``interval_seconds`` is the fleet's reading interval (stored per meter, null if None);
+    one the registry cannot hold (not whole seconds dividing a day) is a ConfigError.
     Returns the path.
     """
-    filesystem, root = filesystem_for(registry_dir)
-    target = registry_parquet(root)
     interval = None if interval_seconds is None else int(interval_seconds)
     rows = [
         {**asdict(m), "meter_type": str(m.meter_type), "interval_seconds": interval}
         for m in fleet.meters
     ]
-    table = pa.Table.from_pylist(rows, schema=REGISTRY_SCHEMA)
-    buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer)
-    write_atomically(filesystem, target, buffer.getvalue().to_pybytes())
-    return target
+    table, problems = registry.validate(pa.Table.from_pylist(rows, schema=REGISTRY_SCHEMA))
+    if problems:
+        raise ConfigError(
+            f"the simulated fleet's registry is refused ({len(problems)} rows), the first: "
+            f"{problems[0]}; a reading interval must be whole seconds that divide a day"
+        )
+    return registry.write(table, registry_dir)
 
 
 def read_registry(registry_dir: str) -> Fleet:
     """The fleet :func:`write_registry` wrote (for a restarted simulator or a loader)."""
-    filesystem, root = filesystem_for(registry_dir)
-    table = pq.read_table(registry_parquet(root), filesystem=filesystem)
+    table = registry.read(registry_dir)
     # Registries written before a column existed lack it; columns Meter lacks are skipped.
     table = table.select([name for name in table.column_names if name in _METER_FIELDS])
     return Fleet(

@@ -11,21 +11,15 @@ from datetime import date
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from meterflow.batch.views import UNKNOWN_DISTRICT, exists
-from meterflow.core import lake
+from meterflow.core import lake, registry
 from meterflow.core.logs import get_logger
 
 log = get_logger("meterflow.batch.registry")
 
-_REGISTRY_COLUMNS = {
-    "device_id": pa.string(),
-    "meter_type": pa.string(),
-    "district": pa.string(),
-    "installed_on": pa.date32(),
-    "interval_seconds": pa.int64(),
-}
+#: The registry columns the views use (types from :mod:`meterflow.core.registry`).
+_REGISTRY_COLUMNS = ("device_id", "meter_type", "district", "installed_on", "interval_seconds")
 
 
 def read_registry(lake_path: str) -> pa.Table:
@@ -34,19 +28,14 @@ def read_registry(lake_path: str) -> pa.Table:
     Registries written before a column existed get it as nulls.
     """
     path = lake.registry_file(lake_path)
-    if not exists(path):
+    if exists(path):
+        table = registry.read(path, _REGISTRY_COLUMNS)
+    else:
         log.warning("registry=missing path=%s districts=%s", path, UNKNOWN_DISTRICT)
-        return pa.table({n: pa.array([], t) for n, t in _REGISTRY_COLUMNS.items()})
-    fs, local = lake.filesystem_for(path)
-    table = pq.read_table(local, filesystem=fs)
-    return pa.table(
-        {
-            name: table[name].cast(kind)
-            if name in table.column_names
-            else pa.nulls(len(table), kind)
-            for name, kind in _REGISTRY_COLUMNS.items()
-        }
-    )
+        table = registry.schema_of(_REGISTRY_COLUMNS).empty_table()
+    # The views' expected readings (86400 / interval) are computed in int64.
+    interval = table.schema.get_field_index("interval_seconds")
+    return table.set_column(interval, "interval_seconds", table[interval].cast(pa.int64()))
 
 
 def installed_by(registry: pa.Table, day: date) -> pa.Table:

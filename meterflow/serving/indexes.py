@@ -17,7 +17,7 @@ from pymongo.database import Database
 from pymongo.errors import OperationFailure
 
 from meterflow.clients import mongo
-from meterflow.core import lake
+from meterflow.core import lake, registry
 from meterflow.core.logs import get_logger
 from meterflow.core.timestamps import SECONDS_PER_DAY
 
@@ -36,7 +36,11 @@ METER_FIELDS: tuple[str, ...] = (
     "latitude",
     "longitude",
     "interval_seconds",
+    "register_digits",
+    "register_reset_at",
 )
+#: Left out of a meter's document when null: a registry that does not know them.
+_OMITTED_WHEN_NULL = ("interval_seconds", "register_digits", "register_reset_at")
 _REGISTRY_BATCH = 1000
 
 
@@ -228,6 +232,8 @@ class RegistryLoad:
     meters: int
     new: int
     updated: int
+    #: Meters of ``meters`` the registry no longer has.
+    removed: int = 0
 
 
 def _meter_document(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -235,8 +241,9 @@ def _meter_document(row: Mapping[str, Any]) -> dict[str, Any]:
     installed = document.get("installed_on")
     if isinstance(installed, date) and not isinstance(installed, datetime):
         document["installed_on"] = datetime.combine(installed, time(), UTC)
-    if document.get("interval_seconds") is None:
-        document.pop("interval_seconds", None)
+    for name in _OMITTED_WHEN_NULL:
+        if document.get(name) is None:
+            document.pop(name, None)
     document["_id"] = document["device_id"]
     return document
 
@@ -244,34 +251,30 @@ def _meter_document(row: Mapping[str, Any]) -> dict[str, Any]:
 def read_meter_documents(path: str) -> list[dict[str, Any]]:
     """The registry Parquet at ``path`` (file or directory, local or URI) as documents.
 
-    Read with pyarrow rather than :func:`simulator.fleet.read_registry` so that columns the
-    simulator's ``Meter`` does not model (``interval_seconds``) reach MongoDB too.
+    Read with :func:`meterflow.core.registry.read` rather than the simulator's reader, so
+    that columns the simulator's ``Meter`` does not model (``interval_seconds``) reach
+    MongoDB too.
     """
-    import pyarrow.parquet as pq
-
-    filesystem, inner = lake.filesystem_for(lake.registry_parquet(path))
-    table = pq.read_table(inner, filesystem=filesystem)
-    return [_meter_document(row) for row in table.to_pylist()]
+    return [_meter_document(row) for row in registry.read(path).to_pylist()]
 
 
 def registry_exists(path: str) -> bool:
-    import pyarrow.fs as pafs
-
-    filesystem, inner = lake.filesystem_for(lake.registry_parquet(path))
-    return bool(filesystem.get_file_info(inner).type == pafs.FileType.File)
+    return registry.exists(path)
 
 
 def load_registry(db: Database[dict[str, Any]], path: str) -> RegistryLoad:
-    """Upsert every meter of the registry at ``path`` into ``meters`` (``_id`` = device_id).
+    """Make ``meters`` the registry at ``path``: one document per meter (``_id`` =
+    device_id), replaced as a whole, and meters the registry no longer has removed.
 
-    The registry is the source of truth: a meter's document is replaced as a whole.
-    Meters absent from the registry are kept (history may still refer to them).
+    The registry is the source of truth, and a new one (``meterflow registry import``, a
+    simulator's fleet) replaces the old: a meter dropped from it leaves ``meters`` too. Its
+    readings, events and incidents stay where they are.
     """
     from pymongo import ReplaceOne
 
     documents = read_meter_documents(path)
     collection = db[mongo.METERS]
-    new = updated = 0
+    new = updated = removed = 0
     for start in range(0, len(documents), _REGISTRY_BATCH):
         chunk = documents[start : start + _REGISTRY_BATCH]
         result = collection.bulk_write(
@@ -279,8 +282,21 @@ def load_registry(db: Database[dict[str, Any]], path: str) -> RegistryLoad:
         )
         new += len(result.upserted_ids or {})
         updated += result.modified_count
-    load = RegistryLoad(lake.registry_parquet(path), len(documents), new, updated)
-    log.info("registry=%s meters=%d new=%d updated=%d", load.path, load.meters, new, updated)
+    # Ids in chunks: a fleet's worth of them in one $nin would pass a document's 16 MB.
+    kept = {d["_id"] for d in documents}
+    gone = [d["_id"] for d in collection.find({}, {"_id": 1}) if d["_id"] not in kept]
+    for start in range(0, len(gone), _REGISTRY_BATCH):
+        chunk = gone[start : start + _REGISTRY_BATCH]
+        removed += collection.delete_many({"_id": {"$in": chunk}}).deleted_count
+    load = RegistryLoad(lake.registry_parquet(path), len(documents), new, updated, removed)
+    log.info(
+        "registry=%s meters=%d new=%d updated=%d removed=%d",
+        load.path,
+        load.meters,
+        new,
+        updated,
+        removed,
+    )
     return load
 
 
@@ -325,6 +341,7 @@ def summary_lines(report: InitReport) -> Sequence[str]:
     else:
         r = report.registry
         lines.append(
-            f"registry: {r.meters} meters from {r.path} ({r.new} new, {r.updated} updated)"
+            f"registry: {r.meters} meters from {r.path} ({r.new} new, {r.updated} updated, "
+            f"{r.removed} removed)"
         )
     return lines

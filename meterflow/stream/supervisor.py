@@ -19,6 +19,7 @@ supervisor waits for them and decides on how a start ended:
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections import Counter
@@ -39,13 +40,14 @@ from meterflow.core.logs import get_logger
 from meterflow.core.signals import SignalHandler, signals_handled
 from meterflow.spark.session import get_spark, kafka_format, set_log_levels, start_stream
 from meterflow.stream.commit import LakeCommitter
-from meterflow.stream.detection.profiles import load_profiles
+from meterflow.stream.detection.profiles import MeterProfile, load_profiles
 from meterflow.stream.detection.query import (
     DetectorSpec,
     EpisodePublisher,
     plan_detection,
     start_detection,
 )
+from meterflow.stream.detection.reload import RegistryWatcher
 from meterflow.stream.failures import Verdict, classify, story
 from meterflow.stream.startup import StreamPlan, check_writable, plan_start, refuse_legacy_lake
 
@@ -114,10 +116,12 @@ class _Start:
     committer: LakeCommitter | None = None
     publisher: EpisodePublisher | None = None
     error: BaseException | None = None
+    #: What the detectors before a reload of the registry published.
+    earlier: Counter[str] = field(default_factory=Counter)
 
     @property
     def totals(self) -> Counter[str]:
-        totals: Counter[str] = Counter()
+        totals: Counter[str] = Counter(self.earlier)
         for part in (self.committer, self.publisher):
             if part is not None:
                 totals.update(part.totals)
@@ -194,13 +198,19 @@ class Supervisor:
         start = _Start(committer)
         queries = [query]
         try:
+            every: Callable[[], None] | None = None
             if self.settings.detection_on and not self.available_now:  # live: side by side
-                start.publisher, detector = self._start_detector()
+                watcher, profiles = RegistryWatcher.start(
+                    self.settings.registry_path, self.settings.detection
+                )
+                start.publisher, detector = self._start_detector(profiles)
                 queries.append(detector)
-            await_queries(queries, self.stop)
+                every = functools.partial(self._follow_registry, watcher, start, queries)
+            await_queries(queries, self.stop, every)
             if self.settings.detection_on and self.available_now and _ended_well(query, committer):
                 # A catch-up: the digests are all published once the lake query is done.
-                start.publisher, detector = self._start_detector()
+                profiles = load_profiles(self.settings.registry_path, self.settings.detection)
+                start.publisher, detector = self._start_detector(profiles)
                 queries.append(detector)
                 await_queries([detector], self.stop)
         except kafka.KafkaUnavailableError as exc:  # the digest topic's id, before any query
@@ -239,7 +249,23 @@ class Supervisor:
             ledger_seq,
         )
 
-    def _start_detector(self) -> tuple[EpisodePublisher, StreamingQuery]:
+    def _follow_registry(
+        self, watcher: RegistryWatcher, start: _Start, queries: list[StreamingQuery]
+    ) -> None:
+        """A changed registry that loads restarts the detection query alone with its
+        profiles, between two of its batches; the lake query runs on."""
+        profiles = watcher.reload()
+        if profiles is None or start.publisher is None:
+            return
+        start.publisher.stopping = True
+        if id(queries[1]) not in stop_queries([queries[1]], signalled=False):
+            return  # it had ended already: the start ends with it, as without a reload
+        start.earlier.update(start.publisher.totals)
+        start.publisher, queries[1] = self._start_detector(profiles)
+
+    def _start_detector(
+        self, profiles: dict[str, MeterProfile]
+    ) -> tuple[EpisodePublisher, StreamingQuery]:
         """The stateful stage's query (:mod:`meterflow.stream.detection.query`) and its publisher.
 
         A catch-up (``available_now``) runs in event time whatever ``METERFLOW_DETECTION_TIME``
@@ -266,7 +292,7 @@ class Supervisor:
             plan=plan,
             clock=clock,
             rules=settings.detection,
-            profiles=load_profiles(settings.registry_path, settings.detection),
+            profiles=profiles,
             default_interval_s=settings.reading_interval_seconds,
             trigger_seconds=settings.trigger_seconds,
             zone_name=settings.timezone,
@@ -362,13 +388,22 @@ def start_query(
     return query
 
 
-def await_queries(queries: list[StreamingQuery], stop: threading.Event) -> None:
-    """Wait while every query runs: until one ends or fails, or ``stop`` is set."""
+def await_queries(
+    queries: list[StreamingQuery],
+    stop: threading.Event,
+    every: Callable[[], None] | None = None,
+) -> None:
+    """Wait while every query runs: until one ends or fails, or ``stop`` is set.
+
+    ``every`` runs about once a second meanwhile (the registry's check: keep it cheap); it
+    may replace a query in ``queries``."""
     while all(q.isActive for q in queries) and not stop.is_set():
         try:
             queries[0].awaitTermination(1)
         except StreamingQueryException:  # read again by the caller from query.exception()
             break
+        if every is not None and all(q.isActive for q in queries) and not stop.is_set():
+            every()
 
 
 def stop_queries(queries: list[StreamingQuery], signalled: bool, grace_s: float = 60.0) -> set[int]:

@@ -135,6 +135,12 @@ def test_registry_loads_into_meters_and_reloads_without_duplicates(
         "Someone Else"
     )
 
+    # A smaller fleet replaces the registry: the meters it no longer has leave ``meters``.
+    smaller = write_registry(build_fleet(30, seed=3), str(tmp_path / "smaller"), 600)
+    shrunk = serving.init_mongo(db, ttl, smaller, required=True).registry
+    assert (shrunk.meters, shrunk.removed) == (30, len(fleet) - 30)
+    assert db[mongo.METERS].count_documents({}) == 30
+
 
 def test_init_mongo_command(
     tmp_path: Path,

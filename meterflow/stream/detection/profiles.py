@@ -4,24 +4,25 @@ The registry (``meters.parquet``, :func:`meterflow.core.lake.registry_parquet`) 
 per meter, optional columns named like the thresholds they replace (:data:`PROFILE_COLUMNS`,
 ``interval_seconds`` among them). A null value, or a missing column, keeps the default (the
 environment's :class:`~meterflow.core.thresholds.DetectionRules`, per meter type where the
-rule is). :func:`load_profiles` reads them once, when the detector starts, and refuses a
-value no rule could work with, naming the meter, so a typo in the registry stops the start
-rather than silencing a meter's alarms.
+rule is). :func:`load_profiles` reads them when the detector starts (and again when the
+registry is replaced: :mod:`meterflow.stream.detection.reload`), and refuses a value no rule
+could work with, naming the meter, so a typo in the registry stops the start rather than
+silencing a meter's alarms. Their bounds are the registry's
+(:data:`meterflow.core.registry.PROFILE_BOUNDS`), which the import validates with too.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from functools import reduce
-from typing import Any, NamedTuple
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from meterflow.core import lake
+from meterflow.core import lake, registry
 from meterflow.core.contract import MeterType
 from meterflow.core.errors import ConfigError
 from meterflow.core.logs import get_logger
@@ -30,26 +31,10 @@ from meterflow.core.thresholds import DetectionRules
 log = get_logger(__name__)
 
 
-class _Bound(NamedTuple):
-    """What a column's values must be: whole or not, and above (or at least) ``low``."""
-
-    whole: bool
-    low: float
-    inclusive: bool
-
-
-INTERVAL = "interval_seconds"
-#: The columns read, each named like the :class:`DetectionRules` field it overrides (but the
-#: interval), with the bounds DetectionRules itself holds its values to.
-_COLUMNS: dict[str, _Bound] = {
-    INTERVAL: _Bound(whole=True, low=1, inclusive=True),
-    "stuck_readings": _Bound(whole=True, low=2, inclusive=True),
-    "stuck_min": _Bound(whole=False, low=0, inclusive=False),
-    "spike_factor": _Bound(whole=False, low=1, inclusive=False),
-    "spike_min": _Bound(whole=False, low=0, inclusive=False),
-    "leak_min_night_flow": _Bound(whole=False, low=0, inclusive=False),
-    "nodata_intervals": _Bound(whole=True, low=1, inclusive=True),
-}
+INTERVAL = registry.INTERVAL
+#: The columns read, with their bounds, declared once in :mod:`meterflow.core.registry`
+#: (which ``meterflow registry import`` validates with too).
+_COLUMNS = registry.PROFILE_BOUNDS
 #: Every column :func:`load_profiles` reads besides ``device_id``.
 PROFILE_COLUMNS: tuple[str, ...] = tuple(_COLUMNS)
 #: Per meter type in :class:`DetectionRules`: a meter's own value holds for its type.
@@ -112,16 +97,12 @@ def _checked(path: str, device_id: str, name: str, value: Any) -> int | float | 
     """``value`` of column ``name`` as its rule takes it; a ConfigError if none could."""
     if value is None:
         return None
-    whole, low, inclusive = _COLUMNS[name]
-    if math.isfinite(value) and (value >= low if inclusive else value > low):
-        if not whole:
-            return float(value)
-        if float(value).is_integer():
-            return int(value)
+    bound = _COLUMNS[name]
+    if bound.allows(value):
+        return int(value) if bound.whole else float(value)
     raise ConfigError(
         f"registry {path}: meter {device_id} has {name}={value!r}; it must be "
-        f"{'a whole number' if whole else 'a number'} {'at least' if inclusive else 'above'} "
-        f"{low:g} (fix it, or set it to null for the default)"
+        f"{bound.describe()} (fix it, or set it to null for the default)"
     )
 
 
