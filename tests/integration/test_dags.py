@@ -158,6 +158,25 @@ def test_the_partition_sensor_looks_every_minute() -> None:
     assert sensor.mode == "reschedule"
 
 
+def test_the_daily_dag_runs_on_local_days(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In Paris, the run after Paris's midnight of June 2 (22:00 UTC on June 1) is June 2's;
+    ``ds``, the logical date in UTC, would say June 1."""
+    import pendulum
+
+    monkeypatch.setenv("METERFLOW_TIMEZONE", "Europe/Paris")
+    dag = dagbag().dags["meter_daily_averages"]
+    assert dag.timezone.name == "Europe/Paris"
+    start = pendulum.datetime(2024, 6, 2, tz="Europe/Paris").in_timezone("UTC")
+    render = dag.get_template_env().from_string
+    for task_id, template in (
+        ("wait_for_partition", dag.get_task("wait_for_partition").day),
+        ("aggregate", dag.get_task("aggregate").application_args[1]),
+        ("load", dag.get_task("load").op_args[0]),
+        ("check", dag.get_task("check").op_args[0]),
+    ):
+        assert render(template).render(data_interval_start=start) == "2024-06-02", task_id
+
+
 @pytest.fixture
 def simulated_lake(spark, make_settings, mongo_uri, mongo_db_name, monkeypatch, airflow_db):
     """Two simulated days in the lake (simulator -> broker -> streaming job) and env for DAGs."""
