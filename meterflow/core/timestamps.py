@@ -83,6 +83,15 @@ def local_days(micros: np.ndarray, zone_name: str) -> np.ndarray:
     return (wall // US_PER_DAY).astype(np.int32)
 
 
+def local_hours(micros: np.ndarray, zone_name: str) -> np.ndarray:
+    """The local hour of day (0-23) of each epoch-microsecond instant."""
+    wall = micros
+    if zone_name != UTC_NAME:
+        instants = pa.array(micros, pa.timestamp("us", tz=zone(zone_name).key))
+        wall = pc.local_timestamp(instants).cast(pa.int64()).to_numpy()
+    return np.asarray(wall % US_PER_DAY // _US_PER_HOUR, dtype=np.int64)
+
+
 def reading_days(event_us: np.ndarray, zone_name: str) -> np.ndarray:
     """The day each reading's consumption belongs to: the local day its interval starts in.
 
