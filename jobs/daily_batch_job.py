@@ -36,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.date,
         settings.reading_interval_seconds,
         settings.timezone,
+        settings.linear_gap_intervals,
     )
     print(report.to_json())
     return 0

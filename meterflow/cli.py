@@ -167,6 +167,7 @@ def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
             args.date,
             settings.reading_interval_seconds,
             settings.timezone,
+            settings.linear_gap_intervals,
         )
     finally:
         stop_active_session()

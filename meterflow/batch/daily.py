@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from meterflow.batch import validation, vee
 from meterflow.batch.registry import installed_by, read_registry
 from meterflow.batch.views import (
     DISTRICT_VIEW,
@@ -200,7 +201,19 @@ def meter_view(
     )
 
 
-_ROLLUP_SUMS = ("total", "good_count", "reading_count", "faulty_count", "expected_count")
+_ROLLUP_SUMS = (
+    "total",
+    "good_count",
+    "reading_count",
+    "faulty_count",
+    "expected_count",
+    "consumption",
+    "estimated_consumption",
+    "measured_intervals",
+    "estimated_intervals",
+    "missing_intervals",
+    "duplicate_readings",
+)
 
 
 def rollup(meters: pa.Table, keys: Sequence[str]) -> pa.Table:
@@ -209,6 +222,8 @@ def rollup(meters: pa.Table, keys: Sequence[str]) -> pa.Table:
     The per-meter view has one row per meter (a city's fleet, not its readings), so this
     runs in Arrow on the driver: two more Spark jobs would cost more than the work.
     """
+    estimated = pc.multiply(meters["estimated_share"], pc.fill_null(meters["consumption"], 0.0))
+    meters = meters.append_column("estimated_consumption", estimated)
     grouped = meters.group_by(list(keys), use_threads=False).aggregate(
         [(name, "sum") for name in _ROLLUP_SUMS]
         + [("device_id", "count"), ("completeness", "mean")]
@@ -227,6 +242,12 @@ def rollup(meters: pa.Table, keys: Sequence[str]) -> pa.Table:
             "faulty_count": column["faulty_count"],
             "expected_count": column["expected_count"],
             "completeness": grouped["completeness_mean"],
+            **{name: column[name] for name in _VALIDATED_COLUMNS},
+            "estimated_share": pc.if_else(
+                pc.greater(column["consumption"], 0.0),
+                pc.divide(column["estimated_consumption"], column["consumption"]),
+                0.0,
+            ),
         }
     ).sort_by([(key, "ascending") for key in keys])
 
@@ -253,12 +274,56 @@ def _write_table(table: pa.Table, path: str) -> None:
     pq.write_table(table, f"{local}/part-00000.parquet", filesystem=fs)
 
 
+def validated_summary(spark: SparkSession, path: str) -> pa.Table:
+    """Per meter, the day's validated consumption and its intervals by quality, from the
+    validated intervals at ``path``."""
+    quality = F.col("quality")
+    counted = quality.isin(vee.MEASURED, vee.ESTIMATED, vee.EDITED)
+    estimated = quality == vee.ESTIMATED
+    return (
+        spark.read.parquet(path)
+        .groupBy("device_id")
+        .agg(
+            F.sum(F.when(counted, F.col("value"))).alias("consumption"),
+            F.sum(F.when(estimated, F.col("value"))).alias("estimated_consumption"),
+            F.count_if(quality == vee.MEASURED).alias("measured_intervals"),
+            F.count_if(estimated).alias("estimated_intervals"),
+            F.count_if(quality.isin(vee.MISSING, vee.REJECTED)).alias("missing_intervals"),
+            F.sum("duplicates").alias("duplicate_readings"),
+        )
+        .toArrow()
+    )
+
+
+_VALIDATED_COLUMNS = (
+    "consumption",
+    "measured_intervals",
+    "estimated_intervals",
+    "missing_intervals",
+    "duplicate_readings",
+)
+
+
+def with_validation(meters: pa.Table, summary: pa.Table) -> pa.Table:
+    """The per-meter view with its validated columns; ``estimated_share`` is the share of
+    the validated consumption that was estimated (0 when there is none)."""
+    joined = meters.join(summary, "device_id", join_type="left outer").sort_by("device_id")
+    consumption = joined["consumption"]
+    share = pc.if_else(
+        pc.greater(pc.fill_null(consumption, 0.0), 0.0),
+        pc.divide(pc.fill_null(joined["estimated_consumption"], 0.0), consumption),
+        0.0,
+    )
+    return joined.drop_columns(["estimated_consumption"]).append_column("estimated_share", share)
+
+
 def run(
     spark: SparkSession,
     lake_path: str,
     day: date | str,
     interval_seconds: int,
     zone_name: str = UTC_NAME,
+    linear_gap_intervals: int = 4,
 ) -> DayReport:
     """Compute and write D's views and report; a day without readings is reported as such.
 
@@ -283,6 +348,7 @@ def run(
         aggregated = meter_daily(read_day(spark, lake_path, day)).toArrow()
     if aggregated is None or aggregated.num_rows == 0:
         remove_views(views_root, day)
+        lake.delete_dir(validation.validated_path(lake_path, day))
         report = DayReport(
             day=str(day),
             status=STATUS_NO_DATA,
@@ -305,7 +371,23 @@ def run(
             mixed.num_rows,
             ",".join(mixed["device_id"].to_pylist()[:5]),
         )
-    meters = meter_view(aggregated, read_registry(lake_path), day, interval_seconds, zone_name)
+    registry = read_registry(lake_path)
+    validated = validation.validated_path(lake_path, day)
+    validation.validate(
+        spark,
+        lake_path,
+        day,
+        installed_by(registry, day).select(
+            ["device_id", "interval_seconds", "register_digits", "register_reset_at"]
+        ),
+        interval_seconds,
+        zone_name,
+        linear_gap_intervals,
+    ).write.mode("overwrite").parquet(validated)
+    meters = with_validation(
+        meter_view(aggregated, registry, day, interval_seconds, zone_name),
+        validated_summary(spark, validated),
+    )
     types = type_daily(meters)
     views = {METER_VIEW: meters, TYPE_VIEW: types, DISTRICT_VIEW: district_daily(meters)}
     for view, table in views.items():

@@ -18,12 +18,22 @@ from meterflow.core.logs import get_logger
 
 log = get_logger("meterflow.batch.registry")
 
-#: The registry columns the views use (types from :mod:`meterflow.core.registry`).
-_REGISTRY_COLUMNS = ("device_id", "meter_type", "district", "installed_on", "interval_seconds")
+#: The registry columns the views and the validation use (types from
+#: :mod:`meterflow.core.registry`).
+_REGISTRY_COLUMNS = (
+    "device_id",
+    "meter_type",
+    "district",
+    "installed_on",
+    "interval_seconds",
+    "register_digits",
+    "register_reset_at",
+)
 
 
 def read_registry(lake_path: str) -> pa.Table:
-    """The registry columns the views use; empty (every meter "unknown") if absent.
+    """The registry columns the views and the validation use; empty (every meter
+    "unknown") if absent.
 
     Registries written before a column existed get it as nulls.
     """
@@ -34,8 +44,10 @@ def read_registry(lake_path: str) -> pa.Table:
         log.warning("registry=missing path=%s districts=%s", path, UNKNOWN_DISTRICT)
         table = registry.schema_of(_REGISTRY_COLUMNS).empty_table()
     # The views' expected readings (86400 / interval) are computed in int64.
-    interval = table.schema.get_field_index("interval_seconds")
-    return table.set_column(interval, "interval_seconds", table[interval].cast(pa.int64()))
+    for name in ("interval_seconds", "register_digits"):
+        index = table.schema.get_field_index(name)
+        table = table.set_column(index, name, table[index].cast(pa.int64()))
+    return table
 
 
 def installed_by(registry: pa.Table, day: date) -> pa.Table:

@@ -16,8 +16,13 @@ IDENTITY = ("source_topic", "source_generation", "source_partition")
 
 
 def lake_roots(lake_path: str) -> list[str]:
-    """Every partitioned dataset of the lake: readings, dead letters and each batch view."""
-    roots = [lake.readings_path(lake_path), lake.deadletter_path(lake_path)]
+    """Every partitioned dataset of the lake: readings, dead letters, the validated
+    intervals and each batch view."""
+    roots = [
+        lake.readings_path(lake_path),
+        lake.deadletter_path(lake_path),
+        lake.validated_path(lake_path),
+    ]
     roots += [
         path
         for path in lake.subdirectories(lake.views_path(lake_path))

@@ -59,6 +59,8 @@ VALIDATED_SCHEMA = pa.schema(
         ("quality", pa.string()),
         ("method", pa.string()),
         ("fault_code", pa.string()),
+        # Readings dropped as repeats of one already counted in this interval.
+        ("duplicates", pa.int64()),
     ]
 )
 
@@ -74,14 +76,6 @@ class Day:
     start_us: int
     end_us: int
     zone_name: str
-
-
-@dataclass
-class Validated:
-    """:func:`validate_day`'s result: the intervals, and duplicates dropped per meter."""
-
-    intervals: pa.Table
-    duplicates: pa.Table  # device_id, duplicate_readings
 
 
 def _ints(column: pa.ChunkedArray | pa.Array, fill: int) -> np.ndarray:
@@ -112,8 +106,9 @@ def validate_day(
     day: Day,
     max_linear: int = 4,
     tolerance: float = 0.01,
-) -> Validated:
-    """The day's intervals of every meter in ``meters``, validated and estimated.
+) -> pa.Table:
+    """The day's intervals (:data:`VALIDATED_SCHEMA`) of every meter in ``meters``,
+    validated and estimated.
 
     ``readings``: the day's lake rows (``device_id, event_time, consumption, register,
     fault_code, ingest_time, source_partition, source_offset``); rows of meters not in
@@ -151,7 +146,7 @@ def validate_day(
     )
     meter, event_us = meter[order], event_us[order]
     repeated = np.r_[False, (meter[1:] == meter[:-1]) & (event_us[1:] == event_us[:-1])]
-    duplicates = np.bincount(meter[repeated], minlength=count)
+    repeated_meter, repeated_us = meter[repeated], event_us[repeated]
     keep = order[~repeated]
     meter, event_us = meter[~repeated], event_us[~repeated]
     usage = _floats(rows["consumption"])[keep]
@@ -163,6 +158,13 @@ def validate_day(
     k = (event_us - day.start_us + step - 1) // np.maximum(step, 1) - 1
     inside = (k >= 0) & (k < per_meter[meter])
     cell = base[meter] + k
+    duplicates = np.zeros(cells, dtype=np.int64)
+    repeated_step = interval_us[repeated_meter]
+    repeated_k = (repeated_us - day.start_us + repeated_step - 1) // np.maximum(
+        repeated_step, 1
+    ) - 1
+    counted = (repeated_k >= 0) & (repeated_k < per_meter[repeated_meter])
+    np.add.at(duplicates, (base[repeated_meter] + repeated_k)[counted], 1)
     good = inside & np.array([f is None for f in faults], dtype=bool)
     bad = inside & ~good
 
@@ -223,18 +225,11 @@ def validate_day(
             "quality": pa.array(np.array(QUALITIES, dtype=object)[quality], pa.string()),
             "method": pa.array(np.array([*METHODS, None], dtype=object)[method], pa.string()),
             "fault_code": pa.array(fault, pa.string()),
+            "duplicates": pa.array(duplicates, pa.int64()),
         },
         schema=VALIDATED_SCHEMA,
     )
-    return Validated(
-        intervals,
-        pa.table(
-            {
-                "device_id": meters["device_id"],
-                "duplicate_readings": pa.array(duplicates, pa.int64()),
-            }
-        ),
-    )
+    return intervals
 
 
 def _difference_registers(

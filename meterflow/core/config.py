@@ -183,6 +183,13 @@ class Settings:
         timestamps.UTC_NAME,
         parse=_time_zone,
     )
+    linear_gap_intervals: int = variable(
+        "METERFLOW_LINEAR_GAP_INTERVALS",
+        "Validation: a gap of at most this many intervals is estimated by linear "
+        "interpolation; a longer one from the meter's profile",
+        4,
+        minimum=0,
+    )
     dag_start_date: date = variable(
         "METERFLOW_DAG_START_DATE",
         "First day meter_daily_averages processes (catch-up runs every day since)",

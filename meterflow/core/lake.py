@@ -87,9 +87,14 @@ _SPARK_TYPES = {
 }
 
 
+def spark_type(kind: pa.DataType) -> str:
+    """Spark's name of one of the Arrow types above."""
+    return _SPARK_TYPES[kind]
+
+
 def spark_ddl(schema: pa.Schema) -> str:
     """The Spark DDL string of an Arrow schema made of the types above."""
-    return ", ".join(f"`{f.name}` {_SPARK_TYPES[f.type]}" for f in schema)
+    return ", ".join(f"`{f.name}` {spark_type(f.type)}" for f in schema)
 
 
 READINGS = "readings"
@@ -136,6 +141,11 @@ def write_atomically(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     with fs.open_output_stream(temporary) as stream:
         stream.write(data)
     fs.move(temporary, path)
+
+
+def validated_path(lake_path: str) -> str:
+    """Root of the validated intervals: ``validated/date=YYYY-MM-DD/`` (meterflow.batch.vee)."""
+    return f"{lake_path.rstrip('/')}/validated"
 
 
 def views_path(lake_path: str) -> str:

@@ -1,0 +1,172 @@
+"""The daily job's validation step in Spark: :func:`meterflow.batch.vee.validate_day` run per
+partition of meters, its intervals written to ``validated/date=D/``.
+
+Everything a meter's validation needs travels in one frame keyed by ``device_id`` (its
+readings of the day, its last register before the day, its profile, its registry row), so
+one shuffle puts each meter's rows in one task, and ``mapInArrow`` validates that task's
+meters at once with numpy. The driver collects one row per meter, never the readings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import date, timedelta
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from meterflow.batch import vee
+from meterflow.batch.views import exists
+from meterflow.core import lake
+from meterflow.core.timestamps import day_bounds
+
+#: Days read back for a meter's last register before the day.
+REGISTER_LOOKBACK_DAYS = 7
+#: Same weekdays read back for a meter's profile.
+PROFILE_WEEKS = 4
+
+_READING, _START, _PROFILE, _METER = 0, 1, 2, 3
+_FRAME = pa.schema(
+    [
+        ("kind", pa.int32()),
+        ("device_id", pa.string()),
+        ("event_time", lake.TIMESTAMP),
+        ("consumption", pa.float64()),
+        ("register", pa.float64()),
+        ("fault_code", pa.string()),
+        ("ingest_time", lake.TIMESTAMP),
+        ("source_partition", pa.int32()),
+        ("source_offset", pa.int64()),
+        ("hour", pa.int64()),
+        ("value", pa.float64()),
+        ("interval_seconds", pa.int64()),
+        ("register_digits", pa.int64()),
+        ("register_reset_at", lake.TIMESTAMP),
+    ]
+)
+_LAKE_DDL = lake.spark_ddl(lake.LAKE_SCHEMA)
+
+
+def validated_path(lake_path: str, day: date) -> str:
+    return f"{lake.validated_path(lake_path)}/{lake.PARTITION_COLUMN}={day}"
+
+
+def _readings(spark: SparkSession, lake_path: str, first: date, last: date) -> DataFrame:
+    return (
+        spark.read.schema(_LAKE_DDL)
+        .parquet(lake.readings_path(lake_path))
+        .where(F.col(lake.PARTITION_COLUMN).between(F.lit(first), F.lit(last)))
+    )
+
+
+def _shaped(frame: DataFrame, kind: int) -> DataFrame:
+    """``frame`` with the columns of :data:`_FRAME` (null where it has none) and its kind."""
+    present = set(frame.columns)
+    columns = []
+    for field in _FRAME:
+        if field.name == "kind":
+            column = F.lit(kind)
+        elif field.name in present:
+            column = F.col(field.name)
+        else:
+            column = F.lit(None)
+        columns.append(column.cast(lake.spark_type(field.type)))
+    return frame.select(*(c.alias(f.name) for c, f in zip(columns, _FRAME, strict=True)))
+
+
+def validation_input(
+    spark: SparkSession, lake_path: str, day: date, registry: pa.Table, zone_name: str
+) -> DataFrame:
+    """The day's readings, each meter's last register of the week before, its profile (the
+    same weekday's measured intervals of the last four weeks, per local hour) and its
+    registry row, in one frame."""
+    week_before = _readings(
+        spark, lake_path, day - timedelta(days=REGISTER_LOOKBACK_DAYS), day - timedelta(days=1)
+    )
+    starts = (
+        week_before.where(F.col("register").isNotNull() & F.col("fault_code").isNull())
+        .groupBy("device_id")
+        .agg(
+            F.max("event_time").alias("event_time"),
+            F.max_by("register", "event_time").alias("register"),
+        )
+    )
+    frames = [_shaped(_readings(spark, lake_path, day, day), _READING), _shaped(starts, _START)]
+    weeks = [day - timedelta(days=7 * w) for w in range(1, PROFILE_WEEKS + 1)]
+    earlier = [validated_path(lake_path, d) for d in weeks]
+    earlier = [path for path in earlier if exists(path)]
+    if earlier:
+        local_hour = F.hour(F.from_utc_timestamp("interval_start", zone_name))
+        profile = (
+            spark.read.parquet(*earlier)
+            .where(F.col("quality") == vee.MEASURED)
+            .groupBy("device_id", local_hour.alias("hour"))
+            .agg(F.avg("value").alias("value"))
+        )
+        frames.append(_shaped(profile, _PROFILE))
+    if registry.num_rows:
+        frames.append(_shaped(spark.createDataFrame(registry), _METER))
+    frame = frames[0]
+    for other in frames[1:]:
+        frame = frame.unionByName(other)
+    return frame
+
+
+def partition_validator(
+    day: vee.Day, default_interval: int, max_linear: int
+) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """The function ``mapInArrow`` runs on a task's rows (every row of its meters)."""
+
+    def validate(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        received = list(batches)
+        if not received:
+            return
+        rows = pa.Table.from_batches(received)
+        kind = rows["kind"]
+        readings, starts, profile, registered = (
+            rows.filter(pc.equal(kind, k)) for k in (_READING, _START, _PROFILE, _METER)
+        )
+        # Meters that sent readings without a registry row: the default interval.
+        unregistered = pc.unique(
+            readings["device_id"].filter(
+                pc.invert(pc.is_in(readings["device_id"], value_set=registered["device_id"]))
+            )
+        )
+        extra = pa.table(
+            {
+                "device_id": unregistered,
+                "interval_seconds": pa.nulls(len(unregistered), pa.int64()),
+                "register_digits": pa.nulls(len(unregistered), pa.int64()),
+                "register_reset_at": pa.nulls(len(unregistered), lake.TIMESTAMP),
+            }
+        )
+        meters = pa.concat_tables([registered.select(extra.column_names), extra])
+        meters = meters.set_column(
+            1, "interval_seconds", pc.fill_null(meters["interval_seconds"], default_interval)
+        )
+        yield from vee.validate_day(readings, meters, starts, profile, day, max_linear).to_batches()
+
+    return validate
+
+
+def validate(
+    spark: SparkSession,
+    lake_path: str,
+    day: date,
+    registry: pa.Table,
+    default_interval: int,
+    zone_name: str,
+    max_linear: int,
+) -> DataFrame:
+    """The day's validated intervals (:data:`~meterflow.batch.vee.VALIDATED_SCHEMA`) of
+    every registered meter (installed by ``day``, ``registry``) and every meter that sent
+    readings."""
+    start, end = day_bounds(day, zone_name)
+    bounds = vee.Day(int(start.timestamp() * 1e6), int(end.timestamp() * 1e6), zone_name)
+    frame = validation_input(spark, lake_path, day, registry, zone_name)
+    return frame.repartition("device_id").mapInArrow(
+        partition_validator(bounds, default_interval, max_linear),
+        lake.spark_ddl(vee.VALIDATED_SCHEMA),
+    )
