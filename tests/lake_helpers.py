@@ -90,4 +90,11 @@ def run_batch(spark: SparkSession, settings: Settings, day: date) -> DayReport:
     """The daily job on ``settings``' lake for ``day``, as ``meterflow batch`` runs it."""
     from meterflow.batch import daily
 
-    return daily.run(spark, settings.lake_path, day, settings.reading_interval_seconds)
+    return daily.run(
+        spark,
+        settings.lake_path,
+        day,
+        settings.reading_interval_seconds,
+        settings.timezone,
+        settings.linear_gap_intervals,
+    )

@@ -28,6 +28,7 @@ from meterflow.batch import validation, vee
 from meterflow.batch.registry import installed_by, read_registry
 from meterflow.batch.views import (
     DISTRICT_VIEW,
+    HOURLY_VIEW,
     METER_VIEW,
     STATUS_NO_DATA,
     STATUS_OK,
@@ -304,6 +305,29 @@ _VALIDATED_COLUMNS = (
 )
 
 
+def hourly_profiles(spark: SparkSession, path: str, zone_name: str) -> pa.Table:
+    """Per meter, the day's validated consumption per local hour, from the validated
+    intervals at ``path``: ``hour_starts`` (UTC instants, so the hour a DST day repeats is
+    told apart) and ``hours``, in order; an hour without a counted interval is null."""
+    local = F.from_utc_timestamp("interval_start", zone_name)
+    into_hour = F.minute(local) * 60 + F.second(local)  # offsets are whole minutes
+    hour_start = F.timestamp_seconds(F.unix_timestamp("interval_start") - into_hour)
+    counted = F.col("quality").isin(vee.MEASURED, vee.ESTIMATED, vee.EDITED)
+    hourly = (
+        spark.read.parquet(path)
+        .groupBy("device_id", hour_start.alias("hour_start"))
+        .agg(F.sum(F.when(counted, F.col("value"))).alias("value"))
+        .groupBy("device_id")
+        .agg(F.sort_array(F.collect_list(F.struct("hour_start", "value"))).alias("profile"))
+        .select(
+            "device_id",
+            F.col("profile.hour_start").alias("hour_starts"),
+            F.col("profile.value").alias("hours"),
+        )
+    )
+    return hourly.toArrow().sort_by("device_id")
+
+
 def with_validation(meters: pa.Table, summary: pa.Table) -> pa.Table:
     """The per-meter view with its validated columns; ``estimated_share`` is the share of
     the validated consumption that was estimated (0 when there is none)."""
@@ -389,7 +413,12 @@ def run(
         validated_summary(spark, validated),
     )
     types = type_daily(meters)
-    views = {METER_VIEW: meters, TYPE_VIEW: types, DISTRICT_VIEW: district_daily(meters)}
+    views = {
+        METER_VIEW: meters,
+        TYPE_VIEW: types,
+        DISTRICT_VIEW: district_daily(meters),
+        HOURLY_VIEW: hourly_profiles(spark, validated, zone_name),
+    }
     for view, table in views.items():
         _write_table(table, view_path(views_root, view, day))
     totals = {

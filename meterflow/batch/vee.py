@@ -151,7 +151,10 @@ def validate_day(
     meter, event_us = meter[~repeated], event_us[~repeated]
     usage = _floats(rows["consumption"])[keep]
     register = _floats(rows["register"])[keep]
-    faults = rows["fault_code"].take(pa.array(keep)).to_numpy(zero_copy_only=False)
+    # Fault codes as small ints (-1: none); the register flags follow the lake's codes.
+    encoded = pc.dictionary_encode(rows["fault_code"].take(pa.array(keep))).combine_chunks()
+    fault_names = [*encoded.dictionary.to_pylist(), REGISTER_RESET, REGISTER_MISMATCH]
+    faults = _ints(encoded.indices, -1)
 
     # -- 2. each reading's interval ------------------------------------------------------
     step = interval_us[meter]
@@ -165,13 +168,13 @@ def validate_day(
     ) - 1
     counted = (repeated_k >= 0) & (repeated_k < per_meter[repeated_meter])
     np.add.at(duplicates, (base[repeated_meter] + repeated_k)[counted], 1)
-    good = inside & np.array([f is None for f in faults], dtype=bool)
+    good = inside & (faults < 0)
     bad = inside & ~good
 
     value = np.full(cells, np.nan)
     quality = np.full(cells, _Q[MISSING], dtype=np.int8)
     method = np.full(cells, _NO_METHOD, dtype=np.int8)
-    fault = np.full(cells, None, dtype=object)
+    fault = np.full(cells, -1, dtype=np.int64)
     # The first rejected reading of an interval names its fault (assignment keeps the last).
     bad_cells = cell[bad]
     fault[bad_cells[::-1]] = faults[bad][::-1]
@@ -206,13 +209,14 @@ def validate_day(
             day,
             tolerance,
             (value, quality, method, fault, has_usage, usage_sum),
+            (len(fault_names) - 2, len(fault_names) - 1),
         )
 
     # -- 4. gaps -------------------------------------------------------------------------
     _estimate_gaps(value, quality, method, meter_of_cell, base, max_linear)
     hours = local_hours(day.start_us + k_of_cell * interval_us[meter_of_cell], day.zone_name)
     _apply_profile(value, quality, method, meters, meter_of_cell, hours, profile)
-    rejected = (quality == _Q[MISSING]) & np.array([f is not None for f in fault], dtype=bool)
+    rejected = (quality == _Q[MISSING]) & (fault >= 0)
     quality[rejected] = _Q[REJECTED]
 
     interval_start = day.start_us + k_of_cell * interval_us[meter_of_cell]
@@ -224,7 +228,9 @@ def validate_day(
             "value": pa.array(value, pa.float64(), from_pandas=True),
             "quality": pa.array(np.array(QUALITIES, dtype=object)[quality], pa.string()),
             "method": pa.array(np.array([*METHODS, None], dtype=object)[method], pa.string()),
-            "fault_code": pa.array(fault, pa.string()),
+            "fault_code": pa.array(fault_names, pa.string()).take(
+                pa.array(fault, pa.int64(), mask=fault < 0)
+            ),
             "duplicates": pa.array(duplicates, pa.int64()),
         },
         schema=VALIDATED_SCHEMA,
@@ -245,9 +251,12 @@ def _difference_registers(
     day: Day,
     tolerance: float,
     grid: tuple[np.ndarray, ...],
+    flags: tuple[int, int],
 ) -> None:
-    """Turn register points into interval values on the grid (in place)."""
+    """Turn register points into interval values on the grid (in place); ``flags`` are
+    the fault codes of a reset and of a mismatch."""
     value, quality, method, fault, has_usage, usage_sum = grid
+    reset_flag, mismatch_flag = flags
     meter = meter_of_cell[points]
     k = k_of_cell[points]
     current = point_register[points]
@@ -283,11 +292,7 @@ def _difference_registers(
     usable = ~np.isnan(difference) & ~exchanged & (difference >= 0)
     reset = ~np.isnan(previous) & ~exchanged & ~usable
     reset_cells = points[reset]
-    fault[reset_cells] = np.where(
-        fault[reset_cells] == None,  # noqa: E711 (an object array: elementwise)
-        REGISTER_RESET,
-        fault[reset_cells],
-    )
+    fault[reset_cells] = np.where(fault[reset_cells] < 0, reset_flag, fault[reset_cells])
 
     span = k - previous_k  # intervals the difference covers, >= 1
     single = usable & (span == 1)
@@ -298,7 +303,7 @@ def _difference_registers(
         1.0, np.maximum(np.abs(usage_sum[one]), np.abs(difference[single]))
     )
     flagged = one[measured_usage & disagree]
-    fault[flagged] = np.where(fault[flagged] == None, REGISTER_MISMATCH, fault[flagged])  # noqa: E711
+    fault[flagged] = np.where(fault[flagged] < 0, mismatch_flag, fault[flagged])
     register_only = one[~measured_usage]
     value[register_only] = difference[single][~measured_usage]
     quality[register_only] = _Q[MEASURED]

@@ -18,7 +18,10 @@ from meterflow.core.lake import filesystem_for, write_atomically
 METER_VIEW = "meter_daily"
 TYPE_VIEW = "type_daily"
 DISTRICT_VIEW = "district_daily"
-VIEWS: tuple[str, ...] = (METER_VIEW, TYPE_VIEW, DISTRICT_VIEW)
+#: Per meter and day, its validated consumption per local hour: one row holding the day's
+#: 23, 24 or 25 hours, not one row per hour (a city's fleet would make that 24M a day).
+HOURLY_VIEW = "meter_hourly"
+VIEWS: tuple[str, ...] = (METER_VIEW, TYPE_VIEW, DISTRICT_VIEW, HOURLY_VIEW)
 REPORTS_DIR = "_reports"
 STATUS_OK = "ok"
 STATUS_NO_DATA = "no_data"

@@ -29,6 +29,7 @@ METERS = "meters"  # _id = device_id: the fleet registry
 DAILY_METER_AVERAGES = "daily_meter_averages"  # _id = "<date>|<device_id>"
 DAILY_TYPE_AVERAGES = "daily_type_averages"  # _id = "<date>|<meter_type>"
 DAILY_DISTRICT_AVERAGES = "daily_district_averages"  # _id = "<date>|<district>|<type>"
+METER_HOURLY_PROFILES = "meter_hourly_profiles"  # _id = "<date>|<device_id>": 23-25 hours
 DAILY_REPORTS = "daily_reports"  # _id = date: what the batch job found for the day
 INCIDENTS = "incidents"  # one per run of faulty readings (per meter) or rule episode
 

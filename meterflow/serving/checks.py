@@ -160,9 +160,12 @@ def check_day(lake_path: str, day: date | str, db: Database[dict[str, Any]]) -> 
             raise CheckFailed(
                 f"{day}: {collection} holds {found} documents, the {view} view {expected} rows"
             )
-        negative = db[collection].count_documents({"day": str(day), "avg": {"$lt": 0}})
-        if negative:
-            raise CheckFailed(f"{day}: {negative} documents of {collection} have a negative avg")
+        for name in ("avg", "consumption"):
+            negative = db[collection].count_documents({"day": str(day), name: {"$lt": 0}})
+            if negative:
+                raise CheckFailed(
+                    f"{day}: {negative} documents of {collection} have a negative {name}"
+                )
 
     types = _view_rows(views_root, TYPE_VIEW, day)
     in_view = dict(

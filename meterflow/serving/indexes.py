@@ -90,6 +90,7 @@ def index_specs(abnormal_ttl_days: int) -> list[IndexSpec]:
             "date_district_type",
             (("date", 1), ("district", 1), ("meter_type", 1)),
         ),
+        IndexSpec(mongo.METER_HOURLY_PROFILES, "device_date", (("device_id", 1), ("date", -1))),
         IndexSpec(mongo.DAILY_REPORTS, "date", (("date", 1),)),
         # The loader replaces, and the checks count, a day's documents by ``day``.
         *(
@@ -98,6 +99,7 @@ def index_specs(abnormal_ttl_days: int) -> list[IndexSpec]:
                 mongo.DAILY_METER_AVERAGES,
                 mongo.DAILY_TYPE_AVERAGES,
                 mongo.DAILY_DISTRICT_AVERAGES,
+                mongo.METER_HOURLY_PROFILES,
             )
         ),
         IndexSpec(mongo.INCIDENTS, "device_status", (("device_id", 1), ("status", 1))),

@@ -23,6 +23,7 @@ from pymongo.database import Database
 
 from meterflow.batch.views import (
     DISTRICT_VIEW,
+    HOURLY_VIEW,
     METER_VIEW,
     STATUS_NO_DATA,
     TYPE_VIEW,
@@ -46,6 +47,7 @@ TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
     METER_VIEW: (mongo.DAILY_METER_AVERAGES, ("device_id",)),
     TYPE_VIEW: (mongo.DAILY_TYPE_AVERAGES, ("meter_type",)),
     DISTRICT_VIEW: (mongo.DAILY_DISTRICT_AVERAGES, ("district", "meter_type")),
+    HOURLY_VIEW: (mongo.METER_HOURLY_PROFILES, ("device_id",)),
 }
 
 

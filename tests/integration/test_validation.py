@@ -135,3 +135,39 @@ def test_the_job_validates_like_the_reference(spark: SparkSession, lake: Setting
     assert meter_view["em1"]["estimated_intervals"] == 12
     assert 0 < meter_view["em1"]["estimated_share"] < 1
     assert meter_view["em2"]["missing_intervals"] == 96
+    hourly = {
+        r["device_id"]: r
+        for r in pq.read_table(views.view_path(lake.views_path, views.HOURLY_VIEW, DAY)).to_pylist()
+    }
+    for device in ("em1", "gm1"):
+        hours = hourly[device]["hours"]
+        assert len(hours) == len(hourly[device]["hour_starts"]) == 24
+        assert sum(hours) == pytest.approx(meter_view[device]["consumption"])
+    assert hourly["em2"]["hours"] == [None] * 24  # registered, silent: nothing counted
+
+
+@pytest.mark.parametrize(("day", "hours"), [(date(2024, 3, 31), 23), (date(2024, 10, 27), 25)])
+def test_a_dst_day_has_its_local_intervals_and_hours(
+    spark: SparkSession, tmp_path: Path, day: date, hours: int
+) -> None:
+    settings = Settings.from_env(
+        {"METERFLOW_DATA_DIR": str(tmp_path / "data"), "METERFLOW_TIMEZONE": "Europe/Paris"}
+    )
+    registry.write(
+        pa.table({"device_id": ["em1"], "meter_type": ["electricity"], "interval_seconds": [900]}),
+        settings.registry_path,
+    )
+    start, _end = day_bounds(day, "Europe/Paris")
+    first = int(start.timestamp() * US)
+    rows = [Row("em1", first + (k + 1) * STEP, usage=0.25, offset=k) for k in range(hours * 4)]
+    write_lake_day(settings, day, [lake_row(r, "electricity") for r in rows])
+    run_batch(spark, settings, day)
+
+    view = pq.read_table(views.view_path(settings.views_path, views.METER_VIEW, day)).to_pylist()
+    assert (view[0]["expected_count"], view[0]["measured_intervals"]) == (hours * 4, hours * 4)
+    assert view[0]["consumption"] == pytest.approx(0.25 * 4 * hours)
+    (hourly,) = pq.read_table(
+        views.view_path(settings.views_path, views.HOURLY_VIEW, day)
+    ).to_pylist()
+    assert hourly["hours"] == pytest.approx([1.0] * hours)
+    assert len(set(hourly["hour_starts"])) == hours  # the repeated hour told apart
