@@ -124,6 +124,41 @@ def cmd_registry_import(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_edit(args: argparse.Namespace, settings: Settings) -> int:
+    """Record a person's value for intervals (an audit trail), or list a meter's trail."""
+    import getpass
+
+    from meterflow.batch import edits
+
+    if args.list:
+        trail = edits.read(settings.lake_path, args.list).to_pylist()
+        for row in trail:
+            print(
+                f"{row['recorded_at']:%Y-%m-%dT%H:%M:%SZ} {row['author']}: {row['device_id']} "
+                f"{row['interval_start']:%Y-%m-%dT%H:%M:%SZ} = {row['value']:g} ({row['reason']})"
+            )
+        print(f"{len(trail)} edits of {args.list}")
+        return 0
+    try:
+        if args.file:
+            wanted = edits.read_edit_file(args.file)
+        elif args.device and args.start and args.value is not None:
+            wanted = [edits.Edit(args.device, args.start, args.value, args.reason or "")]
+        else:
+            raise edits.EditRejectedError(
+                "give DEVICE START VALUE --reason TEXT, --file CSV or --list DEVICE"
+            )
+        author = args.author or getpass.getuser()
+        recorded = edits.record(settings.lake_path, wanted, author)
+    except edits.EditRejectedError as exc:
+        print(f"meterflow edit: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"recorded {recorded.rows.num_rows} edits by {author} in {recorded.path}")
+    for day in edits.days_of(recorded.rows, settings.timezone):
+        print(f"  applies when {day} runs again: meterflow batch --date {day}")
+    return 0
+
+
 def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
     """Abnormal events and meter status from Kafka into MongoDB until Ctrl-C or SIGTERM."""
     from meterflow.clients.mongo import database
@@ -440,6 +475,14 @@ def build_parser(
     init_mongo.add_argument(
         "--registry", default=None, help="registry Parquet file or directory (default: the lake's)"
     )
+    edit = add("edit", cmd_edit, "Override intervals' values (kept in an audit trail)")
+    edit.add_argument("device", nargs="?", help="the meter's device_id")
+    edit.add_argument("start", nargs="?", help="the interval's start, ISO 8601")
+    edit.add_argument("value", nargs="?", type=float, help="its value, in the meter's unit")
+    edit.add_argument("--reason", help="why (required, kept in the trail)")
+    edit.add_argument("--file", help="a CSV of device_id, interval_start, value, reason")
+    edit.add_argument("--list", metavar="DEVICE", help="show a meter's trail of edits")
+    edit.add_argument("--author", help="who edits (default: the user name)")
     registry = add("registry", cmd_registry_import, "The fleet registry: import your own fleet")
     registry_commands = registry.add_subparsers(dest="registry_command", metavar="COMMAND")
     registry_commands.required = True

@@ -41,6 +41,7 @@ class MeterCase:
     reset_at_us: int | None = None
     start: tuple[int, float] | None = None  # (event_us, register) before the day
     profile: dict[int, float] = field(default_factory=dict)  # local hour -> value
+    edits: dict[int, float] = field(default_factory=dict)  # interval start (us) -> value
 
 
 def table(rows: list[Row]) -> pa.Table:
@@ -83,7 +84,15 @@ def run_vee(rows: list[Row], cases: list[MeterCase], day: vee.Day, max_linear: i
             "value": pa.array([p[2] for p in profile_rows], pa.float64()),
         }
     )
-    return vee.validate_day(table(rows), meters, starts, profile, day, max_linear)
+    edit_rows = [(c.device_id, start, v) for c in cases for start, v in c.edits.items()]
+    edits = pa.table(
+        {
+            "device_id": pa.array([e[0] for e in edit_rows], pa.string()),
+            "interval_start": pa.array([e[1] for e in edit_rows], TIMESTAMP),
+            "value": pa.array([e[2] for e in edit_rows], pa.float64()),
+        }
+    )
+    return vee.validate_day(table(rows), meters, starts, profile, day, max_linear, edits=edits)
 
 
 def reference(rows: list[Row], case: MeterCase, day: vee.Day, max_linear: int = 4):
@@ -176,6 +185,9 @@ def reference(rows: list[Row], case: MeterCase, day: vee.Day, max_linear: int = 
         if value[c] is None and int(hours[c]) in case.profile:
             value[c] = case.profile[int(hours[c])]
             quality[c], method[c] = "estimated", "profile"
+        if int(starts[c]) in case.edits:
+            value[c] = case.edits[int(starts[c])]
+            quality[c], method[c] = "edited", "edit"
         if value[c] is None and fault[c] is not None:
             quality[c] = "rejected"
     return (

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from meterflow.batch import vee
+from meterflow.batch import edits, vee
 from meterflow.batch.views import exists
 from meterflow.core import lake
 from meterflow.core.timestamps import day_bounds
@@ -27,7 +27,7 @@ REGISTER_LOOKBACK_DAYS = 7
 #: Same weekdays read back for a meter's profile.
 PROFILE_WEEKS = 4
 
-_READING, _START, _PROFILE, _METER = 0, 1, 2, 3
+_READING, _START, _PROFILE, _METER, _EDIT = 0, 1, 2, 3, 4
 _FRAME = pa.schema(
     [
         ("kind", pa.int32()),
@@ -77,11 +77,16 @@ def _shaped(frame: DataFrame, kind: int) -> DataFrame:
 
 
 def validation_input(
-    spark: SparkSession, lake_path: str, day: date, registry: pa.Table, zone_name: str
+    spark: SparkSession,
+    lake_path: str,
+    day: date,
+    registry: pa.Table,
+    zone_name: str,
+    overrides: pa.Table,
 ) -> DataFrame:
     """The day's readings, each meter's last register of the week before, its profile (the
-    same weekday's measured intervals of the last four weeks, per local hour) and its
-    registry row, in one frame."""
+    same weekday's measured intervals of the last four weeks, per local hour), its
+    registry row and the day's edits (``overrides``), in one frame."""
     week_before = _readings(
         spark, lake_path, day - timedelta(days=REGISTER_LOOKBACK_DAYS), day - timedelta(days=1)
     )
@@ -108,6 +113,9 @@ def validation_input(
         frames.append(_shaped(profile, _PROFILE))
     if registry.num_rows:
         frames.append(_shaped(spark.createDataFrame(registry), _METER))
+    if overrides.num_rows:
+        as_rows = overrides.rename_columns(["device_id", "event_time", "value"])
+        frames.append(_shaped(spark.createDataFrame(as_rows), _EDIT))
     frame = frames[0]
     for other in frames[1:]:
         frame = frame.unionByName(other)
@@ -125,8 +133,11 @@ def partition_validator(
             return
         rows = pa.Table.from_batches(received)
         kind = rows["kind"]
-        readings, starts, profile, registered = (
-            rows.filter(pc.equal(kind, k)) for k in (_READING, _START, _PROFILE, _METER)
+        readings, starts, profile, registered, edited = (
+            rows.filter(pc.equal(kind, k)) for k in (_READING, _START, _PROFILE, _METER, _EDIT)
+        )
+        overrides = edited.select(["device_id", "event_time", "value"]).rename_columns(
+            ["device_id", "interval_start", "value"]
         )
         # Meters that sent readings without a registry row: the default interval.
         unregistered = pc.unique(
@@ -146,7 +157,9 @@ def partition_validator(
         meters = meters.set_column(
             1, "interval_seconds", pc.fill_null(meters["interval_seconds"], default_interval)
         )
-        yield from vee.validate_day(readings, meters, starts, profile, day, max_linear).to_batches()
+        yield from vee.validate_day(
+            readings, meters, starts, profile, day, max_linear, edits=overrides
+        ).to_batches()
 
     return validate
 
@@ -165,7 +178,8 @@ def validate(
     readings."""
     start, end = day_bounds(day, zone_name)
     bounds = vee.Day(int(start.timestamp() * 1e6), int(end.timestamp() * 1e6), zone_name)
-    frame = validation_input(spark, lake_path, day, registry, zone_name)
+    overrides = edits.latest(edits.read(lake_path), bounds.start_us, bounds.end_us)
+    frame = validation_input(spark, lake_path, day, registry, zone_name, overrides)
     return frame.repartition("device_id").mapInArrow(
         partition_validator(bounds, default_interval, max_linear),
         lake.spark_ddl(vee.VALIDATED_SCHEMA),

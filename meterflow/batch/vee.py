@@ -106,6 +106,7 @@ def validate_day(
     day: Day,
     max_linear: int = 4,
     tolerance: float = 0.01,
+    edits: pa.Table | None = None,
 ) -> pa.Table:
     """The day's intervals (:data:`VALIDATED_SCHEMA`) of every meter in ``meters``,
     validated and estimated.
@@ -117,7 +118,9 @@ def validate_day(
     register before the day (``device_id, event_time, register``). ``profile``: per meter
     and local hour of day, a typical interval value (``device_id, hour, value``).
     ``tolerance``: how far usage and its register difference may differ, relative (with
-    the same figure as an absolute floor, in the meter's unit).
+    the same figure as an absolute floor, in the meter's unit). ``edits``: a person's
+    values (``device_id, interval_start, value``; :mod:`meterflow.batch.edits`), which
+    replace whatever the interval had, with quality ``edited``.
     """
     count = meters.num_rows
     interval_us = _ints(meters["interval_seconds"], 0) * 1_000_000
@@ -216,6 +219,8 @@ def validate_day(
     _estimate_gaps(value, quality, method, meter_of_cell, base, max_linear)
     hours = local_hours(day.start_us + k_of_cell * interval_us[meter_of_cell], day.zone_name)
     _apply_profile(value, quality, method, meters, meter_of_cell, hours, profile)
+    if edits is not None and edits.num_rows:
+        _apply_edits(value, quality, method, meters, base, per_meter, interval_us, day, edits)
     rejected = (quality == _Q[MISSING]) & (fault >= 0)
     quality[rejected] = _Q[REJECTED]
 
@@ -387,3 +392,28 @@ def _apply_profile(
     value[found] = typical[~np.isnan(typical)]
     quality[found] = _Q[ESTIMATED]
     method[found] = _M["profile"]
+
+
+def _apply_edits(
+    value: np.ndarray,
+    quality: np.ndarray,
+    method: np.ndarray,
+    meters: pa.Table,
+    base: np.ndarray,
+    per_meter: np.ndarray,
+    interval_us: np.ndarray,
+    day: Day,
+    edits: pa.Table,
+) -> None:
+    """Each override on the interval it starts (in place); one off the grid is ignored."""
+    meter = _ints(pc.index_in(edits["device_id"], value_set=meters["device_id"]), -1)
+    known = meter >= 0
+    meter = meter[known]
+    offset = _ints(edits["interval_start"], 0)[known] - day.start_us
+    step = interval_us[meter]
+    k = offset // np.maximum(step, 1)
+    on_grid = (offset % np.maximum(step, 1) == 0) & (k >= 0) & (k < per_meter[meter])
+    cells = (base[meter] + k)[on_grid]
+    value[cells] = _floats(edits["value"])[known][on_grid]
+    quality[cells] = _Q[EDITED]
+    method[cells] = _M["edit"]

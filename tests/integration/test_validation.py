@@ -15,7 +15,7 @@ from lake_helpers import run_batch, write_lake_day
 from pyspark.sql import SparkSession
 from vee_helpers import US, MeterCase, Row, reference
 
-from meterflow.batch import validation, vee, views
+from meterflow.batch import edits, validation, vee, views
 from meterflow.core import registry
 from meterflow.core.config import Settings
 from meterflow.core.timestamps import day_bounds
@@ -98,13 +98,17 @@ def test_the_job_validates_like_the_reference(spark: SparkSession, lake: Setting
     rows = [lake_row(r, "electricity") for r in usage] + [lake_row(r, "gas") for r in registers]
     write_lake_day(lake, DAY, rows)
 
+    edited_start = bounds(DAY).start_us + 60 * STEP
+    stamp = datetime.fromtimestamp(edited_start / US, UTC).isoformat()
+    edits.record(lake.lake_path, [edits.Edit("em1", stamp, 7.0, "read on site")], "ann")
+
     run_batch(spark, lake, WEEK_BEFORE)
     report = run_batch(spark, lake, DAY)
     assert report.status == views.STATUS_OK
 
     hours = {h: 0.1 * h for h in range(24)}  # the week before's mean per hour
     cases = [
-        MeterCase("em1", profile=hours),
+        MeterCase("em1", profile=hours, edits={edited_start: 7.0}),
         MeterCase("gm1", digits=5, start=(before[0].event_us, before[0].register or 0.0)),
         MeterCase("em2"),
     ]
@@ -123,7 +127,7 @@ def test_the_job_validates_like_the_reference(spark: SparkSession, lake: Setting
             assert int(mine["interval_start"].timestamp() * US) == theirs[0]
             assert (mine["quality"], mine["method"], mine["fault_code"]) == theirs[2:], theirs
             assert mine["value"] == pytest.approx(theirs[1], abs=1e-9), theirs
-        counted = [e[1] for e in expected if e[2] in ("measured", "estimated")]
+        counted = [e[1] for e in expected if e[2] in ("measured", "estimated", "edited")]
         view = meter_view[case.device_id]
         assert view["consumption"] == pytest.approx(sum(counted) if counted else None)
         assert view["measured_intervals"] == sum(e[2] == "measured" for e in expected)
@@ -133,6 +137,7 @@ def test_the_job_validates_like_the_reference(spark: SparkSession, lake: Setting
     assert meter_view["gm1"]["consumption"] == pytest.approx(1.5 * 96)  # exact over the gap
     assert meter_view["em1"]["duplicate_readings"] == 1
     assert meter_view["em1"]["estimated_intervals"] == 12
+    assert [r["quality"] for r in validated.to_pylist() if r["value"] == 7.0] == ["edited"]
     assert 0 < meter_view["em1"]["estimated_share"] < 1
     assert meter_view["em2"]["missing_intervals"] == 96
     hourly = {

@@ -199,3 +199,14 @@ def test_random_days_agree_with_the_reference() -> None:
 
 def rows_of_duplicates(result: pa.Table, interval: int) -> int:
     return int(result["duplicates"][interval].as_py())
+
+
+def test_an_edit_replaces_whatever_the_interval_had() -> None:
+    rows = [Row("em8", end_of(k), usage=1.0, offset=k) for k in range(96) if k != 30]
+    rows.append(Row("em8", end_of(50), fault="SENTINEL", offset=500))
+    edits = {DAY.start_us + 30 * STEP: 2.5, DAY.start_us + 10 * STEP: 0.0, DAY.start_us + 7: 9.0}
+    case = MeterCase("em8", edits=edits)
+    result = assert_like_reference(rows, [case], DAY)
+    cells = rows_of(result, "em8")
+    assert cells[30][1:4] == (2.5, "edited", "edit") and cells[10][1:4] == (0.0, "edited", "edit")
+    assert sum(c[2] == "edited" for c in cells) == 2  # one off the grid is ignored
