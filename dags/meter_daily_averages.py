@@ -8,9 +8,11 @@ or, with no stream running, a grace period did), aggregate it with the Spark bat
 ``local[*]`` natively, ``local[1]`` in the scheduler's container under docker compose,
 which runs no Spark cluster), publish the views to MongoDB, then check them against
 the lake: a day with registered meters and no readings fails there, to be re-run once the
-stream has read it. Every step replaces the day's results, so re-runs and backfills
-(``catchup``) give the same documents as running the days one by one. The sensor looks
-every minute.
+stream has read it. The job first runs again the days of the last five weeks that received
+readings after they were published (late data, found in the lake's ledger); ``load`` and
+``check`` publish and check those days too. Every step replaces the day's results, so
+re-runs and backfills (``catchup``) give the same documents as running the days one by
+one. The sensor looks every minute.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ START_DATE = pendulum.parse(env_value("METERFLOW_DAG_START_DATE"), tz=TIMEZONE)
 #: The run's day in the DAG's zone. ``ds`` is the logical date in UTC: a day behind for a
 #: zone east of UTC, whose midnight is the evening before in UTC.
 DAY = f"{{{{ data_interval_start.in_timezone('{TIMEZONE}') | ds }}}}"
+#: How far back a run looks for days that received readings after they were published.
+LATE_DAYS = 35
+LATE_SINCE = (
+    f"{{{{ macros.ds_add(data_interval_start.in_timezone('{TIMEZONE}') | ds, -{LATE_DAYS}) }}}}"
+)
 #: How often the sensor looks (reschedule mode: a short task run each time, the slot freed
 #: in between). Yesterday's views follow the stream's watermark within about a minute.
 POKE_SECONDS = 60
@@ -57,28 +64,38 @@ def meter_daily_averages() -> None:
         task_id="aggregate",
         conn_id="spark_default",
         application=job_path("daily_batch_job"),
-        application_args=["--date", DAY],
+        application_args=["--date", DAY, "--late-since", LATE_SINCE],
         name=f"meterflow-daily-{DAY}",
         # One Spark driver at a time in the scheduler's container, also during catch-up.
         max_active_tis_per_dag=1,
     )
 
     @task
-    def load(day: str) -> dict:
-        """Publish the day's views to MongoDB (upserts that replace the day)."""
-        from meterflow.serving.loader import publish_day
+    def load(day: str) -> list[dict]:
+        """Publish the day's views to MongoDB (upserts that replace the day), and those of
+        the late days the job ran again."""
+        from meterflow.serving.loader import days_to_publish, publish_day
 
         with MeterflowHook() as hook:
-            return publish_day(hook.settings.views_path, day, hook.get_conn()).as_dict()
+            views = hook.settings.views_path
+            return [
+                publish_day(views, d, hook.get_conn()).as_dict()
+                for d in days_to_publish(views, day)
+            ]
 
     @task
-    def check(day: str) -> dict:
-        """Fail the run if MongoDB disagrees with the lake for the day, or if registered
-        meters sent nothing the stream has read."""
+    def check(day: str) -> list[dict]:
+        """Fail the run if MongoDB disagrees with the lake for the day (or a late day run
+        again), or if registered meters sent nothing the stream has read."""
         from meterflow.serving.checks import check_day
+        from meterflow.serving.loader import days_to_publish
 
         with MeterflowHook() as hook:
-            return check_day(hook.settings.lake_path, day, hook.get_conn()).as_dict()
+            settings = hook.settings
+            return [
+                check_day(settings.lake_path, d, hook.get_conn()).as_dict()
+                for d in days_to_publish(settings.views_path, day)
+            ]
 
     wait >> aggregate >> load(DAY) >> check(DAY)
 

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 from meterflow import __version__
@@ -131,13 +131,7 @@ def cmd_edit(args: argparse.Namespace, settings: Settings) -> int:
     from meterflow.batch import edits
 
     if args.list:
-        trail = edits.read(settings.lake_path, args.list).to_pylist()
-        for row in trail:
-            print(
-                f"{row['recorded_at']:%Y-%m-%dT%H:%M:%SZ} {row['author']}: {row['device_id']} "
-                f"{row['interval_start']:%Y-%m-%dT%H:%M:%SZ} = {row['value']:g} ({row['reason']})"
-            )
-        print(f"{len(trail)} edits of {args.list}")
+        print("\n".join(edits.trail_lines(settings.lake_path, args.list)))
         return 0
     try:
         if args.file:
@@ -191,22 +185,25 @@ def cmd_sink(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_batch(args: argparse.Namespace, settings: Settings) -> int:
     """The daily batch job for one day, in this process with a local Spark."""
-    from meterflow.batch.daily import APP_NAME, run
+    from meterflow.batch.daily import APP_NAME, run, run_late
+    from meterflow.batch.late import summary_lines
+    from meterflow.core.timestamps import today
     from meterflow.spark.session import get_spark, stop_active_session
 
+    common = (settings.reading_interval_seconds, settings.timezone, settings.linear_gap_intervals)
     try:
         spark = get_spark(APP_NAME, settings.spark_master)
-        report = run(
-            spark,
-            settings.lake_path,
-            args.date,
-            settings.reading_interval_seconds,
-            settings.timezone,
-            settings.linear_gap_intervals,
-        )
+        if args.since is None:
+            reports = [run(spark, settings.lake_path, args.date, *common)]
+        else:
+            yesterday = today(settings.timezone) - timedelta(days=1)
+            reports = run_late(spark, settings.lake_path, args.since, yesterday, *common)
     finally:
         stop_active_session()
-    print(report.to_json())
+    for report in reports:
+        print(report.to_json())
+    if args.since is not None:
+        print("\n".join(summary_lines(reports, args.since)))
     return 0
 
 
@@ -492,8 +489,15 @@ def build_parser(
         "meters with it",
     )
     registry_import.add_argument("file", help="the fleet: a .csv or .parquet file")
+    batch = add("batch", cmd_batch, "Run the daily batch job for one day (local Spark)")
+    which = batch.add_mutually_exclusive_group(required=True)
+    which.add_argument("--date", type=date.fromisoformat, help="the day, YYYY-MM-DD")
+    which.add_argument(
+        "--since",
+        type=date.fromisoformat,
+        help="run again every day since this one that received readings after it was published",
+    )
     for name, handler, text in (
-        ("batch", cmd_batch, "Run the daily batch job for one day (local Spark)"),
         ("load", cmd_load, "Publish one day's batch views to MongoDB"),
         ("check", cmd_check, "Check one published day against its views and the lake"),
     ):

@@ -19,12 +19,14 @@ from datetime import date
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from meterflow.batch import validation, vee
+from meterflow.batch import validation
+from meterflow.batch.late import late_days
 from meterflow.batch.registry import installed_by, read_registry
 from meterflow.batch.views import (
     DISTRICT_VIEW,
@@ -36,6 +38,7 @@ from meterflow.batch.views import (
     UNKNOWN_DISTRICT,
     DayReport,
     exists,
+    read_report,
     remove_report,
     remove_views,
     view_path,
@@ -43,6 +46,7 @@ from meterflow.batch.views import (
 )
 from meterflow.core import lake
 from meterflow.core.contract import METER_SPECS, TYPE_ORDER
+from meterflow.core.ledger import Ledger
 from meterflow.core.logs import get_logger
 from meterflow.core.timestamps import UTC_NAME, as_date, day_seconds
 
@@ -275,27 +279,6 @@ def _write_table(table: pa.Table, path: str) -> None:
     pq.write_table(table, f"{local}/part-00000.parquet", filesystem=fs)
 
 
-def validated_summary(spark: SparkSession, path: str) -> pa.Table:
-    """Per meter, the day's validated consumption and its intervals by quality, from the
-    validated intervals at ``path``."""
-    quality = F.col("quality")
-    counted = quality.isin(vee.MEASURED, vee.ESTIMATED, vee.EDITED)
-    estimated = quality == vee.ESTIMATED
-    return (
-        spark.read.parquet(path)
-        .groupBy("device_id")
-        .agg(
-            F.sum(F.when(counted, F.col("value"))).alias("consumption"),
-            F.sum(F.when(estimated, F.col("value"))).alias("estimated_consumption"),
-            F.count_if(quality == vee.MEASURED).alias("measured_intervals"),
-            F.count_if(estimated).alias("estimated_intervals"),
-            F.count_if(quality.isin(vee.MISSING, vee.REJECTED)).alias("missing_intervals"),
-            F.sum("duplicates").alias("duplicate_readings"),
-        )
-        .toArrow()
-    )
-
-
 _VALIDATED_COLUMNS = (
     "consumption",
     "measured_intervals",
@@ -303,29 +286,6 @@ _VALIDATED_COLUMNS = (
     "missing_intervals",
     "duplicate_readings",
 )
-
-
-def hourly_profiles(spark: SparkSession, path: str, zone_name: str) -> pa.Table:
-    """Per meter, the day's validated consumption per local hour, from the validated
-    intervals at ``path``: ``hour_starts`` (UTC instants, so the hour a DST day repeats is
-    told apart) and ``hours``, in order; an hour without a counted interval is null."""
-    local = F.from_utc_timestamp("interval_start", zone_name)
-    into_hour = F.minute(local) * 60 + F.second(local)  # offsets are whole minutes
-    hour_start = F.timestamp_seconds(F.unix_timestamp("interval_start") - into_hour)
-    counted = F.col("quality").isin(vee.MEASURED, vee.ESTIMATED, vee.EDITED)
-    hourly = (
-        spark.read.parquet(path)
-        .groupBy("device_id", hour_start.alias("hour_start"))
-        .agg(F.sum(F.when(counted, F.col("value"))).alias("value"))
-        .groupBy("device_id")
-        .agg(F.sort_array(F.collect_list(F.struct("hour_start", "value"))).alias("profile"))
-        .select(
-            "device_id",
-            F.col("profile.hour_start").alias("hour_starts"),
-            F.col("profile.value").alias("hours"),
-        )
-    )
-    return hourly.toArrow().sort_by("device_id")
 
 
 def with_validation(meters: pa.Table, summary: pa.Table) -> pa.Table:
@@ -341,6 +301,51 @@ def with_validation(meters: pa.Table, summary: pa.Table) -> pa.Table:
     return joined.drop_columns(["estimated_consumption"]).append_column("estimated_share", share)
 
 
+def _published(views_root: str, day: date) -> tuple[float, int] | None:
+    """What D's last run published: its validated consumption and readings (None: never)."""
+    report = read_report(views_root, day)
+    if report is None:
+        return None
+    path = view_path(views_root, METER_VIEW, day)
+    consumption = 0.0
+    if exists(path):
+        fs, local = lake.filesystem_for(path)
+        table = pads.dataset(local, filesystem=fs, format="parquet").to_table()
+        if "consumption" in table.column_names:
+            consumption = float(pc.sum(table["consumption"]).as_py() or 0.0)
+    return consumption, report.readings
+
+
+def _changes(
+    before: tuple[float, int] | None, consumption: float, readings: int
+) -> dict[str, float]:
+    """A re-run day's report says what changed since the run it replaces."""
+    if before is None:
+        return {}
+    return {
+        "consumption_before": round(before[0], 6),
+        "consumption_after": round(consumption, 6),
+        "readings_added": readings - before[1],
+    }
+
+
+def run_late(
+    spark: SparkSession,
+    lake_path: str,
+    since: date,
+    until: date,
+    interval_seconds: int,
+    zone_name: str = UTC_NAME,
+    linear_gap_intervals: int = 4,
+) -> list[DayReport]:
+    """Run again every day in ``[since, until]`` that received readings after it was
+    published (:func:`meterflow.batch.late.late_days`); their reports, oldest first."""
+    return [
+        run(spark, lake_path, day, interval_seconds, zone_name, linear_gap_intervals)
+        for day in late_days(lake_path, since, until)
+    ]
+
+
 def run(
     spark: SparkSession,
     lake_path: str,
@@ -348,6 +353,7 @@ def run(
     interval_seconds: int,
     zone_name: str = UTC_NAME,
     linear_gap_intervals: int = 4,
+    reran: Sequence[str] = (),
 ) -> DayReport:
     """Compute and write D's views and report; a day without readings is reported as such.
 
@@ -363,6 +369,8 @@ def run(
         spark.conf.set(key, value)
     views_root = lake.views_path(lake_path)
     readings = lake.readings_path(lake_path)
+    ledger_seq = Ledger.load(lake_path).seq  # before reading: a later commit is late
+    before = _published(views_root, day)
     # Until the new report is written, nobody may publish D from half-replaced views.
     remove_report(views_root, day)
 
@@ -377,6 +385,9 @@ def run(
             day=str(day),
             status=STATUS_NO_DATA,
             duration_seconds=round(time.perf_counter() - started, 3),
+            ledger_seq=ledger_seq,
+            changes=_changes(before, 0.0, 0),
+            reran=list(reran),
         )
         write_report(views_root, report)
         log.warning(
@@ -410,14 +421,14 @@ def run(
     ).write.mode("overwrite").parquet(validated)
     meters = with_validation(
         meter_view(aggregated, registry, day, interval_seconds, zone_name),
-        validated_summary(spark, validated),
+        validation.validated_summary(spark, validated),
     )
     types = type_daily(meters)
     views = {
         METER_VIEW: meters,
         TYPE_VIEW: types,
         DISTRICT_VIEW: district_daily(meters),
-        HOURLY_VIEW: hourly_profiles(spark, validated, zone_name),
+        HOURLY_VIEW: validation.hourly_profiles(spark, validated, zone_name),
     }
     for view, table in views.items():
         _write_table(table, view_path(views_root, view, day))
@@ -437,6 +448,11 @@ def run(
         views={view: table.num_rows for view, table in views.items()},
         silent_meters=pc.sum(pc.equal(meters["reading_count"], 0)).as_py() or 0,
         mixed_type_meters=mixed.num_rows,
+        ledger_seq=ledger_seq,
+        changes=_changes(
+            before, float(pc.sum(meters["consumption"]).as_py() or 0.0), totals["reading_count"]
+        ),
+        reran=list(reran),
     )
     write_report(views_root, report)
     log.info(

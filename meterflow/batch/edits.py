@@ -162,3 +162,14 @@ def days_of(trail: pa.Table, zone_name: str) -> list[date]:
     starts = np.asarray(pc.cast(trail["interval_start"], pa.int64()).to_numpy(), dtype=np.int64)
     epoch = date(1970, 1, 1).toordinal()
     return sorted({date.fromordinal(epoch + int(d)) for d in local_days(starts, zone_name)})
+
+
+def trail_lines(lake_path: str, device_id: str) -> list[str]:
+    """What ``meterflow edit --list`` prints: a meter's edits, oldest first, and a count."""
+    trail = read(lake_path, device_id).to_pylist()
+    lines = [
+        f"{row['recorded_at']:%Y-%m-%dT%H:%M:%SZ} {row['author']}: {row['device_id']} "
+        f"{row['interval_start']:%Y-%m-%dT%H:%M:%SZ} = {row['value']:g} ({row['reason']})"
+        for row in trail
+    ]
+    return [*lines, f"{len(trail)} edits of {device_id}"]

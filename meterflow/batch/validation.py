@@ -184,3 +184,47 @@ def validate(
         partition_validator(bounds, default_interval, max_linear),
         lake.spark_ddl(vee.VALIDATED_SCHEMA),
     )
+
+
+def validated_summary(spark: SparkSession, path: str) -> pa.Table:
+    """Per meter, the day's validated consumption and its intervals by quality, from the
+    validated intervals at ``path``."""
+    quality = F.col("quality")
+    counted = quality.isin(vee.MEASURED, vee.ESTIMATED, vee.EDITED)
+    estimated = quality == vee.ESTIMATED
+    return (
+        spark.read.parquet(path)
+        .groupBy("device_id")
+        .agg(
+            F.sum(F.when(counted, F.col("value"))).alias("consumption"),
+            F.sum(F.when(estimated, F.col("value"))).alias("estimated_consumption"),
+            F.count_if(quality == vee.MEASURED).alias("measured_intervals"),
+            F.count_if(estimated).alias("estimated_intervals"),
+            F.count_if(quality.isin(vee.MISSING, vee.REJECTED)).alias("missing_intervals"),
+            F.sum("duplicates").alias("duplicate_readings"),
+        )
+        .toArrow()
+    )
+
+
+def hourly_profiles(spark: SparkSession, path: str, zone_name: str) -> pa.Table:
+    """Per meter, the day's validated consumption per local hour, from the validated
+    intervals at ``path``: ``hour_starts`` (UTC instants, so the hour a DST day repeats is
+    told apart) and ``hours``, in order; an hour without a counted interval is null."""
+    local = F.from_utc_timestamp("interval_start", zone_name)
+    into_hour = F.minute(local) * 60 + F.second(local)  # offsets are whole minutes
+    hour_start = F.timestamp_seconds(F.unix_timestamp("interval_start") - into_hour)
+    counted = F.col("quality").isin(vee.MEASURED, vee.ESTIMATED, vee.EDITED)
+    hourly = (
+        spark.read.parquet(path)
+        .groupBy("device_id", hour_start.alias("hour_start"))
+        .agg(F.sum(F.when(counted, F.col("value"))).alias("value"))
+        .groupBy("device_id")
+        .agg(F.sort_array(F.collect_list(F.struct("hour_start", "value"))).alias("profile"))
+        .select(
+            "device_id",
+            F.col("profile.hour_start").alias("hour_starts"),
+            F.col("profile.value").alias("hours"),
+        )
+    )
+    return hourly.toArrow().sort_by("device_id")

@@ -46,6 +46,13 @@ class DayReport:
     views: dict[str, int] = field(default_factory=dict)  # rows per view
     silent_meters: int = 0  # registered meters with no reading that day (completeness 0)
     mixed_type_meters: int = 0  # devices whose readings disagree on their meter type
+    #: The lake's ledger when the job read the day: a later entry that added readings to
+    #: the day makes it late (meterflow.batch.late).
+    ledger_seq: int = 0
+    #: For a day run again: ``consumption_before``, ``consumption_after``, ``readings_added``.
+    changes: dict[str, float] = field(default_factory=dict)
+    #: Days with late readings the job ran again before this one (their reports say how).
+    reran: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 
 import pyarrow.fs as pafs
 
-from meterflow.core.lake import filesystem_for, write_atomically
+from meterflow.core.lake import PARTITION_COLUMN, READINGS, filesystem_for, write_atomically
 from meterflow.core.logs import get_logger
 
 log = get_logger(__name__)
@@ -143,6 +143,18 @@ def _now() -> str:
     return datetime.now(UTC).isoformat()
 
 
+_READINGS_PREFIX = f"{READINGS}/{PARTITION_COLUMN}="
+
+
+def days_of_files(files: tuple[str, ...]) -> set[str]:
+    """The readings partitions (``YYYY-MM-DD``) that lake-relative ``files`` are in."""
+    return {
+        name[len(_READINGS_PREFIX) :].split("/", 1)[0]
+        for name in files
+        if name.startswith(_READINGS_PREFIX)
+    }
+
+
 class Ledger:
     """The ledger of one lake: load it, ask what is committed, commit, recover.
 
@@ -160,6 +172,9 @@ class Ledger:
         self.entries: list[Entry] = []  # since the last compaction
         #: generation -> {partition: end}: the furthest the broker was seen to reach.
         self.seen_ends: dict[str, dict[str, int]] = {}
+        #: Per readings partition (``YYYY-MM-DD``), the last entry that added files to it:
+        #: how the daily job finds days that received readings after it ran (late data).
+        self.days_touched: dict[str, int] = {}
 
     # -- reading -------------------------------------------------------------------------
 
@@ -195,6 +210,8 @@ class Ledger:
     def _apply(self, entry: Entry) -> None:
         self.seq = max(self.seq, entry.seq)
         self.entries.append(entry)
+        for day in days_of_files(entry.files):
+            self.days_touched[day] = max(self.days_touched.get(day, 0), entry.seq)
         for generation, ends in entry.seen_ends.items():
             seen = self.seen_ends.setdefault(generation, {})
             for partition, end in ends.items():
@@ -342,6 +359,7 @@ class Ledger:
             "seq": self.seq,
             "generations": self.generations,
             "seen_ends": self.seen_ends,
+            "days_touched": self.days_touched,
             "partitions": [
                 {
                     "topic": key[0],
@@ -371,6 +389,7 @@ class Ledger:
         self.seq = self.compacted_seq = document["seq"]
         self.generations = {t: list(g) for t, g in document["generations"].items()}
         self.seen_ends = document.get("seen_ends", {})
+        self.days_touched = document.get("days_touched", {})
         for p in document["partitions"]:
             self.partitions[(p["topic"], p["generation"], p["partition"])] = PartitionState(
                 segments=[Segment(**s) for s in p["segments"]],

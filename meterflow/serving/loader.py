@@ -143,6 +143,8 @@ def report_document(report: DayReport, loaded_at: datetime) -> dict[str, Any]:
         "mixed_type_meters": report.mixed_type_meters,
         "expected_readings": report.expected_readings,
         "views": report.views,
+        "changes": report.changes,
+        "reran": report.reran,
         "job_seconds": report.duration_seconds,
         "loaded_at": loaded_at,
     }
@@ -172,3 +174,9 @@ def publish_day(views_root: str, day: date | str, db: Database[dict[str, Any]]) 
         "load=%s day=%s upserted=%s deleted=%s", report.status, day, result.upserted, result.deleted
     )
     return result
+
+
+def days_to_publish(views_root: str, day: date | str) -> list[str]:
+    """D and the late days its run ran again (its report's ``reran``), oldest first."""
+    report = read_report(views_root, as_date(day))
+    return [*(report.reran if report else []), str(as_date(day))]

@@ -175,6 +175,11 @@ def test_the_daily_dag_runs_on_local_days(monkeypatch: pytest.MonkeyPatch) -> No
         ("check", dag.get_task("check").op_args[0]),
     ):
         assert render(template).render(data_interval_start=start) == "2024-06-02", task_id
+    # Late data: the run looks back five weeks of local days for days to run again.
+    from airflow import macros
+
+    late_since = dag.get_task("aggregate").application_args[3]
+    assert render(late_since).render(data_interval_start=start, macros=macros) == "2024-04-28"
 
 
 @pytest.fixture

@@ -11,13 +11,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from lake_helpers import run_batch, write_lake_day
+from lake_helpers import FILE_SCHEMA, run_batch, write_lake_day
 from pyspark.sql import SparkSession
 from vee_helpers import US, MeterCase, Row, reference
 
 from meterflow.batch import edits, validation, vee, views
+from meterflow.batch.daily import run_late
+from meterflow.batch.late import late_days
 from meterflow.core import registry
 from meterflow.core.config import Settings
+from meterflow.core.ledger import BATCH, Ledger, Range
 from meterflow.core.timestamps import day_bounds
 
 DAY = date(2024, 6, 10)
@@ -149,6 +152,23 @@ def test_the_job_validates_like_the_reference(spark: SparkSession, lake: Setting
         assert len(hours) == len(hourly[device]["hour_starts"]) == 24
         assert sum(hours) == pytest.approx(meter_view[device]["consumption"])
     assert hourly["em2"]["hours"] == [None] * 24  # registered, silent: nothing counted
+
+    # A reading of em2 lands after the day was published: the ledger says so, and the day
+    # runs again with what changed in its report.
+    late = Row("em2", end_of(DAY, 30), usage=4.0, offset=9000)
+    name = f"readings/date={DAY}/part-late.parquet"
+    pq.write_table(
+        pa.Table.from_pylist([lake_row(late, "electricity")], schema=FILE_SCHEMA),
+        Path(lake.lake_path) / name,
+    )
+    Ledger.load(lake.lake_path).commit(BATCH, [Range("iot-meter", "g", 0, 9000, 9001)], [name])
+    assert late_days(lake.lake_path, WEEK_BEFORE, DAY) == [DAY]
+    (again,) = run_late(spark, lake.lake_path, WEEK_BEFORE, DAY, 900)
+    consumption = sum(meter_view[d]["consumption"] or 0.0 for d in meter_view)
+    assert again.changes["readings_added"] == 1
+    assert again.changes["consumption_before"] == pytest.approx(consumption)
+    assert again.changes["consumption_after"] == pytest.approx(consumption + 4.0)
+    assert late_days(lake.lake_path, WEEK_BEFORE, DAY) == []
 
 
 @pytest.mark.parametrize(("day", "hours"), [(date(2024, 3, 31), 23), (date(2024, 10, 27), 25)])

@@ -10,6 +10,7 @@ tests/integration/test_nothing_lost_stream.py.
 from __future__ import annotations
 
 import os
+from datetime import date
 from pathlib import Path
 
 from meterflow.core.config import Settings
@@ -100,3 +101,36 @@ def subprocess_reconcile(settings: Settings):
         timeout=60,
         env={**os.environ, "LAKE_PATH": settings.lake_path, "KAFKA_BOOTSTRAP_SERVERS": ""},
     )
+
+
+def test_the_ledger_remembers_the_days_each_commit_touched_across_compaction(
+    tmp_path: Path,
+) -> None:
+    """What finds late data: per readings day, the last commit that added files to it."""
+    from meterflow.batch.late import late_days
+    from meterflow.batch.views import DayReport, write_report
+    from meterflow.core.lake import views_path
+    from meterflow.core.ledger import BATCH, Range
+
+    lake_path = str(tmp_path / "lake")
+    ledger = Ledger.load(lake_path)
+    for i, day in enumerate(("2024-06-01", "2024-06-02", "2024-06-01")):
+        ledger.commit(
+            BATCH,
+            [Range("t", "g", 0, i, i + 1, valid=1)],
+            files=[f"readings/date={day}/part-{i}.parquet", f"deadletter/date=2024-07-0{i + 1}/x"],
+        )
+    assert ledger.compact_if_due(every=3)
+    ledger.commit(BATCH, [Range("t", "g", 0, 3, 4, valid=1)], ["readings/date=2024-06-03/p"])
+    assert Ledger.load(lake_path).days_touched == {
+        "2024-06-01": 3,
+        "2024-06-02": 2,
+        "2024-06-03": 4,
+    }
+    # June 1 was published at entry 2 (a reading came in entry 3), June 2 after its last
+    # commit, June 3 never: only June 1 is late.
+    for day, seq in (("2024-06-01", 2), ("2024-06-02", 2)):
+        write_report(views_path(lake_path), DayReport(day=day, status="ok", ledger_seq=seq))
+    june = [date(2024, 6, d) for d in (1, 2, 3)]
+    assert late_days(lake_path, june[0], june[-1]) == [june[0]]
+    assert late_days(lake_path, june[1], june[-1]) == []
