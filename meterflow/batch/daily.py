@@ -27,10 +27,13 @@ from pyspark.sql import functions as F
 
 from meterflow.batch import validation
 from meterflow.batch.late import late_days
+from meterflow.batch.monthly import district_monthly, meter_monthly, month_of
 from meterflow.batch.registry import installed_by, read_registry
 from meterflow.batch.views import (
+    DISTRICT_MONTHLY_VIEW,
     DISTRICT_VIEW,
     HOURLY_VIEW,
+    METER_MONTHLY_VIEW,
     METER_VIEW,
     STATUS_NO_DATA,
     STATUS_OK,
@@ -38,6 +41,7 @@ from meterflow.batch.views import (
     UNKNOWN_DISTRICT,
     DayReport,
     exists,
+    month_view_path,
     read_report,
     remove_report,
     remove_views,
@@ -301,6 +305,16 @@ def with_validation(meters: pa.Table, summary: pa.Table) -> pa.Table:
     return joined.drop_columns(["estimated_consumption"]).append_column("estimated_share", share)
 
 
+def _write_month(views_root: str, day: date) -> None:
+    """Recompute ``day``'s month to date from its published days."""
+    month = month_of(day)
+    for view, table in (
+        (METER_MONTHLY_VIEW, meter_monthly(views_root, day)),
+        (DISTRICT_MONTHLY_VIEW, district_monthly(views_root, day)),
+    ):
+        _write_table(table, month_view_path(views_root, view, month))
+
+
 def _published(views_root: str, day: date) -> tuple[float, int] | None:
     """What D's last run published: its validated consumption and readings (None: never)."""
     report = read_report(views_root, day)
@@ -381,6 +395,7 @@ def run(
     if aggregated is None or aggregated.num_rows == 0:
         remove_views(views_root, day)
         lake.delete_dir(validation.validated_path(lake_path, day))
+        _write_month(views_root, day)
         report = DayReport(
             day=str(day),
             status=STATUS_NO_DATA,
@@ -432,6 +447,7 @@ def run(
     }
     for view, table in views.items():
         _write_table(table, view_path(views_root, view, day))
+    _write_month(views_root, day)
     totals = {
         name: int(pc.sum(types[name]).as_py() or 0)
         for name in ("reading_count", "faulty_count", "meter_count", "expected_count")

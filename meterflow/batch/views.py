@@ -22,6 +22,11 @@ DISTRICT_VIEW = "district_daily"
 #: 23, 24 or 25 hours, not one row per hour (a city's fleet would make that 24M a day).
 HOURLY_VIEW = "meter_hourly"
 VIEWS: tuple[str, ...] = (METER_VIEW, TYPE_VIEW, DISTRICT_VIEW, HOURLY_VIEW)
+#: Month to date per meter and per district and type (meterflow.batch.monthly), under
+#: ``<views>/<view>/month=YYYY-MM/``.
+METER_MONTHLY_VIEW = "meter_monthly"
+DISTRICT_MONTHLY_VIEW = "district_monthly"
+MONTHLY_VIEWS: tuple[str, ...] = (METER_MONTHLY_VIEW, DISTRICT_MONTHLY_VIEW)
 REPORTS_DIR = "_reports"
 STATUS_OK = "ok"
 STATUS_NO_DATA = "no_data"
@@ -69,6 +74,10 @@ class DayReport:
 
 def view_path(views_root: str, view: str, day: date | str) -> str:
     return f"{views_root.rstrip('/')}/{view}/date={day}"
+
+
+def month_view_path(views_root: str, view: str, month: str) -> str:
+    return f"{views_root.rstrip('/')}/{view}/month={month}"
 
 
 def report_path(views_root: str, day: date | str) -> str:

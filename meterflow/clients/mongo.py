@@ -30,6 +30,8 @@ DAILY_METER_AVERAGES = "daily_meter_averages"  # _id = "<date>|<device_id>"
 DAILY_TYPE_AVERAGES = "daily_type_averages"  # _id = "<date>|<meter_type>"
 DAILY_DISTRICT_AVERAGES = "daily_district_averages"  # _id = "<date>|<district>|<type>"
 METER_HOURLY_PROFILES = "meter_hourly_profiles"  # _id = "<date>|<device_id>": 23-25 hours
+MONTHLY_METER_TOTALS = "monthly_meter_totals"  # _id = "<YYYY-MM>|<device_id>": month to date
+MONTHLY_DISTRICT_TOTALS = "monthly_district_totals"  # _id = "<YYYY-MM>|<district>|<type>"
 DAILY_REPORTS = "daily_reports"  # _id = date: what the batch job found for the day
 INCIDENTS = "incidents"  # one per run of faulty readings (per meter) or rule episode
 

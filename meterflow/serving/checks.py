@@ -22,6 +22,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from pymongo.database import Database
 
+from meterflow.batch.monthly import month_of
 from meterflow.batch.registry import installed_by, read_registry
 from meterflow.batch.views import (
     METER_VIEW,
@@ -35,7 +36,7 @@ from meterflow.core import lake
 from meterflow.core.errors import MeterflowError
 from meterflow.core.logs import get_logger
 from meterflow.core.timestamps import as_date
-from meterflow.serving.loader import TARGETS
+from meterflow.serving.loader import MONTHLY_TARGETS, TARGETS, month_documents
 
 log = get_logger("meterflow.serving.checks")
 
@@ -166,6 +167,17 @@ def check_day(lake_path: str, day: date | str, db: Database[dict[str, Any]]) -> 
                 raise CheckFailed(
                     f"{day}: {negative} documents of {collection} have a negative {name}"
                 )
+
+    month = month_of(day)
+    for view, (collection, _) in MONTHLY_TARGETS.items():
+        expected = len(month_documents(views_root, view, month))
+        found = db[collection].count_documents({"month": month})
+        result.documents[collection] = found
+        if found != expected:
+            raise CheckFailed(
+                f"{day}: {collection} holds {found} documents for {month}, the {view} view "
+                f"{expected} rows"
+            )
 
     types = _view_rows(views_root, TYPE_VIEW, day)
     in_view = dict(

@@ -92,6 +92,10 @@ def index_specs(abnormal_ttl_days: int) -> list[IndexSpec]:
         ),
         IndexSpec(mongo.METER_HOURLY_PROFILES, "device_date", (("device_id", 1), ("date", -1))),
         IndexSpec(mongo.DAILY_REPORTS, "date", (("date", 1),)),
+        *(
+            IndexSpec(collection, "month", (("month", 1),))
+            for collection in (mongo.MONTHLY_METER_TOTALS, mongo.MONTHLY_DISTRICT_TOTALS)
+        ),
         # The loader replaces, and the checks count, a day's documents by ``day``.
         *(
             IndexSpec(collection, "day", (("day", 1),))

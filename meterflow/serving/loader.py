@@ -21,13 +21,17 @@ from pymongo import ReplaceOne
 from pymongo.collection import Collection
 from pymongo.database import Database
 
+from meterflow.batch.monthly import month_of
 from meterflow.batch.views import (
+    DISTRICT_MONTHLY_VIEW,
     DISTRICT_VIEW,
     HOURLY_VIEW,
+    METER_MONTHLY_VIEW,
     METER_VIEW,
     STATUS_NO_DATA,
     TYPE_VIEW,
     DayReport,
+    month_view_path,
     read_report,
     view_path,
 )
@@ -48,6 +52,11 @@ TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
     TYPE_VIEW: (mongo.DAILY_TYPE_AVERAGES, ("meter_type",)),
     DISTRICT_VIEW: (mongo.DAILY_DISTRICT_AVERAGES, ("district", "meter_type")),
     HOURLY_VIEW: (mongo.METER_HOURLY_PROFILES, ("device_id",)),
+}
+#: The month-to-date views: one document per month and key, replaced as the month grows.
+MONTHLY_TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
+    METER_MONTHLY_VIEW: (mongo.MONTHLY_METER_TOTALS, ("device_id",)),
+    DISTRICT_MONTHLY_VIEW: (mongo.MONTHLY_DISTRICT_TOTALS, ("district", "meter_type")),
 }
 
 
@@ -110,17 +119,38 @@ def _chunks(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
         yield chunk
 
 
+def month_documents(views_root: str, view: str, month: str) -> list[dict[str, Any]]:
+    """The month view's rows as MongoDB documents (``_id`` = month and keys, ``month``)."""
+    _, keys = MONTHLY_TARGETS[view]
+    fs, path = lake.filesystem_for(month_view_path(views_root, view, month))
+    try:
+        rows = pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()
+    except FileNotFoundError:
+        return []
+    return [
+        {
+            "_id": document_id(month, *(row[k] for k in keys)),
+            **{name: _clean(value) for name, value in row.items()},
+        }
+        for row in rows
+    ]
+
+
 def replace_day(
-    collection: Collection[dict[str, Any]], day: date, documents: list[dict[str, Any]]
+    collection: Collection[dict[str, Any]],
+    day: date | str,
+    documents: list[dict[str, Any]],
+    scope: str = "day",
 ) -> tuple[int, int]:
-    """Upsert ``documents`` in unordered batches, then delete D's others; (written, deleted)."""
+    """Upsert ``documents`` in unordered batches, then delete the others whose ``scope``
+    field (the day, or the month) is ``day``; (written, deleted)."""
     for chunk in _chunks(documents, BATCH_SIZE):
         collection.bulk_write(
             [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in chunk], ordered=False
         )
     keep = {d["_id"] for d in documents}
     stale = [
-        d["_id"] for d in collection.find({"day": str(day)}, {"_id": 1}) if d["_id"] not in keep
+        d["_id"] for d in collection.find({scope: str(day)}, {"_id": 1}) if d["_id"] not in keep
     ]
     deleted = 0
     for chunk in _chunks(stale, BATCH_SIZE):
@@ -164,6 +194,12 @@ def publish_day(views_root: str, day: date | str, db: Database[dict[str, Any]]) 
     for view, (collection, _) in TARGETS.items():
         documents = [] if report.status == STATUS_NO_DATA else view_documents(views_root, view, day)
         written, deleted = replace_day(db[collection], day, documents)
+        result.upserted[collection] = written
+        result.deleted[collection] = deleted
+    month = month_of(day)
+    for view, (collection, _) in MONTHLY_TARGETS.items():
+        documents = month_documents(views_root, view, month)
+        written, deleted = replace_day(db[collection], month, documents, scope="month")
         result.upserted[collection] = written
         result.deleted[collection] = deleted
     db[mongo.DAILY_REPORTS].replace_one(

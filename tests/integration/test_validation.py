@@ -170,6 +170,26 @@ def test_the_job_validates_like_the_reference(spark: SparkSession, lake: Setting
     assert again.changes["consumption_after"] == pytest.approx(consumption + 4.0)
     assert late_days(lake.lake_path, WEEK_BEFORE, DAY) == []
 
+    # The month to date, per meter and per district, includes both days and the late one.
+    def month(view: str) -> list[dict]:
+        return pq.read_table(views.month_view_path(lake.views_path, view, "2024-06")).to_pylist()
+
+    def day_view(day: date) -> dict[str, dict]:
+        rows = pq.read_table(views.view_path(lake.views_path, views.METER_VIEW, day)).to_pylist()
+        return {r["device_id"]: r for r in rows}
+
+    days = [day_view(WEEK_BEFORE), day_view(DAY)]
+    per_meter = {r["device_id"]: r for r in month(views.METER_MONTHLY_VIEW)}
+    for device, row in per_meter.items():
+        published = [d[device] for d in days if device in d]
+        assert row["days"] == len(published)
+        assert row["consumption"] == pytest.approx(sum(p["consumption"] or 0.0 for p in published))
+    assert per_meter["em2"]["consumption"] == pytest.approx(4.0)
+    north = {(r["district"], r["meter_type"]): r for r in month(views.DISTRICT_MONTHLY_VIEW)}
+    electricity = north[("north", "electricity")]
+    assert electricity["meter_count"] == 1
+    assert electricity["consumption"] == pytest.approx(per_meter["em1"]["consumption"])
+
 
 @pytest.mark.parametrize(("day", "hours"), [(date(2024, 3, 31), 23), (date(2024, 10, 27), 25)])
 def test_a_dst_day_has_its_local_intervals_and_hours(
