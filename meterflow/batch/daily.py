@@ -333,8 +333,9 @@ def _published(views_root: str, day: date) -> tuple[float, int] | None:
 def _changes(
     before: tuple[float, int] | None, consumption: float, readings: int
 ) -> dict[str, float]:
-    """A re-run day's report says what changed since the run it replaces."""
-    if before is None:
+    """A re-run day's report says what changed since the run it replaces (nothing when the
+    run changed nothing, so re-running a day gives the same documents)."""
+    if before is None or (readings == before[1] and round(consumption - before[0], 6) == 0):
         return {}
     return {
         "consumption_before": round(before[0], 6),

@@ -25,13 +25,11 @@ from meterflow.core import lake
 from meterflow.core.config import Settings
 from meterflow.core.contract import MeterType
 from meterflow.serving.checks import CheckFailed, check_day
-from meterflow.serving.loader import ViewMissingError, publish_day
+from meterflow.serving.loader import MONTHLY_TARGETS, TARGETS, ViewMissingError, publish_day
 
-COLLECTIONS = (
-    mongo.DAILY_METER_AVERAGES,
-    mongo.DAILY_TYPE_AVERAGES,
-    mongo.DAILY_DISTRICT_AVERAGES,
-)
+#: The collections holding one document per day and key, and those per month and key.
+COLLECTIONS = tuple(collection for collection, _ in TARGETS.values())
+MONTHLY = tuple(collection for collection, _ in MONTHLY_TARGETS.values())
 
 
 @pytest.fixture
@@ -91,7 +89,7 @@ def test_documents_follow_the_lake_and_republishing_changes_nothing(published) -
 
     before = {day: snapshot(db, day) for day in (D1, D2)}
     again = publish_day(settings.views_path, D1, db)
-    assert again.deleted == dict.fromkeys(COLLECTIONS, 0)
+    assert again.deleted == dict.fromkeys([*COLLECTIONS, *MONTHLY], 0)
     assert {day: snapshot(db, day) for day in (D1, D2)} == before
 
 
@@ -117,7 +115,8 @@ def test_republishing_replaces_the_day(spark: SparkSession, published) -> None:
         file.unlink()
     assert run_batch(spark, settings, D1).status == views.STATUS_NO_DATA
     load = publish_day(settings.views_path, D1, db)
-    assert load.upserted == {**dict.fromkeys(COLLECTIONS, 0), mongo.DAILY_REPORTS: 1}
+    daily = {name: n for name, n in load.upserted.items() if name not in MONTHLY}
+    assert daily == {**dict.fromkeys(COLLECTIONS, 0), mongo.DAILY_REPORTS: 1}
     assert all(db[c].count_documents({"day": str(D1)}) == 0 for c in COLLECTIONS)
     assert db[mongo.DAILY_REPORTS].find_one({"_id": str(D1)})["status"] == "no_data"
     installed = pq.read_table(registry_file)["installed_on"].to_pylist()
