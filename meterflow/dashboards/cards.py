@@ -17,10 +17,12 @@ from typing import Any
 
 from meterflow.clients.mongo import (
     ABNORMAL_READINGS,
+    DAILY_DISTRICT_AVERAGES,
     DAILY_METER_AVERAGES,
     DAILY_TYPE_AVERAGES,
     INCIDENTS,
     METER_STATUS,
+    MONTHLY_DISTRICT_TOTALS,
 )
 from meterflow.core.contract import SEVERITY
 from meterflow.core.timestamps import SECONDS_PER_DAY
@@ -322,6 +324,79 @@ SILENT_METERS_NOW = Card(
     layout=(22, 12, 12, 7),
 )
 
+MONTHLY_DISTRICT_TOTALS_CARD = Card(
+    name="Monthly consumption per district",
+    description=(
+        "Validated consumption per district and meter type, month to date (latest month "
+        "first), with the share of it that was estimated."
+    ),
+    collection=MONTHLY_DISTRICT_TOTALS,
+    pipeline=[
+        {"$sort": {"month": -1, "district": 1, "meter_type": 1}},
+        {
+            "$project": {
+                "_id": 0,
+                "month": 1,
+                "district": 1,
+                "meter_type": 1,
+                "consumption": 1,
+                "estimated_share": 1,
+                "meter_count": 1,
+            }
+        },
+    ],
+    display="table",
+    layout=(29, 0, 12, 8),
+)
+
+#: How far back the estimated-share card looks.
+ESTIMATED_SHARE_DAYS = 30
+
+ESTIMATED_SHARE_PER_DISTRICT = Card(
+    name="Estimated share per district",
+    description=(
+        f"Share of each district's validated consumption over the last {ESTIMATED_SHARE_DAYS} "
+        "days that was estimated rather than measured, per meter type (units differ per type)."
+    ),
+    collection=DAILY_DISTRICT_AVERAGES,
+    pipeline=[
+        {
+            "$match": {
+                "$expr": {"$gte": ["$date", {"$subtract": [NOW, ESTIMATED_SHARE_DAYS * DAY_MS]}]}
+            }
+        },
+        {
+            "$group": {
+                "_id": {"district": "$district", "meter_type": "$meter_type"},
+                "consumption": {"$sum": "$consumption"},
+                "estimated": {"$sum": {"$multiply": ["$estimated_share", "$consumption"]}},
+            }
+        },
+        {
+            "$project": {
+                "_id": 0,
+                "district": "$_id.district",
+                "meter_type": "$_id.meter_type",
+                "consumption": 1,
+                "estimated_share": {
+                    "$cond": [
+                        {"$gt": ["$consumption", 0]},
+                        {"$divide": ["$estimated", "$consumption"]},
+                        0,
+                    ]
+                },
+            }
+        },
+        {"$sort": {"estimated_share": -1, "district": 1, "meter_type": 1}},
+    ],
+    display="bar",
+    visualization_settings={
+        "graph.dimensions": ["district", "meter_type"],
+        "graph.metrics": ["estimated_share"],
+    },
+    layout=(29, 12, 12, 8),
+)
+
 CARDS: tuple[Card, ...] = (
     FAULTY_METERS_NOW,
     ABNORMAL_OVER_TIME,
@@ -331,4 +406,6 @@ CARDS: tuple[Card, ...] = (
     COMPLETENESS_PER_DAY,
     OPEN_INCIDENTS_BY_CODE,
     SILENT_METERS_NOW,
+    MONTHLY_DISTRICT_TOTALS_CARD,
+    ESTIMATED_SHARE_PER_DISTRICT,
 )

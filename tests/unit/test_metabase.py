@@ -671,9 +671,63 @@ def test_silent_meters_now(serving_db, now) -> None:
         assert "_id" not in row
 
 
+def test_monthly_consumption_per_district(serving_db) -> None:
+    docs = [
+        {
+            "_id": f"{month}|{district}|{meter_type}",
+            "month": month,
+            "district": district,
+            "meter_type": meter_type,
+            "consumption": 100.0 * index,
+            "estimated_share": 0.1,
+            "meter_count": 3,
+        }
+        for index, (month, district, meter_type) in enumerate(
+            [
+                ("2024-05", "north", "gas"),
+                ("2024-06", "south", "water"),
+                ("2024-06", "north", "gas"),
+            ]
+        )
+    ]
+    serving_db.monthly_district_totals.insert_many(docs)
+
+    rows = run(serving_db, dashboards.MONTHLY_DISTRICT_TOTALS_CARD, datetime.now(UTC))
+
+    assert [(r["month"], r["district"], r["consumption"]) for r in rows] == [
+        ("2024-06", "north", 200.0),
+        ("2024-06", "south", 100.0),
+        ("2024-05", "north", 0.0),
+    ]
+
+
+def test_estimated_share_per_district(serving_db, now) -> None:
+    docs = []
+    for days_back, share in ((1, 0.5), (2, 0.0), (45, 1.0)):  # 45 days ago: out of the window
+        day = (now - timedelta(days=days_back)).date()
+        docs.append(
+            {
+                "_id": f"{day}|north|water",
+                "date": datetime(day.year, day.month, day.day, tzinfo=UTC),
+                "day": str(day),
+                "district": "north",
+                "meter_type": "water",
+                "consumption": 300.0 if days_back == 1 else 100.0,
+                "estimated_share": share,
+            }
+        )
+    serving_db.daily_district_averages.insert_many(docs)
+
+    (row,) = run(serving_db, dashboards.ESTIMATED_SHARE_PER_DISTRICT, now)
+
+    # 150 of the 400 units of the last 30 days were estimated.
+    assert (row["district"], row["meter_type"], row["consumption"]) == ("north", "water", 400.0)
+    assert row["estimated_share"] == pytest.approx(150 / 400)
+
+
 def test_every_card_is_on_the_dashboard_grid() -> None:
     names = [card.name for card in dashboards.CARDS]
-    assert len(set(names)) == len(names) == 8
+    assert len(set(names)) == len(names) == 10
     cells: set[tuple[int, int]] = set()
     for card in dashboards.CARDS:
         row, col, size_x, size_y = card.layout
