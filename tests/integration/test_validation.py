@@ -191,10 +191,10 @@ def test_the_job_validates_like_the_reference(spark: SparkSession, lake: Setting
     assert electricity["consumption"] == pytest.approx(per_meter["em1"]["consumption"])
 
 
-@pytest.mark.parametrize(("day", "hours"), [(date(2024, 3, 31), 23), (date(2024, 10, 27), 25)])
-def test_a_dst_day_has_its_local_intervals_and_hours(
-    spark: SparkSession, tmp_path: Path, day: date, hours: int
-) -> None:
+def test_a_dst_day_has_its_local_intervals_and_hours(spark: SparkSession, tmp_path: Path) -> None:
+    """The autumn change in Paris: 25 hours, one of them twice (the 23-hour spring day is
+    tests/unit/test_vee.py's and tests/unit/test_local_days.py's)."""
+    day, hours = date(2024, 10, 27), 25
     settings = Settings.from_env(
         {"METERFLOW_DATA_DIR": str(tmp_path / "data"), "METERFLOW_TIMEZONE": "Europe/Paris"}
     )
