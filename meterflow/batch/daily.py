@@ -30,6 +30,7 @@ from meterflow.batch.late import late_days
 from meterflow.batch.monthly import district_monthly, meter_monthly, month_of
 from meterflow.batch.registry import installed_by, read_registry
 from meterflow.batch.views import (
+    COUNTED_COLUMNS,
     DISTRICT_MONTHLY_VIEW,
     DISTRICT_VIEW,
     HOURLY_VIEW,
@@ -216,12 +217,8 @@ _ROLLUP_SUMS = (
     "reading_count",
     "faulty_count",
     "expected_count",
-    "consumption",
+    *COUNTED_COLUMNS,
     "estimated_consumption",
-    "measured_intervals",
-    "estimated_intervals",
-    "missing_intervals",
-    "duplicate_readings",
 )
 
 
@@ -251,7 +248,7 @@ def rollup(meters: pa.Table, keys: Sequence[str]) -> pa.Table:
             "faulty_count": column["faulty_count"],
             "expected_count": column["expected_count"],
             "completeness": grouped["completeness_mean"],
-            **{name: column[name] for name in _VALIDATED_COLUMNS},
+            **{name: column[name] for name in COUNTED_COLUMNS},
             "estimated_share": pc.if_else(
                 pc.greater(column["consumption"], 0.0),
                 pc.divide(column["estimated_consumption"], column["consumption"]),
@@ -281,15 +278,6 @@ def _write_table(table: pa.Table, path: str) -> None:
         fs.delete_dir(local)
     fs.create_dir(local, recursive=True)
     pq.write_table(table, f"{local}/part-00000.parquet", filesystem=fs)
-
-
-_VALIDATED_COLUMNS = (
-    "consumption",
-    "measured_intervals",
-    "estimated_intervals",
-    "missing_intervals",
-    "duplicate_readings",
-)
 
 
 def with_validation(meters: pa.Table, summary: pa.Table) -> pa.Table:

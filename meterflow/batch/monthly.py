@@ -14,19 +14,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from meterflow.batch.views import METER_VIEW, exists, view_path
+from meterflow.batch.views import COUNTED_COLUMNS, METER_VIEW, exists, view_path
 from meterflow.core import lake
 
 #: The per-meter columns a month sums.
-SUMMED = (
-    "consumption",
-    "estimated_consumption",
-    "measured_intervals",
-    "estimated_intervals",
-    "missing_intervals",
-    "duplicate_readings",
-)
-_COLUMNS = ("device_id", "meter_type", "district", "consumption", "estimated_share", *SUMMED[2:])
+SUMMED = (*COUNTED_COLUMNS, "estimated_consumption")
+_COLUMNS = ("device_id", "meter_type", "district", "estimated_share", *COUNTED_COLUMNS)
 
 
 def month_of(day: date) -> str:
@@ -75,7 +68,7 @@ def _sum(rows: pa.Table, keys: list[str], month: str) -> pa.Table:
             **{key: grouped[key] for key in keys},
             "consumption": sums["consumption"],
             "estimated_share": _share(sums["estimated_consumption"], sums["consumption"]),
-            **{name: sums[name] for name in SUMMED[2:]},
+            **{name: sums[name] for name in COUNTED_COLUMNS[1:]},
             "device_id_count": grouped["device_id_count"],
         }
     ).sort_by([(key, "ascending") for key in keys])

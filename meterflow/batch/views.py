@@ -27,6 +27,15 @@ VIEWS: tuple[str, ...] = (METER_VIEW, TYPE_VIEW, DISTRICT_VIEW, HOURLY_VIEW)
 METER_MONTHLY_VIEW = "meter_monthly"
 DISTRICT_MONTHLY_VIEW = "district_monthly"
 MONTHLY_VIEWS: tuple[str, ...] = (METER_MONTHLY_VIEW, DISTRICT_MONTHLY_VIEW)
+#: The per-meter columns the validation adds to ``meter_daily``, which types, districts and
+#: months sum (with the estimated part of the consumption, for their estimated share).
+COUNTED_COLUMNS = (
+    "consumption",
+    "measured_intervals",
+    "estimated_intervals",
+    "missing_intervals",
+    "duplicate_readings",
+)
 REPORTS_DIR = "_reports"
 STATUS_OK = "ok"
 STATUS_NO_DATA = "no_data"

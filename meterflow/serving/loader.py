@@ -91,16 +91,25 @@ def _clean(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+def _rows(uri: str) -> list[dict[str, Any]] | None:
+    """The rows of one view's partition at ``uri``; None when it is missing."""
+    fs, path = lake.filesystem_for(uri)
+    try:
+        rows: list[dict[str, Any]] = (
+            pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()
+        )
+    except FileNotFoundError:
+        return None
+    return rows
+
+
 def view_documents(views_root: str, view: str, day: date) -> list[dict[str, Any]]:
     """The view's rows for D as MongoDB documents (``_id``, ``date``, ``day`` added)."""
     _, keys = TARGETS[view]
-    fs, path = lake.filesystem_for(view_path(views_root, view, day))
-    try:
-        rows = pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()
-    except FileNotFoundError:
-        raise ViewMissingError(
-            f"view {view} of {day} is missing at {path}: run the batch job"
-        ) from None
+    path = view_path(views_root, view, day)
+    rows = _rows(path)
+    if rows is None:
+        raise ViewMissingError(f"view {view} of {day} is missing at {path}: run the batch job")
     stamp = midnight(day)
     return [
         {
@@ -122,11 +131,7 @@ def _chunks(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
 def month_documents(views_root: str, view: str, month: str) -> list[dict[str, Any]]:
     """The month view's rows as MongoDB documents (``_id`` = month and keys, ``month``)."""
     _, keys = MONTHLY_TARGETS[view]
-    fs, path = lake.filesystem_for(month_view_path(views_root, view, month))
-    try:
-        rows = pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()
-    except FileNotFoundError:
-        return []
+    rows = _rows(month_view_path(views_root, view, month)) or []
     return [
         {
             "_id": document_id(month, *(row[k] for k in keys)),
