@@ -423,16 +423,16 @@ def run(
         zone_name,
         linear_gap_intervals,
     ).write.mode("overwrite").parquet(validated)
+    summary, hourly = validation.per_meter(spark, validated, zone_name)
     meters = with_validation(
-        meter_view(aggregated, registry, day, interval_seconds, zone_name),
-        validation.validated_summary(spark, validated),
+        meter_view(aggregated, registry, day, interval_seconds, zone_name), summary
     )
     types = type_daily(meters)
     views = {
         METER_VIEW: meters,
         TYPE_VIEW: types,
         DISTRICT_VIEW: district_daily(meters),
-        HOURLY_VIEW: validation.hourly_profiles(spark, validated, zone_name),
+        HOURLY_VIEW: hourly,
     }
     for view, table in views.items():
         _write_table(table, view_path(views_root, view, day))

@@ -19,7 +19,8 @@ from meterflow.core import lake
 
 #: The per-meter columns a month sums.
 SUMMED = (*COUNTED_COLUMNS, "estimated_consumption")
-_COLUMNS = ("device_id", "meter_type", "district", "estimated_share", *COUNTED_COLUMNS)
+_KEYS = ("device_id", "meter_type", "district")
+_COLUMNS = (*_KEYS, "estimated_share", *COUNTED_COLUMNS)
 
 
 def month_of(day: date) -> str:
@@ -41,8 +42,15 @@ def _days(views_root: str, day: date) -> pa.Table:
             kind = pa.float64() if name in ("consumption", "estimated_share") else pa.int64()
             table = table.append_column(name, pa.nulls(table.num_rows, kind))
         tables.append(table.select(list(_COLUMNS)))
-    if not tables:
-        return pa.table({name: pa.array([], pa.float64()) for name in _COLUMNS})
+    if not tables:  # no day of the month is published: an empty month
+        tables.append(
+            pa.table(
+                {
+                    name: pa.array([], pa.string() if name in _KEYS else pa.float64())
+                    for name in _COLUMNS
+                }
+            )
+        )
     rows = pa.concat_tables(tables, promote_options="permissive")
     estimated = pc.multiply(
         pc.fill_null(rows["estimated_share"], 0.0), pc.fill_null(rows["consumption"], 0.0)

@@ -186,45 +186,49 @@ def validate(
     )
 
 
-def validated_summary(spark: SparkSession, path: str) -> pa.Table:
-    """Per meter, the day's validated consumption and its intervals by quality, from the
-    validated intervals at ``path``."""
-    quality = F.col("quality")
-    counted = quality.isin(vee.MEASURED, vee.ESTIMATED, vee.EDITED)
-    estimated = quality == vee.ESTIMATED
-    return (
-        spark.read.parquet(path)
-        .groupBy("device_id")
-        .agg(
-            F.sum(F.when(counted, F.col("value"))).alias("consumption"),
-            F.sum(F.when(estimated, F.col("value"))).alias("estimated_consumption"),
-            F.count_if(quality == vee.MEASURED).alias("measured_intervals"),
-            F.count_if(estimated).alias("estimated_intervals"),
-            F.count_if(quality.isin(vee.MISSING, vee.REJECTED)).alias("missing_intervals"),
-            F.sum("duplicates").alias("duplicate_readings"),
-        )
-        .toArrow()
-    )
-
-
-def hourly_profiles(spark: SparkSession, path: str, zone_name: str) -> pa.Table:
-    """Per meter, the day's validated consumption per local hour, from the validated
-    intervals at ``path``: ``hour_starts`` (UTC instants, so the hour a DST day repeats is
-    told apart) and ``hours``, in order; an hour without a counted interval is null."""
+def per_meter(spark: SparkSession, path: str, zone_name: str) -> tuple[pa.Table, pa.Table]:
+    """One pass over the validated intervals at ``path``, per meter: its day's summary
+    (validated consumption, the estimated part of it, intervals by quality, duplicates) and
+    its hourly profile: ``hour_starts`` (UTC instants, so the hour a DST day repeats is told
+    apart) and ``hours``, in order; an hour without a counted interval is null."""
     local = F.from_utc_timestamp("interval_start", zone_name)
     into_hour = F.minute(local) * 60 + F.second(local)  # offsets are whole minutes
     hour_start = F.timestamp_seconds(F.unix_timestamp("interval_start") - into_hour)
-    counted = F.col("quality").isin(vee.MEASURED, vee.ESTIMATED, vee.EDITED)
+    quality = F.col("quality")
+    estimated = quality == vee.ESTIMATED
+    counted = quality.isin(vee.MEASURED, vee.ESTIMATED, vee.EDITED)
     hourly = (
         spark.read.parquet(path)
         .groupBy("device_id", hour_start.alias("hour_start"))
-        .agg(F.sum(F.when(counted, F.col("value"))).alias("value"))
-        .groupBy("device_id")
-        .agg(F.sort_array(F.collect_list(F.struct("hour_start", "value"))).alias("profile"))
+        .agg(
+            F.sum(F.when(counted, F.col("value"))).alias("value"),
+            F.sum(F.when(estimated, F.col("value"))).alias("estimated_value"),
+            F.count_if(quality == vee.MEASURED).alias("measured"),
+            F.count_if(estimated).alias("estimated"),
+            F.count_if(quality.isin(vee.MISSING, vee.REJECTED)).alias("missing"),
+            F.sum("duplicates").alias("duplicates"),
+        )
+    )
+    meters = (
+        hourly.groupBy("device_id")
+        .agg(
+            F.sum("value").alias("consumption"),
+            F.sum("estimated_value").alias("estimated_consumption"),
+            F.sum("measured").alias("measured_intervals"),
+            F.sum("estimated").alias("estimated_intervals"),
+            F.sum("missing").alias("missing_intervals"),
+            F.sum("duplicates").alias("duplicate_readings"),
+            F.sort_array(F.collect_list(F.struct("hour_start", "value"))).alias("profile"),
+        )
         .select(
-            "device_id",
+            "*",
             F.col("profile.hour_start").alias("hour_starts"),
             F.col("profile.value").alias("hours"),
         )
+        .drop("profile")
+        .toArrow()
+        .sort_by("device_id")
     )
-    return hourly.toArrow().sort_by("device_id")
+    profiles = ["device_id", "hour_starts", "hours"]
+    summary = [name for name in meters.column_names if name not in profiles[1:]]
+    return meters.select(summary), meters.select(profiles)
