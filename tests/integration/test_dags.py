@@ -304,7 +304,6 @@ def test_daily_dag_runs_spark_submit_and_loads_mongo(simulated_lake: Settings) -
     assert _strip(_documents(settings, mongo.DAILY_TYPE_AVERAGES, day)) == _strip(types_after_first)
 
 
-
 def _strip(documents: dict[str, dict]) -> str:
     """Documents without load timestamps, comparable across runs."""
     volatile = {"loaded_at", "updated_at"}
