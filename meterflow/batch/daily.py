@@ -19,7 +19,6 @@ from datetime import date
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
@@ -43,6 +42,7 @@ from meterflow.batch.views import (
     DayReport,
     exists,
     month_view_path,
+    read_partition,
     read_report,
     remove_report,
     remove_views,
@@ -308,13 +308,10 @@ def _published(views_root: str, day: date) -> tuple[float, int] | None:
     report = read_report(views_root, day)
     if report is None:
         return None
-    path = view_path(views_root, METER_VIEW, day)
+    table = read_partition(view_path(views_root, METER_VIEW, day))
     consumption = 0.0
-    if exists(path):
-        fs, local = lake.filesystem_for(path)
-        table = pads.dataset(local, filesystem=fs, format="parquet").to_table()
-        if "consumption" in table.column_names:
-            consumption = float(pc.sum(table["consumption"]).as_py() or 0.0)
+    if table is not None and "consumption" in table.column_names:
+        consumption = float(pc.sum(table["consumption"]).as_py() or 0.0)
     return consumption, report.readings
 
 

@@ -12,10 +12,8 @@ from datetime import date
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
-from meterflow.batch.views import COUNTED_COLUMNS, METER_VIEW, exists, view_path
-from meterflow.core import lake
+from meterflow.batch.views import COUNTED_COLUMNS, METER_VIEW, read_partition, view_path
 
 #: The per-meter columns a month sums.
 SUMMED = (*COUNTED_COLUMNS, "estimated_consumption")
@@ -32,11 +30,9 @@ def _days(views_root: str, day: date) -> pa.Table:
     last = calendar.monthrange(day.year, day.month)[1]
     tables = []
     for number in range(1, last + 1):
-        path = view_path(views_root, METER_VIEW, date(day.year, day.month, number))
-        if not exists(path):
+        table = read_partition(view_path(views_root, METER_VIEW, date(day.year, day.month, number)))
+        if table is None:
             continue
-        fs, local = lake.filesystem_for(path)
-        table = pads.dataset(local, filesystem=fs, format="parquet").to_table()
         missing = [name for name in _COLUMNS if name not in table.column_names]
         for name in missing:  # a day published before validation existed
             kind = pa.float64() if name in ("consumption", "estimated_share") else pa.int64()

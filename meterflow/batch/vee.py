@@ -25,7 +25,7 @@ and the fault code of a rejected reading or a register flag.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -98,6 +98,65 @@ def _ragged(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return cells
 
 
+class _Grid:
+    """Every meter's expected intervals of the day, one cell each, meter after meter, with
+    what each cell holds so far (value, quality, method, fault code index; -1: none)."""
+
+    def __init__(self, meters: pa.Table, day: Day) -> None:
+        self.meters, self.day = meters, day
+        self.interval_us = _ints(meters["interval_seconds"], 0) * 1_000_000
+        if len(self.interval_us) and self.interval_us.min() <= 0:
+            raise ValueError("every meter needs its interval_seconds")
+        self.per_meter = (day.end_us - day.start_us) // self.interval_us
+        self.base = np.concatenate([[0], np.cumsum(self.per_meter)]).astype(np.int64)
+        cells = int(self.base[-1])
+        self.meter_of_cell = np.repeat(np.arange(meters.num_rows), self.per_meter)
+        self.k_of_cell = np.arange(cells) - self.base[self.meter_of_cell]
+        self.start_us = day.start_us + self.k_of_cell * self.interval_us[self.meter_of_cell]
+        self.value = np.full(cells, np.nan)
+        self.quality = np.full(cells, _Q[MISSING], dtype=np.int8)
+        self.method = np.full(cells, _NO_METHOD, dtype=np.int8)
+        self.fault = np.full(cells, -1, dtype=np.int64)
+
+    def meter_of(self, device_ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
+        """Each device's meter index (-1: not one of the grid's meters)."""
+        return _ints(pc.index_in(device_ids, value_set=self.meters["device_id"]), -1)
+
+    def ending(self, event_us: np.ndarray, meter: np.ndarray) -> np.ndarray:
+        """The index in its meter's day of the interval each instant ends (it may fall
+        outside the day: see :meth:`inside`)."""
+        step = self.interval_us[meter]
+        k: np.ndarray = (event_us - self.day.start_us + step - 1) // step - 1
+        return k
+
+    def inside(self, k: np.ndarray, meter: np.ndarray) -> np.ndarray:
+        inside: np.ndarray = (k >= 0) & (k < self.per_meter[meter])
+        return inside
+
+    def set(self, cells: np.ndarray, values: np.ndarray, quality: str, method: str) -> None:
+        self.value[cells] = values
+        self.quality[cells] = _Q[quality]
+        self.method[cells] = _M[method]
+
+    def flag(self, cells: np.ndarray, code: int) -> None:
+        """Fault code ``code`` on ``cells`` that have none yet."""
+        self.fault[cells] = np.where(self.fault[cells] < 0, code, self.fault[cells])
+
+
+@dataclass
+class _Readings:
+    """The day's readings without repeats, in (meter, event time) order, on the grid."""
+
+    cell: np.ndarray
+    event_us: np.ndarray
+    usage: np.ndarray
+    register: np.ndarray
+    good: np.ndarray  # on the grid and without a fault
+    bad: np.ndarray  # on the grid, with a fault (index into fault_names)
+    faults: np.ndarray
+    fault_names: list[str] = field(default_factory=list)
+
+
 def validate_day(
     readings: pa.Table,
     meters: pa.Table,
@@ -122,21 +181,56 @@ def validate_day(
     values (``device_id, interval_start, value``; :mod:`meterflow.batch.edits`), which
     replace whatever the interval had, with quality ``edited``.
     """
-    count = meters.num_rows
-    interval_us = _ints(meters["interval_seconds"], 0) * 1_000_000
-    if count and interval_us.min() <= 0:
-        raise ValueError("every meter needs its interval_seconds")
-    per_meter = (day.end_us - day.start_us) // np.maximum(interval_us, 1)
-    base = np.concatenate([[0], np.cumsum(per_meter)]).astype(np.int64)
-    cells = int(base[-1])
-    meter_of_cell = np.repeat(np.arange(count), per_meter)
-    k_of_cell = np.arange(cells) - base[meter_of_cell]
+    grid = _Grid(meters, day)
+    duplicates = np.zeros(len(grid.value), dtype=np.int64)
+    sent = _deduplicated(readings, grid, duplicates)
+    # The first rejected reading of an interval names its fault (assignment keeps the last).
+    grid.fault[sent.cell[sent.bad][::-1]] = sent.faults[sent.bad][::-1]
 
-    # -- 1. duplicates, first by ingest order -------------------------------------------
-    index = pc.index_in(readings["device_id"], value_set=meters["device_id"])
-    known = pc.is_valid(index)
-    rows = readings.filter(known)
-    meter = _ints(index.filter(known), 0)
+    with_usage = sent.good & ~np.isnan(sent.usage)
+    has_usage = np.zeros(len(grid.value), dtype=bool)
+    has_usage[sent.cell[with_usage]] = True
+    usage_sum = np.zeros(len(grid.value))
+    np.add.at(usage_sum, sent.cell[with_usage], sent.usage[with_usage])
+    grid.set(has_usage, usage_sum[has_usage], MEASURED, "usage")
+
+    reset_flag, mismatch_flag = len(sent.fault_names) - 2, len(sent.fault_names) - 1
+    _difference_registers(
+        grid, sent, starts, tolerance, has_usage, usage_sum, reset_flag, mismatch_flag
+    )
+    _estimate_gaps(grid, max_linear)
+    _apply_profile(grid, profile)
+    if edits is not None and edits.num_rows:
+        _apply_edits(grid, edits)
+    rejected = (grid.quality == _Q[MISSING]) & (grid.fault >= 0)
+    grid.quality[rejected] = _Q[REJECTED]
+
+    fault = grid.fault
+    return pa.table(
+        {
+            "device_id": meters["device_id"].take(pa.array(grid.meter_of_cell)),
+            "interval_start": pa.array(grid.start_us, TIMESTAMP),
+            "interval_end": pa.array(
+                grid.start_us + grid.interval_us[grid.meter_of_cell], TIMESTAMP
+            ),
+            "value": pa.array(grid.value, pa.float64(), from_pandas=True),
+            "quality": pa.array(np.array(QUALITIES, dtype=object)[grid.quality], pa.string()),
+            "method": pa.array(np.array([*METHODS, None], dtype=object)[grid.method], pa.string()),
+            "fault_code": pa.array(sent.fault_names, pa.string()).take(
+                pa.array(fault, pa.int64(), mask=fault < 0)
+            ),
+            "duplicates": pa.array(duplicates, pa.int64()),
+        },
+        schema=VALIDATED_SCHEMA,
+    )
+
+
+def _deduplicated(readings: pa.Table, grid: _Grid, duplicates: np.ndarray) -> _Readings:
+    """One reading per meter and event time, the first by ingest order (ingest time, then
+    Kafka partition and offset); each repeat is counted on its interval in ``duplicates``."""
+    meter = grid.meter_of(readings["device_id"])
+    rows = readings.filter(pa.array(meter >= 0))
+    meter = meter[meter >= 0]
     event_us = _ints(rows["event_time"], 0)
     order = np.lexsort(
         (
@@ -148,122 +242,52 @@ def validate_day(
         )
     )
     meter, event_us = meter[order], event_us[order]
+    k = grid.ending(event_us, meter)
+    inside = grid.inside(k, meter)
+    cell = grid.base[meter] + k
     repeated = np.r_[False, (meter[1:] == meter[:-1]) & (event_us[1:] == event_us[:-1])]
-    repeated_meter, repeated_us = meter[repeated], event_us[repeated]
-    keep = order[~repeated]
-    meter, event_us = meter[~repeated], event_us[~repeated]
-    usage = _floats(rows["consumption"])[keep]
-    register = _floats(rows["register"])[keep]
+    np.add.at(duplicates, cell[repeated & inside], 1)
+    kept = ~repeated
+    keep = order[kept]
     # Fault codes as small ints (-1: none); the register flags follow the lake's codes.
     encoded = pc.dictionary_encode(rows["fault_code"].take(pa.array(keep))).combine_chunks()
-    fault_names = [*encoded.dictionary.to_pylist(), REGISTER_RESET, REGISTER_MISMATCH]
     faults = _ints(encoded.indices, -1)
-
-    # -- 2. each reading's interval ------------------------------------------------------
-    step = interval_us[meter]
-    k = (event_us - day.start_us + step - 1) // np.maximum(step, 1) - 1
-    inside = (k >= 0) & (k < per_meter[meter])
-    cell = base[meter] + k
-    duplicates = np.zeros(cells, dtype=np.int64)
-    repeated_step = interval_us[repeated_meter]
-    repeated_k = (repeated_us - day.start_us + repeated_step - 1) // np.maximum(
-        repeated_step, 1
-    ) - 1
-    counted = (repeated_k >= 0) & (repeated_k < per_meter[repeated_meter])
-    np.add.at(duplicates, (base[repeated_meter] + repeated_k)[counted], 1)
-    good = inside & (faults < 0)
-    bad = inside & ~good
-
-    value = np.full(cells, np.nan)
-    quality = np.full(cells, _Q[MISSING], dtype=np.int8)
-    method = np.full(cells, _NO_METHOD, dtype=np.int8)
-    fault = np.full(cells, -1, dtype=np.int64)
-    # The first rejected reading of an interval names its fault (assignment keeps the last).
-    bad_cells = cell[bad]
-    fault[bad_cells[::-1]] = faults[bad][::-1]
-
-    with_usage = good & ~np.isnan(usage)
-    has_usage = np.zeros(cells, dtype=bool)
-    has_usage[cell[with_usage]] = True
-    usage_sum = np.zeros(cells)
-    np.add.at(usage_sum, cell[with_usage], usage[with_usage])
-    value[has_usage] = usage_sum[has_usage]
-    quality[has_usage] = _Q[MEASURED]
-    method[has_usage] = _M["usage"]
-
-    # -- 3. registers: the latest of each interval, differenced along the meter -----------
-    with_register = good & ~np.isnan(register)
-    point_register = np.full(cells, np.nan)
-    point_time = np.zeros(cells, dtype=np.int64)
-    point_register[cell[with_register]] = register[with_register]  # sorted: the latest wins
-    point_time[cell[with_register]] = event_us[with_register]
-    points = np.flatnonzero(~np.isnan(point_register))
-    if len(points):
-        _difference_registers(
-            points,
-            point_register,
-            point_time,
-            meter_of_cell,
-            k_of_cell,
-            base,
-            starts,
-            meters,
-            interval_us,
-            day,
-            tolerance,
-            (value, quality, method, fault, has_usage, usage_sum),
-            (len(fault_names) - 2, len(fault_names) - 1),
-        )
-
-    # -- 4. gaps -------------------------------------------------------------------------
-    _estimate_gaps(value, quality, method, meter_of_cell, base, max_linear)
-    hours = local_hours(day.start_us + k_of_cell * interval_us[meter_of_cell], day.zone_name)
-    _apply_profile(value, quality, method, meters, meter_of_cell, hours, profile)
-    if edits is not None and edits.num_rows:
-        _apply_edits(value, quality, method, meters, base, per_meter, interval_us, day, edits)
-    rejected = (quality == _Q[MISSING]) & (fault >= 0)
-    quality[rejected] = _Q[REJECTED]
-
-    interval_start = day.start_us + k_of_cell * interval_us[meter_of_cell]
-    intervals = pa.table(
-        {
-            "device_id": meters["device_id"].take(pa.array(meter_of_cell)),
-            "interval_start": pa.array(interval_start, TIMESTAMP),
-            "interval_end": pa.array(interval_start + interval_us[meter_of_cell], TIMESTAMP),
-            "value": pa.array(value, pa.float64(), from_pandas=True),
-            "quality": pa.array(np.array(QUALITIES, dtype=object)[quality], pa.string()),
-            "method": pa.array(np.array([*METHODS, None], dtype=object)[method], pa.string()),
-            "fault_code": pa.array(fault_names, pa.string()).take(
-                pa.array(fault, pa.int64(), mask=fault < 0)
-            ),
-            "duplicates": pa.array(duplicates, pa.int64()),
-        },
-        schema=VALIDATED_SCHEMA,
+    inside = inside[kept]
+    return _Readings(
+        cell=cell[kept],
+        event_us=event_us[kept],
+        usage=_floats(rows["consumption"])[keep],
+        register=_floats(rows["register"])[keep],
+        good=inside & (faults < 0),
+        bad=inside & (faults >= 0),
+        faults=faults,
+        fault_names=[*encoded.dictionary.to_pylist(), REGISTER_RESET, REGISTER_MISMATCH],
     )
-    return intervals
 
 
 def _difference_registers(
-    points: np.ndarray,
-    point_register: np.ndarray,
-    point_time: np.ndarray,
-    meter_of_cell: np.ndarray,
-    k_of_cell: np.ndarray,
-    base: np.ndarray,
+    grid: _Grid,
+    sent: _Readings,
     starts: pa.Table,
-    meters: pa.Table,
-    interval_us: np.ndarray,
-    day: Day,
     tolerance: float,
-    grid: tuple[np.ndarray, ...],
-    flags: tuple[int, int],
+    has_usage: np.ndarray,
+    usage_sum: np.ndarray,
+    reset_flag: int,
+    mismatch_flag: int,
 ) -> None:
-    """Turn register points into interval values on the grid (in place); ``flags`` are
-    the fault codes of a reset and of a mismatch."""
-    value, quality, method, fault, has_usage, usage_sum = grid
-    reset_flag, mismatch_flag = flags
-    meter = meter_of_cell[points]
-    k = k_of_cell[points]
+    """The latest register of each interval, differenced along its meter from the meter's
+    start register, into interval values (in place)."""
+    with_register = sent.good & ~np.isnan(sent.register)
+    point_register = np.full(len(grid.value), np.nan)
+    point_time = np.zeros(len(grid.value), dtype=np.int64)
+    point_register[sent.cell[with_register]] = sent.register[with_register]  # latest wins
+    point_time[sent.cell[with_register]] = sent.event_us[with_register]
+    points = np.flatnonzero(~np.isnan(point_register))
+    if not len(points):
+        return
+    meters = grid.meters
+    meter = grid.meter_of_cell[points]
+    k = grid.k_of_cell[points]
     current = point_register[points]
     time_now = point_time[points]
     # The previous point: the one before on the same meter, else the meter's start register.
@@ -271,18 +295,15 @@ def _difference_registers(
     previous = np.r_[np.nan, current[:-1]]
     previous_k = np.r_[0, k[:-1]].astype(np.int64)
     previous_time = np.r_[0, time_now[:-1]].astype(np.int64)
-    start_index = pc.index_in(meters["device_id"], value_set=starts["device_id"])
-    start_of_meter = _ints(start_index, -1)
+    start_of_meter = _ints(pc.index_in(meters["device_id"], value_set=starts["device_id"]), -1)
     has_start = start_of_meter >= 0
     start_register = np.full(len(meters), np.nan)
     start_time = np.zeros(len(meters), dtype=np.int64)
     if has_start.any():
         start_register[has_start] = _floats(starts["register"])[start_of_meter[has_start]]
         start_time[has_start] = _ints(starts["event_time"], 0)[start_of_meter[has_start]]
-    step = interval_us[meter]
-    start_k = (start_time[meter] - day.start_us + step - 1) // step - 1
     previous = np.where(first, start_register[meter], previous)
-    previous_k = np.where(first, start_k, previous_k)
+    previous_k = np.where(first, grid.ending(start_time[meter], meter), previous_k)
     previous_time = np.where(first, start_time[meter], previous_time)
 
     # A meter exchange between the two points starts a new register: no difference.
@@ -295,9 +316,7 @@ def _difference_registers(
     rollover = (difference < 0) & (rolled <= wrap / 2)
     difference = np.where(rollover, rolled, difference)
     usable = ~np.isnan(difference) & ~exchanged & (difference >= 0)
-    reset = ~np.isnan(previous) & ~exchanged & ~usable
-    reset_cells = points[reset]
-    fault[reset_cells] = np.where(fault[reset_cells] < 0, reset_flag, fault[reset_cells])
+    grid.flag(points[~np.isnan(previous) & ~exchanged & ~usable], reset_flag)
 
     span = k - previous_k  # intervals the difference covers, >= 1
     single = usable & (span == 1)
@@ -307,12 +326,8 @@ def _difference_registers(
     disagree = np.abs(usage_sum[one] - difference[single]) > tolerance * np.maximum(
         1.0, np.maximum(np.abs(usage_sum[one]), np.abs(difference[single]))
     )
-    flagged = one[measured_usage & disagree]
-    fault[flagged] = np.where(fault[flagged] < 0, mismatch_flag, fault[flagged])
-    register_only = one[~measured_usage]
-    value[register_only] = difference[single][~measured_usage]
-    quality[register_only] = _Q[MEASURED]
-    method[register_only] = _M["register"]
+    grid.flag(one[measured_usage & disagree], mismatch_flag)
+    grid.set(one[~measured_usage], difference[single][~measured_usage], MEASURED, "register")
 
     # Over several intervals: the day's part of the difference, spread over its intervals
     # that have no usage of their own.
@@ -322,34 +337,25 @@ def _difference_registers(
     first_k = np.maximum(previous_k[spread] + 1, 0)
     lengths = (k[spread] - first_k + 1).astype(np.int64)
     share = difference[spread] * lengths / span[spread]
-    span_cells = _ragged(base[meter[spread]] + first_k, lengths)
+    span_cells = _ragged(grid.base[meter[spread]] + first_k, lengths)
     owner = np.repeat(np.arange(len(lengths)), lengths)
     used = np.bincount(owner, weights=np.where(has_usage[span_cells], usage_sum[span_cells], 0))
     empty = ~has_usage[span_cells]
     open_count = np.bincount(owner, weights=empty.astype(np.float64), minlength=len(lengths))
     rest = np.maximum(share - used, 0.0) / np.maximum(open_count, 1.0)
-    targets = span_cells[empty]
-    value[targets] = rest[owner[empty]]
-    quality[targets] = _Q[ESTIMATED]
-    method[targets] = _M["register_spread"]
+    grid.set(span_cells[empty], rest[owner[empty]], ESTIMATED, "register_spread")
 
 
-def _estimate_gaps(
-    value: np.ndarray,
-    quality: np.ndarray,
-    method: np.ndarray,
-    meter_of_cell: np.ndarray,
-    base: np.ndarray,
-    max_linear: int,
-) -> None:
+def _estimate_gaps(grid: _Grid, max_linear: int) -> None:
     """Linear interpolation across gaps of at most ``max_linear`` intervals (in place)."""
+    value = grid.value
     cells = len(value)
     if cells == 0:
         return
     index = np.arange(cells)
     filled = ~np.isnan(value)
-    first = base[meter_of_cell]
-    end = base[meter_of_cell + 1]
+    first = grid.base[grid.meter_of_cell]
+    end = grid.base[grid.meter_of_cell + 1]
     left = np.maximum.accumulate(np.where(filled, index, first - 1))
     left = np.maximum(left, first - 1)  # never a cell of the meter before
     right = np.minimum.accumulate(np.where(filled, index, end)[::-1])[::-1]
@@ -359,61 +365,37 @@ def _estimate_gaps(
     left_value = np.where(has_left, value[np.clip(left, 0, cells - 1)], np.nan)
     right_value = np.where(has_right, value[np.clip(right, 0, cells - 1)], np.nan)
     weight = (index - left) / np.maximum(right - left, 1)
-    both = has_left & has_right
     estimate = np.where(
-        both,
+        has_left & has_right,
         left_value + (right_value - left_value) * weight,
         np.where(has_left, left_value, right_value),
     )
-    value[gap] = estimate[gap]
-    quality[gap] = _Q[ESTIMATED]
-    method[gap] = _M["linear"]
+    grid.set(gap, estimate[gap], ESTIMATED, "linear")
 
 
-def _apply_profile(
-    value: np.ndarray,
-    quality: np.ndarray,
-    method: np.ndarray,
-    meters: pa.Table,
-    meter_of_cell: np.ndarray,
-    hours: np.ndarray,
-    profile: pa.Table,
-) -> None:
+def _apply_profile(grid: _Grid, profile: pa.Table) -> None:
     """The meter's profile at the interval's local hour, for gaps still open (in place)."""
-    open_cells = np.flatnonzero(np.isnan(value))
+    open_cells = np.flatnonzero(np.isnan(grid.value))
     if not len(open_cells) or profile.num_rows == 0:
         return
-    profile_meter = _ints(pc.index_in(profile["device_id"], value_set=meters["device_id"]), -1)
+    profile_meter = grid.meter_of(profile["device_id"])
     known = profile_meter >= 0
-    table = np.full((len(meters), 24), np.nan)
+    table = np.full((grid.meters.num_rows, 24), np.nan)
     table[profile_meter[known], _ints(profile["hour"], 0)[known]] = _floats(profile["value"])[known]
-    typical = table[meter_of_cell[open_cells], hours[open_cells]]
-    found = open_cells[~np.isnan(typical)]
-    value[found] = typical[~np.isnan(typical)]
-    quality[found] = _Q[ESTIMATED]
-    method[found] = _M["profile"]
+    hours = local_hours(grid.start_us[open_cells], grid.day.zone_name)
+    typical = table[grid.meter_of_cell[open_cells], hours]
+    found = ~np.isnan(typical)
+    grid.set(open_cells[found], typical[found], ESTIMATED, "profile")
 
 
-def _apply_edits(
-    value: np.ndarray,
-    quality: np.ndarray,
-    method: np.ndarray,
-    meters: pa.Table,
-    base: np.ndarray,
-    per_meter: np.ndarray,
-    interval_us: np.ndarray,
-    day: Day,
-    edits: pa.Table,
-) -> None:
+def _apply_edits(grid: _Grid, edits: pa.Table) -> None:
     """Each override on the interval it starts (in place); one off the grid is ignored."""
-    meter = _ints(pc.index_in(edits["device_id"], value_set=meters["device_id"]), -1)
+    meter = grid.meter_of(edits["device_id"])
     known = meter >= 0
     meter = meter[known]
-    offset = _ints(edits["interval_start"], 0)[known] - day.start_us
-    step = interval_us[meter]
-    k = offset // np.maximum(step, 1)
-    on_grid = (offset % np.maximum(step, 1) == 0) & (k >= 0) & (k < per_meter[meter])
-    cells = (base[meter] + k)[on_grid]
-    value[cells] = _floats(edits["value"])[known][on_grid]
-    quality[cells] = _Q[EDITED]
-    method[cells] = _M["edit"]
+    offset = _ints(edits["interval_start"], 0)[known] - grid.day.start_us
+    step = grid.interval_us[meter]
+    k = offset // step
+    on_grid = (offset % step == 0) & grid.inside(k, meter)
+    cells = (grid.base[meter] + k)[on_grid]
+    grid.set(cells, _floats(edits["value"])[known][on_grid], EDITED, "edit")

@@ -11,6 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from datetime import date
 
+import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from meterflow.core.lake import filesystem_for, write_atomically
@@ -87,6 +89,15 @@ def view_path(views_root: str, view: str, day: date | str) -> str:
 
 def month_view_path(views_root: str, view: str, month: str) -> str:
     return f"{views_root.rstrip('/')}/{view}/month={month}"
+
+
+def read_partition(path: str) -> pa.Table | None:
+    """One view's partition (a day's or a month's) as written; None when there is none."""
+    fs, local = filesystem_for(path)
+    try:
+        return pads.dataset(local, filesystem=fs, format="parquet").to_table()
+    except FileNotFoundError:
+        return None
 
 
 def report_path(views_root: str, day: date | str) -> str:

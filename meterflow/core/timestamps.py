@@ -74,22 +74,22 @@ def day_seconds(day: date, zone_name: str) -> int:
     return int((end - start).total_seconds())
 
 
+def _wall(micros: np.ndarray, zone_name: str) -> np.ndarray:
+    """Epoch microseconds as local wall-clock microseconds in ``zone_name``."""
+    if zone_name == UTC_NAME:
+        return micros
+    instants = pa.array(micros, pa.timestamp("us", tz=zone(zone_name).key))
+    return np.asarray(pc.local_timestamp(instants).cast(pa.int64()).to_numpy(), dtype=np.int64)
+
+
 def local_days(micros: np.ndarray, zone_name: str) -> np.ndarray:
     """The local date of each epoch-microsecond instant, as days since 1970-01-01 (int32)."""
-    if zone_name == UTC_NAME:
-        return (micros // US_PER_DAY).astype(np.int32)
-    instants = pa.array(micros, pa.timestamp("us", tz=zone(zone_name).key))
-    wall: np.ndarray = pc.local_timestamp(instants).cast(pa.int64()).to_numpy()
-    return (wall // US_PER_DAY).astype(np.int32)
+    return (_wall(micros, zone_name) // US_PER_DAY).astype(np.int32)
 
 
 def local_hours(micros: np.ndarray, zone_name: str) -> np.ndarray:
     """The local hour of day (0-23) of each epoch-microsecond instant."""
-    wall = micros
-    if zone_name != UTC_NAME:
-        instants = pa.array(micros, pa.timestamp("us", tz=zone(zone_name).key))
-        wall = pc.local_timestamp(instants).cast(pa.int64()).to_numpy()
-    return np.asarray(wall % US_PER_DAY // _US_PER_HOUR, dtype=np.int64)
+    return np.asarray(_wall(micros, zone_name) % US_PER_DAY // _US_PER_HOUR, dtype=np.int64)
 
 
 def reading_days(event_us: np.ndarray, zone_name: str) -> np.ndarray:

@@ -16,7 +16,6 @@ from datetime import UTC, date, datetime
 from itertools import islice
 from typing import Any, TypeVar
 
-import pyarrow.dataset as pads
 from pymongo import ReplaceOne
 from pymongo.collection import Collection
 from pymongo.database import Database
@@ -32,11 +31,11 @@ from meterflow.batch.views import (
     TYPE_VIEW,
     DayReport,
     month_view_path,
+    read_partition,
     read_report,
     view_path,
 )
 from meterflow.clients import mongo
-from meterflow.core import lake
 from meterflow.core.errors import MeterflowError
 from meterflow.core.logs import get_logger
 from meterflow.core.timestamps import as_date
@@ -93,14 +92,8 @@ def _clean(value: Any) -> Any:
 
 def _rows(uri: str) -> list[dict[str, Any]] | None:
     """The rows of one view's partition at ``uri``; None when it is missing."""
-    fs, path = lake.filesystem_for(uri)
-    try:
-        rows: list[dict[str, Any]] = (
-            pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pylist()
-        )
-    except FileNotFoundError:
-        return None
-    return rows
+    table = read_partition(uri)
+    return None if table is None else table.to_pylist()
 
 
 def view_documents(views_root: str, view: str, day: date) -> list[dict[str, Any]]:
