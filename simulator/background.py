@@ -19,6 +19,13 @@ from simulator.episodes import default_ground_truth_path, write_ground_truth
 from simulator.faults import EpisodeRates
 from simulator.fleet import build_fleet, write_registry
 from simulator.generator import Simulation, SimulationConfig, StopSignal, Summary, simulate
+from simulator.registers import (
+    DEFAULT_GAPS_PER_METER_DAY,
+    DEFAULT_REPEAT_SHARE,
+    DEFAULT_SHARES,
+    default_truth_path,
+    write_truth,
+)
 from simulator.sink import Sink
 
 log = get_logger("simulator.background")
@@ -36,14 +43,16 @@ def background_simulation(
 ) -> Callable[[], Summary]:
     """``meterflow run``'s fleet: writes its registry now, returns the work for a thread.
 
-    The work sends a live fleet with the default faults into ``sink`` until ``stop`` is
-    set, and raises if it fails (the caller says so and flushes). With ``backfill_days``
-    the fleet first backfills that many days before today 00:00 UTC and today up to now,
-    and the live readings go on from there on the same grid, so no meter has a gap: the
-    daily DAG gets whole days, the detector sees no silence (no NO_DATA per meter at every
-    start), and the backfilled history is the baseline a live SPIKE needs. ``episodes``
-    (per meter-day) are injected from the first live readings on; their ground truth is
-    written beside the registry when the work ends.
+    The work sends a live fleet with the default faults, registers, gaps and repeats
+    (:mod:`simulator.registers`) into ``sink`` until ``stop`` is set, and raises if it
+    fails (the caller says so and flushes). With ``backfill_days`` the fleet first
+    backfills that many days before today 00:00 UTC and today up to now, and the live
+    readings go on from there on the same grid, with the registers where the backfill left
+    them: the daily DAG gets whole days, the detector sees no silence but the injected
+    gaps (no NO_DATA per meter at every start), and the backfilled history is the baseline
+    a live SPIKE needs. ``episodes`` (per meter-day) are injected from the first live
+    readings on. Their ground truth, and the daily consumption truth, are written beside
+    the registry when the work ends.
     """
     config = SimulationConfig(
         meters=meters,
@@ -53,30 +62,42 @@ def background_simulation(
         rules=settings.rules,
         episodes=EpisodeRates(episodes or {}),
         episode_warmup_s=0.0,
+        shares=DEFAULT_SHARES,
+        gaps_per_meter_day=DEFAULT_GAPS_PER_METER_DAY,
+        repeat_share=DEFAULT_REPEAT_SHARE,
+        # Gaps shorter than a silence: a NO_DATA here is an episode, in the ground truth.
+        max_gap=max(1, settings.detection.nodata_intervals - 2),
+        timezone=settings.timezone,
     )
-    fleet = build_fleet(meters, seed)
+    fleet = build_fleet(meters, seed, shares=config.shares)
     Simulation(config, fleet)  # a configuration that cannot run fails here, not in a thread
     write_registry(fleet, settings.registry_path, config.interval_s)
 
     def run() -> Summary:
         live = config
+        summary = Summary()
         if backfill_days:
             backfill = backfill_until_now(config, backfill_days)
             done = simulate(backfill, sink.emit, stop, fleet=fleet)
             log.info("simulator=backfilled days=%g sent=%d", backfill.days, done.sent)
+            summary.truth = done.truth  # the live run adds to the backfill's days
             history_s = backfill.days * SECONDS_PER_DAY
             # The backfill's last reading is stamped until_s (it ends its interval): the
             # live run's first one reports the interval after it.
             assert backfill.until_s is not None
             since = backfill.until_s + config.interval_s
             live = replace(config, since_s=since, history_s=history_s)
-        summary = Summary()
         try:
             Simulation(live, fleet).run(sink.emit, stop, summary=summary)
         finally:
             log.info(
                 "simulator=stopped %s", " ".join(f"{k}={v}" for k, v in summary.as_dict().items())
             )
+            if summary.truth is not None:
+                where = write_truth(summary.truth, default_truth_path(settings.registry_path))
+                log.info(
+                    "simulator=consumption-truth days=%d path=%s", len(summary.truth.days), where
+                )
             if live.episodes.active:
                 path = default_ground_truth_path(settings.registry_path)
                 where = write_ground_truth(summary.episodes, path)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from meterflow.core.config import Settings
 from meterflow.core.contract import STATEFUL_FAULTS, STATELESS_FAULTS, FaultCode, MeterType
@@ -46,6 +46,15 @@ from simulator.faults import (
 )
 from simulator.fleet import DEFAULT_MIX, build_fleet, write_registry
 from simulator.generator import FORMATS, MODES, Simulation, SimulationConfig, Summary
+from simulator.registers import (
+    DEFAULT_GAPS_PER_METER_DAY,
+    DEFAULT_REPEAT_SHARE,
+    DEFAULT_SHARES,
+    GAP_MAX,
+    ReadingShares,
+    default_truth_path,
+    write_truth,
+)
 from simulator.replay import ReplayError, ReplaySummary, replay
 from simulator.sink import Sink
 
@@ -221,6 +230,48 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         "(default with episodes: LAKE_PATH/registry/ground_truth.parquet)",
     )
     parser.add_argument(
+        "--register-share",
+        type=float,
+        default=DEFAULT_SHARES.register_only,
+        help="share of meters that send a cumulative register only "
+        f"(default {DEFAULT_SHARES.register_only:g})",
+    )
+    parser.add_argument(
+        "--both-share",
+        type=float,
+        default=DEFAULT_SHARES.both,
+        help="share of electricity and gas meters that send usage and a register "
+        f"(default {DEFAULT_SHARES.both:g})",
+    )
+    parser.add_argument(
+        "--rollover-share",
+        type=float,
+        default=DEFAULT_SHARES.near_rollover,
+        help="share of register meters whose register rolls over on the run's second UTC "
+        f"day (default {DEFAULT_SHARES.near_rollover:g})",
+    )
+    parser.add_argument(
+        "--gap-rate",
+        type=float,
+        default=DEFAULT_GAPS_PER_METER_DAY,
+        help=f"gaps of 1-{GAP_MAX} readings that never arrive, per meter-day "
+        f"(default {DEFAULT_GAPS_PER_METER_DAY:g})",
+    )
+    parser.add_argument(
+        "--repeat-share",
+        type=float,
+        default=DEFAULT_REPEAT_SHARE,
+        help=f"share of readings sent twice (default {DEFAULT_REPEAT_SHARE:g})",
+    )
+    parser.add_argument(
+        "--consumption-truth",
+        default=None,
+        metavar="PATH",
+        help="write what each meter really consumed per local day (device_id, date, "
+        "consumption, intervals) to PATH as Parquet when the run ends "
+        "(default: LAKE_PATH/registry/consumption_truth.parquet, unless --no-registry)",
+    )
+    parser.add_argument(
         "--registry",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -228,7 +279,9 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace, rules: Rules) -> SimulationConfig:
+def config_from_args(
+    args: argparse.Namespace, rules: Rules, timezone: str = "UTC"
+) -> SimulationConfig:
     """The run ``meterflow simulate`` arguments describe; ValueError names a bad one."""
     table = FaultRates.default().rates if args.fault_rates is None else args.fault_rates
     table = {**table, **dict(args.fault_rate)}
@@ -247,7 +300,20 @@ def config_from_args(args: argparse.Namespace, rules: Rules) -> SimulationConfig
         mix=args.mix,
         rules=rules,
         episodes=EpisodeRates({**args.episode_rates, **dict(args.episode_rate)}),
+        **defects_from_args(args),
+        timezone=timezone,
     )
+
+
+def defects_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The registers, gaps and repeats a legacy-format run leaves out."""
+    if args.message_format == "legacy":
+        return {}
+    return {
+        "shares": ReadingShares(args.register_share, args.both_share, args.rollover_share),
+        "gaps_per_meter_day": args.gap_rate,
+        "repeat_share": args.repeat_share,
+    }
 
 
 class ProgressLine:
@@ -312,6 +378,11 @@ def summary_text(summary: Summary, undelivered: int) -> str:
         f"  malformed  {summary.deadletter:,} ({_kinds(summary.malformed)})",
         f"  sent = valid + faults + malformed: {'yes' if summary.consistent() else 'NO'}",
     ]
+    if summary.missing or summary.repeated:
+        lines.append(
+            f"  withheld   {summary.missing:,} (gaps and silences, not sent); "
+            f"repeated {summary.repeated:,} (sent twice, counted valid)"
+        )
     if summary.episodes:
         lines.append(
             f"  episodes   {len(summary.episodes):,} ({_kinds(summary.episode_counts)}), "
@@ -363,10 +434,10 @@ def _drive(
 def run_simulate(args: argparse.Namespace, settings: Settings, sink: Sink) -> int:
     """Simulate into ``sink`` until done or signalled, flush, print the summary; exit code."""
     try:
-        config = config_from_args(args, settings.rules)
+        config = config_from_args(args, settings.rules, settings.timezone)
         fleet = None
         if config.message_format == "contract":
-            fleet = build_fleet(config.meters, config.seed, config.mix)
+            fleet = build_fleet(config.meters, config.seed, config.mix, config.shares)
         simulation = Simulation(config, fleet)
         if fleet is not None and args.registry:
             where = write_registry(fleet, settings.registry_path, config.interval_s)
@@ -393,6 +464,16 @@ def run_simulate(args: argparse.Namespace, settings: Settings, sink: Sink) -> in
             failure = failure or (f"cannot write the ground truth: {exc}", EXIT_FAILED)
         else:
             print(f"ground truth: {len(summary.episodes):,} episodes in {where}", file=sys.stderr)
+    if summary.truth is not None and (args.consumption_truth or args.registry):
+        path = args.consumption_truth or default_truth_path(settings.registry_path)
+        try:
+            where = write_truth(summary.truth, path)
+        except OSError as exc:
+            failure = failure or (f"cannot write the consumption truth: {exc}", EXIT_FAILED)
+        else:
+            print(
+                f"consumption truth: {len(summary.truth.days):,} days in {where}", file=sys.stderr
+            )
     if failure is not None:
         return _fail("simulate", *failure)
     if undelivered:

@@ -154,10 +154,12 @@ class EpisodeInjector:
         params: np.random.Generator,
         warmup_steps: int | None = None,
         history_steps: int = 0,
+        register_only: np.ndarray | None = None,
     ) -> None:
         """``warmup_steps``: a meter's first episode starts after this many readings
         (default ``shapes.quiet_readings``); ``history_steps``: readings every meter sent
-        before the run (a SPIKE waits until ``quiet_readings`` are behind it)."""
+        before the run (a SPIKE waits until ``quiet_readings`` are behind it);
+        ``register_only``: positions that send no usage, so only a silence shows on them."""
         self.shapes, self.detection, self.model = shapes, detection, model
         self.device_ids, self.meter_types = device_ids, meter_types
         self.interval_s, self.total_steps = interval_s, total_steps
@@ -171,6 +173,8 @@ class EpisodeInjector:
             chance[self.water, _STUCK] = 0.0
         if shapes.water_span_max < shapes.silent_readings[0]:
             chance[self.water, _NO_DATA] = 0.0
+        if register_only is not None:
+            chance[np.ix_(register_only, np.array([_STUCK, _SPIKE, _LEAK]))] = 0.0
         self.edges = np.cumsum(chance, axis=1)
         self.total = self.edges[:, -1].copy()
         warmup = shapes.quiet_readings if warmup_steps is None else max(1, warmup_steps)

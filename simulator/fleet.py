@@ -11,7 +11,7 @@ fleet as Parquet, ``<lake>/registry/meters.parquet``, which the batch layer and 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import date, timedelta
 
 import numpy as np
@@ -21,6 +21,13 @@ from faker import Faker
 from meterflow.core import registry
 from meterflow.core.contract import METER_SPECS, TYPE_ORDER, MeterType
 from meterflow.core.errors import ConfigError
+from simulator.registers import (
+    DIGITS,
+    NO_REGISTERS,
+    USAGE,
+    ReadingShares,
+    assign_reports,
+)
 
 DEFAULT_MIX: dict[MeterType, float] = {
     MeterType.ELECTRICITY: 0.5,
@@ -52,6 +59,7 @@ REGISTRY_SCHEMA = registry.schema_of(
         "longitude",
         "scale",
         "interval_seconds",
+        "register_digits",
     ]
 )
 
@@ -71,6 +79,10 @@ class Meter:
     latitude: float
     longitude: float
     scale: float  # the household's consumption relative to a median one
+    #: What it sends (:mod:`simulator.registers`): usage, a register, or both.
+    reports: str = USAGE
+    register_digits: int | None = None
+    near_rollover: bool = False  # its register rolls over in the run's first day
 
 
 @dataclass
@@ -121,12 +133,16 @@ def meter_counts(count: int, mix: Mapping[MeterType, float]) -> dict[MeterType, 
 
 
 def build_fleet(
-    count: int, seed: int | None = None, mix: Mapping[MeterType, float] = DEFAULT_MIX
+    count: int,
+    seed: int | None = None,
+    mix: Mapping[MeterType, float] = DEFAULT_MIX,
+    shares: ReadingShares = NO_REGISTERS,
 ) -> Fleet:
     """``count`` meters of the mix's types in one city; the same ``seed`` gives the same fleet.
 
     There are as many households as meters of the most common type; each other type's
     meters go to households drawn at random, so a household has one to three meters.
+    ``shares`` says which meters report a register (:func:`~simulator.registers.assign_reports`).
     """
     counts = meter_counts(count, mix)
     fake = Faker("en_GB")
@@ -174,6 +190,17 @@ def build_fleet(
                     scale=round(float(scales[house]), 3),
                 )
             )
+    if shares.active:
+        reports, near = assign_reports([m.meter_type for m in meters], shares, seed)
+        meters = [
+            replace(
+                meter,
+                reports=report,
+                register_digits=None if report == USAGE else DIGITS[meter.meter_type],
+                near_rollover=close,
+            )
+            for meter, report, close in zip(meters, reports, near, strict=True)
+        ]
     return Fleet(meters)
 
 

@@ -10,6 +10,7 @@ what really went out (:mod:`simulator.generator`).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,6 +36,7 @@ from simulator.faults import (
 )
 from simulator.fleet import Fleet
 from simulator.load import HEADROOM
+from simulator.registers import REGISTER
 
 #: The prototype's meters and its integer ranges (inclusive) per metric.
 LEGACY_DEVICES = ("em1", "em2", "em3", "em4", "wm1", "wm2", "wm3", "wm4")
@@ -51,7 +53,13 @@ class MessageFormat(Protocol):
     metrics: list[str]
     bounds: list[float]
 
-    def messages(self, stamp: str, usage: list[Any], flow: list[Any]) -> list[bytes]: ...
+    def messages(
+        self,
+        stamp: str,
+        usage: list[Any],
+        flow: list[Any],
+        registers: Mapping[int, float] | None = None,
+    ) -> list[bytes]: ...
 
     def reading(self, i: int, stamp: str, value: Any, flow: Any) -> bytes:
         """Meter ``i``'s reading; ``value`` None leaves its metric out."""
@@ -76,8 +84,23 @@ class ContractFormat:
         self.mids = [f'{tail}, "{m}": ' for tail, m in zip(self.tails, self.metrics, strict=True)]
         self.water = fleet.slices[MeterType.WATER]
         self.runs = [(fleet.slices[t], t is MeterType.WATER) for t in TYPE_ORDER]
+        # A register meter's fields after the stamp, up to its register's value.
+        self.register_mids = [
+            f"{self.tails[i] if m.reports == REGISTER else self.mids[i] + '{usage}'}, "
+            f'"{METER_SPECS[m.meter_type].register}": '
+            for i, m in enumerate(fleet.meters)
+        ]
 
-    def messages(self, stamp: str, usage: list[float], flow: list[float]) -> list[bytes]:
+    def messages(
+        self,
+        stamp: str,
+        usage: list[float],
+        flow: list[float],
+        registers: Mapping[int, float] | None = None,
+    ) -> list[bytes]:
+        """The step's readings; ``registers`` (meter position: value) for register meters."""
+        if registers:
+            return self._with_registers(stamp, usage, flow, registers)
         out: list[bytes] = []
         for run, water in self.runs:
             heads, mids, values = self.heads[run], self.mids[run], usage[run]
@@ -93,7 +116,23 @@ class ContractFormat:
                 ]
         return out
 
+    def _with_registers(
+        self, stamp: str, usage: list[float], flow: list[float], registers: Mapping[int, float]
+    ) -> list[bytes]:
+        out: list[bytes] = []
+        water = self.water
+        for i, head in enumerate(self.heads):
+            register = registers.get(i)
+            if register is None:
+                body = f"{self.mids[i]}{usage[i]}"
+            else:
+                body = f"{self.register_mids[i].format(usage=usage[i])}{register}"
+            rate = f', "flow_rate": {flow[i]}' if water.start <= i < water.stop else ""
+            out.append(f"{head}{stamp}{body}{rate}}}".encode())
+        return out
+
     def reading(self, i: int, stamp: str, value: float | None, flow: float) -> bytes:
+        """A reading without a register (faults are injected into usage readings)."""
         body = self.tails[i] if value is None else f"{self.mids[i]}{value}"
         rate = f', "flow_rate": {flow}' if self.water.start <= i < self.water.stop else ""
         return f"{self.heads[i]}{stamp}{body}{rate}}}".encode()
@@ -110,7 +149,13 @@ class LegacyFormat:
         self.bounds = [rules.bounds[metric] for metric in self.metrics]
         self.water = [t is MeterType.WATER for t in types]
 
-    def messages(self, stamp: str, usage: list[int], flow: list[int]) -> list[bytes]:
+    def messages(
+        self,
+        stamp: str,
+        usage: list[int],
+        flow: list[int],
+        registers: Mapping[int, float] | None = None,
+    ) -> list[bytes]:
         return [self.reading(i, stamp, usage[i], flow[i]) for i in range(len(self.device_ids))]
 
     def reading(self, i: int, stamp: str, value: int | None, flow: int) -> bytes:
@@ -151,8 +196,10 @@ class LegacyValues:
 class Step:
     """One time step's messages and which of them were corrupted, by position.
 
-    ``silent`` are positions whose meter sends nothing (a NO_DATA episode); ``cells`` the
-    positions in an episode, with it, so the ground truth records what really went out.
+    ``silent`` are positions whose meter sends nothing (a NO_DATA episode, a gap);
+    ``cells`` the positions in an episode, with it, so the ground truth records what really
+    went out. The last ``repeats`` positions re-send earlier ones. ``truth`` is the
+    interval's start and what every meter really consumed in it.
     """
 
     stamp: str
@@ -161,6 +208,14 @@ class Step:
     injected: list[tuple[int, Injected]]
     silent: frozenset[int] = frozenset()
     cells: list[tuple[int, Episode]] = field(default_factory=list)
+    repeats: int = 0
+    truth: tuple[float, np.ndarray] | None = None
+
+    def repeat(self, positions: list[int]) -> None:
+        """Send the readings at ``positions`` again after the others."""
+        self.keys = [*self.keys, *(self.keys[i] for i in positions)]
+        self.messages = [*self.messages, *(self.messages[i] for i in positions)]
+        self.repeats += len(positions)
 
     def slots_for(self, wanted: int) -> int:
         """How many positions hold the first ``wanted`` messages to send."""
@@ -185,8 +240,9 @@ def build_step(
     codes: np.ndarray,
     draws: FaultDraws,
     rules: Rules,
+    registers: Mapping[int, float] | None = None,
 ) -> Step:
-    messages = fmt.messages(stamp, usage, flow)
+    messages = fmt.messages(stamp, usage, flow, registers)
     injected: list[tuple[int, Injected]] = []
     for i in np.flatnonzero(codes).tolist():
         code = int(codes[i])

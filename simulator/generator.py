@@ -48,7 +48,7 @@ from meterflow.core.contract import (
 from meterflow.core.messages import DeadLetterReason
 from meterflow.core.thresholds import DetectionRules, Rules
 from meterflow.core.timestamps import SECONDS_PER_DAY
-from simulator.episodes import BlockEpisodes, Episode, EpisodeInjector
+from simulator.episodes import Episode, EpisodeInjector
 from simulator.faults import (
     EpisodeRates,
     EpisodeShapes,
@@ -66,7 +66,16 @@ from simulator.formats import (
     Step,
     build_step,
 )
-from simulator.load import LoadModel
+from simulator.load import DECIMALS, LoadModel
+from simulator.registers import (
+    GAP_MAX,
+    NO_REGISTERS,
+    USAGE,
+    ConsumptionTruth,
+    Defects,
+    ReadingShares,
+    Registers,
+)
 
 Emit = Callable[[bytes, bytes], None]
 StopSignal = Callable[[], bool] | threading.Event
@@ -113,6 +122,14 @@ class SimulationConfig:
     #: ... and how long every meter has been reporting before this run (a backfill just
     #: sent): it counts towards the history that a SPIKE's baseline needs.
     history_s: float = 0.0
+    #: Which meters report registers (:mod:`simulator.registers`; none by default) ...
+    shares: ReadingShares = NO_REGISTERS
+    #: ... gaps started per meter-day, the share of readings sent twice ...
+    gaps_per_meter_day: float = 0.0
+    repeat_share: float = 0.0
+    max_gap: int = GAP_MAX  # readings
+    #: ... and the zone whose local days the consumption truth is added up in.
+    timezone: str = "UTC"
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -140,6 +157,15 @@ class SimulationConfig:
             problems.append("the count must not be negative")
         if self.duration_s is not None and self.duration_s <= 0:
             problems.append("the duration must be above 0")
+        if self.gaps_per_meter_day < 0 or not 0 <= self.repeat_share <= 1 or self.max_gap < 1:
+            problems.append(
+                "the gap rate must not be negative, the repeat share must be 0-1, "
+                "and a gap at least one reading long"
+            )
+        if self.message_format == "legacy" and (
+            self.shares.active or self.gaps_per_meter_day or self.repeat_share
+        ):
+            problems.append("registers, gaps and repeats need the contract format's fleet")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -167,6 +193,8 @@ class Summary:
     elapsed_s: float = 0.0
     missing: int = 0
     episodes: list[Episode] = field(default_factory=list)
+    repeated: int = 0  # readings sent a second time (counted in ``sent`` and ``valid``)
+    truth: ConsumptionTruth | None = None
 
     @property
     def abnormal(self) -> int:
@@ -207,6 +235,7 @@ class Summary:
             "last_event": self.last_event,
             "elapsed_s": round(self.elapsed_s, 3),
             "missing": self.missing,
+            "repeated": self.repeated,
             "episodes": {str(k): v for k, v in sorted(self.episode_counts.items())},
         }
 
@@ -238,6 +267,10 @@ def _count(summary: Summary, step: Step, first: int, stop: int) -> None:
             else:
                 summary.malformed[kind] += 1
     missing = sum(first <= i < stop for i in step.silent) if step.silent else 0
+    if step.repeats:
+        summary.repeated += max(0, stop - max(first, len(step.keys) - step.repeats))
+    if first == 0 and step.truth is not None and summary.truth is not None:
+        summary.truth.add(*step.truth)
     for i, episode in step.cells:
         if first <= i < stop:
             if not episode.readings:
@@ -346,34 +379,56 @@ class _StepMaker:
         draws: FaultDraws,
         idle_rng: np.random.Generator,
         episodes: EpisodeInjector | None,
+        defects: Defects | None = None,
     ) -> None:
         self.simulation, self.values_rng, self.draws = simulation, values_rng, draws
-        self.idle_rng, self.episodes = idle_rng, episodes
+        self.idle_rng, self.episodes, self.defects = idle_rng, episodes, defects
 
     def __call__(
         self, starts: np.ndarray, stamps: list[str], stamps_s: np.ndarray | None = None
     ) -> list[Step]:
         """Steps for intervals ``starts``; ``stamps_s`` are their event times (default the
         starts)."""
-        config, fmt, model = self.simulation.config, self.simulation.fmt, self.simulation.model
+        simulation = self.simulation
+        config, fmt, model = simulation.config, simulation.fmt, simulation.model
         usage, flow = model.sample(starts, config.interval_s, self.values_rng, self.idle_rng)
         codes = self.draws.draw(usage.shape)
-        if self.episodes is None:
-            rows = zip(stamps, usage.tolist(), flow.tolist(), codes, strict=True)
-            return [build_step(fmt, *row, self.draws, config.rules) for row in rows]
-        block = self.episodes.inject(
-            starts, starts if stamps_s is None else stamps_s, usage, flow, codes
-        )
-        return [
-            _with_episodes(build_step(fmt, *row, self.draws, config.rules), block, k)
-            for k, row in enumerate(zip(stamps, usage.tolist(), flow.tolist(), codes, strict=True))
-        ]
-
-
-def _with_episodes(step: Step, block: BlockEpisodes, k: int) -> Step:
-    step.silent = block.silent[k]
-    step.cells = block.cells[k]
-    return step
+        ends = starts if stamps_s is None else stamps_s
+        registers = simulation.registers
+        sent_registers: np.ndarray | None = None
+        if registers is not None and isinstance(model, LoadModel):
+            sent_registers = registers.at(ends)
+            columns = registers.columns
+            usage[:, columns] = registers.usage(ends, sent_registers)
+            flow[:, columns] = np.clip(
+                np.round(usage[:, columns] / (config.interval_s / 60.0), DECIMALS),
+                0.0,
+                model.flow_cap,
+            )
+            codes[:, registers.only] = 0  # faults are drawn on usage readings
+        truth = usage.copy() if simulation.truth_wanted else None
+        block = None
+        if self.episodes is not None:
+            block = self.episodes.inject(starts, ends, usage, flow, codes)
+        steps: list[Step] = []
+        for k, row in enumerate(zip(stamps, usage.tolist(), flow.tolist(), codes, strict=True)):
+            values = None
+            if sent_registers is not None and registers is not None:
+                positions = registers.columns.tolist()
+                values = dict(zip(positions, sent_registers[k].tolist(), strict=True))
+            step = build_step(fmt, *row, self.draws, config.rules, values)
+            if block is not None:
+                step.silent = block.silent[k]
+                step.cells = block.cells[k]
+            if truth is not None:
+                step.truth = (float(starts[k]), truth[k])
+            if self.defects is not None:
+                busy = {i for i, _ in step.injected} | {i for i, _ in step.cells} | step.silent
+                withheld, repeated = self.defects.step(busy)
+                step.silent = step.silent | withheld
+                step.repeat(repeated)
+            steps.append(step)
+        return steps
 
 
 class Simulation:
@@ -393,11 +448,33 @@ class Simulation:
             self.model = LegacyValues(self.fmt.metrics, config.rules)
         else:
             fleet = (
-                fleet if fleet is not None else build_fleet(config.meters, config.seed, config.mix)
+                fleet
+                if fleet is not None
+                else build_fleet(config.meters, config.seed, config.mix, config.shares)
             )
             self.fmt = ContractFormat(fleet, config.rules)
             self.model = LoadModel(fleet.type_index, fleet.scale, config.rules)
         self.starts = backfill_starts(config) if config.mode == "backfill" else None
+        self.registers: Registers | None = None
+        self.truth_wanted = fleet is not None
+        if fleet is not None and any(m.reports != USAGE for m in fleet.meters):
+            # The run's first stamp, counting the history sent before it (a backfill that
+            # a live run continues: both place the rollovers alike).
+            if self.starts is not None:
+                first_stamp = float(self.starts[0]) + config.interval_s
+            else:
+                since = config.since_s if config.since_s is not None else time.time()
+                first_stamp = since - config.history_s
+            reports = np.array([m.reports for m in fleet.meters])
+            self.registers = Registers(
+                reports,
+                fleet.type_index,
+                fleet.scale,
+                np.array([m.near_rollover for m in fleet.meters]),
+                config.interval_s,
+                first_stamp,
+                config.seed,
+            )
         if self.starts is not None and config.faults.rates.get(FaultCode.FUTURE_TIMESTAMP, 0):
             check_future_shift(format_stamp(self.starts[0]))
         self.fleet = fleet
@@ -439,13 +516,27 @@ class Simulation:
                 if config.episode_warmup_s is None
                 else math.ceil(config.episode_warmup_s / config.interval_s),
                 history_steps=math.floor(config.history_s / config.interval_s),
+                register_only=None if self.registers is None else self.registers.only,
             )
+        defects = None
+        if config.gaps_per_meter_day or config.repeat_share:
+            defects = Defects(
+                config.gaps_per_meter_day,
+                config.repeat_share,
+                config.interval_s,
+                len(self.fmt.keys),
+                np.random.default_rng(None if config.seed is None else [config.seed, 3]),
+                config.max_gap,
+            )
+        if self.fleet is not None and summary.truth is None:
+            summary.truth = ConsumptionTruth(self.fleet.device_ids, config.timezone)
         make_steps = _StepMaker(
             self,
             np.random.default_rng(values_seed),
             FaultDraws(self.config.faults, np.random.default_rng(faults_seed)),
             np.random.default_rng(idle_seed),
             episodes,
+            defects,
         )
         run = _Run(self.config, emit, should_stop, progress, summary)
         try:
@@ -486,7 +577,7 @@ def _backfill(run: _Run, make_steps: _StepMaker, starts: np.ndarray, meters: int
         for step in make_steps(chunk, [format_stamp(s) for s in ends.tolist()], ends):
             if run.finished():
                 return
-            _send(run, step, meters)
+            _send(run, step)
             run.tick()
 
 
@@ -502,7 +593,7 @@ def _live(run: _Run, make_steps: _StepMaker, meters: int) -> None:
         (step,) = make_steps(
             np.array([now_s - interval]), [format_stamp(now_s)], np.array([float(now_s)])
         )
-        _send(run, step, meters)
+        _send(run, step)
         run.tick()
         if run.finished():
             return
@@ -524,14 +615,14 @@ def _live_since(run: _Run, make_steps: _StepMaker, meters: int, stamp: int) -> N
         (step,) = make_steps(
             np.array([float(stamp - interval)]), [format_stamp(stamp)], np.array([float(stamp)])
         )
-        _send(run, step, meters)
+        _send(run, step)
         run.tick()
         stamp += interval
 
 
-def _send(run: _Run, step: Step, meters: int) -> None:
+def _send(run: _Run, step: Step) -> None:
     """Emit a step, in slices spaced to the rate cap when there is one."""
-    wanted = step.slots_for(run.room(meters - len(step.silent)))
+    wanted = step.slots_for(run.room(len(step.keys) - len(step.silent)))
     rate = run.config.rate
     if rate is None:
         _emit(step, 0, wanted, run.emit, run.summary)

@@ -82,7 +82,7 @@ DAYS_PER_YEAR = 365.2425
 MID_JANUARY_DAY = 14  # day of year (from 0) of the heating peak
 
 
-def _weekly_integral(meter_type: MeterType) -> np.ndarray:
+def weekly_integral(meter_type: MeterType) -> np.ndarray:
     """Cumulative mean-normalised load per minute of the week (Monday 00:00 = 0), in hours.
 
     Entry ``k`` is the consumption from Monday 00:00 to minute ``k`` in units of "hours at
@@ -97,14 +97,14 @@ def _weekly_integral(meter_type: MeterType) -> np.ndarray:
     return np.concatenate(([0.0], np.cumsum(per_minute) / 60.0))
 
 
-_INTEGRALS = np.stack([_weekly_integral(t) for t in TYPE_ORDER])  # [type, minute]
+_INTEGRALS = np.stack([weekly_integral(t) for t in TYPE_ORDER])  # [type, minute]
 _MINUTE_KNOTS = np.arange(MINUTES_PER_WEEK + 1, dtype=np.float64)
 _HOURS_PER_WEEK = MINUTES_PER_WEEK / 60.0
 _MEAN = np.array([MEAN_PER_HOUR[t] for t in TYPE_ORDER])
 _SEASON = np.array([SEASON_AMPLITUDE[t] for t in TYPE_ORDER])
 
 
-def _mean_hours_since_epoch(type_position: int, epoch_s: np.ndarray) -> np.ndarray:
+def mean_hours_since_epoch(type_position: int, epoch_s: np.ndarray) -> np.ndarray:
     """The shape's integral from the epoch's Monday to ``epoch_s``, in mean-rate hours."""
     minutes = epoch_s / 60.0 + EPOCH_AFTER_MONDAY_MIN
     weeks, into_week = np.divmod(minutes, MINUTES_PER_WEEK)
@@ -127,7 +127,7 @@ def expected_consumption(starts_s: np.ndarray, interval_s: float) -> np.ndarray:
     season = 1.0 + np.outer(np.cos(angle), _SEASON)
     shape_hours = np.column_stack(
         [
-            _mean_hours_since_epoch(k, ends) - _mean_hours_since_epoch(k, starts)
+            mean_hours_since_epoch(k, ends) - mean_hours_since_epoch(k, starts)
             for k in range(len(TYPE_ORDER))
         ]
     )
