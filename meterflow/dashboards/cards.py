@@ -7,11 +7,18 @@ pipelines against test data. Field names are the serving layer's agreed document
 
 Time-relative cards use ``$$NOW`` (MongoDB 4.2+, the constant :data:`NOW`) so a dashboard
 always shows "yesterday" and "the last 7 days" without being re-provisioned.
+
+A card may take text parameters (:class:`TextParameter`, Metabase "template tags"): its
+pipeline holds the placeholder string ``"{{name}}"`` where the value goes, and
+:meth:`Card.native_query` writes it bare, ``"device_id": {{device_id}}``, because Metabase
+splices a text value in as a quoted string literal.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,10 +28,11 @@ from meterflow.clients.mongo import (
     DAILY_METER_AVERAGES,
     DAILY_TYPE_AVERAGES,
     INCIDENTS,
+    METER_HOURLY_PROFILES,
     METER_STATUS,
     MONTHLY_DISTRICT_TOTALS,
 )
-from meterflow.core.contract import SEVERITY
+from meterflow.core.contract import METER_SPECS, SEVERITY, MeterType
 from meterflow.core.timestamps import SECONDS_PER_DAY
 
 DASHBOARD_NAME = "Smart meters"
@@ -36,6 +44,54 @@ DAY_MS = SECONDS_PER_DAY * 1000
 #: How far back the "over time" card looks (abnormal readings expire after the TTL anyway).
 RECENT_DAYS = 7
 TOP_PER_TYPE = 10
+
+
+#: What Metabase reads as a variable in a native query's text.
+VARIABLE = re.compile(r"\{\{\s*([A-Za-z0-9_.]+)\s*\}\}")
+#: Namespace of the template tags' ids: stable, so a second provisioning changes nothing.
+_TAG_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://meterflow/dashboards/template-tags")
+
+
+@dataclass(frozen=True)
+class TextParameter:
+    """A required text variable of a native question: a Metabase "text" template tag.
+
+    On the dashboard it is one filter (type ``string/=``) named ``display_name``, wired to
+    every card that has a parameter of this ``name``; ``default`` makes the card render
+    before anyone types a value.
+    """
+
+    name: str
+    display_name: str
+    default: str
+
+    @property
+    def placeholder(self) -> str:
+        """What a card's pipeline holds where the value goes (written bare in the query)."""
+        return "{{" + self.name + "}}"
+
+    def template_tag(self, card_name: str) -> dict[str, Any]:
+        """The tag as ``dataset_query.native["template-tags"][name]`` holds it."""
+        return {
+            "id": str(uuid.uuid5(_TAG_NAMESPACE, f"{card_name}/{self.name}")),
+            "name": self.name,
+            "display-name": self.display_name,
+            "type": "text",
+            "required": True,
+            "default": self.default,
+        }
+
+    def dashboard_filter(self) -> dict[str, Any]:
+        """The dashboard parameter (filter) wired to this variable on every card that has it."""
+        return {
+            "id": f"meterflow-{self.name}",
+            "name": self.display_name,
+            "slug": self.name,
+            "type": "string/=",
+            "sectionId": "string",
+            "required": True,
+            "default": [self.default],
+        }
 
 
 @dataclass(frozen=True)
@@ -50,10 +106,29 @@ class Card:
     visualization_settings: dict[str, Any] = field(default_factory=dict)
     #: Position on Metabase's 24-column grid: (row, col, size_x, size_y).
     layout: tuple[int, int, int, int] = (0, 0, 12, 6)
+    #: The question's variables; the pipeline holds each one's ``placeholder``.
+    parameters: tuple[TextParameter, ...] = ()
+
+    def __post_init__(self) -> None:
+        used = set(VARIABLE.findall(self.native_query()))
+        declared = {parameter.name for parameter in self.parameters}
+        if used != declared:
+            raise ValueError(
+                f"card {self.name!r}: its query uses the variables {sorted(used)} "
+                f"but declares {sorted(declared)}"
+            )
 
     def native_query(self) -> str:
-        """The pipeline as Metabase stores a native MongoDB query: JSON text."""
-        return json.dumps(self.pipeline, indent=2)
+        """The pipeline as Metabase stores a native MongoDB query: JSON text, with each
+        parameter's ``"{{name}}"`` written bare (Metabase substitutes a quoted string)."""
+        text = json.dumps(self.pipeline, indent=2)
+        for parameter in self.parameters:
+            text = text.replace(json.dumps(parameter.placeholder), parameter.placeholder)
+        return text
+
+    def template_tags(self) -> dict[str, dict[str, Any]]:
+        """``dataset_query.native["template-tags"]``: one tag per parameter, by name."""
+        return {p.name: p.template_tag(self.name) for p in self.parameters}
 
 
 def _hour_of(field_path: str) -> dict[str, Any]:
@@ -397,6 +472,62 @@ ESTIMATED_SHARE_PER_DISTRICT = Card(
     layout=(29, 12, 12, 8),
 )
 
+#: The meter of the hourly-profile card until someone types another: the simulator's first
+#: electricity meter.
+DEFAULT_METER = f"{METER_SPECS[MeterType.ELECTRICITY].id_prefix}000001"
+DEVICE_ID = TextParameter(name="device_id", display_name="Meter", default=DEFAULT_METER)
+#: How far back the hourly-profile card looks.
+HOURLY_PROFILE_DAYS = 7
+#: A profile document's ``date`` is the UTC midnight of its local day, whose hours lie up to
+#: 14 h before and 36 h after it (UTC+14 to UTC-12): pre-select days with this margin.
+_PROFILE_MARGIN_DAYS = 2
+
+METER_HOURLY_PROFILE = Card(
+    name="Hourly consumption of one meter",
+    description=(
+        f"Validated consumption per hour of the meter typed in the Meter filter, last "
+        f"{HOURLY_PROFILE_DAYS} days (meter_hourly_profiles); an hour without a counted "
+        "interval is a gap."
+    ),
+    collection=METER_HOURLY_PROFILES,
+    pipeline=[
+        {
+            "$match": {
+                "device_id": DEVICE_ID.placeholder,
+                "$expr": {
+                    "$gte": [
+                        "$date",
+                        {
+                            "$subtract": [
+                                NOW,
+                                (HOURLY_PROFILE_DAYS + _PROFILE_MARGIN_DAYS) * DAY_MS,
+                            ]
+                        },
+                    ]
+                },
+            }
+        },
+        {"$unwind": {"path": "$hours", "includeArrayIndex": "hour_index"}},
+        {
+            "$project": {
+                "_id": 0,
+                "hour": {"$arrayElemAt": ["$hour_starts", "$hour_index"]},
+                "consumption": "$hours",
+            }
+        },
+        {
+            "$match": {
+                "$expr": {"$gte": ["$hour", {"$subtract": [NOW, HOURLY_PROFILE_DAYS * DAY_MS]}]}
+            }
+        },
+        {"$sort": {"hour": 1}},
+    ],
+    display="line",
+    visualization_settings={"graph.dimensions": ["hour"], "graph.metrics": ["consumption"]},
+    layout=(37, 0, 24, 8),
+    parameters=(DEVICE_ID,),
+)
+
 CARDS: tuple[Card, ...] = (
     FAULTY_METERS_NOW,
     ABNORMAL_OVER_TIME,
@@ -408,4 +539,5 @@ CARDS: tuple[Card, ...] = (
     SILENT_METERS_NOW,
     MONTHLY_DISTRICT_TOTALS_CARD,
     ESTIMATED_SHARE_PER_DISTRICT,
+    METER_HOURLY_PROFILE,
 )

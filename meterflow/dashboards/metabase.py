@@ -3,9 +3,11 @@
 ``meterflow provision-metabase`` (the compose one-shot ``metabase-init``) calls
 :func:`provision`. It waits for Metabase, creates the admin from the environment on a
 fresh instance (or logs in on a set-up one), registers the serving-layer MongoDB and
-creates the "Smart meters" dashboard from :mod:`meterflow.dashboards.cards`. Everything is
-found by name first, so a second run changes nothing and a changed card definition is
-updated in place. HTTP goes through ``urllib`` so the provisioner needs no extra package.
+creates the "Smart meters" dashboard from :mod:`meterflow.dashboards.cards`, with one
+dashboard filter per card parameter (template tag) wired to the cards that have it.
+Everything is found by name first, so a second run changes nothing and a changed card
+definition is updated in place. HTTP goes through ``urllib`` so the provisioner needs no
+extra package.
 """
 
 from __future__ import annotations
@@ -272,14 +274,15 @@ def card_body(card: Card, database_id: int) -> dict[str, Any]:
             "native": {
                 "query": card.native_query(),
                 "collection": card.collection,
-                "template-tags": {},
+                "template-tags": card.template_tags(),
             },
         },
     }
 
 
-def _native_of(dataset_query: Mapping[str, Any]) -> tuple[Any, Any, Any]:
-    """(database, collection, pipeline) of a stored native query, in legacy or stage form."""
+def _native_of(dataset_query: Mapping[str, Any]) -> tuple[Any, Any, Any, Any]:
+    """(database, collection, pipeline, template tags) of a stored native query, in legacy
+    or stage form; a query with variables is not JSON and stays text."""
     native = dataset_query.get("native") or {}
     if not native and dataset_query.get("stages"):  # newer Metabase (pMBQL) form
         native = dataset_query["stages"][0]
@@ -290,7 +293,19 @@ def _native_of(dataset_query: Mapping[str, Any]) -> tuple[Any, Any, Any]:
         pipeline = json.loads(query) if isinstance(query, str) else query
     except ValueError:
         pipeline = query
-    return dataset_query.get("database"), native.get("collection"), pipeline
+    tags = native.get("template-tags") or {}
+    return dataset_query.get("database"), native.get("collection"), pipeline, tags
+
+
+def _tags_match(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+    """The same tag names, each with the values we send (Metabase may add keys of its own)."""
+    if not isinstance(existing, Mapping) or set(existing) != set(wanted):
+        return False
+    return all(
+        isinstance(existing[name], Mapping)
+        and all(existing[name].get(key) == value for key, value in tag.items())
+        for name, tag in wanted.items()
+    )
 
 
 def _card_matches(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
@@ -298,9 +313,9 @@ def _card_matches(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> boo
         existing.get(key) == wanted[key]
         for key in ("description", "display", "visualization_settings")
     )
-    return same_fields and _native_of(existing.get("dataset_query") or {}) == _native_of(
-        wanted["dataset_query"]
-    )
+    *have, have_tags = _native_of(existing.get("dataset_query") or {})
+    *want, want_tags = _native_of(wanted["dataset_query"])
+    return same_fields and have == want and _tags_match(have_tags, want_tags)
 
 
 def ensure_cards(
@@ -344,7 +359,42 @@ def ensure_dashboard(client: MetabaseClient) -> tuple[int, str]:
 
 
 def _placement(dashcard: Mapping[str, Any]) -> tuple[Any, ...]:
-    return tuple(dashcard.get(key) for key in ("card_id", "row", "col", "size_x", "size_y"))
+    """Where a dashcard is and which dashboard filters feed which of its variables."""
+    mappings = sorted(
+        json.dumps([m.get("parameter_id"), m.get("card_id"), m.get("target")])
+        for m in dashcard.get("parameter_mappings") or []
+        if isinstance(m, Mapping)
+    )
+    place = tuple(dashcard.get(key) for key in ("card_id", "row", "col", "size_x", "size_y"))
+    return (*place, tuple(mappings))
+
+
+def dashboard_filters(cards: tuple[Card, ...] = CARDS) -> list[dict[str, Any]]:
+    """One dashboard filter per distinct card parameter, in card order."""
+    filters: dict[str, dict[str, Any]] = {}
+    for card in cards:
+        for parameter in card.parameters:
+            filters.setdefault(parameter.name, parameter.dashboard_filter())
+    return list(filters.values())
+
+
+def parameter_mappings(card: Card, card_id: int) -> list[dict[str, Any]]:
+    """A dashcard's wiring: each of ``card``'s variables fed by its dashboard filter."""
+    return [
+        {
+            "parameter_id": parameter.dashboard_filter()["id"],
+            "card_id": card_id,
+            "target": ["variable", ["template-tag", parameter.name]],
+        }
+        for parameter in card.parameters
+    ]
+
+
+def _filters_match(current: list[dict[str, Any]], wanted: list[dict[str, Any]]) -> bool:
+    by_id = {f.get("id"): f for f in current}
+    return len(by_id) == len(wanted) and all(
+        all(by_id.get(f["id"], {}).get(key) == value for key, value in f.items()) for f in wanted
+    )
 
 
 def ensure_dashcards(
@@ -353,9 +403,14 @@ def ensure_dashcards(
     card_ids: Mapping[str, int],
     cards: tuple[Card, ...] = CARDS,
 ) -> str:
-    """Place every card at its layout; other cards a person added stay where they are."""
+    """Place every card at its layout and wire the dashboard filters to the cards' variables;
+    other cards and filters a person added stay as they are."""
     dashboard = client.get(f"/api/dashboard/{dashboard_id}") or {}
     current = [d for d in dashboard.get("dashcards", []) if isinstance(d, dict)]
+    ours_filters = dashboard_filters(cards)
+    our_filter_ids = {f["id"] for f in ours_filters}
+    current_filters = [p for p in dashboard.get("parameters") or [] if isinstance(p, dict)]
+    filters = [p for p in current_filters if p.get("id") not in our_filter_ids] + ours_filters
     ours = {card_ids[card.name] for card in cards}
     by_card = {d.get("card_id"): d for d in current if d.get("card_id") in ours}
     wanted: list[dict[str, Any]] = [
@@ -385,14 +440,17 @@ def ensure_dashcards(
                 "col": col,
                 "size_x": size_x,
                 "size_y": size_y,
-                "parameter_mappings": [],
+                "parameter_mappings": parameter_mappings(card, card_id),
                 "visualization_settings": {},
                 "series": [],
             }
         )
-    if sorted(map(_placement, current), key=repr) == sorted(map(_placement, wanted), key=repr):
+    same_cards = sorted(map(_placement, current), key=repr) == sorted(
+        map(_placement, wanted), key=repr
+    )
+    if same_cards and _filters_match(current_filters, filters):
         return "unchanged"
-    client.put(f"/api/dashboard/{dashboard_id}", {"dashcards": wanted})
+    client.put(f"/api/dashboard/{dashboard_id}", {"dashcards": wanted, "parameters": filters})
     return "updated"
 
 

@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from dashboards_helpers import run_card
+from dashboards_helpers import run_card, substitute
 from helpers import ROOT
 
 from meterflow.clients.mongo import client as mongo_client
@@ -35,6 +35,9 @@ from meterflow.dashboards import metabase
 
 GRID_COLUMNS = 24
 MUTATING = {"POST", "PUT", "DELETE"}
+#: Template tag types of the pinned Metabase (lib.schema.template-tag) and what each needs.
+TAG_TYPES = {"text", "number", "date", "boolean", "dimension", "snippet", "card"}
+RAW_VALUE_TAGS = {"text", "number", "date", "boolean"}
 
 
 class FakeMetabase:
@@ -70,14 +73,51 @@ class FakeMetabase:
             return f"dataset_query not native on a known database: {query}"
         if not isinstance(native.get("collection"), str):
             return "native MongoDB query without collection"
+        tags = native.get("template-tags")
+        if not isinstance(tags, dict):
+            return "native query without a template-tags map"
+        for name, tag in tags.items():
+            if why := self.check_tag(name, tag):
+                return why
+        query = native.get("query")
+        if not isinstance(query, str):
+            return "native query is not text"
+        used = set(dashboards.VARIABLE.findall(query))
+        if used != set(tags):
+            return f"query variables {sorted(used)} are not its template tags {sorted(tags)}"
+        if "[[" in query or "]]" in query:
+            return "[[ ]] in a native query is an optional clause to Metabase"
+        # Run as Metabase does: each text variable spliced in as a string literal.
+        values = {name: tag.get("default") or "x" for name, tag in tags.items()}
         try:
-            pipeline = json.loads(native.get("query"))
-        except (TypeError, ValueError):
-            return "native query is not JSON text"
+            pipeline = json.loads(substitute(query, values))
+        except ValueError:
+            return "native query is not JSON text once its variables are substituted"
         if not isinstance(pipeline, list) or not all(isinstance(s, dict) for s in pipeline):
             return "native MongoDB query is not a pipeline (JSON array of stages)"
         if not isinstance(body.get("visualization_settings"), dict):
             return "visualization_settings missing"
+        return None
+
+    @staticmethod
+    def check_tag(name: str, tag: Any) -> str | None:
+        """A template tag as Metabase's schema wants it (keyed by its name, a uuid id)."""
+        if not isinstance(tag, dict) or tag.get("name") != name:
+            return f"template tag {name!r} not keyed by its name"
+        if not isinstance(tag.get("display-name"), str) or not tag["display-name"].strip():
+            return f"template tag {name!r} without display-name"
+        try:
+            uuid.UUID(str(tag.get("id")))
+        except ValueError:
+            return f"template tag {name!r} id is not a uuid: {tag.get('id')!r}"
+        if tag.get("type") not in TAG_TYPES:
+            return f"template tag {name!r} of unknown type {tag.get('type')!r}"
+        if tag["type"] in RAW_VALUE_TAGS and "dimension" in tag:
+            return f"template tag {name!r}: dimension only on dimension tags"
+        if "required" in tag and not isinstance(tag["required"], bool):
+            return f"template tag {name!r}: required is not a boolean"
+        if tag["type"] == "text" and not isinstance(tag.get("default", ""), str | None):
+            return f"template tag {name!r}: a text default is a string"
         return None
 
     # -- the API -----------------------------------------------------------------------
@@ -172,7 +212,12 @@ class FakeMetabase:
         if route == "/api/dashboard" and method == "POST":
             if not body.get("name"):
                 return self.refuse("dashboard without name")
-            dashboard = {"id": next(self.ids), "name": body["name"], "dashcards": []}
+            dashboard = {
+                "id": next(self.ids),
+                "name": body["name"],
+                "dashcards": [],
+                "parameters": [],
+            }
             self.dashboards[dashboard["id"]] = dashboard
             return 200, dashboard
         if parts[:1] == ["dashboard"] and len(parts) == 2:
@@ -188,6 +233,10 @@ class FakeMetabase:
         dashcards = body.get("dashcards")
         if not isinstance(dashcards, list):
             return self.refuse("PUT dashboard without dashcards list")
+        filters = body.get("parameters", dashboard["parameters"])
+        if why := self.check_filters(filters):
+            return self.refuse(why)
+        filter_types = {f["id"]: f["type"] for f in filters}
         known = {d["id"] for d in dashboard["dashcards"]}
         placed = []
         for dashcard in dashcards:
@@ -200,10 +249,52 @@ class FakeMetabase:
                 return self.refuse("dashcard beyond the 24-column grid")
             if dashcard["id"] > 0 and dashcard["id"] not in known:
                 return self.refuse(f"dashcard id {dashcard['id']} unknown (new ones are < 0)")
+            for mapping in dashcard.get("parameter_mappings") or []:
+                if why := self.check_mapping(mapping, dashcard["card_id"], filter_types):
+                    return self.refuse(why)
             new_id = dashcard["id"] if dashcard["id"] > 0 else next(self.ids)
             placed.append({**dashcard, "id": new_id})
         dashboard["dashcards"] = placed
+        dashboard["parameters"] = filters
         return 200, dashboard
+
+    @staticmethod
+    def check_filters(filters: Any) -> str | None:
+        """Dashboard parameters: a list of filters with unique ids and slugs."""
+        if not isinstance(filters, list) or not all(isinstance(f, dict) for f in filters):
+            return "dashboard parameters are not a list of objects"
+        for f in filters:
+            if not all(isinstance(f.get(k), str) and f[k] for k in ("id", "name", "slug", "type")):
+                return f"dashboard parameter lacks id, name, slug or type: {f}"
+            if f.get("required") and f.get("default") in (None, []):
+                return f"required dashboard parameter {f['id']} without default"
+        for key in ("id", "slug"):
+            if len({f[key] for f in filters}) != len(filters):
+                return f"dashboard parameters with the same {key}"
+        return None
+
+    def check_mapping(self, mapping: Any, card_id: int, filter_types: dict[str, str]) -> str | None:
+        """A dashcard's parameter mapping: a dashboard filter into one of its card's tags."""
+        if not isinstance(mapping, dict) or mapping.get("card_id") != card_id:
+            return f"parameter mapping not of the dashcard's card: {mapping}"
+        if mapping.get("parameter_id") not in filter_types:
+            return f"parameter mapping to unknown dashboard parameter: {mapping}"
+        target = mapping.get("target")
+        if not (isinstance(target, list) and len(target) == 2 and target[0] == "variable"):
+            return f"parameter mapping target is not a variable: {target}"
+        tag_ref = target[1]
+        native = self.cards[card_id].get("dataset_query", {}).get("native", {})
+        tags = native.get("template-tags") or {}
+        if not (isinstance(tag_ref, list) and tag_ref[:1] == ["template-tag"]):
+            return f"parameter mapping target is not a template tag: {target}"
+        tag = tags.get(tag_ref[1]) if len(tag_ref) == 2 else None
+        if tag is None:
+            return f"parameter mapping to a tag card {card_id} does not have: {target}"
+        if tag["type"] == "text" and not filter_types[mapping["parameter_id"]].startswith(
+            ("string/", "category")
+        ):
+            return f"a text variable fed by a {filter_types[mapping['parameter_id']]} filter"
+        return None
 
     def mutations(self) -> list[tuple[str, str]]:
         return [call for call in self.calls if call[0] in MUTATING]
@@ -291,11 +382,24 @@ def test_fresh_metabase_is_set_up_and_a_second_run_changes_nothing(fake) -> None
     for card in dashboards.CARDS:
         native = stored[card.name]["dataset_query"]["native"]
         assert native["collection"] == card.collection
-        assert json.loads(native["query"]) == card.pipeline
+        assert native["query"] == card.native_query()
+        assert native["template-tags"] == card.template_tags()
+        if not card.parameters:
+            assert json.loads(native["query"]) == card.pipeline
     (dashboard,) = state.dashboards.values()
     assert dashboard["name"] == "Smart meters"
     assert sorted(d["card_id"] for d in dashboard["dashcards"]) == sorted(state.cards)
     assert first["dashboard_url"] == f"{url}/dashboard/{dashboard['id']}"
+    # The hourly profile's meter: a dashboard filter wired to the card's text variable.
+    (meter_filter,) = dashboard["parameters"]
+    assert meter_filter["type"] == "string/=" and meter_filter["default"] == ["em000001"]
+    hourly_id = next(i for i, c in state.cards.items() if c["name"] == HOURLY.name)
+    for dashcard in dashboard["dashcards"]:
+        wired = [(m["parameter_id"], m["target"]) for m in dashcard["parameter_mappings"]]
+        if dashcard["card_id"] == hourly_id:
+            assert wired == [(meter_filter["id"], ["variable", ["template-tag", "device_id"]])]
+        else:
+            assert wired == []
 
     # Someone adds a question of their own; the provisioner must keep it and change nothing.
     state.cards[500] = {"id": 500, "name": "My own question", "archived": False}
@@ -333,6 +437,138 @@ def test_a_changed_card_is_updated_in_place(fake) -> None:
         dashboards.TOP_CONSUMERS_YESTERDAY.pipeline
     )
     assert stored["display"] == "table" and len(state.cards) == len(dashboards.CARDS)
+
+
+def test_the_hourly_profile_card_sends_its_template_tag(fake) -> None:
+    state, url = fake
+    provision(env_for(url))
+    (card,) = [c for c in state.cards.values() if c["name"] == HOURLY.name]
+    native = card["dataset_query"]["native"]
+
+    (tag,) = native["template-tags"].values()
+    assert {k: v for k, v in tag.items() if k != "id"} == {
+        "name": "device_id",
+        "display-name": "Meter",
+        "type": "text",
+        "required": True,
+        "default": "em000001",
+    }
+    assert uuid.UUID(tag["id"]).version == 5  # stable across runs
+    # Metabase splices the value in as a string literal: the placeholder is not quoted.
+    assert '"device_id": {{device_id}},' in native["query"]
+    assert '"{{device_id}}"' not in native["query"]
+    pipeline = json.loads(substitute(native["query"], {"device_id": "wm000042"}))
+    assert pipeline[0]["$match"]["device_id"] == "wm000042"
+
+
+def test_a_changed_template_tag_is_updated_in_place(fake) -> None:
+    state, url = fake
+    env = env_for(url)
+    provision(env)
+    card_id, card = next((i, c) for i, c in state.cards.items() if c["name"] == HOURLY.name)
+    card["dataset_query"]["native"]["template-tags"]["device_id"]["default"] = "gm000007"
+    card["dataset_query"]["native"]["template-tags"]["device_id"]["widget-type"] = "none"
+
+    result = provision(env)
+
+    assert state.refused == []
+    assert result["cards"] == {"created": 0, "updated": 1, "unchanged": len(dashboards.CARDS) - 1}
+    assert ("PUT", f"/api/card/{card_id}") in state.calls
+    tag = state.cards[card_id]["dataset_query"]["native"]["template-tags"]["device_id"]
+    assert tag == HOURLY.template_tags()["device_id"]
+
+    # A tag Metabase keeps with keys of its own (same values) is not a change.
+    tag["widget-type"] = "none"
+    again = provision(env)
+    assert again["cards"]["unchanged"] == len(dashboards.CARDS)
+
+
+def test_the_meter_filter_is_restored_and_other_filters_kept(fake) -> None:
+    state, url = fake
+    env = env_for(url)
+    provision(env)
+    (dashboard,) = state.dashboards.values()
+    hourly_id = next(i for i, c in state.cards.items() if c["name"] == HOURLY.name)
+    (hourly,) = [d for d in dashboard["dashcards"] if d["card_id"] == hourly_id]
+    hourly["parameter_mappings"] = []  # unwired by hand
+    mine = {"id": "f00d", "name": "Mine", "slug": "mine", "type": "string/="}
+    dashboard["parameters"] = [{**dashboard["parameters"][0], "default": ["gm000001"]}, mine]
+
+    result = provision(env)
+
+    assert state.refused == [] and result["dashcards"] == "updated"
+    assert dashboard["parameters"] == [mine, DEVICE_FILTER]
+    (hourly,) = [d for d in dashboard["dashcards"] if d["card_id"] == hourly_id]
+    assert [m["parameter_id"] for m in hourly["parameter_mappings"]] == [DEVICE_FILTER["id"]]
+    assert provision(env)["dashcards"] == "unchanged"
+
+    # The filter alone edited (its default meter): restored too.
+    dashboard["parameters"][1]["default"] = ["wm000003"]
+    assert provision(env)["dashcards"] == "updated"
+    assert dashboard["parameters"] == [mine, DEVICE_FILTER] and state.refused == []
+
+
+def with_tags(body: dict[str, Any], tags: dict[str, Any]) -> dict[str, Any]:
+    native = {**body["dataset_query"]["native"], "template-tags": tags}
+    return {**body, "dataset_query": {**body["dataset_query"], "native": native}}
+
+
+def test_the_fake_refuses_what_metabase_would(fake) -> None:
+    """The fake's checks of template tags and of the filter wiring are not vacuous."""
+    state, url = fake
+    provision(env_for(url))
+    body = metabase.card_body(HOURLY, next(iter(state.databases)))
+    (tag,) = body["dataset_query"]["native"]["template-tags"].values()
+
+    assert state.check_card(body) is None
+    assert "are not its template tags" in state.check_card(with_tags(body, {}))
+    bad_id = with_tags(body, {"device_id": {**tag, "id": "not-a-uuid"}})
+    assert "not a uuid" in state.check_card(bad_id)
+    renamed = with_tags(body, {"device_id": {**tag, "name": "meter"}})
+    assert "not keyed by its name" in state.check_card(renamed)
+    unquoted = {
+        **body,
+        "dataset_query": {
+            **body["dataset_query"],
+            "native": {
+                **body["dataset_query"]["native"],
+                "query": body["dataset_query"]["native"]["query"].replace(
+                    "{{device_id}}", "{{ device_id"
+                ),
+            },
+        },
+    }
+    assert state.check_card(unquoted)
+
+    hourly_id = next(i for i, c in state.cards.items() if c["name"] == HOURLY.name)
+    types = {DEVICE_FILTER["id"]: "string/="}
+    good = {
+        "parameter_id": DEVICE_FILTER["id"],
+        "card_id": hourly_id,
+        "target": ["variable", ["template-tag", "device_id"]],
+    }
+    assert state.check_mapping(good, hourly_id, types) is None
+    assert "unknown dashboard parameter" in state.check_mapping(
+        {**good, "parameter_id": "nope"}, hourly_id, types
+    )
+    assert "does not have" in state.check_mapping(
+        {**good, "target": ["variable", ["template-tag", "meter"]]}, hourly_id, types
+    )
+    assert "fed by a number/=" in state.check_mapping(
+        good, hourly_id, {DEVICE_FILTER["id"]: "number/="}
+    )
+    assert "without default" in state.check_filters([{**DEVICE_FILTER, "default": None}])
+
+
+def test_a_card_query_must_declare_its_variables() -> None:
+    with pytest.raises(ValueError, match=r"uses the variables \['device_id'\] but declares \[\]"):
+        dashboards.Card(
+            name="x",
+            description="x",
+            collection="c",
+            pipeline=[{"$match": {"device_id": dashboards.DEVICE_ID.placeholder}}],
+            display="table",
+        )
 
 
 def test_wrong_admin_password_is_named(fake) -> None:
@@ -401,9 +637,11 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-def run(db: Any, card: dashboards.Card, now: datetime) -> list[dict[str, Any]]:
+def run(
+    db: Any, card: dashboards.Card, now: datetime, values: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
     bound = None if os.environ.get("MONGO_URI") else now
-    return run_card(db, card, bound)
+    return run_card(db, card, bound, values)
 
 
 def ms(value: datetime) -> datetime:
@@ -415,6 +653,8 @@ def same_instant(a: datetime, b: datetime) -> bool:
     return a.astimezone(UTC) == b.astimezone(UTC)
 
 
+HOURLY = dashboards.METER_HOURLY_PROFILE
+DEVICE_FILTER = dashboards.DEVICE_ID.dashboard_filter()
 TYPES = ("electricity", "water", "gas")
 CODES = ("SENTINEL", "NEGATIVE", "OUT_OF_RANGE", "MISSING_METRIC")
 
@@ -725,9 +965,88 @@ def test_estimated_share_per_district(serving_db, now) -> None:
     assert row["estimated_share"] == pytest.approx(150 / 400)
 
 
+def hourly_profile_docs(now: datetime) -> list[dict[str, Any]]:
+    """Three meters' profiles of the 10 days up to yesterday (the latest a daily batch
+    publishes), in a zone one hour ahead of UTC: 24 hours a day, 25 and 23 on two DST days,
+    one hour without a value. The hours run on without a gap; each value tells its meter,
+    day and hour apart."""
+    docs = []
+    oldest = (now - timedelta(days=10)).date()
+    for m, device in enumerate(("em000001", "em000002", "wm000001")):
+        hour = datetime(oldest.year, oldest.month, oldest.day, tzinfo=UTC) - timedelta(hours=1)
+        for days_back in range(10, 0, -1):
+            day = (now - timedelta(days=days_back)).date()
+            date = datetime(day.year, day.month, day.day, tzinfo=UTC)
+            count = {6: 25, 4: 23}.get(days_back, 24)
+            starts = [hour + timedelta(hours=h) for h in range(count)]
+            hour += timedelta(hours=count)
+            hours: list[float | None] = [m * 10_000 + days_back * 100 + h for h in range(count)]
+            if days_back == 2:
+                hours[5] = None
+            docs.append(
+                {
+                    "_id": f"{day}|{device}",
+                    "date": date,
+                    "day": str(day),
+                    "device_id": device,
+                    "hour_starts": starts,
+                    "hours": hours,
+                }
+            )
+    return docs
+
+
+def expected_hours(docs: list[dict[str, Any]], device: str, now: datetime) -> list[tuple]:
+    since = now - timedelta(days=dashboards.HOURLY_PROFILE_DAYS)
+    points = [
+        (start, value)
+        for d in docs
+        if d["device_id"] == device
+        for start, value in zip(d["hour_starts"], d["hours"], strict=True)
+        if start >= since
+    ]
+    return sorted(points, key=lambda point: point[0])
+
+
+def test_hourly_profile_of_one_meter(serving_db, now) -> None:
+    docs = hourly_profile_docs(now)
+    serving_db.meter_hourly_profiles.insert_many(docs)
+
+    rows = run(serving_db, HOURLY, now, {"device_id": "em000002"})
+
+    got = [(row["hour"].replace(tzinfo=UTC), row["consumption"]) for row in rows]
+    expected = expected_hours(docs, "em000002", now)
+    assert got == expected
+    # One point per hour from 7 days ago on, the DST days included.
+    since = now - timedelta(days=dashboards.HOURLY_PROFILE_DAYS)
+    assert since <= got[0][0] < since + timedelta(hours=1)
+    assert all(b[0] - a[0] == timedelta(hours=1) for a, b in itertools.pairwise(got))
+    assert all(10_000 <= value < 20_000 for _, value in got if value is not None)
+    assert (None in [value for _, value in got]) and set(rows[0]) == {"hour", "consumption"}
+
+
+def test_hourly_profile_defaults_to_the_first_electricity_meter(serving_db, now) -> None:
+    docs = hourly_profile_docs(now)
+    serving_db.meter_hourly_profiles.insert_many(docs)
+
+    rows = run(serving_db, HOURLY, now)  # no value typed: the tag's default
+
+    assert dashboards.DEVICE_ID.default == "em000001"
+    got = [(row["hour"].replace(tzinfo=UTC), row["consumption"]) for row in rows]
+    assert got == expected_hours(docs, "em000001", now) and got
+
+
+def test_hourly_profile_of_an_unknown_or_hostile_meter_is_empty(serving_db, now) -> None:
+    serving_db.meter_hourly_profiles.insert_many(hourly_profile_docs(now))
+
+    assert run(serving_db, HOURLY, now, {"device_id": "em999999"}) == []
+    # A quote in the value stays inside the string literal Metabase splices in.
+    assert run(serving_db, HOURLY, now, {"device_id": 'em000001", "$comment": "x'}) == []
+
+
 def test_every_card_is_on_the_dashboard_grid() -> None:
     names = [card.name for card in dashboards.CARDS]
-    assert len(set(names)) == len(names) == 10
+    assert len(set(names)) == len(names) == 11
     cells: set[tuple[int, int]] = set()
     for card in dashboards.CARDS:
         row, col, size_x, size_y = card.layout
