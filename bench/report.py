@@ -246,6 +246,31 @@ def daily_batch(r: Results) -> Table:
     )
 
 
+def vee(r: Results) -> Table:
+    by_quality = ", ".join(f"{name} {n:,}" for name, n in r["by_quality"].items())
+    by_method = ", ".join(f"{name} {n:,}" for name, n in r["by_method"].items())
+    return measures(
+        [
+            (
+                "readings",
+                f"{r['readings']:,} ({r['meters']:,} meters, {r['intervals']:,} intervals)",
+            ),
+            ("Spark daily job on D (validation, then views), median", f"{r['spark_s']:.2f} s"),
+            ("DuckDB, the same VEE in SQL (bench/vee_sql.py), median", f"{r['duckdb_s']:.2f} s"),
+            (
+                "DuckDB, VEE and the views' aggregates, median",
+                f"{r['duckdb_vee_and_views_s']:.2f} s",
+            ),
+            ("ratio Spark / DuckDB VEE (medians): the target", f"{r['ratio']:.2f}"),
+            ("target", f"medians <= {r['target_ratio']:g}: {met(r['target_met'])}"),
+            ("validated tables equal", "yes" if r["results_equal"] else "NO"),
+            ("intervals by quality", by_quality),
+            ("intervals by method", by_method),
+            ("duplicates dropped", f"{r['duplicates_dropped']:,}"),
+        ]
+    )
+
+
 def simulator_rate(r: Results) -> Table:
     return measures(
         [
@@ -299,6 +324,7 @@ TABLES: dict[str, tuple[str, Callable[[Results], Table]]] = {
     "detection_real": ("False alarms on real data", detection_real),
     "chaos": ("Chaos", chaos),
     "daily_batch": ("Daily batch job", daily_batch),
+    "vee": ("Validation (VEE) against DuckDB", vee),
     "simulator_rate": ("Simulator rate", simulator_rate),
     "memory": ("Memory per compose service", memory),
 }
@@ -314,9 +340,17 @@ def table_markdown(name: str, results: Results) -> str:
     return table(name, results).markdown()
 
 
+#: Results written by another benchmark's module.
+MODULES = {"vee": "daily_batch"}
+
+
+def module(name: str) -> str:
+    return MODULES.get(name, name)
+
+
 def summary(name: str) -> str:
     """The first line of the benchmark module's docstring, in Markdown (no import: no Spark)."""
-    source = ROOT / "bench" / f"{name}.py"
+    source = ROOT / "bench" / f"{module(name)}.py"
     doc = ast.get_docstring(ast.parse(source.read_text())) or name
     first = doc.strip().splitlines()[0]
     return re.sub(r":[a-z]+:`", "`", first).replace("``", "`")
@@ -350,15 +384,15 @@ def page(results_dir: Path = RESULTS) -> str:
         "connector.",
     ]
     for name in (n for n in TABLES if n in found):
-        results = found[name]
+        results, source = found[name], module(name)
         measured = str(results.get("measured_at", "?")).replace("T", " ").replace("Z", " UTC")
         parts += [
             "",
             f"## {TABLES[name][0]}",
             "",
-            f"{summary(name)} Method: [bench/{name}.py](../bench/{name}.py).",
+            f"{summary(name)} Method: [bench/{source}.py](../bench/{source}.py).",
             "",
-            f"Command: `python -m bench.{name}`. Measured {measured} on {machine(results)}.",
+            f"Command: `python -m bench.{source}`. Measured {measured} on {machine(results)}.",
             "",
             table_markdown(name, results),
         ]
