@@ -47,10 +47,11 @@ raw AS (
            epoch_us(ingest_time) AS ingest_us, source_partition, source_offset
     FROM read_parquet('{day_files}')
 ),
--- Not deduplicated, as in the Spark job (meterflow.batch.validation).
+-- The latest register; of repeats at that time, the first by ingest order.
 starts AS (
     SELECT device_id, max(epoch_us(event_time)) AS start_us,
-           arg_max(register, event_time) AS start_register
+           arg_min(register, (-epoch_us(event_time), epoch_us(ingest_time),
+                              source_partition, source_offset)) AS start_register
     FROM read_parquet('{readings_root}/*/*.parquet', hive_partitioning = true,
                       hive_types = {{'date': DATE}}, union_by_name = true)
     WHERE date BETWEEN DATE '{first_lookback}' AND DATE '{last_lookback}'

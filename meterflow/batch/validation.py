@@ -90,12 +90,19 @@ def validation_input(
     week_before = _readings(
         spark, lake_path, day - timedelta(days=REGISTER_LOOKBACK_DAYS), day - timedelta(days=1)
     )
+    # The latest register; of repeats at that time, the first by ingest order (as in vee).
+    first_of_latest = F.struct(
+        (F.lit(0) - F.unix_micros("event_time")).alias("event"),
+        F.unix_micros("ingest_time").alias("ingest"),
+        "source_partition",
+        "source_offset",
+    )
     starts = (
         week_before.where(F.col("register").isNotNull() & F.col("fault_code").isNull())
         .groupBy("device_id")
         .agg(
             F.max("event_time").alias("event_time"),
-            F.max_by("register", "event_time").alias("register"),
+            F.min_by("register", first_of_latest).alias("register"),
         )
     )
     frames = [_shaped(_readings(spark, lake_path, day, day), _READING), _shaped(starts, _START)]

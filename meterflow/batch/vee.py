@@ -98,6 +98,13 @@ def _ragged(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return cells
 
 
+def _run_starts(values: np.ndarray) -> np.ndarray:
+    """Where each run of equal values begins (numpy leaves the winner of a repeated index in
+    an assignment unspecified, so one value per cell is picked first)."""
+    starts: np.ndarray = np.r_[True, values[1:] != values[:-1]] if len(values) else values > 0
+    return starts
+
+
 class _Grid:
     """Every meter's expected intervals of the day, one cell each, meter after meter, with
     what each cell holds so far (value, quality, method, fault code index; -1: none)."""
@@ -184,8 +191,10 @@ def validate_day(
     grid = _Grid(meters, day)
     duplicates = np.zeros(len(grid.value), dtype=np.int64)
     sent = _deduplicated(readings, grid, duplicates)
-    # The first rejected reading of an interval names its fault (assignment keeps the last).
-    grid.fault[sent.cell[sent.bad][::-1]] = sent.faults[sent.bad][::-1]
+    # The first rejected reading of an interval names its fault.
+    bad_cells = sent.cell[sent.bad]
+    first = _run_starts(bad_cells)
+    grid.fault[bad_cells[first]] = sent.faults[sent.bad][first]
 
     with_usage = sent.good & ~np.isnan(sent.usage)
     has_usage = np.zeros(len(grid.value), dtype=bool)
@@ -280,8 +289,10 @@ def _difference_registers(
     with_register = sent.good & ~np.isnan(sent.register)
     point_register = np.full(len(grid.value), np.nan)
     point_time = np.zeros(len(grid.value), dtype=np.int64)
-    point_register[sent.cell[with_register]] = sent.register[with_register]  # latest wins
-    point_time[sent.cell[with_register]] = sent.event_us[with_register]
+    cells = sent.cell[with_register]
+    latest = _run_starts(cells[::-1])[::-1]  # the last reading of each interval
+    point_register[cells[latest]] = sent.register[with_register][latest]
+    point_time[cells[latest]] = sent.event_us[with_register][latest]
     points = np.flatnonzero(~np.isnan(point_register))
     if not len(points):
         return
