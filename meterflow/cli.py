@@ -101,6 +101,29 @@ def cmd_init_mongo(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_mongo_users(_args: argparse.Namespace, settings: Settings) -> int:
+    """The serving database's application and read-only users, as root; safe to run again."""
+    from pymongo.errors import PyMongoError
+
+    from meterflow.clients.mongo import client
+    from meterflow.serving.users import MongoUsersSettings, ensure_users, wanted
+
+    users = MongoUsersSettings.from_env()
+    try:
+        done = ensure_users(client(users.root_uri)[settings.mongo_db], wanted(users))
+    except PyMongoError as exc:
+        reason = " ".join(str(exc).split(", full error")[0].split())
+        print(
+            f"meterflow mongo-users: MongoDB refused the root user of MONGO_ROOT_URI ({reason}): "
+            "check MONGO_ROOT_USERNAME and MONGO_ROOT_PASSWORD",
+            file=sys.stderr,
+        )
+        return 1
+    for user in wanted(users):
+        print(f"user {user.name}: {done[user.name]}, {user.role} on {settings.mongo_db}")
+    return 0
+
+
 def cmd_registry_import(args: argparse.Namespace, settings: Settings) -> int:
     """Validate a CSV or Parquet fleet whole, then replace the lake's registry and ``meters``."""
     from meterflow.clients.mongo import database
@@ -472,6 +495,7 @@ def build_parser(
     init_mongo.add_argument(
         "--registry", default=None, help="registry Parquet file or directory (default: the lake's)"
     )
+    add("mongo-users", cmd_mongo_users, "Create or update the MongoDB users (as root)")
     edit = add("edit", cmd_edit, "Override intervals' values (kept in an audit trail)")
     edit.add_argument("device", nargs="?", help="the meter's device_id")
     edit.add_argument("start", nargs="?", help="the interval's start, ISO 8601")

@@ -82,7 +82,13 @@ def env_problems(values: Mapping[str, str]) -> list[str]:
             "METABASE_ADMIN_PASSWORD must have at least 6 characters and a digit (Metabase "
             f"refuses it otherwise): {_PASSWORD}"
         )
-    for name in ("MONGO_ROOT_PASSWORD", "AIRFLOW_POSTGRES_PASSWORD", "METABASE_POSTGRES_PASSWORD"):
+    for name in (
+        "MONGO_ROOT_PASSWORD",
+        "MONGO_APP_PASSWORD",
+        "MONGO_READER_PASSWORD",
+        "AIRFLOW_POSTGRES_PASSWORD",
+        "METABASE_POSTGRES_PASSWORD",
+    ):
         value = values.get(name, "")
         if value and PLACEHOLDER not in value and not _URI_SAFE.match(value):
             problems.append(

@@ -31,6 +31,8 @@ def get_spark(app_name: str, master: str | None = None, **conf: str) -> SparkSes
         "spark.sql.session.timeZone": "UTC",
         "spark.sql.shuffle.partitions": str(max(2, os.cpu_count() or 2)),
         "spark.ui.showConsoleProgress": "false",
+        # The UI shows the jobs; nobody who reaches it may kill them.
+        "spark.ui.killEnabled": "false",
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.sql.sources.partitionOverwriteMode": "dynamic",
         "spark.python.worker.reuse": "true",

@@ -34,3 +34,9 @@ def test_pyspark_distributions_agree() -> None:
 
 def test_running_jvm_matches_python(spark: SparkSession) -> None:
     assert spark.version == pyspark.__version__
+
+
+def test_the_spark_ui_cannot_kill_jobs(spark: SparkSession) -> None:
+    """Every session meterflow starts (the streaming job's in compose too) has the UI's kill
+    buttons off: whoever reaches the UI may look, not stop the stream."""
+    assert spark.sparkContext.getConf().get("spark.ui.killEnabled") == "false"

@@ -58,6 +58,7 @@ COMMAND_TESTS: dict[str, str] = {
     "airflow-dag-processor": f"{NATIVE}test_airflow_commands",
     "airflow-triggerer": f"{NATIVE}test_airflow_commands",
     "mongo-init": "tests/unit/test_mongo.py::test_init_mongo_command",
+    "mongo-users": "tests/unit/test_mongo_users.py::test_mongo_users_command",
     "sink": (
         "tests/integration/test_sink_kafka.py::test_sink_command_stops_on_sigterm_after_committing"
     ),
@@ -160,6 +161,36 @@ def test_services_are_wired_healthy_and_pinned(raw, resolved) -> None:
             secret = SECRET_KEY.search(key) or re.search(r"://[^/\s]*@", text)
             if secret and key != "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE":
                 assert "${" in text, f"{name}: {key} holds a literal credential"
+
+
+def test_only_mongodb_and_mongo_users_see_the_root_credentials(raw) -> None:
+    """Every other service reaches MongoDB as the application or the read-only user."""
+    holders = {
+        name
+        for name, service in raw["services"].items()
+        if "MONGO_ROOT_" in json.dumps(service.get("environment") or {})
+    }
+    assert holders == {"mongodb", "mongo-users"}
+    services = raw["services"]
+    app_uri = raw["x-project-env"]["MONGO_URI"]
+    assert "${MONGO_APP_USERNAME}:${MONGO_APP_PASSWORD}@" in app_uri
+    reader_uri = services["metabase-init"]["environment"]["METABASE_MONGO_URI"]
+    assert "${MONGO_READER_USERNAME}:${MONGO_READER_PASSWORD}@" in reader_uri
+    for uri in (app_uri, reader_uri):
+        assert uri.endswith("/${MONGO_DB}?authSource=${MONGO_DB}")  # users of that database
+    # The users exist before anything logs in as them.
+    assert "mongo-users" in services["mongo-init"]["depends_on"]
+
+
+def test_every_host_port_binds_to_the_bind_address(resolved) -> None:
+    services = resolved["services"]
+    published = {name: s["ports"] for name, s in services.items() if "ports" in s}
+    assert published.keys() >= {"kafka", "mongodb", "streaming-job", "metabase"}
+    for name, ports in published.items():
+        for port in ports:
+            host_ip, _host, _container = str(port).split(":")
+            assert host_ip == "127.0.0.1", f"{name}: {port} is open to the network"
+    assert env_example()["BIND_ADDRESS"] == "127.0.0.1"
 
 
 #: Memory a JVM takes beside its heap (metaspace, code cache, threads, buffers), at least.
