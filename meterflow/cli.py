@@ -57,8 +57,13 @@ def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
     """Print every variable with its default and meaning (docs/configuration.md's source)."""
     from meterflow.dashboards.metabase import MetabaseSettings
+    from meterflow.serving.users import MongoUsersSettings
 
-    entries = [*variables.table(Settings), *variables.table(MetabaseSettings)]
+    entries = [
+        *variables.table(Settings),
+        *variables.table(MetabaseSettings),
+        *variables.table(MongoUsersSettings),
+    ]
     if args.markdown:
         print("| Variable | Default | Values | Meaning |\n|---|---|---|---|")
         for entry in entries:

@@ -16,13 +16,18 @@ from meterflow.core import variables
 from meterflow.core.config import Settings
 from meterflow.core.contract import FaultCode
 from meterflow.dashboards.metabase import MetabaseSettings
+from meterflow.serving.users import MongoUsersSettings
 from simulator.faults import DEMO_EPISODE_RATES
 
 
 def test_config_lists_every_variable() -> None:
     result = meterflow("config", "--markdown")
     assert result.returncode == 0, result.stderr
-    declared = [*variables.table(Settings), *variables.table(MetabaseSettings)]
+    declared = [
+        *variables.table(Settings),
+        *variables.table(MetabaseSettings),
+        *variables.table(MongoUsersSettings),
+    ]
     assert len(declared) > 50  # the per-type thresholds and bounds are expanded
     listed = [line.split("`")[1] for line in result.stdout.splitlines()[2:]]
     assert listed == [entry.name for entry in declared]
