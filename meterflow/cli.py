@@ -271,7 +271,7 @@ def _into_readings_topic(
     """Run a producer command (simulate, replay) against the readings topic, then flush."""
     with kafka_for(settings, start_local=False) as (live, _):
         print(f"{what} -> {live.topic_readings} on {live.bootstrap_servers}", file=sys.stderr)
-        sink = ProducerSink(live.bootstrap_servers, live.topic_readings)
+        sink = ProducerSink(live.kafka, live.topic_readings)
         try:
             return produce(args, live, sink)
         finally:
@@ -353,10 +353,7 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.bootstrap_servers and port_open(settings.local_broker_port):
         settings = settings.with_bootstrap(f"127.0.0.1:{settings.local_broker_port}")
     report = reconcile(
-        settings.lake_path,
-        settings.topic_readings,
-        settings.bootstrap_servers,
-        scan_lake_files=args.scan_lake,
+        settings.lake_path, settings.topic_readings, settings.kafka, scan_lake_files=args.scan_lake
     )
     for line in report.lines:
         print(line)

@@ -83,6 +83,7 @@ def env_problems(values: Mapping[str, str]) -> list[str]:
             f"refuses it otherwise): {_PASSWORD}"
         )
     for name in (
+        "KAFKA_SASL_PASSWORD",
         "MONGO_ROOT_PASSWORD",
         "MONGO_APP_PASSWORD",
         "MONGO_READER_PASSWORD",
@@ -92,7 +93,7 @@ def env_problems(values: Mapping[str, str]) -> list[str]:
         value = values.get(name, "")
         if value and PLACEHOLDER not in value and not _URI_SAFE.match(value):
             problems.append(
-                f"{name} goes into a database URI: use letters, digits, '-', '_' and '.' "
+                f"{name} goes into a URI or a login config: use letters, digits, '-', '_' and '.' "
                 f"only, e.g. {_PASSWORD}"
             )
     return problems

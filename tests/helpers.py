@@ -182,7 +182,7 @@ def send(
         bootstrap = target
         assert topic, "send(bootstrap, ...) needs topic="
     else:
-        bootstrap, topic = target.bootstrap_servers, topic or target.topic_readings
+        bootstrap, topic = target.kafka, topic or target.topic_readings
     producer = kafka.producer(bootstrap, **{"message.max.bytes": 4_000_000, **config})
     extra = {} if partition is None else {"partition": partition}
     count = 0
@@ -279,10 +279,7 @@ def reconciled(settings: Settings) -> Any:
     from meterflow.stream.reconcile import reconcile
 
     report = reconcile(
-        settings.lake_path,
-        settings.topic_readings,
-        settings.bootstrap_servers,
-        scan_lake_files=True,
+        settings.lake_path, settings.topic_readings, settings.kafka, scan_lake_files=True
     )
     assert report.ok, report.problems
     return report

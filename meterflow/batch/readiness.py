@@ -91,7 +91,7 @@ def partition_complete(
     return False, f"waiting: {unusable}, day ends {end.isoformat()}"
 
 
-def current_generation(bootstrap_servers: str, topic: str) -> str | None:
+def current_generation(bootstrap_servers: kafka.Cluster, topic: str) -> str | None:
     """``topic``'s Kafka id now, or None (logged with Kafka's reason) when Kafka does not say."""
     try:
         return kafka.topic_ids(bootstrap_servers, [topic], timeout=KAFKA_TIMEOUT_S)[topic]
@@ -102,7 +102,7 @@ def current_generation(bootstrap_servers: str, topic: str) -> str | None:
 
 def day_readiness(
     lake_path: str,
-    bootstrap_servers: str,
+    bootstrap_servers: kafka.Cluster,
     topic: str,
     day: date,
     interval_s: int,

@@ -6,10 +6,18 @@ partition's high watermark as the base offset of its last record batch plus one,
 reader planning from watermarks would miss each partition's tail (docs/architecture.md). It reads
 from the reported watermark to the end-of-partition event to find the true end, which
 costs one small fetch per partition and is exact on Apache Kafka too.
+
+Every function takes the cluster as a :class:`~meterflow.core.kafka_security.KafkaCluster`
+(``settings.kafka``: servers and security) or as a bootstrap string (plaintext, no login).
+Every client they make refuses to retry forever when the cluster refuses meterflow:
+an authentication failure (a wrong password) or a certificate that does not verify raises
+:class:`KafkaRefusedError` from the call that served it (``poll``, ``flush``, ``consume``,
+an admin request), one line naming the variable to check, never the password.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import time
@@ -29,7 +37,8 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from meterflow.core.errors import TransientError
+from meterflow.core.errors import MeterflowError, TransientError
+from meterflow.core.kafka_security import KafkaCluster
 from meterflow.core.logs import get_logger, timestamp
 
 log = get_logger(__name__)
@@ -131,6 +140,98 @@ class KafkaUnavailableError(TransientError):
     """The cluster cannot be reached or refused a request; the message says which."""
 
 
+class KafkaRefusedError(MeterflowError):
+    """The cluster refused meterflow's credentials or certificate: waiting cannot help, so
+    it is no :class:`TransientError`; the line says which variable to check."""
+
+
+#: A cluster as the functions here take it: its bootstrap string means plaintext.
+Cluster = KafkaCluster | str
+
+
+def cluster_of(where: Cluster) -> KafkaCluster:
+    return where if isinstance(where, KafkaCluster) else KafkaCluster(where)
+
+
+def refusal(error: KafkaError, cluster: KafkaCluster) -> KafkaRefusedError | None:
+    """The error meterflow stops on for ``error`` reported by a client of ``cluster``, or
+    None for the ones librdkafka retries by itself (the broker away, say)."""
+    text = error.str()
+    security = cluster.security
+    if error.code() == KafkaError._AUTHENTICATION:
+        reason = text.split("error: ", 1)[-1].split(" (after ")[0]
+        check = (
+            "check KAFKA_SASL_PASSWORD (or KAFKA_SASL_PASSWORD_FILE) and KAFKA_SASL_MECHANISM"
+            if security.sasl
+            else "check KAFKA_SECURITY_PROTOCOL and the cluster's listener"
+        )
+        line = (
+            f"Kafka at {cluster.bootstrap} refused the credentials of {security.who()} "
+            f"({reason}): {check}"
+        )
+    elif error.code() == KafkaError._SSL and "certificate" in text.lower():
+        reason = text.split(": ", 1)[-1].split(" (after ")[0]
+        line = (
+            f"Kafka at {cluster.bootstrap}: TLS failed ({reason}): check KAFKA_SSL_CA_LOCATION "
+            "(the CA that signed the brokers' certificates) and, for mTLS, "
+            "KAFKA_SSL_CERTIFICATE_LOCATION and KAFKA_SSL_KEY_LOCATION"
+        )
+    else:
+        return None
+    if security.sasl_password:  # never in a message, whatever a broker says
+        line = line.replace(security.sasl_password, "***")
+    return KafkaRefusedError(line)
+
+
+class _Refusals:
+    """The ``error_cb`` of every client: a refusal raised (confluent-kafka raises it from
+    the call serving the callback); librdkafka retries the other errors by itself."""
+
+    def __init__(self, cluster: KafkaCluster) -> None:
+        self.cluster = cluster
+
+    def __call__(self, error: KafkaError) -> None:
+        refused = refusal(error, self.cluster)
+        if refused is not None:
+            raise refused
+
+
+def client_config(where: Cluster, **config: Any) -> dict[str, Any]:
+    """A client's configuration: the cluster's servers and security, ``config``, and the
+    ``error_cb`` that stops on a refusal."""
+    cluster = cluster_of(where)
+    return {**cluster.client_config(), "error_cb": _Refusals(cluster), **config}
+
+
+def _admin(where: Cluster, **config: Any) -> AdminClient:
+    return AdminClient(client_config(where, **config))
+
+
+def _list_topics(admin: AdminClient, timeout: float) -> Any:
+    """``admin.list_topics`` that serves the error callback meanwhile (a refusal raises at
+    once instead of after ``timeout``); KafkaException after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return admin.list_topics(timeout=max(0.05, min(0.5, left)))
+        except KafkaException:
+            admin.poll(0)
+            if time.monotonic() >= deadline:
+                raise
+
+
+def _result(admin: AdminClient, future: Any, deadline: float) -> Any:
+    """An admin future's result, serving the error callback while it waits."""
+    while True:
+        try:
+            return future.result(timeout=max(0.0, min(0.2, deadline - time.monotonic())))
+        except concurrent.futures.TimeoutError:
+            admin.poll(0)
+            if time.monotonic() >= deadline:
+                raise
+
+
 @contextlib.contextmanager
 def unavailable_as_error(what: str) -> Iterator[None]:
     """librdkafka's "not now" (a time-out, a transport failure, no leader) raised by a client
@@ -154,10 +255,10 @@ def coordinates(message: Message) -> tuple[str, int, int]:
     return topic, partition, offset
 
 
-def producer(bootstrap: str, **overrides: Any) -> Producer:
+def producer(cluster: Cluster, **overrides: Any) -> Producer:
     """A producer tuned for throughput that still waits for full acknowledgement."""
     config: dict[str, Any] = {
-        "bootstrap.servers": bootstrap,
+        **client_config(cluster),
         "acks": "all",
         "linger.ms": 20,
         "batch.num.messages": 10_000,
@@ -189,7 +290,7 @@ def produce(
 class ProducerSink:
     """Where the simulator and replay write: a keyed producer that counts failed deliveries."""
 
-    def __init__(self, bootstrap: str, topic: str, **overrides: Any) -> None:
+    def __init__(self, cluster: Cluster, topic: str, **overrides: Any) -> None:
         self.topic = topic
         self.failed = 0
         self.last_error: str | None = None
@@ -197,7 +298,7 @@ class ProducerSink:
         # Only failures come back: a Python callback per delivered message would halve
         # the simulator's rate.
         self._producer = producer(
-            bootstrap,
+            cluster,
             on_delivery=self._delivered,
             **{"delivery.report.only.error": True},
             **overrides,
@@ -225,10 +326,10 @@ class ProducerSink:
         return undelivered
 
 
-def consumer(bootstrap: str, **overrides: Any) -> Consumer:
+def consumer(cluster: Cluster, **overrides: Any) -> Consumer:
     """A consumer for readers that own their offsets (``assign``, no group commits)."""
     config: dict[str, Any] = {
-        "bootstrap.servers": bootstrap,
+        **client_config(cluster),
         "group.id": f"meterflow-reader-{uuid.uuid4().hex[:8]}",
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
@@ -247,30 +348,32 @@ def consumer(bootstrap: str, **overrides: Any) -> Consumer:
     return client
 
 
-def check_reachable(bootstrap: str, timeout: float = 10.0) -> None:
-    """Raise :class:`KafkaUnavailableError` unless the cluster answers a metadata request.
+def check_reachable(cluster: Cluster, timeout: float = 10.0) -> None:
+    """Raise :class:`KafkaUnavailableError` unless the cluster answers a metadata request,
+    :class:`KafkaRefusedError` at once if it refuses meterflow's credentials.
 
     librdkafka's own per-retry connection errors are silenced here: the one-line error
     raised after ``timeout`` says the same thing once.
     """
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    admin = _admin(cluster, log_level=0)
     try:
-        admin.list_topics(timeout=timeout)
+        _list_topics(admin, timeout)
     except KafkaException as exc:
         raise KafkaUnavailableError(
-            f"Kafka at {bootstrap} did not answer within {timeout:.0f} s ({exc.args[0]})"
+            f"Kafka at {cluster_of(cluster).bootstrap} did not answer within {timeout:.0f} s "
+            f"({exc.args[0]})"
         ) from None
 
 
 def ensure_topics(
-    bootstrap: str, topics: Iterable[str], partitions: int, timeout: float = 15.0
+    cluster: Cluster, topics: Iterable[str], partitions: int, timeout: float = 15.0
 ) -> list[str]:
     """Create the topics that do not exist yet; return the names created."""
-    config: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": client_log}
-    admin = AdminClient(config)
+    admin = _admin(cluster, logger=client_log)
     try:
-        existing = set(admin.list_topics(timeout=timeout).topics)
+        existing = set(_list_topics(admin, timeout).topics)
     except KafkaException as exc:
+        bootstrap = cluster_of(cluster).bootstrap
         raise KafkaUnavailableError(f"Kafka at {bootstrap} unreachable: {exc.args[0]}") from None
     wanted = [t for t in dict.fromkeys(topics) if t not in existing]
     if not wanted:
@@ -279,9 +382,10 @@ def ensure_topics(
         [NewTopic(t, partitions, 1) for t in wanted], request_timeout=timeout
     )
     created = []
+    deadline = time.monotonic() + timeout
     for topic, future in futures.items():
         try:
-            future.result(timeout=timeout)
+            _result(admin, future, deadline)
             created.append(topic)
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
@@ -357,13 +461,13 @@ def partition_ends(
     return ends
 
 
-def read_to_end(bootstrap: str, topic: str, timeout: float = 30.0) -> list[Message]:
+def read_to_end(cluster: Cluster, topic: str, timeout: float = 30.0) -> list[Message]:
     """Every record of ``topic`` up to each partition's end as found now (not its
     watermark: see :func:`partition_ends`), for counting what a topic holds.
 
     Raises :class:`KafkaUnavailableError` if a partition is not read to its end in time.
     """
-    client = consumer(bootstrap)
+    client = consumer(cluster)
     try:
         partitions = topic_partitions(client, [topic])
         ends = partition_ends(client, partitions)
@@ -404,21 +508,20 @@ TRANSIENT_ERRORS = frozenset(
 )
 
 
-def topic_ids(bootstrap: str, topics: Iterable[str], timeout: float = 10.0) -> dict[str, str]:
+def topic_ids(cluster: Cluster, topics: Iterable[str], timeout: float = 10.0) -> dict[str, str]:
     """Each topic's Kafka topic id: it changes when a topic is recreated, offsets restart.
 
     Raises :class:`KafkaUnavailableError` if the cluster does not answer or a topic is
     missing, and when the broker reports no ids (Kafka before 2.8).
     """
-    config: dict[str, Any] = {"bootstrap.servers": bootstrap, "logger": client_log}
-    admin = AdminClient(config)
+    admin = _admin(cluster, logger=client_log)
+    bootstrap = cluster_of(cluster).bootstrap
     names = list(dict.fromkeys(topics))
     try:
         futures = admin.describe_topics(TopicCollection(names), request_timeout=timeout)
         deadline = time.monotonic() + timeout
         described = {
-            name: future.result(timeout=max(0.1, deadline - time.monotonic()))
-            for name, future in futures.items()
+            name: _result(admin, future, deadline + 0.1) for name, future in futures.items()
         }
     except (KafkaException, TimeoutError) as exc:
         reason = exc.args[0] if exc.args else f"no answer within {timeout:.0f} s"
@@ -437,10 +540,10 @@ def topic_ids(bootstrap: str, topics: Iterable[str], timeout: float = 10.0) -> d
 
 
 def group_caught_up(
-    bootstrap: str, group: str, ends: Mapping[str, Mapping[int, int]], timeout: float = 10.0
+    cluster: Cluster, group: str, ends: Mapping[str, Mapping[int, int]], timeout: float = 10.0
 ) -> bool:
     """Whether consumer group ``group`` has committed every offset up to ``ends``."""
-    client = consumer(bootstrap, **{"group.id": group})
+    client = consumer(cluster, **{"group.id": group})
     try:
         wanted = [TopicPartition(t, p) for t, parts in ends.items() for p, e in parts.items() if e]
         if not wanted:

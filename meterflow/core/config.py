@@ -24,6 +24,7 @@ from meterflow.core.contract import (
     TOPIC_READINGS,
     TOPIC_STATUS,
 )
+from meterflow.core.kafka_security import KafkaCluster, KafkaSecurity
 from meterflow.core.thresholds import DetectionRules, Rules
 from meterflow.core.variables import variable
 
@@ -47,6 +48,10 @@ class Settings:
         "KAFKA_BOOTSTRAP_SERVERS",
         "Kafka cluster to use; empty starts a local Kafka-protocol broker (tansu) on demand",
         "",
+    )
+    #: How clients log in to that cluster: TLS, SASL (docs/operations.md, "A secured Kafka").
+    kafka_security: KafkaSecurity = field(
+        default_factory=KafkaSecurity, metadata={"label": "Kafka security"}
     )
     local_broker_port: int = variable(
         "METERFLOW_LOCAL_BROKER_PORT",
@@ -227,6 +232,8 @@ class Settings:
         default_factory=DetectionRules, metadata={"label": "stateful rules"}
     )
 
+    __repr__ = variables.redacted_repr  # no password in a log or a traceback
+
     def __post_init__(self) -> None:
         # The data directory is absolute, and the paths that default to inside it follow it
         # (frozen: set once, here).
@@ -241,6 +248,11 @@ class Settings:
         """The settings ``env`` (default: the process environment) gives; a ConfigError
         naming the first variable that is malformed or still a placeholder."""
         return variables.parse(cls, os.environ if env is None else env)
+
+    @property
+    def kafka(self) -> KafkaCluster:
+        """The Kafka cluster as every client reaches it: servers and security."""
+        return KafkaCluster(self.bootstrap_servers, self.kafka_security)
 
     @property
     def registry_path(self) -> str:

@@ -10,6 +10,15 @@ Types understood: ``str``, ``int``, ``float``, ``bool`` (``on``/``off``), ``Path
 ``Literal[...]`` of strings (the allowed values), and ``dict[K, float]`` with ``keys`` (one
 variable per key, the name's ``{key}`` filled in). A value the type cannot take raises one
 :class:`~meterflow.core.errors.ConfigError` line naming the variable, never a traceback.
+
+A secret (``variable(..., secret=True)``: a password, a URI that may carry one):
+
+* may be given as ``NAME_FILE`` instead, the path of a file holding the value (as Docker
+  secrets provide it; one trailing newline is dropped); both set is an error;
+* is refused while it still holds the ``.env.example`` placeholder (:data:`PLACEHOLDER`),
+  from the variable or from the file;
+* is shown as ``***`` by :func:`redacted_repr` (``__repr__ = variables.redacted_repr`` in a
+  settings class), and never by ``meterflow config``, which lists defaults only.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ class Variable:
     parse: Callable[[str], Any] | None = None
     #: How the default is written in the docs, when ``str(default)`` would not say it.
     shown: str | None = None
-    #: A secret: the .env.example placeholder is refused.
+    #: A secret: may come from ``NAME_FILE``, the placeholder is refused, reprs hide it.
     secret: bool = False
 
 
@@ -149,6 +158,39 @@ def _raw(env: Mapping[str, str], name: str) -> str | None:
     return None if value is None or not value.strip() else value.strip()
 
 
+#: The suffix of the variable that names a file holding a secret's value.
+FILE_SUFFIX = "_FILE"
+
+
+def secret_value(env: Mapping[str, str], name: str) -> str | None:
+    """The secret ``name`` from ``env``, or from the file ``NAME_FILE`` names (one trailing
+    newline dropped); None when neither is set. One ConfigError line when both are set, the
+    file cannot be read or is empty, or the value is still the placeholder."""
+    file_name = name + FILE_SUFFIX
+    given, path = _raw(env, name), _raw(env, file_name)
+    if given is not None and path is not None:
+        raise ConfigError(f"{name} and {file_name} are both set: keep one")
+    where = name
+    if path is not None:
+        try:
+            given = Path(path).expanduser().read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(
+                f"{file_name}={path} cannot be read ({reason}): point it at the file holding {name}"
+            ) from None
+        given = given.removesuffix("\n").removesuffix("\r")
+        if not given:
+            raise ConfigError(f"{file_name}={path} is empty: write {name} into it")
+        where = f"{file_name}={path}"
+    if given is not None and PLACEHOLDER in given:
+        raise ConfigError(
+            f"{where} still holds a {PLACEHOLDER} placeholder: set it (see .env.example; "
+            "meterflow doctor checks them all)"
+        )
+    return given
+
+
 def _key_name(declared: Variable, key: str) -> str:
     return declared.name.format(key=key.upper())
 
@@ -166,11 +208,6 @@ def parse(cls: type[T], env: Mapping[str, str], label: str = "") -> T:
             if _is_declared(kind):
                 values[field.name] = parse(kind, env, field.metadata.get("label", field.name))
             continue
-        if declared.secret and PLACEHOLDER in (env.get(declared.name) or ""):
-            raise ConfigError(
-                f"{declared.name} still holds a {PLACEHOLDER} placeholder: set it (see "
-                ".env.example; meterflow doctor checks them all)"
-            )
         if declared.keys:
             default = _default(field)
             value_kind = get_args(kind)[1]
@@ -182,11 +219,13 @@ def parse(cls: type[T], env: Mapping[str, str], label: str = "") -> T:
                 for key in declared.keys
             }
             continue
-        raw = _raw(env, declared.name)
+        raw = secret_value(env, declared.name) if declared.secret else _raw(env, declared.name)
         if raw is not None:
             values[field.name] = _convert(kind, raw, declared, declared.name)
     try:
         return cls(**values)
+    except ConfigError:  # already one line naming its variable
+        raise
     except ValueError as exc:
         raise ConfigError(f"{label or cls.__name__}: {exc}") from None
 
@@ -245,8 +284,29 @@ def table(cls: type) -> list[Entry]:
                 )
             continue
         text = declared.shown if declared.shown is not None else _shown(default)
-        entries.append(Entry(declared.name, text, _kind(kind, declared), declared.doc))
+        doc = declared.doc
+        if declared.secret:
+            doc += f"; or `{declared.name}{FILE_SUFFIX}`, a file holding it"
+        entries.append(Entry(declared.name, text, _kind(kind, declared), doc))
     return entries
+
+
+#: How :func:`redacted_repr` shows a secret that is set.
+REDACTED = "***"
+
+
+def redacted_repr(self: Any) -> str:
+    """A declared dataclass's repr with every secret that is set shown as ``***``; use as
+    ``__repr__ = variables.redacted_repr`` in the class body."""
+    parts = []
+    for field in dataclasses.fields(self):
+        if not field.repr:
+            continue
+        value = getattr(self, field.name)
+        declared = field.metadata.get(_METADATA_KEY)
+        shown = REDACTED if declared is not None and declared.secret and value else repr(value)
+        parts.append(f"{field.name}={shown}")
+    return f"{type(self).__name__}({', '.join(parts)})"
 
 
 def default_text(cls: type, name: str) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from meterflow.clients import kafka
 from meterflow.core.config import Settings
-from meterflow.core.errors import MeterflowError
+from meterflow.core.errors import ConfigError, MeterflowError
 from meterflow.core.logs import get_logger
 from meterflow.local.service import LOOPBACK, LocalService, port_open
 
@@ -69,11 +69,22 @@ def kafka_for(
     """
     broker = None
     if settings.bootstrap_servers:
-        kafka.check_reachable(settings.bootstrap_servers)
-        log.info("kafka=external bootstrap=%s", settings.bootstrap_servers)
+        kafka.check_reachable(settings.kafka)
+        log.info(
+            "kafka=external bootstrap=%s security=%s",
+            settings.bootstrap_servers,
+            settings.kafka_security.protocol,
+        )
+    elif settings.kafka_security.protocol != "plaintext":
+        raise ConfigError(
+            f"KAFKA_SECURITY_PROTOCOL={settings.kafka_security.protocol} needs "
+            "KAFKA_BOOTSTRAP_SERVERS: the local broker (tansu) speaks plaintext only; point "
+            "KAFKA_BOOTSTRAP_SERVERS at the secured cluster, or unset the KAFKA_SECURITY_* "
+            "and KAFKA_SASL_* variables"
+        )
     elif port_open(settings.local_broker_port):
         settings = settings.with_bootstrap(f"127.0.0.1:{settings.local_broker_port}")
-        kafka.check_reachable(settings.bootstrap_servers)
+        kafka.check_reachable(settings.kafka)
         log.info("kafka=local-running bootstrap=%s", settings.bootstrap_servers)
     elif not start_local:
         raise BrokerError(
@@ -89,7 +100,7 @@ def kafka_for(
     try:
         if create_topics:
             topics = settings.topics
-            created = kafka.ensure_topics(settings.bootstrap_servers, topics, settings.partitions)
+            created = kafka.ensure_topics(settings.kafka, topics, settings.partitions)
             if created:
                 log.info("topics created=%s partitions=%d", ",".join(created), settings.partitions)
         yield settings, broker

@@ -26,6 +26,7 @@ from meterflow.clients.kafka import ProducerSink
 from meterflow.core.config import Settings
 from meterflow.core.contract import STATEFUL_FAULTS, FaultCode
 from meterflow.core.errors import ConfigError, MeterflowError
+from meterflow.core.kafka_security import KafkaCluster
 from meterflow.core.logs import get_logger
 from meterflow.local.broker import kafka_for
 
@@ -77,7 +78,7 @@ def run_platform(settings: Settings, options: RunOptions) -> RunResult:
             file=sys.stderr,
         )
         drain = Drain(live)
-        drain.producer = ProducerSink(live.bootstrap_servers, live.topic_readings)
+        drain.producer = ProducerSink(live.kafka, live.topic_readings)
         if options.simulator:
             try:
                 simulation = background_simulation(
@@ -236,7 +237,7 @@ class Drain:
             if self.producer is not None:
                 self.producer.flush(30)
             topic = self.settings.topic_readings
-            ends = _topic_ends(self.settings.bootstrap_servers, topic)
+            ends = _topic_ends(self.settings.kafka, topic)
             caught_up = _wait_for(lambda: self._stream_has(topic, ends), self.timeout)
             log.info("drain=stream caught_up=%s readings_end=%s", str(caught_up).lower(), ends)
         except Exception as exc:  # Kafka gone, say: stop the stream all the same
@@ -259,11 +260,9 @@ class Drain:
         draining = self._thread is not None and not self.stop_sink.is_set()
         if draining and "sink" not in self.dead:
             topics = (self.settings.topic_abnormal, self.settings.topic_status)
-            ends = {t: _topic_ends(self.settings.bootstrap_servers, t) for t in topics}
+            ends = {t: _topic_ends(self.settings.kafka, t) for t in topics}
             caught_up = _wait_for(
-                lambda: kafka.group_caught_up(
-                    self.settings.bootstrap_servers, self.settings.sink_group, ends
-                ),
+                lambda: kafka.group_caught_up(self.settings.kafka, self.settings.sink_group, ends),
                 self.timeout,
             )
             log.info("drain=sink caught_up=%s", str(caught_up).lower())
@@ -275,10 +274,10 @@ class Drain:
             self.producer.close(30)
 
 
-def _topic_ends(bootstrap: str, topic: str) -> dict[int, int]:
+def _topic_ends(cluster: KafkaCluster, topic: str) -> dict[int, int]:
     from meterflow.clients import kafka
 
-    client = kafka.consumer(bootstrap)
+    client = kafka.consumer(cluster)
     try:
         found = kafka.partition_ends(client, kafka.topic_partitions(client, [topic]))
     finally:

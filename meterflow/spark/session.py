@@ -11,6 +11,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql.streaming import DataStreamWriter, StreamingQuery
 
 from meterflow.core.config import env_value
+from meterflow.core.kafka_security import KafkaCluster
 from meterflow.spark.kafka_source import SOURCE_NAME, KafkaDataSource
 
 JVM_KAFKA_PROVIDER = "org.apache.spark.sql.kafka010.KafkaSourceProvider"
@@ -100,6 +101,18 @@ def kafka_format(spark: SparkSession, kafka_source: str) -> str:
             "(spark-submit --packages org.apache.spark:spark-sql-kafka-0-10_2.13:<spark version>)"
         )
     return "kafka" if available else SOURCE_NAME
+
+
+def source_options(cluster: KafkaCluster, source_format: str) -> dict[str, str]:
+    """The ``kafka.*`` options of the Kafka source ``source_format`` for ``cluster``: the
+    servers, and the security as the JVM source's Java client names it, or as the Python
+    source's librdkafka consumers (on the driver and every executor) take it."""
+    security = (
+        cluster.security.jvm_options()
+        if source_format == "kafka"
+        else {f"kafka.{key}": value for key, value in cluster.security.librdkafka().items()}
+    )
+    return {"kafka.bootstrap.servers": cluster.bootstrap, **security}
 
 
 def stop_active_session() -> None:

@@ -47,7 +47,7 @@ class GenerationChangedError(MeterflowError):
 def event_topics(settings: Settings) -> EventTopics:
     """Where the tasks publish events; the digest topic only with detection on."""
     return EventTopics(
-        settings.bootstrap_servers,
+        settings.kafka,
         settings.topic_abnormal,
         settings.topic_deadletter,
         settings.topic_status,
@@ -220,7 +220,7 @@ class LakeCommitter(ForeachBatch):
         """Commit one micro-batch: its tasks' files, offsets and counts, in one ledger entry."""
         started = time.monotonic()
         topic = self.settings.topic_readings
-        current = kafka.topic_ids(self.settings.bootstrap_servers, [topic])[topic]
+        current = kafka.topic_ids(self.settings.kafka, [topic])[topic]
         if current != self.generation:
             raise GenerationChangedError(
                 f"{topic} was recreated (id {self.generation} -> {current})"

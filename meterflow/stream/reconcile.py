@@ -40,7 +40,7 @@ class ReconcileReport:
 
 
 def _broker_offsets(
-    bootstrap_servers: str, topic: str
+    bootstrap_servers: kafka.Cluster, topic: str
 ) -> tuple[str, dict[int, tuple[int, int]]] | None:
     """The topic's generation and (first, end) per partition, or None if Kafka is away."""
     try:
@@ -80,14 +80,15 @@ def scan_lake(lake_path: str) -> pa.Table:
 
 
 def reconcile(
-    lake_path: str, topic: str, bootstrap_servers: str, scan_lake_files: bool = False
+    lake_path: str, topic: str, cluster: kafka.Cluster, scan_lake_files: bool = False
 ) -> ReconcileReport:
     """Audit the ledger of the lake at ``lake_path``; the readings ``topic`` is compared with
-    what Kafka at ``bootstrap_servers`` holds (not compared when that is empty)."""
+    what Kafka at ``cluster`` holds (not compared when its servers are empty)."""
+    bootstrap_servers = kafka.cluster_of(cluster).bootstrap
     report = ReconcileReport()
     ledger = Ledger.load(lake_path)
     report.audits = list(audit(ledger))
-    broker = _broker_offsets(bootstrap_servers, topic) if bootstrap_servers else None
+    broker = _broker_offsets(cluster, topic) if bootstrap_servers else None
     current, offsets = broker if broker else (None, {})
     if not report.audits:
         report.lines.append(f"the ledger at {lake_path} has no commits yet")

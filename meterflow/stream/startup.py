@@ -93,7 +93,7 @@ def plan_start(settings: Settings, ledger: Ledger, accept_data_loss: bool) -> St
       where the ledger ends.
     """
     topic = settings.topic_readings
-    generation = kafka.topic_ids(settings.bootstrap_servers, [topic])[topic]
+    generation = kafka.topic_ids(settings.kafka, [topic])[topic]
     _accept_generation(ledger, topic, generation, accept_data_loss)
     root = settings.checkpoint_path.rstrip("/")
     checkpoint = posixpath.join(root, "streaming", generation_dir(topic, generation))
@@ -109,7 +109,7 @@ def plan_start(settings: Settings, ledger: Ledger, accept_data_loss: bool) -> St
         lake.delete_dir(checkpoint)
     if not ends:
         return StreamPlan(generation, checkpoint, settings.starting_offsets)
-    client = kafka.consumer(settings.bootstrap_servers)
+    client = kafka.consumer(settings.kafka)
     try:
         partitions = [p for _, p in kafka.topic_partitions(client, [topic])]
     finally:

@@ -38,7 +38,13 @@ from meterflow.core.errors import MeterflowError, StreamUnavailableError
 from meterflow.core.ledger import Ledger
 from meterflow.core.logs import get_logger
 from meterflow.core.signals import SignalHandler, signals_handled
-from meterflow.spark.session import get_spark, kafka_format, set_log_levels, start_stream
+from meterflow.spark.session import (
+    get_spark,
+    kafka_format,
+    set_log_levels,
+    source_options,
+    start_stream,
+)
 from meterflow.stream.commit import LakeCommitter
 from meterflow.stream.detection.profiles import MeterProfile, load_profiles
 from meterflow.stream.detection.query import (
@@ -274,9 +280,9 @@ class Supervisor:
         settings = self.settings
         clock = "event" if self.available_now else settings.detection_time
         plan = plan_detection(
-            settings.bootstrap_servers, settings.topic_digest, settings.checkpoint_path, clock
+            settings.kafka, settings.topic_digest, settings.checkpoint_path, clock
         )
-        publisher = EpisodePublisher(settings.bootstrap_servers, settings.topic_abnormal)
+        publisher = EpisodePublisher(settings.kafka, settings.topic_abnormal)
         log.info(
             "detector source=%s topic=%s generation=%s clock=%s checkpoint=%s",
             self.source_format,
@@ -287,7 +293,7 @@ class Supervisor:
         )
         spec = DetectorSpec(
             source_format=self.source_format,
-            bootstrap_servers=settings.bootstrap_servers,
+            kafka=settings.kafka,
             digest_topic=settings.topic_digest,
             plan=plan,
             clock=clock,
@@ -307,7 +313,7 @@ class Supervisor:
             return False
         topic = self.settings.topic_readings
         try:
-            ids = kafka.topic_ids(self.settings.bootstrap_servers, [topic], timeout=5)
+            ids = kafka.topic_ids(self.settings.kafka, [topic], timeout=5)
         except kafka.KafkaUnavailableError:
             return False
         return ids[topic] != start.committer.generation
@@ -333,8 +339,8 @@ class Supervisor:
         if not backoff.wait():
             return False
         with contextlib.suppress(kafka.KafkaUnavailableError):
-            kafka.check_reachable(settings.bootstrap_servers, timeout=5)
-            kafka.ensure_topics(settings.bootstrap_servers, settings.topics, settings.partitions)
+            kafka.check_reachable(settings.kafka, timeout=5)
+            kafka.ensure_topics(settings.kafka, settings.topics, settings.partitions)
         return True
 
     def _stopped(self, totals: Counter[str], seconds: float) -> dict[str, int]:
@@ -362,7 +368,7 @@ def start_query(
     """Wire the source and the committer; return the running query."""
     reader = (
         spark.readStream.format(source_format)
-        .option("kafka.bootstrap.servers", settings.bootstrap_servers)
+        .options(**source_options(settings.kafka, source_format))
         .option("subscribe", settings.topic_readings)
         .option("startingOffsets", plan.starting_offsets)
         # Deleted offsets are skipped by the source and decided on by the committer, which

@@ -79,7 +79,8 @@ _READING_COLUMNS = [name for name in LAKE_COLUMNS if name != PARTITION_COLUMN]
 class EventTopics:
     """Where the tasks publish; ``None`` in tests that only look at the lake."""
 
-    bootstrap: str
+    #: The cluster (pickled to the tasks with its security: every worker's producer logs in).
+    bootstrap: kafka.Cluster
     abnormal: str
     deadletter: str
     status: str
@@ -102,7 +103,7 @@ class TaskPlan:
     topics: EventTopics | None = None
 
 
-_producers: dict[str, Any] = {}  # one per Python worker process, reused across tasks
+_producers: dict[kafka.Cluster, Any] = {}  # one per Python worker process, reused across tasks
 
 
 class _Publisher:

@@ -26,7 +26,7 @@ class LakePartitionCompleteSensor(BaseSensorOperator):
         settings = MeterflowHook().settings
         done, why = day_readiness(
             settings.lake_path,
-            settings.bootstrap_servers,
+            settings.kafka,
             settings.topic_readings,
             date.fromisoformat(self.day),
             settings.reading_interval_seconds,

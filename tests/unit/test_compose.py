@@ -182,6 +182,37 @@ def test_only_mongodb_and_mongo_users_see_the_root_credentials(raw) -> None:
     assert "mongo-users" in services["mongo-init"]["depends_on"]
 
 
+def test_every_kafka_client_logs_in_and_only_the_broker_listens_in_clear(resolved) -> None:
+    services = resolved["services"]
+    kafka = services["kafka"]["environment"]
+    protocols = dict(
+        pair.split(":") for pair in kafka["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(",")
+    )
+    listeners = kafka["KAFKA_LISTENERS"].split(",")
+    for listener in listeners:
+        name, _, address = listener.partition("://")
+        # Whatever other containers or the host reach requires a login.
+        if protocols[name] == "PLAINTEXT" and name != "CONTROLLER":
+            assert address.startswith("127.0.0.1:"), f"{listener} is open without a login"
+    assert protocols["CLIENT"] == protocols["HOST"] == "SASL_PLAINTEXT"
+    login = f"user_{env_example()['KAFKA_SASL_USERNAME']}="
+    assert login in kafka["KAFKA_LISTENER_NAME_CLIENT_PLAIN_SASL_JAAS_CONFIG"]
+    clients = {
+        name: service
+        for name, service in services.items()
+        if "KAFKA_BOOTSTRAP_SERVERS" in (service.get("environment") or {})
+    }
+    wanted = {"simulator", "sink", "streaming-job", "kafka-init", "airflow-triggerer"}
+    assert wanted <= clients.keys()
+    for name, service in clients.items():
+        env = service["environment"]
+        assert env["KAFKA_SECURITY_PROTOCOL"] == "sasl_plaintext", name
+        assert env["KAFKA_SASL_USERNAME"] and env["KAFKA_SASL_PASSWORD"], name
+    extra = json.loads(services["airflow-triggerer"]["environment"]["AIRFLOW_CONN_KAFKA_DEFAULT"])
+    assert extra["extra"]["sasl.username"] == env_example()["KAFKA_SASL_USERNAME"]
+    assert extra["extra"]["security.protocol"] == "sasl_plaintext"
+
+
 def test_every_host_port_binds_to_the_bind_address(resolved) -> None:
     services = resolved["services"]
     published = {name: s["ports"] for name, s in services.items() if "ports" in s}

@@ -15,6 +15,7 @@ from meterflow.compose_check import HOST_PORTS, env_problems, memory_limits, rea
 GOOD = {
     "MONGO_ROOT_PASSWORD": "s3cret-mongo",
     "MONGO_APP_PASSWORD": "s3cret-mongo-app",
+    "KAFKA_SASL_PASSWORD": "s3cret-kafka",
     "MONGO_READER_PASSWORD": "s3cret-mongo-reader",
     "AIRFLOW_ADMIN_PASSWORD": "s3cret-airflow",
     "AIRFLOW_POSTGRES_PASSWORD": "s3cret-db",

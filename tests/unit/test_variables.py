@@ -150,3 +150,53 @@ def test_metabase_reads_only_its_own_variables_beside_the_platforms_mongodb() ->
     assert own.mongo_uri == "mongodb://r@db/"
     with pytest.raises(ConfigError, match="METABASE_MONGO_URI \\(or MONGO_URI\\) must be set"):
         MetabaseSettings.from_env(Settings.from_env({}), env)
+
+
+# -- secrets: NAME_FILE, placeholders in files, redaction -------------------------------------
+
+
+def test_a_secret_may_come_from_a_file_named_by_its_file_variable(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("s3cret with spaces \n")  # one trailing newline dropped, nothing else
+    assert variables.parse(Example, {"T_PASSWORD_FILE": str(secret)}).password == (
+        "s3cret with spaces "
+    )
+    assert variables.parse(Example, {"T_NAME_FILE": str(secret)}).name == "x"  # not a secret
+
+
+@pytest.mark.parametrize(
+    ("content", "env", "message"),
+    [
+        ("a\n", {"T_PASSWORD": "b"}, "T_PASSWORD and T_PASSWORD_FILE are both set: keep one"),
+        (None, {}, "T_PASSWORD_FILE={path} cannot be read (No such file or directory): point "),
+        ("\n", {}, "T_PASSWORD_FILE={path} is empty: write T_PASSWORD into it"),
+        (
+            "CHANGE-ME-1\n",
+            {},
+            "T_PASSWORD_FILE={path} still holds a CHANGE-ME placeholder: set it",
+        ),
+    ],
+)
+def test_a_bad_secret_file_is_one_line_naming_its_variable(
+    tmp_path: Path, content: str | None, env: dict[str, str], message: str
+) -> None:
+    path = tmp_path / "password"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as raised:
+        variables.parse(Example, {"T_PASSWORD_FILE": str(path), **env})
+    assert str(raised.value).startswith(message.format(path=path))
+    assert "\n" not in str(raised.value)
+
+
+def test_a_secret_is_redacted_in_reprs_and_its_file_variable_documented() -> None:
+    @dataclass(frozen=True)
+    class Secretive:
+        user: str = variable("T_USER", "a user", "")
+        password: str = variable("T_PASSWORD", "a secret", "", secret=True)
+        __repr__ = variables.redacted_repr
+
+    shown = repr(variables.parse(Secretive, {"T_USER": "alice", "T_PASSWORD": "hunter2"}))
+    assert shown == "Secretive(user='alice', password=***)"
+    assert repr(Secretive()) == "Secretive(user='', password='')"  # unset: nothing to hide
+    assert variables.table(Secretive)[1].doc == "a secret; or `T_PASSWORD_FILE`, a file holding it"

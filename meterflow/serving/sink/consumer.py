@@ -164,7 +164,7 @@ class Sink:
             instance_id, self._instance_lock = claimed or (False, None)
         self.instance_id: str | None = instance_id or None
         self.consumer = kafka.consumer(
-            settings.bootstrap_servers,
+            settings.kafka,
             **{
                 "group.id": settings.sink_group,
                 **({"group.instance.id": self.instance_id} if self.instance_id else {}),
@@ -183,7 +183,7 @@ class Sink:
             },
         )
         self.producer = kafka.producer(
-            settings.bootstrap_servers, **{"enable.idempotence": True, "linger.ms": 5}
+            settings.kafka, **{"enable.idempotence": True, "linger.ms": 5}
         )
         self._batch: list[_Entry] = []
         self._held: list[_Entry] = []  # arrived while a batch was being retried

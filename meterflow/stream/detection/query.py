@@ -33,11 +33,12 @@ from pyspark.sql.streaming import StreamingQuery
 from meterflow.clients import kafka
 from meterflow.core import lake
 from meterflow.core.contract import FaultCode
+from meterflow.core.kafka_security import KafkaCluster
 from meterflow.core.logs import get_logger
 from meterflow.core.messages import AbnormalEvent, Episode, encode
 from meterflow.core.thresholds import DetectionRules
 from meterflow.core.timestamps import format_timestamp_us
-from meterflow.spark.session import start_stream
+from meterflow.spark.session import source_options, start_stream
 from meterflow.stream.detection.processor import (
     EVENT_TIME,
     PROCESSING_TIME,
@@ -72,7 +73,7 @@ class DetectionPlan:
 
 
 def plan_detection(
-    bootstrap_servers: str, topic: str, checkpoint_path: str, clock: str
+    bootstrap_servers: kafka.Cluster, topic: str, checkpoint_path: str, clock: str
 ) -> DetectionPlan:
     """The checkpoint of the digest topic's current generation under this ``clock``.
 
@@ -166,7 +167,7 @@ class EpisodePublisher(ForeachBatch):
     committed without them.
     """
 
-    def __init__(self, bootstrap_servers: str, topic: str) -> None:
+    def __init__(self, bootstrap_servers: kafka.Cluster, topic: str) -> None:
         super().__init__()
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
@@ -217,7 +218,7 @@ class DetectorSpec:
     how often it runs."""
 
     source_format: str  # the Kafka source: "kafka" (JVM) or the Python one
-    bootstrap_servers: str
+    kafka: KafkaCluster
     digest_topic: str
     plan: DetectionPlan
     clock: str  # METERFLOW_DETECTION_TIME: "processing" or "event"
@@ -241,7 +242,7 @@ def start_detection(
     """
     digests = (
         spark.readStream.format(spec.source_format)
-        .option("kafka.bootstrap.servers", spec.bootstrap_servers)
+        .options(**source_options(spec.kafka, spec.source_format))
         .option("subscribe", spec.digest_topic)
         .option("startingOffsets", "earliest")
         .option("failOnDataLoss", "false")
