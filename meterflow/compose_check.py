@@ -16,7 +16,7 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-from meterflow.core.variables import PLACEHOLDER
+from meterflow.core.variables import FILE_SUFFIX, PLACEHOLDER
 from meterflow.local.service import port_open
 
 GENERATE = {
@@ -54,6 +54,14 @@ def _fernet_ok(key: str) -> bool:
         return False
 
 
+def _stale_secret_file(name: str, value: str) -> bool:
+    """A secret given as a file (``NAME_FILE``, as Docker secrets do) still holding the
+    placeholder."""
+    if not name.endswith(FILE_SUFFIX) or not value or not Path(value).is_file():
+        return False
+    return PLACEHOLDER in Path(value).read_text(errors="replace")
+
+
 def env_problems(values: Mapping[str, str]) -> list[str]:
     """One line per bad value: the variable, what is wrong, how to make a good one."""
     problems = []
@@ -61,6 +69,13 @@ def env_problems(values: Mapping[str, str]) -> list[str]:
         if PLACEHOLDER in value:
             how = GENERATE.get(name, _PASSWORD)
             problems.append(f"{name} is still a {PLACEHOLDER} placeholder: set it, e.g. {how}")
+        elif _stale_secret_file(name, value):
+            secret = name.removesuffix(FILE_SUFFIX)
+            how = GENERATE.get(secret, _PASSWORD)
+            problems.append(
+                f"{name}={value} still holds a {PLACEHOLDER} placeholder: write the real "
+                f"{secret} into it, e.g. {how}"
+            )
     fernet = values.get("AIRFLOW_FERNET_KEY", "")
     if fernet and PLACEHOLDER not in fernet and not _fernet_ok(fernet):
         problems.append(

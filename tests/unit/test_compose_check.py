@@ -36,6 +36,18 @@ def test_the_example_env_is_refused_for_each_placeholder() -> None:
     assert "Fernet.generate_key()" in fernet
 
 
+def test_a_secret_file_with_a_placeholder_is_refused(tmp_path: Path) -> None:
+    """A password given as NAME_FILE (Docker secrets) is checked like one in .env."""
+    stale, real = tmp_path / "kafka_password", tmp_path / "mongo_password"
+    stale.write_text("CHANGE-ME-kafka\n")
+    real.write_text("s3cret-from-a-file\n")
+    problems = env_problems(
+        {**GOOD, "KAFKA_SASL_PASSWORD_FILE": str(stale), "MONGO_APP_PASSWORD_FILE": str(real)}
+    )
+    assert len(problems) == 1
+    assert problems[0].startswith(f"KAFKA_SASL_PASSWORD_FILE={stale} still holds a CHANGE-ME")
+
+
 def test_good_values_pass_and_each_bad_kind_is_named() -> None:
     assert env_problems(GOOD) == []
     bad = {
