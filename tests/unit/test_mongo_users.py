@@ -97,7 +97,7 @@ def test_mongo_users_command(
     assert cli.main(["mongo-users"]) == 0
     out = capsys.readouterr().out
     assert f"user {app}: updated" in out and f"user {reader}: updated" in out
-    assert "pw" not in out  # no password is printed
+    assert "app-pw" not in out and "reader-pw" not in out  # no password is printed
     if real:
         _check_logins(real, mongo_db_name, app, reader)
         return
