@@ -66,6 +66,12 @@ def meterflow_env(bootstrap: str, make_topics, tmp_path: Path) -> dict[str, str]
         "MONGO_URI": "mongomock://compose",
         "METERFLOW_KAFKA_SOURCE": "python",  # natively there is no spark-sql-kafka jar
         "PYSPARK_PYTHON": sys.executable,
+        # Compose's Kafka requires a SASL login; the native broker takes none (it cannot
+        # require one: docs/operations.md, "A secured Kafka"). The login itself is run by
+        # tests/integration/test_secure_kafka.py, its wiring checked by test_compose.py.
+        "KAFKA_SECURITY_PROTOCOL": "plaintext",
+        "KAFKA_SASL_USERNAME": "",
+        "KAFKA_SASL_PASSWORD": "",
         **make_topics(1),
     }
 
