@@ -412,15 +412,23 @@ def await_queries(
             every()
 
 
+#: How long a stop waits for the detector query to be between two batches. Its batches
+#: may run back to back (processing-time timers), so it may never be; a batch cut short is
+#: run again at the next start and publishes the same event ids (docs/architecture.md).
+DETECTOR_STOP_GRACE_S = 2.0
+
+
 def stop_queries(queries: list[StreamingQuery], signalled: bool, grace_s: float = 60.0) -> set[int]:
-    """Stop the queries still running, each between two of its micro-batches if it can
-    within ``grace_s``: a batch that runs commits first (one still running when the query
-    stops is cancelled, and redone at the next start). The ``id`` of each query stopped."""
+    """Stop the queries still running, each between two of its micro-batches if it can:
+    the lake query's batch commits first if it ends within ``grace_s`` (one still running
+    then is cancelled, and redone at the next start), the detector's within
+    :data:`DETECTOR_STOP_GRACE_S`. The ``id`` of each query stopped."""
     if signalled and any(q.isActive for q in queries):
         log.info("streaming=stopping reason=signal")
-    deadline = time.monotonic() + grace_s
     stopped = set()
     for query in queries:
+        grace = grace_s if query.name == QUERY_NAME else min(grace_s, DETECTOR_STOP_GRACE_S)
+        deadline = time.monotonic() + grace
         while query.isActive and query.status["isTriggerActive"]:
             if time.monotonic() > deadline:
                 break

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from helpers import PROTOTYPE, ROOT, meterflow, send, still_running, wait_for
@@ -44,25 +43,6 @@ def test_unreachable_kafka_is_named() -> None:
     result = meterflow("topics", env={"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9"})
     assert result.returncode == 2
     assert "127.0.0.1:9" in result.stderr and len(result.stderr.strip().splitlines()) == 1
-
-
-def test_spark_submit_runs_the_streaming_job(make_settings) -> None:
-    settings = make_settings(partitions=1)
-    send(settings, PROTOTYPE)
-    spark_submit = Path(sys.executable).parent / "spark-submit"
-    result = subprocess.run(
-        [str(spark_submit), "--master", "local[2]", "jobs/streaming_job.py", "--available-now"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **env_of(settings)},
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    # spark-submit's Python runner merges the driver's stderr (our logs) into stdout.
-    assert "read=4 valid=2 abnormal=1 deadletter=1" in result.stdout + result.stderr
-    lake = settings.data_dir / "lake" / "readings" / "date=2024-05-27"
-    assert list(lake.glob("*.parquet")), f"no Parquet under {lake}"
 
 
 #: Spark's noise the stream's log must not carry (the issue "A house a newcomer can live
@@ -117,48 +97,6 @@ def test_stream_stops_cleanly_on_sigterm(make_settings) -> None:
     ledger = meterflow("reconcile", "--scan-lake", env=env_of(settings))
     assert ledger.returncode == 0, ledger.stderr
     assert "reconciled: 4 offsets in 1 generation(s)" in ledger.stdout
-
-
-def test_run_brings_up_simulator_stream_sink_and_mongodb(make_settings, free_port) -> None:
-    """`meterflow run` (the README's main job) with the broker of the tests and its own
-    MongoDB stand-in: readings flow into the lake and, through the sink, into MongoDB."""
-    import pymongo
-
-    settings = make_settings(partitions=2)
-    env = {
-        **env_of(settings),
-        "METERFLOW_TOPIC_STATUS": settings.topic_status,
-        "MONGO_URI": "",
-        "METERFLOW_LOCAL_MONGO_PORT": str(free_port),
-    }
-    process = started(["-m", "meterflow.cli", "run", "--meters", "40", "--interval", "1s"], env)
-    db = pymongo.MongoClient(f"mongodb://127.0.0.1:{free_port}/", serverSelectionTimeoutMS=500)[
-        "iot"
-    ]
-
-    def statuses() -> int:
-        try:
-            return db["meter_status"].count_documents({})
-        except pymongo.errors.PyMongoError:  # the stand-in is not up yet
-            return 0
-
-    try:
-        wait_for(
-            lambda: still_running(process) and statuses() >= 40,
-            240,
-            "the sink to write a status for each of the 40 meters",
-        )
-        assert db["meters"].count_documents({}) == 40  # the registry, loaded at start
-    finally:
-        process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err[-3000:]
-    assert "this run: read" in out
-    assert "sink=stopped" in err and "reconciled=true" in err
-    ledger = meterflow("reconcile", "--scan-lake", env=env)
-    assert ledger.returncode == 0, ledger.stderr
-    assert "reconciled:" in ledger.stdout
-    assert list((settings.data_dir / "lake" / "readings").glob("date=*/*.parquet"))
 
 
 #: ``meterflow run`` as a real process with one worker's loop replaced, before the command

@@ -125,9 +125,24 @@ def test_an_unwritable_path_is_one_line_before_spark_starts(
 RUN_ARGS = ("--meters", "30", "--interval", "1s", "--episodes", "none")
 
 
+def _documents(mongo_port: str, collection: str) -> int:
+    """How many documents ``collection`` holds in the run's own MongoDB (0 while it is not
+    up)."""
+    import pymongo
+
+    client = pymongo.MongoClient(f"mongodb://127.0.0.1:{mongo_port}/", serverSelectionTimeoutMS=500)
+    try:
+        return client["iot"][collection].count_documents({})
+    except pymongo.errors.PyMongoError:
+        return 0
+    finally:
+        client.close()
+
+
 def _run_platform(env: dict[str, str], logs: Path) -> tuple[int, str, str]:
-    """``meterflow run`` until its stream has committed readings of this run, then Ctrl-C
-    while the simulator still sends; returns (readings sent, out, err)."""
+    """``meterflow run`` until its stream has committed readings of this run and the sink
+    has written a status for every meter, then Ctrl-C while the simulator still sends;
+    returns (readings sent, out, err)."""
     lake_path = Settings.from_env({**env, "KAFKA_BOOTSTRAP_SERVERS": ""}).lake_path
     before = committed_offsets(lake_path)
     logs.mkdir(parents=True, exist_ok=True)
@@ -149,35 +164,53 @@ def _run_platform(env: dict[str, str], logs: Path) -> tuple[int, str, str]:
             details=lambda: log_tail(err_log),
             interval=0.5,  # each look reads the ledger
         )
+        wait_for(
+            lambda: (
+                still_running(process, err_log)
+                and _documents(env["METERFLOW_LOCAL_MONGO_PORT"], "meter_status") >= 30
+            ),
+            120,
+            "the sink to write a status for each of the 30 meters",
+            details=lambda: log_tail(err_log),
+        )
+        # The registry, loaded at start.
+        assert _documents(env["METERFLOW_LOCAL_MONGO_PORT"], "meters") == 30
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(timeout=240)
     out_text, err_text = out_log.read_text(), err_log.read_text()
     assert process.returncode == 0, err_text[-4000:]
+    assert "this run: read" in out_text, out_text[-2000:]
     sent = re.search(r"simulator=stopped sent=(\d+)", err_text)
     assert sent, err_text[-3000:]
     assert "drain=stream caught_up=true" in err_text, err_text[-3000:]
     assert "drain=sink caught_up=true" in err_text, err_text[-3000:]
+    assert "sink=stopped" in err_text and "reconciled=true" in err_text, err_text[-3000:]
     return int(sent.group(1)), out_text, err_text
 
 
 @pytest.mark.parametrize("fresh_broker", [True, False], ids=["fresh-local-broker", "same-broker"])
 def test_two_restarts_of_meterflow_run_lose_nothing(fresh_broker: bool, make_settings, tmp_path):
     """Issue: a restarted `meterflow run` lost ~1,000 of 1,350 readings; a clean stop lost
-    what the simulator sent last."""
+    what the simulator sent last. Each run brings up the simulator, the stream, the sink and
+    its own MongoDB stand-in: readings reach the lake and, through the sink, MongoDB."""
     env = {
         "METERFLOW_DATA_DIR": str(tmp_path / "data"),
         "METERFLOW_KAFKA_SOURCE": "python",
         "METERFLOW_TRIGGER_SECONDS": "1",
         "MONGO_URI": "",
         "METERFLOW_LOCAL_MONGO_PORT": str(free_port()),
-        # The lake's ledger is the subject: the stateful stage's restarts and stops are
-        # tests/integration/test_detection_stream.py's and test_cli_processes.py's.
-        "METERFLOW_DETECTION": "off",
     }
     if fresh_broker:  # each run starts (and drains, then stops) its own in-memory broker
-        env |= {"KAFKA_BOOTSTRAP_SERVERS": "", "METERFLOW_LOCAL_BROKER_PORT": str(free_port())}
+        # The lake's ledger is the subject: the stateful stage's restarts are
+        # tests/integration/test_detection_stream.py's.
+        env |= {
+            "KAFKA_BOOTSTRAP_SERVERS": "",
+            "METERFLOW_LOCAL_BROKER_PORT": str(free_port()),
+            "METERFLOW_DETECTION": "off",
+        }
     else:  # a broker that outlives the runs, as with `meterflow broker` or a cluster
+        # The stateful stage on, as a user's `meterflow run` has it.
         settings = make_settings(partitions=2)
         env |= {
             "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
@@ -185,6 +218,7 @@ def test_two_restarts_of_meterflow_run_lose_nothing(fresh_broker: bool, make_set
             "METERFLOW_TOPIC_ABNORMAL": settings.topic_abnormal,
             "METERFLOW_TOPIC_DEADLETTER": settings.topic_deadletter,
             "METERFLOW_TOPIC_STATUS": settings.topic_status,
+            "METERFLOW_TOPIC_DIGEST": settings.topic_digest,
         }
     sent = [_run_platform(env, tmp_path / f"run-{n}")[0] for n in range(2)]
 

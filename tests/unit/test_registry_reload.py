@@ -20,6 +20,7 @@ from meterflow.core.config import Settings
 from meterflow.core.thresholds import DetectionRules
 from meterflow.stream import supervisor as supervising
 from meterflow.stream.detection.profiles import MeterProfile
+from meterflow.stream.detection.query import QUERY_NAME as DETECTOR_QUERY
 from meterflow.stream.detection.reload import RegistryWatcher
 
 RULES = DetectionRules()
@@ -78,7 +79,8 @@ def test_a_changed_registry_reloads_once_and_a_bad_one_keeps_the_old(tmp_path: P
 class FakeQuery:
     """A running query as the supervisor sees it."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = DETECTOR_QUERY) -> None:
+        self.name = name
         self.isActive = True
         self.status = {"isTriggerActive": False}
 
@@ -111,7 +113,11 @@ def test_the_supervisor_restarts_only_the_detector_with_the_new_profiles(
         return new_publisher, new_detector
 
     monkeypatch.setattr(supervisor, "_start_detector", start_detector)
-    lake_query, detector, publisher = FakeQuery(), FakeQuery(), FakePublisher({"open_STUCK": 2})
+    lake_query, detector, publisher = (
+        FakeQuery(supervising.QUERY_NAME),
+        FakeQuery(),
+        FakePublisher({"open_STUCK": 2}),
+    )
     start = supervising._Start(publisher=publisher)  # type: ignore[arg-type]
     queries: list[Any] = [lake_query, detector]
 
