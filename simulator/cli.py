@@ -40,6 +40,8 @@ from simulator.faults import (
     DEFAULT_FAULT_RATE,
     DEFAULT_MALFORMED_RATE,
     DEMO_EPISODE_RATES,
+    EPISODE_SIZES,
+    FIELD_SIZES,
     EpisodeRates,
     FaultRates,
     parse_rate_table,
@@ -64,6 +66,8 @@ log = get_logger("simulator.cli")
 FLUSH_TIMEOUT_S = 60.0
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": SECONDS_PER_DAY}
+#: ``--late-max``: a late radio's readings arrive within the hour.
+DEFAULT_LATE_MAX_S = 3600.0
 
 
 def parse_seconds(text: str) -> float:
@@ -208,9 +212,10 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="default|none|KIND=RATE,...",
         help="stateful fault episodes started per meter and day (LEAK: per water meter-day), "
         f"KIND: {', '.join(STATEFUL_FAULTS)} (default none; 'default': "
-        f"{DEFAULT_EPISODE_RATE:g} each). STUCK: 12-48 readings repeat one value; SPIKE: one "
-        "reading 30x the meter's typical level; LEAK: 30-54 h of added flow; NO_DATA: 8-96 "
-        "intervals with no message. Episodes never overlap each other or a stateless fault",
+        f"{DEFAULT_EPISODE_RATE:g} each): STUCK repeats one value, SPIKE is one reading "
+        "above the meter's typical level, LEAK adds a flow for over a day, NO_DATA sends "
+        "nothing; sized by --episode-sizes. Episodes never overlap each other or a "
+        "stateless fault",
     )
     parser.add_argument(
         "--episode-rate",
@@ -221,12 +226,23 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         help="set one episode kind's rate on top of --episode-rates (repeatable)",
     )
     parser.add_argument(
+        "--episode-sizes",
+        choices=EPISODE_SIZES,
+        default=FIELD_SIZES,
+        help="field (default): sizes drawn log-uniform from field-like ranges that know "
+        "nothing of the detection thresholds, so some episodes are too small for any rule "
+        "(STUCK 30 min-48 h, SPIKE 2-100x the typical level, LEAK 0.5-50 L/h for 30-78 h, "
+        "NO_DATA 15 min-3 days); rules: sized from the thresholds so that each trips its "
+        "rule (STUCK 12-48 readings, SPIKE 30x, LEAK 3-8x the night threshold for 30-54 h, "
+        "NO_DATA 8-96 intervals)",
+    )
+    parser.add_argument(
         "--ground-truth",
         default=None,
         metavar="PATH",
         help="write every injected episode (device_id, meter_type, fault_code, start, end: "
         "event times of the first and last affected or missing reading, readings, value, "
-        "complete) to PATH when the run ends: JSON lines if PATH ends .jsonl, else Parquet "
+        "size, complete) to PATH when the run ends: JSON lines if PATH ends .jsonl, else Parquet "
         "(default with episodes: LAKE_PATH/registry/ground_truth.parquet)",
     )
     parser.add_argument(
@@ -262,6 +278,36 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=DEFAULT_REPEAT_SHARE,
         help=f"share of readings sent twice (default {DEFAULT_REPEAT_SHARE:g})",
+    )
+    parser.add_argument(
+        "--clock-jitter",
+        type=parse_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="move each reading's timestamp by a random whole number of seconds up to this "
+        "either way, as a meter's clock does (below half the interval; default 0)",
+    )
+    parser.add_argument(
+        "--late-share",
+        type=float,
+        default=0.0,
+        help="share of meters whose radio delivers every reading late, in order, by a whole "
+        "number of intervals of their own up to --late-max (default 0)",
+    )
+    parser.add_argument(
+        "--late-max",
+        type=parse_seconds,
+        default=DEFAULT_LATE_MAX_S,
+        metavar="SECONDS",
+        help=f"the latest a late meter's readings arrive (default {DEFAULT_LATE_MAX_S:g} s)",
+    )
+    parser.add_argument(
+        "--constant-load-share",
+        type=float,
+        default=0.0,
+        help="share of electricity meters on a constant load, a pump (the same every "
+        "interval) or street lighting (the same from 18:00 to 06:00 UTC, 0 by day); the "
+        "registry marks them constant_load (default 0)",
     )
     parser.add_argument(
         "--consumption-truth",
@@ -302,6 +348,11 @@ def config_from_args(
         episodes=EpisodeRates({**args.episode_rates, **dict(args.episode_rate)}),
         **defects_from_args(args),
         timezone=timezone,
+        episode_sizes=args.episode_sizes,
+        clock_jitter_s=args.clock_jitter,
+        late_share=args.late_share,
+        late_max_s=args.late_max,
+        constant_load_share=args.constant_load_share,
     )
 
 
@@ -437,7 +488,9 @@ def run_simulate(args: argparse.Namespace, settings: Settings, sink: Sink) -> in
         config = config_from_args(args, settings.rules, settings.timezone)
         fleet = None
         if config.message_format == "contract":
-            fleet = build_fleet(config.meters, config.seed, config.mix, config.shares)
+            fleet = build_fleet(
+                config.meters, config.seed, config.mix, config.shares, config.constant_load_share
+            )
         simulation = Simulation(config, fleet)
         if fleet is not None and args.registry:
             where = write_registry(fleet, settings.registry_path, config.interval_s)

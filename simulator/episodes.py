@@ -2,8 +2,10 @@
 
 An episode is a span of one meter's readings that one stateful rule
 (:data:`~meterflow.core.contract.STATEFUL_FAULTS`, thresholds in
-:class:`~meterflow.core.thresholds.DetectionRules`) must flag, shaped by
-:func:`simulator.faults.plan_episodes` so that it does and so that nothing else does:
+:class:`~meterflow.core.thresholds.DetectionRules`) should flag, sized by
+:func:`simulator.faults.plan_episodes` in one of two ways (``SimulationConfig.episode_sizes``).
+
+**Rules sizes** (the library's default) make every episode trip its rule, and nothing else:
 
 * ``STUCK``: 12-48 readings repeating one non-zero value (the meter's reading at the
   span's start, at least twice the type's ``stuck_min``);
@@ -18,19 +20,39 @@ An episode is a span of one meter's readings that one stateful rule
 Water STUCK and NO_DATA spans stay out of the leak night window (they start after it when
 they would touch it) and last at most 20 h, so neither looks like nor hides a leak.
 
+**Field sizes** are drawn log-uniform from field-like ranges that know nothing of the
+rules (no floors, no margins), so some episodes are too small for any rule, as in the
+field, and a benchmark can measure recall by size:
+
+* ``STUCK``: frozen for 30 minutes to 48 hours (whole readings, at least 2), at whatever
+  the meter read when it froze, 0 or tiny included;
+* ``SPIKE``: 2x to 100x the typical level, capped below 90% of the stateless bounds;
+* ``LEAK``: 0.5 to 50 L/h for 30-78 h, +-10% per reading, then the repair;
+* ``NO_DATA``: silent for 15 minutes to 3 days.
+
+Water spans are neither capped nor moved out of the night window.
+
+In both, a STUCK is a frozen register: the span's readings repeat its first one, and a
+water meter's ``flow_rate`` goes on reporting the real flow of each interval, so the
+repeats disagree with it (a steady usage that its flow agrees with is a physical flow).
+
 Scheduling: every reading of a free meter starts an episode with its kind's chance; the
 episode begins at the *next* reading, so the reading before it is known and, like the
 reading after it and the span itself, kept free of stateless faults. A meter is free from
 a warm-up into the run (by default ``baseline_history_s``, so every episode has a normal
 day before it) and again ``baseline_history_s`` after an episode's last reading, so
 episodes never overlap. A SPIKE also waits until the meter has ``baseline_history_s`` of
-history (a backfill before the run counts), as the rule does for its baseline. A backfill starts no
-episode that would not end (with a reading after it) before the backfill does. Candidate
-starts come from one generator, one uniform per reading (so blocking steps differently
-gives the same episodes), shapes from a second one.
+history (a backfill before the run counts), as the rule does for its baseline. A backfill
+starts no episode that would not end (with a reading after it) before the backfill does.
+Register-only meters get only silences, constant loads (:mod:`simulator.load`) no STUCK or
+SPIKE. Candidate starts come from one generator, one uniform per reading (so blocking
+steps differently gives the same episodes), shapes from a second one.
 
 The ground truth is recorded as messages go out (:class:`Episode`): a run cut short
-records what the stream really holds and marks the episode incomplete.
+records what the stream really holds and marks the episode incomplete. Each episode's
+``size`` is what a recall-by-size measure bins on: a LEAK's added flow (L/h), a STUCK's or
+NO_DATA's planned duration (seconds: readings x interval), a SPIKE's factor over the
+typical level.
 """
 
 from __future__ import annotations
@@ -52,14 +74,10 @@ from meterflow.core.timestamps import SECONDS_PER_DAY, parse_timestamp_us
 from simulator.faults import (
     LEAK_JITTER,
     SPIKE_LOOKBACK_DAYS,
-    SPIKE_TIMES,
     EpisodeShapes,
 )
 from simulator.load import DECIMALS, LoadModel
 
-#: A spike capped below the bounds is still injected if it is this many times the rule's
-#: factor above the typical level (and above the type's minimum); otherwise it is not.
-SPIKE_MARGIN = 2.0
 GROUND_TRUTH_FILE = "ground_truth.parquet"
 GROUND_TRUTH_SCHEMA = pa.schema(
     [
@@ -72,6 +90,9 @@ GROUND_TRUTH_SCHEMA = pa.schema(
         ("readings", pa.int32()),  # affected (NO_DATA: missing) readings
         # STUCK: the repeated value; SPIKE: the spike; LEAK: the added flow in L/h.
         ("value", pa.float64()),
+        # LEAK: the added flow in L/h; STUCK, NO_DATA: the planned duration in seconds;
+        # SPIKE: the factor over the meter's typical level.
+        ("size", pa.float64()),
         ("complete", pa.bool_()),  # false when the run stopped inside the episode
     ]
 )
@@ -79,6 +100,8 @@ _STUCK = STATEFUL_FAULTS.index(FaultCode.STUCK)
 _SPIKE = STATEFUL_FAULTS.index(FaultCode.SPIKE)
 _LEAK = STATEFUL_FAULTS.index(FaultCode.LEAK)
 _NO_DATA = STATEFUL_FAULTS.index(FaultCode.NO_DATA)
+#: Rules sizes keep these water spans short and out of the leak night window.
+_WATER_SPANS = (FaultCode.STUCK, FaultCode.NO_DATA)
 
 
 @dataclass
@@ -90,6 +113,7 @@ class Episode:
     code: FaultCode
     planned: int  # readings the episode was to affect
     value: float | None = None
+    size: float | None = None  # as GROUND_TRUTH_SCHEMA says
     start: str | None = None
     end: str | None = None
     readings: int = 0
@@ -114,6 +138,7 @@ class Episode:
             "end": self.end,
             "readings": self.readings,
             "value": self.value,
+            "size": self.size,
             "complete": self.complete,
         }
 
@@ -127,6 +152,7 @@ class _Active:
     first: int
     last: int  # inclusive
     jitter: np.ndarray | None = None  # LEAK: the added flow's factor per reading
+    times: float = 0.0  # SPIKE: the factor over the typical level it is drawn at
     cancelled: bool = False
 
 
@@ -155,11 +181,14 @@ class EpisodeInjector:
         warmup_steps: int | None = None,
         history_steps: int = 0,
         register_only: np.ndarray | None = None,
+        constant_loads: np.ndarray | None = None,
     ) -> None:
         """``warmup_steps``: a meter's first episode starts after this many readings
         (default ``shapes.quiet_readings``); ``history_steps``: readings every meter sent
         before the run (a SPIKE waits until ``quiet_readings`` are behind it);
-        ``register_only``: positions that send no usage, so only a silence shows on them."""
+        ``register_only``: positions that send no usage, so only a silence shows on them;
+        ``constant_loads``: positions that repeat one value by nature, so no STUCK or
+        SPIKE is injected on them."""
         self.shapes, self.detection, self.model = shapes, detection, model
         self.device_ids, self.meter_types = device_ids, meter_types
         self.interval_s, self.total_steps = interval_s, total_steps
@@ -169,12 +198,15 @@ class EpisodeInjector:
         chance[~self.water, _LEAK] = 0.0
         spiky = np.array([t in shapes.spike_types for t in meter_types])
         chance[~spiky, _SPIKE] = 0.0
-        if shapes.water_span_max < shapes.stuck_readings[0]:
-            chance[self.water, _STUCK] = 0.0
-        if shapes.water_span_max < shapes.silent_readings[0]:
-            chance[self.water, _NO_DATA] = 0.0
+        if shapes.water_span_max is not None:
+            if shapes.water_span_max < shapes.stuck_readings[0]:
+                chance[self.water, _STUCK] = 0.0
+            if shapes.water_span_max < shapes.silent_readings[0]:
+                chance[self.water, _NO_DATA] = 0.0
         if register_only is not None:
             chance[np.ix_(register_only, np.array([_STUCK, _SPIKE, _LEAK]))] = 0.0
+        if constant_loads is not None:
+            chance[np.ix_(constant_loads, np.array([_STUCK, _SPIKE]))] = 0.0
         self.edges = np.cumsum(chance, axis=1)
         self.total = self.edges[:, -1].copy()
         warmup = shapes.quiet_readings if warmup_steps is None else max(1, warmup_steps)
@@ -217,34 +249,27 @@ class EpisodeInjector:
     def _start(self, kind: int, column: int, draw: int, stamp_s: float) -> None:
         """An episode of ``kind`` on meter ``column`` from the reading after step ``draw``."""
         code, shapes, rng = STATEFUL_FAULTS[kind], self.shapes, self.params
-        water = bool(self.water[column])
-        value: float | None = None
-        jitter = None
-        if code is FaultCode.STUCK or code is FaultCode.NO_DATA:
-            low, high = shapes.stuck_readings if kind == _STUCK else shapes.silent_readings
-            length = int(rng.integers(low, high + 1))
-            if water:
-                length = min(length, shapes.water_span_max)
-        elif code is FaultCode.LEAK:
-            low, high = shapes.leak_readings
-            length = int(rng.integers(low, high + 1))
-            value = round(float(rng.uniform(*shapes.leak_flow)), DECIMALS)
-            jitter = rng.uniform(1 - LEAK_JITTER, 1 + LEAK_JITTER, length)
+        length = shapes.length(code, rng)
+        first = draw + 1
+        span_max = shapes.water_span_max
+        if span_max is not None and self.water[column] and code in _WATER_SPANS:
+            length = min(length, span_max)
+            first += self._night_delay(stamp_s + self.interval_s, length)
+        episode = Episode(self.device_ids[column], self.meter_types[column], code, length)
+        active = _Active(episode, column, first, first + length - 1)
+        if code is FaultCode.LEAK:
+            episode.value = episode.size = shapes.added_flow(rng)
+            active.jitter = rng.uniform(1 - LEAK_JITTER, 1 + LEAK_JITTER, length)
+        elif code is FaultCode.SPIKE:
+            active.times = shapes.spike_times(rng)  # the size is what the cap leaves of it
+            if first < self.spike_from:
+                return  # the rule has no baseline yet: the meter stays free
         else:
-            length = 1
-        begin = draw + 1
-        if code is FaultCode.SPIKE and begin < self.spike_from:
-            return  # the rule has no baseline yet: the meter stays free
-        if water and code in (FaultCode.STUCK, FaultCode.NO_DATA):
-            begin += self._night_delay(stamp_s + self.interval_s, length)
-        last = begin + length - 1
-        if self.total_steps is not None and last + 1 >= self.total_steps:
+            episode.size = length * self.interval_s
+        if self.total_steps is not None and active.last + 1 >= self.total_steps:
             return  # would not end, with a normal reading after it, before the backfill does
-        self.free_from[column] = last + 2 + shapes.quiet_readings
-        episode = Episode(
-            self.device_ids[column], self.meter_types[column], code, length, value=value
-        )
-        self.active.append(_Active(episode, column, begin, last, jitter))
+        self.free_from[column] = active.last + 2 + shapes.quiet_readings
+        self.active.append(active)
 
     def _night_delay(self, first_s: float, length: int) -> int:
         """Steps to wait so a span from ``first_s`` of ``length`` misses the night window."""
@@ -288,13 +313,13 @@ class EpisodeInjector:
                 floor = self.shapes.stuck_floor[episode.meter_type]
                 reading = float(usage[rows.start, column])
                 episode.value = round(max(reading, floor), DECIMALS)
-            usage[rows, column] = episode.value
-            flow[rows, column] = round(episode.value / minutes, DECIMALS)
+            usage[rows, column] = episode.value  # the flow stays the real one: a frozen register
         elif code is FaultCode.SPIKE:
-            spike = self._spike(float(starts_s[rows.start]), column)
-            if spike is None:
+            sized = self._spike(float(starts_s[rows.start]), column, active.times)
+            if sized is None:
                 active.cancelled = True
                 return
+            spike, episode.size = sized
             episode.value = spike
             usage[rows, column] = spike
             flow[rows, column] = round(spike / minutes, DECIMALS)
@@ -311,8 +336,9 @@ class EpisodeInjector:
         for row in range(rows.start, rows.stop):
             block.cells[row].append((column, episode))
 
-    def _spike(self, start_s: float, column: int) -> float | None:
-        """The spike's value, or None when the bounds leave no detectable one."""
+    def _spike(self, start_s: float, column: int, times: float) -> tuple[float, float] | None:
+        """The spike, ``times`` the typical level but below the cap, and the factor it is
+        over the typical level; None when the cap leaves too little of it."""
         interval = self.interval_s
         hour = start_s - start_s % 3600.0
         offsets = np.arange(0.0, 3600.0, interval) if interval < 3600 else np.zeros(1)
@@ -323,16 +349,13 @@ class EpisodeInjector:
         levels = self.model.typical(moments, interval, np.full(len(moments), column))
         typical = max(float(levels[: len(same_hour)].max()), float(levels[len(same_hour) :].mean()))
         meter_type = self.meter_types[column]
+        shapes = self.shapes
         spike = min(
-            max(SPIKE_TIMES * typical, self.shapes.spike_floor[meter_type]),
-            self.shapes.spike_cap[meter_type],
+            max(times * typical, shapes.spike_floor[meter_type]), shapes.spike_cap[meter_type]
         )
         spike = math.floor(spike * 10**DECIMALS) / 10**DECIMALS
-        lowest = max(
-            SPIKE_MARGIN * self.detection.spike_factor * typical,
-            1.5 * self.detection.spike_min[meter_type],
-        )
-        return spike if spike >= lowest else None
+        lowest = max(shapes.spike_least_times * typical, shapes.spike_least[meter_type])
+        return (spike, spike / typical) if spike >= lowest else None
 
 
 def default_ground_truth_path(registry_dir: str) -> str:

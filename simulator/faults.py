@@ -9,9 +9,10 @@ serve as the ground truth of an end-to-end test.
 
 Stateful faults (:data:`~meterflow.core.contract.STATEFUL_FAULTS`) are episodes over a
 meter's history rather than one bad reading: :class:`EpisodeRates` gives how many start
-per meter and day, :func:`plan_episodes` checks and sizes them against the detector's
-:class:`~meterflow.core.thresholds.DetectionRules`, and :mod:`simulator.episodes` injects
-them and records each one as ground truth.
+per meter and day, :func:`plan_episodes` sizes them (from the detector's
+:class:`~meterflow.core.thresholds.DetectionRules`, so that each trips its rule, or from
+field-like ranges that know nothing of the rules), and :mod:`simulator.episodes` injects
+them and records each one, with its size, as ground truth.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from meterflow.core.contract import (
 from meterflow.core.messages import DeadLetterReason
 from meterflow.core.thresholds import DetectionRules, Rules
 from meterflow.core.timestamps import SECONDS_PER_DAY, format_timestamp_us, parse_timestamp_us
-from simulator.load import HEADROOM, idle_probability
+from simulator.load import DECIMALS, HEADROOM, idle_probability
 
 #: Malformed messages cycle through every reason, one of each in turn.
 MALFORMED_KINDS: tuple[DeadLetterReason, ...] = tuple(DeadLetterReason)
@@ -193,6 +194,13 @@ DEMO_EPISODE_RATES: dict[FaultCode, float] = {
     FaultCode.LEAK: 1.0,
     FaultCode.NO_DATA: 4.0,
 }
+#: What episodes are sized from (``SimulationConfig.episode_sizes``): the detection rules,
+#: so that each one trips its rule, or field-like ranges that know nothing of the rules,
+#: so that a benchmark can measure recall by fault size.
+RULES_SIZES, FIELD_SIZES = "rules", "field"
+EPISODE_SIZES = (RULES_SIZES, FIELD_SIZES)
+
+# Rules sizes.
 #: STUCK: the span's length in readings (inclusive), at least 1.5x the rule's count.
 STUCK_READINGS = (12, 48)
 #: NO_DATA: the silent span's length in intervals, at least 2x the rule's count.
@@ -202,15 +210,19 @@ SILENT_READINGS = (8, 96)
 LEAK_HOURS = (30.0, 54.0)
 #: LEAK: the added flow, drawn between these multiples of the night-flow threshold ...
 LEAK_FLOW_TIMES = (3.0, 8.0)
-#: ... wavering by this share either side per reading: a real leak does, and a constant
-#: added to idle intervals would repeat one value for hours and look STUCK.
+#: ... wavering by this share either side per reading (both sizes): a real leak does, and
+#: a constant added to idle intervals would repeat one value for hours and look STUCK.
 LEAK_JITTER = 0.1
 #: SPIKE: the spike is this many times the meter's typical level (3x the rule's factor) ...
 SPIKE_TIMES = 30.0
 #: ... and at least this many times the type's minimum spike ...
 SPIKE_FLOOR = 2.0
-#: ... and at most this share of the stateless bound (or it would be OUT_OF_RANGE).
+#: ... and at most this share of the stateless bound (both sizes: above it, it would be
+#: OUT_OF_RANGE) ...
 BOUND_SHARE = 0.9
+#: ... and, capped there, still this many times the rule's factor above the typical level
+#: (and 1.5x the type's minimum), or it is not injected.
+SPIKE_MARGIN = 2.0
 #: SPIKE: the typical level is the highest over the spike's hour of day, on its own day
 #: and on each of this many days before (a weekday's baseline serves a Sunday spike).
 SPIKE_LOOKBACK_DAYS = 7
@@ -223,6 +235,21 @@ WATER_SPAN_MAX_S = 20 * 3600.0
 #: no idle interval in a dry window, or uses water in every night-window interval, must
 #: stay below this (at 15-minute readings both are below 1e-8).
 LEAK_FALSE_ALARM_CHANCE = 1e-6
+
+# Field sizes: each drawn log-uniform between these ends (in the field most faults are
+# small and a few are large), with no floor or margin, so some fall below what a rule sees.
+#: STUCK: how long a register stays frozen, in seconds (30 minutes to 2 days) ...
+FIELD_STUCK_S = (30 * 60.0, 48 * 3600.0)
+#: ... shown as at least this many equal readings (one alone repeats nothing).
+STUCK_LEAST_READINGS = 2
+#: NO_DATA: how long a meter is silent, in seconds (15 minutes to 3 days).
+FIELD_SILENT_S = (15 * 60.0, 3 * SECONDS_PER_DAY)
+#: LEAK: the added flow in L/h, a dripping tap to a running toilet and more ...
+FIELD_LEAK_FLOW = (0.5, 50.0)
+#: ... lasting this many hours (uniform): over a day, as a leak does until someone looks.
+FIELD_LEAK_HOURS = (30.0, 78.0)
+#: SPIKE: the spike's factor over the meter's typical level for its hour.
+FIELD_SPIKE_TIMES = (2.0, 100.0)
 
 
 @dataclass(frozen=True)
@@ -264,28 +291,72 @@ class EpisodeRates:
 
 @dataclass(frozen=True)
 class EpisodeShapes:
-    """The episodes of one run, sized for its interval and the detection rules.
+    """The episodes of one run, sized for its interval: from the detection rules or from
+    field-like ranges (:data:`EPISODE_SIZES`), and how each is drawn.
 
-    Lengths are in readings (inclusive ranges); the per-reading start chances are
-    ``rate x interval / day``, in :data:`STATEFUL_FAULTS` order.
+    Lengths are in readings; the per-reading start chances are ``rate x interval / day``,
+    in :data:`STATEFUL_FAULTS` order.
     """
 
     start_chance: tuple[float, ...]
-    #: The meter types a SPIKE can be on: those whose rule can fire at all (a reading
-    #: above ``spike_min`` that is within the stateless bounds; not water at 10 s readings,
-    #: whose flow bound caps a reading far below it).
+    sizes: str
+    #: The meter types a SPIKE can be on. Rules sizes: those whose rule can fire at all (a
+    #: reading above ``spike_min`` that is within the stateless bounds; not water at 10 s
+    #: readings, whose flow bound caps a reading far below it). Field sizes: every type.
     spike_types: frozenset[MeterType]
-    stuck_readings: tuple[int, int]
-    silent_readings: tuple[int, int]
+    #: STUCK and NO_DATA lengths: rules sizes, whole readings (inclusive); field sizes, the
+    #: ends of a log-uniform range of readings, rounded when drawn.
+    stuck_readings: tuple[float, float]
+    silent_readings: tuple[float, float]
     leak_readings: tuple[int, int]
-    leak_flow: tuple[float, float]  # L/h
-    #: Readings a water STUCK or NO_DATA span may last (:data:`WATER_SPAN_MAX_S`); below
-    #: the shortest span (readings over 100 minutes apart) water meters get neither.
-    water_span_max: int
+    leak_flow: tuple[float, float]  # L/h; field sizes: log-uniform
+    #: A spike's factor over the typical level: rules sizes, fixed (both ends alike);
+    #: field sizes, log-uniform.
+    spike_range: tuple[float, float]
+    #: Readings a water STUCK or NO_DATA span may last (:data:`WATER_SPAN_MAX_S`), which
+    #: also keeps out of the leak night window; below the shortest span (readings over
+    #: 100 minutes apart) water meters get neither. None (field sizes): no such limit.
+    water_span_max: int | None
     quiet_readings: int  # warm-up and gap between a meter's episodes
     stuck_floor: dict[MeterType, float]
     spike_floor: dict[MeterType, float]
     spike_cap: dict[MeterType, float]  # strictly below the stateless bounds
+    #: A spike the cap leaves below ``spike_least_times`` x the typical level, or below the
+    #: type's ``spike_least``, is not injected.
+    spike_least_times: float
+    spike_least: dict[MeterType, float]
+
+    @property
+    def field_sized(self) -> bool:
+        return self.sizes == FIELD_SIZES
+
+    def length(self, code: FaultCode, rng: np.random.Generator) -> int:
+        """A ``code`` episode's length in readings (rules sizes: drawn as they always were)."""
+        if code is FaultCode.SPIKE:
+            return 1
+        if code is FaultCode.LEAK:
+            return int(rng.integers(self.leak_readings[0], self.leak_readings[1] + 1))
+        if code is FaultCode.STUCK:
+            span, least = self.stuck_readings, STUCK_LEAST_READINGS
+        else:
+            span, least = self.silent_readings, 1
+        if self.field_sized:
+            return max(least, round(_log_uniform(rng, span)))
+        return int(rng.integers(int(span[0]), int(span[1]) + 1))
+
+    def added_flow(self, rng: np.random.Generator) -> float:
+        """A LEAK's added flow in L/h."""
+        if self.field_sized:
+            return round(_log_uniform(rng, self.leak_flow), DECIMALS)
+        return round(float(rng.uniform(*self.leak_flow)), DECIMALS)
+
+    def spike_times(self, rng: np.random.Generator) -> float:
+        """A SPIKE's factor over the typical level (rules sizes: fixed, nothing drawn)."""
+        return _log_uniform(rng, self.spike_range) if self.field_sized else self.spike_range[0]
+
+
+def _log_uniform(rng: np.random.Generator, span: tuple[float, float]) -> float:
+    return float(np.exp(rng.uniform(math.log(span[0]), math.log(span[1]))))
 
 
 def _readings(seconds: float, interval_s: float) -> int:
@@ -309,16 +380,85 @@ def _dry_chances(interval_s: float, detection: DetectionRules) -> tuple[float, f
 
 
 def plan_episodes(
-    episodes: EpisodeRates, detection: DetectionRules, rules: Rules, interval_s: float
+    episodes: EpisodeRates,
+    detection: DetectionRules,
+    rules: Rules,
+    interval_s: float,
+    sizes: str = RULES_SIZES,
 ) -> EpisodeShapes:
-    """Size the episodes so each trips its rule and nothing else; ValueError says why not.
+    """Size the episodes (``sizes``: :data:`EPISODE_SIZES`); ValueError says why not.
 
-    Only kinds with a rate above 0 are checked: a run asks for what it can get.
+    Rules sizes make each episode trip its rule and nothing else. Field sizes come from
+    the ``FIELD_*`` ranges and are only kept valid to the stateless rules (below the
+    bounds); the warm-up and the quiet gap between a meter's episodes are the rules' in
+    both. Only kinds with a rate above 0 are checked: a run asks for what it can get.
     """
     problems: list[str] = []
     chances = tuple(episodes.rate(code) * interval_s / SECONDS_PER_DAY for code in STATEFUL_FAULTS)
     if sum(chances) > 1:
         problems.append(f"episode rates add up to over one start per {interval_s:g} s reading")
+    water_metric, flow_metric = METER_SPECS[MeterType.WATER].metric, "flow_rate"
+    spike_cap = {t: BOUND_SHARE * rules.bounds[METER_SPECS[t].metric] for t in METER_SPECS}
+    spike_cap[MeterType.WATER] = min(
+        spike_cap[MeterType.WATER], BOUND_SHARE * rules.bounds[flow_metric] * interval_s / 60
+    )
+    if sizes == FIELD_SIZES:
+        shapes = _field_shapes(chances, spike_cap, detection, interval_s)
+    else:
+        shapes = _rules_shapes(chances, spike_cap, episodes, detection, interval_s, problems)
+    if episodes.rate(FaultCode.LEAK) > 0:
+        # Normal readings stay below HEADROOM x bound; with the leak, below BOUND_SHARE x.
+        leak_added = shapes.leak_flow[1] * interval_s / 3600.0 * (1 + LEAK_JITTER)
+        room = BOUND_SHARE - HEADROOM
+        if leak_added >= room * min(
+            rules.bounds[water_metric], rules.bounds[flow_metric] * interval_s / 60
+        ):
+            problems.append("a LEAK would push water readings near the stateless bounds")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return shapes
+
+
+def _field_shapes(
+    chances: tuple[float, ...],
+    spike_cap: dict[MeterType, float],
+    detection: DetectionRules,
+    interval_s: float,
+) -> EpisodeShapes:
+    """Field sizes: the ``FIELD_*`` ranges in this interval's readings, no floors."""
+    nothing = dict.fromkeys(METER_SPECS, 0.0)
+    return EpisodeShapes(
+        start_chance=chances,
+        sizes=FIELD_SIZES,
+        spike_types=frozenset(METER_SPECS),
+        stuck_readings=(FIELD_STUCK_S[0] / interval_s, FIELD_STUCK_S[1] / interval_s),
+        silent_readings=(FIELD_SILENT_S[0] / interval_s, FIELD_SILENT_S[1] / interval_s),
+        leak_readings=(
+            _readings(FIELD_LEAK_HOURS[0] * 3600, interval_s),
+            _readings(FIELD_LEAK_HOURS[1] * 3600, interval_s),
+        ),
+        leak_flow=FIELD_LEAK_FLOW,
+        spike_range=FIELD_SPIKE_TIMES,
+        water_span_max=None,
+        quiet_readings=max(1, _readings(detection.baseline_history_s, interval_s)),
+        stuck_floor=nothing,
+        spike_floor=nothing,
+        spike_cap=spike_cap,
+        spike_least_times=1.0,  # a spike the cap brings down to the typical level is none
+        spike_least=nothing,
+    )
+
+
+def _rules_shapes(
+    chances: tuple[float, ...],
+    spike_cap: dict[MeterType, float],
+    episodes: EpisodeRates,
+    detection: DetectionRules,
+    interval_s: float,
+    problems: list[str],
+) -> EpisodeShapes:
+    """Rules sizes: each episode trips its rule and nothing else; ``problems`` says where
+    the rules and the interval leave no such episode."""
     stuck_low = max(STUCK_READINGS[0], math.ceil(1.5 * detection.stuck_readings))
     silent_low = max(SILENT_READINGS[0], 2 * detection.nodata_intervals)
     leak_hours = (max(LEAK_HOURS[0], detection.leak_dry_window_s / 3600 + 6), LEAK_HOURS[1])
@@ -329,11 +469,6 @@ def plan_episodes(
     leak_flow = (
         LEAK_FLOW_TIMES[0] * threshold,
         min(LEAK_FLOW_TIMES[1] * threshold, detection.spike_min[MeterType.WATER] / 4 / interval_h),
-    )
-    water_metric, flow_metric = METER_SPECS[MeterType.WATER].metric, "flow_rate"
-    spike_cap = {t: BOUND_SHARE * rules.bounds[METER_SPECS[t].metric] for t in METER_SPECS}
-    spike_cap[MeterType.WATER] = min(
-        spike_cap[MeterType.WATER], BOUND_SHARE * rules.bounds[flow_metric] * interval_s / 60
     )
     spike_floor = {t: SPIKE_FLOOR * level for t, level in detection.spike_min.items()}
     spike_types = frozenset(
@@ -354,13 +489,6 @@ def plan_episodes(
                 f"a LEAK of {leak_flow[0]:g} L/h (3x the night threshold) adds more than a "
                 f"quarter of the minimum water spike to a {interval_s:g} s reading"
             )
-        # Normal readings stay below HEADROOM x bound; with the leak, below BOUND_SHARE x.
-        leak_added = leak_flow[1] * interval_h * (1 + LEAK_JITTER)
-        room = BOUND_SHARE - HEADROOM
-        if leak_added >= room * min(
-            rules.bounds[water_metric], rules.bounds[flow_metric] * interval_s / 60
-        ):
-            problems.append("a LEAK would push water readings near the stateless bounds")
         dry, night = _dry_chances(interval_s, detection)
         if max(dry, night) > LEAK_FALSE_ALARM_CHANCE:
             problems.append(
@@ -368,10 +496,9 @@ def plan_episodes(
                 f"shows no idle interval in a dry window (chance {dry:.1e} a day) or none in "
                 f"the night window ({night:.1e}); use shorter intervals"
             )
-    if problems:
-        raise ValueError("; ".join(problems))
     return EpisodeShapes(
         start_chance=chances,
+        sizes=RULES_SIZES,
         spike_types=spike_types,
         stuck_readings=(stuck_low, max(STUCK_READINGS[1], stuck_low)),
         silent_readings=(silent_low, max(SILENT_READINGS[1], silent_low)),
@@ -380,9 +507,12 @@ def plan_episodes(
             _readings(leak_hours[1] * 3600, interval_s),
         ),
         leak_flow=leak_flow,
+        spike_range=(SPIKE_TIMES, SPIKE_TIMES),
         water_span_max=int(WATER_SPAN_MAX_S // interval_s),
         quiet_readings=max(1, _readings(detection.baseline_history_s, interval_s)),
         stuck_floor={t: STUCK_FLOOR * level for t, level in detection.stuck_min.items()},
         spike_floor=spike_floor,
         spike_cap=spike_cap,
+        spike_least_times=SPIKE_MARGIN * detection.spike_factor,
+        spike_least={t: 1.5 * level for t, level in detection.spike_min.items()},
     )

@@ -5,7 +5,8 @@ an owner, an address in one of a few districts, a position and a consumption sca
 all its meters share. Faker writes the names and numpy draws the numbers, both seeded, so
 a seed gives the same fleet bit for bit (for one Faker version). The registry is the
 fleet as Parquet, ``<lake>/registry/meters.parquet``, which the batch layer and the
-``meters`` collection join readings with.
+``meters`` collection join readings with, and whose ``constant_load`` column tells the
+detector which meters repeat one value by nature.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from faker import Faker
 from meterflow.core import registry
 from meterflow.core.contract import METER_SPECS, TYPE_ORDER, MeterType
 from meterflow.core.errors import ConfigError
+from simulator.load import ConstantLoad, assign_constant_loads
 from simulator.registers import (
     DIGITS,
     NO_REGISTERS,
@@ -60,6 +62,7 @@ REGISTRY_SCHEMA = registry.schema_of(
         "scale",
         "interval_seconds",
         "register_digits",
+        registry.CONSTANT_LOAD,
     ]
 )
 
@@ -83,6 +86,9 @@ class Meter:
     reports: str = USAGE
     register_digits: int | None = None
     near_rollover: bool = False  # its register rolls over in the run's first day
+    #: Its constant load (:mod:`simulator.load`), if any: it reports usage only, and the
+    #: registry says ``constant_load`` (the load itself is not in the registry).
+    constant: ConstantLoad | None = None
 
 
 @dataclass
@@ -137,12 +143,15 @@ def build_fleet(
     seed: int | None = None,
     mix: Mapping[MeterType, float] = DEFAULT_MIX,
     shares: ReadingShares = NO_REGISTERS,
+    constant_load_share: float = 0.0,
 ) -> Fleet:
     """``count`` meters of the mix's types in one city; the same ``seed`` gives the same fleet.
 
     There are as many households as meters of the most common type; each other type's
     meters go to households drawn at random, so a household has one to three meters.
-    ``shares`` says which meters report a register (:func:`~simulator.registers.assign_reports`).
+    ``shares`` says which meters report a register (:func:`~simulator.registers.assign_reports`),
+    ``constant_load_share`` which electricity meters are constant loads
+    (:func:`~simulator.load.assign_constant_loads`; they report usage only).
     """
     counts = meter_counts(count, mix)
     fake = Faker("en_GB")
@@ -201,6 +210,16 @@ def build_fleet(
             )
             for meter, report, close in zip(meters, reports, near, strict=True)
         ]
+    if constant_load_share:
+        loads = assign_constant_loads([m.meter_type for m in meters], constant_load_share, seed)
+        meters = [
+            meter
+            if load is None
+            else replace(
+                meter, constant=load, reports=USAGE, register_digits=None, near_rollover=False
+            )
+            for meter, load in zip(meters, loads, strict=True)
+        ]
     return Fleet(meters)
 
 
@@ -218,7 +237,12 @@ def write_registry(fleet: Fleet, registry_dir: str, interval_seconds: float | No
     """
     interval = None if interval_seconds is None else int(interval_seconds)
     rows = [
-        {**asdict(m), "meter_type": str(m.meter_type), "interval_seconds": interval}
+        {
+            **asdict(m),
+            "meter_type": str(m.meter_type),
+            "interval_seconds": interval,
+            registry.CONSTANT_LOAD: m.constant is not None,
+        }
         for m in fleet.meters
     ]
     table, problems = registry.validate(pa.Table.from_pylist(rows, schema=REGISTRY_SCHEMA))
@@ -231,7 +255,8 @@ def write_registry(fleet: Fleet, registry_dir: str, interval_seconds: float | No
 
 
 def read_registry(registry_dir: str) -> Fleet:
-    """The fleet :func:`write_registry` wrote (for a restarted simulator or a loader)."""
+    """The fleet :func:`write_registry` wrote (for a restarted simulator or a loader); what
+    the registry does not hold (what a meter reports, its constant load) is the default."""
     table = registry.read(registry_dir)
     # Registries written before a column existed lack it; columns Meter lacks are skipped.
     table = table.select([name for name in table.column_names if name in _METER_FIELDS])

@@ -10,7 +10,7 @@ what really went out (:mod:`simulator.generator`).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -55,11 +55,13 @@ class MessageFormat(Protocol):
 
     def messages(
         self,
-        stamp: str,
+        stamp: str | Sequence[str],
         usage: list[Any],
         flow: list[Any],
         registers: Mapping[int, float] | None = None,
-    ) -> list[bytes]: ...
+    ) -> list[bytes]:
+        """The step's readings: one ``stamp`` for all, or one each (clocks that jitter)."""
+        ...
 
     def reading(self, i: int, stamp: str, value: Any, flow: Any) -> bytes:
         """Meter ``i``'s reading; ``value`` None leaves its metric out."""
@@ -93,14 +95,14 @@ class ContractFormat:
 
     def messages(
         self,
-        stamp: str,
+        stamp: str | Sequence[str],
         usage: list[float],
         flow: list[float],
         registers: Mapping[int, float] | None = None,
     ) -> list[bytes]:
         """The step's readings; ``registers`` (meter position: value) for register meters."""
-        if registers:
-            return self._with_registers(stamp, usage, flow, registers)
+        if registers or not isinstance(stamp, str):
+            return self._one_by_one(stamp, usage, flow, registers or {})
         out: list[bytes] = []
         for run, water in self.runs:
             heads, mids, values = self.heads[run], self.mids[run], usage[run]
@@ -116,11 +118,17 @@ class ContractFormat:
                 ]
         return out
 
-    def _with_registers(
-        self, stamp: str, usage: list[float], flow: list[float], registers: Mapping[int, float]
+    def _one_by_one(
+        self,
+        stamp: str | Sequence[str],
+        usage: list[float],
+        flow: list[float],
+        registers: Mapping[int, float],
     ) -> list[bytes]:
+        """Meter by meter: for registers, or a stamp each."""
         out: list[bytes] = []
         water = self.water
+        stamps = [stamp] * len(self.heads) if isinstance(stamp, str) else stamp
         for i, head in enumerate(self.heads):
             register = registers.get(i)
             if register is None:
@@ -128,7 +136,7 @@ class ContractFormat:
             else:
                 body = f"{self.register_mids[i].format(usage=usage[i])}{register}"
             rate = f', "flow_rate": {flow[i]}' if water.start <= i < water.stop else ""
-            out.append(f"{head}{stamp}{body}{rate}}}".encode())
+            out.append(f"{head}{stamps[i]}{body}{rate}}}".encode())
         return out
 
     def reading(self, i: int, stamp: str, value: float | None, flow: float) -> bytes:
@@ -151,12 +159,13 @@ class LegacyFormat:
 
     def messages(
         self,
-        stamp: str,
+        stamp: str | Sequence[str],
         usage: list[int],
         flow: list[int],
         registers: Mapping[int, float] | None = None,
     ) -> list[bytes]:
-        return [self.reading(i, stamp, usage[i], flow[i]) for i in range(len(self.device_ids))]
+        stamps = [stamp] * len(self.device_ids) if isinstance(stamp, str) else stamp
+        return [self.reading(i, stamps[i], usage[i], flow[i]) for i in range(len(stamps))]
 
     def reading(self, i: int, stamp: str, value: int | None, flow: int) -> bytes:
         message: dict[str, Any] = {"device_id": self.device_ids[i], "timestamp": stamp}
@@ -198,8 +207,9 @@ class Step:
 
     ``silent`` are positions whose meter sends nothing (a NO_DATA episode, a gap);
     ``cells`` the positions in an episode, with it, so the ground truth records what really
-    went out. The last ``repeats`` positions re-send earlier ones. ``truth`` is the
-    interval's start and what every meter really consumed in it.
+    went out. The last positions re-send the ``repeated`` ones. ``truth`` is the interval's
+    start and what every meter really consumed in it. ``stamp`` is the step's time; with
+    clocks that jitter, ``clocks`` holds each position's own stamp, as its message has it.
     """
 
     stamp: str
@@ -208,21 +218,51 @@ class Step:
     injected: list[tuple[int, Injected]]
     silent: frozenset[int] = frozenset()
     cells: list[tuple[int, Episode]] = field(default_factory=list)
-    repeats: int = 0
+    repeated: list[int] = field(default_factory=list)
     truth: tuple[float, np.ndarray] | None = None
+    clocks: list[str] | None = None
+
+    def stamp_of(self, position: int) -> str:
+        """The timestamp the message at ``position`` carries."""
+        return self.stamp if self.clocks is None else self.clocks[position]
+
+    @property
+    def repeats(self) -> int:
+        return len(self.repeated)
 
     def repeat(self, positions: list[int]) -> None:
         """Send the readings at ``positions`` again after the others."""
         self.keys = [*self.keys, *(self.keys[i] for i in positions)]
         self.messages = [*self.messages, *(self.messages[i] for i in positions)]
-        self.repeats += len(positions)
+        self.repeated = [*self.repeated, *positions]
+
+    def part(self, positions: Sequence[int], with_truth: bool = False) -> Step:
+        """The readings at ``positions`` (and their repeats) as a step of their own, with
+        this one's stamp: what a late radio sends after the others (``with_truth``: the
+        part that carries the step's consumption truth)."""
+        index = {position: k for k, position in enumerate(positions)}
+        repeated = [position for position in self.repeated if position in index]
+        sent = [*positions, *repeated]
+        return Step(
+            self.stamp,
+            [self.keys[i] for i in sent],
+            [self.messages[i] for i in sent],
+            [(index[i], kind) for i, kind in self.injected if i in index],
+            frozenset(index[i] for i in self.silent if i in index),
+            [(index[i], episode) for i, episode in self.cells if i in index],
+            [index[i] for i in repeated],
+            self.truth if with_truth else None,
+            None if self.clocks is None else [self.clocks[i] for i in positions],
+        )
 
     def slots_for(self, wanted: int) -> int:
         """How many positions hold the first ``wanted`` messages to send."""
-        if not self.silent or wanted <= 0:
+        if not self.silent:
             return wanted
-        if wanted >= len(self.keys) - len(self.silent):
+        if wanted >= len(self.keys) - len(self.silent):  # the silent ones too, all of them
             return len(self.keys)
+        if wanted <= 0:
+            return 0
         sent = 0
         for i in range(len(self.keys)):
             if i not in self.silent:
@@ -241,18 +281,22 @@ def build_step(
     draws: FaultDraws,
     rules: Rules,
     registers: Mapping[int, float] | None = None,
+    stamps: Sequence[str] | None = None,
 ) -> Step:
-    messages = fmt.messages(stamp, usage, flow, registers)
+    """The step ``stamp``'s messages with its faults written in; ``stamps``: each meter's
+    own stamp instead (a jittering clock)."""
+    messages = fmt.messages(stamp if stamps is None else stamps, usage, flow, registers)
     injected: list[tuple[int, Injected]] = []
     for i in np.flatnonzero(codes).tolist():
         code = int(codes[i])
         kind: Injected
+        at = stamp if stamps is None else stamps[i]
         if code == MALFORMED:
             kind = draws.next_malformed_kind()
-            messages[i] = malformed_message(kind, fmt.device_ids[i], stamp, fmt.metrics[i], rules)
+            messages[i] = malformed_message(kind, fmt.device_ids[i], at, fmt.metrics[i], rules)
         else:
             kind = STATELESS_FAULTS[code - 1]
-            messages[i] = _faulty(fmt, i, kind, stamp, usage[i], flow[i])
+            messages[i] = _faulty(fmt, i, kind, at, usage[i], flow[i])
         injected.append((i, kind))
     return Step(stamp, fmt.keys, messages, injected)
 

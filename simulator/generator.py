@@ -22,7 +22,10 @@ written by :mod:`simulator.formats`.
 Faults are injected at the configured rates (:mod:`simulator.faults`) and every emitted
 message is counted in the :class:`Summary` under the outcome the contract will give it.
 Stateful episodes (stuck, spike, leak, silent; :mod:`simulator.episodes`) are injected at
-their rates per meter-day and recorded in ``Summary.episodes`` as ground truth.
+their rates per meter-day, sized from the detection rules or from field-like ranges, and
+recorded in ``Summary.episodes`` as ground truth. Healthy meters can behave like real
+ones: clocks that jitter and radios that deliver late (:mod:`simulator.delivery`),
+constant loads and night use (:mod:`simulator.load`).
 The same seed and configuration (and ``end`` date) give byte-identical streams; with no
 episodes asked for, the stream is the one this module gave before episodes existed.
 """
@@ -48,8 +51,11 @@ from meterflow.core.contract import (
 from meterflow.core.messages import DeadLetterReason
 from meterflow.core.thresholds import DetectionRules, Rules
 from meterflow.core.timestamps import SECONDS_PER_DAY
+from simulator.delivery import ClockJitter, LateRadios
 from simulator.episodes import Episode, EpisodeInjector
 from simulator.faults import (
+    EPISODE_SIZES,
+    RULES_SIZES,
     EpisodeRates,
     EpisodeShapes,
     FaultDraws,
@@ -130,6 +136,18 @@ class SimulationConfig:
     max_gap: int = GAP_MAX  # readings
     #: ... and the zone whose local days the consumption truth is added up in.
     timezone: str = "UTC"
+    #: What episodes are sized from: "rules" (every one trips its rule) or "field"
+    #: (field-like ranges, so some are too small for any rule; :mod:`simulator.episodes`).
+    episode_sizes: str = RULES_SIZES
+    #: Healthy meters that behave like real ones (:mod:`simulator.delivery`): timestamps
+    #: off by up to this many whole seconds either way (below half the interval) ...
+    clock_jitter_s: float = 0.0
+    #: ... this share of the meters delivering every reading late, each by its own whole
+    #: number of intervals up to ``late_max_s`` ...
+    late_share: float = 0.0
+    late_max_s: float = 0.0
+    #: ... and this share of the electricity meters on a constant load (:mod:`simulator.load`).
+    constant_load_share: float = 0.0
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -166,8 +184,41 @@ class SimulationConfig:
             self.shares.active or self.gaps_per_meter_day or self.repeat_share
         ):
             problems.append("registers, gaps and repeats need the contract format's fleet")
+        problems += self._field_problems()
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _field_problems(self) -> list[str]:
+        """What is wrong with the options that make a run field-like: the episode sizes
+        and the healthy meters' behaviours."""
+        problems: list[str] = []
+        if self.episode_sizes not in EPISODE_SIZES:
+            sizes = ", ".join(EPISODE_SIZES)
+            problems.append(f"episode sizes {self.episode_sizes!r} are not one of {sizes}")
+        if not 0 <= self.clock_jitter_s < self.interval_s / 2:
+            problems.append(
+                "the clock jitter must be 0 or above and below half the interval "
+                "(or a meter's timestamps would go out of order)"
+            )
+        elif self.clock_jitter_s > self.rules.future_tolerance_s:
+            problems.append(
+                "the clock jitter must not exceed the future tolerance "
+                f"({self.rules.future_tolerance_s:g} s), or live readings would be "
+                "FUTURE_TIMESTAMP faults"
+            )
+        if not 0 <= self.late_share <= 1 or self.late_max_s < 0:
+            problems.append("the late share must be 0-1 and the late maximum not negative")
+        elif self.late_share and self.late_max_s < self.interval_s:
+            problems.append("late meters need a late maximum of at least one interval")
+        if not 0 <= self.constant_load_share <= 1:
+            problems.append("the constant-load share must be 0-1")
+        if self.message_format == "legacy" and (
+            self.clock_jitter_s or self.late_share or self.constant_load_share
+        ):
+            problems.append(
+                "clock jitter, late meters and constant loads need the contract format's fleet"
+            )
+        return problems
 
 
 @dataclass
@@ -176,12 +227,14 @@ class Summary:
 
     ``sent == valid + sum(faults.values()) + sum(malformed.values())`` always holds
     (:meth:`consistent`), also for a run cut short. ``first_event``/``last_event`` are the
-    stamps of the first and last time step (injected future timestamps aside).
+    stamps of the earliest and latest time step sent (injected future timestamps and a
+    clock's jitter aside).
 
     Stateful episodes do not change that sum: stuck, spike and leak readings are valid
     readings to the stateless rules (counted in ``valid``), and a silent meter's readings
     are not sent at all (counted in ``missing``, not in ``sent``). ``episodes`` is the
-    ground truth: every injected episode, as far as the run got, in the order they began.
+    ground truth: every injected episode, as far as the run got, in the order their first
+    readings went out (the order they began, unless a late radio held one back).
     """
 
     sent: int = 0
@@ -275,14 +328,14 @@ def _count(summary: Summary, step: Step, first: int, stop: int) -> None:
         if first <= i < stop:
             if not episode.readings:
                 summary.episodes.append(episode)
-            episode.record(step.stamp)
+            episode.record(step.stamp_of(i))
     sent = stop - first - missing
     summary.sent += sent
     summary.valid += sent - injected
     summary.missing += missing
-    if sent > 0:
-        summary.first_event = summary.first_event or step.stamp
-        summary.last_event = step.stamp
+    if sent > 0:  # a late radio's step goes out after later ones
+        summary.first_event = min(summary.first_event or step.stamp, step.stamp)
+        summary.last_event = max(summary.last_event or step.stamp, step.stamp)
 
 
 def format_stamp(epoch_s: float) -> str:
@@ -345,6 +398,7 @@ class _Run:
         self.stopper = Stopper(should_stop)
         self.started = time.monotonic()
         self.deadline = None if config.duration_s is None else self.started + config.duration_s
+        self.late: LateRadios | None = None
 
     def finished(self) -> bool:
         limit = self.config.limit
@@ -380,9 +434,11 @@ class _StepMaker:
         idle_rng: np.random.Generator,
         episodes: EpisodeInjector | None,
         defects: Defects | None = None,
+        jitter: ClockJitter | None = None,
     ) -> None:
         self.simulation, self.values_rng, self.draws = simulation, values_rng, draws
         self.idle_rng, self.episodes, self.defects = idle_rng, episodes, defects
+        self.jitter = jitter
 
     def __call__(
         self, starts: np.ndarray, stamps: list[str], stamps_s: np.ndarray | None = None
@@ -416,7 +472,9 @@ class _StepMaker:
             if sent_registers is not None and registers is not None:
                 positions = registers.columns.tolist()
                 values = dict(zip(positions, sent_registers[k].tolist(), strict=True))
-            step = build_step(fmt, *row, self.draws, config.rules, values)
+            clocks = None if self.jitter is None else self._jittered(float(ends[k]))
+            step = build_step(fmt, *row, self.draws, config.rules, values, clocks)
+            step.clocks = clocks
             if block is not None:
                 step.silent = block.silent[k]
                 step.cells = block.cells[k]
@@ -429,6 +487,13 @@ class _StepMaker:
                 step.repeat(repeated)
             steps.append(step)
         return steps
+
+    def _jittered(self, stamp_s: float) -> list[str]:
+        """Each meter's stamp for a step at ``stamp_s``, as its jittering clock has it."""
+        assert self.jitter is not None
+        offsets = self.jitter.offsets().tolist()
+        stamps = {offset: format_stamp(stamp_s + offset) for offset in set(offsets)}
+        return [stamps[offset] for offset in offsets]
 
 
 class Simulation:
@@ -450,10 +515,18 @@ class Simulation:
             fleet = (
                 fleet
                 if fleet is not None
-                else build_fleet(config.meters, config.seed, config.mix, config.shares)
+                else build_fleet(
+                    config.meters,
+                    config.seed,
+                    config.mix,
+                    config.shares,
+                    config.constant_load_share,
+                )
             )
             self.fmt = ContractFormat(fleet, config.rules)
-            self.model = LoadModel(fleet.type_index, fleet.scale, config.rules)
+            self.model = LoadModel(
+                fleet.type_index, fleet.scale, config.rules, [m.constant for m in fleet.meters]
+            )
         self.starts = backfill_starts(config) if config.mode == "backfill" else None
         self.registers: Registers | None = None
         self.truth_wanted = fleet is not None
@@ -481,7 +554,11 @@ class Simulation:
         self.shapes: EpisodeShapes | None = None
         if config.episodes.active:
             self.shapes = plan_episodes(
-                config.episodes, config.detection, config.rules, config.interval_s
+                config.episodes,
+                config.detection,
+                config.rules,
+                config.interval_s,
+                config.episode_sizes,
             )
 
     def run(
@@ -517,6 +594,7 @@ class Simulation:
                 else math.ceil(config.episode_warmup_s / config.interval_s),
                 history_steps=math.floor(config.history_s / config.interval_s),
                 register_only=None if self.registers is None else self.registers.only,
+                constant_loads=self.model.constant,
             )
         defects = None
         if config.gaps_per_meter_day or config.repeat_share:
@@ -525,11 +603,15 @@ class Simulation:
                 config.repeat_share,
                 config.interval_s,
                 len(self.fmt.keys),
-                np.random.default_rng(None if config.seed is None else [config.seed, 3]),
+                self._rng(3),
                 config.max_gap,
             )
         if self.fleet is not None and summary.truth is None:
             summary.truth = ConsumptionTruth(self.fleet.device_ids, config.timezone)
+        meters = len(self.fmt.keys)
+        jitter = None
+        if int(config.clock_jitter_s):
+            jitter = ClockJitter(config.clock_jitter_s, meters, self._rng(4))
         make_steps = _StepMaker(
             self,
             np.random.default_rng(values_seed),
@@ -537,16 +619,26 @@ class Simulation:
             np.random.default_rng(idle_seed),
             episodes,
             defects,
+            jitter,
         )
         run = _Run(self.config, emit, should_stop, progress, summary)
+        if config.late_share:
+            run.late = LateRadios(
+                config.late_share, config.late_max_s, config.interval_s, meters, self._rng(5)
+            )
         try:
             if self.starts is None:
-                _live(run, make_steps, len(self.fmt.keys))
+                _live(run, make_steps, meters)
             else:
-                _backfill(run, make_steps, self.starts, len(self.fmt.keys))
+                _backfill(run, make_steps, self.starts, meters)
         finally:
             summary.elapsed_s = time.monotonic() - run.started
         return summary
+
+    def _rng(self, stream: int) -> np.random.Generator:
+        """A generator of its own for one optional part of the run (a seed's ``stream``)."""
+        seed = self.config.seed
+        return np.random.default_rng(None if seed is None else [seed, stream])
 
 
 def simulate(
@@ -577,8 +669,14 @@ def _backfill(run: _Run, make_steps: _StepMaker, starts: np.ndarray, meters: int
         for step in make_steps(chunk, [format_stamp(s) for s in ends.tolist()], ends):
             if run.finished():
                 return
-            _send(run, step)
+            _deliver(run, step)
             run.tick()
+    if run.late is not None:  # the end: what late radios still hold goes out too
+        for part in run.late.release():
+            if run.finished():
+                return
+            _send(run, part)
+        run.tick()
 
 
 def _live(run: _Run, make_steps: _StepMaker, meters: int) -> None:
@@ -593,7 +691,7 @@ def _live(run: _Run, make_steps: _StepMaker, meters: int) -> None:
         (step,) = make_steps(
             np.array([now_s - interval]), [format_stamp(now_s)], np.array([float(now_s)])
         )
-        _send(run, step)
+        _deliver(run, step)
         run.tick()
         if run.finished():
             return
@@ -615,16 +713,28 @@ def _live_since(run: _Run, make_steps: _StepMaker, meters: int, stamp: int) -> N
         (step,) = make_steps(
             np.array([float(stamp - interval)]), [format_stamp(stamp)], np.array([float(stamp)])
         )
-        _send(run, step)
+        _deliver(run, step)
         run.tick()
         stamp += interval
+
+
+def _deliver(run: _Run, step: Step) -> None:
+    """Send a step as the head-end receives it: late radios' readings held back, those
+    held for this step sent after it."""
+    if run.late is None:
+        _send(run, step)
+        return
+    for part in run.late.due(step):
+        if run.finished():
+            return
+        _send(run, part)
 
 
 def _send(run: _Run, step: Step) -> None:
     """Emit a step, in slices spaced to the rate cap when there is one."""
     wanted = step.slots_for(run.room(len(step.keys) - len(step.silent)))
     rate = run.config.rate
-    if rate is None:
+    if rate is None or wanted == 0:  # nothing to pace; a step's truth is counted all the same
         _emit(step, 0, wanted, run.emit, run.summary)
         return
     per_slice = max(1, int(rate * PACE_SLICE_S))

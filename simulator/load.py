@@ -12,7 +12,16 @@ Water is used in bursts (a tap, a flush, a shower), so many water intervals see 
 all: draws start at random with a rate that depends on the hour of day (rare at night),
 an interval is idle with the probability that none starts in it, and a used interval
 carries the expectation divided by the chance of use. The expectation per interval is
-unchanged; a household's minimum night flow is 0, as it is for a home without a leak.
+unchanged; a household's minimum night flow is 0, as it is for a home without a leak. The
+night is not dry either: 7-15% of the 15-minute intervals between 01:00 and 05:00 see some
+use (a flush, a glass of water), drawn interval by interval (about half of the nights have
+some between 02:00 and 04:00), so a healthy meter shows the occasional night use that a
+leak rule must tell from a leak's continuous flow.
+
+Some electricity meters are on a constant load (:class:`ConstantLoad`, a share of them
+when asked): a pump that draws the same every interval, or street lighting that draws it
+from 18:00 to 06:00 UTC and nothing by day. Their readings repeat one value by nature; the
+registry says so (``constant_load``), and no STUCK or SPIKE is injected on them.
 
 Times are UTC and the simulated city lives on UTC. Everything is vectorised: one call
 computes a block of time steps for the whole fleet.
@@ -21,6 +30,8 @@ computes a block of time steps for the whole fleet.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -74,6 +85,14 @@ WATER_IDLE_15MIN: tuple[float, ...] = (0.70, 0.85, 0.92, 0.93, 0.90, 0.65, 0.35,
                                        0.30, 0.25, 0.20, 0.20, 0.25, 0.30, 0.35, 0.50)
 # fmt: on
 IDLE_REFERENCE_S = 900.0
+
+#: A constant load draws this much per 15 minutes while on (kWh, uniform per meter) ...
+CONSTANT_KWH_PER_15MIN = (0.05, 2.0)
+CONSTANT_REFERENCE_S = 900.0
+#: ... and is street lighting (on between these UTC hours, dusk to dawn) with this chance,
+#: else a pump (always on).
+STREET_LIGHT_HOURS = (18, 6)
+STREET_LIGHT_SHARE = 0.5
 
 MINUTES_PER_WEEK = 7 * 24 * 60
 #: 1970-01-01 was a Thursday: the epoch is this many minutes after a Monday 00:00.
@@ -164,6 +183,45 @@ def idle_probability(starts_s: np.ndarray, interval_s: float) -> np.ndarray:
     return idle
 
 
+@dataclass(frozen=True)
+class ConstantLoad:
+    """An electricity meter on one constant load: it repeats one value by nature."""
+
+    kwh_per_15min: float  # while on
+    street_light: bool  # on from 18:00 to 06:00 UTC only; else a pump, always on
+
+
+def assign_constant_loads(
+    types: Sequence[MeterType], share: float, seed: int | None
+) -> list[ConstantLoad | None]:
+    """Per meter, its constant load or None: ``share`` of the electricity meters, drawn
+    from a generator of their own, so the rest of a seeded fleet stays what it was."""
+    rng = np.random.default_rng(None if seed is None else [seed, 6])
+    picked = rng.random(len(types)) < share
+    kwh = rng.uniform(*CONSTANT_KWH_PER_15MIN, len(types))
+    lights = rng.random(len(types)) < STREET_LIGHT_SHARE
+    return [
+        ConstantLoad(round(float(k), DECIMALS), bool(light))
+        if chosen and meter_type is MeterType.ELECTRICITY
+        else None
+        for chosen, k, light, meter_type in zip(
+            picked.tolist(), kwh.tolist(), lights.tolist(), types, strict=True
+        )
+    ]
+
+
+def _lit_seconds(epoch_s: np.ndarray) -> np.ndarray:
+    """Seconds street lights have been on from the epoch to ``epoch_s``."""
+    on_at, off_at = (hour * 3600.0 for hour in STREET_LIGHT_HOURS)
+    days, into_day = np.divmod(epoch_s, float(SECONDS_PER_DAY))
+    lit: np.ndarray = (
+        days * (SECONDS_PER_DAY - (on_at - off_at))
+        + np.minimum(into_day, off_at)
+        + np.maximum(into_day - on_at, 0.0)
+    )
+    return lit
+
+
 def _cap(bound: float) -> float:
     """The largest normal reading for a bound: ``HEADROOM`` of it, down to the decimals."""
     cap = math.floor(bound * HEADROOM / SMALLEST) * SMALLEST
@@ -177,14 +235,26 @@ class LoadModel:
 
     Values are rounded to :data:`DECIMALS` and clipped to ``[SMALLEST, HEADROOM x bound]``,
     so a normal reading is never -1, negative or out of range: the contract classifies it
-    valid whatever the noise draws. Only water is ever 0 (an idle interval, flow 0 too).
+    valid whatever the noise draws. Only water is ever 0 (an idle interval, flow 0 too),
+    and street lighting by day. ``constant`` gives each meter's constant load, if any.
     """
 
-    def __init__(self, type_index: np.ndarray, scale: np.ndarray, rules: Rules) -> None:
+    def __init__(
+        self,
+        type_index: np.ndarray,
+        scale: np.ndarray,
+        rules: Rules,
+        constant: Sequence[ConstantLoad | None] = (),
+    ) -> None:
         self.type_index = np.asarray(type_index, dtype=np.intp)
         self.scale = np.asarray(scale, dtype=np.float64)
         caps = [_cap(rules.bounds[METER_SPECS[t].metric]) for t in TYPE_ORDER]
         self.caps = np.array(caps)[self.type_index]
+        loads = [(i, load) for i, load in enumerate(constant) if load is not None]
+        #: The constant loads' positions, what they draw while on, and which are lights.
+        self.constant = np.array([i for i, _ in loads], dtype=np.intp)
+        self.constant_kwh = np.array([load.kwh_per_15min for _, load in loads])
+        self.street_light = np.array([load.street_light for _, load in loads], dtype=bool)
         self.flow_cap = _cap(rules.bounds["flow_rate"])
         water = np.flatnonzero(self.type_index == TYPE_ORDER.index(MeterType.WATER))
         #: The water columns: a slice (a view, no copy) when contiguous, as in a Fleet.
@@ -219,11 +289,24 @@ class LoadModel:
             idle = draws < chance
             raw[:, self.water] /= 1.0 - chance  # used intervals carry the idle ones' share
         usage = np.clip(np.round(raw, DECIMALS), SMALLEST, self.caps)
+        if len(self.constant):
+            usage[:, self.constant] = self._constant(starts_s, interval_s)
         flow = np.clip(np.round(usage / (interval_s / 60.0), DECIMALS), SMALLEST, self.flow_cap)
         if idle is not None:
             usage[:, self.water] = np.where(idle, 0.0, usage[:, self.water])
             flow[:, self.water] = np.where(idle, 0.0, flow[:, self.water])
         return usage, flow
+
+    def _constant(self, starts_s: np.ndarray, interval_s: float) -> np.ndarray:
+        """The constant loads' readings ``[steps, loads]``: the same every interval while
+        on (a light on for part of a long interval reads that part of it)."""
+        starts = np.asarray(starts_s, dtype=np.float64).reshape(-1)
+        lit = (_lit_seconds(starts + interval_s) - _lit_seconds(starts)) / interval_s
+        on = np.where(self.street_light[None, :], lit[:, None], 1.0)
+        value = self.constant_kwh * (interval_s / CONSTANT_REFERENCE_S) * on
+        lowest = np.where(self.street_light, 0.0, SMALLEST)  # a pump never reads 0
+        constant: np.ndarray = np.clip(np.round(value, DECIMALS), lowest, self.caps[self.constant])
+        return constant
 
     def typical(self, starts_s: np.ndarray, interval_s: float, meters: np.ndarray) -> np.ndarray:
         """What meter ``meters[k]`` reads in ``[starts_s[k], +interval)`` when it reads at all.

@@ -194,10 +194,15 @@ class ReadingDigest(Message, kw_only=True):
     event_us: list[int]
     values: list[float | None]
     faulty: list[bool]
+    #: A water meter's ``flow_rate`` per reading (null where it sent none); absent for the
+    #: other types, and in digests written before it existed.
+    flows: list[float | None] | None = None
 
     def __post_init__(self) -> None:
         if not len(self.event_us) == len(self.values) == len(self.faulty) > 0:
             raise ValueError("event_us, values and faulty must be as long, and not empty")
+        if self.flows is not None and len(self.flows) != len(self.event_us):
+            raise ValueError("flows must be as long as event_us")
 
 
 class DeadLetterMessage(Message, kw_only=True):

@@ -96,8 +96,11 @@ class Column:
     override: bool = False
 
 
-STRING, INT, FLOAT = pa.string(), pa.int32(), pa.float64()
+STRING, INT, FLOAT, BOOL = pa.string(), pa.int32(), pa.float64(), pa.bool_()
 INTERVAL = "interval_seconds"
+#: A meter that legitimately repeats one value (street lighting, a pump): no STUCK, and on
+#: water no LEAK (docs/architecture.md, "Stateful detection").
+CONSTANT_LOAD = "constant_load"
 #: Each column meterflow knows, in the order a registry keeps them.
 COLUMNS: tuple[Column, ...] = (
     Column("device_id", STRING, "the meter's id as its readings carry it; unique", True),
@@ -127,6 +130,12 @@ COLUMNS: tuple[Column, ...] = (
         "register_reset_at",
         lake.TIMESTAMP,
         "ISO 8601 with an offset or Z: a meter exchange; the new register starts after it",
+    ),
+    Column(
+        CONSTANT_LOAD,
+        BOOL,
+        "true for a constant load (street lighting, a pump): repeats are not STUCK, and a "
+        "steady water flow is not a LEAK",
     ),
     # The detector's per-meter overrides, named like the DetectionRules field each replaces,
     # with the bounds DetectionRules itself holds its values to.
@@ -270,9 +279,36 @@ def _to_type(values: pa.ChunkedArray, column: Column) -> tuple[pa.Array, pa.Arra
         return array, bad, what
     if pa.types.is_string(target):
         return pc.cast(array, target), None, ""
+    if pa.types.is_boolean(target):
+        return _flags(array)
     if target == pa.date32():
         return _parse(array, target, "must be a date YYYY-MM-DD", _date)
     return _parse(array, target, "must be an ISO 8601 time with an offset or Z", _instant)
+
+
+#: What a CSV may write for a boolean column, case aside.
+TRUE_WORDS = ("true", "yes", "1")
+FALSE_WORDS = ("false", "no", "0")
+
+
+def _flags(array: pa.Array) -> tuple[pa.Array, pa.Array | None, str]:
+    """A boolean column: true/false, yes/no or 1/0 (any case) from a CSV; numbers 1 and 0."""
+    what = "must be true or false"
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+        words = pc.utf8_lower(pc.utf8_trim_whitespace(array))
+        true = pc.is_in(words, pa.array(TRUE_WORDS))
+        false = pc.is_in(words, pa.array(FALSE_WORDS))
+    elif pa.types.is_integer(array.type) or pa.types.is_floating(array.type):
+        true, false = pc.equal(array, 1), pc.equal(array, 0)
+    else:
+        return (
+            pa.nulls(len(array), pa.bool_()),
+            pc.is_valid(array),
+            f"{what} (column of {array.type})",
+        )
+    known = pc.or_(true, false)
+    bad = pc.and_(pc.is_valid(array), pc.invert(pc.fill_null(known, False)))
+    return pc.if_else(known, true, pa.scalar(None, pa.bool_())), bad, what
 
 
 def _date(text: str) -> date:

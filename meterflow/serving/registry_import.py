@@ -55,6 +55,7 @@ class ImportReport:
     with_interval: int
     with_register: int
     with_overrides: int
+    constant_loads: int
     unknown: list[str]
     load: RegistryLoad
 
@@ -79,6 +80,7 @@ def import_registry(db: Database[dict[str, Any]], source: str, registry_dir: str
         with_interval=_count_valid(table, [registry.INTERVAL]),
         with_register=_count_valid(table, registry.REGISTER),
         with_overrides=_count_valid(table, registry.OVERRIDES),
+        constant_loads=_count_true(table, registry.CONSTANT_LOAD),
         unknown=registry.unknown_columns(table),
         load=load,
     )
@@ -100,6 +102,12 @@ def _count_valid(table: pa.Table, names: Sequence[str]) -> int:
     return int(pc.sum(reduce(pc.or_, present)).as_py() or 0)
 
 
+def _count_true(table: pa.Table, name: str) -> int:
+    if name not in table.column_names:
+        return 0
+    return int(pc.sum(pc.fill_null(table[name], False).cast(pa.int64())).as_py() or 0)
+
+
 def _count_distinct(table: pa.Table, name: str) -> int:
     if name not in table.column_names:
         return 0
@@ -114,7 +122,7 @@ def summary_lines(report: ImportReport) -> list[str]:
         f"imported {load.meters:,} meters from {report.source} into {report.target}: {types}",
         f"districts: {report.districts}; with interval_seconds: {report.with_interval:,}; "
         f"with a register: {report.with_register:,}; with detection overrides: "
-        f"{report.with_overrides:,}",
+        f"{report.with_overrides:,}; constant loads: {report.constant_loads:,}",
         f"MongoDB meters: {load.new:,} new, {load.updated:,} updated, {load.removed:,} removed",
     ]
     if report.unknown:

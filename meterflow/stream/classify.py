@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from meterflow.core import classifier, contract, messages
 from meterflow.core.classifier import Reading
-from meterflow.core.contract import METER_SPECS, FaultCode, Status
+from meterflow.core.contract import METER_SPECS, FaultCode, MeterType, Status
 from meterflow.core.events import abnormal_event, meter_status_update
 from meterflow.core.lake import CLASSIFIED_SCHEMA, TIMESTAMP
 from meterflow.core.messages import DeadLetterMessage
@@ -139,6 +139,9 @@ STATUS_COLUMNS = (
     "consumption",
     "fault_code",
 )
+#: ... and the digests for the stateful stage: a water meter's flow tells a physical flow
+#: from a frozen register (meterflow.stream.detection.rules).
+DIGEST_COLUMNS = (*STATUS_COLUMNS, "flow_rate")
 
 
 def status_updates(classified: pa.Table) -> list[tuple[bytes, bytes]]:
@@ -187,6 +190,9 @@ def status_updates(classified: pa.Table) -> list[tuple[bytes, bytes]]:
     return updates
 
 
+_WATER = str(MeterType.WATER)
+
+
 def reading_digests(classified: pa.Table) -> list[tuple[bytes, bytes]]:
     """One :class:`~meterflow.core.messages.ReadingDigest` per meter in ``classified``.
 
@@ -197,7 +203,7 @@ def reading_digests(classified: pa.Table) -> list[tuple[bytes, bytes]]:
         pc.is_valid(classified["event_time"]),
         pc.invert(pc.fill_null(pc.equal(classified["fault_code"], future), False)),
     )
-    rows = classified.select(list(STATUS_COLUMNS)).filter(keep)
+    rows = classified.select(list(DIGEST_COLUMNS)).filter(keep)
     if rows.num_rows == 0:
         return []
     encoded = pc.dictionary_encode(rows["device_id"]).combine_chunks()
@@ -209,6 +215,7 @@ def reading_digests(classified: pa.Table) -> list[tuple[bytes, bytes]]:
     # A missing value is NaN here; JSON has no NaN, and msgspec writes it as null.
     values = rows["consumption"].to_numpy(zero_copy_only=False)[order].tolist()
     faulty = rows["fault_code"].is_valid().to_numpy(zero_copy_only=False)[order].tolist()
+    flow_rate = rows["flow_rate"].to_numpy(zero_copy_only=False)[order]
     names = encoded.dictionary.to_pylist()
     starts = np.flatnonzero(np.r_[True, device_index[1:] != device_index[:-1]])
     ends = np.r_[starts[1:], len(order)]
@@ -217,12 +224,15 @@ def reading_digests(classified: pa.Table) -> list[tuple[bytes, bytes]]:
     digests = []
     for start, end, kind in zip(starts.tolist(), ends.tolist(), types, strict=True):
         name = names[device_index[start]]
+        flows = flow_rate[start:end]
         digest = messages.ReadingDigest(
             device_id=name,
             meter_type=kind,
             event_us=events[start:end],
             values=values[start:end],
             faulty=faulty[start:end],
+            # Water's flow tells a steady flow from a frozen register (detection.rules).
+            flows=flows.tolist() if kind == _WATER and not np.isnan(flows).all() else None,
         )
         digests.append((name.encode(), messages.encode(digest)))
     return digests

@@ -42,7 +42,12 @@ from meterflow.core.lake import (
 from meterflow.core.logs import ensure_logging, get_logger
 from meterflow.core.messages import DeadLetterMessage
 from meterflow.core.thresholds import Rules
-from meterflow.stream.classify import STATUS_COLUMNS, BatchResult, classify_batch, reading_digests
+from meterflow.stream.classify import (
+    DIGEST_COLUMNS,
+    BatchResult,
+    classify_batch,
+    reading_digests,
+)
 from meterflow.stream.classify import status_updates as make_status_updates
 
 log = get_logger(__name__)
@@ -163,7 +168,7 @@ class _Publisher:
             else:
                 stored = msgspec.structs.replace(letter, stored="lake")
                 self._produce(self.topics.deadletter, letter.key, reference, stored.headers())
-        self.seen.append(result.classified.select(list(STATUS_COLUMNS)))
+        self.seen.append(result.classified.select(list(DIGEST_COLUMNS)))
         self.producer.poll(0)
 
     def finish(self) -> None:

@@ -167,3 +167,96 @@ def test_the_leak_night_is_local_time() -> None:
     assert codes(opened) == [FaultCode.LEAK] and "night minimum flow 12" in opened[0].reason
     # The same readings judged on UTC's night (02:00-04:00 UTC) see idle intervals.
     assert feed(WATER, MeterState(), values) == []
+
+
+# -- one diagnosis per fault (docs/architecture.md, "One diagnosis per fault") -------------
+
+
+def water_readings(first: int, last: int, usage: float, flow: float | None) -> list[Observed]:
+    """Readings ``first`` to ``last`` of a water meter, each ``usage`` litres with ``flow``."""
+    return [Observed(at(i), usage, False, flow) for i in range(first, last + 1)]
+
+
+def household(i: int) -> float:
+    """Water use with idle intervals (0) between uses."""
+    return 0.0 if i % 3 else round(5.0 + (i * 7) % 11, 3)
+
+
+def water_day_before() -> MeterState:
+    """A water meter with a normal day behind it (idle intervals, flows that agree)."""
+    state = MeterState()
+    day = [Observed(at(i), household(i), False, household(i) / 15) for i in range(96)]
+    assert observe(WATER, state, day) == []
+    return state
+
+
+def test_a_steady_leak_whose_flow_agrees_is_leak_only() -> None:
+    """8 L/h of leak: 2 L every 15 minutes and a flow of 2/15 L/min, over a night and a day."""
+    state = water_day_before()
+    leak = water_readings(96, 96 + 40 * 4, 2.0, 2.0 / 15)
+    found = observe(WATER, state, leak)
+    assert codes(found) == [FaultCode.LEAK]  # the night's minimum, 8 L/h, above 6
+    assert codes(found, CLEAR) == []
+
+
+def test_a_frozen_water_register_is_stuck_only() -> None:
+    """The usage repeats while the flow says otherwise (0 here: nothing runs): STUCK, and
+    the frozen value is no flow for LEAK, even over two days without a zero."""
+    state = water_day_before()
+    frozen = water_readings(96, 96 + 48 * 4, 2.0, 0.0)
+    found = observe(WATER, state, frozen)
+    assert codes(found) == [FaultCode.STUCK]
+    after = observe(
+        WATER,
+        state,
+        [
+            Observed(at(96 + 48 * 4 + i), household(i), False, household(i) / 15)
+            for i in range(1, 8)
+        ],
+    )
+    assert codes(after, CLEAR) == [FaultCode.STUCK]
+    assert codes(after) == []  # the frozen span counted for no "dry window"
+
+
+def test_a_frozen_value_that_agrees_with_the_real_flow_now_and_then_is_one_stuck() -> None:
+    """The frozen 0.63 L equals a trickle of 0.042 L/min now and then: by chance, which
+    neither delays nor splits the episode; the true reading it froze at starts it."""
+    state = water_day_before()
+    flows = [0.042, 0.0, 0.0, 0.042, 0.1, 0.0, 0.042, 0.3, 0.0, 0.0]  # the real ones
+    frozen = [Observed(at(96 + i), 0.63, False, flow) for i, flow in enumerate(flows)]
+    found = observe(WATER, state, frozen)
+    assert [(d.code, d.action, d.start_us) for d in found] == [(FaultCode.STUCK, OPEN, at(96))]
+
+
+def test_without_a_flow_reading_a_leak_supersedes_stuck() -> None:
+    """A water meter that sends no flow_rate: the steady value is STUCK first, until LEAK's
+    night says it is a flow; STUCK then clears, saying so, and does not open again."""
+    state = water_day_before()
+    found = observe(WATER, state, water_readings(96, 96 + 40 * 4, 2.0, None))
+    assert codes(found) == [FaultCode.STUCK, FaultCode.LEAK]
+    cleared = [d for d in found if d.action == CLEAR]
+    assert [(d.code, d.reason) for d in cleared] == [
+        (FaultCode.STUCK, "superseded by LEAK: a steady flow, not a stuck meter")
+    ]
+    assert cleared[0].at_us == next(d.at_us for d in found if d.code is FaultCode.LEAK)
+
+
+@pytest.mark.parametrize("meter_type", [MeterType.ELECTRICITY, MeterType.GAS])
+def test_repeats_are_stuck_on_power_and_gas_unless_a_constant_load(meter_type: MeterType) -> None:
+    repeats = {i: 0.5 for i in range(20, 60)}
+    ordinary = Meter("m", meter_type, STEP, RULES)
+    state = MeterState()
+    feed(ordinary, state, {i: normal(i) for i in range(20)})
+    assert codes(feed(ordinary, state, repeats)) == [FaultCode.STUCK]
+    pump = Meter("m", meter_type, STEP, RULES, constant_load=True)
+    state = MeterState()
+    feed(pump, state, {i: normal(i) for i in range(20)})
+    assert feed(pump, state, repeats) == []
+
+
+def test_a_constant_water_load_is_neither_stuck_nor_leaking() -> None:
+    """A declared constant load (a cooling tower's make-up water): steady day and night."""
+    tower = Meter("wm1", MeterType.WATER, STEP, RULES, constant_load=True)
+    state = MeterState()
+    steady = water_readings(0, 3 * 96, 2.0, None)
+    assert observe(tower, state, steady) == []

@@ -125,6 +125,17 @@ def test_no_data_against_the_watermark_in_event_time() -> None:
     assert changes(tester.setWatermark(due_ms)) == [(str(FaultCode.NO_DATA), OPEN)]
 
 
+def test_a_watermark_far_past_the_deadline_opens_no_data_at_the_deadline() -> None:
+    """A catch-up moves the watermark in big steps: the episode is the same whatever the
+    steps (stamped when the silence became NO_DATA, not when the batch saw it)."""
+    tester = event_time_tester()
+    tester.testInPandas(BUCKET, digest(*((i, 0.4 + i / 100) for i in range(3))))
+    due_us = at(2 + RULES.nodata_intervals)
+    opened = tester.setWatermark(at(2 + 10 * RULES.nodata_intervals) // 1000)
+    assert changes(opened) == [(str(FaultCode.NO_DATA), OPEN)]
+    assert opened["at_us"].tolist() == [due_us] and opened["start_us"].tolist() == [at(3)]
+
+
 def test_stuck_through_the_processor_keeps_one_state_value() -> None:
     tester = TwsTester(detector(PROCESSING_TIME), timeMode=PROCESSING_TIME)
     tester.setProcessingTime(1_000)
@@ -263,6 +274,59 @@ def test_the_streams_digests_reach_the_detector_as_sent() -> None:
     meters = msgspec.msgpack.decode(bytes(stored[0]), type=Bucket).meters
     assert (meters["em1"].last_us, meters["gm1"].last_us) == (at(1), at(0))
     assert (meters["em1"].meter_type, meters["gm1"].meter_type) == ("electricity", "gas")
+
+
+def test_water_flow_travels_in_the_digest_and_decides_stuck(tmp_path: Path) -> None:
+    """A water meter's flow_rate reaches the detector: the same usage with a flow that
+    agrees is a flow (no STUCK), with a flow of 0 a frozen register (STUCK). A constant
+    load from the registry repeats without STUCK."""
+
+    def water(device: str, flow: float) -> bytes:
+        return b"".join(
+            b'{"device_id": "%s", "timestamp": "2024-05-27T%02d:%02d:00Z", "usage": 2.0, '
+            b'"flow_rate": %s}\n' % (device.encode(), i // 4, i % 4 * 15, str(flow).encode())
+            for i in range(1, 13)
+        )
+
+    lines = (water("wm1", round(2.0 / 15, 3)) + water("wm2", 0.0)).splitlines()
+    lines += [
+        b'{"device_id": "em1", "timestamp": "2024-05-27T%02d:%02d:00Z", "usage_kwh": 0.5}'
+        % (i // 4, i % 4 * 15)
+        for i in range(1, 13)
+    ]
+    batch = kafka_records(lines, at(200))
+    classified = pa.Table.from_batches([classify_batch(batch, thresholds.Rules()).classified])
+    decoded = {
+        key: messages.decode(value, messages.ReadingDigest)
+        for key, value in reading_digests(classified)
+    }
+    assert decoded[b"wm1"].flows == [0.133] * 12 and decoded[b"wm2"].flows == [0.0] * 12
+    assert decoded[b"em1"].flows is None  # only water sends a flow
+
+    (tmp_path / "registry").mkdir()
+    pq.write_table(
+        pa.table(
+            {
+                "device_id": ["em1", "wm1", "wm2"],
+                "interval_seconds": [STEP] * 3,
+                "constant_load": [True, None, None],
+            }
+        ),
+        tmp_path / "registry" / "meters.parquet",
+    )
+    profiles = load_profiles(str(tmp_path / "registry"), RULES)
+    assert profiles["em1"].constant_load and not profiles["wm1"].constant_load
+    tester = TwsTester(detector(PROCESSING_TIME, profiles=profiles), timeMode=PROCESSING_TIME)
+    tester.setProcessingTime(1_000)
+    rows = pd.DataFrame(
+        {
+            "device_id": [k.decode() for k in decoded],
+            "value": [v for _, v in reading_digests(classified)],
+        }
+    )
+    assert device_changes(tester.testInPandas(BUCKET, rows)) == [
+        ("wm2", str(FaultCode.STUCK), OPEN)
+    ]
 
 
 def test_a_new_digest_topic_carries_the_state_over_and_a_new_clock_starts_afresh(

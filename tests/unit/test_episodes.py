@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import statistics
 import time
 from collections import Counter, defaultdict
@@ -475,21 +476,29 @@ def run_background(
 
 def readings_by_meter(
     messages: list[tuple[bytes, bytes]],
-) -> dict[str, list[tuple[int, float, bool]]]:
-    """What the stream hands the detector per meter: ``(event_us, value, faulty)`` in
+) -> dict[str, list[tuple[int, float, bool, float | None]]]:
+    """What the stream hands the detector per meter: ``(event_us, value, faulty, flow)`` in
     event-time order, dead letters and FUTURE_TIMESTAMP readings left out (as
     ``meterflow.stream.classify.reading_digests`` does)."""
     values = [value for _, value in messages]
     result = classify(values, [FAR_FUTURE_US] * len(values))
     future = STATELESS_FAULTS.index(FaultCode.FUTURE_TIMESTAMP) + 1
-    meters: dict[str, list[tuple[int, float, bool]]] = defaultdict(list)
+    meters: dict[str, list[tuple[int, float, bool, float | None]]] = defaultdict(list)
     for i, device in enumerate(result.device_id):
         if STATUS_ORDER[int(result.status[i])] is Status.DEADLETTER:
             continue
         if int(result.fault_index[i]) == future or device is None:
             continue
         faulty = int(result.fault_index[i]) != 0
-        meters[device].append((int(result.event_time_us[i]), float(result.consumption[i]), faulty))
+        flow = float(result.flow_rate[i])
+        meters[device].append(
+            (
+                int(result.event_time_us[i]),
+                float(result.consumption[i]),
+                faulty,
+                None if math.isnan(flow) else flow,
+            )
+        )
     return {device: sorted(readings) for device, readings in meters.items()}
 
 
@@ -510,7 +519,7 @@ def test_the_backfill_runs_up_to_now_and_live_readings_continue_its_grid(
     per_meter = readings_by_meter(messages)
     assert len(per_meter) == 12
     for device, readings in per_meter.items():
-        stamps = [event_us for event_us, _, _ in readings]
+        stamps = [event_us for event_us, *_ in readings]
         assert stamps[0] == yesterday_us + step_us, device  # the first interval's end
         backfilled = [s for s in stamps if s < first_live_us]
         assert first_live_us - backfilled[-1] <= 2 * step_us  # a dead letter may take one
@@ -520,7 +529,7 @@ def test_the_backfill_runs_up_to_now_and_live_readings_continue_its_grid(
         assert max(gaps) <= RULES.nodata_intervals * step_us, (device, sorted(gaps))
         assert stamps[-1] >= start.timestamp() * 1e6 + 290 * 1e6
     # On the grid from yesterday 00:00: every stamp of every meter together, no hole.
-    every = sorted({s for readings in per_meter.values() for s, _, _ in readings})
+    every = sorted({s for readings in per_meter.values() for s, *_ in readings})
     assert every == list(range(yesterday_us + step_us, every[-1] + 1, step_us))
 
 

@@ -70,7 +70,7 @@ def test_a_good_csv_reaches_the_lake_and_meters(
     assert "imported 3 meters" in out and "electricity 1, gas 1, water 1" in out
     assert (
         "districts: 2; with interval_seconds: 2; with a register: 2; with detection "
-        "overrides: 1" in out
+        "overrides: 1; constant loads: 0" in out
     )
     assert "MongoDB meters: 3 new, 0 updated, 0 removed" in out
     assert "not read by meterflow" not in out
@@ -291,3 +291,28 @@ def test_docs_registry_md_lists_every_column_with_its_bound() -> None:
     for column in registry.COLUMNS:
         if column.bound is not None:
             assert column.bound.describe() in rows[f"`{column.name}`"], column.name
+
+
+def test_constant_loads_are_imported_and_reach_the_detector(
+    tmp_path: Path,
+    settings: Settings,
+    db: Any,
+    capsys: pytest.CaptureFixture[str],
+    restore_logging: None,
+) -> None:
+    """A utility's street lights and pumps, declared in its CSV; a value that is not a yes
+    or no names its line."""
+    from meterflow.stream.detection.profiles import load_profiles
+
+    header = "device_id,meter_type,constant_load"
+    rows = ["em1,electricity,true", "em2,electricity,No", "wm1,water,", "gm1,gas, YES "]
+    assert cli.main(["registry", "import", write_csv(tmp_path / "f.csv", rows, header)]) == 0
+    assert "constant loads: 2" in capsys.readouterr().out
+    profiles = load_profiles(settings.registry_path, settings.detection)
+    assert {d for d, p in profiles.items() if p.constant_load} == {"em1", "gm1"}
+    assert "em2" not in profiles and "wm1" not in profiles  # nothing set: the defaults
+
+    bad = write_csv(tmp_path / "bad.csv", ["em1,electricity,maybe"], header)
+    assert cli.main(["registry", "import", bad]) == 2
+    shown = capsys.readouterr().out.splitlines()
+    assert shown == ["line 2: constant_load must be true or false (value maybe)"]

@@ -20,6 +20,7 @@ pending timer per bucket for NO_DATA:
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
@@ -173,7 +174,8 @@ class MeterDetector(StatefulProcessor):
             meter = Meter(device_id, kind, self.default_interval_s, self.rules, self.clock)
         else:
             interval = profile.interval_s or self.default_interval_s
-            meter = Meter(device_id, kind, interval, profile.rules or self.rules, self.clock)
+            rules = profile.rules or self.rules
+            meter = Meter(device_id, kind, interval, rules, self.clock, profile.constant_load)
         self._meters[device_id] = meter
         return meter
 
@@ -195,7 +197,7 @@ class MeterDetector(StatefulProcessor):
         timerValues: TimerValues,  # noqa: N803
     ) -> Iterator[pd.DataFrame]:
         bucket = self._load()
-        batch: dict[str, tuple[str, list[tuple[int, float | None, bool]]]] = {}
+        batch: dict[str, tuple[str, list[tuple[int, float | None, bool, float | None]]]] = {}
         for frame in rows:
             for raw in frame["value"]:
                 try:
@@ -205,7 +207,8 @@ class MeterDetector(StatefulProcessor):
                     log.error("detect=undecodable-digest detail=%s", bad)
                     continue
                 _, readings = batch.setdefault(digest.device_id, (digest.meter_type, []))
-                readings += zip(digest.event_us, digest.values, digest.faulty, strict=True)
+                flows = digest.flows or itertools.repeat(None, len(digest.event_us))
+                readings += zip(digest.event_us, digest.values, digest.faulty, flows, strict=True)
         arrived_ms = timerValues.getCurrentProcessingTimeInMs()
         out: list[tuple[Meter, Detection]] = []
         for device_id, (kind, readings) in batch.items():
@@ -236,8 +239,13 @@ class MeterDetector(StatefulProcessor):
                 bucket.arrived_ms.pop(device_id, None)
                 self._meters.pop(device_id, None)
                 continue
-            if now_us >= deadline(meter, state):
-                out += [(meter, change) for change in expire(meter, state, now_us)]
+            due_us = deadline(meter, state)
+            if now_us >= due_us:
+                # In event time the silence became NO_DATA at its deadline, however far
+                # past it this batch's watermark jumped: the episode does not depend on
+                # how a catch-up was cut into batches.
+                at_us = due_us if self.time_mode == EVENT_TIME else now_us
+                out += [(meter, change) for change in expire(meter, state, at_us)]
         self._save(bucket, timerValues)
         if out:
             yield _frame(out)

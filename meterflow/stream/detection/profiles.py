@@ -1,13 +1,15 @@
-"""Per-meter detection settings from the fleet registry: its interval and threshold overrides.
+"""Per-meter detection settings from the fleet registry: its interval, threshold overrides
+and whether it is a constant load.
 
 The registry (``meters.parquet``, :func:`meterflow.core.lake.registry_parquet`) may carry,
 per meter, optional columns named like the thresholds they replace (:data:`PROFILE_COLUMNS`,
-``interval_seconds`` among them). A null value, or a missing column, keeps the default (the
-environment's :class:`~meterflow.core.thresholds.DetectionRules`, per meter type where the
-rule is). :func:`load_profiles` reads them when the detector starts (and again when the
-registry is replaced: :mod:`meterflow.stream.detection.reload`), and refuses a value no rule
-could work with, naming the meter, so a typo in the registry stops the start rather than
-silencing a meter's alarms. Their bounds are the registry's
+``interval_seconds`` among them), and ``constant_load`` (true: no STUCK, on water no LEAK).
+A null value, or a missing column, keeps the default (the environment's
+:class:`~meterflow.core.thresholds.DetectionRules`, per meter type where the rule is).
+:func:`load_profiles` reads them when the detector starts (and again when the registry is
+replaced: :mod:`meterflow.stream.detection.reload`), and refuses a value no rule could work
+with, naming the meter, so a typo in the registry stops the start rather than silencing a
+meter's alarms. Their bounds are the registry's
 (:data:`meterflow.core.registry.PROFILE_BOUNDS`), which the import validates with too.
 """
 
@@ -26,6 +28,7 @@ from meterflow.core import lake, registry
 from meterflow.core.contract import MeterType
 from meterflow.core.errors import ConfigError
 from meterflow.core.logs import get_logger
+from meterflow.core.registry import CONSTANT_LOAD
 from meterflow.core.thresholds import DetectionRules
 
 log = get_logger(__name__)
@@ -51,6 +54,7 @@ class MeterProfile:
 
     interval_s: int | None
     rules: DetectionRules | None
+    constant_load: bool = False
 
 
 def load_profiles(registry: str, rules: DetectionRules) -> dict[str, MeterProfile]:
@@ -61,8 +65,15 @@ def load_profiles(registry: str, rules: DetectionRules) -> dict[str, MeterProfil
     if filesystem.get_file_info(inner).type == pafs.FileType.NotFound:
         log.warning("detect=profiles registry=%s status=absent meters=defaults", path)
         return {}
-    present = [n for n in _COLUMNS if n in pq.read_schema(inner, filesystem=filesystem).names]
-    table = pq.read_table(inner, columns=["device_id", *present], filesystem=filesystem)
+    names = pq.read_schema(inner, filesystem=filesystem).names
+    present = [n for n in _COLUMNS if n in names]
+    flagged = [CONSTANT_LOAD] if CONSTANT_LOAD in names else []
+    table = pq.read_table(inner, columns=["device_id", *present, *flagged], filesystem=filesystem)
+    constant = (
+        pc.fill_null(table[CONSTANT_LOAD].cast(pa.bool_()), False)
+        if flagged
+        else pa.chunked_array([pa.array([False] * table.num_rows)])
+    )
     columns = [n for n in present if not pa.types.is_null(table.schema.field(n).type)]
     for name in columns:
         kind = table.schema.field(name).type
@@ -72,22 +83,26 @@ def load_profiles(registry: str, rules: DetectionRules) -> dict[str, MeterProfil
                 "(or be dropped for the defaults)"
             )
     # Only meters with a value somewhere: most of a fleet may have none.
-    some = reduce(pc.or_, (pc.is_valid(table[n]) for n in columns), pa.scalar(False))
-    table = table.filter(pc.and_(pc.is_valid(table["device_id"]), some))
+    some = reduce(pc.or_, (pc.is_valid(table[n]) for n in columns), constant)
+    keep = pc.and_(pc.is_valid(table["device_id"]), some)
+    table, constant = table.filter(keep), constant.filter(keep)
     values = {name: table[name].to_pylist() for name in columns}
     shared: dict[tuple[Any, ...], MeterProfile] = {}
     profiles: dict[str, MeterProfile] = {}
+    flags = constant.to_pylist()
     for row, device_id in enumerate(table["device_id"].to_pylist()):
-        key = tuple(_checked(path, device_id, n, values[n][row]) for n in columns)
+        key = (*(_checked(path, device_id, n, values[n][row]) for n in columns), flags[row])
         profile = shared.get(key)
         if profile is None:
-            profile = shared[key] = _profile(dict(zip(columns, key, strict=True)), rules)
+            overrides = dict(zip(columns, key[:-1], strict=True))
+            profile = shared[key] = _profile(overrides, rules, constant_load=flags[row])
         profiles[device_id] = profile
     log.info(
-        "detect=profiles registry=%s meters=%d with_rules=%d distinct=%d",
+        "detect=profiles registry=%s meters=%d with_rules=%d constant_loads=%d distinct=%d",
         path,
         len(profiles),
         sum(p.rules is not None for p in profiles.values()),
+        sum(p.constant_load for p in profiles.values()),
         len(shared),
     )
     return profiles
@@ -106,10 +121,10 @@ def _checked(path: str, device_id: str, name: str, value: Any) -> int | float | 
     )
 
 
-def _profile(overrides: dict[str, Any], rules: DetectionRules) -> MeterProfile:
+def _profile(overrides: dict[str, Any], rules: DetectionRules, constant_load: bool) -> MeterProfile:
     interval = overrides.pop(INTERVAL, None)
     changed = {name: value for name, value in overrides.items() if value is not None}
     for name in _PER_TYPE & changed.keys():
         # The meter has one type; its value holds whichever type its readings name.
         changed[name] = dict.fromkeys(MeterType, changed[name])
-    return MeterProfile(interval, replace(rules, **changed) if changed else None)
+    return MeterProfile(interval, replace(rules, **changed) if changed else None, constant_load)

@@ -16,6 +16,15 @@ take no part in STUCK runs, SPIKE baselines or LEAK windows, so they cannot rais
 alarm. State per meter is bounded: a few scalars, a ring of daily highs per hour of day
 and one overall ring (see :data:`HOUR_RING` and :data:`RECENT_RING`).
 
+One diagnosis per fault (docs/architecture.md, "One diagnosis per fault"): a repeated
+non-zero value is STUCK's signature, except where it is physically possible. On water, a
+run of one value whose ``flow_rate`` mostly agrees with its usage (usage = flow x interval
+minutes) is a flow, owned by LEAK, never STUCK. A run whose flow mostly disagrees is a
+frozen register, owned by STUCK: while STUCK is open it is no evidence of flow for LEAK. A
+water meter that sends no flow is ambiguous: STUCK may open, and a LEAK opening on the
+same meter supersedes it (STUCK clears, saying so). A meter the registry declares a
+constant load (street lighting, a pump) gets no STUCK, and on water no LEAK.
+
 SPIKE's baseline is the *highest* good value at the reading's hour of day over the last
 week (one high per day), not a median: a household's use at a given hour is mostly idle
 with a cooking or laundry peak on some days, so ten times the median idle level is
@@ -86,10 +95,13 @@ class MeterState(msgspec.Struct, array_like=True):
     #: Per hour of day, the day number (UTC) of its ring's newest high. Last, with a
     #: default, so a state encoded before it existed still decodes.
     hour_days: list[int] = msgspec.field(default_factory=lambda: [-1] * 24)
+    #: Readings of the current run whose flow explains their usage (water).
+    run_flowing: int = 0
 
 
 class Observed(NamedTuple):
-    """One reading as the detector sees it; ``faulty`` is any stateless fault.
+    """One reading as the detector sees it; ``faulty`` is any stateless fault, ``flow`` the
+    water meter's ``flow_rate`` (L/min) when it sends one.
 
     A tuple, not a dataclass: a catch-up builds hundreds of thousands a batch.
     """
@@ -97,6 +109,15 @@ class Observed(NamedTuple):
     event_us: int
     value: float | None
     faulty: bool = False
+    flow: float | None = None
+
+
+#: How far usage and flow x minutes may differ and still be one flow: the contract's
+#: readings carry three decimals, so a flow rounded to 0.001 L/min is off by up to
+#: 0.0005 x minutes; 0.5% covers a meter that rounds its flow coarser. Wider, a frozen
+#: value would now and then agree with a household's real flow by chance.
+FLOW_AGREES_LITRES = 0.01
+FLOW_AGREES_SHARE = 0.005
 
 
 @dataclass(frozen=True)
@@ -131,6 +152,8 @@ class Meter:
     #: Local wall-clock time (METERFLOW_TIMEZONE) for the hour-of-day rules: a household's
     #: day and the LEAK rule's night follow local time, not UTC.
     clock: LocalClock = field(default_factory=LocalClock)
+    #: The registry says it legitimately repeats one value: no STUCK (on water, no LEAK).
+    constant_load: bool = False
 
 
 def _baseline(state: MeterState, hour: int) -> float | None:
@@ -159,23 +182,37 @@ def _remember(state: MeterState, event_us: int, hour: int, value: float) -> None
         del state.recent[0]
 
 
+def flow_explains(usage: float, flow: float | None, interval_s: int) -> bool | None:
+    """Whether a water reading's flow (L/min) accounts for its usage over the interval;
+    None when it sends no flow."""
+    if flow is None or not math.isfinite(flow):
+        return None
+    expected = flow * interval_s / 60.0
+    return abs(usage - expected) <= max(FLOW_AGREES_LITRES, FLOW_AGREES_SHARE * abs(usage))
+
+
 def observe(
-    meter: Meter, state: MeterState, readings: Iterable[tuple[int, float | None, bool]]
+    meter: Meter,
+    state: MeterState,
+    readings: Iterable[tuple[int, float | None, bool, float | None]],
 ) -> list[Detection]:
     """Apply a batch of one meter's readings (any order) to ``state``; the changes.
 
-    A reading is an :class:`Observed` or a plain ``(event_us, value, faulty)`` tuple: a
-    catch-up hands over millions, and a plain tuple costs a fraction of a NamedTuple's
-    Python-level constructor.
+    A reading is an :class:`Observed` or a plain ``(event_us, value, faulty, flow)``
+    tuple: a catch-up hands over millions, and a plain tuple costs a fraction of a
+    NamedTuple's Python-level constructor.
     """
     out: list[Detection] = []
     interval_us = meter.interval_s * 1_000_000
     silence_us = meter.rules.nodata_intervals * interval_us  # see deadline()
-    for event_us, value, faulty in sorted(readings, key=_event_time):
+    water = meter.meter_type is MeterType.WATER
+    for event_us, value, faulty, flow in sorted(readings, key=_event_time):
         if event_us <= state.last_us:
             continue  # late or repeated: no part in any rule
         gap_us = event_us - state.last_us if state.last_us else 0
         state.first_us = state.first_us or event_us
+        if water and state.last_us and gap_us > silence_us:
+            _unknown_flow_until(state, event_us - interval_us)  # a silence shows no flow
         if state.silent_open:
             out.append(
                 _clear(
@@ -196,11 +233,17 @@ def observe(
             state.silent_open = 0
         state.last_us = event_us
         if faulty or value is None or not math.isfinite(value):
-            state.run_count = 0  # a faulty reading is no evidence of a stuck register
+            state.run_count = state.run_flowing = 0  # a faulty reading: no stuck register
             continue
-        _stuck(meter, state, event_us, value, gap_us, interval_us, out)
+        explained = flow_explains(value, flow, meter.interval_s) if water else False
+        if explained is None and state.leak_open:
+            explained = True  # no flow sent, a leak open: its steady value is that flow
+        if not meter.constant_load:
+            _stuck(meter, state, event_us, value, gap_us, interval_us, explained, out)
         _spike(meter, state, event_us, value, out)
-        if meter.meter_type is MeterType.WATER:
+        if water and not meter.constant_load and not (state.stuck_open and explained is not None):
+            # A frozen register's repeats are no flow: STUCK owns them. Without a flow
+            # reading LEAK still looks, and supersedes STUCK if it opens.
             _leak(meter, state, event_us, value, out)
     return out
 
@@ -212,11 +255,13 @@ def _stuck(
     value: float,
     gap_us: int,
     interval_us: int,
+    explained: bool | None,
     out: list[Detection],
 ) -> None:
     rules = meter.rules
     if value == state.run_value and gap_us <= 2 * interval_us:
         state.run_count += 1
+        state.run_flowing += bool(explained)
     elif value == state.run_value and state.stuck_open:
         pass  # the same value after a gap: still stuck, only a new value clears it
     else:
@@ -225,10 +270,19 @@ def _stuck(
                 _clear(meter, FaultCode.STUCK, state.stuck_open, event_us, value, "value changed")
             )
             state.stuck_open = 0
+            if meter.meter_type is MeterType.WATER:
+                _unknown_flow_until(state, event_us - interval_us)
         state.run_value, state.run_count, state.run_start_us = value, 1, event_us
-    long_enough = event_us - state.run_start_us >= (rules.stuck_readings - 1) * interval_us
+        state.run_flowing = int(bool(explained))
+    # N readings span N-1 intervals, less half of one: a meter's clock jitters.
+    spanned_us = (rules.stuck_readings - 1) * interval_us - interval_us // 2
+    long_enough = event_us - state.run_start_us >= spanned_us
+    # A run whose flow explains most of its readings is a steady flow, LEAK's; a frozen
+    # register's value agrees with the real flow of an interval only now and then.
+    flowing = 2 * state.run_flowing > state.run_count
     if (
         not state.stuck_open
+        and not flowing
         and value > rules.stuck_min.get(meter.meter_type, 0.0)
         and state.run_count >= rules.stuck_readings
         and long_enough
@@ -324,7 +378,26 @@ def _leak(
             if continuous
             else f"night minimum flow {night_min:g} L/h above {rules.leak_min_night_flow:g}"
         )
+        if state.stuck_open:  # a meter without a flow reading: the steady value was a flow
+            state.run_value, state.run_count, state.run_flowing = math.nan, 0, 0
+            out.append(
+                _clear(
+                    meter,
+                    FaultCode.STUCK,
+                    state.stuck_open,
+                    event_us,
+                    value,
+                    "superseded by LEAK: a steady flow, not a stuck meter",
+                )
+            )
+            state.stuck_open = 0
         out.append(Detection(meter.device_id, FaultCode.LEAK, OPEN, start, now, value, why))
+
+
+def _unknown_flow_until(state: MeterState, until_us: int) -> None:
+    """LEAK's windows start again after a span that says nothing of the flow (a silence, a
+    frozen register): its "no zero-flow interval" and its night would count the span."""
+    state.last_zero_us, state.night = max(state.last_zero_us, until_us), -1
 
 
 _event_time = itemgetter(0)
