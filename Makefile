@@ -29,6 +29,7 @@ lint: install  ## ruff, ruff format and mypy (also the pre-commit hooks)
 
 bench: install  ## every benchmark under bench/, writing bench/results/ and docs/benchmarks.md
 	$(BIN)/python -m bench.streaming_throughput
+	$(BIN)/python -m bench.latency
 	$(BIN)/python -m bench.simulator_rate
 	$(BIN)/python -m bench.daily_batch
 	$(BIN)/python -m bench.detection

@@ -1,0 +1,335 @@
+"""Alarm latency: a reading's produce to its abnormal event, MongoDB document and lake row.
+
+The stream runs as ``meterflow run`` runs it (the Python Kafka source, the stateful stage
+on, in processing time; the trigger is ``--trigger``) in this process, beside the real sink
+writing to MongoDB: ``MONGO_URI`` if set, else the local ``nx-27017`` stand-in (the results
+name which). A producer offers each load (readings/s of a 10,000-meter fleet, one message
+per meter in turn, a new value each round, 1% of them the meter's own fault signal, -1)
+for ``--seconds`` after a warm-up, and the benchmark times, from each reading's produce
+(its Kafka timestamp):
+
+* (a) its abnormal event on ``iot-abnormal`` (every abnormal reading);
+* (b) its document in MongoDB's ``abnormal_readings`` (a sample: about 20 a second,
+  looked up by id every 50 ms);
+* (c) its row being visible in the lake: the lake's ledger committing its offset (looked at
+  every 100 ms).
+
+Each load reports p50, p95, p99 and max. Target (issue "Performance at city scale") at
+10,000 readings/s on 2 cores: p99 produce -> ``iot-abnormal`` at most 2 s and produce ->
+MongoDB at most 3 s.
+
+    python -m bench.latency [--loads 1000,10000,50000] [--seconds 120] [--trigger 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import local_broker, write_results
+from meterflow.clients import kafka
+from meterflow.core import messages
+from meterflow.core.config import Settings
+from meterflow.core.events import event_id
+from meterflow.core.ledger import Ledger
+from meterflow.core.logs import setup_logging
+from meterflow.core.timestamps import format_timestamp_us
+
+TARGET_ABNORMAL_P99_S = 2.0
+TARGET_MONGO_P99_S = 3.0
+TARGET_LOAD = 10_000
+METERS = 10_000
+ABNORMAL_EVERY = 100  # one reading in a hundred is the meter's fault signal
+MONGO_SAMPLES_PER_S = 20
+WARMUP_S = 20.0
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None, "max": None}
+    found = np.asarray(values)
+    return {
+        "p50": round(float(np.percentile(found, 50)), 3),
+        "p95": round(float(np.percentile(found, 95)), 3),
+        "p99": round(float(np.percentile(found, 99)), 3),
+        "max": round(float(found.max()), 3),
+    }
+
+
+class Offered:
+    """Produces readings at a fixed rate and keeps each one's produce time by offset."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.topic = settings.topic_readings
+        self.producer = kafka.producer(settings.kafka, **{"linger.ms": 5})
+        self.produced_ms: dict[int, dict[int, int]] = {}  # partition -> offset -> ms
+        self.abnormal: list[tuple[int, int]] = []  # (partition, offset) of fault signals
+        self.failed = 0
+        self.sent = 0
+
+    def _delivered(self, error: Any, message: Any) -> None:
+        if error is not None:
+            self.failed += 1
+            return
+        partition, offset = message.partition(), message.offset()
+        self.produced_ms.setdefault(partition, {})[offset] = message.timestamp()[1]
+        if message.value().endswith(b'"usage_kwh": -1}'):
+            self.abnormal.append((partition, offset))
+
+    def offer(self, rate: int, seconds: float) -> None:
+        """``rate`` readings a second for ``seconds``: every 10 ms, what is due by then."""
+        started, first = time.monotonic(), self.sent
+        while (elapsed := time.monotonic() - started) < seconds:
+            stamp = format_timestamp_us(int(time.time() * 1e6))
+            while self.sent - first < rate * elapsed:
+                device = f"em{self.sent % METERS:05d}"
+                # A new value each round of the fleet: nothing looks STUCK.
+                value = -1 if self.sent % ABNORMAL_EVERY == 0 else 0.2 + self.sent // METERS % 9
+                body = f'{{"device_id": "{device}", "timestamp": "{stamp}", "usage_kwh": {value}}}'
+                self.producer.produce(
+                    self.topic, body.encode(), device.encode(), on_delivery=self._delivered
+                )
+                self.sent += 1
+            self.producer.poll(0)
+            time.sleep(0.01)
+        self.producer.flush(60)
+
+
+def watch_events(
+    settings: Settings, seen: dict[tuple[int, int], float], stop: threading.Event
+) -> None:
+    """Each abnormal event's arrival time on ``iot-abnormal``, by its source offset: from
+    each partition's end as found now (assigned, no group to join first)."""
+    from confluent_kafka import TopicPartition
+
+    topic = settings.topic_abnormal
+    consumer = kafka.consumer(settings.kafka, **{"enable.partition.eof": True})
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    ends = kafka.partition_ends(consumer, [(topic, p) for p in partitions])
+    consumer.assign([TopicPartition(topic, p, end) for (_, p), end in ends.items()])
+    try:
+        while not stop.is_set():
+            for message in consumer.consume(1000, 0.05):
+                if message.error() is not None:  # the end of a partition, for now
+                    continue
+                arrived = time.time()
+                event = messages.decode(message.value(), messages.AbnormalEvent)
+                if event.source is not None:
+                    seen.setdefault((event.source.partition, event.source.offset), arrived)
+    finally:
+        consumer.close()
+
+
+def watch_lake(
+    lake_path: str, visible: dict[int, list[tuple[int, float]]], stop: threading.Event
+) -> None:
+    """When each partition's committed end moved: ``visible[partition]`` of (end, time)."""
+    while not stop.is_set():
+        try:
+            ledger = Ledger.load(lake_path)
+        except FileNotFoundError:  # not written yet, or compacted while listed
+            time.sleep(0.1)
+            continue
+        now = time.time()
+        for (_, _, partition), state in ledger.partitions.items():
+            end = max((s.end for s in state.segments if not s.lost), default=0)
+            known = visible.setdefault(partition, [])
+            if not known or known[-1][0] < end:
+                known.append((end, now))
+        time.sleep(0.1)
+
+
+def watch_mongo(
+    db: Any,
+    pending: Callable[[], list[tuple[str, int]]],
+    found: dict[str, float],
+    stop: threading.Event,
+) -> None:
+    """When each sampled event's document appears in ``abnormal_readings``."""
+    collection = db["abnormal_readings"]
+    while not stop.is_set():
+        wanted = [i for i, _ in pending() if i not in found]
+        if wanted:
+            now = time.time()
+            for document in collection.find({"_id": {"$in": wanted[:200]}}, {"_id": 1}):
+                found.setdefault(document["_id"], now)
+        time.sleep(0.05)
+
+
+def measure_load(
+    settings: Settings,
+    rate: int,
+    seconds: float,
+    generation: str,
+    db: Any,
+) -> dict[str, Any]:
+    """One load: the producer offers it while the watchers time the three paths."""
+    offered = Offered(settings)
+    stop = threading.Event()
+    events: dict[tuple[int, int], float] = {}
+    visible: dict[int, list[tuple[int, float]]] = {}
+    documents: dict[str, float] = {}
+    sampled: list[tuple[str, int]] = []  # (event id, produce ms)
+
+    def sample() -> list[tuple[str, int]]:
+        step = max(1, rate // ABNORMAL_EVERY // MONGO_SAMPLES_PER_S)
+        for partition, offset in offered.abnormal[len(sampled) * step :: step]:
+            produced = offered.produced_ms[partition][offset]
+            sampled.append(
+                (event_id(settings.topic_readings, generation, partition, offset), produced)
+            )
+        return sampled
+
+    watchers = [
+        threading.Thread(target=watch_events, args=(settings, events, stop), daemon=True),
+        threading.Thread(target=watch_lake, args=(settings.lake_path, visible, stop), daemon=True),
+        threading.Thread(target=watch_mongo, args=(db, sample, documents, stop), daemon=True),
+    ]
+    for watcher in watchers:
+        watcher.start()
+    offered.offer(rate, seconds)
+    last_produced = time.time()
+    wanted = {(p, o) for p, o in offered.abnormal}
+    deadline = last_produced + 120
+    while time.time() < deadline:
+        caught_up = wanted <= events.keys() and all(
+            visible.get(p, [(0, 0.0)])[-1][0] > max(offsets)
+            for p, offsets in offered.produced_ms.items()
+        )
+        if caught_up and all(i in documents for i, _ in sample()):
+            break
+        time.sleep(0.2)
+    stop.set()
+    for watcher in watchers:
+        watcher.join(10)
+
+    abnormal_s = [
+        events[key] - offered.produced_ms[key[0]][key[1]] / 1e3
+        for key in offered.abnormal
+        if key in events
+    ]
+    mongo_s = [documents[i] - produced / 1e3 for i, produced in sampled if i in documents]
+    lake_s: list[float] = []
+    for partition, produced in offered.produced_ms.items():
+        moves = visible.get(partition, [])
+        ends = np.array([end for end, _ in moves])
+        times = np.array([at for _, at in moves])
+        offsets = np.fromiter(produced.keys(), dtype=np.int64)
+        produced_s = np.fromiter(produced.values(), dtype=np.float64) / 1e3
+        where = np.searchsorted(ends, offsets, side="right")  # first end past the offset
+        seen = where < len(ends)
+        lake_s += (times[where[seen]] - produced_s[seen]).tolist()
+    abnormal, mongo, lake = _percentiles(abnormal_s), _percentiles(mongo_s), _percentiles(lake_s)
+    return {
+        "rate": rate,
+        "offered": offered.sent,
+        "offered_per_s": round(offered.sent / seconds),
+        "failed_produces": offered.failed,
+        "abnormal_events": len(offered.abnormal),
+        "abnormal_seen": len(abnormal_s),
+        "mongo_samples": len(sampled),
+        "mongo_seen": len(mongo_s),
+        "lake_seen": len(lake_s),
+        **{f"abnormal_{k}_s": v for k, v in abnormal.items()},
+        **{f"mongo_{k}_s": v for k, v in mongo.items()},
+        **{f"lake_{k}_s": v for k, v in lake.items()},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--loads", default="1000,10000,50000", help="readings/s, comma-separated")
+    parser.add_argument("--seconds", type=float, default=120.0, help="per load")
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument(
+        "--trigger", type=float, default=1.0, help="METERFLOW_TRIGGER_SECONDS of the stream"
+    )
+    args = parser.parse_args()
+    loads = [int(x) for x in args.loads.split(",")]
+    setup_logging("WARNING")
+    from meterflow.clients.mongo import database
+    from meterflow.local.mongo import mongo_for
+    from meterflow.local.service import free_port
+    from meterflow.serving.sink import Sink
+    from meterflow.spark.session import get_spark
+    from meterflow.stream.supervisor import run
+
+    workdir = Path(tempfile.mkdtemp(prefix="meterflow-bench-latency-"))
+    results: list[dict[str, Any]] = []
+    try:
+        with local_broker(workdir) as bootstrap:
+            env = {
+                "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+                "METERFLOW_KAFKA_PARTITIONS": str(args.partitions),
+                "METERFLOW_KAFKA_SOURCE": "python",
+                "METERFLOW_DETECTION": "on",
+                "METERFLOW_TRIGGER_SECONDS": str(args.trigger),
+                "METERFLOW_DATA_DIR": str(workdir / "data"),
+                "METERFLOW_LOCAL_MONGO_PORT": str(free_port()),
+            }
+            settings = Settings.from_env(env)
+            kafka.ensure_topics(bootstrap, settings.topics, args.partitions)
+            generation = kafka.topic_ids(bootstrap, [settings.topic_readings])[
+                settings.topic_readings
+            ]
+            which = "MONGO_URI" if settings.mongo_uri else "nx-27017 stand-in (local)"
+            with mongo_for(settings) as (settings, _):
+                db = database(settings)
+                stop = threading.Event()
+                spark = get_spark("bench-latency", "local[*]", **{"spark.ui.enabled": "false"})
+                stream = threading.Thread(
+                    target=run,
+                    kwargs={"settings": settings, "spark": spark, "stop": stop},
+                    daemon=True,
+                )
+                sink = Sink(settings, db, instance_id=False)
+                sinking = threading.Thread(target=sink.run, args=(stop.is_set,), daemon=True)
+                stream.start()
+                sinking.start()
+                print(f"warm-up: {WARMUP_S:g} s at {loads[0]:,} readings/s ...", flush=True)
+                Offered(settings).offer(loads[0], WARMUP_S)
+                for rate in loads:
+                    print(f"load {rate:,} readings/s for {args.seconds:g} s ...", flush=True)
+                    found = measure_load(settings, rate, args.seconds, generation, db)
+                    print(json.dumps(found), flush=True)
+                    results.append(found)
+                stop.set()
+                stream.join(120)
+                sinking.join(60)
+                spark.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    at_target = next((r for r in results if r["rate"] == TARGET_LOAD), None)
+    met = (
+        at_target is not None
+        and (at_target["abnormal_p99_s"] or 1e9) <= TARGET_ABNORMAL_P99_S
+        and (at_target["mongo_p99_s"] or 1e9) <= TARGET_MONGO_P99_S
+    )
+    write_results(
+        "latency",
+        {
+            "loads": results,
+            "seconds_per_load": args.seconds,
+            "trigger_s": settings.trigger_seconds,
+            "mongodb": which,
+            "target_load": TARGET_LOAD,
+            "target_abnormal_p99_s": TARGET_ABNORMAL_P99_S,
+            "target_mongo_p99_s": TARGET_MONGO_P99_S,
+            "target_met": met,
+        },
+    )
+    return 0 if met else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
