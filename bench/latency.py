@@ -1,7 +1,8 @@
 """Alarm latency: a reading's produce to its abnormal event, MongoDB document and lake row.
 
 The stream runs as ``meterflow run`` runs it (the Python Kafka source, the stateful stage
-on, in processing time; the trigger is ``--trigger``) in this process, beside the real sink
+on, in processing time, unless ``--detection off``; the trigger is ``--trigger``) in this
+process, beside the real sink
 writing to MongoDB: ``MONGO_URI`` if set, else the local ``nx-27017`` stand-in (the results
 name which). A producer offers each load (readings/s of a 10,000-meter fleet, one message
 per meter in turn, a new value each round, 1% of them the meter's own fault signal, -1)
@@ -19,6 +20,7 @@ Each load reports p50, p95, p99 and max. Target (issue "Performance at city scal
 MongoDB at most 3 s.
 
     python -m bench.latency [--loads 1000,10000,50000] [--seconds 120] [--trigger 1]
+                            [--detection on|off]
 """
 
 from __future__ import annotations
@@ -253,6 +255,9 @@ def main() -> int:
     parser.add_argument(
         "--trigger", type=float, default=1.0, help="METERFLOW_TRIGGER_SECONDS of the stream"
     )
+    parser.add_argument(
+        "--detection", choices=("on", "off"), default="on", help="the stateful stage"
+    )
     args = parser.parse_args()
     loads = [int(x) for x in args.loads.split(",")]
     setup_logging("WARNING")
@@ -271,7 +276,7 @@ def main() -> int:
                 "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
                 "METERFLOW_KAFKA_PARTITIONS": str(args.partitions),
                 "METERFLOW_KAFKA_SOURCE": "python",
-                "METERFLOW_DETECTION": "on",
+                "METERFLOW_DETECTION": args.detection,
                 "METERFLOW_TRIGGER_SECONDS": str(args.trigger),
                 "METERFLOW_DATA_DIR": str(workdir / "data"),
                 "METERFLOW_LOCAL_MONGO_PORT": str(free_port()),
@@ -321,6 +326,7 @@ def main() -> int:
             "loads": results,
             "seconds_per_load": args.seconds,
             "trigger_s": settings.trigger_seconds,
+            "detection": args.detection,
             "mongodb": which,
             "target_load": TARGET_LOAD,
             "target_abnormal_p99_s": TARGET_ABNORMAL_P99_S,

@@ -397,8 +397,9 @@ def latency(r: Results) -> Table:
         rows,
         [
             f"{r['seconds_per_load']:g} s per load after a warm-up; trigger "
-            f"{r['trigger_s']:g} s; the stream, its stateful stage and the sink run as "
-            f"`meterflow run` runs them; MongoDB: {r['mongodb']}. Target at "
+            f"{r['trigger_s']:g} s; the stream, its stateful stage (here "
+            f"{r.get('detection', 'on')}) and the sink run as `meterflow run` runs them; "
+            f"MongoDB: {r['mongodb']}. Target at "
             f"{r['target_load']:,} readings/s: p99 to iot-abnormal <= "
             f"{r['target_abnormal_p99_s']:g} s and to MongoDB <= {r['target_mongo_p99_s']:g} "
             f"s: {met(r['target_met'])}.",
