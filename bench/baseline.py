@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.dataset as ds
+from confluent_kafka import TopicPartition
 
 from meterflow.clients import kafka
 from meterflow.core.config import Settings
@@ -39,17 +40,18 @@ def run_baseline(settings: Settings, lake_path: str, flush_rows: int = 500_000) 
     try:
         partitions = kafka.topic_partitions(client, [settings.topic_readings])
         ends = kafka.partition_ends(client, partitions)
-        client.assign([kafka.TopicPartition(t, p, 0) for t, p in partitions])
+        client.assign([TopicPartition(t, p, 0) for t, p in partitions])
         remaining = {tp for tp, end in ends.items() if end > 0}
         while remaining:
             by_partition: dict[tuple[str, int], list] = {}
             for message in client.consume(10_000, timeout=1.0):
                 if message.error() is not None:
                     continue
-                key = (message.topic(), message.partition())
-                if message.offset() < ends[key]:
+                key = (message.topic() or "", message.partition() or 0)
+                offset = message.offset() or 0
+                if offset < ends[key]:
                     by_partition.setdefault(key, []).append(message)
-                if message.offset() + 1 >= ends[key]:
+                if offset + 1 >= ends[key]:
                     remaining.discard(key)
             for (topic, partition), records in by_partition.items():
                 part = KafkaInputPartition(topic, partition, 0, 0)

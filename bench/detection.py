@@ -38,6 +38,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -259,6 +260,8 @@ def detectable(
             above = baseline is not None and value > rules.spike_factor * baseline
             return above and value >= rules.spike_min[kind]
         if code == "LEAK":
+            if episode.start is None or episode.end is None:
+                return False
             lasted_s = (parse_timestamp_us(episode.end) - parse_timestamp_us(episode.start)) / 1e6
             return lasted_s > rules.leak_dry_window_s
         return size >= rules.nodata_intervals * INTERVAL_S
@@ -266,13 +269,15 @@ def detectable(
     return visible
 
 
-def score(episodes, openings: list[messages.AbnormalEvent], detectable) -> dict[str, dict]:
+def score(
+    episodes, openings: list[messages.AbnormalEvent], detectable: Callable[[str, Episode], bool]
+) -> dict[str, dict[str, Any]]:
     """Per rule: precision, recall and delays over every injected episode; the curve
     (recall and delay per size bucket); the smallest bucket from which every bucket has
     recall >= 0.95; and the recall over the episodes ``detectable(code, episode)`` says the
     rule can see (its documented range)."""
     spans, first, unmatched = match(episodes, openings)
-    result: dict[str, dict] = {}
+    result: dict[str, dict[str, Any]] = {}
     for code in STATEFUL_FAULTS:
         name = str(code)
         mine = [(span, e) for (_, c), found in spans.items() if c == name for span, e in found]
@@ -280,7 +285,7 @@ def score(episodes, openings: list[messages.AbnormalEvent], detectable) -> dict[
         wrong = sum(1 for o in unmatched if o.fault_code == name)
         delays = [(first[span] - span[1]) / 1e6 for span, _ in mine if span in first]
         edges = BUCKETS[name]
-        curve = []
+        curve: list[dict[str, Any]] = []
         for low, high in itertools.pairwise(edges):
             last = high == edges[-1]
             inside = [
@@ -332,7 +337,7 @@ def score(episodes, openings: list[messages.AbnormalEvent], detectable) -> dict[
 
 def false_alarms(
     episodes, openings: list[messages.AbnormalEvent], meters: int, days: float
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Openings that match no injected episode of their code, per 10,000 meter-days of
     meters without an episode at the time (an episode's span and a day after it are not
     healthy)."""
@@ -343,7 +348,7 @@ def false_alarms(
         if e.start is not None and e.end is not None
     )
     healthy = meters * days - busy_days
-    by_code = defaultdict(int)
+    by_code: defaultdict[str, int] = defaultdict(int)
     for opening in unmatched:
         by_code[opening.fault_code] += 1
     return {

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from bench.common import local_broker, timed, write_results
 from meterflow.clients import kafka
+from simulator.faults import FaultRates
 from simulator.fleet import Fleet, build_fleet
-from simulator.generator import Emit, FaultRates, SimulationConfig, simulate
+from simulator.generator import Emit, SimulationConfig, simulate
 
 TARGET_PER_S = 200_000
 METERS = 10_000
@@ -37,7 +38,7 @@ def naive_messages(fleet: Fleet, steps: int, limit: int, emit: Emit) -> int:
         for meter in fleet.meters:
             if sent >= limit:
                 return sent
-            message = {
+            message: dict[str, object] = {
                 "device_id": meter.device_id,
                 "timestamp": stamp,
                 "meter_type": meter.meter_type,

@@ -29,7 +29,8 @@ from meterflow.clients import kafka
 from meterflow.core.config import Settings
 from meterflow.core.lake import LAKE_SCHEMA, readings_path, spark_ddl
 from meterflow.core.logs import setup_logging
-from simulator.generator import FaultRates, SimulationConfig, simulate
+from simulator.faults import FaultRates
+from simulator.generator import SimulationConfig, simulate
 
 TARGET_PER_S = 100_000
 
