@@ -115,8 +115,7 @@ def watch_events(
 
     topic = settings.topic_abnormal
     consumer = kafka.consumer(settings.kafka, **{"enable.partition.eof": True})
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    ends = kafka.partition_ends(consumer, [(topic, p) for p in partitions])
+    ends = kafka.partition_ends(consumer, kafka.topic_partitions(consumer, [topic]))
     consumer.assign([TopicPartition(topic, p, end) for (_, p), end in ends.items()])
     try:
         while not stop.is_set():

@@ -298,7 +298,9 @@ def build_step(
             kind = STATELESS_FAULTS[code - 1]
             messages[i] = _faulty(fmt, i, kind, at, usage[i], flow[i])
         injected.append((i, kind))
-    return Step(stamp, fmt.keys, messages, injected)
+    return Step(
+        stamp, fmt.keys, messages, injected, clocks=None if stamps is None else list(stamps)
+    )
 
 
 def _faulty(

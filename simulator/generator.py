@@ -474,7 +474,6 @@ class _StepMaker:
                 values = dict(zip(positions, sent_registers[k].tolist(), strict=True))
             clocks = None if self.jitter is None else self._jittered(float(ends[k]))
             step = build_step(fmt, *row, self.draws, config.rules, values, clocks)
-            step.clocks = clocks
             if block is not None:
                 step.silent = block.silent[k]
                 step.cells = block.cells[k]

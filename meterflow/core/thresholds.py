@@ -2,7 +2,8 @@
 thresholds (:class:`DetectionRules`), each field declared with its environment variable.
 
 :mod:`meterflow.core.config` reads them from the environment; the simulator shapes the
-faults and episodes it injects from the same values, so that each one trips its rule.
+faults it injects from the same values, so that each one trips its rule, and its
+rules-sized episodes too (field-sized ones know nothing of them).
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ def _hours(raw: str) -> tuple[int, int]:
 class DetectionRules:
     """Thresholds of the stateful rules (:data:`~meterflow.core.contract.STATEFUL_FAULTS`).
 
-    The stateful detector applies them per meter; the simulator shapes the episodes it
-    injects from them, so that each episode trips its rule and normal traffic trips none.
+    The stateful detector applies them per meter; the simulator's rules-sized episodes are
+    shaped from them, so that each trips its rule and normal traffic trips none.
     Levels are per reading in each type's unit (kWh, L, m3); flows in L/h.
     """
 
