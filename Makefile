@@ -32,6 +32,7 @@ bench: install  ## every benchmark under bench/, writing bench/results/ and docs
 	$(BIN)/python -m bench.latency
 	$(BIN)/python -m bench.simulator_rate
 	$(BIN)/python -m bench.daily_batch
+	$(BIN)/python -m bench.daily_scale
 	$(BIN)/python -m bench.detection
 	$(BIN)/python -m bench.detection_real
 	$(BIN)/python -m bench.chaos

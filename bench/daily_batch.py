@@ -368,6 +368,7 @@ def write_registry(lake_path: str, fleet: Fleet, seed: int) -> None:
         "scale": pa.array(np.ones(n)),
         "interval_seconds": pa.array(np.full(n, INTERVAL_S, dtype=np.int32)),
         "register_digits": pa.array(np.nan_to_num(digits).astype(np.int32), mask=np.isnan(digits)),
+        registry.CONSTANT_LOAD: pa.array(np.zeros(n, dtype=bool)),
         "register_reset_at": pa.array(reset_at, lake.TIMESTAMP, mask=~fleet.exchanged[keep]),
     }
     directory = Path(lake.registry_path(lake_path))

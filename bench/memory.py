@@ -10,7 +10,11 @@ api-server, scheduler, dag-processor and triggerer. The load:
    ``SIMULATOR_INTERVAL``), which the stream catches up in micro-batches;
 2. the live simulator at ``SIMULATOR_RATE``;
 3. the daily DAG's run for that day, scheduled by the scheduler: its Spark job runs in the
-   scheduler's process tree, as in the scheduler's container.
+   scheduler's process tree, as in the scheduler's container;
+4. then, measured apart, a city's load: the compose simulator's command with
+   ``LOAD_METERS`` meters every second, capped at ``--load-rate`` (50,000 readings/s), for
+   ``--load-seconds``, through the same streaming job and sink. Its peaks (the stream, the
+   sink, that simulator) and the rates reached are the results' ``load``.
 
 Each service's process tree is sampled every second. A container's cgroup charges each
 page once, so the figure is an estimate of that: the tree's unique memory (USS of every
@@ -25,13 +29,14 @@ Differences from compose: the local broker stands in for Kafka and the nx-27017 
 for MongoDB; the streaming job reads Kafka through the Python source (no connector jar
 here); Airflow's metadata database is SQLite.
 
-    python -m bench.memory [--live-seconds 90]
+    python -m bench.memory [--live-seconds 90] [--load-rate 50000] [--load-seconds 60]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -232,9 +237,55 @@ def api_token(api_port: int, user: str, password: str) -> str:
         return json.load(response)["access_token"]
 
 
+#: The city load's fleet: meters reading every second, so that the simulator's cap is the rate.
+LOAD_METERS = 50_000
+
+
+def city_load(
+    rate: int,
+    seconds: float,
+    started: dict[str, subprocess.Popen],
+    simulate: Callable[[tuple[str, ...]], subprocess.Popen],
+    bootstrap: str,
+    lake: Path,
+) -> dict[str, Any]:
+    """Phase 4: the compose simulator replaced by one offering ``rate`` readings/s for
+    ``seconds``; peaks of the stream, the sink and that simulator, and the rates reached."""
+    compose_simulator = started.pop("simulator")
+    os.killpg(compose_simulator.pid, signal.SIGTERM)
+    compose_simulator.wait(60)
+    sampler = Sampler()
+    for name in ("streaming-job", "sink"):
+        sampler.watch(name, started[name].pid)
+    sampler.start()
+    produced_before = sum(readings_end(bootstrap, {}).values())
+    committed_before = ledger_offsets(lake)
+    print(f"bench: the simulator at {rate:,} readings/s for {seconds:.0f} s", flush=True)
+    simulator = simulate(("--rate", str(rate), "--meters", str(LOAD_METERS), "--interval", "1s",
+                          "--no-registry"))  # fmt: skip
+    sampler.watch("simulator", simulator.pid)
+    began = time.monotonic()
+    time.sleep(seconds)
+    produced = sum(readings_end(bootstrap, {}).values()) - produced_before
+    committed = ledger_offsets(lake) - committed_before
+    elapsed = time.monotonic() - began
+    sampler.stopping.set()
+    sampler.join()
+    return {
+        "offered_per_s": rate,
+        "seconds": round(elapsed, 1),
+        "produced_per_s": round(produced / elapsed),
+        "stream_committed_per_s": round(committed / elapsed),
+        "peak_mb": {name: round(peak[0] / MIB) for name, peak in sampler.peaks.items()},
+        "peak_rss_sum_mb": {name: round(peak[1] / MIB) for name, peak in sampler.peaks.items()},
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--live-seconds", type=float, default=90)
+    parser.add_argument("--load-rate", type=int, default=50_000, help="readings/s offered")
+    parser.add_argument("--load-seconds", type=float, default=60)
     args = parser.parse_args()
     # A SIGTERM unwinds like Ctrl-C, so every started service is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -268,9 +319,16 @@ def main() -> int:
 
         started: dict[str, subprocess.Popen] = {}
 
-        def start(name: str, overrides: dict[str, str], swap: dict[str, str], *flags: str) -> None:
-            """A long-running service with the compose command (plus ``flags``), sampled."""
-            command = native(services[name]["command"], swap)
+        def start(
+            name: str,
+            overrides: dict[str, str],
+            swap: dict[str, str],
+            *flags: str,
+            after: tuple[str, ...] = (),
+        ) -> None:
+            """A long-running service with the compose command (``flags`` after its
+            program, ``after`` at its end), sampled."""
+            command = [*native(services[name]["command"], swap), *after]
             command[1:1] = flags
             log = logs / f"{name}.log"
             process = stack.enter_context(
@@ -365,6 +423,12 @@ def main() -> int:
         sampler.stopping.set()
         sampler.join()
 
+        def simulate(arguments: tuple[str, ...]) -> subprocess.Popen:
+            start("simulator", base, {}, after=arguments)
+            return started["simulator"]
+
+        load = city_load(args.load_rate, args.load_seconds, started, simulate, bootstrap, lake)
+
     rows = []
     failures = []
     for name, service in services.items():
@@ -406,6 +470,7 @@ def main() -> int:
         "backfilled_readings": produced,
         "daily_run_state": state,
         "within_limits": not failures,
+        "load": load,
     }
     write_results("memory", results)
     if state != "success":

@@ -24,7 +24,7 @@ from meterflow.core.timestamps import day_bounds
 
 # Integer floor division (DuckDB's // truncates towards zero): a register start before the
 # day has a negative interval index.
-_MACROS = """
+MACROS = """
 CREATE OR REPLACE MACRO floor_div(a, b) AS (a // b) - CASE WHEN a % b < 0 THEN 1 ELSE 0 END;
 """
 
@@ -390,7 +390,7 @@ def validate_day_sql(
     try:
         con.execute(f"SET threads = {threads or os.cpu_count() or 2}")
         con.execute("SET TimeZone = 'UTC'")
-        con.execute(_MACROS)
+        con.execute(MACROS)
         sql = vee_query(lake_path, day, default_interval, zone_name, max_linear, tolerance)
         table = con.sql(sql).to_arrow_table()
     finally:

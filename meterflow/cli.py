@@ -25,6 +25,8 @@ from meterflow.core.errors import MeterflowError
 from meterflow.core.logs import get_logger, setup_logging
 from meterflow.core.signals import signals_handled
 from meterflow.local.broker import kafka_for
+from meterflow.local.service import LOOPBACK
+from meterflow.local.spark_cluster import MASTER_PORT, MASTER_UI_PORT
 
 log = get_logger("meterflow.cli")
 #: A subcommand: its parsed arguments and the settings in, the exit code out.
@@ -46,6 +48,43 @@ def cmd_broker(args: argparse.Namespace, settings: Settings) -> int:
             time.sleep(0.5)
         print(f"broker exited; see {broker.log_path}", file=sys.stderr)
         return 1
+
+
+def cmd_spark_cluster(args: argparse.Namespace, settings: Settings) -> int:
+    """A Spark standalone master and workers in the foreground, until Ctrl-C or SIGTERM."""
+    from meterflow.local.spark_cluster import ClusterPlan, spark_cluster
+
+    plan = ClusterPlan(
+        state_dir=Path(args.state_dir or settings.data_dir / "spark-cluster").absolute(),
+        workers=args.workers,
+        cores=args.cores,
+        memory=args.memory,
+        host=args.host,
+        port=args.port,
+        ui_port=args.ui_port,
+        join=args.join,
+    )
+    stop = threading.Event()
+    with signals_handled(lambda *_: stop.set()), spark_cluster(plan) as cluster:
+        if cluster.master is not None:
+            print(f"Spark master {cluster.master_url}, UI http://{plan.host}:{plan.ui_port}")
+        for worker in cluster.workers:
+            print(
+                f"Spark worker of {plan.cores} core(s) and {plan.memory}, UI "
+                f"http://{plan.host}:{worker.port}, logs {worker.log_path}"
+            )
+        print(f"export SPARK_MASTER={cluster.master_url}  (Ctrl-C stops the cluster)", flush=True)
+        while not stop.wait(0.5):
+            if (gone := cluster.stopped()) is not None:
+                code = gone.process.returncode if gone.process else None
+                print(
+                    f"meterflow spark-cluster: {gone.name} exited with code {code}; see "
+                    f"{gone.log_path}",
+                    file=sys.stderr,
+                )
+                return 1
+    print("Spark cluster stopped")
+    return 0
 
 
 def cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
@@ -328,9 +367,17 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 1
-    problems = compose_check.env_problems(values) + compose_check.port_problems(values)
+    # `docker compose --profile cluster` is COMPOSE_PROFILES=cluster, which .env may set.
+    profiles = compose_check.profiles_on(
+        os.environ.get("COMPOSE_PROFILES", values.get("COMPOSE_PROFILES", ""))
+    )
+    problems = (
+        compose_check.env_problems(values)
+        + compose_check.port_problems(values)
+        + compose_check.cluster_problems(values, profiles)
+    )
     docker, notes = compose_check.docker_problems(
-        compose_file, compose_check.memory_limits(compose_file)
+        compose_file, compose_check.memory_limits(compose_file, profiles)
     )
     for note in notes:
         print(f"note: {note}")
@@ -491,6 +538,31 @@ def build_parser(
     add_simulate_arguments(add("simulate", cmd_simulate, "Simulate a fleet of meters into Kafka"))
     add_replay_arguments(add("replay", cmd_replay, "Replay a UCI or AMPds2 recording into Kafka"))
     add("broker", cmd_broker, "Run a local Kafka-protocol broker in the foreground")
+    cluster = add(
+        "spark-cluster",
+        cmd_spark_cluster,
+        "Run a Spark standalone master and workers (from the pyspark wheel) in the foreground",
+    )
+    cluster.add_argument("--workers", type=int, default=2, help="worker JVMs (default 2)")
+    cluster.add_argument("--cores", type=int, default=1, help="cores per worker (default 1)")
+    cluster.add_argument("--memory", default="2g", help="executor memory per worker (default 2g)")
+    cluster.add_argument("--host", default=LOOPBACK, help="address the JVMs bind to")
+    cluster.add_argument(
+        "--port", type=int, default=MASTER_PORT, help=f"the master's port (default {MASTER_PORT})"
+    )
+    cluster.add_argument(
+        "--ui-port",
+        type=int,
+        default=MASTER_UI_PORT,
+        help=f"the master's web UI (default {MASTER_UI_PORT}); worker N's is this plus N",
+    )
+    cluster.add_argument(
+        "--join", metavar="SPARK_URL", help="start only workers, joining this master"
+    )
+    cluster.add_argument(
+        "--state-dir",
+        help="logs and the workers' work directories (default DATA_DIR/spark-cluster)",
+    )
     add("topics", cmd_topics, "Create the topics on the configured Kafka")
     add("sink", cmd_sink, "Write abnormal events and meter status from Kafka to MongoDB")
     init_mongo = add("init-mongo", cmd_init_mongo, "Create MongoDB indexes and load the registry")

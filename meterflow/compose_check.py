@@ -13,7 +13,7 @@ import binascii
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from meterflow.core.variables import FILE_SUFFIX, PLACEHOLDER
@@ -130,11 +130,49 @@ def parse_size(value: str) -> int:
     return int(float(size[:-1]) * units[size[-1]]) if size[-1:] in units else int(size or 0)
 
 
-def memory_budget(services: Mapping[str, Mapping[str, object]]) -> int:
-    """Bytes Docker needs at most: every long-running service's ``mem_limit`` plus the
-    largest one-shot step's (``restart: "no"``; they run for seconds at start-up)."""
+#: The master of the compose ``cluster`` profile, as its containers reach it.
+CLUSTER_MASTER = "spark://spark-master:7077"
+
+
+def profiles_on(value: str) -> set[str]:
+    """The profiles of a ``COMPOSE_PROFILES`` value (comma-separated)."""
+    return {name.strip() for name in value.split(",") if name.strip()}
+
+
+def cluster_problems(values: Mapping[str, str], profiles: Collection[str]) -> list[str]:
+    """``SPARK_MASTER`` and the ``cluster`` profile disagreeing: jobs that wait forever for
+    a master that is not started, or a cluster nothing submits to."""
+    master = values.get("SPARK_MASTER", "")
+    if "cluster" in profiles and master != CLUSTER_MASTER:
+        return [
+            f"the cluster profile is on but SPARK_MASTER={master}: set "
+            f"SPARK_MASTER={CLUSTER_MASTER} so the jobs run on it"
+        ]
+    if "cluster" not in profiles and master == CLUSTER_MASTER:
+        return [
+            f"SPARK_MASTER={CLUSTER_MASTER} but the cluster profile is off: set "
+            "COMPOSE_PROFILES=cluster in .env (or docker compose --profile cluster)"
+        ]
+    return []
+
+
+def active(service: Mapping[str, object], profiles: Collection[str] = ()) -> bool:
+    """Whether compose starts ``service`` with ``profiles`` on: a service without
+    ``profiles`` always, one with them only if one of them is on."""
+    wanted = service.get("profiles")
+    return not wanted or bool(set(map(str, wanted)) & set(profiles))  # type: ignore[call-overload]
+
+
+def memory_budget(
+    services: Mapping[str, Mapping[str, object]], profiles: Collection[str] = ()
+) -> int:
+    """Bytes Docker needs at most with ``profiles`` on: every long-running service's
+    ``mem_limit`` plus the largest one-shot step's (``restart: "no"``; they run for seconds
+    at start-up)."""
     long_running, one_shot = 0, [0]
     for service in services.values():
+        if not active(service, profiles):
+            continue
         size = parse_size(str(service.get("mem_limit", "0")))
         if service.get("restart") == "no":
             one_shot.append(size)
@@ -143,11 +181,12 @@ def memory_budget(services: Mapping[str, Mapping[str, object]]) -> int:
     return long_running + max(one_shot)
 
 
-def memory_limits(compose_file: Path) -> int:
+def memory_limits(compose_file: Path, profiles: Collection[str] = ()) -> int:
     """:func:`memory_budget` of a compose file."""
     import yaml
 
-    return memory_budget(yaml.safe_load(compose_file.read_text()).get("services") or {})
+    services = yaml.safe_load(compose_file.read_text()).get("services") or {}
+    return memory_budget(services, profiles)
 
 
 def docker_problems(compose_file: Path, need_bytes: int) -> tuple[list[str], list[str]]:

@@ -26,6 +26,10 @@ from meterflow.core.timestamps import day_bounds
 REGISTER_LOOKBACK_DAYS = 7
 #: Same weekdays read back for a meter's profile.
 PROFILE_WEEKS = 4
+#: Meters validated by one task at most. A task holds all its meters' rows in its Python
+#: worker at once (a meter's intervals depend on each other), so the task count grows with
+#: the fleet and a worker's memory does not: about 5 M rows, some hundreds of MB.
+METERS_PER_TASK = 50_000
 
 _READING, _START, _PROFILE, _METER, _EDIT = 0, 1, 2, 3, 4
 _FRAME = pa.schema(
@@ -187,7 +191,11 @@ def validate(
     bounds = vee.Day(int(start.timestamp() * 1e6), int(end.timestamp() * 1e6), zone_name)
     overrides = edits.latest(edits.read(lake_path), bounds.start_us, bounds.end_us)
     frame = validation_input(spark, lake_path, day, registry, zone_name, overrides)
-    return frame.repartition("device_id").mapInArrow(
+    tasks = max(
+        int(spark.conf.get("spark.sql.shuffle.partitions") or 1),
+        -(-registry.num_rows // METERS_PER_TASK),
+    )
+    return frame.repartition(tasks, "device_id").mapInArrow(
         partition_validator(bounds, default_interval, max_linear),
         lake.spark_ddl(vee.VALIDATED_SCHEMA),
     )

@@ -55,12 +55,20 @@ class LocalService(ABC):
     def answers(self) -> bool:
         """Whether the server's protocol answers (called once the port is open)."""
 
+    def environment(self) -> dict[str, str] | None:
+        """The server's environment (None: this process's)."""
+        return None
+
     def start(self, timeout: float = 20.0) -> Self:
         command = self.command()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as out:
             self.process = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=self.environment(),
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -59,6 +59,8 @@ from meterflow.stream.startup import StreamPlan, check_writable, plan_start, ref
 
 log = get_logger(__name__)
 QUERY_NAME = "meterflow_speed_layer"
+#: The Spark application, as a cluster's master lists it.
+APP_NAME = "meterflow-streaming"
 #: Spark's lines that tell a user of the stream nothing to act on, or repeat what the
 #: supervisor says itself in one line.
 QUIET_SPARK_LOGGERS = {
@@ -99,7 +101,7 @@ def run(
     """
     check_writable(settings)
     refuse_legacy_lake(settings.lake_path)
-    spark = spark or get_spark("meterflow-streaming", settings.spark_master)
+    spark = spark or get_spark(APP_NAME, settings.spark_master)
     with signals_handled(on_signal) if on_signal else contextlib.nullcontext():
         set_log_levels(spark, QUIET_SPARK_LOGGERS)
         supervisor = Supervisor(

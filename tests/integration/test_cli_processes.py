@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -145,3 +146,20 @@ def test_a_dead_worker_stops_the_run_with_one_line(make_settings, free_port, wor
     assert "drain=stream" in err  # the stream was stopped through its stop event
     if worker == "sink":
         assert "drain=sink" not in err  # nothing waited for the dead sink
+
+
+def test_spark_cluster_names_a_port_in_use(tmp_path, free_port) -> None:
+    """A master whose port is taken stops with one line naming the fix, instead of quietly
+    moving to the next port while the URL printed points at someone else's."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = meterflow(
+            "spark-cluster", "--workers", "0", "--port", str(port), "--ui-port", str(free_port),
+            "--state-dir", str(tmp_path),
+        )  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and "a port it needs is in use" in lines[0], result.stderr
+    assert "Traceback" not in result.stdout + result.stderr

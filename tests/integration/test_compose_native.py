@@ -33,6 +33,7 @@ from meterflow.local.compose import (
     running,
     service_env,
 )
+from meterflow.stream.supervisor import APP_NAME as STREAM_APP
 
 #: Between health checks: each is a process (``airflow jobs check`` takes seconds of CPU).
 HEALTH_POLL_S = 1.0
@@ -133,8 +134,9 @@ def test_simulator_command(resolved, meterflow_env, bootstrap, tmp_path) -> None
     assert f"sent {sent:,} messages" in log.read_text()
 
 
-def test_streaming_job_command(resolved, meterflow_env, bootstrap, tmp_path) -> None:
-    """The streaming job as compose starts it (spark-submit with SPARK_MASTER), answering
+def test_streaming_job_command(resolved, meterflow_env, bootstrap, tmp_path, spark_cluster) -> None:
+    """The streaming job as compose starts it (spark-submit with SPARK_MASTER) with the
+    cluster profile on, so its executors run on the native standalone cluster: answering
     its health check while it runs, committing the prototype's messages, and running the
     stateful stage beside (compose turns it on)."""
     assert resolved["services"]["streaming-job"]["environment"]["METERFLOW_DETECTION"] == "on"
@@ -145,7 +147,8 @@ def test_streaming_job_command(resolved, meterflow_env, bootstrap, tmp_path) -> 
     env = service_env(
         service, **meterflow_env, SPARK_LOCAL_IP="127.0.0.1", METERFLOW_TRIGGER_SECONDS="1"
     )
-    command = native(service["command"], {})
+    command = native(service["command"], {env_example()["SPARK_MASTER"]: spark_cluster.url})
+    assert spark_cluster.url in command  # the --master
     command[1:1] = ["--conf", f"spark.ui.port={driver_ui}"]
     log = tmp_path / "streaming-job.log"
     lake = Path(meterflow_env["LAKE_PATH"]) / "readings" / "date=2024-05-27"
@@ -158,6 +161,7 @@ def test_streaming_job_command(resolved, meterflow_env, bootstrap, tmp_path) -> 
             interval=HEALTH_POLL_S,
         )
         wait_for(lambda: list(lake.glob("*.parquet")), 120, "the lake", details=tail(log))
+        assert STREAM_APP in spark_cluster.apps("activeapps")
         detector = Path(meterflow_env["CHECKPOINT_PATH"], "detector")
         wait_for(
             lambda: list(detector.glob("*/*/commits/[0-9]*")),

@@ -22,6 +22,7 @@ import pyarrow.dataset as ds
 import pytest
 from helpers import ROOT
 
+from meterflow.batch.daily import APP_NAME
 from meterflow.batch.readiness import day_readiness
 from meterflow.clients import kafka, mongo
 from meterflow.core.config import Settings
@@ -183,8 +184,11 @@ def test_the_daily_dag_runs_on_local_days(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 @pytest.fixture
-def simulated_lake(spark, make_settings, mongo_uri, mongo_db_name, monkeypatch, airflow_db):
-    """Two simulated days in the lake (simulator -> broker -> streaming job) and env for DAGs."""
+def simulated_lake(
+    spark, make_settings, mongo_uri, mongo_db_name, monkeypatch, airflow_db, spark_cluster
+):
+    """Two simulated days in the lake (simulator -> broker -> streaming job) and env for DAGs,
+    whose Spark jobs go to the native standalone cluster (compose's cluster profile)."""
     settings: Settings = make_settings(partitions=2, MONGO_URI=mongo_uri, MONGO_DB=mongo_db_name)
     fleet = build_fleet(24, seed=5)
     write_registry(fleet, settings.registry_path, 900)
@@ -209,9 +213,9 @@ def simulated_lake(spark, make_settings, mongo_uri, mongo_db_name, monkeypatch, 
         # watermark stays at June 2 23:45, and a second without it stands for "stopped".
         "METERFLOW_DAY_GRACE_SECONDS": "1",
         "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps(
-            {"conn_type": "spark", "host": "local[2]", "extra": {"deploy-mode": "client"}}
+            {"conn_type": "spark", "host": spark_cluster.url, "extra": {"deploy-mode": "client"}}
         ),
-        "SPARK_MASTER": "local[2]",
+        "SPARK_MASTER": spark_cluster.url,
         # spark-submit and the Python it starts are this virtualenv's.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "PYSPARK_PYTHON": sys.executable,
@@ -267,7 +271,11 @@ def _assert_meter_documents(settings: Settings, day: date) -> None:
             assert document[field] == pytest.approx(want[field], rel=1e-9), field
 
 
-def test_daily_dag_runs_spark_submit_and_loads_mongo(simulated_lake: Settings) -> None:
+def test_daily_dag_runs_spark_submit_and_loads_mongo(
+    simulated_lake: Settings, spark_cluster
+) -> None:
+    """The daily DAG's spark-submit, on a standalone cluster of a master and two workers
+    started from the compose file's commands, publishes the day to MongoDB."""
     settings = Settings.from_env()
     assert settings.lake_path == simulated_lake.lake_path
     dag = dagbag().get_dag("meter_daily_averages")
@@ -287,6 +295,7 @@ def test_daily_dag_runs_spark_submit_and_loads_mongo(simulated_lake: Settings) -
 
     first = dag.test(logical_date=datetime(2024, 6, 2, tzinfo=UTC))
     assert first.state == "success", [(t.task_id, t.state) for t in first.get_task_instances()]
+    assert APP_NAME in spark_cluster.apps("completedapps")  # the job ran on the cluster
     _assert_meter_documents(settings, day)
     types = _documents(settings, mongo.DAILY_TYPE_AVERAGES, day)
     by_meter = expected_meter_views(settings, day)

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from helpers import ROOT
 
-from meterflow.compose_check import memory_budget, parse_size
+from meterflow.compose_check import active, memory_budget, parse_size
 from meterflow.local.compose import (
     BIN,
     COMPOSE_FILE,
@@ -46,6 +46,7 @@ SECRET_KEY = re.compile(r"PASS|SECRET|FERNET|TOKEN|_KEY$", re.IGNORECASE)
 #: point at tests/integration/test_compose_native.py; the others at the test of the feature
 #: they start.
 NATIVE = "tests/integration/test_compose_native.py::"
+DAGS = "tests/integration/test_dags.py::"
 COMMAND_TESTS: dict[str, str] = {
     "kafka-init": f"{NATIVE}test_kafka_init_and_fleet_registry_commands",
     "fleet-registry": f"{NATIVE}test_kafka_init_and_fleet_registry_commands",
@@ -59,6 +60,9 @@ COMMAND_TESTS: dict[str, str] = {
     "airflow-triggerer": f"{NATIVE}test_airflow_commands",
     "mongo-init": "tests/unit/test_mongo.py::test_init_mongo_command",
     "mongo-users": "tests/unit/test_mongo_users.py::test_mongo_users_command",
+    # tests/integration/conftest.py's spark_cluster runs both; these two tests use it.
+    "spark-master": f"{DAGS}test_daily_dag_runs_spark_submit_and_loads_mongo",
+    "spark-worker": f"{NATIVE}test_streaming_job_command",
     "sink": (
         "tests/integration/test_sink_kafka.py::test_sink_command_stops_on_sigterm_after_committing"
     ),
@@ -255,18 +259,35 @@ def test_memory_limits_hold_their_heaps_and_fit_8_gb(resolved) -> None:
     # LocalExecutor forks `parallelism` workers up front; the scheduler's limit counts them.
     assert int(env("airflow-scheduler")["AIRFLOW__CORE__PARALLELISM"]) <= 8
 
-    one_shot = {name for name, service in services.items() if service.get("restart") == "no"}
+    default = {name for name, service in services.items() if active(service)}
+    one_shot = {name for name in default if services[name].get("restart") == "no"}
     budget = memory_budget(services)
-    assert budget == sum(v for n, v in limit.items() if n not in one_shot) + max(
-        limit[n] for n in one_shot
-    )
+    assert budget == sum(limit[n] for n in default - one_shot) + max(limit[n] for n in one_shot)
     # 8 GiB for Docker, with half a GiB left for its own VM and daemons.
     assert budget <= 7.5 * 2**30, f"limits add up to {budget / 2**30:.2f} GiB"
-    stated = re.findall(r"([\d.]+) GiB", COMPOSE_DOC.read_text())
+
+    # The cluster profile: each daemon's heap and, in the worker, what it offers executors
+    # (two of SPARK_EXECUTOR_MEMORY: the streaming job's and the daily job's).
+    cluster = {"spark-master", "spark-worker"}
+    assert {n for n in services if not active(services[n])} == cluster
+    for name in cluster:
+        assert services[name]["profiles"] == ["cluster"]
+        assert parse_size(env(name)["SPARK_DAEMON_MEMORY"]) + JVM_OVERHEAD <= limit[name]
+    worker = services["spark-worker"]["command"]
+    offered = parse_size(worker[worker.index("--memory") + 1])
+    executor = parse_size(env("streaming-job")["SPARK_EXECUTOR_MEMORY"])
+    assert int(worker[worker.index("--cores") + 1]) == 2 and 2 * executor <= offered
+    daemon = parse_size(env("spark-worker")["SPARK_DAEMON_MEMORY"])
+    assert daemon + offered + 3 * JVM_OVERHEAD <= limit["spark-worker"]
+    with_cluster = memory_budget(services, {"cluster"})
+    assert with_cluster == budget + limit["spark-master"] + limit["spark-worker"]
+
+    stated = re.findall(r"([\d.]+) GiB( with the cluster profile)?", COMPOSE_DOC.read_text())
     assert stated, "docs/compose.md states the total of the memory limits"
-    assert {float(s) for s in stated} == {round(budget / 2**30, 1)}, (
-        "docs/compose.md: one total of the memory limits, this one"
-    )
+    assert {(float(s), bool(c)) for s, c in stated} == {
+        (round(budget / 2**30, 1), False),
+        (round(with_cluster / 2**30, 1), True),
+    }, "docs/compose.md: the total of the memory limits, and with the cluster profile"
 
 
 def test_our_images_are_tagged_with_the_package_version(resolved) -> None:
@@ -303,6 +324,8 @@ def test_state_lives_on_named_volumes(resolved) -> None:
         return set(services[name].get("volumes", []))
 
     assert {"lake:/data/lake", "checkpoints:/data/checkpoints"} <= mounts("streaming-job")
+    # On the cluster the executors write the lake and the stateful stage's state store.
+    assert {"lake:/data/lake", "checkpoints:/data/checkpoints"} <= mounts("spark-worker")
     assert "lake:/data/lake" in mounts("airflow-scheduler")
     for name, path in {
         "kafka": "/var/lib/kafka/data",

@@ -10,7 +10,13 @@ from pathlib import Path
 
 from helpers import ROOT, free_port
 
-from meterflow.compose_check import HOST_PORTS, env_problems, memory_limits, read_env_file
+from meterflow.compose_check import (
+    CLUSTER_MASTER,
+    HOST_PORTS,
+    env_problems,
+    memory_limits,
+    read_env_file,
+)
 
 GOOD = {
     "MONGO_ROOT_PASSWORD": "s3cret-mongo",
@@ -143,3 +149,27 @@ def test_doctor_compares_dockers_memory_with_the_limits(tmp_path: Path) -> None:
         wanted = f"memory limits need {need / 2**30:.1f} GiB: give Docker more memory"
         assert (wanted in result.stderr) is not ok, result.stderr
         assert result.returncode == (0 if ok else 1), result.stderr
+
+
+def test_doctor_wants_the_cluster_profile_and_its_master_together(tmp_path: Path) -> None:
+    """COMPOSE_PROFILES=cluster without SPARK_MASTER pointing at it (jobs never reach the
+    cluster), or the other way round (jobs wait for a master never started), is named; both
+    together pass, and Docker's memory is compared with the larger total."""
+    lines = good_lines()
+    cases = {
+        "profile only": (["COMPOSE_PROFILES=cluster"], "the cluster profile is on but"),
+        "master only": ([f"SPARK_MASTER={CLUSTER_MASTER}"], "but the cluster profile is off"),
+        "both": (["COMPOSE_PROFILES=cluster", f"SPARK_MASTER={CLUSTER_MASTER}"], None),
+    }
+    for name, (extra, problem) in cases.items():
+        env_file = tmp_path / f"{name.replace(' ', '-')}.env"
+        env_file.write_text("\n".join([*lines, *extra]) + "\n")
+        result = _doctor(env_file)
+        if problem is None:
+            assert result.returncode == 0, result.stderr
+        else:
+            assert result.returncode == 1 and problem in result.stderr, (name, result.stderr)
+    default = memory_limits(ROOT / "docker-compose.yml")
+    with_cluster = memory_limits(ROOT / "docker-compose.yml", {"cluster"})
+    assert with_cluster > default
+    assert memory_limits(ROOT / "docker-compose.yml", {"other"}) == default
