@@ -55,7 +55,7 @@ import psutil  # type: ignore[import-untyped]
 
 from bench.common import local_broker, write_results
 from meterflow.clients import kafka
-from meterflow.compose_check import memory_budget, parse_size
+from meterflow.compose_check import active, memory_budget, parse_size
 from meterflow.core.config import Settings
 from meterflow.core.ledger import Ledger, audit
 from meterflow.local.compose import (
@@ -291,7 +291,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     compose = resolved_compose()
-    services = compose["services"]
+    # What `docker compose up` starts: the cluster profile's services are not measured here.
+    services = {name: s for name, s in compose["services"].items() if active(s)}
     values = env_example()
     day = (datetime.now(UTC) - timedelta(days=1)).date()
     sampler = Sampler()

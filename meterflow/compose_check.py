@@ -160,7 +160,9 @@ def active(service: Mapping[str, object], profiles: Collection[str] = ()) -> boo
     """Whether compose starts ``service`` with ``profiles`` on: a service without
     ``profiles`` always, one with them only if one of them is on."""
     wanted = service.get("profiles")
-    return not wanted or bool(set(map(str, wanted)) & set(profiles))  # type: ignore[call-overload]
+    if not isinstance(wanted, list) or not wanted:
+        return True
+    return any(str(name) in profiles for name in wanted)
 
 
 def memory_budget(

@@ -254,7 +254,8 @@ def _deduplicated(readings: pa.Table, grid: _Grid, duplicates: np.ndarray) -> _R
     k = grid.ending(event_us, meter)
     inside = grid.inside(k, meter)
     cell = grid.base[meter] + k
-    repeated = np.r_[False, (meter[1:] == meter[:-1]) & (event_us[1:] == event_us[:-1])]
+    repeated = np.zeros(len(meter), dtype=bool)  # a task may hold meters but no reading
+    repeated[1:] = (meter[1:] == meter[:-1]) & (event_us[1:] == event_us[:-1])
     np.add.at(duplicates, cell[repeated & inside], 1)
     kept = ~repeated
     keep = order[kept]

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import glob
 import os
-import signal
 import socket
 import subprocess
 import sys
 
 import pytest
-from helpers import PROTOTYPE, ROOT, meterflow, send, still_running, wait_for
+from helpers import ROOT, meterflow
 
 from meterflow.core.config import Settings
 
@@ -44,60 +42,6 @@ def test_unreachable_kafka_is_named() -> None:
     result = meterflow("topics", env={"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9"})
     assert result.returncode == 2
     assert "127.0.0.1:9" in result.stderr and len(result.stderr.strip().splitlines()) == 1
-
-
-#: Spark's noise the stream's log must not carry (the issue "A house a newcomer can live
-#: in"): the detector's pre-init worker banners, the job-group cancels of a clean stop, the
-#: first batches' "falling behind".
-NOISE = (
-    "TransformWithStateInPandas Python worker finish init stage",
-    "TransformWithStateInPandas Python worker received parameters",
-    "TransformWithStateInPandas Python worker Starting execution of UDF",
-    "TransformWithStateInPandas Python worker Completed execution of UDF",
-    "Failed to cancel job group",
-    "Current batch is falling behind",
-    "No more data to read from the socket",
-)
-
-
-def test_stream_stops_cleanly_on_sigterm(make_settings) -> None:
-    """With the detector's query too; the log says what the stream did and no more."""
-    settings = make_settings(partitions=1)
-    send(settings, PROTOTYPE)
-    detection = {
-        "METERFLOW_DETECTION": "on",
-        "METERFLOW_TOPIC_STATUS": settings.topic_status,
-        "METERFLOW_TOPIC_DIGEST": settings.topic_digest,
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "meterflow.cli", "stream"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **env_of(settings), **detection},
-        cwd=ROOT,
-    )
-    lake = settings.data_dir / "lake" / "readings" / "date=2024-05-27"
-    # Both queries committed a batch: the detector's pre-init worker has run.
-    detector_commits = settings.checkpoint_path + "/detector/processing/*/commits/0"
-    wait_for(
-        lambda: (
-            still_running(process)
-            and bool(list(lake.glob("*.parquet")))
-            and bool(glob.glob(detector_commits))
-        ),
-        180,
-        "a committed batch of both queries",
-    )
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err[-3000:]
-    assert "this run: read 4 = valid 2 + abnormal 1 + dead-lettered 1" in out
-    assert "detector_batch=" in err
-    assert [line for line in err.splitlines() if any(n in line for n in NOISE)] == []
-    ledger = meterflow("reconcile", "--scan-lake", env=env_of(settings))
-    assert ledger.returncode == 0, ledger.stderr
-    assert "reconciled: 4 offsets in 1 generation(s)" in ledger.stdout
 
 
 #: ``meterflow run`` as a real process with one worker's loop replaced, before the command

@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import PROTOTYPE, ROOT, free_port, log_tail, send, wait_for
+from helpers import PROTOTYPE, ROOT, free_port, log_tail, meterflow, send, wait_for
 
 from meterflow.clients import kafka
 from meterflow.core.config import Settings
@@ -35,6 +35,18 @@ from meterflow.local.compose import (
 )
 from meterflow.stream.supervisor import APP_NAME as STREAM_APP
 
+#: Spark's noise a stream's log must not carry (the issue "A house a newcomer can live in"):
+#: the detector's pre-init worker banners, the job-group cancels of a clean stop, the first
+#: batches' "falling behind".
+NOISE = (
+    "TransformWithStateInPandas Python worker finish init stage",
+    "TransformWithStateInPandas Python worker received parameters",
+    "TransformWithStateInPandas Python worker Starting execution of UDF",
+    "TransformWithStateInPandas Python worker Completed execution of UDF",
+    "Failed to cancel job group",
+    "Current batch is falling behind",
+    "No more data to read from the socket",
+)
 #: Between health checks: each is a process (``airflow jobs check`` takes seconds of CPU).
 HEALTH_POLL_S = 1.0
 
@@ -137,8 +149,9 @@ def test_simulator_command(resolved, meterflow_env, bootstrap, tmp_path) -> None
 def test_streaming_job_command(resolved, meterflow_env, bootstrap, tmp_path, spark_cluster) -> None:
     """The streaming job as compose starts it (spark-submit with SPARK_MASTER) with the
     cluster profile on, so its executors run on the native standalone cluster: answering
-    its health check while it runs, committing the prototype's messages, and running the
-    stateful stage beside (compose turns it on)."""
+    its health check while it runs, committing the prototype's messages, running the
+    stateful stage beside (compose turns it on), and stopping on SIGTERM with a log free of
+    Spark's noise and a ledger that reconciles."""
     assert resolved["services"]["streaming-job"]["environment"]["METERFLOW_DETECTION"] == "on"
     service = resolved["services"]["streaming-job"]
     driver_ui = free_port()
@@ -178,7 +191,14 @@ def test_streaming_job_command(resolved, meterflow_env, bootstrap, tmp_path, spa
             "the driver to follow the JVM",
             details=tail(log),
         )
-    assert "read=4 valid=2 abnormal=1 deadletter=1" in log.read_text()
+    text = log.read_text()
+    assert "read=4 valid=2 abnormal=1 deadletter=1" in text
+    # The log says what the stream did and no more: no Spark noise, the detector's batches.
+    assert "detector_batch=" in text
+    assert [line for line in text.splitlines() if any(n in line for n in NOISE)] == []
+    ledger = meterflow("reconcile", "--scan-lake", env=meterflow_env)
+    assert ledger.returncode == 0, ledger.stderr
+    assert "reconciled: 4 offsets in 1 generation(s)" in ledger.stdout
 
 
 def tail(*logs: Path) -> Callable[[], str]:

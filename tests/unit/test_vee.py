@@ -210,3 +210,12 @@ def test_an_edit_replaces_whatever_the_interval_had() -> None:
     cells = rows_of(result, "em8")
     assert cells[30][1:4] == (2.5, "edited", "edit") and cells[10][1:4] == (0.0, "edited", "edit")
     assert sum(c[2] == "edited" for c in cells) == 2  # one off the grid is ignored
+
+
+def test_registered_meters_without_any_reading_are_missing_all_day() -> None:
+    """A validation task may hold registered meters and no reading at all (the job sizes
+    its tasks by the fleet): every interval of theirs is missing."""
+    result = assert_like_reference([], [MeterCase("em1"), MeterCase("wm2")], DAY)
+    for device in ("em1", "wm2"):
+        assert {cell[2] for cell in rows_of(result, device)} == {"missing"}
+        assert len(rows_of(result, device)) == 96
