@@ -25,7 +25,6 @@ After each Spark run DuckDB checks that both engines validated the same interval
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -46,6 +45,7 @@ from bench.daily_batch import (
     ZONE,
     prepare,
 )
+from bench.memory import tree_memory
 from bench.vee_sql import MACROS, vee_query
 from meterflow.batch.validation import validated_path
 from meterflow.batch.views import UNKNOWN_DISTRICT
@@ -147,24 +147,9 @@ def compare(lake_path: str, out: Path) -> dict[str, float]:
 # -- the parent: generate, run each engine in its own process, sample its memory ------------
 
 
-def tree_rss(pids: list[int]) -> int:
-    """Summed RSS of these processes and all their descendants."""
-    import psutil  # type: ignore[import-untyped]
-
-    total, seen = 0, set()
-    for pid in pids:
-        try:
-            root = psutil.Process(pid)
-            family = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
-        for process in family:
-            if process.pid in seen:
-                continue
-            seen.add(process.pid)
-            with contextlib.suppress(psutil.NoSuchProcess):
-                total += process.memory_info().rss
-    return total
+def tree_rss(pids: Sequence[int]) -> int:
+    """Summed RSS of these processes and all their descendants (disjoint trees)."""
+    return sum(tree_memory(pid)[1] for pid in pids)
 
 
 def measured(args: list[str], also: Sequence[int] = ()) -> tuple[dict[str, float], int]:
