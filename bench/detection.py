@@ -393,6 +393,7 @@ def main() -> int:
     args = parser.parse_args()
     setup_logging("WARNING")
     from meterflow.spark.session import get_spark
+    from meterflow.stream.supervisor import STREAM_SPARK_CONF
 
     workdir = Path(tempfile.mkdtemp(prefix="meterflow-bench-detection-"))
     try:
@@ -400,7 +401,9 @@ def main() -> int:
             off = settings_for(workdir, bootstrap, "off", "off")
             on = settings_for(workdir, bootstrap, "on", "on")
             warm = settings_for(workdir, bootstrap, "warm", "on", "readings-warm")
-            spark = get_spark("bench-detection", "local[*]", **{"spark.ui.enabled": "false"})
+            spark = get_spark(
+                "bench-detection", "local[*]", **{"spark.ui.enabled": "false", **STREAM_SPARK_CONF}
+            )
             print(f"simulating {args.meters:,} meters x {args.days:g} days ...", flush=True)
             with timed() as produced:
                 summary = simulate_week(

@@ -316,6 +316,10 @@ def main() -> int:
             "METERFLOW_KAFKA_SOURCE": "python",  # natively there is no spark-sql-kafka jar
             "PYSPARK_PYTHON": sys.executable,
             "SPARK_LOCAL_IP": "127.0.0.1",
+            # Compose's Kafka requires a SASL login; the local broker takes none.
+            "KAFKA_SECURITY_PROTOCOL": "plaintext",
+            "KAFKA_SASL_USERNAME": "",
+            "KAFKA_SASL_PASSWORD": "",
         }
 
         started: dict[str, subprocess.Popen] = {}

@@ -463,8 +463,22 @@ def latency(r: Results) -> Table:
             f"{r['target_load']:,} readings/s: p99 to iot-abnormal <= "
             f"{r['target_abnormal_p99_s']:g} s and to MongoDB <= {r['target_mongo_p99_s']:g} "
             f"s: {met(r['target_met'])}.",
+            *batch_phases(r),
         ],
     )
+
+
+def batch_phases(r: Results) -> list[str]:
+    """Where the micro-batches spent their time at each load (Spark's progress reports)."""
+    lines = []
+    for row in r["loads"]:
+        for query, profile in row.get("micro_batches", {}).items():
+            phases = ", ".join(f"{name} {ms:,}" for name, ms in profile["mean_ms"].items())
+            lines.append(
+                f"- At {row['rate']:,}/s, `{query}`: {profile['batches']} batches of "
+                f"{profile['rows_per_batch']:,} rows on average; mean ms per batch: {phases}."
+            )
+    return ["", *lines] if lines else []
 
 
 #: Each benchmark's heading on the page and its table, in the page's order.

@@ -178,9 +178,14 @@ def main() -> int:
             print(f"baseline: {baseline.read:,} readings in {base['seconds']:.1f} s")
 
             from meterflow.spark.session import get_spark
+            from meterflow.stream.supervisor import STREAM_SPARK_CONF
 
             with timed() as session:
-                spark = get_spark("meterflow-bench", "local[*]", **{"spark.ui.enabled": "false"})
+                spark = get_spark(
+                    "meterflow-bench",
+                    "local[*]",
+                    **{"spark.ui.enabled": "false", **STREAM_SPARK_CONF},
+                )
             cold = cold_catch_up(spark, preloaded)
             print(f"spark, cold catch-up: {cold['read']:,} readings in {cold['seconds']:.1f} s")
             warm = running_job(spark, live, args.readings, args.seed)

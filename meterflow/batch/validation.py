@@ -20,16 +20,19 @@ from pyspark.sql import functions as F
 from meterflow.batch import edits, vee
 from meterflow.batch.views import exists
 from meterflow.core import lake
+from meterflow.core.registry import INTERVAL
 from meterflow.core.timestamps import day_bounds
 
 #: Days read back for a meter's last register before the day.
 REGISTER_LOOKBACK_DAYS = 7
 #: Same weekdays read back for a meter's profile.
 PROFILE_WEEKS = 4
-#: Meters validated by one task at most. A task holds all its meters' rows in its Python
-#: worker at once (a meter's intervals depend on each other), so the task count grows with
-#: the fleet and a worker's memory does not: about 5 M rows, some hundreds of MB.
-METERS_PER_TASK = 50_000
+#: A day's expected intervals (the registry's meters, each by its interval) validated by
+#: one task at most. A task holds all its meters' rows in its Python worker at once (a
+#: meter's intervals depend on each other), about half a kB each in bench/memory.py's
+#: daily run, so the task count grows with the fleet and its reading rate, and a worker's
+#: memory does not: about 130 MB.
+INTERVALS_PER_TASK = 250_000
 
 _READING, _START, _PROFILE, _METER, _EDIT = 0, 1, 2, 3, 4
 _FRAME = pa.schema(
@@ -175,6 +178,18 @@ def partition_validator(
     return validate
 
 
+def expected_intervals(registry: pa.Table, default_interval: int, day: date, zone: str) -> int:
+    """How many intervals the registry's meters have on ``day``, each by its own interval."""
+    if not registry.num_rows:
+        return 0
+    start, end = day_bounds(day, zone)
+    seconds = (end - start).total_seconds()
+    if INTERVAL not in registry.column_names:
+        return int(registry.num_rows * seconds // default_interval)
+    intervals = pc.fill_null(registry.column(INTERVAL), default_interval).to_numpy()
+    return int((seconds // intervals).sum())
+
+
 def validate(
     spark: SparkSession,
     lake_path: str,
@@ -193,7 +208,7 @@ def validate(
     frame = validation_input(spark, lake_path, day, registry, zone_name, overrides)
     tasks = max(
         int(spark.conf.get("spark.sql.shuffle.partitions") or 1),
-        -(-registry.num_rows // METERS_PER_TASK),
+        -(-expected_intervals(registry, default_interval, day, zone_name) // INTERVALS_PER_TASK),
     )
     return frame.repartition(tasks, "device_id").mapInArrow(
         partition_validator(bounds, default_interval, max_linear),

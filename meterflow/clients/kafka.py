@@ -416,12 +416,18 @@ def partition_ends(
     known: Mapping[tuple[str, int], int] | None = None,
     timeout: float = 10.0,
     lows: dict[tuple[str, int], int] | None = None,
+    exact: bool = True,
 ) -> dict[tuple[str, int], int]:
     """The offset after each partition's last record, read from the log, not the watermark.
 
     ``known`` holds ends found earlier; probing resumes there instead of re-reading the last
     record batch. ``client`` must have ``enable.partition.eof`` set; its assignment changes.
     ``lows``, if given, receives each partition's first offset still held by the broker.
+
+    ``exact=False`` stops at the first records past the watermark instead of the
+    partition's end: an end no greater than the true one, found in one fetch. On a topic
+    that is being written, the end is never reached for long, so waiting for it costs
+    seconds; a running stream's next micro-batch reads the rest.
     """
     known = known or {}
     ends: dict[tuple[str, int], int] = {}
@@ -452,6 +458,8 @@ def partition_ends(
             key = (topic, partition)
             if error is None:
                 ends[key] = max(ends[key], offset + 1)
+                if not exact:
+                    pending.discard(key)
             else:  # the end of the partition
                 ends[key] = max(ends[key], offset)
                 pending.discard(key)

@@ -176,9 +176,9 @@ class _Planner:
     def partitions(self) -> list[tuple[str, int]]:
         return kafka.topic_partitions(self.client, self.options.topics)
 
-    def ends(self) -> Offsets:
+    def ends(self, exact: bool = True) -> Offsets:
         found = kafka.partition_ends(
-            self.client, self.partitions(), self._known_ends, lows=self._lows
+            self.client, self.partitions(), self._known_ends, lows=self._lows, exact=exact
         )
         self._known_ends = found
         return _to_offsets(found)
@@ -330,7 +330,9 @@ class KafkaStreamReader(DataSourceStreamReader, SupportsTriggerAvailableNow):
         self._target = self.planner.ends()
 
     def latestOffset(self, start: Offsets, limit: ReadLimit) -> Offsets:
-        latest = self._target if self._target is not None else self.planner.ends()
+        # A running query needs no exact end (the next batch reads on from where this one
+        # stops); Trigger.AvailableNow's target, all there is at its start, does.
+        latest = self._target if self._target is not None else self.planner.ends(exact=False)
         merged = _check_not_behind(start, latest, self.options.fail_on_data_loss)
         if isinstance(limit, ReadMaxRows):
             return _cap(start, merged, limit.max_rows)
@@ -388,7 +390,9 @@ def read_range(
         position = part.start
         last_progress = time.monotonic()
         while position < part.end:
-            messages = client.consume(batch_size, timeout=0.5)
+            # Asking for no more than the range holds returns as soon as it arrived:
+            # asking for more waits out the timeout on every call, each task of each batch.
+            messages = client.consume(min(batch_size, part.end - position), timeout=0.5)
             records: list[Message] = []
             for message in messages:
                 error = message.error()

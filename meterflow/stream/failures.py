@@ -6,8 +6,9 @@ against meterflow's hierarchy (:mod:`meterflow.core.errors`). Raised in a Spark 
 Python data source or the JVM, they arrive as a PySpark exception whose text embeds the
 innermost raised exception's class name (a Python traceback's last line, a JVM trace's
 ``Caused by:``): :func:`raised_in` maps that name back to a class (meterflow's own errors,
-and the JVM Kafka client's "not now" exceptions as
-:class:`~meterflow.clients.kafka.KafkaUnavailableError`) and rebuilds it with its message.
+the JVM Kafka client's "not now" exceptions as
+:class:`~meterflow.clients.kafka.KafkaUnavailableError`, a JVM socket's time-out as
+:class:`PythonWorkerTimeoutError`) and rebuilds it with its message.
 No decision depends on the wording of a message.
 """
 
@@ -40,6 +41,18 @@ JVM_KAFKA_TRANSIENT = frozenset(
         "RetriableException",
     )
 )
+
+
+class PythonWorkerTimeoutError(TransientError):
+    """Spark gave up waiting for a task's Python worker (or another peer) to connect: a
+    machine too busy to start one in time, not a bug; the same batch may run after a wait."""
+
+
+#: The JVM's own "not now": a socket that timed out waiting on a peer (a Python worker
+#: that did not connect back while the machine was saturated).
+JVM_TRANSIENT: dict[str, type[Exception]] = {
+    "java.net.SocketTimeoutException": PythonWorkerTimeoutError,
+}
 #: ``Name: message`` lines of a Python traceback (the last is what was raised) and of a
 #: JVM trace (``Caused by: Name: message``, the last being the root cause).
 _RAISED = re.compile(r"^\s*(?:Caused by: )?([A-Za-z_][\w.$]*(?:Error|Exception))(?:: (.*))?$")
@@ -123,9 +136,10 @@ def known_errors() -> dict[str, type[Exception]]:
     """The classes a failure's text may name, by their full name: every meterflow error
     (the classes of the modules imported, which include all the stream raises) and the
     JVM Kafka client's transient exceptions, as :class:`KafkaUnavailableError`."""
-    known: dict[str, type[Exception]] = dict.fromkeys(
-        JVM_KAFKA_TRANSIENT, kafka.KafkaUnavailableError
-    )
+    known: dict[str, type[Exception]] = {
+        **dict.fromkeys(JVM_KAFKA_TRANSIENT, kafka.KafkaUnavailableError),
+        **JVM_TRANSIENT,
+    }
     pending: list[type[Exception]] = [MeterflowError]
     while pending:
         cls = pending.pop()

@@ -61,6 +61,13 @@ log = get_logger(__name__)
 QUERY_NAME = "meterflow_speed_layer"
 #: The Spark application, as a cluster's master lists it.
 APP_NAME = "meterflow-streaming"
+#: The streaming job's JVM compiles with C1 only. Every micro-batch is planned and its code
+#: generated again, and the C2 compiler kept re-optimising it: about 40% of the JVM's CPU,
+#: on the cores the tasks need (docs/architecture.md, "Where a micro-batch's time goes").
+STREAM_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1"
+#: What a session of the streaming job is started with (spark-submit takes the same
+#: options on its command line: docker-compose.yml's streaming-job).
+STREAM_SPARK_CONF = {"spark.driver.extraJavaOptions": STREAM_JAVA_OPTIONS}
 #: Spark's lines that tell a user of the stream nothing to act on, or repeat what the
 #: supervisor says itself in one line.
 QUIET_SPARK_LOGGERS = {
@@ -101,7 +108,7 @@ def run(
     """
     check_writable(settings)
     refuse_legacy_lake(settings.lake_path)
-    spark = spark or get_spark(APP_NAME, settings.spark_master)
+    spark = spark or get_spark(APP_NAME, settings.spark_master, **STREAM_SPARK_CONF)
     with signals_handled(on_signal) if on_signal else contextlib.nullcontext():
         set_log_levels(spark, QUIET_SPARK_LOGGERS)
         supervisor = Supervisor(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -68,6 +69,37 @@ def test_partition_ends_are_exact_despite_watermarks(bootstrap: str, make_topics
     # Documents the broker quirk the probe exists for (docs/architecture.md, "Measured facts");
     # the line above is what counts.
     print(f"watermarks reported {watermarks}, true ends {ends}")
+
+
+def test_a_running_streams_end_is_found_in_one_fetch(bootstrap: str, make_topics) -> None:
+    """A running stream asks for a topic's end every micro-batch while producers write it:
+    waiting for the partition's end (which a busy topic hardly ever shows) cost seconds a
+    batch. ``exact=False`` takes the records past the watermark as they are: an end no
+    lower than the watermark and no higher than what was written."""
+    topic = make_topics(partitions=1)["METERFLOW_TOPIC_READINGS"]
+    produce(bootstrap, topic, {0: 3000})
+    stop, written = threading.Event(), [3000]
+
+    def keep_writing() -> None:
+        producer = kafka.producer(bootstrap, **{"linger.ms": 5})
+        while not stop.is_set():
+            for i in range(200):
+                producer.produce(topic, f"more-{i}".encode(), b"k", partition=0)
+            producer.flush(10)
+            written[0] += 200
+
+    writer = threading.Thread(target=keep_writing, daemon=True)
+    writer.start()
+    client = kafka.consumer(bootstrap)
+    try:
+        wait_for(lambda: written[0] > 5000, 30, "the producer to be writing")
+        watermark = client.get_watermark_offsets(kafka.TopicPartition(topic, 0), timeout=5)[1]
+        ends = kafka.partition_ends(client, [(topic, 0)], exact=False)
+    finally:
+        stop.set()
+        writer.join(30)
+        client.close()
+    assert watermark <= ends[(topic, 0)] <= written[0]
 
 
 def test_read_to_end_reads_each_partition_to_its_true_end(bootstrap: str, make_topics) -> None:

@@ -172,6 +172,47 @@ def test_sink_stores_each_event_once_tracks_status_and_dead_letters_garbage(
     assert committed == ends and sum(ends.values()) == total
 
 
+def test_alarms_overtake_a_backlog_of_status_updates(
+    make_settings: Callable[..., Settings], mongo_uri: str, mongo_db_name: str, db: Any
+) -> None:
+    """Issue "Performance at city scale": with MongoDB slower than the stream's status
+    updates, an alarm waited behind every update the consumer had fetched (up to 10,000
+    per partition). Now the updates wait in Kafka, and an alarm is written within a few
+    batches of arriving, however long the backlog."""
+    settings = sink_settings(
+        make_settings, mongo_uri, mongo_db_name, METERFLOW_SINK_BATCH_SIZE="50"
+    )
+    backlog = 6_000
+    statuses = [
+        (f"em{n % 500:03d}".encode(), status_json(f"em{n % 500:03d}", [False], n // 500))
+        for n in range(backlog)
+    ]
+    send(settings, statuses, topic=settings.topic_status)
+    alarms = [event_json(f"em{n:03d}", n, n) for n in range(10)]
+    sink = Sink(settings, db, consumer_overrides=FAST_GROUP, instance_id=False)
+    applied_when_alarmed: list[int] = []
+    sent = threading.Event()
+
+    def should_stop() -> bool:
+        stats = sink.stats
+        if not sent.is_set() and stats.status_applied > 0:  # the backlog is being written
+            send(settings, [(None, v) for v in alarms], topic=settings.topic_abnormal)
+            sent.set()
+        if stats.events_written >= len(alarms) and not applied_when_alarmed:
+            applied_when_alarmed.append(stats.status_applied)
+        return bool(applied_when_alarmed) or stats.consumed >= backlog + len(alarms)
+
+    sink.run(should_stop)
+    assert applied_when_alarmed, sink.stats.summary()
+    # Two batches held in memory, the one being written, the fetch in flight: far fewer
+    # than the 6,000 updates that were ahead of the alarms in Kafka.
+    assert applied_when_alarmed[0] <= 1_000, (applied_when_alarmed, sink.stats.summary())
+    assert_events_stored(db, expected_events(alarms))
+    # What the sink held when it stopped was written, and its offsets committed, in order.
+    committed, _ = offsets(settings)
+    assert sum(committed.values()) == sink.stats.consumed, sink.stats.summary()
+
+
 def test_sink_killed_mid_batch_restarts_without_loss_or_double_count(
     make_settings: Callable[..., Settings], mongo_uri: str, mongo_db_name: str, db: Any
 ) -> None:

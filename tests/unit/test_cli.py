@@ -95,3 +95,19 @@ def test_run_injects_the_demo_episodes_unless_told_otherwise() -> None:
     note = episodes_note(DEMO_EPISODE_RATES, backfilled=False)
     assert "STUCK=4, SPIKE=4, LEAK=1, NO_DATA=4" in note and "--episodes none" in note
     assert "--airflow" in note and "--airflow" not in episodes_note({FaultCode.SPIKE: 1}, True)
+
+
+def test_a_dead_worker_is_named_in_the_runs_one_line(monkeypatch) -> None:
+    """How ``meterflow run`` words any worker's death (the whole run, with the sink as
+    the dead worker, is tests/integration/test_cli_processes.py's)."""
+    from meterflow.local.run import Drain
+
+    drain = Drain(Settings.from_env({}))
+    drains: list[bool] = []
+    monkeypatch.setattr(drain, "_start", lambda: drains.append(True) or True)
+    drain.failed("simulator", RuntimeError("disk on fire\n(injected)"))
+    drain.failed("sink", OSError("later"))
+    assert drain.failure is not None and drain.failure.startswith(
+        "the simulator stopped: RuntimeError: disk on fire (injected); the run stopped with it"
+    )
+    assert drain.dead == {"simulator", "sink"} and drains == [True, True]

@@ -132,7 +132,7 @@ def test_doctor_compares_dockers_memory_with_the_limits(tmp_path: Path) -> None:
     good = tmp_path / "good.env"
     good.write_text("\n".join(lines) + "\n")
     need = memory_limits(ROOT / "docker-compose.yml")
-    for memory, ok in ((4 * 2**30, False), (8 * 2**30, True)):
+    for memory, ok in ((4 * 2**30, False), (9 * 2**30, True)):
         bin_dir = tmp_path / f"bin-{memory}"
         bin_dir.mkdir()
         docker = bin_dir / "docker"

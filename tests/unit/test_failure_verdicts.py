@@ -19,7 +19,13 @@ from pyspark.errors import PySparkException
 from meterflow.clients.kafka import KafkaUnavailableError, unavailable_as_error
 from meterflow.core.errors import DataLossError, MeterflowError, TransientError
 from meterflow.stream.commit import GenerationChangedError
-from meterflow.stream.failures import Verdict, classify, innermost, known_errors
+from meterflow.stream.failures import (
+    PythonWorkerTimeoutError,
+    Verdict,
+    classify,
+    innermost,
+    known_errors,
+)
 
 TEXTS = Path(__file__).resolve().parents[1] / "data" / "failures"
 
@@ -129,6 +135,18 @@ def test_the_jvm_sources_kafka_timeout_is_a_retry() -> None:
     failure = classify(spark_failure("jvm_source_timeout.txt"))
     assert failure.verdict is Verdict.RETRY
     assert failure.line.startswith("TimeoutException: Timeout of 60000ms expired")
+
+
+def test_a_python_worker_that_did_not_connect_back_is_a_retry() -> None:
+    """Seen in bench/memory.py: the streaming job, forking a worker per task beside the
+    daily job on two saturated cores, stopped on this; it is a wait, not a bug. The text is
+    written in the shape of that failure (its first lines and root cause as logged)."""
+    failure = classify(spark_failure("python_worker_timeout.txt"))
+    assert failure.verdict is Verdict.RETRY
+    assert isinstance(failure.error, PythonWorkerTimeoutError)
+    assert failure.line == (
+        "SocketTimeoutException: Timed out while waiting for the Python worker to connect back"
+    )
 
 
 def test_the_innermost_raised_class_wins_over_the_ones_around_it() -> None:

@@ -219,3 +219,18 @@ def test_registered_meters_without_any_reading_are_missing_all_day() -> None:
     for device in ("em1", "wm2"):
         assert {cell[2] for cell in rows_of(result, device)} == {"missing"}
         assert len(rows_of(result, device)) == 96
+
+
+def test_validation_tasks_are_sized_by_the_intervals_expected() -> None:
+    """A task holds its meters' rows at once, so the count of tasks follows the day's
+    expected intervals: a one-minute meter weighs 15 quarter-hour ones, a DST day its hours."""
+    from meterflow.batch.validation import expected_intervals
+    from meterflow.core.registry import INTERVAL
+
+    registry = pa.table({"device_id": ["a", "b", "c"], INTERVAL: [60, 900, None]})
+    assert expected_intervals(registry, 900, date(2024, 6, 3), "UTC") == 1440 + 96 + 96
+    assert expected_intervals(registry, 900, date(2024, 3, 31), "Europe/Paris") == 1380 + 92 + 92
+    assert expected_intervals(registry.drop_columns([INTERVAL]), 60, date(2024, 6, 3), "UTC") == (
+        3 * 1440
+    )
+    assert expected_intervals(registry.slice(0, 0), 900, date(2024, 6, 3), "UTC") == 0

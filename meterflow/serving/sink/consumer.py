@@ -4,7 +4,11 @@
 topics that writes MongoDB in batches (through :class:`~meterflow.serving.sink.writer.
 ServingWriter`) and commits Kafka offsets only once MongoDB has acknowledged a batch, so
 a crash at any point loses nothing: the uncommitted batch is delivered again, and the
-writer makes re-delivery change nothing. Messages that do not decode, and events MongoDB
+writer makes re-delivery change nothing. Alarms go first: the sink reads a few batches
+ahead, and a batch takes the abnormal events waiting before any status update (one per
+meter and micro-batch, far more of them); beyond :data:`BATCHES_AHEAD` batches of status
+updates waiting, their partitions are paused, so a status backlog waits in Kafka rather
+than in front of the alarms in the consumer's queue. Messages that do not decode, and events MongoDB
 refuses for good, go to the dead-letter topic with the streaming job's headers.
 
 A sink is a *static* group member (``group.instance.id``, see :func:`claim_instance_id`):
@@ -18,6 +22,7 @@ import contextlib
 import re
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +47,9 @@ from meterflow.serving.sink.decode import decode_abnormal, decode_status
 from meterflow.serving.sink.writer import RETRYABLE_MONGO_ERRORS, ServingWriter, WriteResult
 
 log = get_logger(__name__)
+#: Batches the sink reads ahead of the one it writes. Status updates waiting beyond this
+#: pause their partitions until they are down to one batch.
+BATCHES_AHEAD = 2
 
 
 @dataclass
@@ -187,6 +195,10 @@ class Sink:
         )
         self._batch: list[_Entry] = []
         self._held: list[_Entry] = []  # arrived while a batch was being retried
+        # Consumed, waiting for room in a batch: alarms (and all but status updates) first.
+        self._alarms: deque[_Entry] = deque()
+        self._statuses: deque[_Entry] = deque()
+        self._statuses_paused: list[TopicPartition] = []  # held back while those wait
         self._batch_started = 0.0
         self._subscribed = False
         self._paused: list[TopicPartition] = []
@@ -212,11 +224,16 @@ class Sink:
     def _revoked(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Forget uncommitted messages of partitions we lose: their next owner re-reads them."""
         lost = {(p.topic, p.partition) for p in partitions}
-        before = len(self._batch) + len(self._held)
+        before = len(self._batch) + len(self._held) + len(self._alarms) + len(self._statuses)
         self._batch = [e for e in self._batch if (e.topic, e.partition) not in lost]
         self._held = [e for e in self._held if (e.topic, e.partition) not in lost]
+        self._alarms = deque(e for e in self._alarms if (e.topic, e.partition) not in lost)
+        self._statuses = deque(e for e in self._statuses if (e.topic, e.partition) not in lost)
         self._paused = [p for p in self._paused if (p.topic, p.partition) not in lost]
-        dropped = before - len(self._batch) - len(self._held)
+        self._statuses_paused = [
+            p for p in self._statuses_paused if (p.topic, p.partition) not in lost
+        ]
+        dropped = before - len(self._batch) - len(self._held) - self._waiting()
         log.info("sink=revoked partitions=%d uncommitted_dropped=%d", len(lost), dropped)
 
     def _entry(self, message: Message) -> _Entry:
@@ -261,12 +278,18 @@ class Sink:
     ) -> int:
         """Consume what arrives within ``timeout``; write the batch once full or due."""
         self._subscribe()
-        if self._held:
-            self._batch.extend(self._held)
-            self._held = []
-        room = max(1, self.settings.sink_batch_size - len(self._batch))
         was_empty = not self._batch
-        taken = self._take(self.consumer.consume(min(room, 10_000), timeout), self._batch)
+        if self._held:
+            self._route(self._held)
+            self._held = []
+        # Ahead of the batch: the status updates the consumer's queue holds move into
+        # memory, where the alarms behind them can overtake them.
+        ahead = (BATCHES_AHEAD + 1) * self.settings.sink_batch_size
+        wanted = min(ahead - len(self._batch) - self._waiting(), 10_000)
+        consumed: list[_Entry] = []
+        taken = self._take(self.consumer.consume(wanted, timeout), consumed) if wanted > 0 else 0
+        self._route(consumed)
+        self._hold_back_statuses()
         self.producer.poll(0)  # serve its librdkafka log lines now, not at the next flush
         if was_empty and self._batch:
             self._batch_started = time.monotonic()
@@ -274,6 +297,40 @@ class Sink:
         if self._batch and (len(self._batch) >= self.settings.sink_batch_size or due):
             self.flush(should_stop)
         return taken
+
+    def _waiting(self) -> int:
+        return len(self._alarms) + len(self._statuses)
+
+    def _route(self, entries: Iterable[_Entry]) -> None:
+        """Queue ``entries`` by kind, then fill the batch: alarms first, status updates
+        after them. A partition's entries keep their order, so a batch's offsets are always
+        a prefix of what was consumed of it."""
+        status = self.settings.topic_status
+        for entry in entries:
+            (self._statuses if entry.topic == status else self._alarms).append(entry)
+        room = self.settings.sink_batch_size - len(self._batch)
+        for waiting in (self._alarms, self._statuses):
+            while room > 0 and waiting:
+                self._batch.append(waiting.popleft())
+                room -= 1
+
+    def _hold_back_statuses(self) -> None:
+        """Pause the status partitions while their updates wait in memory; resume them once
+        one batch is left: the backlog stays in Kafka, and alarms reach the batch first."""
+        batch_size = self.settings.sink_batch_size
+        if len(self._statuses) >= BATCHES_AHEAD * batch_size:
+            paused = {(p.topic, p.partition) for p in self._statuses_paused}
+            fresh = [
+                p
+                for p in self.consumer.assignment()
+                if p.topic == self.settings.topic_status and (p.topic, p.partition) not in paused
+            ]
+            if fresh:
+                self.consumer.pause(fresh)
+                self._statuses_paused.extend(fresh)
+        elif self._statuses_paused and len(self._statuses) < batch_size:
+            self.consumer.resume(self._statuses_paused)
+            self._statuses_paused = []
 
     # -- writing -----------------------------------------------------------------------
 
@@ -307,6 +364,7 @@ class Sink:
         self._resume()
         self._account(result, len(dead) + len(refused), started, retries_before)
         self._batch = []
+        self._route(())  # what waits fills the next batch
         return True
 
     def _refused(self, result: WriteResult) -> list[DeadLetterMessage]:
@@ -385,6 +443,7 @@ class Sink:
         if self._paused:
             self.consumer.resume(self._paused)
             self._paused = []
+            self._statuses_paused = []  # resumed with the rest; paused again if still due
 
     def _send_dead_letters(self, records: list[DeadLetterMessage]) -> None:
         if not records:
@@ -471,10 +530,10 @@ class Sink:
         try:
             while not should_stop():
                 self.poll_once(0.2, should_stop)
-            if self._held:
-                self._batch.extend(self._held)
-                self._held = []
-            self.flush(should_stop)
+            self._route(self._held)
+            self._held = []
+            while self.flush(should_stop) and self._batch:  # what still waits
+                pass
         finally:
             self.close()
         log.info("sink=stopped %s", self.stats.summary())
