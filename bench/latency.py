@@ -15,29 +15,38 @@ for ``--seconds`` after a warm-up, and the benchmark times, from each reading's 
 * (c) its row being visible in the lake: the lake's ledger committing its offset (looked at
   every 100 ms).
 
-Each load reports p50, p95, p99 and max, and where each query's micro-batches spent their
-time (Spark's progress reports: the mean of each phase over the load's batches). Target
+Each load reports p50, p95, p99 and max, where each query's micro-batches spent their
+time (Spark's progress reports: the mean of each phase over the load's batches), and how
+many cores each part of the benchmark used meanwhile: Spark, the broker, MongoDB's stand-in
+and this process (the offered load, the sink, the probes) share the machine. Before the
+loads, the target load runs for each ``--tradeoffs`` pair, on topics of its own, the stream
+restarted with that trigger and stateful stage: what a shorter or longer trigger costs and
+gives. Target
 (issue "Performance at city scale") at 10,000 readings/s on 2 cores: p99 produce ->
 ``iot-abnormal`` at most 2 s and produce -> MongoDB at most 3 s.
 
     python -m bench.latency [--loads 1000,10000,50000] [--seconds 120] [--trigger 1]
-                            [--detection on|off]
+                            [--detection on|off] [--tradeoffs 0.5:on,5:on,1:off]
+                            [--tradeoff-seconds 60]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil  # type: ignore[import-untyped]
 
 from bench.common import local_broker, write_results
 from meterflow.clients import kafka
@@ -137,9 +146,10 @@ def watch_events(
 
 
 def watch_lake(
-    lake_path: str, visible: dict[int, list[tuple[int, float]]], stop: threading.Event
+    lake_path: str, topic: str, visible: dict[int, list[tuple[int, float]]], stop: threading.Event
 ) -> None:
-    """When each partition's committed end moved: ``visible[partition]`` of (end, time)."""
+    """When each partition of ``topic`` saw its committed end move: ``visible[partition]``
+    of (end, time)."""
     while not stop.is_set():
         try:
             ledger = Ledger.load(lake_path)
@@ -147,7 +157,9 @@ def watch_lake(
             time.sleep(0.1)
             continue
         now = time.time()
-        for (_, _, partition), state in ledger.partitions.items():
+        for (read_from, _, partition), state in ledger.partitions.items():
+            if read_from != topic:
+                continue
             end = max((s.end for s in state.segments if not s.lost), default=0)
             known = visible.setdefault(partition, [])
             if not known or known[-1][0] < end:
@@ -199,6 +211,57 @@ def batch_profile(queries: list[Any], since: float) -> dict[str, dict[str, Any]]
     return profile
 
 
+def _part(command: list[str], pid: int) -> str:
+    """Which part of the benchmark a process is, by what it runs."""
+    if pid == os.getpid():
+        return "bench"
+    if Path(command[0]).name == "java" or any("pyspark" in arg for arg in command):
+        return "spark"  # the JVM, its Python workers and data source runners
+    if any("tansu" in arg for arg in command):
+        return "broker"
+    if any("nx-27017" in arg for arg in command):
+        return "mongodb"
+    return "other"
+
+
+#: A process's CPU seconds by (pid, start time), with its part; ``None`` holds the machine's.
+CpuSnapshot = dict[tuple[int, float] | None, tuple[str, float]]
+
+
+def cpu_seconds() -> CpuSnapshot:
+    """CPU seconds used so far by each process and its reaped children, with its part of
+    the benchmark: ``spark`` (the JVM and its Python workers), ``broker``, ``mongodb``
+    (the stand-in, when local), ``bench`` (this process: the offered load, the sink and the
+    probes) or ``other``; and the machine's, from the kernel's counters."""
+    used: CpuSnapshot = {}
+    for process in psutil.process_iter(["cmdline", "cpu_times", "create_time"]):
+        command, times = process.info["cmdline"], process.info["cpu_times"]
+        if not command or times is None:
+            continue  # a kernel thread, or ended meanwhile
+        spent = times.user + times.system + times.children_user + times.children_system
+        key = (process.pid, process.info["create_time"])
+        used[key] = (_part(command, process.pid), spent)
+    total = psutil.cpu_times()
+    used[None] = ("machine", sum(total) - total.idle - total.iowait - total.steal)
+    return used
+
+
+def cores_used(before: CpuSnapshot, after: CpuSnapshot, seconds: float) -> dict[str, float]:
+    """Mean cores each part used between two :func:`cpu_seconds`, per process (one that
+    ended meanwhile, such as an idle Python worker Spark stopped, takes its time with it);
+    ``rest`` is what the processes' counters miss (an ended process's last seconds, the
+    kernel)."""
+    spent: dict[str, float] = {}
+    for key, (part, seconds_after) in after.items():
+        if key is not None:
+            earlier = before.get(key, (part, 0.0))[1]
+            spent[part] = spent.get(part, 0.0) + seconds_after - earlier
+    cores = {part: round(used / seconds, 2) for part, used in spent.items()}
+    machine = (after[None][1] - before[None][1]) / seconds
+    cores["rest"] = round(max(0.0, machine - sum(spent.values()) / seconds), 2)
+    return cores
+
+
 def measure_load(
     settings: Settings,
     rate: int,
@@ -227,12 +290,18 @@ def measure_load(
 
     watchers = [
         threading.Thread(target=watch_events, args=(settings, events, stop), daemon=True),
-        threading.Thread(target=watch_lake, args=(settings.lake_path, visible, stop), daemon=True),
+        threading.Thread(
+            target=watch_lake,
+            args=(settings.lake_path, settings.topic_readings, visible, stop),
+            daemon=True,
+        ),
         threading.Thread(target=watch_mongo, args=(db, sample, documents, stop), daemon=True),
     ]
     for watcher in watchers:
         watcher.start()
+    cpu_before, offering = cpu_seconds(), time.monotonic()
     offered.offer(rate, seconds)
+    cores = cores_used(cpu_before, cpu_seconds(), time.monotonic() - offering)
     last_produced = time.time()
     wanted = {(p, o) for p, o in offered.abnormal}
     deadline = last_produced + 120
@@ -278,8 +347,35 @@ def measure_load(
         **{f"abnormal_{k}_s": v for k, v in abnormal.items()},
         **{f"mongo_{k}_s": v for k, v in mongo.items()},
         **{f"lake_{k}_s": v for k, v in lake.items()},
+        "cores_used": cores,
         "micro_batches": batch_profile(queries(), began),
     }
+
+
+class Stream:
+    """The stream of ``meterflow run`` in a thread of this process, on ``spark``, until
+    :meth:`stop`; started again with other settings for each trade-off row."""
+
+    def __init__(self, spark: Any, settings: Settings) -> None:
+        from meterflow.stream.supervisor import run
+
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(
+            target=run,
+            kwargs={"settings": settings, "spark": spark, "stop": self.stopping},
+            daemon=True,
+        )
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(120)
+
+
+def parse_tradeoffs(text: str) -> list[tuple[float, str]]:
+    """``"0.5:on,5:on,1:off"`` as (trigger seconds, detection) pairs."""
+    pairs = [item.split(":") for item in text.split(",") if item]
+    return [(float(trigger), detection) for trigger, detection in pairs]
 
 
 def main() -> int:
@@ -293,18 +389,26 @@ def main() -> int:
     parser.add_argument(
         "--detection", choices=("on", "off"), default="on", help="the stateful stage"
     )
+    parser.add_argument(
+        "--tradeoffs",
+        default="0.5:on,5:on,1:off",
+        help="trigger:detection pairs, each run at the target load before the loads",
+    )
+    parser.add_argument("--tradeoff-seconds", type=float, default=60.0, help="per trade-off")
     args = parser.parse_args()
     loads = [int(x) for x in args.loads.split(",")]
+    tradeoffs = parse_tradeoffs(args.tradeoffs)
     setup_logging("WARNING")
     from meterflow.clients.mongo import database
     from meterflow.local.mongo import mongo_for
     from meterflow.local.service import free_port
     from meterflow.serving.sink import Sink
     from meterflow.spark.session import get_spark
-    from meterflow.stream.supervisor import STREAM_SPARK_CONF, run
+    from meterflow.stream.supervisor import STREAM_SPARK_CONF
 
     workdir = Path(tempfile.mkdtemp(prefix="meterflow-bench-latency-"))
     results: list[dict[str, Any]] = []
+    traded: list[dict[str, Any]] = []
     try:
         with local_broker(workdir) as bootstrap:
             env = {
@@ -324,21 +428,48 @@ def main() -> int:
             which = "MONGO_URI" if settings.mongo_uri else "nx-27017 stand-in (local)"
             with mongo_for(settings) as (settings, _):
                 db = database(settings)
-                stop = threading.Event()
                 spark = get_spark(
                     "bench-latency",
                     "local[*]",
                     **{"spark.ui.enabled": "false", **STREAM_SPARK_CONF},
                 )
-                stream = threading.Thread(
-                    target=run,
-                    kwargs={"settings": settings, "spark": spark, "stop": stop},
-                    daemon=True,
-                )
                 sink = Sink(settings, db, instance_id=False)
-                sinking = threading.Thread(target=sink.run, args=(stop.is_set,), daemon=True)
-                stream.start()
+                sink_stopping = threading.Event()
+                sinking = threading.Thread(
+                    target=sink.run, args=(sink_stopping.is_set,), daemon=True
+                )
                 sinking.start()
+                for n, (trigger, detection) in enumerate(tradeoffs, 1):
+                    # First, and on topics of its own: a load past the stream's capacity
+                    # leaves a backlog behind.
+                    other = replace(
+                        settings,
+                        trigger_seconds=trigger,
+                        detection_on=detection == "on",
+                        topic_readings=f"{settings.topic_readings}-tradeoff-{n}",
+                        topic_digest=f"{settings.topic_digest}-tradeoff-{n}",
+                    )
+                    kafka.ensure_topics(bootstrap, other.topics, args.partitions)
+                    fresh = kafka.topic_ids(bootstrap, [other.topic_readings])
+                    print(
+                        f"trade-off: trigger {trigger:g} s, detection {detection}, "
+                        f"{TARGET_LOAD:,} readings/s for {args.tradeoff_seconds:g} s ...",
+                        flush=True,
+                    )
+                    stream = Stream(spark, other)
+                    Offered(other).offer(loads[0], WARMUP_S)
+                    found = measure_load(
+                        other,
+                        TARGET_LOAD,
+                        args.tradeoff_seconds,
+                        fresh[other.topic_readings],
+                        db,
+                        lambda: spark.streams.active,
+                    )
+                    print(json.dumps(found), flush=True)
+                    traded.append({"trigger_s": trigger, "detection": detection, **found})
+                    stream.stop()
+                stream = Stream(spark, settings)
                 print(f"warm-up: {WARMUP_S:g} s at {loads[0]:,} readings/s ...", flush=True)
                 Offered(settings).offer(loads[0], WARMUP_S)
                 for rate in loads:
@@ -348,8 +479,8 @@ def main() -> int:
                     )
                     print(json.dumps(found), flush=True)
                     results.append(found)
-                stop.set()
-                stream.join(120)
+                stream.stop()
+                sink_stopping.set()
                 sinking.join(60)
                 spark.stop()
     finally:
@@ -365,7 +496,9 @@ def main() -> int:
         "latency",
         {
             "loads": results,
+            "tradeoffs": traded,
             "seconds_per_load": args.seconds,
+            "seconds_per_tradeoff": args.tradeoff_seconds,
             "trigger_s": settings.trigger_seconds,
             "detection": args.detection,
             "mongodb": which,

@@ -464,8 +464,52 @@ def latency(r: Results) -> Table:
             f"{r['target_abnormal_p99_s']:g} s and to MongoDB <= {r['target_mongo_p99_s']:g} "
             f"s: {met(r['target_met'])}.",
             *batch_phases(r),
+            *cores(r),
+            *tradeoffs(r),
         ],
     )
+
+
+def _cores(row: Results) -> str:
+    return ", ".join(f"{part} {n:.2f}" for part, n in row["cores_used"].items())
+
+
+def cores(r: Results) -> list[str]:
+    """How many of the machine's cores each part of the benchmark used at each load."""
+    lines = [f"- At {row['rate']:,}/s: {_cores(row)}." for row in r["loads"] if "cores_used" in row]
+    if not lines:
+        return []
+    return [
+        "",
+        "Cores used meanwhile (`spark`: the JVM and its Python workers; `bench`: the offered "
+        "load, the sink and the probes; `other`: the machine's other processes; `rest`: "
+        "what the processes' counters miss, such as the kernel's own work):",
+        *lines,
+    ]
+
+
+def tradeoffs(r: Results) -> list[str]:
+    """The target load again with another trigger or without the stateful stage."""
+    rows = r.get("tradeoffs", [])
+    if not rows:
+        return []
+    lines = [
+        f"| {row['trigger_s']:g} s | {row['detection']} | "
+        f"{row['abnormal_p50_s']:.2f} / {row['abnormal_p99_s']:.2f} | "
+        f"{row['mongo_p99_s']:.2f} | {row['lake_p99_s']:.2f} | "
+        f"{row['cores_used']['spark']:.2f} |"
+        for row in rows
+    ]
+    return [
+        "",
+        f"The trade-off at {r['target_load']:,} readings/s, the stream restarted for each row "
+        f"({r['seconds_per_tradeoff']:g} s each):",
+        "",
+        "| Trigger | Stateful stage | to iot-abnormal p50 / p99 s | MongoDB p99 s "
+        "| lake p99 s | Spark's cores |",
+        "|---|---|---|---|---|---|",
+        *lines,
+    ]
 
 
 def batch_phases(r: Results) -> list[str]:

@@ -250,10 +250,11 @@ def test_a_full_lake_disk_is_one_line_and_the_next_start_loses_nothing(
     if mounted.returncode != 0:
         pytest.skip(f"a full disk needs a tmpfs this user cannot mount: {mounted.stderr.strip()}")
     try:
-        settings = make_settings(partitions=2, LAKE_PATH=str(mount))
+        # The lake is the subject: the stateful stage stays off.
+        settings = make_settings(partitions=2, LAKE_PATH=str(mount), METERFLOW_DETECTION="off")
         filler = mount / "filler"
         filler.write_bytes(b"x" * (6 * 2**20 - 100 * 2**10))
-        readings = 40_000
+        readings = 10_000
         send(settings, [good(i, f"em{i % 500}", (i * 7919 % 1000) / 997) for i in range(readings)])
         env = {
             "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
@@ -264,6 +265,7 @@ def test_a_full_lake_disk_is_one_line_and_the_next_start_loses_nothing(
             "METERFLOW_TOPIC_ABNORMAL": settings.topic_abnormal,
             "METERFLOW_TOPIC_DEADLETTER": settings.topic_deadletter,
             "METERFLOW_TOPIC_STATUS": settings.topic_status,
+            "METERFLOW_DETECTION": "off",
         }
         result = meterflow("stream", "--available-now", env=env)
         line = (

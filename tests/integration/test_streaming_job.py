@@ -293,7 +293,9 @@ def test_prototype_stream_end_to_end(spark: SparkSession, make_settings) -> None
 
 def test_spark_submit_conf_wins_over_the_session_defaults(tmp_path) -> None:
     """compose gives the streaming job `--conf spark.python.worker.reuse=false`; get_spark's
-    own default (true) must not undo it. Options it was not given keep the defaults."""
+    own default (true) must not undo it. Options it was not given keep the defaults, and
+    its Python workers fork from meterflow's daemon, whose imports are frozen out of the
+    garbage collector's reach."""
     import os
     import subprocess
     import sys
@@ -302,9 +304,12 @@ def test_spark_submit_conf_wins_over_the_session_defaults(tmp_path) -> None:
     script = tmp_path / "show_conf.py"
     script.write_text(
         "from meterflow.spark.session import get_spark\n"
-        "conf = get_spark('conf-check').sparkContext.getConf()\n"
+        "context = get_spark('conf-check').sparkContext\n"
+        "conf = context.getConf()\n"
         "print('reuse=' + conf.get('spark.python.worker.reuse'))\n"
         "print('daemon=' + conf.get('spark.python.daemon.module'))\n"
+        "frozen = context.parallelize([0], 1).map(lambda _: __import__('gc').get_freeze_count())\n"
+        "print(f'frozen={frozen.first()}')\n"
     )
     spark_submit = Path(sys.executable).with_name("spark-submit")
     done = subprocess.run(
@@ -317,3 +322,5 @@ def test_spark_submit_conf_wins_over_the_session_defaults(tmp_path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert "reuse=false" in done.stdout
     assert "daemon=meterflow.spark.daemon" in done.stdout
+    frozen = int(done.stdout.split("frozen=")[1].split()[0])
+    assert frozen > 10_000, done.stdout  # pandas, pyarrow and pyspark's objects
