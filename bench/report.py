@@ -470,13 +470,15 @@ def latency(r: Results) -> Table:
     )
 
 
-def _cores(row: Results) -> str:
-    return ", ".join(f"{part} {n:.2f}" for part, n in row["cores_used"].items())
-
-
 def cores(r: Results) -> list[str]:
     """How many of the machine's cores each part of the benchmark used at each load."""
-    lines = [f"- At {row['rate']:,}/s: {_cores(row)}." for row in r["loads"] if "cores_used" in row]
+    lines = [
+        f"- At {row['rate']:,}/s: "
+        + ", ".join(f"{part} {n:.2f}" for part, n in row["cores_used"].items())
+        + "."
+        for row in r["loads"]
+        if "cores_used" in row
+    ]
     if not lines:
         return []
     return [

@@ -21,7 +21,8 @@ from pyspark import daemon
 
 if __name__ == "__main__":
     # A reused worker runs a full ``gc.collect()`` after each task, which walked every
-    # object imported above (about 60 ms a task) and, by writing their GC headers, copied
-    # the shared pages into each worker. Frozen, they are outside the collector's reach.
+    # object imported above and, by writing their GC headers, copied the shared pages into
+    # each worker; frozen, they are outside its reach (docs/architecture.md, "Where a
+    # micro-batch's time goes").
     gc.freeze()
     daemon.manager()
