@@ -68,6 +68,11 @@ def airflow_env(settings: Settings, first_day: date, base: Mapping[str, str]) ->
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
         "AIRFLOW__API__PORT": str(API_PORT),
+        # Standalone starts the scheduler beside the API server, and a run due at start
+        # (a day missed while stopped) is queued at once: its tasks must wait for the
+        # server to listen, which on a busy machine takes longer than Airflow's 5 tries
+        # (about 10 s) allow. 10 tries, 1 s to 90 s apart, cover about two minutes.
+        "AIRFLOW__WORKERS__EXECUTION_API_RETRIES": "10",
         # JSON, not a URI: a URI host cannot say "local[*]", and "spark://local" makes
         # the provider submit with --master local, a single thread.
         "AIRFLOW_CONN_SPARK_DEFAULT": json.dumps(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import date
 from pathlib import Path
 
@@ -41,3 +44,21 @@ def test_kafka_default_points_at_this_runs_broker(
 
     assert connection.extra_dejson["bootstrap.servers"] == "broker.test:19092"
     assert env["METERFLOW_DAG_START_DATE"] == "2024-06-03"
+
+
+def test_tasks_queued_at_start_wait_for_the_api_server(tmp_path: Path) -> None:
+    """Airflow's task client reads the retry count meant for the API server's slow start
+    (the variable's name is one Airflow knows: a misspelled one would leave its 5)."""
+    settings = Settings.from_env({"METERFLOW_DATA_DIR": str(tmp_path)})
+    env = airflow_env(settings, date(2024, 6, 3), os.environ)
+
+    printed = subprocess.run(
+        [sys.executable, "-c", "from airflow.sdk.api import client; print(client.API_RETRIES)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+
+    assert printed.split()[-1] == "10"
