@@ -34,6 +34,7 @@ bench: install  ## every benchmark under bench/, writing bench/results/ and docs
 	$(BIN)/python -m bench.daily_batch
 	$(BIN)/python -m bench.daily_scale
 	$(BIN)/python -m bench.detection
+	$(BIN)/python -m bench.detection_fleet
 	$(BIN)/python -m bench.detection_real
 	$(BIN)/python -m bench.chaos
 	$(BIN)/python -m bench.memory

@@ -393,7 +393,7 @@ def main() -> int:
     args = parser.parse_args()
     setup_logging("WARNING")
     from meterflow.spark.session import get_spark
-    from meterflow.stream.supervisor import STREAM_SPARK_CONF
+    from meterflow.stream.supervisor import stream_spark_conf
 
     workdir = Path(tempfile.mkdtemp(prefix="meterflow-bench-detection-"))
     try:
@@ -402,7 +402,9 @@ def main() -> int:
             on = settings_for(workdir, bootstrap, "on", "on")
             warm = settings_for(workdir, bootstrap, "warm", "on", "readings-warm")
             spark = get_spark(
-                "bench-detection", "local[*]", **{"spark.ui.enabled": "false", **STREAM_SPARK_CONF}
+                "bench-detection",
+                "local[*]",
+                **{"spark.ui.enabled": "false", **stream_spark_conf(on.checkpoint_path)},
             )
             print(f"simulating {args.meters:,} meters x {args.days:g} days ...", flush=True)
             with timed() as produced:

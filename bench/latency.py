@@ -404,7 +404,7 @@ def main() -> int:
     from meterflow.local.service import free_port
     from meterflow.serving.sink import Sink
     from meterflow.spark.session import get_spark
-    from meterflow.stream.supervisor import STREAM_SPARK_CONF
+    from meterflow.stream.supervisor import stream_spark_conf
 
     workdir = Path(tempfile.mkdtemp(prefix="meterflow-bench-latency-"))
     results: list[dict[str, Any]] = []
@@ -431,7 +431,7 @@ def main() -> int:
                 spark = get_spark(
                     "bench-latency",
                     "local[*]",
-                    **{"spark.ui.enabled": "false", **STREAM_SPARK_CONF},
+                    **{"spark.ui.enabled": "false", **stream_spark_conf(settings.checkpoint_path)},
                 )
                 sink = Sink(settings, db, instance_id=False)
                 sink_stopping = threading.Event()

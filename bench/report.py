@@ -184,6 +184,25 @@ def detection(r: Results) -> Table:
     return Table(("Rule and size", "Episodes", "Recall", "Delay p50 / p95"), rows, notes)
 
 
+def detection_fleet(r: Results) -> Table:
+    rows = [
+        (
+            f"{size['meters']:,}",
+            f"{size['batch_s']:.2f} s",
+            f"{size['per_digest_ms']:.3f} ms",
+            f"{size['ratio_to_smallest']:.2f}",
+        )
+        for size in r["sizes"]
+    ]
+    notes = [
+        f"{r['digests_per_batch']:,} one-reading digests a batch, of meters drawn at random; "
+        "each meter's state holds a week of hourly readings; the median batch of each size. "
+        f"Target: the largest fleet's batch at most {r['target_ratio']:g} times the "
+        f"smallest's: {met(r['target_met'])}.",
+    ]
+    return Table(("Meters", "Batch (addBatch)", "Per digest", "Ratio to the smallest"), rows, notes)
+
+
 def detection_real(r: Results) -> Table:
     rows: list[tuple[str, ...]] = []
     for name, by_interval in r["files"].items():
@@ -532,6 +551,7 @@ TABLES: dict[str, tuple[str, Callable[[Results], Table]]] = {
     "streaming_throughput": ("Streaming throughput", streaming_throughput),
     "latency": ("Alarm latency", latency),
     "detection": ("Stateful detection", detection),
+    "detection_fleet": ("Stateful detection as the fleet grows", detection_fleet),
     "detection_real": ("False alarms on real data", detection_real),
     "chaos": ("Chaos", chaos),
     "daily_batch": ("Daily batch job", daily_batch),

@@ -178,13 +178,13 @@ def main() -> int:
             print(f"baseline: {baseline.read:,} readings in {base['seconds']:.1f} s")
 
             from meterflow.spark.session import get_spark
-            from meterflow.stream.supervisor import STREAM_SPARK_CONF
+            from meterflow.stream.supervisor import stream_spark_conf
 
             with timed() as session:
                 spark = get_spark(
                     "meterflow-bench",
                     "local[*]",
-                    **{"spark.ui.enabled": "false", **STREAM_SPARK_CONF},
+                    **{"spark.ui.enabled": "false", **stream_spark_conf(live.checkpoint_path)},
                 )
             cold = cold_catch_up(spark, preloaded)
             print(f"spark, cold catch-up: {cold['read']:,} readings in {cold['seconds']:.1f} s")

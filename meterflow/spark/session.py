@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
+from urllib.parse import urlparse
 
 from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
@@ -15,6 +16,11 @@ from meterflow.core.kafka_security import KafkaCluster
 from meterflow.spark.kafka_source import SOURCE_NAME, KafkaDataSource
 
 JVM_KAFKA_PROVIDER = "org.apache.spark.sql.kafka010.KafkaSourceProvider"
+#: Spark's checkpoint files through Hadoop's ``FileSystem`` API (its default is
+#: ``FileContext``): see :func:`checkpoint_conf`.
+FILE_SYSTEM_CHECKPOINTS = (
+    "org.apache.spark.sql.execution.streaming.checkpointing.FileSystemBasedCheckpointFileManager"
+)
 
 
 def get_spark(app_name: str, master: str | None = None, **conf: str) -> SparkSession:
@@ -75,6 +81,20 @@ def get_spark(app_name: str, master: str | None = None, **conf: str) -> SparkSes
     spark.sparkContext.setLogLevel(env_value("SPARK_LOG_LEVEL"))
     spark.dataSource.register(KafkaDataSource)
     return spark
+
+
+def checkpoint_conf(checkpoint_path: str) -> dict[str, str]:
+    """The Spark conf for streaming checkpoints under ``checkpoint_path``.
+
+    On a local disk, Hadoop's ``FileContext`` (Spark's default) runs a ``chmod`` process
+    for each checkpoint file it creates and a ``readlink`` for each rename, since Hadoop's
+    native library is not there; its ``FileSystem`` API does neither (docs/architecture.md,
+    "Where a micro-batch's time goes"). That manager's rename is atomic only where the file
+    system's own rename is, so HDFS and object stores keep Spark's default.
+    """
+    if urlparse(checkpoint_path).scheme not in ("", "file"):
+        return {}
+    return {"spark.sql.streaming.checkpointFileManagerClass": FILE_SYSTEM_CHECKPOINTS}
 
 
 def jvm_kafka_available(spark: SparkSession) -> bool:

@@ -39,6 +39,7 @@ from meterflow.core.ledger import Ledger
 from meterflow.core.logs import get_logger
 from meterflow.core.signals import SignalHandler, signals_handled
 from meterflow.spark.session import (
+    checkpoint_conf,
     get_spark,
     kafka_format,
     set_log_levels,
@@ -65,9 +66,17 @@ APP_NAME = "meterflow-streaming"
 #: generated again, and the C2 compiler kept re-optimising it: about 40% of the JVM's CPU,
 #: on the cores the tasks need (docs/architecture.md, "Where a micro-batch's time goes").
 STREAM_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1"
-#: What a session of the streaming job is started with (spark-submit takes the same
-#: options on its command line: docker-compose.yml's streaming-job).
-STREAM_SPARK_CONF = {"spark.driver.extraJavaOptions": STREAM_JAVA_OPTIONS}
+
+
+def stream_spark_conf(checkpoint_path: str) -> dict[str, str]:
+    """What a session of the streaming job is started with (spark-submit takes the JVM's
+    options on its command line: docker-compose.yml's streaming-job)."""
+    return {
+        "spark.driver.extraJavaOptions": STREAM_JAVA_OPTIONS,
+        **checkpoint_conf(checkpoint_path),
+    }
+
+
 #: Spark's lines that tell a user of the stream nothing to act on, or repeat what the
 #: supervisor says itself in one line.
 QUIET_SPARK_LOGGERS = {
@@ -108,7 +117,9 @@ def run(
     """
     check_writable(settings)
     refuse_legacy_lake(settings.lake_path)
-    spark = spark or get_spark(APP_NAME, settings.spark_master, **STREAM_SPARK_CONF)
+    spark = spark or get_spark(
+        APP_NAME, settings.spark_master, **stream_spark_conf(settings.checkpoint_path)
+    )
     with signals_handled(on_signal) if on_signal else contextlib.nullcontext():
         set_log_levels(spark, QUIET_SPARK_LOGGERS)
         supervisor = Supervisor(

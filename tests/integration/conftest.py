@@ -85,12 +85,17 @@ def make_settings(
 
 @pytest.fixture(scope="session")
 def spark():
-    from meterflow.spark.session import get_spark
+    from meterflow.spark.session import checkpoint_conf, get_spark
 
     session = get_spark(
         "meterflow-tests",
         "local[2]",
-        **{"spark.ui.enabled": "false", "spark.sql.shuffle.partitions": "2"},
+        # The tests' checkpoints are on local disk, as a native run's are by default.
+        **{
+            "spark.ui.enabled": "false",
+            "spark.sql.shuffle.partitions": "2",
+            **checkpoint_conf(tempfile.gettempdir()),
+        },
     )
     yield session
     session.stop()

@@ -36,7 +36,7 @@ from meterflow.local.compose import (
     interpolate,
     native,
 )
-from meterflow.stream.supervisor import STREAM_SPARK_CONF
+from meterflow.stream.supervisor import STREAM_JAVA_OPTIONS
 
 COMPOSE_DOC = ROOT / "docs" / "compose.md"
 OUR_IMAGES = {"meterflow/project", "meterflow/airflow"}
@@ -349,7 +349,7 @@ def test_state_lives_on_named_volumes(resolved) -> None:
     # Its JVM starts as `meterflow stream` starts its own.
     command = services["streaming-job"]["command"]
     java_options = command[command.index("--driver-java-options") + 1]
-    assert java_options == STREAM_SPARK_CONF["spark.driver.extraJavaOptions"]
+    assert java_options == STREAM_JAVA_OPTIONS
 
 
 def documented_services() -> set[str]:
