@@ -404,7 +404,11 @@ def main() -> int:
             spark = get_spark(
                 "bench-detection",
                 "local[*]",
-                **{"spark.ui.enabled": "false", **stream_spark_conf(on.checkpoint_path)},
+                # Catch-ups, as `meterflow stream --available-now` runs them.
+                **{
+                    "spark.ui.enabled": "false",
+                    **stream_spark_conf(on.checkpoint_path, available_now=True),
+                },
             )
             print(f"simulating {args.meters:,} meters x {args.days:g} days ...", flush=True)
             with timed() as produced:

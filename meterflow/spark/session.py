@@ -86,11 +86,11 @@ def get_spark(app_name: str, master: str | None = None, **conf: str) -> SparkSes
 def checkpoint_conf(checkpoint_path: str) -> dict[str, str]:
     """The Spark conf for streaming checkpoints under ``checkpoint_path``.
 
-    On a local disk, Hadoop's ``FileContext`` (Spark's default) runs a ``chmod`` process
-    for each checkpoint file it creates and a ``readlink`` for each rename, since Hadoop's
-    native library is not there; its ``FileSystem`` API does neither (docs/architecture.md,
-    "Where a micro-batch's time goes"). That manager's rename is atomic only where the file
-    system's own rename is, so HDFS and object stores keep Spark's default.
+    On a local disk, Hadoop's ``FileContext`` (Spark's default) runs a ``readlink`` process
+    for each rename of a checkpoint file, since Hadoop's native library is not there; its
+    ``FileSystem`` API renames without one (docs/architecture.md, "Where a micro-batch's
+    time goes"). That manager's rename is atomic only where the file system's own rename
+    is, so HDFS and object stores keep Spark's default.
     """
     if urlparse(checkpoint_path).scheme not in ("", "file"):
         return {}

@@ -62,19 +62,19 @@ log = get_logger(__name__)
 QUERY_NAME = "meterflow_speed_layer"
 #: The Spark application, as a cluster's master lists it.
 APP_NAME = "meterflow-streaming"
-#: The streaming job's JVM compiles with C1 only. Every micro-batch is planned and its code
-#: generated again, and the C2 compiler kept re-optimising it: about 40% of the JVM's CPU,
-#: on the cores the tasks need (docs/architecture.md, "Where a micro-batch's time goes").
+#: The running streaming job's JVM compiles with C1 only. Every micro-batch is planned and
+#: its code generated again, and the C2 compiler kept re-optimising it: about 40% of the
+#: JVM's CPU, on the cores the tasks need (docs/architecture.md, "Where a micro-batch's
+#: time goes").
 STREAM_JAVA_OPTIONS = "-XX:TieredStopAtLevel=1"
 
 
-def stream_spark_conf(checkpoint_path: str) -> dict[str, str]:
+def stream_spark_conf(checkpoint_path: str, available_now: bool = False) -> dict[str, str]:
     """What a session of the streaming job is started with (spark-submit takes the JVM's
-    options on its command line: docker-compose.yml's streaming-job)."""
-    return {
-        "spark.driver.extraJavaOptions": STREAM_JAVA_OPTIONS,
-        **checkpoint_conf(checkpoint_path),
-    }
+    options on its command line: docker-compose.yml's streaming-job). A catch-up's few
+    large batches keep C2, which runs them faster."""
+    java = {} if available_now else {"spark.driver.extraJavaOptions": STREAM_JAVA_OPTIONS}
+    return {**java, **checkpoint_conf(checkpoint_path)}
 
 
 #: Spark's lines that tell a user of the stream nothing to act on, or repeat what the
@@ -118,7 +118,9 @@ def run(
     check_writable(settings)
     refuse_legacy_lake(settings.lake_path)
     spark = spark or get_spark(
-        APP_NAME, settings.spark_master, **stream_spark_conf(settings.checkpoint_path)
+        APP_NAME,
+        settings.spark_master,
+        **stream_spark_conf(settings.checkpoint_path, available_now),
     )
     with signals_handled(on_signal) if on_signal else contextlib.nullcontext():
         set_log_levels(spark, QUIET_SPARK_LOGGERS)
