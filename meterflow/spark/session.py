@@ -89,8 +89,8 @@ def checkpoint_conf(checkpoint_path: str) -> dict[str, str]:
     On a local disk, Hadoop's ``FileContext`` (Spark's default) runs a ``readlink`` process
     for each rename of a checkpoint file, since Hadoop's native library is not there; its
     ``FileSystem`` API renames without one (docs/architecture.md, "Where a micro-batch's
-    time goes"). That manager's rename is atomic only where the file system's own rename
-    is, so HDFS and object stores keep Spark's default.
+    time goes"). That manager's renames are only as safe as the file system's own, which
+    a local disk's are; elsewhere (HDFS, object stores) Spark's default stays.
     """
     if urlparse(checkpoint_path).scheme not in ("", "file"):
         return {}
