@@ -363,8 +363,10 @@ def false_alarms(
 
 
 def state_size(spark, checkpoint_root: str, meters: int) -> dict[str, float]:
-    """The detector's state as Spark's state reader sees it: bytes per meter."""
+    """The detector's state as Spark's state reader sees it (each bucket's snapshot with
+    its deltas applied): bytes per meter."""
     from meterflow.core import lake
+    from meterflow.stream.detection.processor import read_state
 
     fs, root = lake.filesystem_for(checkpoint_root)
     import pyarrow.fs as pafs
@@ -374,8 +376,7 @@ def state_size(spark, checkpoint_root: str, meters: int) -> dict[str, float]:
         for i in fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
         if i.type == pafs.FileType.Directory
     ]
-    state = spark.read.format("statestore").option("stateVarName", "bucket").load(found[0])
-    sizes = [len(bytes(row.value.state)) for row in state.collect()]
+    sizes = [len(bytes(row.state)) for row in read_state(spark, found[0]).collect()]
     return {
         "buckets": len(sizes),
         "state_bytes": sum(sizes),

@@ -4,6 +4,7 @@ rows; and the digests it reads, as the stream's tasks write them. No JVM."""
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,18 @@ from meterflow.core.contract import FaultCode
 from meterflow.core.thresholds import DetectionRules
 from meterflow.core.timestamps import parse_timestamp_us
 from meterflow.stream.classify import classify_batch, reading_digests
+from meterflow.stream.detection import processor as processor_module
 from meterflow.stream.detection.processor import (
     EVENT_TIME,
     PROCESSING_TIME,
     Bucket,
+    Delta,
+    Head,
     MeterDetector,
+    merged_state,
 )
 from meterflow.stream.detection.profiles import MeterProfile, load_profiles
-from meterflow.stream.detection.rules import CLEAR, OPEN
+from meterflow.stream.detection.rules import CLEAR, OPEN, MeterState
 
 T0 = parse_timestamp_us("2024-05-27T00:00:00Z")
 STEP = 900
@@ -86,6 +91,24 @@ def event_time_tester(
     )
 
 
+def stored_state(tester: TwsTester) -> bytes | None:
+    """The bucket's whole committed state: its snapshot with its deltas applied."""
+    head = tester.peekValueState("head", BUCKET)
+    if head is None:
+        return None
+    base = tester.peekValueState("bucket", BUCKET)
+    deltas = {k[0]: bytes(v[0]) for k, v in tester.peekMapState("deltas", BUCKET).items()}
+    seen = Head(*head)
+    return merged_state(base and bytes(base[0]), deltas, seen.base_seq, seen.seq)
+
+
+def stored_meters(tester: TwsTester) -> dict[str, MeterState]:
+    state = stored_state(tester)
+    assert state is not None
+    meters = msgspec.msgpack.decode(state, type=Bucket).meters
+    return {d: msgspec.msgpack.decode(raw, type=MeterState) for d, raw in meters.items()}
+
+
 def test_no_data_on_the_clock_in_processing_time() -> None:
     tester = TwsTester(detector(PROCESSING_TIME), timeMode=PROCESSING_TIME)
     tester.setProcessingTime(1_000)
@@ -136,7 +159,7 @@ def test_a_watermark_far_past_the_deadline_opens_no_data_at_the_deadline() -> No
     assert opened["at_us"].tolist() == [due_us] and opened["start_us"].tolist() == [at(3)]
 
 
-def test_stuck_through_the_processor_keeps_one_state_value() -> None:
+def test_stuck_through_the_processor_keeps_the_meters_state() -> None:
     tester = TwsTester(detector(PROCESSING_TIME), timeMode=PROCESSING_TIME)
     tester.setProcessingTime(1_000)
     readings = [(i, 0.25 + i / 100) for i in range(5)]
@@ -144,10 +167,10 @@ def test_stuck_through_the_processor_keeps_one_state_value() -> None:
     out = tester.testInPandas(BUCKET, digest(*readings))
     assert changes(out) == [(str(FaultCode.STUCK), OPEN)]
     assert out["meter_type"].tolist() == ["electricity"]
-    stored = tester.peekValueState("bucket", BUCKET)
-    assert stored is not None
-    bucket = msgspec.msgpack.decode(bytes(stored[0]), type=Bucket)
-    assert bucket.meters["em1"].stuck_open == at(5) and bucket.timer_ms > 0
+    assert stored_meters(tester)["em1"].stuck_open == at(5)
+    assert list(tester.handle.listTimers()) == [
+        Head(*tester.peekValueState("head", BUCKET)).timer_ms
+    ]
     # A faulty reading (any stateless fault) neither clears nor extends the run.
     assert changes(tester.testInPandas(BUCKET, digest((13, -1.0, True)))) == []
     cleared = tester.testInPandas(BUCKET, digest((14, 0.3)))
@@ -168,7 +191,9 @@ def test_a_meter_silent_again_is_detected_again_and_a_gone_one_is_forgotten() ->
     assert list(zip(again["action"], again["start_us"], strict=True)) == [(OPEN, at(21))]
     assert tester.peekValueState("bucket", BUCKET) is not None
     assert changes(tester.setWatermark(at(20) // 1000 + day_ms)) == []  # silent for the TTL
-    assert tester.peekValueState("bucket", BUCKET) is None  # its only meter forgotten
+    assert stored_state(tester) is None  # its only meter forgotten, and the bucket with it
+    assert tester.peekValueState("bucket", BUCKET) is None
+    assert tester.peekMapState("deltas", BUCKET) == {}
 
 
 def test_a_bucket_carried_over_continues_its_meters_runs_and_silences() -> None:
@@ -177,9 +202,7 @@ def test_a_bucket_carried_over_continues_its_meters_runs_and_silences() -> None:
     before = event_time_tester()
     run_start = [(i, 0.25 + i / 100) for i in range(5)] + [(i, 0.777) for i in range(5, 9)]
     assert changes(before.testInPandas(BUCKET, digest(*run_start))) == []  # 4 of 8 repeats
-    stored = before.peekValueState("bucket", BUCKET)
-    assert stored is not None
-    carried = pd.DataFrame({"bucket": [BUCKET], "state": [bytes(stored[0])]})
+    carried = pd.DataFrame({"bucket": [BUCKET], "state": [stored_state(before)]})
 
     after = TwsTester(
         detector(EVENT_TIME),
@@ -269,9 +292,7 @@ def test_the_streams_digests_reach_the_detector_as_sent() -> None:
     tester.setProcessingTime(1_000)
     rows = pd.DataFrame({"device_id": ["em1", "gm1"], "value": [v for _, v in digests]})
     assert changes(tester.testInPandas(BUCKET, rows)) == []
-    stored = tester.peekValueState("bucket", BUCKET)
-    assert stored is not None
-    meters = msgspec.msgpack.decode(bytes(stored[0]), type=Bucket).meters
+    meters = stored_meters(tester)
     assert (meters["em1"].last_us, meters["gm1"].last_us) == (at(1), at(0))
     assert (meters["em1"].meter_type, meters["gm1"].meter_type) == ("electricity", "gas")
 
@@ -369,3 +390,87 @@ def test_a_new_digest_topic_carries_the_state_over_and_a_new_clock_starts_afresh
     topic_id[0] = "Dd"
     newest = plan("event")  # the newest committed checkpoint of the clock
     assert newest.previous == recreated.checkpoint
+
+
+def learn(tester: TwsTester, meters: int, first: int) -> None:
+    """One batch of two readings from each of ``meters`` meters, from interval ``first``."""
+    readings = [(first, 0.4), (first + 1, 0.5)]
+    tester.testInPandas(
+        BUCKET, pd.concat([digest(*readings, device=f"em{m}") for m in range(meters)])
+    )
+
+
+def test_a_batch_writes_the_meters_it_heard_from_not_the_bucket() -> None:
+    """The state of a bucket is a snapshot and deltas (docs/architecture.md, "Stateful
+    detection"): a batch that hears from one meter of a hundred writes that meter alone,
+    and the snapshot is taken again only once the deltas since outweigh it."""
+    tester = event_time_tester()
+    learn(tester, 100, 0)
+    snapshot = tester.peekValueState("bucket", BUCKET)
+    assert snapshot is not None and len(stored_meters(tester)) == 100
+    tester.testInPandas(BUCKET, digest((2, 0.6), device="em7"))
+    deltas = tester.peekMapState("deltas", BUCKET)
+    head = Head(*tester.peekValueState("head", BUCKET))
+    latest = msgspec.msgpack.decode(deltas[(head.seq,)][0], type=Delta)
+    assert list(latest.meters) == ["em7"]
+    assert tester.peekValueState("bucket", BUCKET) == snapshot  # not rewritten
+    assert stored_meters(tester)["em7"].last_us == at(2)
+    for i in range(3, 300):  # one meter at a time, until the deltas outweigh the snapshot
+        tester.testInPandas(BUCKET, digest((i, 0.6 + i / 1000), device="em7"))
+        if tester.peekValueState("bucket", BUCKET) != snapshot:
+            break
+    head = Head(*tester.peekValueState("head", BUCKET))
+    assert head.base_seq == head.seq and 3 < i < 300
+    assert (
+        msgspec.msgpack.decode(tester.peekValueState("bucket", BUCKET)[0], type=Bucket).token
+        == head.token
+    )
+    assert stored_meters(tester)["em7"].last_us == at(i)
+
+
+def test_a_worker_uses_its_copy_only_if_it_is_the_committed_state() -> None:
+    """Spark hands a bucket to any of its Python workers: a worker's copy that another
+    worker's batches left behind catches up through their deltas, and a copy of a batch
+    that never committed (same sequence number, another token) is read again."""
+    reference, tester = event_time_tester(), event_time_tester()
+    for t in (reference, tester):
+        learn(t, 20, 0)
+    copies = processor_module._COPIES
+    (stale_key,) = [k for k in copies if k[0] == tester.processor.instance]
+    stale = copy.deepcopy(copies[stale_key])
+    for i in range(2, 2 + RULES.stuck_readings + 1):
+        for t in (reference, tester):
+            t.testInPandas(BUCKET, digest((i, 0.777), device="em1"))
+        if i == 4:
+            copies[stale_key] = copy.deepcopy(stale)  # this worker missed batches 2-4
+    assert stored_meters(tester) == stored_meters(reference)
+    assert stored_meters(tester)["em1"].stuck_open == at(2)
+    # A copy from an attempt that failed: the committed sequence number, another token.
+    head = Head(*tester.peekValueState("head", BUCKET))
+    copies[stale_key] = processor_module._Copy(head.seq, head.token ^ 1, {}, {}, {})
+    after = 2 + RULES.stuck_readings + 1
+    cleared = tester.testInPandas(BUCKET, digest((after, 0.3), device="em1"))
+    assert changes(cleared) == [(str(FaultCode.STUCK), CLEAR)]
+    assert len(stored_meters(tester)) == 20
+
+
+def test_a_bucket_written_before_the_delta_layout_is_read_and_continued() -> None:
+    """A checkpoint of the former layout (the whole bucket in one value with its timer, no
+    head) goes on where it was."""
+    processor = detector(EVENT_TIME)
+    tester = TwsTester(
+        processor,
+        timeMode=EVENT_TIME,
+        eventTimeExtractor=lambda row: row["event_time"].value // 1_000_000,
+    )
+    state = MeterState(
+        last_us=at(8), first_us=at(0), run_value=0.777, run_count=4, run_start_us=at(5)
+    )
+    state.meter_type = "electricity"
+    old = msgspec.msgpack.encode([{"em1": state}, {"em1": 5}, 123])  # meters, arrived, timer
+    tester.updateValueState("bucket", BUCKET, (old,))
+    rest = [(i, 0.777) for i in range(9, 5 + RULES.stuck_readings)]
+    opened = tester.testInPandas(BUCKET, digest(*rest))
+    assert changes(opened) == [(str(FaultCode.STUCK), OPEN)]
+    assert opened["start_us"].tolist() == [at(5)]
+    assert stored_meters(tester)["em1"].run_count == RULES.stuck_readings
